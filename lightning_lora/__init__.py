@@ -1,0 +1,39 @@
+"""lightning_lora: LoRA-family adapters for any PyTorch model, driven by one Lightning callback.
+
+    from lightning_lora import AdapterCallback, trainable_parameters
+    trainer = L.Trainer(callbacks=[AdapterCallback("lora", r=8, target_modules=["query", "value"])])
+"""
+
+from .callback import AdapterCallback
+from .core import (
+    AdapterConfig,
+    AdapterFormatError,
+    AdapterLayer,
+    Method,
+    adapter_layers,
+    adapter_state_dict,
+    available_methods,
+    disable_adapter,
+    get_adapter_method,
+    get_method,
+    inject_adapter,
+    load_adapter,
+    make_config,
+    merge_adapter,
+    register,
+    save_adapter,
+    set_adapter_enabled,
+    trainable_parameters,
+    unload,
+    unmerge_adapter,
+)
+from .methods.lora import LoRAConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterCallback", "AdapterConfig", "AdapterFormatError", "AdapterLayer", "LoRAConfig", "Method",
+    "adapter_layers", "adapter_state_dict", "available_methods", "disable_adapter", "get_adapter_method",
+    "get_method", "inject_adapter", "load_adapter", "make_config", "merge_adapter", "register", "save_adapter",
+    "set_adapter_enabled", "trainable_parameters", "unload", "unmerge_adapter",
+]

@@ -1,0 +1,187 @@
+"""AdapterCallback: the one Lightning entry point.
+
+    trainer = L.Trainer(callbacks=[AdapterCallback("lora", r=16, target_modules=["query", "value"])])
+
+What it does, by Lightning hook:
+
+- ``setup`` (every stage; idempotent): injects the adapter into the LightningModule (or the
+  submodule named by ``target``), freezes the base, and makes checkpoints adapter-only. It runs
+  after the data module's setup and before checkpoint restore, DDP/FSDP wrapping and
+  ``configure_optimizers``, so the optimizer and the DDP reducer only ever see the adapter.
+- ``on_fit_start``: warns when the optimizer holds frozen parameters; runs the method's
+  data-driven initialisation hook.
+- batch hooks: forwarded to the method (rank sampling, gradient edits, schedules).
+- ``on_fit_end``: optional merge, optional export to a PEFT-format directory.
+
+Checkpoints: the LightningModule's ``on_save_checkpoint`` is wrapped, because it runs for every
+save, ``ModelCheckpoint(save_weights_only=True)`` included (a callback's own hook does not). The
+frozen base is dropped from ``checkpoint["state_dict"]``; loading is non-strict for the base and
+strict for the adapter: every adapter key must be present.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+
+from .core.config import AdapterConfig, get_method, make_config
+from .core.inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, merge_adapter
+from .core.layer import AdapterLayer
+from .core.state import save_adapter
+
+_WRAPPED = "_lightning_lora_ckpt_wrapped"
+
+
+def adapter_checkpoint_keys(pl_module: nn.Module) -> set[str]:
+    """Keys of ``pl_module.state_dict()`` that an adapter checkpoint keeps.
+
+    Kept: adapter tensors of every adapter layer, every trainable parameter, ``modules_to_save``
+    and everything outside the adapted modules' frozen base weights (buffers of metrics etc.).
+    Dropped: the frozen ``base_layer`` tensors and frozen parameters of the adapted model.
+    """
+    keys = set(pl_module.state_dict().keys())
+    trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+    frozen_params = {n for n, p in pl_module.named_parameters() if not p.requires_grad}
+    save_modules: list[str] = []
+    for module in pl_module.modules():
+        method = get_adapter_method(module)
+        if method is not None:
+            save_modules += list(method.config.modules_to_save)
+    kept = set()
+    for k in keys:
+        module_name = k.rsplit(".", 1)[0]
+        if k in trainable or (save_modules and _name_matches(module_name, save_modules)):
+            kept.add(k)
+        elif ".base_layer." in f".{k}" or k in frozen_params:
+            continue
+        else:
+            kept.add(k)
+    return kept
+
+
+class AdapterCallback(pl.Callback):
+    """Adds an adapter to the LightningModule and drives it through training.
+
+    Args:
+        method: registered method name (``lightning_lora.available_methods()``).
+        config: the method's config object or a dict; keyword arguments override it.
+        target: dotted attribute path of the submodule to adapt (``"model"``); default the whole
+            LightningModule.
+        merge_on_fit_end: merge the adapter into the base weights when ``fit`` ends.
+        export_dir: write the adapter (PEFT format for LoRA) there when ``fit`` ends (rank 0).
+        **kwargs: config fields, e.g. ``r=16, alpha=32, target_modules=["query", "value"]``.
+    """
+
+    def __init__(
+        self,
+        method: str = "lora",
+        config: AdapterConfig | dict[str, Any] | None = None,
+        *,
+        target: str | None = None,
+        merge_on_fit_end: bool = False,
+        export_dir: str | Path | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.method_name = method
+        self.config = make_config(method, config, **kwargs)  # validates early: unknown names fail here
+        self.target = target
+        self.merge_on_fit_end = merge_on_fit_end
+        self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.method = get_method(method)(self.config)
+        self.layers: dict[str, AdapterLayer] = {}
+
+    # ---- injection --------------------------------------------------------------------------
+    def target_module(self, pl_module: nn.Module) -> nn.Module:
+        if not self.target:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.target)
+        except AttributeError:
+            raise AttributeError(f"AdapterCallback(target={self.target!r}): the LightningModule has no such submodule") from None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        module = self.target_module(pl_module)
+        existing = get_adapter_method(module)
+        if existing is None:
+            self.layers = inject_adapter(module, self.method)
+        else:
+            if existing.config.method != self.method_name:
+                raise RuntimeError(
+                    f"module already carries a {existing.config.method!r} adapter, callback asks for {self.method_name!r}"
+                )
+            self.method = existing
+            self.layers = adapter_layers(module)
+        self._wrap_checkpoint_hooks(pl_module)
+
+    def _wrap_checkpoint_hooks(self, pl_module: pl.LightningModule) -> None:
+        if getattr(pl_module, _WRAPPED, False):
+            return
+        pl_module.strict_loading = False  # the frozen base is not in adapter checkpoints
+        user_save = pl_module.on_save_checkpoint
+        user_load = pl_module.on_load_checkpoint
+
+        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+            user_save(checkpoint)
+            keep = adapter_checkpoint_keys(pl_module)
+            sd = checkpoint.get("state_dict", {})
+            checkpoint["state_dict"] = {k: v for k, v in sd.items() if k in keep}
+            checkpoint["lightning_lora"] = {"method": self.method.config.method, "config": self.method.config.to_dict()}
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            user_load(checkpoint)
+            expected = adapter_checkpoint_keys(pl_module)
+            have = set(checkpoint.get("state_dict", {}))
+            missing = sorted(expected - have)
+            model_keys = set(pl_module.state_dict().keys())
+            unexpected = sorted(have - model_keys)
+            if missing or unexpected:
+                raise RuntimeError(
+                    "checkpoint does not fit this adapter: "
+                    f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                    f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+                )
+
+        pl_module.on_save_checkpoint = on_save_checkpoint  # type: ignore[method-assign]
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        object.__setattr__(pl_module, _WRAPPED, True)
+
+    # ---- training ---------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        frozen = 0
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                frozen += sum(1 for p in group["params"] if not p.requires_grad)
+        if frozen:
+            warnings.warn(
+                f"the optimizer holds {frozen} frozen parameter tensors; build it from "
+                "lightning_lora.trainable_parameters(self) in configure_optimizers",
+                stacklevel=2,
+            )
+        self.method.on_fit_start(trainer, pl_module, self.layers)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.method.on_train_batch_start(trainer, pl_module, self.layers)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.method.on_after_backward(trainer, pl_module, self.layers)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.method.on_train_batch_end(trainer, pl_module, self.layers)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        module = self.target_module(pl_module)
+        if self.export_dir is not None and trainer.is_global_zero:
+            save_adapter(module, self.export_dir)
+        if self.merge_on_fit_end:
+            merge_adapter(module)
+
+    def save_adapter(self, pl_module: pl.LightningModule, directory: str | Path) -> Path:
+        """Write the adapter of ``pl_module`` (PEFT format for LoRA)."""
+        return save_adapter(self.target_module(pl_module), directory)

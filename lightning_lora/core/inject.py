@@ -1,0 +1,208 @@
+"""Find target modules, replace them by adapter layers, freeze the rest, and undo it all."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, Method, get_method, make_config
+from .layer import AdapterLayer, _is_conv1d
+
+_METHOD_ATTR = "_lightning_lora_method"
+
+
+def _name_matches(name: str, keys: list[str]) -> bool:
+    return any(name == k or name.endswith("." + k) for k in keys)
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Qualified names of the model's output head (excluded from ``"all-linear"``, as PEFT does)."""
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out_emb is not None and module is out_emb:
+            heads.add(name)
+        elif name.split(".")[-1] in ("lm_head", "classifier", "score"):
+            heads.add(name)
+    return heads
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Qualified names of the modules ``config`` targets, in model order.
+
+    Raises ``ValueError`` when nothing matches, listing some module names to help fix the pattern.
+    """
+    targets = config.target_modules
+    type_keys = tuple(config.target_types)
+    heads = _output_head_names(model) if targets == "all-linear" else set()
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, AdapterLayer) or ".base_layer" in name:
+            continue
+        if _name_matches(name, config.exclude_modules) or _name_matches(name, config.modules_to_save):
+            continue
+        if targets == "all-linear":
+            hit = _is_linear_like(module) and name not in heads
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        elif targets:
+            hit = _name_matches(name, list(targets))
+        else:
+            hit = False
+        if not hit and type_keys:
+            hit = any(
+                (isinstance(t, str) and type(module).__name__ == t) or (isinstance(t, type) and isinstance(module, t))
+                for t in type_keys
+            )
+        if hit:
+            names.append(name)
+    if not names:
+        sample = [n for n, m in model.named_modules() if _is_linear_like(m)][:8]
+        raise ValueError(
+            f"target_modules={targets!r} target_types={list(type_keys)!r} matched no module; "
+            f"linear modules in this model include: {sample}"
+        )
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_adapter(
+    model: nn.Module,
+    method: str | Method = "lora",
+    config: AdapterConfig | dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, AdapterLayer]:
+    """Wrap every target module of ``model`` in the method's adapter layer, in place.
+
+    Freezes every parameter of the model, then marks the adapter parameters, ``modules_to_save``
+    and (by ``config.bias``) biases trainable. Calling it again on an adapted model raises; use
+    :func:`adapter_layers` to get the existing layers.
+
+    Returns:
+        qualified module name -> adapter layer.
+    """
+    if getattr(model, _METHOD_ATTR, None) is not None:
+        raise RuntimeError("model already has an adapter; unload() it first or use adapter_layers()")
+    if isinstance(method, Method):
+        method_obj = method
+    else:
+        method_obj = get_method(method)(make_config(method, config, **kwargs))
+    cfg = method_obj.config
+    names = find_targets(model, cfg)
+    supported = method_obj.supported_types
+    layers: dict[str, AdapterLayer] = {}
+    for name in names:
+        base = model.get_submodule(name)
+        linear_ok = _is_conv1d(base) and nn.Linear in supported  # Conv1D is a transposed Linear
+        if supported and not isinstance(base, supported) and not linear_ok:
+            raise TypeError(
+                f"method {cfg.method!r} cannot adapt module {name!r} of type {type(base).__name__}; "
+                f"supported: {[t.__name__ for t in supported]}"
+            )
+        layer = method_obj.make_layer(base, name)
+        _set_submodule(model, name, layer)
+        layers[name] = layer
+    object.__setattr__(model, _METHOD_ATTR, method_obj)
+    _mark_trainable(model, cfg)
+    return layers
+
+
+def _mark_trainable(model: nn.Module, cfg: AdapterConfig) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in adapter_layers(model).values():
+        for pname in layer.adapter_param_names:
+            p = getattr(layer, pname, None)
+            if isinstance(p, nn.Parameter):
+                p.requires_grad_(True)
+        if cfg.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            layer.base_layer.bias.requires_grad_(True)
+    if cfg.bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.requires_grad_(True)
+    for name, module in model.named_modules():
+        if cfg.modules_to_save and _name_matches(name, cfg.modules_to_save):
+            for p in module.parameters():
+                p.requires_grad_(True)
+
+
+def get_adapter_method(model: nn.Module) -> Method | None:
+    """The method object injected into ``model``, or None."""
+    return getattr(model, _METHOD_ATTR, None)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Qualified name (of the original module) -> adapter layer, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters with ``requires_grad``: what ``configure_optimizers`` should hand the optimizer."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def named_trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def merge_adapter(model: nn.Module) -> None:
+    """Merge every adapter layer into its base weight."""
+    for layer in adapter_layers(model).values():
+        layer.merge()
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+
+
+def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
+    """Enable or disable every adapter layer (disabled = exact base model)."""
+    for layer in adapter_layers(model).values():
+        layer.enable_adapter() if enabled else layer.disable_adapter()
+
+
+class disable_adapter:
+    """Context manager: ``with disable_adapter(model): base_out = model(x)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        set_adapter_enabled(self.model, False)
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        set_adapter_enabled(self.model, True)
+
+
+@torch.no_grad()
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Replace every adapter layer by its base layer, merging the update first if ``merge``.
+
+    Returns the same model object; parameters keep their ``requires_grad=False``.
+    """
+    for name, layer in adapter_layers(model).items():
+        if merge and not layer.merged:
+            layer.merge()
+        elif not merge and layer.merged:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+    if hasattr(model, _METHOD_ATTR):
+        object.__delattr__(model, _METHOD_ATTR)
+    return model

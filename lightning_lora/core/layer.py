@@ -1,0 +1,111 @@
+"""AdapterLayer: a frozen base layer plus a trainable delta.
+
+``forward(x) = base(x) + delta(x)``. Subclasses implement :meth:`delta_weight` (the dense update
+in the ``nn.Linear`` layout, shape ``(out_features, in_features)``) and usually a faster
+:meth:`adapter_forward`. Merging folds ``delta_weight()`` into the base weight so inference costs
+nothing; unmerging subtracts it again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2 style): weight stored as (in_features, out_features).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def linear_shape(base: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, fan_in_fan_out)`` of an ``nn.Linear`` or transformers ``Conv1D``."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, False
+    if _is_conv1d(base):
+        in_f, out_f = base.weight.shape
+        return in_f, out_f, True
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(base).__name__}")
+
+
+class AdapterLayer(nn.Module):
+    """Wraps ``base_layer`` (frozen) and adds a method-specific update.
+
+    Attributes:
+        base_layer: the original module; its parameters have ``requires_grad=False``.
+        merged: whether :meth:`delta_weight` is currently folded into the base weight.
+        disabled: when True the layer behaves exactly as the base layer.
+    """
+
+    #: names of this layer's own (adapter) parameters and buffers, used for state dicts
+    adapter_param_names: tuple[str, ...] = ()
+    #: names of non-parameter state that must be saved with the adapter
+    adapter_buffer_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged = False
+        self.disabled = False
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
+
+    # ---- what subclasses provide -------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """Dense update, shape ``(out_features, in_features)``, fp32."""
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Output of the adapted layer given the base output. Default: dense delta (slow, exact)."""
+        dw = self.delta_weight().to(x.dtype)
+        return base_out + x @ dw.t()
+
+    # ---- shared behaviour --------------------------------------------------------------------
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """Base weight in the ``(out, in)`` layout (a view for Conv1D)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base_out = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return base_out
+        return self.adapter_forward(x, base_out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (computed in fp32, stored in the base dtype)."""
+        if self.merged:
+            raise RuntimeError("adapter is already merged; call unmerge() first")
+        w = self.base_weight
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update merged by :meth:`merge`."""
+        if not self.merged:
+            raise RuntimeError("adapter is not merged")
+        w = self.base_weight
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def enable_adapter(self) -> None:
+        self.disabled = False
+
+    def disable_adapter(self) -> None:
+        self.disabled = True
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """This layer's adapter tensors by local name (no ``base_layer.`` entries)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, t in self.state_dict(keep_vars=False).items():
+            if not name.startswith("base_layer."):
+                out[name] = t
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"

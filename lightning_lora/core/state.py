@@ -1,0 +1,188 @@
+"""Adapter-only state dicts and the on-disk adapter format.
+
+A saved adapter is a directory with two files, the layout Hugging Face PEFT uses:
+
+- ``adapter_model.safetensors``: the adapter tensors, keyed ``base_model.model.<module>.<tensor>``
+  (PEFT's keys: ``...q_proj.lora_A.weight``). Its safetensors metadata also records this library's
+  method name and full config, so non-PEFT methods round-trip too.
+- ``adapter_config.json``: PEFT's config for methods PEFT knows (LoRA, rsLoRA, DoRA), so the
+  directory loads with ``peft.PeftModel.from_pretrained``; otherwise this library's config.
+
+Loading never unpickles: tensors come from safetensors, the config from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import AdapterConfig, available_methods, get_method, make_config
+from .inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+class AdapterFormatError(ValueError):
+    """An adapter directory or file that cannot be used with this model."""
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors of ``model`` keyed as in the model's own ``state_dict`` (plus trainable extras).
+
+    Holds every adapter layer's own tensors, ``modules_to_save`` and any other trainable
+    parameter (e.g. biases under ``bias="lora_only"``); never the frozen base weights.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model).items():
+        for k, t in layer.adapter_state_dict().items():
+            out[f"{name}.{k}"] = t
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in out:
+            out[name] = p.detach()
+    method = get_adapter_method(model)
+    if method is not None and method.config.modules_to_save:
+        for name, t in model.state_dict().items():
+            module_name = name.rsplit(".", 1)[0]
+            if _name_matches(module_name, method.config.modules_to_save):
+                out[name] = t
+    return out
+
+
+def _to_file_key(model: nn.Module, key: str) -> str:
+    """Model key -> PEFT file key (``lora_A`` -> ``lora_A.weight`` etc., per layer class)."""
+    layers = adapter_layers(model)
+    module_name, _, local = key.rpartition(".")
+    layer = layers.get(module_name)
+    if layer is not None:
+        local = getattr(layer, "file_key_map", {}).get(local, local)
+    return PREFIX + (f"{module_name}.{local}" if module_name else local)
+
+
+def _from_file_keys(model: nn.Module) -> dict[str, str]:
+    """File key -> model key for every tensor :func:`adapter_state_dict` would save."""
+    return {_to_file_key(model, k): k for k in adapter_state_dict(model)}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str], base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``.
+
+    Files are written to a temporary name and renamed, so an interrupted save leaves no
+    half-written adapter behind.
+    """
+    method = get_adapter_method(model)
+    if method is None:
+        raise ValueError("model has no adapter to save; inject_adapter() first")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {_to_file_key(model, k): v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    layers = adapter_layers(model)
+    metadata = {
+        "format": "pt",
+        "lightning_lora_method": method.config.method,
+        "lightning_lora_config": json.dumps(method.config.to_dict()),
+        "lightning_lora_layers": json.dumps(sorted(layers)),
+    }
+    extra = getattr(method, "layer_metadata", None)
+    if callable(extra):
+        metadata["lightning_lora_layer_metadata"] = json.dumps(extra(layers))
+    peft = getattr(method, "to_peft_config", None)
+    config_json: dict[str, Any] = peft(layers) if callable(peft) else {"lightning_lora": method.config.to_dict()}
+    config_json["base_model_name_or_path"] = base_model_name_or_path
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config_json, indent=2, sort_keys=True)))
+    return directory
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_adapter_config(directory: str | os.PathLike[str]) -> tuple[str, AdapterConfig, dict[str, Any]]:
+    """``(method name, config, metadata)`` of a saved adapter (ours or PEFT's)."""
+    directory = Path(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterFormatError(f"{weights}: no adapter weights file (expected {WEIGHTS_NAME} in {directory})")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise AdapterFormatError(f"{weights}: not a readable safetensors file ({exc})") from None
+    if "lightning_lora_method" in metadata:
+        name = metadata["lightning_lora_method"]
+        cfg = make_config(name, json.loads(metadata["lightning_lora_config"]))
+        return name, cfg, metadata
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterFormatError(f"{cfg_path}: missing adapter config")
+    try:
+        peft_cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(f"{cfg_path}: invalid JSON ({exc})") from None
+    peft_type = str(peft_cfg.get("peft_type", "")).upper()
+    for name in available_methods():
+        cls = get_method(name)
+        if getattr(cls, "peft_type", None) == peft_type and hasattr(cls, "from_peft_config"):
+            return name, cls.from_peft_config(peft_cfg), metadata
+    raise AdapterFormatError(f"{cfg_path}: PEFT type {peft_type or '(none)'} is not supported by lightning_lora")
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike[str], strict: bool = True) -> nn.Module:
+    """Inject (if needed) and load a saved adapter into ``model``; returns ``model``.
+
+    Keys are checked: with ``strict`` a tensor missing from the file, an unexpected tensor or a
+    shape mismatch raises :class:`AdapterFormatError` naming the file and the keys.
+    """
+    directory = Path(directory)
+    name, cfg, metadata = read_adapter_config(directory)
+    existing = get_adapter_method(model)
+    if existing is None:
+        method = get_method(name)(cfg)
+        restore = getattr(method, "restore_layer_metadata", None)
+        if callable(restore) and "lightning_lora_layer_metadata" in metadata:
+            restore(json.loads(metadata["lightning_lora_layer_metadata"]))
+        inject_adapter(model, method)
+    elif existing.config.method != name:
+        raise AdapterFormatError(
+            f"{directory}: adapter is {name!r} but the model already carries {existing.config.method!r}"
+        )
+    weights = directory / WEIGHTS_NAME
+    file_to_model = _from_file_keys(model)
+    with safe_open(str(weights), framework="pt") as f:
+        file_keys = set(f.keys())
+        missing = sorted(set(file_to_model) - file_keys)
+        unexpected = sorted(file_keys - set(file_to_model))
+        if strict and (missing or unexpected):
+            raise AdapterFormatError(
+                f"{weights}: adapter does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        state = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for fkey in sorted(file_keys & set(file_to_model)):
+                mkey = file_to_model[fkey]
+                src = f.get_tensor(fkey)
+                dst = state[mkey]
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise AdapterFormatError(
+                        f"{weights}: tensor {fkey} has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)}"
+                    )
+                dst.copy_(src.to(dst.dtype))
+    return model

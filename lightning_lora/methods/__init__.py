@@ -1,0 +1,3 @@
+"""Built-in adapter methods: one module per method; importing a module registers it."""
+
+from . import lora  # noqa: F401

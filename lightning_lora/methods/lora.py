@@ -1,0 +1,299 @@
+"""LoRA (Hu et al. 2021), rsLoRA (Kalajdzievski 2023) and DoRA (Liu et al. 2024).
+
+``y = W0 x + b + s · B A dropout(x)`` with ``A ∈ R^{r×n}``, ``B ∈ R^{m×r}``, ``s = α/r``
+(rsLoRA: ``α/√r``). B starts at zero, so the adapted model equals the base model at init.
+
+DoRA (``use_dora=True``): ``W' = m ⊙ (W0 + sBA) / ‖W0 + sBA‖_row`` with a trainable magnitude
+``m`` (one entry per output row) initialised to ``‖W0‖_row``.
+
+Speed: the plain LoRA path is one autograd function (:class:`_FusedLoRA`) that
+
+- adds the adapter term inside the base matmul's epilogue (``addmm`` with beta = 1) instead of a
+  separate add kernel that re-reads the whole activation,
+- runs adapter matmuls in the activation dtype (bf16 under bf16 training) while the adapter
+  parameters, and so the optimizer state, stay in fp32,
+- saves only ``x`` (shared with the caller), the small ``x A^T`` and the weights for backward.
+
+Its output and gradients equal the plain formula (tested against :meth:`LoRALinear.reference_forward`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import AdapterConfig, Method, register
+from ..core.layer import AdapterLayer
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA options.
+
+    Attributes:
+        r: rank.
+        alpha: scale numerator; ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout on the adapter branch input only (train mode only).
+        use_rslora: rank-stabilised scaling.
+        init: ``"kaiming"`` (Kaiming-uniform A, a = √5; official code and PEFT default) or
+            ``"gaussian"`` (A ~ N(0, 1/r²) as PEFT's ``init_lora_weights="gaussian"``; the paper's form).
+        use_dora: weight-decomposed LoRA.
+        dora_detach_norm: DoRA's ``‖W0 + sBA‖_row`` treated as a constant in backward (paper §4.3,
+            official default); ``False`` back-propagates through it.
+        fused: use the fused autograd path (plain LoRA only; DoRA always takes the plain path).
+        adapter_dtype: dtype of the adapter parameters (fp32 keeps optimizer state in fp32).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+    use_dora: bool = False
+    dora_detach_norm: bool = True
+    fused: bool = True
+    adapter_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is None and not self.target_types:
+            self.target_modules = "all-linear"
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class _FusedLoRA(torch.autograd.Function):
+    """``out = x W^T + b + s (xd A^T) B^T`` with a hand-written backward.
+
+    Shapes: ``x, xd`` (N, n); ``weight`` (m, n) (``weight_t``: (n, m) for Conv1D layouts);
+    ``A`` (r, n); ``B`` (m, r); ``out`` (N, m). ``xd`` is the dropout-ed input (``x`` itself when
+    dropout is off; then it is saved once).
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, A, B, scaling: float, fan_in_fan_out: bool):  # type: ignore[override]
+        Ac = A.to(x.dtype)
+        Bc = B.to(x.dtype)
+        xa = xd @ Ac.t()  # (N, r)
+        w_t = weight if fan_in_fan_out else weight.t()  # (n, m)
+        # adapter term first (cheap, K = r), then the big matmul accumulates into it in its epilogue
+        if bias is not None:
+            out = torch.addmm(bias.to(x.dtype), xa, Bc.t(), alpha=scaling)
+        else:
+            out = torch.mm(xa, Bc.t()).mul_(scaling) if scaling != 1.0 else torch.mm(xa, Bc.t())
+        out.addmm_(x, w_t)
+        same = xd is x
+        ctx.save_for_backward(x if same else xd, xa, weight, Ac, Bc)
+        ctx.same_input = same
+        ctx.scaling = scaling
+        ctx.fan_in_fan_out = fan_in_fan_out
+        ctx.param_dtypes = (A.dtype, B.dtype)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        xd, xa, weight, Ac, Bc = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_xd, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
+        g = g.contiguous()
+        gb = g @ Bc  # (N, r)
+        grad_x = grad_xd = grad_bias = grad_A = grad_B = None
+        w = weight.t() if ctx.fan_in_fan_out else weight  # (m, n)
+        if ctx.same_input and need_x:
+            grad_x = torch.mm(gb, Ac)
+            grad_x.addmm_(g, w, beta=s)  # s·(gb A) + g W
+        else:
+            if need_x:
+                grad_x = g @ w
+            if need_xd:
+                grad_xd = torch.mm(gb, Ac).mul_(s)
+        if need_A:
+            grad_A = (gb.t() @ xd).mul_(s).to(ctx.param_dtypes[0])
+        if need_B:
+            grad_B = (g.t() @ xa).mul_(s).to(ctx.param_dtypes[1])
+        if need_bias and ctx.has_bias:
+            grad_bias = g.sum(0)
+        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None
+
+
+class LoRALinear(AdapterLayer):
+    """LoRA on an ``nn.Linear`` or transformers ``Conv1D``.
+
+    Parameters: ``lora_A`` (r, in_features), ``lora_B`` (out_features, r); with DoRA also
+    ``lora_magnitude`` (out_features,).
+    """
+
+    adapter_param_names = ("lora_A", "lora_B", "lora_magnitude")
+    file_key_map: ClassVar[dict[str, str]] = {
+        "lora_A": "lora_A.weight",
+        "lora_B": "lora_B.weight",
+        "lora_magnitude": "lora_magnitude_vector",
+    }
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
+        super().__init__(base_layer)
+        self.r = config.r
+        self.scaling = config.scaling
+        self.dropout_p = config.dropout
+        self.fused = config.fused
+        self.use_dora = config.use_dora
+        self.dora_detach_norm = config.dora_detach_norm
+        dtype = getattr(torch, config.adapter_dtype)
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=dtype, device=device))
+        if config.init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        if self.use_dora:
+            with torch.no_grad():
+                norm = self.base_weight.float().norm(dim=1)
+            self.lora_magnitude = nn.Parameter(norm.to(dtype))
+        else:
+            self.register_parameter("lora_magnitude", None)
+        self._merged_norm: torch.Tensor | None = None
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·B A`` in fp32, shape (out, in). For DoRA: ``W' − W0``."""
+        dw = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        if not self.use_dora:
+            return dw
+        w0 = self.base_weight.float()
+        norm = (w0 + dw).norm(dim=1, keepdim=True)
+        return self.lora_magnitude.float().unsqueeze(1) * (w0 + dw) / norm - w0
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        if self.use_dora or not self.fused or args or kwargs:
+            return self.reference_forward(x, *args, **kwargs)
+        device_type = x.device.type
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        return self._fused(x, weight, bias)
+
+    def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        xd2 = self._dropout(x2)
+        out = _FusedLoRA.apply(x2, xd2, weight, bias, self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
+        return out.view(*lead, self.out_features)
+
+    def reference_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Plain (unfused) formula; also DoRA's forward."""
+        base_out = self.base_layer(x, *args, **kwargs)
+        dtype = base_out.dtype
+        A, B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        lora_out = (self._dropout(x).to(dtype) @ A.t()) @ B.t()
+        if not self.use_dora:
+            return base_out + self.scaling * lora_out
+        # DoRA: y = W0x + (m/ν − 1)⊙(W0x) + (m/ν)⊙(s·BAx) + b, ν = ‖W0 + sBA‖_row
+        w0 = self.base_weight.float()
+        norm = (w0 + self.scaling * (self.lora_B.float() @ self.lora_A.float())).norm(dim=1)
+        if self.dora_detach_norm:
+            norm = norm.detach()
+        mag_scale = (self.lora_magnitude.float() / norm).to(dtype)
+        bias = self.base_layer.bias
+        base_no_bias = base_out - bias.to(dtype) if bias is not None else base_out
+        return base_out + (mag_scale - 1) * base_no_bias + mag_scale * self.scaling * lora_out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.use_dora and not self.merged:
+            # cache ν so unmerge can recover W0 exactly: W0 = W'·ν/m − sBA
+            w0 = self.base_weight.float()
+            self._merged_norm = (w0 + self.scaling * (self.lora_B.float() @ self.lora_A.float())).norm(dim=1, keepdim=True)
+        super().merge()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.use_dora:
+            return super().unmerge()
+        if not self.merged:
+            raise RuntimeError("adapter is not merged")
+        w = self.base_weight
+        assert self._merged_norm is not None
+        dw = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        w0 = w.float() * self._merged_norm / self.lora_magnitude.float().unsqueeze(1) - dw
+        w.copy_(w0.to(w.dtype))
+        self._merged_norm = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"
+
+
+@register("lora")
+class LoRA(Method):
+    """LoRA / rsLoRA / DoRA. Saves in Hugging Face PEFT's format (``peft_type = "LORA"``)."""
+
+    Config = LoRAConfig
+    supported_types = (nn.Linear,)
+    peft_type: ClassVar[str] = "LORA"
+
+    def make_layer(self, base: nn.Module, name: str) -> LoRALinear:
+        return LoRALinear(base, self.config)  # type: ignore[arg-type]
+
+    def to_peft_config(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+        """PEFT ``LoraConfig`` fields for the injected layers (exact names, so PEFT adapts the same set)."""
+        c: LoRAConfig = self.config  # type: ignore[assignment]
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "r": c.r,
+            "lora_alpha": c.alpha,
+            "lora_dropout": c.dropout,
+            "use_rslora": c.use_rslora,
+            "use_dora": c.use_dora,
+            "init_lora_weights": True if c.init == "kaiming" else "gaussian",
+            "target_modules": sorted(layers),
+            "modules_to_save": list(c.modules_to_save) or None,
+            "bias": c.bias,
+            "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+            "inference_mode": True,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+
+    @classmethod
+    def from_peft_config(cls, cfg: dict[str, Any]) -> LoRAConfig:
+        """A :class:`LoRAConfig` from a PEFT ``adapter_config.json`` dict."""
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise ValueError("PEFT adapters with rank_pattern/alpha_pattern are not supported yet")
+        if cfg.get("layers_to_transform") is not None:
+            raise ValueError("PEFT adapters with layers_to_transform are not supported yet")
+        init = cfg.get("init_lora_weights", True)
+        return LoRAConfig(
+            r=int(cfg["r"]),
+            alpha=float(cfg.get("lora_alpha", 8)),
+            dropout=float(cfg.get("lora_dropout", 0.0)),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            use_dora=bool(cfg.get("use_dora", False)),
+            init="gaussian" if init == "gaussian" else "kaiming",
+            target_modules=cfg.get("target_modules"),
+            modules_to_save=list(cfg.get("modules_to_save") or []),
+            bias=cfg.get("bias", "none"),
+        )
