@@ -1,0 +1,225 @@
+"""One LoRA training step, ours against Hugging Face PEFT, in one process on one GPU.
+
+    python benchmarks/lora_vs_peft.py            # both models, writes benchmarks/results/lora_vs_peft.json
+
+Measured per model (same random weights, same batch, bf16 base, rank 16, same targets):
+
+- ``frozen``: the base with no adapter, no weight gradients, input gradients on (the floor);
+- ``ours``: lightning_lora LoRA, fp32 adapter parameters, adapter compute in bf16, fused path;
+- ``peft_default``: PEFT LoRA with its defaults (adapter weights upcast to fp32);
+- ``peft_bf16``: PEFT LoRA with ``autocast_adapter_dtype=False`` (bf16 adapters);
+
+A step is forward + backward + AdamW step (fused AdamW for every variant). Reported: median
+step time over ``--steps`` timed steps after ``--warmup`` steps, and peak allocated memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+DEVICE = "cuda"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning_lora as ll  # noqa: E402
+
+
+TINY = False  # --tiny: small configs on the CPU, to check the script itself
+
+
+def llama_model() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    if not TINY:
+        size = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                    intermediate_size=5632)
+    cfg = LlamaConfig(**size, vocab_size=32000, max_position_embeddings=4096)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg)
+
+
+def bert_model() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if TINY else {}
+    cfg = BertConfig(num_labels=2, **size)
+    cfg._attn_implementation = "sdpa"
+    return BertForSequenceClassification(cfg)
+
+
+SPECS = {
+    "llama": dict(make=llama_model, batch=4, seq=2048, targets="all-linear", vocab=32000),
+    "bert": dict(make=bert_model, batch=32, seq=512, targets=["query", "key", "value", "dense"], vocab=30522),
+}
+
+
+def build(spec: dict, variant: str, r: int) -> tuple[nn.Module, list[nn.Parameter]]:
+    torch.manual_seed(0)
+    model = spec["make"]().to(device=DEVICE, dtype=torch.bfloat16)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if variant == "frozen":
+        model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        return model, []
+    if variant == "ours":
+        ll.inject_adapter(model, "lora", r=r, alpha=2 * r, target_modules=spec["targets"])
+        return model, ll.trainable_parameters(model)
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=spec["targets"], lora_dropout=0.0)
+    model = get_peft_model(model, cfg, autocast_adapter_dtype=(variant == "peft_default"))
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def step_fn(model: nn.Module, params: list[nn.Parameter], spec: dict) -> Callable[[], None]:
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    ids = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), device=DEVICE, generator=g)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+    is_lm = "llama" in type(getattr(model, "base_model", model)).__name__.lower() or hasattr(model, "lm_head")
+    labels = ids if is_lm else torch.randint(0, 2, (spec["batch"],), device=DEVICE, generator=g)
+
+    def step() -> None:
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[str, float]:
+    spec = SPECS[name]
+    model, params = build(spec, variant, r)
+    step = step_fn(model, params, spec)
+    for _ in range(warmup):
+        step()
+    cuda = DEVICE == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        step()
+        if cuda:
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    n_train = sum(p.numel() for p in params)
+    del model, params, step
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    res = {"ms": statistics.median(times), "peak_gib": peak, "trainable": n_train}
+    print(f"{name:6s} {variant:13s} {res['ms']:8.2f} ms  {peak:6.2f} GiB  trainable {n_train:,}", flush=True)
+    return res
+
+
+def profile(name: str, variant: str, r: int, out_dir: Path) -> None:
+    """Write the top CUDA kernels of 3 steps to ``out_dir/profile_<name>_<variant>.txt``."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    spec = SPECS[name]
+    model, params = build(spec, variant, r)
+    step = step_fn(model, params, spec)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"profile_{name}_{variant}.txt").write_text(table)
+    del model, params, step
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def check_fused_matches_reference() -> float:
+    """Max relative error of the fused bf16 path against the plain formula on one layer."""
+    torch.manual_seed(0)
+    lin = nn.Linear(2048, 5632, bias=False).cuda().bfloat16()
+    layer = ll.inject_adapter(nn.Sequential(lin), "lora", r=16, alpha=32, target_modules=["0"])["0"]
+    nn.init.normal_(layer.lora_B, std=0.02)
+    x = torch.randn(8192, 2048, device=DEVICE, dtype=torch.bfloat16)
+    ref = layer.reference_forward(x).float()
+    out = layer(x).float()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["llama", "bert"], choices=list(SPECS))
+    ap.add_argument("--variants", nargs="+", default=["frozen", "ours", "peft_default", "peft_bf16"])
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lora_vs_peft.json"))
+    ap.add_argument("--profile-dir", default=None, help="also write kernel profiles of frozen and ours here")
+    ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script, no figures)")
+    args = ap.parse_args()
+    global TINY, DEVICE
+    if args.tiny:
+        TINY, DEVICE = True, "cpu"
+        for s in SPECS.values():
+            s.update(batch=2, seq=32)
+        args.out = str(ROOT / "runs/lora_vs_peft_tiny.json")
+    else:
+        assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    import peft
+    import transformers
+
+    metrics: dict[str, float] = {} if args.tiny else {"fused_rel_err_bf16": check_fused_matches_reference()}
+    for name in args.models:
+        res = {v: measure(name, v, args.r, args.warmup, args.steps) for v in args.variants}
+        for v, d in res.items():
+            metrics[f"{name}_{v}_ms"] = round(d["ms"], 3)
+            metrics[f"{name}_{v}_peak_gib"] = round(d["peak_gib"], 3)
+        if {"ours", "peft_default", "peft_bf16"} <= set(res):
+            best = min(("peft_default", "peft_bf16"), key=lambda v: res[v]["ms"])
+            best_mem = min(res["peft_default"]["peak_gib"], res["peft_bf16"]["peak_gib"])
+            metrics[f"step_time_ratio_{name}"] = round(res["ours"]["ms"] / res[best]["ms"], 4)
+            metrics[f"peak_mem_ratio_{name}"] = round(res["ours"]["peak_gib"] / best_mem, 4) if best_mem else 0.0
+            metrics[f"{name}_trainable_params"] = res["ours"]["trainable"]
+            metrics[f"{name}_peft_trainable_params"] = res["peft_bf16"]["trainable"]
+        if {"ours", "frozen"} <= set(res):
+            metrics[f"overhead_vs_frozen_{name}"] = round(res["ours"]["ms"] / res["frozen"]["ms"], 4)
+    if args.profile_dir:
+        for name in args.models:
+            for v in ("frozen", "ours", "peft_bf16"):
+                profile(name, v, args.r, Path(args.profile_dir))
+    result = {
+        "name": "lora_vs_peft",
+        "command": "python benchmarks/lora_vs_peft.py " + " ".join(sys.argv[1:]),
+        "device": f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'} (torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__})",
+        "date": time.strftime("%Y-%m-%d"),
+        "metrics": metrics,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
