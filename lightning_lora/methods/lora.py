@@ -78,56 +78,52 @@ class LoRAConfig(AdapterConfig):
 class _FusedLoRA(torch.autograd.Function):
     """``out = x W^T + b + s (xd A^T) B^T`` with a hand-written backward.
 
-    Shapes: ``x, xd`` (N, n); ``weight`` (m, n) (``weight_t``: (n, m) for Conv1D layouts);
-    ``A`` (r, n); ``B`` (m, r); ``out`` (N, m). ``xd`` is the dropout-ed input (``x`` itself when
-    dropout is off; then it is saved once).
+    Shapes: ``x, xd`` (N, n); ``w_t`` (n, m) (a transposed view of the weight); ``A`` (r, n);
+    ``B`` (m, r); ``out`` (N, m). ``xd`` is the dropout-ed input (``x`` itself when dropout is off;
+    then it is saved once). ``casts`` = ``(As, Ac, Bs, Bc)``: A and B cast to the activation dtype,
+    with (``s``) and without the scale folded in, so no kernel is spent on scaling:
+
+    - forward:  ``xa_s = xd As^T`` (= s·xd A^T), ``out = xa_s Bc^T + b``, then ``out += x W^T``
+      inside the big matmul's epilogue (one pass over ``out``);
+    - backward: ``gb_s = g Bs`` (= s·g B), ``grad_x = gb_s Ac + g W``, ``grad_A = gb_s^T xd``,
+      ``grad_B = g^T xa_s``.
+
+    Gradients of the fp32 parameters are produced in the activation dtype; autograd casts them.
     """
 
     @staticmethod
-    def forward(ctx, x, xd, weight, bias, A, B, scaling: float, fan_in_fan_out: bool):  # type: ignore[override]
-        Ac = A.to(x.dtype)
-        Bc = B.to(x.dtype)
-        xa = xd @ Ac.t()  # (N, r)
-        w_t = weight if fan_in_fan_out else weight.t()  # (n, m)
-        # adapter term first (cheap, K = r), then the big matmul accumulates into it in its epilogue
-        if bias is not None:
-            out = torch.addmm(bias.to(x.dtype), xa, Bc.t(), alpha=scaling)
-        else:
-            out = torch.mm(xa, Bc.t()).mul_(scaling) if scaling != 1.0 else torch.mm(xa, Bc.t())
+    def forward(ctx, x, xd, w_t, bias, A, B, casts):  # type: ignore[override]
+        As, Ac, Bs, Bc = casts
+        xa_s = torch.mm(xd, As.t())  # (N, r)
+        out = torch.addmm(bias, xa_s, Bc.t()) if bias is not None else torch.mm(xa_s, Bc.t())
         out.addmm_(x, w_t)
-        same = xd is x
-        ctx.save_for_backward(x if same else xd, xa, weight, Ac, Bc)
-        ctx.same_input = same
-        ctx.scaling = scaling
-        ctx.fan_in_fan_out = fan_in_fan_out
-        ctx.param_dtypes = (A.dtype, B.dtype)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(xd, xa_s)
+        ctx.w_t, ctx.Ac, ctx.Bs = w_t, Ac, Bs  # frozen / cached tensors: no version tracking needed
+        ctx.same_input = xd is x
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        xd, xa, weight, Ac, Bc = ctx.saved_tensors
-        s = ctx.scaling
-        need_x, need_xd, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
-        g = g.contiguous()
-        gb = g @ Bc  # (N, r)
+        xd, xa_s = ctx.saved_tensors
+        need_x, need_xd, _, need_bias, need_A, need_B, _ = ctx.needs_input_grad
+        gb_s = torch.mm(g, ctx.Bs)  # (N, r)
         grad_x = grad_xd = grad_bias = grad_A = grad_B = None
-        w = weight.t() if ctx.fan_in_fan_out else weight  # (m, n)
-        if ctx.same_input and need_x:
-            grad_x = torch.mm(gb, Ac)
-            grad_x.addmm_(g, w, beta=s)  # s·(gb A) + g W
+        if ctx.same_input:
+            if need_x:
+                grad_x = torch.mm(gb_s, ctx.Ac)
+                grad_x.addmm_(g, ctx.w_t.t())
         else:
             if need_x:
-                grad_x = g @ w
+                grad_x = torch.mm(g, ctx.w_t.t())
             if need_xd:
-                grad_xd = torch.mm(gb, Ac).mul_(s)
+                grad_xd = torch.mm(gb_s, ctx.Ac)
         if need_A:
-            grad_A = (gb.t() @ xd).mul_(s).to(ctx.param_dtypes[0])
+            grad_A = torch.mm(gb_s.t(), xd)
         if need_B:
-            grad_B = (g.t() @ xa).mul_(s).to(ctx.param_dtypes[1])
-        if need_bias and ctx.has_bias:
+            grad_B = torch.mm(g.t(), xa_s)
+        if need_bias:
             grad_bias = g.sum(0)
-        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None
+        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None
 
 
 class LoRALinear(AdapterLayer):
@@ -167,6 +163,8 @@ class LoRALinear(AdapterLayer):
         else:
             self.register_parameter("lora_magnitude", None)
         self._merged_norm: torch.Tensor | None = None
+        self._cast_key: tuple[Any, ...] | None = None
+        self._casts: tuple[torch.Tensor, ...] = ()
 
     def delta_weight(self) -> torch.Tensor:
         """``s·B A`` in fp32, shape (out, in). For DoRA: ``W' − W0``."""
@@ -193,11 +191,27 @@ class LoRALinear(AdapterLayer):
                 return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
         return self._fused(x, weight, bias)
 
+    def _adapter_casts(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``(s·A, A, s·B, B)`` in ``dtype``, recomputed only when A or B changed (optimizer step)."""
+        A, B = self.lora_A, self.lora_B
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype, self.scaling)
+        if key != self._cast_key:
+            with torch.no_grad():
+                Ac, Bc = A.detach().to(dtype), B.detach().to(dtype)
+                if self.scaling == 1.0:
+                    self._casts = (Ac, Ac, Bc, Bc)
+                else:
+                    self._casts = ((A.detach() * self.scaling).to(dtype), Ac, (B.detach() * self.scaling).to(dtype), Bc)
+            self._cast_key = key
+        return self._casts
+
     def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         xd2 = self._dropout(x2)
-        out = _FusedLoRA.apply(x2, xd2, weight, bias, self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
+        w_t = weight if self.fan_in_fan_out else weight.t()
+        casts = self._adapter_casts(x.dtype)
+        out = _FusedLoRA.apply(x2, xd2, w_t, bias, self.lora_A, self.lora_B, casts)
         return out.view(*lead, self.out_features)
 
     def reference_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
