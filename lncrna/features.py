@@ -1,0 +1,688 @@
+"""CPAT-like alignment-free transcript features and a small, pickle-free baseline.
+
+Features (per transcript, forward strand unless ``both_strands=True``):
+
+* ``length``            transcript length (nt)
+* ``orf_len``           length (nt, stop codon included) of the longest ORF. An ORF runs from an ATG
+                        to the first in-frame stop (TAA/TAG/TGA); an ORF without a stop runs to the
+                        last complete codon, exactly as CPAT 3.0.5 ``find_orfs.ORFFinder`` does.
+                        0 when the transcript has no ATG.
+* ``orf_cov``           ``orf_len / length``
+* ``orf_start_frac``    ORF start / length (5'UTR fraction); 1.0 without ORF
+* ``orf_complete``      1 if the longest ORF ends in a stop codon, 0 otherwise
+* ``fickett_orf``       Fickett TESTCODE of the longest ORF (CPAT's feature)
+* ``fickett_tx``        Fickett TESTCODE of the whole transcript (CPC2's feature)
+* ``hexamer_orf``       CPAT hexamer log-likelihood ratio of the longest ORF (in-frame hexamers,
+                        step 3) against a :class:`HexamerTable`
+* ``k{k}_{KMER}``       overlapping k-mer frequencies, k = 1..kmax, each k normalised to sum 1
+
+Everything is numpy-vectorised per sequence (no per-base python loops); on one CPU core this runs
+at several thousand 1-3 kb transcripts per second.
+
+The baseline (:class:`FeatureBaseline`) is scikit-learn's ``HistGradientBoostingClassifier`` on these
+features. It is persisted WITHOUT pickle: the fitted trees are exported as flat node arrays to an
+``.npz`` file (loaded with ``allow_pickle=False``) plus a JSON config, and prediction after loading is
+a pure-numpy traversal of those arrays (:class:`NumpyTreeEnsemble`), which reproduces sklearn's
+``predict_proba`` to floating-point precision (same comparisons ``x <= threshold``, NaN routed by
+``missing_go_to_left``, same summation order). Categorical splits are not supported (we never use
+categorical features). Loading therefore never needs sklearn at all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "encode",
+    "longest_orf",
+    "ORF",
+    "fickett_score",
+    "HexamerTable",
+    "FeatureExtractor",
+    "NumpyTreeEnsemble",
+    "FeatureBaseline",
+    "DEFAULT_BASELINE_DIR",
+]
+
+DEFAULT_BASELINE_DIR = Path(__file__).resolve().parent / "weights" / "baseline"
+
+# --------------------------------------------------------------------------------------------------
+# encoding
+# --------------------------------------------------------------------------------------------------
+_NT = "ACGT"
+_LUT = np.full(256, 4, dtype=np.uint8)  # 4 = anything that is not A/C/G/T(U)
+for _i, _c in enumerate(_NT):
+    _LUT[ord(_c)] = _i
+    _LUT[ord(_c.lower())] = _i
+_LUT[ord("U")] = 3
+_LUT[ord("u")] = 3
+
+# codon codes in base 5 (so that codons containing N never collide with real ones)
+_ATG = 0 * 25 + 3 * 5 + 2
+_STOPS = np.array([3 * 25 + 0 * 5 + 0, 3 * 25 + 0 * 5 + 2, 3 * 25 + 2 * 5 + 0])  # TAA TAG TGA
+_IS_STOP = np.zeros(125, dtype=bool)
+_IS_STOP[_STOPS] = True
+
+
+def encode(seq: str | bytes | np.ndarray) -> np.ndarray:
+    """Map a nucleotide string to uint8 codes A=0 C=1 G=2 T/U=3, anything else=4."""
+    if isinstance(seq, np.ndarray):
+        return seq.astype(np.uint8, copy=False)
+    if isinstance(seq, str):
+        seq = seq.encode("ascii", "replace")
+    return _LUT[np.frombuffer(seq, dtype=np.uint8)]
+
+
+def _revcomp(b: np.ndarray) -> np.ndarray:
+    rc = np.where(b < 4, 3 - b, 4).astype(np.uint8)
+    return rc[::-1].copy()
+
+
+# --------------------------------------------------------------------------------------------------
+# ORF
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ORF:
+    """Longest ORF. ``start``/``end`` are 0-based half-open on the strand it was found on
+    (for ``strand == '-'`` the coordinates refer to the reverse complement)."""
+
+    start: int
+    end: int
+    strand: str = "+"
+    frame: int = 0
+    complete: bool = False  # ends with a stop codon
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+_NO_ORF = ORF(0, 0, "+", 0, False)
+
+
+def _longest_orf_one_strand(b: np.ndarray, strand: str) -> ORF:
+    n = b.shape[0]
+    if n < 3:
+        return _NO_ORF
+    c = b[:-2].astype(np.int16) * 25 + b[1:-1].astype(np.int16) * 5 + b[2:]
+    is_start = c == _ATG
+    if not is_start.any():
+        return _NO_ORF
+    is_stop = _IS_STOP[c]
+    best = _NO_ORF
+    for f in range(3):
+        starts = np.flatnonzero(is_start[f::3])
+        if starts.size == 0:
+            continue
+        stops = np.flatnonzero(is_stop[f::3])
+        ncod = is_start[f::3].shape[0]
+        if stops.size:
+            j = np.searchsorted(stops, starts)  # first in-frame stop at/after the ATG
+            has_stop = j < stops.size
+            end_cod = np.where(has_stop, stops[np.minimum(j, stops.size - 1)], ncod - 1)
+        else:  # no stop in this frame: ORF runs to the last complete codon
+            has_stop = np.zeros(starts.shape[0], dtype=bool)
+            end_cod = np.full(starts.shape[0], ncod - 1)
+        lengths = (end_cod - starts + 1) * 3
+        k = int(np.argmax(lengths))  # first maximum = most upstream
+        L = int(lengths[k])
+        if L > best.length:  # strict: earlier frame wins ties (CPAT's stable sort)
+            s = f + 3 * int(starts[k])
+            best = ORF(s, s + L, strand, f, bool(has_stop[k]))
+    return best
+
+
+def longest_orf(seq: str | np.ndarray, both_strands: bool = False) -> ORF:
+    """Longest ATG..stop ORF over the 3 forward frames (and the 3 reverse frames if ``both_strands``).
+
+    Semantics follow CPAT 3.0.5 ``ORFFinder``: the ORF includes the stop codon; an ORF lacking an
+    in-frame stop extends to the last complete codon; ties go to the earlier frame and then the more
+    upstream ORF; the forward strand wins ties against the reverse strand.
+    """
+    b = encode(seq)
+    best = _longest_orf_one_strand(b, "+")
+    if both_strands:
+        rev = _longest_orf_one_strand(_revcomp(b), "-")
+        if rev.length > best.length:
+            best = rev
+    return best
+
+
+# --------------------------------------------------------------------------------------------------
+# Fickett TESTCODE (tables of Fickett 1982 as shipped in CPAT 3.0.5 cpmodule/fickett.py)
+# --------------------------------------------------------------------------------------------------
+_POS_PROB = np.array(
+    [
+        [0.94, 0.68, 0.84, 0.93, 0.58, 0.68, 0.45, 0.34, 0.20, 0.22],  # A
+        [0.80, 0.70, 0.70, 0.81, 0.66, 0.48, 0.51, 0.33, 0.30, 0.23],  # C
+        [0.90, 0.88, 0.74, 0.64, 0.53, 0.48, 0.27, 0.16, 0.08, 0.08],  # G
+        [0.97, 0.97, 0.91, 0.68, 0.69, 0.44, 0.54, 0.20, 0.09, 0.09],  # T
+    ]
+)
+_POS_WEIGHT = np.array([0.26, 0.18, 0.31, 0.33])
+_POS_PARA = np.array([1.9, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1, 0.0])
+_CONTENT_PROB = np.array(
+    [
+        [0.28, 0.49, 0.44, 0.55, 0.62, 0.49, 0.67, 0.65, 0.81, 0.21],
+        [0.82, 0.64, 0.51, 0.64, 0.59, 0.59, 0.43, 0.44, 0.39, 0.31],
+        [0.40, 0.54, 0.47, 0.64, 0.64, 0.73, 0.41, 0.41, 0.33, 0.29],
+        [0.28, 0.24, 0.39, 0.40, 0.55, 0.75, 0.56, 0.69, 0.51, 0.58],
+    ]
+)
+_CONTENT_WEIGHT = np.array([0.11, 0.12, 0.15, 0.14])
+_CONTENT_PARA = np.array([0.33, 0.31, 0.29, 0.27, 0.25, 0.23, 0.21, 0.17, 0.0])
+# products as CPAT computes them: float(prob) * float(weight)
+_POS_TAB = _POS_PROB * _POS_WEIGHT[:, None]
+_CONTENT_TAB = _CONTENT_PROB[:, :9] * _CONTENT_WEIGHT[:, None]
+_PHASE_CACHE = np.zeros(0, dtype=np.int64)
+
+
+def _phase_offsets(n: int) -> np.ndarray:
+    global _PHASE_CACHE
+    if _PHASE_CACHE.shape[0] < n:
+        m = max(n, 2 * _PHASE_CACHE.shape[0], 4096)
+        _PHASE_CACHE = (np.arange(m, dtype=np.int64) % 3) * 5
+    return _PHASE_CACHE[:n]
+
+
+def fickett_score(seq: str | np.ndarray) -> float:
+    """Fickett TESTCODE score, identical to CPAT's ``fickett.fickett_value`` (and CPC2's)."""
+    b = encode(seq)
+    n = b.shape[0]
+    if n < 2:
+        return 0.0
+    pc = np.bincount(_phase_offsets(n) + b, minlength=15).reshape(3, 5)[:, :4]
+    content = pc.sum(axis=0) / float(n)  # count(base) / total length (Ns count in the total)
+    position = pc.max(axis=0) / (pc.min(axis=0) + 1.0)
+    ci = np.argmax(content[:, None] >= _CONTENT_PARA[None, :], axis=1)  # first threshold reached
+    pi = np.argmax(position[:, None] >= _POS_PARA[None, :], axis=1)
+    cv = _CONTENT_TAB[np.arange(4), ci]
+    pv = _POS_TAB[np.arange(4), pi]
+    # same summation order as CPAT: content A,C,G,T then position A,C,G,T
+    s = 0.0
+    for v in cv:
+        s += float(v)
+    for v in pv:
+        s += float(v)
+    return s
+
+
+# --------------------------------------------------------------------------------------------------
+# k-mer codes
+# --------------------------------------------------------------------------------------------------
+def _kmer_codes(b: np.ndarray, k: int, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Overlapping k-mer codes (base 4, first base most significant) and validity mask (None = all
+    valid). Length max(0, n-k+1)."""
+    n = b.shape[0]
+    if n < k:
+        return np.zeros(0, dtype=np.int64), None
+    bb = np.minimum(b, 3).astype(np.int64)
+    code = bb[: n - k + 1].copy()
+    for j in range(1, k):
+        code = code * 4 + bb[j : n - k + 1 + j]
+    if valid is None:
+        return code, None
+    ok = valid[: n - k + 1].copy()
+    for j in range(1, k):
+        ok &= valid[j : n - k + 1 + j]
+    return code, ok
+
+
+def _all_kmers(k: int) -> list[str]:
+    out = [""]
+    for _ in range(k):
+        out = [p + c for p in out for c in _NT]
+    return out
+
+
+def _kmer_to_code(kmer: str) -> int:
+    code = 0
+    for ch in kmer:
+        code = code * 4 + _NT.index(ch)
+    return code
+
+
+# --------------------------------------------------------------------------------------------------
+# hexamer table
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class HexamerTable:
+    """Coding / noncoding hexamer frequencies (length-4096 arrays indexed by base-4 code, A=0..T=3,
+    first base most significant), with CPAT's scoring rule.
+
+    ``score(orf)`` = mean over in-frame hexamers (step 3, frame 0, fully inside ``orf``) of
+    ``log(c/n)`` if both > 0, ``+1`` if only c > 0, ``-1`` if only n > 0, skipped if both are 0 (or
+    the hexamer contains a non-ACGT base); 0 if ``len(orf) < 6``; -1 if no hexamer was counted.
+    This is CPAT 3.0.5 ``FrameKmer.kmer_ratio(orf, 6, 3, coding, noncoding)``.
+    """
+
+    coding: np.ndarray
+    noncoding: np.ndarray
+    _contrib: np.ndarray = field(init=False, repr=False)
+    _counted: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.coding = np.asarray(self.coding, dtype=np.float64).reshape(4096)
+        self.noncoding = np.asarray(self.noncoding, dtype=np.float64).reshape(4096)
+        c, nc = self.coding, self.noncoding
+        both = (c > 0) & (nc > 0)
+        contrib = np.zeros(4096)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            contrib[both] = np.log(c[both] / nc[both])
+        contrib[(c > 0) & (nc == 0)] = 1.0
+        contrib[(c == 0) & (nc > 0)] = -1.0
+        self._contrib = contrib
+        self._counted = (c > 0) | (nc > 0)
+
+    # ---- construction ----
+    @classmethod
+    def fit(
+        cls,
+        coding_seqs: Iterable[str],
+        noncoding_seqs: Iterable[str],
+        coding_is_cds: bool = False,
+        pseudocount: float = 0.0,
+    ) -> "HexamerTable":
+        """Frequencies as CPAT's ``make_hexamer_tab``: coding = in-frame hexamers (step 3) of the CDS,
+        noncoding = all overlapping hexamers (step 1) of the noncoding transcripts.
+
+        Our FASTA files carry no CDS annotation, so unless ``coding_is_cds`` the CDS of a coding
+        transcript is approximated by its longest forward ORF (what CPAT itself does for FASTA input
+        in ``make_logitModel``). ``pseudocount`` is added to every count (0 = CPAT behaviour).
+        """
+        cod = np.zeros(4096, dtype=np.float64)
+        for s in coding_seqs:
+            b = encode(s)
+            if not coding_is_cds:
+                o = longest_orf(b)
+                b = b[o.start : o.end]
+            codes, ok = _hexamer_codes(b)
+            codes, ok = codes[::3], (None if ok is None else ok[::3])
+            if ok is not None:
+                codes = codes[ok]
+            cod += np.bincount(codes, minlength=4096)
+        non = np.zeros(4096, dtype=np.float64)
+        for s in noncoding_seqs:
+            codes, ok = _hexamer_codes(encode(s))
+            if ok is not None:
+                codes = codes[ok]
+            non += np.bincount(codes, minlength=4096)
+        cod += pseudocount
+        non += pseudocount
+        return cls(cod / max(cod.sum(), 1e-300), non / max(non.sum(), 1e-300))
+
+    @classmethod
+    def from_cpat_tsv(cls, path: str | Path) -> "HexamerTable":
+        """Read CPAT's ``*_Hexamer.tsv`` (``hexamer<TAB>coding<TAB>noncoding`` with header)."""
+        cod = np.zeros(4096)
+        non = np.zeros(4096)
+        seen = np.zeros(4096, dtype=bool)
+        with open(path) as fh:
+            for line in fh:
+                f = line.split()
+                if not f or f[0] == "hexamer":
+                    continue
+                kmer = f[0].upper()
+                if len(kmer) != 6 or any(ch not in _NT for ch in kmer):
+                    continue
+                i = _kmer_to_code(kmer)
+                cod[i], non[i], seen[i] = float(f[1]), float(f[2]), True
+        tab = cls(cod, non)
+        tab._counted &= seen
+        return tab
+
+    def to_cpat_tsv(self, path: str | Path) -> None:
+        with open(path, "w") as fh:
+            fh.write("hexamer\tcoding\tnoncoding\n")
+            for i, kmer in enumerate(_all_kmers(6)):
+                fh.write(f"{kmer}\t{float(self.coding[i])!r}\t{float(self.noncoding[i])!r}\n")
+
+    # ---- scoring ----
+    def score_codes(self, b: np.ndarray, hex_codes: np.ndarray | None = None, hex_ok=None) -> float:
+        """Score encoded ORF ``b`` (uint8 codes). Optionally pass precomputed hexamer codes."""
+        n = b.shape[0]
+        if n < 6:
+            return 0.0
+        if hex_codes is None:
+            hex_codes, hex_ok = _hexamer_codes(b)
+        codes = hex_codes[::3]
+        keep = self._counted[codes]
+        if hex_ok is not None:
+            keep &= hex_ok[::3]
+        cnt = int(keep.sum())
+        if cnt == 0:
+            return -1.0
+        vals = self._contrib[codes[keep]]
+        return float(vals.sum() / cnt)
+
+    def score(self, orf_seq: str | np.ndarray) -> float:
+        return self.score_codes(encode(orf_seq))
+
+
+def _hexamer_codes(b: np.ndarray):
+    valid = None if (b.size == 0 or int(b.max()) < 4) else (b < 4)
+    return _kmer_codes(b, 6, valid)
+
+
+# --------------------------------------------------------------------------------------------------
+# feature extraction
+# --------------------------------------------------------------------------------------------------
+ORF_FEATURES = [
+    "length",
+    "orf_len",
+    "orf_cov",
+    "orf_start_frac",
+    "orf_complete",
+    "fickett_orf",
+    "fickett_tx",
+    "hexamer_orf",
+]
+
+
+class FeatureExtractor:
+    """Turns sequences into a float64 feature matrix (columns: :attr:`feature_names`)."""
+
+    def __init__(self, hexamer: HexamerTable | None = None, kmax: int = 4, both_strands: bool = False,
+                 use_kmers: bool = True):
+        self.hexamer = hexamer
+        self.kmax = int(kmax)
+        self.both_strands = bool(both_strands)
+        self.use_kmers = bool(use_kmers)
+        names = list(ORF_FEATURES)
+        if self.use_kmers:
+            for k in range(1, self.kmax + 1):
+                names += [f"k{k}_{m}" for m in _all_kmers(k)]
+        self._names = names
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self._names)
+
+    @property
+    def orf_feature_idx(self) -> np.ndarray:
+        return np.arange(len(ORF_FEATURES))
+
+    def one(self, seq: str | np.ndarray) -> np.ndarray:
+        b = encode(seq)
+        n = b.shape[0]
+        out = np.zeros(len(self._names), dtype=np.float64)
+        orf = longest_orf(b, self.both_strands)
+        if orf.strand == "-":
+            ob = _revcomp(b)[orf.start : orf.end]
+        else:
+            ob = b[orf.start : orf.end]
+        L = orf.length
+        out[0] = n
+        out[1] = L
+        out[2] = L / n if n else 0.0
+        out[3] = (orf.start / n if n else 0.0) if L else 1.0
+        out[4] = 1.0 if orf.complete else 0.0
+        out[5] = fickett_score(ob) if L else 0.0
+        out[6] = fickett_score(b)
+        if self.hexamer is not None:
+            out[7] = self.hexamer.score_codes(ob) if L else 0.0
+        else:
+            out[7] = np.nan
+        if self.use_kmers:
+            pos = len(ORF_FEATURES)
+            valid = None if (n == 0 or int(b.max()) < 4) else (b < 4)
+            bb = np.minimum(b, 3).astype(np.int64)
+            code = None
+            ok = valid
+            for k in range(1, self.kmax + 1):
+                m = n - k + 1
+                if m <= 0:
+                    pos += 4**k
+                    continue
+                code = bb[:m].copy() if k == 1 else code[:m] * 4 + bb[k - 1 :]
+                if valid is not None:
+                    ok = valid[:m].copy() if k == 1 else ok[:m] & valid[k - 1 :]
+                    cnt = np.bincount(code[ok], minlength=4**k)
+                else:
+                    cnt = np.bincount(code, minlength=4**k)
+                tot = cnt.sum()
+                if tot:
+                    out[pos : pos + 4**k] = cnt / tot
+                pos += 4**k
+        return out
+
+    def transform(self, seqs: Sequence[str]) -> np.ndarray:
+        X = np.empty((len(seqs), len(self._names)), dtype=np.float64)
+        for i, s in enumerate(seqs):
+            X[i] = self.one(s)
+        return X
+
+    def config(self) -> dict:
+        return {"kmax": self.kmax, "both_strands": self.both_strands, "use_kmers": self.use_kmers}
+
+
+# --------------------------------------------------------------------------------------------------
+# pickle-free tree ensemble
+# --------------------------------------------------------------------------------------------------
+class NumpyTreeEnsemble:
+    """Flat-array export of a fitted binary ``HistGradientBoostingClassifier`` with a numpy predictor.
+
+    All trees' nodes are concatenated; ``left``/``right`` are global node indices; ``roots[t]`` is
+    the root of tree t. raw(x) = baseline + sum_t value[leaf_t(x)] (summed in tree order, like
+    sklearn), proba = expit(raw).
+    """
+
+    ARRAYS = ("feature", "threshold", "left", "right", "value", "is_leaf", "missing_left", "roots")
+
+    def __init__(self, feature, threshold, left, right, value, is_leaf, missing_left, roots, baseline: float):
+        self.feature = np.asarray(feature, dtype=np.int32)
+        self.threshold = np.asarray(threshold, dtype=np.float64)
+        self.left = np.asarray(left, dtype=np.int32)
+        self.right = np.asarray(right, dtype=np.int32)
+        self.value = np.asarray(value, dtype=np.float64)
+        self.is_leaf = np.asarray(is_leaf, dtype=bool)
+        self.missing_left = np.asarray(missing_left, dtype=bool)
+        self.roots = np.asarray(roots, dtype=np.int32)
+        self.baseline = float(baseline)
+
+    @classmethod
+    def from_sklearn(cls, model) -> "NumpyTreeEnsemble":
+        if getattr(model, "n_trees_per_iteration_", 1) != 1:
+            raise ValueError("only binary HistGradientBoostingClassifier is supported")
+        if getattr(model, "is_categorical_", None) is not None and np.any(model.is_categorical_):
+            raise ValueError("categorical features are not supported")
+        parts, roots, off = [], [], 0
+        for it in model._predictors:
+            nodes = it[0].nodes
+            if np.any(nodes["is_categorical"]):
+                raise ValueError("categorical splits are not supported")
+            parts.append(nodes)
+            roots.append(off)
+            off += nodes.shape[0]
+        nodes = np.concatenate(parts) if parts else np.zeros(0, dtype=model._predictors[0][0].nodes.dtype)
+        offs = np.repeat(np.asarray(roots, dtype=np.int64), [p.shape[0] for p in parts])
+        leaf = nodes["is_leaf"].astype(bool)
+        left = np.where(leaf, -1, nodes["left"].astype(np.int64) + offs)
+        right = np.where(leaf, -1, nodes["right"].astype(np.int64) + offs)
+        return cls(
+            feature=nodes["feature_idx"],
+            threshold=nodes["num_threshold"],
+            left=left,
+            right=right,
+            value=nodes["value"],
+            is_leaf=leaf,
+            missing_left=nodes["missing_go_to_left"].astype(bool),
+            roots=roots,
+            baseline=float(np.ravel(model._baseline_prediction)[0]),
+        )
+
+    def raw(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        n = X.shape[0]
+        T = self.roots.shape[0]
+        node = np.broadcast_to(self.roots, (n, T)).copy()
+        rows = np.broadcast_to(np.arange(n)[:, None], (n, T))
+        active = ~self.is_leaf[node]
+        while active.any():
+            r = rows[active]
+            nd = node[active]
+            x = X[r, self.feature[nd]]
+            go_left = np.where(np.isnan(x), self.missing_left[nd], x <= self.threshold[nd])
+            node[active] = np.where(go_left, self.left[nd], self.right[nd])
+            active = ~self.is_leaf[node]
+        leafval = self.value[node]
+        out = np.full(n, self.baseline, dtype=np.float64)
+        for t in range(T):  # same order of additions as sklearn
+            out += leafval[:, t]
+        return out
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """P(class 1) for each row."""
+        r = self.raw(X)
+        return 1.0 / (1.0 + np.exp(-r))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        d = {k: getattr(self, k) for k in self.ARRAYS}
+        d["baseline"] = np.array([self.baseline])
+        return d
+
+    @classmethod
+    def from_arrays(cls, d) -> "NumpyTreeEnsemble":
+        return cls(**{k: d[k] for k in cls.ARRAYS}, baseline=float(np.asarray(d["baseline"]).ravel()[0]))
+
+
+# --------------------------------------------------------------------------------------------------
+# baseline classifier
+# --------------------------------------------------------------------------------------------------
+class FeatureBaseline:
+    """Gradient-boosted trees on CPAT-like features; label 1 = lncRNA.
+
+    ``fit(seqs, labels)`` builds the hexamer table from the training sequences only (coding =
+    label 0, noncoding = label 1), extracts features, fits ``HistGradientBoostingClassifier`` and
+    converts it to a :class:`NumpyTreeEnsemble`. ``predict_proba`` always uses the numpy ensemble, so a
+    fitted and a re-loaded baseline give bit-identical probabilities.
+
+    On disk (``save(dir)``): ``baseline.json`` (config, feature names, metadata) and ``baseline.npz``
+    (hexamer frequencies + tree arrays; read with ``allow_pickle=False``).
+    """
+
+    FORMAT = "lncrna-feature-baseline/1"
+
+    def __init__(self, kmax: int = 4, both_strands: bool = False, use_kmers: bool = True,
+                 hgb_params: dict | None = None, hexamer: HexamerTable | None = None,
+                 threshold: float = 0.5):
+        self.kmax = kmax
+        self.both_strands = both_strands
+        self.use_kmers = use_kmers
+        self.hgb_params = dict(
+            max_iter=300, learning_rate=0.1, max_leaf_nodes=31, min_samples_leaf=20,
+            l2_regularization=1.0, early_stopping=True, validation_fraction=0.1,
+            n_iter_no_change=20, random_state=0,
+        )
+        if hgb_params:
+            self.hgb_params.update(hgb_params)
+        self.hexamer = hexamer
+        self.threshold = float(threshold)
+        self.ensemble: NumpyTreeEnsemble | None = None
+        self.sklearn_model = None  # only set right after fit (never persisted)
+        self.metadata: dict = {}
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        return FeatureExtractor(self.hexamer, self.kmax, self.both_strands, self.use_kmers)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.extractor.feature_names
+
+    def features(self, seqs: Sequence[str]) -> np.ndarray:
+        return self.extractor.transform(seqs)
+
+    def fit(self, seqs: Sequence[str], labels: Sequence[int], refit_hexamer: bool = True,
+            n_threads: int | None = 1) -> "FeatureBaseline":
+        """Fit hexamer table (unless ``refit_hexamer=False`` and one is set) and the trees.
+
+        ``n_threads`` caps sklearn's OpenMP threads during the fit (default 1: on a small shared
+        machine multi-threaded HistGradientBoosting can be ~10x slower than single-threaded;
+        ``None`` leaves the default).
+        """
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        y = np.asarray(labels, dtype=np.int64)
+        if refit_hexamer or self.hexamer is None:
+            self.hexamer = HexamerTable.fit([s for s, t in zip(seqs, y) if t == 0],
+                                            [s for s, t in zip(seqs, y) if t == 1])
+        X = self.features(seqs)
+        model = HistGradientBoostingClassifier(**self.hgb_params)
+        if n_threads is None:
+            model.fit(X, y)
+        else:
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=n_threads, user_api="openmp"):
+                model.fit(X, y)
+        if list(model.classes_) != [0, 1]:
+            raise ValueError("labels must contain both classes 0 (mRNA) and 1 (lncRNA)")
+        self.sklearn_model = model
+        self.ensemble = NumpyTreeEnsemble.from_sklearn(model)
+        self.metadata["n_train"] = int(len(y))
+        self.metadata["n_iter"] = int(model.n_iter_)
+        return self
+
+    def predict_proba_features(self, X: np.ndarray) -> np.ndarray:
+        if self.ensemble is None:
+            raise RuntimeError("FeatureBaseline is not fitted")
+        return self.ensemble.predict_proba(X)
+
+    def predict_proba(self, seqs: Sequence[str]) -> np.ndarray:
+        """P(lncRNA) per sequence, shape (n,)."""
+        return self.predict_proba_features(self.features(seqs))
+
+    def predict(self, seqs: Sequence[str]) -> np.ndarray:
+        return (self.predict_proba(seqs) >= self.threshold).astype(np.int64)
+
+    # ---- persistence (no pickle) ----
+    def save(self, path: str | Path) -> Path:
+        if self.ensemble is None or self.hexamer is None:
+            raise RuntimeError("nothing to save: FeatureBaseline is not fitted")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        arrays = {f"tree_{k}": v for k, v in self.ensemble.arrays().items()}
+        arrays["hexamer_coding"] = self.hexamer.coding
+        arrays["hexamer_noncoding"] = self.hexamer.noncoding
+        arrays["hexamer_counted"] = self.hexamer._counted
+        # compact dtypes (lossless): node indices / features fit in int32, flags in uint8
+        np.savez_compressed(path / "baseline.npz", **arrays)
+        cfg = {
+            "format": self.FORMAT,
+            "kmax": self.kmax,
+            "both_strands": self.both_strands,
+            "use_kmers": self.use_kmers,
+            "threshold": self.threshold,
+            "positive_class": "lncRNA",
+            "hgb_params": self.hgb_params,
+            "feature_names": self.feature_names,
+            "n_trees": int(self.ensemble.roots.shape[0]),
+            "n_nodes": int(self.ensemble.feature.shape[0]),
+            "metadata": self.metadata,
+        }
+        (path / "baseline.json").write_text(json.dumps(cfg, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_BASELINE_DIR) -> "FeatureBaseline":
+        path = Path(path)
+        cfg = json.loads((path / "baseline.json").read_text())
+        if cfg.get("format") != cls.FORMAT:
+            raise ValueError(f"unknown baseline format {cfg.get('format')!r} in {path}")
+        with np.load(path / "baseline.npz", allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+        hexamer = HexamerTable(d["hexamer_coding"], d["hexamer_noncoding"])
+        hexamer._counted &= d["hexamer_counted"].astype(bool)
+        obj = cls(kmax=cfg["kmax"], both_strands=cfg["both_strands"], use_kmers=cfg["use_kmers"],
+                  hgb_params=cfg.get("hgb_params"), hexamer=hexamer, threshold=cfg.get("threshold", 0.5))
+        obj.ensemble = NumpyTreeEnsemble.from_arrays({k[5:]: v for k, v in d.items() if k.startswith("tree_")})
+        obj.metadata = cfg.get("metadata", {})
+        if obj.feature_names != cfg["feature_names"]:
+            raise ValueError("feature names in baseline.json do not match this code version")
+        return obj
