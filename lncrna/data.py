@@ -1,0 +1,369 @@
+"""The project's lncRNA / mRNA datasets: build them from the raw files, and load them.
+
+Build (writes ``data/lncrna/{train,val,test_human,test_mouse}.fa.gz`` and ``data/PROVENANCE.md``)::
+
+    python -m lncrna.data build [--raw ../shared/data/raw] [--out data/lncrna]
+
+Rules (fixed; other code relies on them). Sequences are compared after normalisation by
+:mod:`lncrna.fasta` (upper case, U -> T, ambiguity codes -> N).
+
+1. Every raw file: drop sequences under 200 nt, then exact duplicate sequences (keep the first).
+2. Human test (headline, never trained on): CPAT test set, ``Human_test_coding_mRNA`` (mRNA) +
+   ``Human_test_noncoding_RNA`` (lncRNA).
+3. Mouse test: ``mouse_lnc_test`` (lncRNA) + 20% of ``mouse_pc_train`` (mRNA), the first 20%
+   (rounded half up) of ``numpy.random.default_rng(SEED).permutation``.
+4. Training pool, in this order: the other 80% of ``mouse_pc_train``, ``mouse_lnc_train``, CPAT
+   ``Human_noncoding_transcripts_RNA``, ``human_lnc_train``. Removed, checked in this order: a
+   sequence identical to any test sequence; a sequence seen with both labels in any raw file
+   (label conflict); a sequence already kept from an earlier file (cross-file duplicate).
+5. Validation: 10% (rounded half up) of each (species, label) stratum of the pool, strata taken in
+   sorted order with one fresh ``default_rng(SEED)``; the rest is ``train``.
+
+FASTA headers carry the labels: ``>ID label=lncRNA|mRNA species=human|mouse source=<raw file>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import math
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lncrna.fasta import FastaRecord, read_fasta, write_fasta
+
+__all__ = ["SEED", "MIN_LENGTH", "LABELS", "SPLITS", "Entry", "make_splits", "build", "load_split", "main"]
+
+SEED = 20261128
+MIN_LENGTH = 200
+MOUSE_TEST_FRACTION = 0.2
+VAL_FRACTION = 0.1
+LABELS = {"mRNA": 0, "lncRNA": 1}  # LoRA-BERT convention: class 1 = lncRNA
+SPLITS = ("train", "val", "test_human", "test_mouse")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RAW = REPO_ROOT.parent / "shared" / "data" / "raw"
+DEFAULT_OUT = REPO_ROOT / "data" / "lncrna"
+
+# raw file -> (label, species); paths relative to the raw folder.
+HUMAN_TEST_MRNA = "cpat/Human_test_coding_mRNA.fa.gz"
+HUMAN_TEST_LNC = "cpat/Human_test_noncoding_RNA.fa.gz"
+HUMAN_TRAIN_LNC_CPAT = "cpat/Human_noncoding_transcripts_RNA.fa.gz"
+HUMAN_TRAIN_LNC = "prelncdata/human_lnc_train.fa.gz"
+MOUSE_PC = "prelncdata/mouse_pc_train.fa.gz"
+MOUSE_TRAIN_LNC = "prelncdata/mouse_lnc_train.fa.gz"
+MOUSE_TEST_LNC = "prelncdata/mouse_lnc_test.fa.gz"
+RAW_FILES: dict[str, tuple[str, str]] = {
+    HUMAN_TEST_MRNA: ("mRNA", "human"),
+    HUMAN_TEST_LNC: ("lncRNA", "human"),
+    HUMAN_TRAIN_LNC_CPAT: ("lncRNA", "human"),
+    HUMAN_TRAIN_LNC: ("lncRNA", "human"),
+    MOUSE_PC: ("mRNA", "mouse"),
+    MOUSE_TRAIN_LNC: ("lncRNA", "mouse"),
+    MOUSE_TEST_LNC: ("lncRNA", "mouse"),
+}
+POOL_ORDER = (MOUSE_PC, MOUSE_TRAIN_LNC, HUMAN_TRAIN_LNC_CPAT, HUMAN_TRAIN_LNC)
+ORIGINS = {  # from shared/data/raw/SOURCES.md
+    "cpat": ("GitHub liguowang/cpat @ ea5aca3eeb3f898e1ca1b75180bf1ace0057ab95 (test_files/)",
+             "GPL-2.0-or-later", "hg19, UCSC Table Browser export; CPAT, Wang et al. NAR 2013"),
+    "prelncdata": ("GitHub LeiCao97/PreLncData @ 90b2886fbcdcee20d932f0b732e25aa259ddec7a",
+                   "none stated in the repository", "Ensembl cDNA / ncRNA, GRCh38 / GRCm38"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One labelled sequence; ``source`` is the raw file name (no folder)."""
+
+    id: str
+    seq: str
+    label: str  # "lncRNA" | "mRNA"
+    species: str  # "human" | "mouse"
+    source: str
+
+    def record(self) -> FastaRecord:
+        head = f"{self.id} label={self.label} species={self.species} source={self.source}"
+        return FastaRecord(self.id, head, self.seq)
+
+
+@dataclass
+class _Report:
+    """Numbers the build computes, for PROVENANCE.md."""
+
+    raw: dict[str, dict[str, int | str]] = field(default_factory=dict)
+    pool: dict[str, Counter] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def _read_raw(raw: Path, rel: str, report: _Report) -> list[Entry]:
+    """Rule 1 for one raw file: read, drop < MIN_LENGTH, drop within-file duplicate sequences."""
+    label, species = RAW_FILES[rel]
+    path = raw / rel
+    records = list(read_fasta(path))
+    long_enough = [r for r in records if len(r.seq) >= MIN_LENGTH]
+    seen: set[str] = set()
+    entries = []
+    for r in long_enough:
+        if r.seq not in seen:
+            seen.add(r.seq)
+            entries.append(Entry(r.id, r.seq, label, species, path.name))
+    report.raw[rel] = {
+        "label": label, "species": species, "read": len(records),
+        "short": len(records) - len(long_enough), "dup": len(long_enough) - len(entries),
+        "kept": len(entries), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+    return entries
+
+
+def _split_off(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (held_out, rest) of range(n): the first round(fraction * n) of a permutation, sorted."""
+    perm = rng.permutation(n)
+    k = _round_half_up(fraction * n)
+    return np.sort(perm[:k]), np.sort(perm[k:])
+
+
+def make_splits(raw: Path) -> tuple[dict[str, list[Entry]], _Report]:
+    """Apply the module's rules to the raw files; return the four splits and the numbers."""
+    report = _Report()
+    files = {rel: _read_raw(raw, rel, report) for rel in RAW_FILES}
+
+    # label conflicts over every (filtered) raw file
+    labels_of: dict[str, set[str]] = {}
+    for entries in files.values():
+        for e in entries:
+            labels_of.setdefault(e.seq, set()).add(e.label)
+    conflicts = {s for s, labs in labels_of.items() if len(labs) > 1}
+
+    test_human = files[HUMAN_TEST_MRNA] + files[HUMAN_TEST_LNC]
+    pc = files[MOUSE_PC]
+    held, rest = _split_off(len(pc), MOUSE_TEST_FRACTION, np.random.default_rng(SEED))
+    test_mouse = files[MOUSE_TEST_LNC] + [pc[i] for i in held]
+    report.raw[MOUSE_PC]["held_out"] = len(held)
+    test_seqs = {e.seq for e in test_human + test_mouse}
+
+    n_conflict_in_test = sum(e.seq in conflicts for e in test_human + test_mouse)
+    n_human_mouse = len({e.seq for e in test_human} & {e.seq for e in test_mouse})
+    report.notes.append(f"test sequences that also occur with the other label somewhere: "
+                        f"{n_conflict_in_test} (kept in test; their labels are the test files')")
+    report.notes.append(f"sequences shared by the human and the mouse test sets: {n_human_mouse}")
+
+    candidates = {rel: files[rel] for rel in POOL_ORDER}
+    candidates[MOUSE_PC] = [pc[i] for i in rest]
+    pool: list[Entry] = []
+    kept: set[str] = set()
+    for rel, entries in candidates.items():
+        c = report.pool[rel] = Counter(candidates=len(entries))
+        for e in entries:
+            if e.seq in test_seqs:
+                c["test_overlap"] += 1
+            elif e.seq in conflicts:
+                c["label_conflict"] += 1
+            elif e.seq in kept:
+                c["cross_dup"] += 1
+            else:
+                kept.add(e.seq)
+                pool.append(e)
+                c["kept"] += 1
+
+    rng = np.random.default_rng(SEED)
+    val_idx: list[int] = []
+    for stratum in sorted({(e.species, e.label) for e in pool}):
+        members = np.array([i for i, e in enumerate(pool) if (e.species, e.label) == stratum])
+        held_s, _ = _split_off(len(members), VAL_FRACTION, rng)
+        val_idx.extend(members[held_s].tolist())
+    val_set = set(val_idx)
+    splits = {
+        "train": [e for i, e in enumerate(pool) if i not in val_set],
+        "val": [e for i, e in enumerate(pool) if i in val_set],
+        "test_human": test_human,
+        "test_mouse": test_mouse,
+    }
+    for species in sorted({e.species for e in pool}):
+        labels = sorted({e.label for e in splits["train"] if e.species == species})
+        if len(labels) < len(LABELS):
+            report.notes.append(
+                f"WARNING: train has only {'/'.join(labels)} for {species}: a model can learn the "
+                f"species as a proxy for the label; score each test set separately")
+    _check_splits(splits)
+    return splits, report
+
+
+def _check_splits(splits: dict[str, list[Entry]]) -> None:
+    """Hard guarantees of the build; an AssertionError means a bug in the rules above."""
+    test = {e.seq for name in ("test_human", "test_mouse") for e in splits[name]}
+    train = {e.seq for e in splits["train"]}
+    val = {e.seq for e in splits["val"]}
+    assert not (train & test), "a test sequence is in train"
+    assert not (val & test), "a test sequence is in val"
+    assert not (train & val), "a sequence is in both train and val"
+    ids = [e.id for entries in splits.values() for e in entries]
+    assert len(ids) == len(set(ids)), "record ids are not unique across splits"
+    for name, entries in splits.items():
+        assert entries, f"split {name} is empty"
+        assert min(len(e.seq) for e in entries) >= MIN_LENGTH, f"{name}: sequence < {MIN_LENGTH} nt"
+        assert len({e.seq for e in entries}) == len(entries), f"{name}: duplicate sequence"
+
+
+def _sha256(path: Path, *, decompress: bool = False) -> str:
+    data = path.read_bytes()
+    return hashlib.sha256(gzip.decompress(data) if decompress else data).hexdigest()
+
+
+def build(raw: Path = DEFAULT_RAW, out: Path = DEFAULT_OUT, provenance: Path | None = None) -> dict[str, int]:
+    """Build the four splits into ``out`` and write ``provenance`` (default ``out/../PROVENANCE.md``).
+
+    Returns the number of sequences per split. Byte-reproducible for a given zlib.
+    """
+    raw, out = Path(raw), Path(out)
+    provenance = Path(provenance) if provenance is not None else out.parent / "PROVENANCE.md"
+    splits, report = make_splits(raw)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, entries in splits.items():
+        write_fasta((e.record() for e in entries), out / f"{name}.fa.gz")
+    _write_section(provenance, _provenance_text(raw, out, provenance, splits, report))
+    return {name: len(entries) for name, entries in splits.items()}
+
+
+_BEGIN = "<!-- lncrna.data build: begin (generated, do not edit by hand) -->"
+_END = "<!-- lncrna.data build: end -->"
+
+
+def _write_section(path: Path, section: str) -> None:
+    """Write ``section`` between the markers in ``path``, keeping everything else in the file
+    (other datasets document themselves in the same PROVENANCE.md)."""
+    block = f"{_BEGIN}\n{section}{_END}\n"
+    old = path.read_text() if path.exists() else "# Data provenance\n\n"
+    if _BEGIN in old and _END in old:
+        head, rest = old.split(_BEGIN, 1)
+        tail = rest.split(_END, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
+    else:
+        text = old.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+def _provenance_text(raw: Path, out: Path, provenance: Path, splits: dict[str, list[Entry]],
+                     report: _Report) -> str:
+    try:
+        out_rel = out.resolve().relative_to(provenance.parent.resolve())
+    except ValueError:
+        out_rel = out
+    L = [
+        "## lncRNA vs mRNA: `data/lncrna/`",
+        "",
+        "Generated by `python -m lncrna.data build` (lncrna/data.py); do not edit by hand, rebuild.",
+        "Every number below is computed by that script. The rules are in the docstring of",
+        "`lncrna/data.py`; in short: drop < 200 nt and within-file duplicate sequences; human test =",
+        "CPAT test set; mouse test = PreLnc mouse lnc test + 20% of PreLnc mouse pc train",
+        f"(seed {SEED}); training pool without any test sequence, label conflict or cross-file",
+        f"duplicate; validation = 10% of the pool stratified by (species, label) (seed {SEED}).",
+        "Sequences are compared after upper-casing and U -> T.",
+        "",
+        "### Origin and licence",
+        "",
+        "Raw files: `shared/data/raw/` (see its SOURCES.md), copied byte-for-byte from:",
+        "",
+    ]
+    for folder, (origin, licence, what) in ORIGINS.items():
+        L.append(f"- `{folder}/`: {origin}; licence: {licence}; {what}.")
+    L += [
+        "",
+        "The splits here are derived works of these files: the CPAT parts carry CPAT's GPL-2.0-or-later;",
+        "PreLncData states no licence, so its redistribution terms are unknown (research use; check",
+        "before redistributing).",
+        "",
+        "### Raw files",
+        "",
+        "| raw file | label | species | read | < 200 nt | within-file dup | kept | sha256 |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for rel, r in report.raw.items():
+        L.append(f"| `{rel}` | {r['label']} | {r['species']} | {r['read']} | {r['short']} | "
+                 f"{r['dup']} | {r['kept']} | `{r['sha256'][:16]}` |")
+    held = report.raw[MOUSE_PC]["held_out"]
+    L += [
+        "",
+        f"Mouse pc held out for test: {held} of {report.raw[MOUSE_PC]['kept']} "
+        f"(20%, rounded half up); the other {int(report.raw[MOUSE_PC]['kept']) - int(held)} go to the pool.",
+        "",
+        "### Training pool: what was removed",
+        "",
+        "| raw file | candidates | identical to a test sequence | label conflict | cross-file duplicate | kept |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for rel, c in report.pool.items():
+        L.append(f"| `{rel}` | {c['candidates']} | {c['test_overlap']} | {c['label_conflict']} | "
+                 f"{c['cross_dup']} | {c['kept']} |")
+    tot = sum(report.pool.values(), Counter())
+    L.append(f"| total | {tot['candidates']} | {tot['test_overlap']} | {tot['label_conflict']} | "
+             f"{tot['cross_dup']} | {tot['kept']} |")
+    L += ["", "Other checks:", ""] + [f"- {n}" for n in report.notes] + [
+        "- asserted by the build: no test sequence in train or val, train and val disjoint, ids unique",
+        "  across splits, every sequence >= 200 nt, no duplicate sequence within a split.",
+        "",
+        "### Splits",
+        "",
+        f"Files in `{out_rel}/`; header `>ID label=lncRNA|mRNA species=human|mouse source=<raw file>`;",
+        "gzip with mtime 0 and level 6 (byte-reproducible with the same zlib; the content hash does not",
+        "depend on zlib).",
+        "",
+        "| split | species | label | sequences |",
+        "|---|---|---|---:|",
+    ]
+    for name, entries in splits.items():
+        for (species, label), n in sorted(Counter((e.species, e.label) for e in entries).items()):
+            L.append(f"| {name} | {species} | {label} | {n} |")
+    L += [
+        "",
+        "| split | sequences | nucleotides | length min / median / max | file sha256 | content sha256 |",
+        "|---|---:|---:|---|---|---|",
+    ]
+    for name, entries in splits.items():
+        lengths = np.array([len(e.seq) for e in entries])
+        f = out / f"{name}.fa.gz"
+        L.append(f"| {name} | {len(entries)} | {int(lengths.sum())} | {lengths.min()} / "
+                 f"{int(np.median(lengths))} / {lengths.max()} | `{_sha256(f)[:16]}` | "
+                 f"`{_sha256(f, decompress=True)[:16]}` |")
+    return "\n".join(L) + "\n"
+
+
+def load_split(name: str, root: str | Path = DEFAULT_OUT):
+    """Load a built split as a ``pandas.DataFrame`` with columns
+    ``id, seq, label (1 = lncRNA, 0 = mRNA), species, source`` (one row per sequence, file order)."""
+    import pandas as pd
+
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+    rows = []
+    for rec in read_fasta(Path(root) / f"{name}.fa.gz", strict=True):
+        tags = dict(kv.split("=", 1) for kv in rec.description.split()[1:])
+        rows.append((rec.id, rec.seq, LABELS[tags["label"]], tags["species"], tags["source"]))
+    return pd.DataFrame(rows, columns=["id", "seq", "label", "species", "source"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lncrna.data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build data/lncrna/*.fa.gz and data/PROVENANCE.md")
+    b.add_argument("--raw", type=Path, default=DEFAULT_RAW, help=f"raw folder (default {DEFAULT_RAW})")
+    b.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    b.add_argument("--provenance", type=Path, default=None, help="default: OUT/../PROVENANCE.md")
+    args = parser.parse_args(argv)
+    counts = build(args.raw, args.out, args.provenance)
+    for name, n in counts.items():
+        print(f"{name}\t{n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
