@@ -19,6 +19,12 @@ def _name_matches(name: str, keys: list[str]) -> bool:
     return any(name == k or name.endswith("." + k) for k in keys)
 
 
+def _inside(name: str, keys: list[str]) -> bool:
+    """Whether ``name`` or one of its parent modules matches ``keys`` (modules trained in full)."""
+    parts = name.split(".")
+    return any(_name_matches(".".join(parts[:i]), keys) for i in range(1, len(parts) + 1))
+
+
 def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
@@ -48,7 +54,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     for name, module in model.named_modules():
         if not name or isinstance(module, AdapterLayer) or ".base_layer" in name:
             continue
-        if _name_matches(name, config.exclude_modules) or _name_matches(name, config.modules_to_save):
+        if _name_matches(name, config.exclude_modules) or _inside(name, config.modules_to_save):
             continue
         if targets == "all-linear":
             hit = _is_linear_like(module) and name not in heads

@@ -1,0 +1,215 @@
+"""Nucleotide BERT classifier with window pooling for long transcripts.
+
+A transcript is cut into windows of at most ``window_tokens`` k-mer tokens (``[CLS] ... [SEP]``
+added to each). Every window goes through one BERT encoder; each window gets class logits from the
+``[CLS]`` pooler; a transcript's logit is pooled over its windows:
+
+- ``pool="max"`` (default): the transcript's mRNA-vs-lncRNA log-odds is the *largest* window
+  log-odds. A transcript is coding if any window holds coding sequence; an mRNA's 3' UTR window
+  looks non-coding and must not outvote its CDS window (multiple-instance learning).
+- ``pool="mean"``: the mean of window logits.
+- ``pool="first"``: only the 5'-most window, LoRA-BERT's truncation (the baseline the docs compare).
+
+Shapes: ``input_ids`` (W, T) windows of the whole batch, ``window_owner`` (W,) index of the
+transcript each window belongs to, output ``logits`` (B, 2) with class 1 = lncRNA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+from .tokenization import KmerTokenizer
+
+CONFIG_FILE = "lncrna_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and tokenisation of the nucleotide BERT."""
+
+    k: int = 6
+    stride: int = 3
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    window_tokens: int = 512  # per window, [CLS] and [SEP] included
+    max_windows: int = 16  # per transcript at inference; longer ones get evenly spaced windows
+    pool: str = "max"
+    dropout: float = 0.1
+
+    def bert_config(self, vocab_size: int) -> BertConfig:
+        cfg = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.window_tokens,
+            hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.dropout,
+            num_labels=2,
+            pad_token_id=0,
+        )
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+
+def make_tokenizer(cfg: ModelConfig) -> KmerTokenizer:
+    return KmerTokenizer(k=cfg.k, stride=cfg.stride, model_max_length=cfg.window_tokens)
+
+
+def window_ids(
+    ids: np.ndarray, cfg: ModelConfig, cls_id: int, sep_id: int, *, max_windows: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> list[np.ndarray]:
+    """Split one transcript's token ids (T,) into windows of ``window_tokens`` (specials included).
+
+    Windows tile the transcript without overlap. When there are more than ``max_windows``, an
+    evenly spaced subset is kept (or a random subset when ``rng`` is given, for training).
+    """
+    body = cfg.window_tokens - 2
+    n = max(1, math.ceil(len(ids) / body))
+    starts = np.arange(n) * body
+    limit = max_windows if max_windows is not None else cfg.max_windows
+    if cfg.pool == "first":
+        starts = starts[:1]
+    elif n > limit:
+        starts = np.sort(rng.choice(starts, limit, replace=False)) if rng is not None else starts[np.linspace(0, n - 1, limit).round().astype(int)]
+    return [np.concatenate([[cls_id], ids[s : s + body], [sep_id]]).astype(np.int64) for s in starts]
+
+
+def collate_windows(windows: Sequence[Sequence[np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Pad the windows of several transcripts into one batch.
+
+    Returns ``input_ids`` and ``attention_mask`` (W, T) and ``window_owner`` (W,).
+    """
+    flat = [w for ws in windows for w in ws]
+    owner = torch.tensor([i for i, ws in enumerate(windows) for _ in ws], dtype=torch.long)
+    T = max(len(w) for w in flat)
+    ids = torch.zeros(len(flat), T, dtype=torch.long)
+    mask = torch.zeros(len(flat), T, dtype=torch.long)
+    for j, w in enumerate(flat):
+        ids[j, : len(w)] = torch.from_numpy(w)
+        mask[j, : len(w)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "window_owner": owner}
+
+
+def pool_window_logits(logits: torch.Tensor, owner: torch.Tensor, n: int, pool: str) -> torch.Tensor:
+    """(W, 2) window logits -> (n, 2) transcript logits; see the module docstring."""
+    logits = logits.float()
+    if pool in ("mean", "first"):
+        out = torch.zeros(n, 2, device=logits.device).index_add_(0, owner, logits)
+        count = torch.zeros(n, device=logits.device).index_add_(0, owner, torch.ones_like(owner, dtype=torch.float))
+        return out / count.clamp_min(1).unsqueeze(1)
+    if pool == "max":
+        coding = logits[:, 0] - logits[:, 1]  # log-odds of mRNA per window
+        best = torch.full((n,), -torch.inf, device=logits.device).scatter_reduce(0, owner, coding, "amax")
+        return torch.stack([best / 2, -best / 2], dim=1)  # softmax of this gives sigmoid(best) for mRNA
+    raise ValueError(f"unknown pool {pool!r}; expected 'max', 'mean' or 'first'")
+
+
+class NucleotideClassifier(nn.Module):
+    """BERT over k-mer windows + window pooling; ``forward`` returns transcript logits (B, 2)."""
+
+    def __init__(self, cfg: ModelConfig, bert: BertForSequenceClassification | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = make_tokenizer(cfg)
+        self.bert = bert if bert is not None else BertForSequenceClassification(cfg.bert_config(len(self.tokenizer)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, window_owner: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        n = int(window_owner.max().item()) + 1 if n is None else n
+        window_logits = self.bert(input_ids=input_ids, attention_mask=attention_mask).logits
+        return pool_window_logits(window_logits, window_owner, n, self.cfg.pool)
+
+    def encode(self, seq: str, rng: np.random.Generator | None = None, max_windows: int | None = None) -> list[np.ndarray]:
+        ids = self.tokenizer.encode_ids(seq)
+        return window_ids(ids, self.cfg, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, rng=rng, max_windows=max_windows)
+
+    @torch.no_grad()
+    def predict_proba(self, seqs: Sequence[str], batch_tokens: int = 65536, device: str | torch.device | None = None) -> np.ndarray:
+        """lncRNA probability of each sequence, (len(seqs),). Batches are built by length."""
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        self.eval()
+        out = np.zeros(len(seqs), dtype=np.float64)
+        for idx, batch in iter_batches(self, seqs, batch_tokens):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = self(batch["input_ids"], batch["attention_mask"], batch["window_owner"], n=len(idx))
+            out[idx] = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        return out
+
+    # ---- persistence (safetensors + JSON; no pickle) ------------------------------------------
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+        """Write ``lncrna_config.json`` and ``model.safetensors`` (weights stored in ``dtype``)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.bert.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "NucleotideClassifier":
+        """Load a model written by :meth:`save_pretrained` (fp32 on ``device``)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: missing model file (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+        cfg = ModelConfig(**json.loads(cfg_path.read_text()))
+        model = cls(cfg)
+        state = {k: v.float() for k, v in load_file(str(w_path)).items()}
+        missing, unexpected = model.bert.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not m.endswith("position_ids")]
+        if missing or unexpected:
+            raise ValueError(f"{w_path}: weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model.to(device).eval()
+
+
+def iter_batches(model: NucleotideClassifier, seqs: Sequence[str], batch_tokens: int) -> Iterable[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Yield ``(indices, batch)`` over ``seqs`` sorted by length, at most ``batch_tokens`` padded tokens each."""
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    idx: list[int] = []
+    wins: list[list[np.ndarray]] = []
+    n_windows, max_len = 0, 0
+    for i in order:
+        w = model.encode(seqs[i])
+        new_max = max(max_len, max(len(x) for x in w))
+        if idx and (n_windows + len(w)) * new_max > batch_tokens:
+            yield np.array(idx), collate_windows(wins)
+            idx, wins, n_windows, new_max = [], [], 0, max(len(x) for x in w)
+        idx.append(int(i))
+        wins.append(w)
+        n_windows += len(w)
+        max_len = new_max
+    if idx:
+        yield np.array(idx), collate_windows(wins)
+
+
+def mlm_model(cfg: ModelConfig, vocab_size: int) -> BertForMaskedLM:
+    """The masked-language model whose encoder the classifier starts from."""
+    return BertForMaskedLM(cfg.bert_config(vocab_size))
+
+
+def classifier_from_mlm(cfg: ModelConfig, mlm: BertForMaskedLM) -> NucleotideClassifier:
+    """A classifier whose BERT encoder is copied from a pretrained MLM (head and pooler new)."""
+    model = NucleotideClassifier(cfg)
+    missing, unexpected = model.bert.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    return model

@@ -1,0 +1,275 @@
+"""Pretraining (masked-language model) and fine-tuning (lncRNA vs mRNA through AdapterCallback).
+
+Both are Lightning runs over :mod:`lncrna.data` splits; ``lncrna pretrain`` / ``lncrna train``
+(Hydra, ``conf/lncrna``) call :func:`pretrain` and :func:`finetune` with plain keyword arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import lightning_lora as ll
+
+from .model import (
+    ModelConfig,
+    NucleotideClassifier,
+    classifier_from_mlm,
+    collate_windows,
+    make_tokenizer,
+    mlm_model,
+)
+from .tokenization import KmerTokenizer
+
+
+# ---- masked-language pretraining ------------------------------------------------------------
+class MLMWindows(Dataset):
+    """One random window (``window_tokens`` with specials) of each sequence per epoch."""
+
+    def __init__(self, seqs: Sequence[str], cfg: ModelConfig, tokenizer: KmerTokenizer, seed: int = 0) -> None:
+        self.ids = [tokenizer.encode_ids(s) for s in seqs]
+        self.cfg, self.tok = cfg, tokenizer
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        ids, body = self.ids[i], self.cfg.window_tokens - 2
+        start = int(self.rng.integers(0, max(1, len(ids) - body + 1)))
+        return np.concatenate([[self.tok.cls_token_id], ids[start : start + body], [self.tok.sep_token_id]])
+
+
+def mask_spans(ids: torch.Tensor, attention: torch.Tensor, tok: KmerTokenizer, prob: float, span: int,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking on spans of ``span`` tokens (overlapping k-mers leak a lone masked token).
+
+    ``ids`` (B, T) -> ``(masked_ids, labels)`` with labels -100 where nothing is predicted;
+    of the chosen tokens 80% become [MASK], 10% a random k-mer, 10% stay.
+    """
+    special = ids < 6  # [PAD] [UNK] [CLS] [SEP] [MASK] [NKMER]
+    starts = torch.rand(ids.shape, generator=generator) < prob / span
+    chosen = starts.clone()
+    for s in range(1, span):
+        chosen[:, s:] |= starts[:, :-s]
+    chosen &= ~special & attention.bool()
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    r = torch.rand(ids.shape, generator=generator)
+    masked = ids.clone()
+    masked[chosen & (r < 0.8)] = tok.mask_token_id
+    rand_tok = torch.randint(6, len(tok), ids.shape, generator=generator)
+    swap = chosen & (r >= 0.8) & (r < 0.9)
+    masked[swap] = rand_tok[swap]
+    return masked, labels
+
+
+class MLMModule(pl.LightningModule):
+    def __init__(self, cfg: ModelConfig, lr: float = 1e-3, warmup: int = 500, total_steps: int = 10000,
+                 mask_prob: float = 0.15, span: int = 2) -> None:
+        super().__init__()
+        self.cfg, self.lr, self.warmup, self.total_steps = cfg, lr, warmup, total_steps
+        self.tok = make_tokenizer(cfg)
+        self.model = mlm_model(cfg, len(self.tok))
+        self.mask_prob, self.span = mask_prob, span
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        masked, labels = mask_spans(ids.cpu(), att.cpu(), self.tok, self.mask_prob, self.span)
+        out = self.model(input_ids=masked.to(ids.device), attention_mask=att, labels=labels.to(ids.device))
+        return out.loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch)
+        self.log("mlm_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_mlm_loss", self._step(batch), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, self.warmup, self.total_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _pad_collate(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    batch = collate_windows([[w] for w in windows])
+    batch.pop("window_owner")
+    return batch
+
+
+def pretrain(
+    out_dir: str | Path, *, cfg: ModelConfig | None = None, epochs: int = 10, batch_size: int = 256,
+    lr: float = 1e-3, max_minutes: float | None = None, trainer_kwargs: dict[str, Any] | None = None,
+    data_root: str | Path | None = None, seed: int = 0, init_dir: str | Path | None = None,
+) -> Path:
+    """MLM-pretrain a nucleotide BERT on the training split (never a test sequence).
+
+    ``init_dir`` continues from an earlier run's MLM (runs are resumable across GPU sessions).
+    Writes ``out_dir/mlm`` (transformers folder, fp16 weights: small enough to move) and returns it.
+    """
+    from .data import load_split
+
+    pl.seed_everything(seed)
+    cfg = cfg or ModelConfig()
+    kw = {"root": data_root} if data_root else {}
+    train, val = load_split("train", **kw), load_split("val", **kw)
+    tok = make_tokenizer(cfg)
+    train_ds, val_ds = MLMWindows(list(train.seq), cfg, tok, seed), MLMWindows(list(val.seq), cfg, tok, seed + 1)
+    steps = epochs * math.ceil(len(train_ds) / batch_size)
+    module = MLMModule(cfg, lr=lr, warmup=min(500, steps // 10), total_steps=steps)
+    if init_dir is not None:
+        from transformers import BertForMaskedLM
+
+        module.model = BertForMaskedLM.from_pretrained(init_dir).float()
+    trainer = pl.Trainer(
+        max_epochs=epochs, max_time={"minutes": max_minutes} if max_minutes else None, logger=False,
+        enable_checkpointing=False, **(trainer_kwargs or {}),
+    )
+    trainer.fit(
+        module,
+        DataLoader(train_ds, batch_size=batch_size, shuffle=True, collate_fn=_pad_collate, num_workers=2),
+        DataLoader(val_ds, batch_size=batch_size, collate_fn=_pad_collate),
+    )
+    path = Path(out_dir) / "mlm"
+    module.model.half().save_pretrained(path)
+    (path / "lncrna_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
+    (path / "pretrain_log.json").write_text(json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()}, indent=2))
+    return path
+
+
+# ---- fine-tuning --------------------------------------------------------------------------
+class TranscriptWindows(Dataset):
+    """Windows (up to ``train_windows`` random ones) and label of each transcript."""
+
+    def __init__(self, model: NucleotideClassifier, seqs: Sequence[str], labels: Sequence[int], train_windows: int | None, seed: int = 0) -> None:
+        self.ids = [model.tokenizer.encode_ids(s) for s in seqs]
+        self.labels = np.asarray(labels)
+        self.model, self.train_windows = model, train_windows
+        self.rng = np.random.default_rng(seed) if train_windows else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[list[np.ndarray], int]:
+        from .model import window_ids
+
+        tok = self.model.tokenizer
+        w = window_ids(self.ids[i], self.model.cfg, tok.cls_token_id, tok.sep_token_id, max_windows=self.train_windows, rng=self.rng)
+        return w, int(self.labels[i])
+
+
+def _transcript_collate(items: list[tuple[list[np.ndarray], int]]) -> dict[str, torch.Tensor]:
+    batch = collate_windows([w for w, _ in items])
+    batch["labels"] = torch.tensor([y for _, y in items], dtype=torch.long)
+    return batch
+
+
+class ClassifierModule(pl.LightningModule):
+    def __init__(self, model: NucleotideClassifier, lr: float = 1e-3, total_steps: int = 1000, warmup: int = 100) -> None:
+        super().__init__()
+        self.model, self.lr, self.total_steps, self.warmup = model, lr, total_steps, warmup
+        self.val_probs: list[torch.Tensor] = []
+        self.val_labels: list[torch.Tensor] = []
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch["input_ids"], batch["attention_mask"], batch["window_owner"], n=len(batch["labels"]))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = torch.nn.functional.cross_entropy(self(batch), batch["labels"])
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch)
+        self.val_probs.append(torch.softmax(logits.float(), 1)[:, 1].cpu())
+        self.val_labels.append(batch["labels"].cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.val_probs:
+            return
+        p, y = torch.cat(self.val_probs), torch.cat(self.val_labels)
+        self.log("val_accuracy", ((p > 0.5).long() == y).float().mean(), prog_bar=True)
+        self.val_probs.clear()
+        self.val_labels.clear()
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(ll.trainable_parameters(self), lr=self.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, self.warmup, self.total_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def select_training_rows(df, species: str):
+    """Rows of a split for a training-set choice: ``"mouse"`` (both classes from mouse) or ``"mixed"``."""
+    if species == "mouse":
+        return df[df.species == "mouse"]
+    if species == "mixed":
+        return df
+    raise ValueError(f"unknown training species {species!r}; expected 'mouse' or 'mixed'")
+
+
+def finetune(
+    out_dir: str | Path, *, mlm_dir: str | Path | None, cfg: ModelConfig | None = None, method: str = "lora",
+    adapter: dict[str, Any] | None = None, species: str = "mouse", epochs: int = 8, batch_size: int = 64,
+    lr: float = 1e-3, train_windows: int = 4, max_minutes: float | None = None,
+    trainer_kwargs: dict[str, Any] | None = None, data_root: str | Path | None = None, seed: int = 0,
+) -> NucleotideClassifier:
+    """Fine-tune the pretrained encoder for lncRNA vs mRNA with an adapter through AdapterCallback.
+
+    The classifier head and pooler train in full (``modules_to_save``); the encoder gets the
+    adapter; at the end the adapter is merged so the saved model is a plain BERT (no inference cost).
+    Writes ``out_dir/classifier`` and ``out_dir/adapter`` (the adapter alone, PEFT format for LoRA).
+    """
+    from transformers import BertForMaskedLM
+
+    from .data import load_split
+
+    pl.seed_everything(seed)
+    if mlm_dir is not None:
+        cfg = ModelConfig(**json.loads((Path(mlm_dir) / "lncrna_config.json").read_text()))
+        model = classifier_from_mlm(cfg, BertForMaskedLM.from_pretrained(mlm_dir).float())
+    else:
+        cfg = cfg or ModelConfig()
+        model = NucleotideClassifier(cfg)
+    kw = {"root": data_root} if data_root else {}
+    train = select_training_rows(load_split("train", **kw), species)
+    val = load_split("val", **kw)
+    train_ds = TranscriptWindows(model, list(train.seq), list(train.label), train_windows, seed)
+    val_ds = TranscriptWindows(model, list(val.seq), list(val.label), None)
+    steps = epochs * math.ceil(len(train_ds) / batch_size)
+    module = ClassifierModule(model, lr=lr, total_steps=steps, warmup=max(1, steps // 20))
+    adapter_kwargs = {"target_modules": ["query", "key", "value", "dense"], "modules_to_save": ["classifier", "pooler"],
+                      **(adapter or {})}
+    if method == "full":
+        callbacks = []
+    else:
+        callbacks = [ll.AdapterCallback(method, target="model.bert", export_dir=Path(out_dir) / "adapter", **adapter_kwargs)]
+    trainer = pl.Trainer(
+        max_epochs=epochs, max_time={"minutes": max_minutes} if max_minutes else None, logger=False,
+        enable_checkpointing=False, callbacks=callbacks, **(trainer_kwargs or {}),
+    )
+    t0 = time.time()
+    trainer.fit(
+        module,
+        DataLoader(train_ds, batch_size=batch_size, shuffle=True, collate_fn=_transcript_collate, num_workers=2),
+        DataLoader(val_ds, batch_size=batch_size, collate_fn=_transcript_collate),
+    )
+    model.train_seconds = time.time() - t0  # type: ignore[attr-defined]
+    if method != "full":
+        ll.unload(model.bert, merge=True)
+    model.save_pretrained(Path(out_dir) / "classifier")
+    return model.eval()
