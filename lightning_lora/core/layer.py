@@ -50,6 +50,9 @@ class AdapterLayer(nn.Module):
         self.disabled = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
+        # a new nn.Module starts in train mode; follow the wrapped layer so injecting into an
+        # eval-mode model does not switch adapter dropout on
+        self.train(base_layer.training)
         self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
 
     # ---- what subclasses provide -------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""Shared test configuration: ``--runslow``, the ``slow`` / ``gpu`` markers, tiny random models.
+
+Every model here is built from a config with random weights: no downloads, a few milliseconds each.
+Dropout inside the base models is off so comparisons (fp32 vs bf16, ours vs PEFT) are deterministic;
+adapter dropout is tested on its own.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# pytest puts tests/ first on sys.path (rootdir conftest, no __init__.py); tests/lightning_lora would
+# then shadow the editable-installed package as an empty namespace package under plain `pytest`.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long-running test, skipped unless --runslow")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_slow = pytest.mark.skip(reason="slow test: pass --runslow to run it")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    run_slow = config.getoption("--runslow")
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+# ---- tiny models ------------------------------------------------------------------------------
+VOCAB = 96
+
+
+def tiny_bert_config(num_labels: int = 2):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
+
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0,
+    )
+
+
+def tiny_gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+    )
+
+
+def build_tiny_bert(seed: int = 0, classifier: bool = False) -> nn.Module:
+    """``BertModel`` (or ``BertForSequenceClassification``), hidden 32, 2 layers, eval mode."""
+    from transformers import BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    cls = BertForSequenceClassification if classifier else BertModel
+    return cls(tiny_bert_config()).eval()
+
+
+def build_tiny_llama(seed: int = 0) -> nn.Module:
+    """``LlamaForCausalLM``, hidden 32, 2 layers, GQA (4 heads, 2 KV heads), eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+def build_tiny_gpt2(seed: int = 0) -> nn.Module:
+    """``GPT2LMHeadModel`` (attention and MLP are transformers ``Conv1D``), hidden 32, 2 layers, eval mode."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(tiny_gpt2_config()).eval()
+
+
+class LinearStack(nn.Module):
+    """Plain PyTorch: 48 -> 32 -> 48 -> 32 Linear layers (m = 32, n = 48 and the transpose shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(48, 32)
+        self.fc2 = nn.Linear(32, 48)
+        self.fc3 = nn.Linear(48, 32, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def build_linear_stack(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return LinearStack().eval()
+
+
+@pytest.fixture
+def tiny_bert() -> nn.Module:
+    return build_tiny_bert()
+
+
+@pytest.fixture
+def tiny_llama() -> nn.Module:
+    return build_tiny_llama()
+
+
+@pytest.fixture
+def tiny_gpt2() -> nn.Module:
+    return build_tiny_gpt2()
+
+
+@pytest.fixture
+def linear_stack() -> nn.Module:
+    return build_linear_stack()
+
+
+@pytest.fixture
+def model_builders() -> dict:
+    """Name -> ``builder(seed=0)``; tests that need fresh identical copies call a builder twice."""
+    return {
+        "linear": build_linear_stack,
+        "bert": build_tiny_bert,
+        "bert_cls": lambda seed=0: build_tiny_bert(seed, classifier=True),
+        "llama": build_tiny_llama,
+        "gpt2": build_tiny_gpt2,
+    }

@@ -1,0 +1,372 @@
+"""The shared invariants S1-S6 of METHODS.md, run for EVERY registered method.
+
+The suite is parametrised over ``lightning_lora.available_methods()``: a method registered later
+joins automatically, and fails until it declares its test configs and invariants in ``SPECS``
+below (one entry per method: config variants, S1 promise, trainable set, parameter-count formula).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_lora as ll
+
+
+# ---- per-method declarations -----------------------------------------------------------------
+@dataclass
+class MethodSpec:
+    """What a method promises; every registered method needs one.
+
+    Attributes:
+        variants: variant name -> config kwargs (targeting is added per test model).
+        trainable: kwargs -> local names of the parameters that train in one adapter layer.
+        param_count: ``(m, n, kwargs)`` -> trainable parameters of one adapted m×n (out×in) matrix.
+        s1: ``"exact"`` (bit-exact fp32 at init), a float tolerance (max abs error, relative to the
+            output scale), or None when output == base is not promised (then ``s1_documented``, if
+            given, checks the documented value: ``(base_model, adapted_model, inputs) -> None``).
+        models: test models this method runs on (names of ``MODELS``).
+        perturb: makes the adapter non-trivial before S2/S4/S5 checks; default adds noise to
+            zero-initialised trainable tensors and jitters the others multiplicatively.
+        can_merge: False for methods whose ``merge()`` must raise (input-dependent updates).
+        bf16_rtol: relative error bound of bf16 vs fp32 (outputs and adapter grads).
+    """
+
+    variants: dict[str, dict[str, Any]]
+    trainable: Callable[[dict[str, Any]], set[str]]
+    param_count: Callable[[int, int, dict[str, Any]], int]
+    s1: str | float | None = "exact"
+    s1_documented: Callable[..., None] | None = None
+    models: tuple[str, ...] = ("linear", "bert", "gpt2")
+    perturb: Callable[[nn.Module], None] | None = None
+    can_merge: bool = True
+    bf16_rtol: float = 2e-2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _lora_trainable(kw: dict[str, Any]) -> set[str]:
+    return {"lora_A", "lora_B"} | ({"lora_magnitude"} if kw.get("use_dora") else set())
+
+
+def _lora_count(m: int, n: int, kw: dict[str, Any]) -> int:
+    r = kw.get("r", 8)
+    return r * (m + n) + (m if kw.get("use_dora") else 0)
+
+
+SPECS: dict[str, MethodSpec] = {
+    "lora": MethodSpec(
+        variants={
+            "plain": dict(r=4, alpha=8),
+            "unfused": dict(r=4, alpha=8, fused=False),
+            "rslora": dict(r=4, alpha=8, use_rslora=True),
+            "gaussian": dict(r=4, alpha=4, init="gaussian"),
+            "dora": dict(r=4, alpha=8, use_dora=True),
+            "dora_unfused_rslora": dict(r=2, alpha=4, use_dora=True, use_rslora=True, fused=False),
+            "dropout": dict(r=4, alpha=8, dropout=0.25),
+            "dropout_unfused": dict(r=4, alpha=8, dropout=0.25, fused=False),
+        },
+        trainable=_lora_trainable,
+        param_count=_lora_count,
+        s1="exact",
+    ),
+}
+
+# which modules each test model adapts (names use PEFT's suffix rule)
+MODELS: dict[str, list[str]] = {
+    "linear": ["fc1", "fc2", "fc3"],
+    "bert": ["query", "value", "intermediate.dense"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+}
+
+
+def _cases() -> list[Any]:
+    cases = []
+    for method in ll.available_methods():
+        spec = SPECS.get(method)
+        if spec is None:  # no declaration: keep one case so every invariant test fails loudly
+            cases.append(pytest.param(method, None, None, "linear", id=f"{method}-UNDECLARED"))
+            continue
+        for vname, kw in spec.variants.items():
+            for model in spec.models:
+                cases.append(pytest.param(method, vname, kw, model, id=f"{method}-{vname}-{model}"))
+    return cases
+
+
+CASES = _cases()
+
+
+def _spec(method: str) -> MethodSpec:
+    spec = SPECS.get(method)
+    if spec is None:
+        pytest.fail(
+            f"method {method!r} is registered but declares no invariants: add an entry to SPECS in "
+            f"{__file__} (variants, S1 promise, trainable set, parameter-count formula)"
+        )
+    return spec
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def make_inputs(model: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if model == "linear":
+        return {"x": torch.randn(3, 5, 48, generator=g)}
+    ids = torch.randint(0, 96, (2, 7), generator=g)
+    if model == "bert":
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, -2:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids}
+
+
+def out_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs)
+    if torch.is_tensor(out):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def build(model_builders, model: str, seed: int = 0) -> nn.Module:
+    return model_builders[model](seed)
+
+
+def adapt(model_builders, method: str, kw: dict[str, Any], model: str, seed: int = 0):
+    m = build(model_builders, model, seed)
+    layers = ll.inject_adapter(m, method, dict(kw), target_modules=MODELS[model])
+    return m, layers
+
+
+@torch.no_grad()
+def default_perturb(model: nn.Module, seed: int = 123) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in ll.trainable_parameters(model):
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+        if bool((p == 0).all()):
+            p.add_(0.1 * noise)
+        else:
+            p.mul_(1 + 0.1 * noise)
+
+
+def perturb(spec: MethodSpec, model: nn.Module) -> None:
+    (spec.perturb or default_perturb)(model)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def probe_loss(y: torch.Tensor, seed: int = 7) -> torch.Tensor:
+    """A fixed random linear read-out of ``y``: unlike ``mean(y**2)`` it does not cancel after LayerNorm."""
+    g = torch.Generator().manual_seed(seed)
+    return (y.float() * torch.randn(y.shape, generator=g)).sum() / y.numel() ** 0.5
+
+
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def test_cases_cover_every_method():
+    """The suite really contains a case for each registered method."""
+    assert {c.values[0] for c in CASES} == set(ll.available_methods())
+
+
+@pytest.mark.parametrize("method", ll.available_methods())
+def test_method_declares_invariants(method):
+    spec = _spec(method)
+    assert spec.variants, f"{method}: SPECS entry has no config variants"
+
+
+# ---- S1 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,variant,kw,model", CASES)
+def test_s1_output_equals_base_at_init(model_builders, method, variant, kw, model):
+    spec = _spec(method)
+    base = build(model_builders, model)
+    adapted, layers = adapt(model_builders, method, kw, model)
+    assert layers, "nothing was adapted"
+    x = make_inputs(model)
+    with torch.no_grad():
+        y0, y = out_of(base, x), out_of(adapted, x)
+    if spec.s1 == "exact":
+        assert torch.equal(y, y0), f"max abs diff {(y - y0).abs().max().item():.3g}"
+    elif isinstance(spec.s1, float):
+        torch.testing.assert_close(y, y0, atol=spec.s1 * y0.abs().max().item(), rtol=0)
+    elif spec.s1_documented is not None:
+        spec.s1_documented(base, adapted, x)
+    else:
+        pytest.skip(f"{method}: output == base at init is not promised")
+
+
+# ---- S2 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,variant,kw,model", CASES)
+def test_s2_merge_unmerge_round_trip(model_builders, method, variant, kw, model):
+    spec = _spec(method)
+    adapted, layers = adapt(model_builders, method, kw, model)
+    perturb(spec, adapted)
+    x = make_inputs(model)
+    w0 = base_weights(adapted)
+    with torch.no_grad():
+        y_base = out_of(adapted, x)  # not equal to the base: the adapter was perturbed
+        with ll.disable_adapter(adapted):
+            y_plain = out_of(adapted, x)
+    assert not torch.allclose(y_base, y_plain), "perturbation did not change the output; test is vacuous"
+    if not spec.can_merge:
+        with pytest.raises(RuntimeError):
+            ll.merge_adapter(adapted)
+        return
+    ll.merge_adapter(adapted)
+    assert all(layer.merged for layer in layers.values())
+    with torch.no_grad():
+        y_merged = out_of(adapted, x)
+    scale = y_base.abs().max().item()
+    torch.testing.assert_close(y_merged, y_base, atol=1e-5 * scale, rtol=0)
+    changed = [n for n, w in base_weights(adapted).items() if not torch.equal(w, w0[n])]
+    assert changed, "merge did not write into any base weight"
+    with pytest.raises(RuntimeError):
+        ll.merge_adapter(adapted)
+    ll.unmerge_adapter(adapted)
+    assert not any(layer.merged for layer in layers.values())
+    for n, w in base_weights(adapted).items():
+        torch.testing.assert_close(w, w0[n], atol=1e-6, rtol=0, msg=lambda m, n=n: f"{n}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(out_of(adapted, x), y_base, atol=1e-5 * scale, rtol=0)
+    with pytest.raises(RuntimeError):
+        ll.unmerge_adapter(adapted)
+
+
+# ---- S3 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,variant,kw,model", CASES)
+def test_s3_only_adapter_params_train(model_builders, method, variant, kw, model):
+    spec = _spec(method)
+    adapted, layers = adapt(model_builders, method, kw, model)
+    perturb(spec, adapted)
+    adapted.train()
+    expected = {f"{name}.{p}" for name in layers for p in spec.trainable(kw)}
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable == expected
+    by_id = {id(p) for p in ll.trainable_parameters(adapted)}
+    assert by_id == {id(p) for n, p in adapted.named_parameters() if n in expected}
+    probe_loss(out_of(adapted, make_inputs(model))).backward()
+    for n, p in adapted.named_parameters():
+        if n in expected:
+            assert p.grad is not None, f"adapter parameter {n} got no gradient"
+            assert torch.isfinite(p.grad).all()
+        else:
+            assert not p.requires_grad and p.grad is None, f"frozen parameter {n} got a gradient"
+    assert any(bool(p.grad.abs().sum() > 0) for n, p in adapted.named_parameters() if n in expected)
+
+
+# ---- S4 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,variant,kw,model", CASES)
+def test_s4_save_load_round_trip(model_builders, method, variant, kw, model, tmp_path):
+    spec = _spec(method)
+    adapted, _ = adapt(model_builders, method, kw, model)
+    perturb(spec, adapted)
+    x = make_inputs(model)
+    with torch.no_grad():
+        y = out_of(adapted, x)
+    ll.save_adapter(adapted, tmp_path / "adapter")
+    fresh = build(model_builders, model)
+    with torch.no_grad():
+        y_fresh_base = out_of(fresh, x)
+    assert not torch.equal(y, y_fresh_base)
+    ll.load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        y2 = out_of(fresh, x)
+    assert torch.equal(y2, y), f"max abs diff {(y2 - y).abs().max().item():.3g}"
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
+        n for n, p in adapted.named_parameters() if p.requires_grad
+    }
+    sd_a, sd_b = ll.adapter_state_dict(adapted), ll.adapter_state_dict(fresh)
+    assert sd_a.keys() == sd_b.keys()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+# ---- S5 --------------------------------------------------------------------------------------
+def _bf16_run(model: nn.Module, x: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
+    if mode == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return out_of(model, x)
+    model.to(torch.bfloat16)
+    x = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in x.items()}
+    return out_of(model, x)
+
+
+@pytest.mark.parametrize("mode", ["autocast", "cast"])
+@pytest.mark.parametrize("method,variant,kw,model", CASES)
+def test_s5_bf16_finite_and_close(model_builders, method, variant, kw, model, mode):
+    spec = _spec(method)
+    adapted, _ = adapt(model_builders, method, kw, model)
+    perturb(spec, adapted)
+    x = make_inputs(model)
+    names = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    y32 = out_of(adapted, x)
+    probe_loss(y32).backward()
+    g32 = {n: p.grad.clone() for n, p in adapted.named_parameters() if p.requires_grad}
+    adapted.zero_grad(set_to_none=True)
+
+    layer_dtypes: list[torch.dtype] = []
+    hooks = [
+        layer.register_forward_hook(lambda mod, args, out: layer_dtypes.append(out.dtype))
+        for layer in ll.adapter_layers(adapted).values()
+    ]
+    y16 = _bf16_run(adapted, x, mode)
+    for h in hooks:
+        h.remove()
+    assert layer_dtypes and set(layer_dtypes) == {torch.bfloat16}, f"adapter layers returned {set(layer_dtypes)}"
+    loss = probe_loss(y16)
+    loss.backward()
+    assert torch.isfinite(y16).all() and torch.isfinite(loss)
+    assert rel_err(y16, y32) <= spec.bf16_rtol, f"output rel err {rel_err(y16, y32):.3g}"
+    params = dict(adapted.named_parameters())
+    for n in names:
+        g = params[n].grad
+        assert g is not None and torch.isfinite(g).all(), n
+        if g32[n].norm() > 0:
+            # gradients accumulate more rounding than outputs; bound them at 3x the output tolerance
+            assert rel_err(g, g32[n]) <= 3 * spec.bf16_rtol, f"{n}: grad rel err {rel_err(g, g32[n]):.3g}"
+
+
+@pytest.mark.parametrize("method,variant,kw,model", CASES)
+def test_s5_disable_is_reversible(model_builders, method, variant, kw, model):
+    spec = _spec(method)
+    base = build(model_builders, model)
+    adapted, layers = adapt(model_builders, method, kw, model)
+    perturb(spec, adapted)
+    x = make_inputs(model)
+    with torch.no_grad():
+        y0 = out_of(base, x)
+        y = out_of(adapted, x)
+        assert not torch.equal(y, y0)
+        with ll.disable_adapter(adapted):
+            assert all(layer.disabled for layer in layers.values())
+            assert torch.equal(out_of(adapted, x), y0)
+        assert torch.equal(out_of(adapted, x), y)
+        ll.set_adapter_enabled(adapted, False)
+        assert torch.equal(out_of(adapted, x), y0)
+        ll.set_adapter_enabled(adapted, True)
+        assert torch.equal(out_of(adapted, x), y)
+
+
+# ---- S6 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,variant,kw,model", CASES)
+def test_s6_parameter_count_formula(model_builders, method, variant, kw, model):
+    spec = _spec(method)
+    adapted, layers = adapt(model_builders, method, kw, model)
+    expected = sum(spec.param_count(layer.out_features, layer.in_features, kw) for layer in layers.values())
+    actual = sum(p.numel() for p in ll.trainable_parameters(adapted))
+    assert actual == expected
+    base_total = sum(p.numel() for p in build(model_builders, model).parameters())
+    assert sum(p.numel() for p in adapted.parameters()) == base_total + actual
+
+
+def test_spec_count_formulas_are_not_trivial():
+    """Guards the S6 formulas themselves against typos (METHODS.md §1: r(m+n), DoRA r(m+n)+m)."""
+    assert _lora_count(32, 48, {"r": 8}) == 8 * 80
+    assert _lora_count(32, 48, {"r": 8, "use_dora": True}) == 8 * 80 + 32
+    assert math.isclose(SPECS["lora"].param_count(4096, 4096, {"r": 128}), 1_048_576)
