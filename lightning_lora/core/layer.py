@@ -8,6 +8,7 @@ nothing; unmerging subtracts it again.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -17,6 +18,14 @@ from torch import nn
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers' Conv1D (GPT-2 style): weight stored as (in_features, out_features).
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Switch autocast off on ``device``: merges and row norms must run in fp32 even inside an
+    autocast region (a bf16 ``B @ A`` there would make merged weights and DoRA norms inexact)."""
+    if torch.amp.autocast_mode.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. the meta device
 
 
 def linear_shape(base: nn.Module) -> tuple[int, int, bool]:
@@ -84,7 +93,8 @@ class AdapterLayer(nn.Module):
         if self.merged:
             raise RuntimeError("adapter is already merged; call unmerge() first")
         w = self.base_weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        with no_autocast(w.device):
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -93,7 +103,8 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             raise RuntimeError("adapter is not merged")
         w = self.base_weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        with no_autocast(w.device):
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False
 
     def enable_adapter(self) -> None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import AdapterConfig, Method, register
-from ..core.layer import AdapterLayer
+from ..core.layer import AdapterLayer, no_autocast
 
 
 @dataclass
@@ -166,9 +166,14 @@ class LoRALinear(AdapterLayer):
         self._cast_key: tuple[Any, ...] | None = None
         self._casts: tuple[torch.Tensor, ...] = ()
 
+    def _scaled_ba(self) -> torch.Tensor:
+        """``s·B A`` in fp32, shape (out, in), also inside an autocast region."""
+        with no_autocast(self.lora_A.device):
+            return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
     def delta_weight(self) -> torch.Tensor:
         """``s·B A`` in fp32, shape (out, in). For DoRA: ``W' − W0``."""
-        dw = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        dw = self._scaled_ba()
         if not self.use_dora:
             return dw
         w0 = self.base_weight.float()
@@ -224,7 +229,7 @@ class LoRALinear(AdapterLayer):
             return base_out + self.scaling * lora_out
         # DoRA: y = W0x + (m/ν − 1)⊙(W0x) + (m/ν)⊙(s·BAx) + b, ν = ‖W0 + sBA‖_row
         w0 = self.base_weight.float()
-        norm = (w0 + self.scaling * (self.lora_B.float() @ self.lora_A.float())).norm(dim=1)
+        norm = (w0 + self._scaled_ba()).norm(dim=1)  # fp32 row norm, also under autocast
         if self.dora_detach_norm:
             norm = norm.detach()
         mag_scale = (self.lora_magnitude.float() / norm).to(dtype)
@@ -237,7 +242,7 @@ class LoRALinear(AdapterLayer):
         if self.use_dora and not self.merged:
             # cache ν so unmerge can recover W0 exactly: W0 = W'·ν/m − sBA
             w0 = self.base_weight.float()
-            self._merged_norm = (w0 + self.scaling * (self.lora_B.float() @ self.lora_A.float())).norm(dim=1, keepdim=True)
+            self._merged_norm = (w0 + self._scaled_ba()).norm(dim=1, keepdim=True)
         super().merge()
 
     @torch.no_grad()
@@ -248,7 +253,7 @@ class LoRALinear(AdapterLayer):
             raise RuntimeError("adapter is not merged")
         w = self.base_weight
         assert self._merged_norm is not None
-        dw = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        dw = self._scaled_ba()
         w0 = w.float() * self._merged_norm / self.lora_magnitude.float().unsqueeze(1) - dw
         w.copy_(w0.to(w.dtype))
         self._merged_norm = None
