@@ -199,8 +199,10 @@ class LoRALinear(AdapterLayer):
     def _adapter_casts(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """``(s·A, A, s·B, B)`` in ``dtype``, recomputed only when A or B changed (optimizer step)."""
         A, B = self.lora_A, self.lora_B
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype, self.scaling)
-        if key != self._cast_key:
+        # parameters created under torch.inference_mode() have no version counter: no caching then
+        cacheable = not (A.is_inference() or B.is_inference())
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype, self.scaling) if cacheable else None
+        if key is None or key != self._cast_key:
             with torch.no_grad():
                 Ac, Bc = A.detach().to(dtype), B.detach().to(dtype)
                 if self.scaling == 1.0:

@@ -245,3 +245,35 @@ def test_worked_parameter_counts_on_meta_models(name, hidden, ffn, kv_heads, tar
     ll.inject_adapter(dora, "lora", r=r, use_dora=True, target_modules=targets)
     assert sum(p.numel() for p in ll.trainable_parameters(dora)) == expected + extra
 
+
+def test_model_built_under_inference_mode_runs():
+    """Parameters created under inference_mode have no version counter (the fused path's cast cache
+    keys on it); such a model must still run, e.g. in a prediction script."""
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(8, 6))
+        ll.inject_adapter(model, "lora", r=2, target_modules=["0"])
+        torch.nn.init.normal_(model[0].lora_B)
+        x = torch.randn(3, 8)
+        y = model(x)
+        torch.testing.assert_close(y, model[0].reference_forward(x), atol=1e-6, rtol=1e-6)
+        torch.nn.init.normal_(model[0].lora_B)  # changed weights must be seen (no stale cache)
+        torch.testing.assert_close(model(x), model[0].reference_forward(x), atol=1e-6, rtol=1e-6)
+
+
+def test_cast_cache_follows_parameter_updates():
+    """The fused path caches casts of A, B; an optimizer step or load must invalidate it."""
+    layer = _layer(r=2, alpha=4)
+    x = torch.randn(4, 48)
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.5)
+    for _ in range(2):
+        for ac in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+                y, y_ref = layer(x), layer.reference_forward(x)
+            tol = 2e-2 if ac else 1e-5
+            torch.testing.assert_close(y.float(), y_ref.float(), atol=tol * y_ref.abs().max().item(), rtol=0)
+        layer(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn_like(layer.lora_B))
+    torch.testing.assert_close(layer(x), layer.reference_forward(x), atol=1e-5, rtol=1e-5)
