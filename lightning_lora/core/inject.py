@@ -110,8 +110,7 @@ def inject_adapter(
     cfg = method_obj.config
     names = find_targets(model, cfg)
     supported = method_obj.supported_types
-    layers: dict[str, AdapterLayer] = {}
-    for name in names:
+    for name in names:  # check every target before touching the model
         base = model.get_submodule(name)
         linear_ok = _is_conv1d(base) and nn.Linear in supported  # Conv1D is a transposed Linear
         if supported and not isinstance(base, supported) and not linear_ok:
@@ -119,9 +118,20 @@ def inject_adapter(
                 f"method {cfg.method!r} cannot adapt module {name!r} of type {type(base).__name__}; "
                 f"supported: {[t.__name__ for t in supported]}"
             )
-        layer = method_obj.make_layer(base, name)
-        _set_submodule(model, name, layer)
-        layers[name] = layer
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    layers: dict[str, AdapterLayer] = {}
+    try:
+        for name in names:
+            layer = method_obj.make_layer(model.get_submodule(name), name)
+            _set_submodule(model, name, layer)
+            layers[name] = layer
+    except BaseException:
+        # a layer that cannot be built (shape constraint, ...) leaves the model as it was
+        for name, layer in layers.items():
+            _set_submodule(model, name, layer.base_layer)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        raise
     object.__setattr__(model, _METHOD_ATTR, method_obj)
     _mark_trainable(model, cfg)
     return layers

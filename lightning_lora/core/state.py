@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import AdapterConfig, available_methods, get_method, make_config
-from .inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter
+from .inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, unload
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -148,22 +148,40 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], strict: bo
     """Inject (if needed) and load a saved adapter into ``model``; returns ``model``.
 
     Keys are checked: with ``strict`` a tensor missing from the file, an unexpected tensor or a
-    shape mismatch raises :class:`AdapterFormatError` naming the file and the keys.
+    shape mismatch raises :class:`AdapterFormatError` naming the file and the keys. Everything is
+    checked before any tensor is copied; when the check fails, an adapter injected by this call is
+    removed again, so a failed load leaves ``model`` as it was.
     """
     directory = Path(directory)
     name, cfg, metadata = read_adapter_config(directory)
+    weights = directory / WEIGHTS_NAME
     existing = get_adapter_method(model)
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
     if existing is None:
         method = get_method(name)(cfg)
         restore = getattr(method, "restore_layer_metadata", None)
         if callable(restore) and "lightning_lora_layer_metadata" in metadata:
             restore(json.loads(metadata["lightning_lora_layer_metadata"]))
-        inject_adapter(model, method)
+        try:
+            inject_adapter(model, method)
+        except (ValueError, TypeError) as exc:  # targets absent from / unsupported in this model
+            raise AdapterFormatError(f"{weights}: adapter does not fit this model: {exc}") from exc
     elif existing.config.method != name:
         raise AdapterFormatError(
             f"{directory}: adapter is {name!r} but the model already carries {existing.config.method!r}"
         )
-    weights = directory / WEIGHTS_NAME
+    try:
+        _copy_adapter_tensors(model, weights, strict)
+    except AdapterFormatError:
+        if existing is None:  # undo our own injection
+            unload(model)
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+        raise
+    return model
+
+
+def _copy_adapter_tensors(model: nn.Module, weights: Path, strict: bool) -> None:
     file_to_model = _from_file_keys(model)
     with safe_open(str(weights), framework="pt") as f:
         file_keys = set(f.keys())
@@ -175,14 +193,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], strict: bo
                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
         state = model.state_dict(keep_vars=True)
+        common = sorted(file_keys & set(file_to_model))
+        for fkey in common:  # every shape first, so a mismatch copies nothing
+            src_shape = tuple(f.get_slice(fkey).get_shape())
+            dst_shape = tuple(state[file_to_model[fkey]].shape)
+            if src_shape != dst_shape:
+                raise AdapterFormatError(
+                    f"{weights}: tensor {fkey} has shape {src_shape}, the model expects {dst_shape}"
+                )
         with torch.no_grad():
-            for fkey in sorted(file_keys & set(file_to_model)):
-                mkey = file_to_model[fkey]
-                src = f.get_tensor(fkey)
-                dst = state[mkey]
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise AdapterFormatError(
-                        f"{weights}: tensor {fkey} has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)}"
-                    )
-                dst.copy_(src.to(dst.dtype))
-    return model
+            for fkey in common:
+                dst = state[file_to_model[fkey]]
+                dst.copy_(f.get_tensor(fkey).to(dst.dtype))
