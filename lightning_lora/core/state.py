@@ -140,7 +140,10 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> tuple[str, Adapter
     for name in available_methods():
         cls = get_method(name)
         if getattr(cls, "peft_type", None) == peft_type and hasattr(cls, "from_peft_config"):
-            return name, cls.from_peft_config(peft_cfg), metadata
+            try:
+                return name, cls.from_peft_config(peft_cfg), metadata
+            except (ValueError, TypeError, KeyError) as exc:  # options this library does not support
+                raise AdapterFormatError(f"{cfg_path}: {exc}") from exc
     raise AdapterFormatError(f"{cfg_path}: PEFT type {peft_type or '(none)'} is not supported by lightning_lora")
 
 

@@ -306,6 +306,9 @@ class LoRA(Method):
             raise ValueError("PEFT adapters with rank_pattern/alpha_pattern are not supported yet")
         if cfg.get("layers_to_transform") is not None:
             raise ValueError("PEFT adapters with layers_to_transform are not supported yet")
+        exclude = cfg.get("exclude_modules") or []
+        if isinstance(exclude, str):
+            raise ValueError("PEFT adapters with a regex exclude_modules are not supported yet")
         init = cfg.get("init_lora_weights", True)
         return LoRAConfig(
             r=int(cfg["r"]),
@@ -315,6 +318,7 @@ class LoRA(Method):
             use_dora=bool(cfg.get("use_dora", False)),
             init="gaussian" if init == "gaussian" else "kaiming",
             target_modules=cfg.get("target_modules"),
+            exclude_modules=list(exclude),
             modules_to_save=list(cfg.get("modules_to_save") or []),
             bias=cfg.get("bias", "none"),
         )
