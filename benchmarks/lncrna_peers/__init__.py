@@ -1,0 +1,1 @@
+"""Benchmark lncRNA predictors against peer tools (CPAT, CPC2); see README.md."""
