@@ -57,8 +57,8 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=8)
     ap.add_argument("--finetune-minutes", type=float, default=2.0)
     ap.add_argument("--species", nargs="+", default=["mouse", "mixed"])
-    ap.add_argument("--method", default="lora")
-    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--variants", nargs="+", default=["lora:16"],
+                    help="fine-tuning variants, each METHOD:RANK or 'full'; species x variants are all run")
     ap.add_argument("--smoke", action="store_true", help="tiny model, data slices, CPU: checks the script only")
     args = ap.parse_args()
     global DEVICE, load_split
@@ -88,22 +88,29 @@ def main() -> None:
     val_mouse = val[val.species == "mouse"]
     tests = {"test_human": load_split("test_human"), "test_mouse": load_split("test_mouse")}
     models = {}
+    val_probs = {}
     for species in args.species:
-        t1 = time.time()
-        model = finetune(out / f"ft_{species}", mlm_dir=mlm, method=args.method, adapter={"r": args.r, "alpha": 2 * args.r},
-                         species=species, epochs=args.finetune_epochs, max_minutes=args.finetune_minutes, trainer_kwargs=tk)
-        metrics[f"{species}_finetune_seconds"] = time.time() - t1
-        model = model.to(DEVICE)
-        evaluate(model, "val", val, metrics, f"{species}_")
-        evaluate(model, "val_mouse", val_mouse, metrics, f"{species}_")
-        models[species] = model
+        for variant in args.variants:
+            key = species if len(args.variants) == 1 else f"{species}_{variant.replace(':', '')}"
+            method, _, rank = variant.partition(":")
+            adapter = {"r": int(rank), "alpha": 2 * int(rank)} if rank else None
+            t1 = time.time()
+            lr = 3e-4 if method == "full" else 1e-3
+            model = finetune(out / f"ft_{key}", mlm_dir=mlm, method=method, adapter=adapter, species=species, lr=lr,
+                             epochs=args.finetune_epochs, max_minutes=args.finetune_minutes, trainer_kwargs=tk)
+            metrics[f"{key}_finetune_seconds"] = time.time() - t1
+            model = model.to(DEVICE)
+            val_probs[key] = evaluate(model, "val", val, metrics, f"{key}_")
+            evaluate(model, "val_mouse", val_mouse, metrics, f"{key}_")
+            models[key] = model
     chosen = max(models, key=lambda s: metrics[f"{s}_val_mouse_mcc"])
-    metrics["chosen_is_mouse_only"] = float(chosen == "mouse")
+    metrics["chosen_is_mouse_only"] = float(chosen.startswith("mouse"))
     print("chosen on validation:", chosen, flush=True)
     model = models[chosen]
+    probs = {f"val_{k}": v for k, v in val_probs.items()}
     for name, df in tests.items():
-        evaluate(model, name, df, metrics, "")
-        np.save(out / f"{name}_prob.npy", model.predict_proba(list(df.seq), device=DEVICE))
+        probs[name] = evaluate(model, name, df, metrics, "")
+    np.savez(out / "probs.npz", **probs)  # for the stacker, fitted on validation only (lncrna/stack.py)
     for species in models:
         if species != chosen:
             for name, df in tests.items():  # reported for the species-shortcut table, not used to choose
@@ -114,6 +121,7 @@ def main() -> None:
         evaluate(model, name, df, metrics, "first_window_")
     model.cfg.pool = "max"
     model.save_pretrained(out / "classifier")
+    metrics = {k: v for k, v in metrics.items() if not k.endswith(("_tp", "_fp", "_tn", "_fn", "_threshold", "_n", "_n_pos"))}
     result = {
         "name": "lncrna_gpu_run",
         "command": "python benchmarks/lncrna_gpu_run.py " + " ".join(sys.argv[1:]),
