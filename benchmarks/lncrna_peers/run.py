@@ -288,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ours is not None:
         predictors[""] = ours
     command = "python -m benchmarks.lncrna_peers.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if os.environ.get("LNCRNA_PEER_BIN") and {"cpat", "cpc2"} - skip:
+        command = f"LNCRNA_PEER_BIN={shlex.quote(os.environ['LNCRNA_PEER_BIN'])} " + command
     for key in (["human", "mouse"] if args.test == "both" else [args.test]):
         metrics = evaluate(key, predictors, log=lambda s: print(s, file=sys.stderr, flush=True))
         name = TESTS[key]["final_name"] if ours is not None else TESTS[key]["peers_name"]
