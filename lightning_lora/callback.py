@@ -109,6 +109,7 @@ class AdapterCallback(pl.Callback):
         existing = get_adapter_method(module)
         if existing is None:
             self.layers = inject_adapter(module, self.method)
+            self._warn_if_spawned(trainer)
         else:
             if existing.config.method != self.method_name:
                 raise RuntimeError(
@@ -117,6 +118,22 @@ class AdapterCallback(pl.Callback):
             self.method = existing
             self.layers = adapter_layers(module)
         self._wrap_checkpoint_hooks(pl_module)
+
+    @staticmethod
+    def _warn_if_spawned(trainer: pl.Trainer) -> None:
+        # ddp_spawn / ddp_fork / ddp_notebook run setup (so the injection) only in the workers; at the
+        # end Lightning loads rank 0's state_dict into the launching process's module with
+        # strict=False, which silently drops every adapter key there: the trained adapter is lost.
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher) and trainer.is_global_zero:
+            warnings.warn(
+                "AdapterCallback under a spawn/fork strategy injects the adapter in the worker processes only: "
+                "the module in the launching process will not receive the trained adapter. Call "
+                "lightning_lora.inject_adapter(module, ...) with the same config before trainer.fit(), or use "
+                "strategy='ddp'.",
+                stacklevel=2,
+            )
 
     def _wrap_checkpoint_hooks(self, pl_module: pl.LightningModule) -> None:
         if getattr(pl_module, _WRAPPED, False):
