@@ -75,55 +75,72 @@ class LoRAConfig(AdapterConfig):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+_MM_OUT_DTYPE: dict[str, bool] = {}  # whether torch.mm(..., out_dtype=) works, per device type
+
+
+def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` returned in ``dtype``: bf16/fp16 inputs accumulate straight into an fp32 result
+    where the backend supports ``out_dtype`` (no separate cast kernel); otherwise a plain mm."""
+    if dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE.get(a.device.type, True):
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[a.device.type] = False
+    return torch.mm(a, b)
+
+
 class _FusedLoRA(torch.autograd.Function):
     """``out = x W^T + b + s (xd A^T) B^T`` with a hand-written backward.
 
     Shapes: ``x, xd`` (N, n); ``w_t`` (n, m) (a transposed view of the weight); ``A`` (r, n);
     ``B`` (m, r); ``out`` (N, m). ``xd`` is the dropout-ed input (``x`` itself when dropout is off;
-    then it is saved once). ``casts`` = ``(As, Ac, Bs, Bc)``: A and B cast to the activation dtype,
-    with (``s``) and without the scale folded in, so no kernel is spent on scaling:
+    then it is saved once). ``casts`` = ``(As, Bc)``: ``s·A`` and ``B`` in the activation dtype,
+    cached between optimizer steps, so the forward spends no kernel on casts or scaling:
 
     - forward:  ``xa_s = xd As^T`` (= s·xd A^T), ``out = xa_s Bc^T + b``, then ``out += x W^T``
       inside the big matmul's epilogue (one pass over ``out``);
-    - backward: ``gb_s = g Bs`` (= s·g B), ``grad_x = gb_s Ac + g W``, ``grad_A = gb_s^T xd``,
-      ``grad_B = g^T xa_s``.
-
-    Gradients of the fp32 parameters are produced in the activation dtype; autograd casts them.
+    - backward: ``gb = g Bc``, ``grad_x = gb As + g W``, ``grad_A = s·gb^T xd``,
+      ``grad_B = g^T xa_s``; the parameter gradients accumulate in fp32 directly where the
+      backend allows it.
     """
 
     @staticmethod
-    def forward(ctx, x, xd, w_t, bias, A, B, casts):  # type: ignore[override]
-        As, Ac, Bs, Bc = casts
+    def forward(ctx, x, xd, w_t, bias, A, B, casts, scaling):  # type: ignore[override]
+        As, Bc = casts
         xa_s = torch.mm(xd, As.t())  # (N, r)
         out = torch.addmm(bias, xa_s, Bc.t()) if bias is not None else torch.mm(xa_s, Bc.t())
         out.addmm_(x, w_t)
         ctx.save_for_backward(xd, xa_s)
-        ctx.w_t, ctx.Ac, ctx.Bs = w_t, Ac, Bs  # frozen / cached tensors: no version tracking needed
+        ctx.w_t, ctx.As, ctx.Bc = w_t, As, Bc  # frozen / cached tensors: no version tracking needed
         ctx.same_input = xd is x
+        ctx.scaling = scaling
+        ctx.dtypes = (A.dtype, B.dtype)
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         xd, xa_s = ctx.saved_tensors
-        need_x, need_xd, _, need_bias, need_A, need_B, _ = ctx.needs_input_grad
-        gb_s = torch.mm(g, ctx.Bs)  # (N, r)
+        need_x, need_xd, _, need_bias, need_A, need_B, _, _ = ctx.needs_input_grad
+        gb = torch.mm(g, ctx.Bc)  # (N, r)
         grad_x = grad_xd = grad_bias = grad_A = grad_B = None
         if ctx.same_input:
             if need_x:
-                grad_x = torch.mm(gb_s, ctx.Ac)
+                grad_x = torch.mm(gb, ctx.As)
                 grad_x.addmm_(g, ctx.w_t.t())
         else:
             if need_x:
                 grad_x = torch.mm(g, ctx.w_t.t())
             if need_xd:
-                grad_xd = torch.mm(gb_s, ctx.Ac)
+                grad_xd = torch.mm(gb, ctx.As)
         if need_A:
-            grad_A = torch.mm(gb_s.t(), xd)
+            grad_A = _mm_to(gb.t(), xd, ctx.dtypes[0])
+            if ctx.scaling != 1.0:
+                grad_A.mul_(ctx.scaling)
         if need_B:
-            grad_B = torch.mm(g.t(), xa_s)
+            grad_B = _mm_to(g.t(), xa_s, ctx.dtypes[1])
         if need_bias:
             grad_bias = g.sum(0)
-        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None
+        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None
 
 
 class LoRALinear(AdapterLayer):
@@ -196,19 +213,15 @@ class LoRALinear(AdapterLayer):
                 return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
         return self._fused(x, weight, bias)
 
-    def _adapter_casts(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """``(s·A, A, s·B, B)`` in ``dtype``, recomputed only when A or B changed (optimizer step)."""
+    def _adapter_casts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s·A, B)`` in ``dtype``, recomputed only when A or B changed (optimizer step)."""
         A, B = self.lora_A, self.lora_B
-        # parameters created under torch.inference_mode() have no version counter: no caching then
-        cacheable = not (A.is_inference() or B.is_inference())
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype, self.scaling) if cacheable else None
+        # inference tensors (made under torch.inference_mode) have no version counter: no caching
+        key = None if A.is_inference() else (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype, self.scaling)
         if key is None or key != self._cast_key:
             with torch.no_grad():
-                Ac, Bc = A.detach().to(dtype), B.detach().to(dtype)
-                if self.scaling == 1.0:
-                    self._casts = (Ac, Ac, Bc, Bc)
-                else:
-                    self._casts = ((A.detach() * self.scaling).to(dtype), Ac, (B.detach() * self.scaling).to(dtype), Bc)
+                As = A.detach() * self.scaling if self.scaling != 1.0 else A.detach()
+                self._casts = (As.to(dtype), B.detach().to(dtype))
             self._cast_key = key
         return self._casts
 
@@ -218,7 +231,7 @@ class LoRALinear(AdapterLayer):
         xd2 = self._dropout(x2)
         w_t = weight if self.fan_in_fan_out else weight.t()
         casts = self._adapter_casts(x.dtype)
-        out = _FusedLoRA.apply(x2, xd2, w_t, bias, self.lora_A, self.lora_B, casts)
+        out = _FusedLoRA.apply(x2, xd2, w_t, bias, self.lora_A, self.lora_B, casts, self.scaling)
         return out.view(*lead, self.out_features)
 
     def reference_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
