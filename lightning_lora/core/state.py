@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import AdapterConfig, available_methods, get_method, make_config
-from .inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, unload
+from .inject import _inside, adapter_layers, get_adapter_method, inject_adapter, unload
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,7 +53,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if method is not None and method.config.modules_to_save:
         for name, t in model.state_dict().items():
             module_name = name.rsplit(".", 1)[0]
-            if _name_matches(module_name, method.config.modules_to_save):
+            if _inside(module_name, method.config.modules_to_save):  # nested modules too (BatchNorm stats)
                 out[name] = t
     return out
 

@@ -185,3 +185,49 @@ def test_unsupported_peft_options_fail_clearly(model_builders, tmp_path):
     theirs.save_pretrained(str(tmp_path / "p"))
     with pytest.raises(ll.AdapterFormatError, match=f"{CONFIG_NAME}.*rank_pattern"):
         ll.load_adapter(model_builders["bert"](0), tmp_path / "p")
+
+
+class _NestedHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@torch.no_grad()
+def _warm_batchnorm(model) -> None:
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        model(torch.randn(16, 8, generator=g))
+    model.eval()
+
+
+def test_modules_to_save_with_nested_buffers(tmp_path):
+    """modules_to_save = a nested head with buffers (BatchNorm running stats): all of it travels."""
+    x = torch.randn(5, 8)
+    ours = _NestedHead()
+    ll.inject_adapter(ours, "lora", r=2, target_modules=["body"], modules_to_save=["head"])
+    _randomize(ll.trainable_parameters(ours))
+    _warm_batchnorm(ours)
+    assert "head.1.running_mean" in ll.adapter_state_dict(ours)
+    with torch.no_grad():
+        y = ours(x)
+    ll.save_adapter(ours, tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(ll.load_adapter(_NestedHead().eval(), tmp_path / "a")(x), y)
+        theirs = peft.PeftModel.from_pretrained(_NestedHead().eval(), str(tmp_path / "a")).eval()
+        _assert_close(theirs(x), y)
+    # PEFT -> ours
+    theirs2 = peft.get_peft_model(_NestedHead(), peft.LoraConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
+    _randomize([p for p in theirs2.parameters() if p.requires_grad])
+    _warm_batchnorm(theirs2)
+    with torch.no_grad():
+        y2 = theirs2(x)
+    theirs2.save_pretrained(str(tmp_path / "p"))
+    with torch.no_grad():
+        _assert_close(ll.load_adapter(_NestedHead().eval(), tmp_path / "p")(x), y2)
