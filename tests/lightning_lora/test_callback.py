@@ -269,3 +269,12 @@ def test_merge_on_fit_end_and_export_dir(tmp_path):
     again = ll.load_adapter(TinyModule().net, tmp_path / "again")
     with torch.no_grad():
         assert torch.equal(again(x), ours(x))
+
+
+def test_bf16_mixed_precision_training(tmp_path):
+    module = TinyModule()
+    t = trainer(tmp_path, max_steps=3, callbacks=[callback()], precision="bf16-mixed")
+    t.fit(module, loader())
+    for k, v in adapter_tensors(module).items():
+        assert v.dtype == torch.float32 and torch.isfinite(v).all(), k  # fp32 master weights
+    assert not torch.equal(module.net.fc1.lora_B, torch.zeros_like(module.net.fc1.lora_B))

@@ -277,3 +277,27 @@ def test_cast_cache_follows_parameter_updates():
     with torch.no_grad():
         layer.lora_B.copy_(torch.randn_like(layer.lora_B))
     torch.testing.assert_close(layer(x), layer.reference_forward(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_bias_options_train_and_round_trip(bias, tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.LayerNorm(8))
+
+    model = build()
+    ll.inject_adapter(model, "lora", r=2, target_modules=["0"], bias=bias)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"0.lora_A", "0.lora_B", "0.base_layer.bias"}
+    if bias == "all":
+        expected |= {"2.bias", "3.bias"}
+    assert trainable == expected
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    x = torch.randn(4, 8)
+    y = model(x)
+    ll.save_adapter(model, tmp_path / "a")
+    fresh = ll.load_adapter(build(), tmp_path / "a")
+    assert torch.equal(fresh(x), y)
