@@ -1,0 +1,237 @@
+"""``lightning-lora train``: Hydra entry point for experiments.
+
+    lightning-lora train experiment=sst2_lora adapter=lora adapter.r=16 trainer=gpu
+    lightning-lora train -m experiment=sst2_lora adapter=lora,dora        # Hydra multirun
+    lightning-lora train experiment=smoke results_name=smoke              # + benchmarks/results/smoke.json
+    lightning-lora train --cfg job                                        # print the composed config
+
+The first word selects the command (only ``train`` exists); everything after it is Hydra's.
+
+Configs: the canonical files are the repository's top-level ``conf/`` (config groups
+``adapter/ model/ data/ trainer/ experiment/``). A wheel carries a copy as package data,
+``lightning_lora/conf/``, put there at build time by ``setup.py`` (so ``pip install .`` works
+without a checkout). Lookup order: ``$LIGHTNING_LORA_CONF``, the checkout's ``conf/``, the
+installed copy.
+
+One run: build the adapter callback (an unknown method fails here, before any weights load),
+load the base model, build the data module and the LightningModule, ``fit``, then evaluate:
+the final model on validation, or (``select_best``, tasks with a labelled test split) the best
+validation checkpoint on test. Outputs (logs, checkpoints) go to Hydra's run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+USAGE = """usage: lightning-lora train [HYDRA OVERRIDES ...]
+
+  lightning-lora train experiment=sst2_lora adapter=lora adapter.r=16 trainer=gpu
+  lightning-lora train -m experiment=sst2_lora adapter=lora,dora    (multirun)
+  lightning-lora train --help                                        (config groups and options)
+"""
+
+COMMANDS = ("train",)
+
+
+class ConfigError(Exception):
+    """A configuration the run cannot start with; reported as one line, exit status 2."""
+
+
+def config_dir() -> Path:
+    """Folder of ``config.yaml``: ``$LIGHTNING_LORA_CONF``, the checkout's ``conf/``, or the installed copy."""
+    candidates = []
+    if os.environ.get("LIGHTNING_LORA_CONF"):
+        candidates.append(Path(os.environ["LIGHTNING_LORA_CONF"]))
+    here = Path(__file__).resolve().parent
+    candidates += [here.parent / "conf", here / "conf"]
+    for c in candidates:
+        if (c / "config.yaml").is_file():
+            return c
+    raise ConfigError(f"no config.yaml in {', '.join(map(str, candidates))}; reinstall lightning-lora")
+
+
+# ---- building the pieces ---------------------------------------------------------------------------
+def _container(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def build_adapter_callback(cfg: Any, export_dir: str | None = None):
+    """``AdapterCallback`` from ``cfg.adapter``; ``target_modules`` / ``modules_to_save`` left null
+    take the model's defaults (``cfg.model``)."""
+    from .callback import AdapterCallback
+
+    options = dict(_container(cfg.adapter))
+    method = options.pop("method", None)
+    if not method:
+        raise ConfigError("the adapter config has no 'method' (e.g. adapter=lora, or adapter.method=lora)")
+    for key in ("target_modules", "modules_to_save"):
+        if options.get(key) is None:
+            default = _container(cfg.model).get(key)
+            if default is None:
+                options.pop(key, None)
+            else:
+                options[key] = default
+    try:
+        return AdapterCallback(method, target="model", export_dir=export_dir, **options)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"adapter: {e}") from None
+
+
+def build_datamodule(data_cfg: dict[str, Any], tokenizer: Any, seed: int):
+    from .tasks import DATAMODULES
+
+    options = {k: v for k, v in data_cfg.items() if k not in ("name", "task_type", "eval_wikitext2")}
+    name = data_cfg.get("name")
+    if name not in DATAMODULES:
+        raise ConfigError(f"unknown data set {name!r}; available: {', '.join(sorted(DATAMODULES))}")
+    try:
+        return DATAMODULES[name](tokenizer, seed=seed, **options)
+    except TypeError as e:
+        raise ConfigError(f"data={name}: {e}") from None
+
+
+def build_module(task_type: str, model: Any, datamodule: Any, optim: dict[str, Any]):
+    from .tasks import CausalLM, SequenceClassifier
+
+    if task_type == "classification":
+        return SequenceClassifier(model, num_labels=datamodule.num_labels, metrics=datamodule.metrics, **optim)
+    if task_type == "causal_lm":
+        return CausalLM(model, **optim)
+    raise ConfigError(f"unknown data.task_type {task_type!r}; expected 'classification' or 'causal_lm'")
+
+
+def run(cfg: Any, command: str | None = None) -> dict[str, float]:
+    """Train and evaluate one composed config; returns the flat metrics (also written if ``results_name``)."""
+    import lightning.pytorch as pl
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from .results import write_result
+    from .tasks import ModelPackageMissing, WikiText2DataModule, load_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
+    try:
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # called outside Hydra
+        out_dir = Path("outputs")
+    data_cfg = dict(_container(cfg.data))
+    task_type = data_cfg.get("task_type", "classification")
+
+    # 1. config-only checks first: nothing heavy has happened if these fail
+    callback = build_adapter_callback(cfg, export_dir=cfg.get("export_adapter"))
+    optim = dict(_container(cfg.optim))
+    trainer_kwargs = dict(_container(cfg.trainer))
+
+    # 2. model, data, module
+    pl.seed_everything(int(cfg.seed), workers=True)
+    model_cfg = _container(cfg.model)
+    try:
+        from .tasks import TASKS
+
+        num_labels = TASKS[data_cfg["name"]].num_labels if data_cfg.get("name") in TASKS else None
+        model, tokenizer = load_model(model_cfg["name"], task=task_type, num_labels=num_labels, **model_cfg.get("kwargs", {}))
+    except ModelPackageMissing as e:
+        raise ConfigError(str(e)) from None
+    except ValueError as e:
+        raise ConfigError(f"model={model_cfg.get('name')}: {e}") from None
+    datamodule = build_datamodule(data_cfg, tokenizer, int(cfg.seed))
+    module = build_module(task_type, model, datamodule, optim)
+
+    # 3. trainer
+    select = cfg.get("select_best", "auto")
+    select_best = bool(datamodule.has_test) if select == "auto" else bool(select)
+    higher_is_better = datamodule.monitor != "loss"
+    callbacks: list[Any] = [callback]
+    if select_best:
+        callbacks.append(ModelCheckpoint(dirpath=out_dir / "checkpoints", monitor=f"val_{datamodule.monitor}",
+                                         mode="max" if higher_is_better else "min", save_top_k=1, save_last=False))
+    trainer = pl.Trainer(default_root_dir=str(out_dir), callbacks=callbacks, enable_checkpointing=select_best,
+                         logger=CSVLogger(str(out_dir), name="logs"), **trainer_kwargs)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+
+    # 4. evaluation
+    metrics: dict[str, float] = {}
+    ckpt = "best" if select_best else None
+    (val,) = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+    metrics.update({k: float(v) for k, v in val.items()})
+    if datamodule.has_test:
+        (test,) = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+        metrics.update({k: float(v) for k, v in test.items()})
+    if task_type == "causal_lm" and data_cfg.get("eval_wikitext2"):
+        wt2 = WikiText2DataModule(tokenizer, block_size=data_cfg.get("block_size", 256),
+                                  eval_batch_size=data_cfg.get("eval_batch_size"), seed=int(cfg.seed))
+        (test,) = trainer.test(module, datamodule=wt2, verbose=False)
+        metrics.update({f"wikitext2_{k}": float(v) for k, v in test.items()})
+    metrics.update(
+        steps=int(trainer.global_step),
+        train_seconds=seconds,
+        trainable_params=sum(p.numel() for p in module.parameters() if p.requires_grad),
+    )
+    metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+    summary = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+    print(f"lightning-lora: {summary}", flush=True)
+    if cfg.get("results_name"):
+        path = write_result(str(cfg.results_name), metrics, command=command)
+        print(f"lightning-lora: wrote {path}", flush=True)
+    return metrics
+
+
+# ---- command line ----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``lightning-lora``. ``argv`` defaults to ``sys.argv[1:]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if args else 2
+    if args[0] not in COMMANDS:
+        print(f"lightning-lora: error: unknown command {args[0]!r}; commands: {', '.join(COMMANDS)}\n{USAGE}",
+              file=sys.stderr, end="")
+        return 2
+    command = shlex.join(["lightning-lora", *args])
+    try:
+        conf = config_dir()
+    except ConfigError as e:
+        print(f"lightning-lora: error: {e}", file=sys.stderr)
+        return 2
+
+    import hydra
+
+    def task(cfg: Any) -> float | None:
+        try:
+            metrics = run(cfg, command=command)
+        except ConfigError as e:
+            print(f"lightning-lora: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        # a number for Hydra sweepers (Optuna etc.): the monitored validation metric
+        from .tasks import TASKS
+
+        spec = TASKS.get(cfg.data.get("name"))
+        return metrics.get(f"val_{spec.monitor}") if spec is not None else metrics.get("val_loss")
+
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0] if saved_argv else "lightning-lora", *args[1:]]  # Hydra parses sys.argv
+    try:
+        hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(task)()
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
