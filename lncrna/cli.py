@@ -1,0 +1,669 @@
+"""``lncrna``: the command line. ``lncrna --help`` and ``lncrna COMMAND --help`` list every option.
+
+    lncrna predict transcripts.fa.gz -o predictions.tsv
+    lncrna evaluate predictions.tsv --truth labelled.fa      (or --lnc lnc.fa --mrna mrna.fa)
+    lncrna evaluate data/lncrna/test_human.fa.gz             (predict + evaluate in one go)
+    lncrna train adapter=lora data=mouse trainer=gpu         (Hydra, conf/lncrna/)
+    lncrna pretrain trainer=gpu max_minutes=30               (Hydra, conf/lncrna/)
+
+``predict`` and ``evaluate`` are argparse commands; ``train`` and ``pretrain`` hand the rest of
+the command line to Hydra (so ``-m`` sweeps, ``--cfg job`` and every override work).
+
+Errors a user can fix (bad input, missing model, unknown adapter) are one line on stderr, prefixed
+``lncrna COMMAND: error:``, exit status 2, no traceback; per-record problems in an input FASTA are
+one-line warnings and the record is skipped. Exit 1 is an internal error (set ``LNCRNA_DEBUG=1``
+for its traceback), 130 an interrupt (Ctrl-C).
+
+Output of ``predict`` (TSV ``id length lncRNA_probability label`` with a header): rows are written
+to the final path directly and flushed after every chunk of records, so an interrupted run keeps
+every finished row (and says how many). The file is created only when the first chunk is done:
+input that fails before any prediction (missing or empty file, not FASTA, broken gzip, no valid
+record) and a missing model leave no output file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TextIO
+
+PROG = "lncrna"
+HYDRA_COMMANDS = {
+    "train": "fine-tune the classifier with an adapter (Hydra; lncrna train --help)",
+    "pretrain": "masked-LM pretraining of the encoder (Hydra; lncrna pretrain --help)",
+}
+MAX_WARNINGS = 20  # per-record warnings printed; the rest are counted
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+# ---- argument parsing -------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _workers(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}")
+    return v
+
+
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and speed")
+    g.add_argument("--model", metavar="DIR", type=Path, default=None,
+                   help="model directory with lncrna_config.json, model.safetensors and stack.json "
+                        "(default: the model shipped in lncrna/weights/default)")
+    g.add_argument("--baseline", metavar="DIR", type=Path, default=None,
+                   help="feature-baseline directory (default: lncrna/weights/baseline)")
+    g.add_argument("--no-cascade", dest="cascade", action="store_false",
+                   help="send every sequence to the transformer; by default only those the fast "
+                        "baseline is unsure about (baseline probability inside the model's "
+                        "stack.json band low..high) go there, the rest keep the baseline's probability")
+    g.add_argument("--device", metavar="DEV", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    g.add_argument("--batch-tokens", metavar="N", type=_positive_int, default=None,
+                   help="padded tokens per transformer batch (default: 16384 on CPU, 524288 on CUDA); "
+                        "lower it if the GPU runs out of memory")
+    g.add_argument("--workers", metavar="N", type=_workers, default=None,
+                   help="processes for the baseline features and tokenization: 'auto' (default: 0 on "
+                        "CPU, min(16, cores - 1) on CUDA) or a number; 0 = in this process")
+    g.add_argument("--chunk-size", metavar="N", type=_positive_int, default=4096,
+                   help="sequences per chunk; rows are written and flushed after each chunk (default 4096)")
+    g.add_argument("--threshold", metavar="P", type=_probability, default=0.5,
+                   help="label = lncRNA when lncRNA_probability >= P, else mRNA (default 0.5)")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar and no summary line (warnings and errors are still printed); "
+                        "the progress bar is also off when stderr is not a terminal")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Tell long non-coding RNA (lncRNA) from mRNA: a small nucleotide BERT behind a fast "
+                    "CPAT-like feature baseline.",
+        epilog="Exit status: 0 ok, 2 user error (bad input, missing model, bad option), 1 internal error, "
+               "130 interrupted. 'lncrna COMMAND --help' shows the options of a command.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "predict", help="lncRNA probability of every sequence of a FASTA file",
+        description="Predict the lncRNA probability of every sequence of a FASTA / FASTA.gz file. Output: TSV "
+                    "with header 'id length lncRNA_probability label', in input order.",
+        epilog="Rows are written to OUT (or stdout) directly and flushed after every chunk: an interrupted run "
+               "keeps its finished rows. OUT is created only once the first chunk is predicted, so input "
+               "that fails before any prediction leaves no file. Invalid records (protein, non-nucleotide "
+               "characters, duplicate id, ...) are skipped with a one-line warning; a file that cannot be "
+               "used at all (missing, empty, not FASTA, broken gzip, no valid record) is an error, exit 2.")
+    p.add_argument("input", metavar="INPUT", type=Path, help="FASTA or FASTA.gz file (gzip detected from the content)")
+    p.add_argument("-o", "--output", metavar="OUT", type=Path, default=None,
+                   help="output TSV (default: standard output)")
+    _add_model_options(p)
+
+    e = sub.add_parser(
+        "evaluate", help="metrics, ROC and precision-recall curves against truth labels",
+        description="Score predictions against truth. INPUT is either a predictions TSV from 'lncrna predict' "
+                    "(then give truth with --truth or --lnc/--mrna) or a FASTA file, which is predicted first "
+                    "(truth from its headers' label=lncRNA|mRNA unless --truth or --lnc/--mrna is given). "
+                    "Without INPUT, --lnc and --mrna are both predicted and scored.",
+        epilog="Writes OUTDIR/metrics.json, metrics.tsv, roc.png, pr.png (and predictions.tsv when it predicts) "
+               "and prints the metrics table. Records missing from either side are counted and left out.")
+    e.add_argument("input", metavar="INPUT", type=Path, nargs="?", default=None,
+                   help="predictions TSV, or FASTA(.gz) to predict and score")
+    t = e.add_argument_group("truth")
+    t.add_argument("--truth", metavar="FASTA", type=Path, default=None,
+                   help="FASTA whose headers carry label=lncRNA or label=mRNA (like data/lncrna/*.fa.gz)")
+    t.add_argument("--lnc", metavar="FASTA", type=Path, default=None, help="FASTA of the true lncRNAs")
+    t.add_argument("--mrna", metavar="FASTA", type=Path, default=None, help="FASTA of the true mRNAs")
+    e.add_argument("-o", "--out-dir", metavar="OUTDIR", type=Path, default=None,
+                   help="output folder (default: <INPUT name>_eval, or lncrna_eval)")
+    _add_model_options(e)
+
+    for name, text in HYDRA_COMMANDS.items():  # listed here for --help; dispatched to Hydra in main()
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+# ---- output helpers ----------------------------------------------------------------------------
+class _Warnings:
+    """Print per-record FastaWarnings as ``lncrna CMD: warning: ...`` lines (at most MAX_WARNINGS)."""
+
+    def __init__(self, cmd: str, write) -> None:
+        self.cmd, self.write, self.count = cmd, write, 0
+
+    def show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        self.count += 1
+        if self.count <= MAX_WARNINGS:
+            self.write(f"{PROG} {self.cmd}: warning: {message}")
+        elif self.count == MAX_WARNINGS + 1:
+            self.write(f"{PROG} {self.cmd}: warning: more warnings follow; only their number is reported")
+
+    def summary(self) -> str | None:
+        if self.count > MAX_WARNINGS:
+            return f"{PROG} {self.cmd}: {self.count} warnings in total ({self.count - MAX_WARNINGS} not shown)"
+        return None
+
+
+@contextlib.contextmanager
+def _warnings_to(handler: _Warnings) -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        saved = warnings.showwarning
+        warnings.showwarning = handler.show
+        try:
+            yield
+        finally:
+            warnings.showwarning = saved
+
+
+def _count_records(path: Path) -> int | None:
+    """Number of '>' header lines (for the progress bar's total); None if the file cannot be scanned."""
+    import gzip
+
+    try:
+        with open(path, "rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+        opener = gzip.open if gz else open
+        n, prev = 0, b"\n"
+        with opener(path, "rb") as fh:
+            while block := fh.read(1 << 22):
+                n += block.count(b"\n>") + (prev == b"\n" and block[:1] == b">")
+                prev = block[-1:]
+        return n
+    except Exception:
+        return None
+
+
+class _RowWriter:
+    """Writes the TSV: header + rows, flushed per chunk; the file is opened on the first write."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.fh, self.rows = path, None, 0
+
+    def _open(self) -> TextIO:
+        if self.fh is None:
+            from .predict import TSV_COLUMNS
+
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = sys.stdout if self.path is None else open(self.path, "w", encoding="utf-8", newline="\n")
+            self.fh.write("\t".join(TSV_COLUMNS) + "\n")
+        return self.fh
+
+    def write_chunk(self, lines: list[str]) -> None:
+        fh = self._open()
+        fh.write("".join(lines))
+        fh.flush()
+        self.rows += len(lines)
+
+    def close(self) -> None:
+        if self.fh is not None and self.fh is not sys.stdout:
+            self.fh.close()
+
+    def where(self) -> str:
+        return "standard output" if self.path is None else str(self.path)
+
+
+def _predictor(args: argparse.Namespace):
+    from .predict import Predictor
+
+    return Predictor(model_dir=args.model, device=args.device, cascade=args.cascade, batch_tokens=args.batch_tokens,
+                     workers=args.workers, baseline_dir=args.baseline, threshold=args.threshold,
+                     chunk_size=args.chunk_size)
+
+
+def _check_output_path(out: Path | None, inputs: Iterable[Path]) -> None:
+    if out is None:
+        return
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; give a file name for the output TSV")
+    if not out.parent.is_dir():
+        raise UserError(f"{out}: output folder {out.parent} does not exist")
+    for i in inputs:
+        with contextlib.suppress(OSError):
+            if out.exists() and out.resolve() == i.resolve():
+                raise UserError(f"{out}: the output would overwrite the input")
+
+
+def _stream_predictions(cmd: str, args: argparse.Namespace, records: Iterable[Any], total: int | None,
+                        writer: _RowWriter, predictor) -> dict[str, Any]:
+    """Run the predictor over ``records`` into ``writer`` with a progress bar; returns a summary.
+
+    Re-raises any error after noting how many rows were kept (``exc.rows_kept``).
+    """
+    from tqdm import tqdm
+
+    from .predict import format_row
+
+    show_bar = not args.quiet and sys.stderr.isatty()
+    bar = tqdm(total=total, unit="seq", desc=f"{PROG} {cmd}", file=sys.stderr, disable=not show_bar,
+               dynamic_ncols=True, smoothing=0.1)
+    emit = (lambda s: bar.write(s, file=sys.stderr)) if show_bar else (lambda s: print(s, file=sys.stderr, flush=True))
+    handler = _Warnings(cmd, emit)
+    t0 = time.perf_counter()
+    n_transformer = 0
+    try:
+        with _warnings_to(handler):
+            chunk: list[str] = []
+            for pred in predictor.predict_records(records):
+                chunk.append(format_row(pred))
+                n_transformer += pred.stage == "transformer"
+                if len(chunk) >= predictor.chunk_size:
+                    writer.write_chunk(chunk)
+                    bar.update(len(chunk))
+                    chunk = []
+            if chunk:
+                writer.write_chunk(chunk)
+                bar.update(len(chunk))
+    except BaseException as exc:
+        exc.rows_kept = (writer.rows, writer.where())  # type: ignore[attr-defined]
+        raise
+    finally:
+        bar.close()
+        writer.close()
+        if (s := handler.summary()) is not None:
+            print(s, file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    return {"sequences": writer.rows, "transformer": n_transformer, "seconds": seconds,
+            "seq_per_s": writer.rows / seconds if seconds > 0 else float("nan"), "warnings": handler.count,
+            "device": str(predictor.device), "cascade": predictor.cascade, "workers": predictor.workers}
+
+
+def _summary_line(cmd: str, s: dict[str, Any], where: str) -> str:
+    share = s["transformer"] / s["sequences"] if s["sequences"] else 0.0
+    return (f"{PROG} {cmd}: {s['sequences']} sequences in {s['seconds']:.1f} s ({s['seq_per_s']:.0f} seq/s, "
+            f"{s['device']}), {s['transformer']} ({share:.1%}) through the transformer; rows in {where}")
+
+
+# ---- commands ----------------------------------------------------------------------------------
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .fasta import read_fasta
+
+    _check_output_path(args.output, [args.input])
+    records = read_fasta(args.input)  # missing / empty / not FASTA / broken gzip header: raises here
+    predictor = _predictor(args)  # missing model: raises here; nothing written yet
+    total = _count_records(args.input) if (not args.quiet and sys.stderr.isatty()) else None
+    writer = _RowWriter(args.output)
+    with predictor:
+        summary = _stream_predictions("predict", args, records, total, writer, predictor)
+    if not args.quiet:
+        print(_summary_line("predict", summary, writer.where()), file=sys.stderr)
+    return 0
+
+
+def _eval_name(path: Path | None) -> str:
+    if path is None:
+        return "lncrna"
+    name = path.name
+    for suffix in (".gz", ".fa", ".fasta", ".fna", ".tsv", ".txt"):
+        name = name.removesuffix(suffix)
+    return name or "lncrna"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table, read_predictions, read_truth, sniff_kind, write_report
+    from .fasta import read_fasta
+
+    if args.truth is not None and (args.lnc is not None or args.mrna is not None):
+        raise UserError("give truth either with --truth or with --lnc and --mrna, not both")
+    if (args.lnc is None) != (args.mrna is None):
+        raise UserError("--lnc and --mrna go together (the true lncRNAs and the true mRNAs)")
+    if args.input is None and args.lnc is None:
+        raise UserError("nothing to evaluate: give INPUT (predictions TSV or FASTA), or --lnc and --mrna")
+    kind = sniff_kind(args.input) if args.input is not None else "fasta"
+    if kind == "unknown":
+        raise UserError(f"{args.input}: neither FASTA nor a predictions TSV (header 'id<TAB>length<TAB>"
+                        f"lncRNA_probability<TAB>label')")
+    out_dir = args.out_dir if args.out_dir is not None else Path(f"{_eval_name(args.input)}_eval")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder")
+
+    # truth first: it is cheap (headers only) and a run should not predict for nothing
+    if args.truth is not None:
+        truth = read_truth(args.truth)
+    elif args.lnc is not None:
+        truth = read_truth(lnc=args.lnc, mrna=args.mrna)
+    elif kind == "fasta":
+        truth = read_truth(args.input)
+    else:
+        raise UserError(f"{args.input}: predictions need truth labels: --truth FASTA, or --lnc FASTA --mrna FASTA")
+
+    extra: dict[str, Any] = {"command": shlex.join([PROG, *sys.argv[2:]]) if sys.argv[1:2] == ["evaluate"] else None}
+    if kind == "predictions":
+        pred = read_predictions(args.input)
+        extra["predictions"] = str(args.input)
+    else:
+        inputs = [args.input] if args.input is not None else [args.lnc, args.mrna]
+        streams = [read_fasta(p) for p in inputs]  # file-level problems raise before anything is written
+        predictor = _predictor(args)
+        pred_path = out_dir / "predictions.tsv"
+        total = None
+        if not args.quiet and sys.stderr.isatty():
+            counts = [_count_records(p) for p in inputs]
+            total = None if None in counts else sum(counts)  # type: ignore[arg-type]
+        import itertools
+
+        with predictor:
+            summary = _stream_predictions("evaluate", args, itertools.chain.from_iterable(streams), total,
+                                          _RowWriter(pred_path), predictor)
+        if not args.quiet:
+            print(_summary_line("evaluate", summary, str(pred_path)), file=sys.stderr)
+        pred = read_predictions(pred_path)
+        extra["predictions"] = str(pred_path)
+        extra["prediction_run"] = summary
+    result = evaluate(pred, truth, threshold=args.threshold)
+    title = _eval_name(args.input) if args.input is not None else f"{_eval_name(args.lnc)} + {_eval_name(args.mrna)}"
+    paths = write_report(result, out_dir, title=title, extra=extra)
+    info = result.info
+    if info["predicted_without_truth"] or info["truth_without_prediction"]:
+        print(f"{PROG} evaluate: warning: scored {info['n_scored']} records; {info['predicted_without_truth']} "
+              f"predictions have no truth label, {info['truth_without_prediction']} truth records have no "
+              f"prediction", file=sys.stderr)
+    sys.stdout.write(format_table(result.metrics))
+    if not args.quiet:
+        print(f"{PROG} evaluate: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
+# ---- Hydra commands ----------------------------------------------------------------------------
+def hydra_config_dir() -> Path:
+    """``conf/lncrna``: ``$LNCRNA_CONF``, the checkout's ``conf/lncrna``, or the copy installed with
+    the wheel (``lightning_lora/conf/lncrna``, put there by setup.py)."""
+    candidates = []
+    if os.environ.get("LNCRNA_CONF"):
+        candidates.append(Path(os.environ["LNCRNA_CONF"]))
+    here = Path(__file__).resolve().parent
+    candidates += [here.parent / "conf" / "lncrna", here.parent / "lightning_lora" / "conf" / "lncrna"]
+    with contextlib.suppress(Exception):
+        import importlib.util
+
+        spec = importlib.util.find_spec("lightning_lora")
+        if spec is not None and spec.origin:
+            candidates.append(Path(spec.origin).parent / "conf" / "lncrna")
+    for c in candidates:
+        if (c / "train.yaml").is_file():
+            return c
+    raise UserError(f"no Hydra configs (train.yaml) in {', '.join(map(str, candidates))}; reinstall the package")
+
+
+def adapter_options(conf: Path) -> dict[str, dict[str, Any]]:
+    """The ``adapter`` group: every ``conf/adapter/*.yaml`` (shared with lightning-lora), plus a bare
+    ``{"method": name}`` for each registered method without a file of its own."""
+    from omegaconf import OmegaConf
+
+    import lightning_lora
+
+    options: dict[str, dict[str, Any]] = {}
+    shared = conf.parent / "adapter"
+    if shared.is_dir():
+        for path in sorted(shared.glob("*.yaml")):
+            options[path.stem] = OmegaConf.to_container(OmegaConf.load(path))  # type: ignore[assignment]
+    for method in lightning_lora.available_methods():
+        options.setdefault(method, {"method": method})
+    return options
+
+
+def _group_options(conf: Path, group: str, adapters: dict[str, Any]) -> list[str]:
+    if group == "adapter":
+        return sorted(adapters)
+    return sorted(p.stem for p in (conf / group).glob("*.yaml"))
+
+
+def _check_overrides(cmd: str, args: list[str], conf: Path, adapters: dict[str, Any]) -> None:
+    """Unknown options of a config group -> one-line UserError listing the choices (before Hydra starts)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    import lightning_lora
+
+    groups = {"adapter", "model", "data", "trainer", "experiment"} if cmd == "train" else {"model", "data", "trainer"}
+    candidates = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except Exception:
+        return  # let Hydra report syntax errors itself
+    for o in overrides:
+        group = o.key_or_group.lstrip("+~")
+        if group not in groups or o.is_delete() or o.package:
+            continue
+        if o.is_sweep_override():
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # glob(...) and ranges: Hydra resolves those
+                continue
+        else:
+            values = [o.get_value_element_as_str()]
+        choices = _group_options(conf, group, adapters)
+        for v in values:
+            if v not in choices and not (group == "experiment" and v == "null"):
+                extra = ""
+                if group == "adapter":
+                    extra = (f"; registered methods: {', '.join(lightning_lora.available_methods())} "
+                             f"(adapter=<method> works for each)")
+                raise UserError(f"unknown {group} {v!r}; choose one of: {', '.join(choices)}{extra}")
+
+
+def _container(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def _out_dir(cfg: Any) -> Path:
+    if cfg.get("out_dir"):
+        return Path(cfg.out_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # outside Hydra
+        return Path("runs/lncrna")
+
+
+def _model_config(cfg: Any):
+    from .model import ModelConfig
+
+    try:
+        return ModelConfig(**_container(cfg.model))
+    except TypeError as e:
+        raise UserError(f"model: {e}") from None
+
+
+def _trainer_kwargs(cfg: Any) -> dict[str, Any]:
+    kw = {k: v for k, v in _container(cfg.trainer).items() if v is not None}
+    reserved = {"max_epochs", "max_time", "logger", "enable_checkpointing", "callbacks"} & set(kw)
+    if reserved:
+        raise UserError(f"trainer: {', '.join(sorted(reserved))} are set by lncrna itself "
+                        f"(use epochs= / max_minutes=); remove them from the trainer config")
+    return kw
+
+
+def _data_root(cfg: Any) -> str | None:
+    root = cfg.data.get("root")
+    if root and not Path(root).is_dir():
+        raise UserError(f"data.root={root}: no such folder")
+    return root
+
+
+def run_train(cfg: Any) -> Path:
+    """One ``lncrna train`` run from a composed config; returns the output folder."""
+    import json
+
+    import lightning_lora
+
+    from .train import finetune
+
+    adapter = dict(_container(cfg.adapter))
+    method = adapter.pop("method", None)
+    methods = lightning_lora.available_methods()
+    if method is None:
+        raise UserError("the adapter config has no 'method' (e.g. adapter=lora or adapter.method=lora)")
+    if method != "full" and method not in methods:
+        raise UserError(f"unknown adapter method {method!r}; registered methods: {', '.join(methods)} "
+                        f"(or 'full' for full fine-tuning)")
+    adapter = {k: v for k, v in adapter.items() if v is not None}  # null: lncrna.train's defaults
+    mlm_dir = cfg.get("mlm_dir")
+    if mlm_dir and not (Path(mlm_dir) / "lncrna_config.json").is_file():
+        raise UserError(f"mlm_dir={mlm_dir}: not a pretrained MLM folder (no lncrna_config.json); "
+                        f"`lncrna pretrain` writes one to <run dir>/mlm")
+    model_cfg = _model_config(cfg)
+    trainer_kwargs = _trainer_kwargs(cfg)
+    data_root = _data_root(cfg)
+    out = _out_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    try:
+        model = finetune(out, mlm_dir=mlm_dir, cfg=model_cfg, method=method, adapter=adapter or None,
+                         species=str(cfg.data.species), epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
+                         lr=float(cfg.lr), train_windows=int(cfg.train_windows),
+                         max_minutes=cfg.get("max_minutes"), trainer_kwargs=trainer_kwargs, data_root=data_root,
+                         seed=int(cfg.seed))
+    except TypeError as e:  # e.g. an adapter option the method does not have
+        raise UserError(f"adapter={method}: {e}") from None
+    summary = {"command": "lncrna train", "config": _container(cfg), "seconds": time.time() - t0,
+               "classifier": str(out / "classifier"),
+               "adapter": str(out / "adapter") if method != "full" else None,
+               "train_seconds": getattr(model, "train_seconds", None)}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"{PROG} train: wrote {out / 'classifier'} (add a stack.json to use it with `lncrna predict --model`)",
+          flush=True)
+    return out
+
+
+def run_pretrain(cfg: Any) -> Path:
+    """One ``lncrna pretrain`` run from a composed config; returns the MLM folder."""
+    from .train import pretrain
+
+    init_dir = cfg.get("init_dir")
+    if init_dir and not Path(init_dir).is_dir():
+        raise UserError(f"init_dir={init_dir}: no such folder")
+    out = _out_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    path = pretrain(out, cfg=_model_config(cfg), epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
+                    lr=float(cfg.lr), max_minutes=cfg.get("max_minutes"), trainer_kwargs=_trainer_kwargs(cfg),
+                    data_root=_data_root(cfg), seed=int(cfg.seed), init_dir=init_dir)
+    print(f"{PROG} pretrain: wrote {path} (use it with `lncrna train mlm_dir={path}`)", flush=True)
+    return path
+
+
+def _hydra(cmd: str, args: list[str]) -> int:
+    conf = hydra_config_dir()
+    adapters = adapter_options(conf) if cmd == "train" else {}
+    _check_overrides(cmd, args, conf, adapters)
+
+    import hydra
+    from hydra.core.config_store import ConfigStore
+
+    from .fasta import FastaError
+
+    store = ConfigStore.instance()
+    for name, node in adapters.items():
+        store.store(group="adapter", name=name, node=node)
+    runner = run_train if cmd == "train" else run_pretrain
+
+    def task(cfg: Any) -> None:
+        try:
+            runner(cfg)
+        except (UserError, FastaError) as e:
+            print(f"{PROG} {cmd}: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    saved = sys.argv
+    sys.argv = [f"{PROG} {cmd}", *args]  # Hydra parses sys.argv
+    try:
+        hydra.main(version_base="1.3", config_path=str(conf), config_name=cmd)(task)()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+# ---- entry point -------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``lncrna``; returns the exit status. ``argv`` defaults to ``sys.argv[1:]``."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    cmd = args_list[0] if args_list else None
+    try:
+        if cmd in HYDRA_COMMANDS:
+            return _hydra(cmd, args_list[1:])
+        parser = build_parser()
+        args = parser.parse_args(args_list)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return {"predict": cmd_predict, "evaluate": cmd_evaluate}[args.command](args)
+    except SystemExit as e:  # argparse (--help: 0, bad option: 2) and Hydra
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt as e:
+        print(f"{PROG} {cmd}: interrupted{_kept(e)}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `lncrna predict x.fa | head`
+        with contextlib.suppress(Exception):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        user = _is_user_error(e)
+        if os.environ.get("LNCRNA_DEBUG") and not user:
+            import traceback
+
+            traceback.print_exc()
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if user:
+            print(f"{PROG} {cmd}: error: {msg}{_kept(e)}", file=sys.stderr)
+            return 2
+        print(f"{PROG} {cmd}: internal error: {type(e).__name__}: {msg}{_kept(e)} "
+              f"(set LNCRNA_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(e: BaseException) -> bool:
+    from .evaluate import EvaluationError
+    from .fasta import FastaError
+    from .predict import ModelError
+
+    return isinstance(e, (UserError, FastaError, ModelError, EvaluationError))
+
+
+def _kept(e: BaseException) -> str:
+    kept = getattr(e, "rows_kept", None)
+    if kept is None:
+        return ""
+    rows, where = kept
+    return f" ({rows} finished rows kept in {where})" if rows else " (no rows written)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

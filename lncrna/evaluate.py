@@ -1,0 +1,274 @@
+"""Score predictions against truth labels: metrics (JSON + table) and ROC / precision-recall plots.
+
+    from lncrna.evaluate import read_predictions, read_truth, evaluate, write_report
+    pred = read_predictions("pred.tsv")                 # id, length, lncRNA_probability, label
+    truth = read_truth(fasta="data/lncrna/test_human.fa.gz")   # headers carry label=lncRNA|mRNA
+    # or: read_truth(lnc="lnc.fa", mrna="mrna.fa")
+    result = evaluate(pred, truth)
+    write_report(result, "eval_out")                    # metrics.json metrics.tsv roc.png pr.png
+
+Truth comes from FASTA headers only (``>ID ... label=lncRNA`` or ``label=mRNA``, case-insensitive),
+or from which file a record is in (``--lnc`` / ``--mrna``). Headers are scanned line by line, not
+validated as sequences: the id is the first word after ``>``, as Biopython reads it.
+
+Predictions and truth are joined by id. Predicted ids without truth and truth ids without a
+prediction (e.g. records skipped as invalid) are counted and reported, and the metrics use the
+records that have both. Metrics are :func:`lncrna.metrics.classification_metrics` (lncRNA = 1)
+plus ``auprc`` (average precision).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import classification_metrics
+from .predict import TSV_COLUMNS
+
+__all__ = ["EvaluationError", "EvalResult", "read_predictions", "read_truth", "evaluate", "write_report",
+           "plot_curves", "format_table", "sniff_kind", "LABEL_VALUES"]
+
+LABEL_VALUES = {"lncrna": 1, "mrna": 0}
+
+
+class EvaluationError(ValueError):
+    """Predictions or truth cannot be used. One-line message naming the file."""
+
+
+def _open_text(path: Path):
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if magic == b"\x1f\x8b":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def sniff_kind(path: str | os.PathLike[str]) -> str:
+    """``"fasta"`` (first non-blank line starts with ``>``), ``"predictions"`` (our TSV header) or
+    ``"unknown"``. Missing / unreadable files raise :class:`EvaluationError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no such file")
+    try:
+        with _open_text(path) as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith(">"):
+                    return "fasta"
+                if tuple(line.rstrip("\r\n").split("\t")) == TSV_COLUMNS:
+                    return "predictions"
+                return "unknown"
+    except (OSError, EOFError) as e:
+        raise EvaluationError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    raise EvaluationError(f"{path}: empty file")
+
+
+def read_predictions(path: str | os.PathLike[str]) -> dict[str, float]:
+    """``id -> lncRNA probability`` from a ``lncrna predict`` TSV (header ``id length lncRNA_probability label``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no such file")
+    out: dict[str, float] = {}
+    with _open_text(path) as fh:
+        reader = csv.reader(fh, delimiter="\t")
+        header = next(reader, None)
+        if header is None:
+            raise EvaluationError(f"{path}: empty file")
+        if tuple(header) != TSV_COLUMNS:
+            raise EvaluationError(f"{path}: not a predictions TSV: header must be "
+                                  f"{' '.join(TSV_COLUMNS)!r} (tab-separated), got {' '.join(header)[:80]!r}")
+        for line_no, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(TSV_COLUMNS):
+                raise EvaluationError(f"{path}: line {line_no}: expected {len(TSV_COLUMNS)} columns, got {len(row)}")
+            try:
+                p = float(row[2])
+            except ValueError:
+                raise EvaluationError(f"{path}: line {line_no} {row[0]!r}: probability {row[2]!r} is not a number") from None
+            if not 0.0 <= p <= 1.0:
+                raise EvaluationError(f"{path}: line {line_no} {row[0]!r}: probability {p} outside [0, 1]")
+            if row[0] in out:
+                raise EvaluationError(f"{path}: line {line_no}: duplicate id {row[0]!r}")
+            out[row[0]] = p
+    if not out:
+        raise EvaluationError(f"{path}: no predictions (header only)")
+    return out
+
+
+def _scan_headers(path: Path) -> list[tuple[str, str]]:
+    """``(id, rest of header)`` of every record; FastaError-like one-line errors for non-FASTA files."""
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no such file")
+    heads: list[tuple[str, str]] = []
+    try:
+        with _open_text(path) as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if line.startswith(">"):
+                    words = line[1:].strip().split(maxsplit=1)
+                    heads.append((words[0] if words else "", words[1] if len(words) > 1 else ""))
+                elif not heads and line.strip():
+                    raise EvaluationError(f"{path}: not FASTA: line {line_no} does not start with '>'")
+    except (OSError, EOFError) as e:
+        raise EvaluationError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not heads:
+        raise EvaluationError(f"{path}: no FASTA records")
+    return heads
+
+
+def _label_of(rest: str) -> int | None:
+    for word in rest.split():
+        key, sep, value = word.partition("=")
+        if sep and key.lower() == "label":
+            return LABEL_VALUES.get(value.lower(), -1)
+    return None
+
+
+def read_truth(fasta: str | os.PathLike[str] | None = None, *, lnc: str | os.PathLike[str] | None = None,
+               mrna: str | os.PathLike[str] | None = None) -> dict[str, int]:
+    """``id -> 1 (lncRNA) / 0 (mRNA)``, from ``label=`` tags in ``fasta``'s headers, or from the files
+    ``lnc`` and ``mrna`` (give both). Records of ``fasta`` without a ``label=`` tag are left out."""
+    if fasta is not None and (lnc is not None or mrna is not None):
+        raise EvaluationError("give truth either as one labelled FASTA or as --lnc and --mrna, not both")
+    truth: dict[str, int] = {}
+    if fasta is not None:
+        path = Path(fasta)
+        for i, (rid, rest) in enumerate(_scan_headers(path), start=1):
+            y = _label_of(rest)
+            if y == -1:
+                raise EvaluationError(f"{path}: record {i} {rid!r}: label must be lncRNA or mRNA ({rest[:60]!r})")
+            if y is not None:
+                truth.setdefault(rid, y)
+        if not truth:
+            raise EvaluationError(f"{path}: no truth labels: headers need label=lncRNA or label=mRNA "
+                                  f"(or give --lnc FASTA --mrna FASTA)")
+        return truth
+    if lnc is None or mrna is None:
+        raise EvaluationError("truth needs both --lnc and --mrna (or one FASTA with label= in its headers)")
+    for y, p in ((1, Path(lnc)), (0, Path(mrna))):
+        for rid, _ in _scan_headers(p):
+            if truth.get(rid, y) != y:
+                raise EvaluationError(f"{p}: id {rid!r} is also in the other truth file")
+            truth[rid] = y
+    return truth
+
+
+@dataclass
+class EvalResult:
+    """Joined labels and scores with their metrics."""
+
+    metrics: dict[str, Any]
+    y: np.ndarray
+    prob: np.ndarray
+    ids: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate(pred: dict[str, float], truth: dict[str, int], threshold: float = 0.5) -> EvalResult:
+    """Join by id and compute the metrics. Raises :class:`EvaluationError` if no id is in both."""
+    ids = [i for i in pred if i in truth]
+    if not ids:
+        ex_p, ex_t = next(iter(pred), ""), next(iter(truth), "")
+        raise EvaluationError(f"no predicted id has a truth label (e.g. prediction {ex_p!r}, truth {ex_t!r})")
+    y = np.array([truth[i] for i in ids], dtype=np.int64)
+    p = np.array([pred[i] for i in ids], dtype=np.float64)
+    m = classification_metrics(y, p, threshold=threshold)
+    from sklearn.metrics import average_precision_score
+
+    m["auprc"] = float(average_precision_score(y, p)) if 0 < y.sum() < y.size else math.nan
+    info = {
+        "n_predicted": len(pred),
+        "n_truth": len(truth),
+        "n_scored": len(ids),
+        "predicted_without_truth": len(pred) - len(ids),
+        "truth_without_prediction": sum(1 for i in truth if i not in pred),
+    }
+    return EvalResult(m, y, p, ids, info)
+
+
+ORDER = ("accuracy", "precision", "recall", "specificity", "f1", "mcc", "auroc", "auprc")
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Two-column text table: the headline metrics, then the counts."""
+    rows = [(k, f"{metrics[k]:.4f}") for k in ORDER if k in metrics]
+    rows += [(k, str(metrics[k])) for k in ("n", "n_pos", "tp", "fp", "tn", "fn", "threshold") if k in metrics]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n"
+
+
+def plot_curves(y: np.ndarray, prob: np.ndarray, out_dir: str | os.PathLike[str], title: str = "") -> dict[str, Path]:
+    """Write ``roc.png`` and ``pr.png`` (matplotlib, Agg backend) into ``out_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    out_dir = Path(out_dir)
+    paths = {"roc": out_dir / "roc.png", "pr": out_dir / "pr.png"}
+    both = 0 < y.sum() < y.size
+    suffix = f" - {title}" if title else ""
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.5), dpi=120)
+    if both:
+        fpr, tpr, _ = roc_curve(y, prob)
+        ax.plot(fpr, tpr, lw=1.8, label=f"lncRNA vs mRNA (AUROC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey", label="chance")
+    ax.set(xlabel="false positive rate (mRNA called lncRNA)", ylabel="true positive rate (lncRNA recall)",
+           title=f"ROC{suffix}", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["roc"])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.5), dpi=120)
+    if both:
+        precision, recall, _ = precision_recall_curve(y, prob)
+        from sklearn.metrics import average_precision_score
+
+        ax.plot(recall, precision, lw=1.8, label=f"lncRNA (AP {average_precision_score(y, prob):.3f})")
+    ax.axhline(float(y.mean()), ls="--", lw=0.8, color="grey", label=f"prevalence {y.mean():.2f}")
+    ax.set(xlabel="recall (lncRNA)", ylabel="precision (lncRNA)", title=f"Precision-recall{suffix}",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["pr"])
+    plt.close(fig)
+    return paths
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    return v
+
+
+def write_report(result: EvalResult, out_dir: str | os.PathLike[str], title: str = "",
+                 extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """``metrics.json`` (metrics, join counts, ``extra``), ``metrics.tsv``, ``roc.png``, ``pr.png`` in ``out_dir``.
+
+    NaN metrics (AUROC with a single class) are written as JSON ``null``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = plot_curves(result.y, result.prob, out_dir, title)
+    paths["json"] = out_dir / "metrics.json"
+    paths["tsv"] = out_dir / "metrics.tsv"
+    doc = {"metrics": result.metrics, "join": result.info, **(extra or {}),
+           "files": {k: p.name for k, p in paths.items()}}
+    paths["json"].write_text(json.dumps(_json_safe(doc), indent=2) + "\n")
+    lines = ["metric\tvalue"] + [f"{k}\t{v}" for k, v in result.metrics.items()]
+    paths["tsv"].write_text("\n".join(lines) + "\n")
+    return paths

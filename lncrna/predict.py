@@ -1,0 +1,489 @@
+"""Batched lncRNA-vs-mRNA prediction, streamed chunk by chunk: a fast feature baseline first, the
+transformer only where the baseline is unsure.
+
+    from lncrna.predict import Predictor
+    with Predictor() as predictor:                      # lncrna/weights/default, cuda if available
+        for p in predictor.predict_fasta("transcripts.fa.gz"):
+            print(p.id, p.length, p.prob, p.label)
+
+The cascade (``stack.json`` next to the transformer weights; :class:`StackParams`):
+
+1. stage 1, every record: the CPAT-like :class:`~lncrna.features.FeatureBaseline` gives ``p_b``
+   (about a millisecond per transcript on one CPU core);
+2. records with ``low < p_b < high`` are "hard": the transformer gives ``p_t`` and the final
+   probability is ``sigmoid(w_baseline * logit(p_b) + w_transformer * logit(p_t) + bias)``
+   (probabilities clipped to ``[1e-6, 1 - 1e-6]`` before the logit); easy records keep ``p_b``.
+
+``cascade=False`` sends every record through stage 2 with the same formula.
+
+Streaming: records are taken ``chunk_size`` (4096) at a time; the predictions of a chunk are
+yielded, in input order, as soon as that chunk is done, so a consumer writing rows per chunk keeps
+every finished row when a run is interrupted. Inside a chunk, the hard records go to the
+transformer sorted by length, in batches of at most ``batch_tokens`` padded tokens (windows x
+tokens per window).
+
+Parallelism: with ``workers > 0`` stage 1 and the tokenization of the hard records run in a
+``multiprocessing`` pool (each chunk split into ``workers`` parts, results reassembled in order),
+up to ``prefetch`` chunks ahead of the transformer stage, which runs in this process. Defaults:
+``workers=0`` on CPU (the transformer already uses every core; a pool would compete with it) and
+``min(16, usable cores - 1)`` on CUDA (stage 1 is then the bottleneck: about 1k transcripts/s per
+core). The pool is started with ``fork`` where the platform has it, before the transformer is
+loaded (workers only run numpy code, never torch), and with ``spawn`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fasta import FastaRecord, normalise_sequence, read_fasta
+from .features import DEFAULT_BASELINE_DIR, FeatureBaseline
+
+__all__ = [
+    "Predictor",
+    "Prediction",
+    "StackParams",
+    "ModelError",
+    "DEFAULT_MODEL_DIR",
+    "EXAMPLE_FASTA",
+    "STACK_FILE",
+    "CHUNK_SIZE",
+    "TSV_COLUMNS",
+    "default_workers",
+    "format_row",
+]
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "default"
+EXAMPLE_FASTA = Path(__file__).resolve().parent / "examples" / "example.fa"  # 10 lncRNA + 10 mRNA, labelled
+STACK_FILE = "stack.json"
+CONFIG_FILE = "lncrna_config.json"  # = lncrna.model.CONFIG_FILE (not imported: that pulls in torch)
+WEIGHTS_FILE = "model.safetensors"  # = lncrna.model.WEIGHTS_FILE
+CHUNK_SIZE = 4096
+TSV_COLUMNS = ("id", "length", "lncRNA_probability", "label")
+EPS = 1e-6
+BATCH_TOKENS = {"cpu": 16_384, "cuda": 524_288}  # padded tokens per transformer batch
+
+
+class ModelError(Exception):
+    """The model directory (or its files, or the device) cannot be used. One-line message."""
+
+
+# ---- stacking -------------------------------------------------------------------------------------
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0 - EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+@dataclass(frozen=True)
+class StackParams:
+    """The cascade band ``(low, high)`` and the logistic stacker of baseline and transformer."""
+
+    low: float
+    high: float
+    w_baseline: float
+    w_transformer: float
+    bias: float
+
+    KEYS = ("low", "high", "w_baseline", "w_transformer", "bias")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.low <= self.high <= 1.0:
+            raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "StackParams":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelError(f"{path}: missing stacker file (cascade band and stacking weights)") from None
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{path}: unreadable stacker file ({' '.join(str(e).split())})") from None
+        if not isinstance(raw, dict):
+            raise ModelError(f"{path}: expected a JSON object with keys {', '.join(cls.KEYS)}")
+        missing = [k for k in cls.KEYS if k not in raw]
+        bad = [k for k in cls.KEYS if k in raw and not (isinstance(raw[k], (int, float)) and math.isfinite(raw[k]))]
+        if missing or bad:
+            raise ModelError(f"{path}: " + "; ".join(
+                ([f"missing keys {', '.join(missing)}"] if missing else []) + ([f"not a finite number: {', '.join(bad)}"] if bad else [])))
+        try:
+            return cls(**{k: float(raw[k]) for k in cls.KEYS})
+        except ValueError as e:
+            raise ModelError(f"{path}: {e}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps({k: getattr(self, k) for k in self.KEYS}, indent=2) + "\n")
+        return path
+
+    def is_hard(self, p_baseline: np.ndarray) -> np.ndarray:
+        """Boolean mask of the records the transformer sees: ``low < p_b < high`` (open interval)."""
+        p = np.asarray(p_baseline)
+        return (p > self.low) & (p < self.high)
+
+    def combine(self, p_baseline: np.ndarray, p_transformer: np.ndarray) -> np.ndarray:
+        """``sigmoid(w_b * logit(p_b) + w_t * logit(p_t) + bias)``, inputs clipped to [1e-6, 1-1e-6]."""
+        z = self.w_baseline * _logit(p_baseline) + self.w_transformer * _logit(p_transformer) + self.bias
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+# ---- results --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One transcript's call. ``stage``: ``"baseline"`` (easy, p_b kept) or ``"transformer"`` (stacked)."""
+
+    id: str
+    length: int
+    prob: float
+    label: str
+    stage: str = "baseline"
+
+
+def format_row(p: Prediction) -> str:
+    """One TSV line (with ``\\n``) in :data:`TSV_COLUMNS` order."""
+    return f"{p.id}\t{p.length}\t{p.prob:.6f}\t{p.label}\n"
+
+
+@dataclass
+class PredictStats:
+    """Counters of a :class:`Predictor` since construction (or the last :meth:`reset`)."""
+
+    records: int = 0
+    transformer: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    stage1_seconds: float = 0.0  # waiting for stage 1 in this process (with workers: only the wait)
+    transformer_seconds: float = 0.0
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+# ---- stage 1: baseline + tokenization of the hard records (runs in workers when workers > 0) --------
+class _Stage1:
+    """Baseline probability of every record; transformer windows of the hard ones. numpy only."""
+
+    def __init__(self, baseline: FeatureBaseline, tokenizer: Any, model_cfg: Any, stack: StackParams, cascade: bool):
+        self.baseline, self.tokenizer, self.model_cfg = baseline, tokenizer, model_cfg
+        self.stack, self.cascade = stack, cascade
+
+    def encode(self, seq: str) -> list[np.ndarray]:
+        """Windows of one sequence, exactly as ``NucleotideClassifier.encode``."""
+        from .model import window_ids
+
+        tok = self.tokenizer
+        return window_ids(tok.encode_ids(seq), self.model_cfg, tok.cls_token_id, tok.sep_token_id)
+
+    def __call__(self, seqs: list[str]) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray]]]:
+        """``(p_b (n,), hard indices (h,), windows of each hard record)``."""
+        p_b = self.baseline.predict_proba(seqs) if seqs else np.zeros(0)
+        hard = np.flatnonzero(self.stack.is_hard(p_b)) if self.cascade else np.arange(len(seqs))
+        return p_b, hard, [self.encode(seqs[i]) for i in hard]
+
+
+_WORKER_STAGE1: _Stage1 | None = None
+
+
+def _worker_init(stage1: _Stage1) -> None:
+    global _WORKER_STAGE1
+    _WORKER_STAGE1 = stage1
+    try:  # stage 1 is numpy only; keep any BLAS/OpenMP pool in a worker to one thread
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except Exception:  # pragma: no cover - threadpoolctl is optional
+        pass
+
+
+def _worker_stage1(seqs: list[str]):
+    assert _WORKER_STAGE1 is not None, "worker not initialised"
+    return _WORKER_STAGE1(seqs)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(device_type: str) -> int:
+    """0 on CPU; ``min(16, usable cores - 1)`` on CUDA (stage 1 feeds the GPU). See the module docstring."""
+    return 0 if device_type != "cuda" else max(0, min(16, usable_cores() - 1))
+
+
+def _chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _as_record(item: Any, index: int) -> FastaRecord:
+    """FastaRecord as is (already validated); ``(id, seq)`` pairs and objects with ``.id``/``.seq`` normalised."""
+    if isinstance(item, FastaRecord):
+        return item
+    rid, seq = (item.id, item.seq) if hasattr(item, "seq") else item
+    try:
+        seq = normalise_sequence(str(seq))
+    except ValueError as e:
+        raise ValueError(f"record {index} {rid!r}: {e}") from None
+    return FastaRecord(str(rid), str(rid), seq)
+
+
+# ---- the predictor --------------------------------------------------------------------------------
+class Predictor:
+    """Loads the baseline and the transformer once; predicts any number of records, streamed.
+
+    Args:
+        model_dir: folder with ``lncrna_config.json``, ``model.safetensors`` and ``stack.json``
+            (default: the shipped ``lncrna/weights/default``).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...; default cuda if available, else cpu.
+        cascade: ``False`` sends every record to the transformer (stacked the same way).
+        batch_tokens: padded tokens per transformer batch (default 16384 on CPU, 524288 on CUDA).
+        workers: stage-1 processes; ``None`` = :func:`default_workers` (0 on CPU).
+        baseline_dir: the feature baseline (default ``lncrna/weights/baseline``).
+        threshold: ``label = "lncRNA" if prob >= threshold else "mRNA"``.
+        chunk_size: records per chunk; predictions come out chunk by chunk.
+        prefetch: with workers, how many chunks stage 1 may run ahead of the transformer.
+
+    Raises :class:`ModelError` (one line, naming the path) when a model file is missing or
+    unreadable, or the device is not available.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str] | None = None,
+        device: str | None = None,
+        cascade: bool = True,
+        batch_tokens: int | None = None,
+        workers: int | None = None,
+        *,
+        baseline_dir: str | os.PathLike[str] | None = None,
+        threshold: float = 0.5,
+        chunk_size: int = CHUNK_SIZE,
+        prefetch: int = 2,
+    ) -> None:
+        self.model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
+        self.cascade, self.threshold = bool(cascade), float(threshold)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if batch_tokens is not None and batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        if workers is not None and workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.chunk_size, self.prefetch = int(chunk_size), max(1, int(prefetch))
+        self.stats = PredictStats()
+        self._pool = None
+
+        # 1. every file check first: cheap, and nothing heavy has happened when one fails
+        self._check_model_dir()
+        self.stack = StackParams.load(self.model_dir / STACK_FILE)
+        baseline_dir = Path(baseline_dir) if baseline_dir is not None else DEFAULT_BASELINE_DIR
+        try:
+            self.baseline = FeatureBaseline.load(baseline_dir)
+        except FileNotFoundError as e:
+            raise ModelError(f"{e.filename or baseline_dir}: missing baseline file") from None
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"{baseline_dir}: unreadable feature baseline ({' '.join(str(e).split())})") from None
+        try:
+            cfg_raw = json.loads((self.model_dir / CONFIG_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{self.model_dir / CONFIG_FILE}: unreadable model config ({e})") from None
+
+        import torch
+
+        from .model import ModelConfig, make_tokenizer
+
+        try:
+            self.model_cfg = ModelConfig(**cfg_raw)
+        except TypeError as e:
+            raise ModelError(f"{self.model_dir / CONFIG_FILE}: not a lncrna model config ({e})") from None
+        self.device = self._pick_device(device, torch)
+        self.batch_tokens = int(batch_tokens) if batch_tokens else BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cpu"])
+        self.workers = default_workers(self.device.type) if workers is None else int(workers)
+        self._stage1 = _Stage1(self.baseline, make_tokenizer(self.model_cfg), self.model_cfg, self.stack, self.cascade)
+
+        # 2. the pool before the transformer exists (fork copies a process without torch state in use)
+        if self.workers > 0:
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+            self._pool = ctx.Pool(self.workers, initializer=_worker_init, initargs=(self._stage1,))
+            self._finalizer = weakref.finalize(self, self._pool.terminate)
+
+        # 3. the transformer
+        from .model import NucleotideClassifier
+
+        try:
+            self.model = NucleotideClassifier.from_pretrained(self.model_dir, device=self.device)
+        except Exception as e:  # OSError, ValueError, safetensors' own errors: all mean "unusable file"
+            self.close()
+            raise ModelError(f"{self.model_dir}: cannot load the transformer ({' '.join(str(e).split())[:300]})") from None
+        self.model.eval()
+
+    # ---- set-up helpers ----
+    def _check_model_dir(self) -> None:
+        d = self.model_dir
+        default = d == DEFAULT_MODEL_DIR
+        if not d.is_dir():
+            if default:
+                raise ModelError(f"{d}: the default model is not installed (no such directory); "
+                                 f"pass a model directory (--model DIR) holding {CONFIG_FILE}, {WEIGHTS_FILE}, {STACK_FILE}")
+            raise ModelError(f"{d}: no such model directory")
+        missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE, STACK_FILE) if not (d / n).is_file()]
+        if missing:
+            raise ModelError(f"{d}: not a complete lncrna model directory, missing {', '.join(missing)}")
+
+    @staticmethod
+    def _pick_device(device: str | None, torch: Any):
+        if device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ModelError(f"unsupported device {device!r}; expected cpu, cuda or cuda:N") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ModelError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ModelError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        elif dev.type != "cpu":
+            raise ModelError(f"unsupported device {device!r}; expected cpu or cuda[:N]")
+        return dev
+
+    # ---- lifetime ----
+    def close(self) -> None:
+        """Stop the worker pool (if any). The predictor is unusable with workers afterwards."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- prediction ----
+    def predict_fasta(self, path: str | os.PathLike[str], **read_kw: Any) -> Iterator[Prediction]:
+        """Stream predictions for a FASTA(.gz) file (read and validated by :func:`lncrna.fasta.read_fasta`)."""
+        return self.predict_records(read_fasta(path, **read_kw))
+
+    def predict_sequences(self, seqs: Iterable[str]) -> np.ndarray:
+        """lncRNA probability of each sequence, (n,) float64, in input order."""
+        return np.array([p.prob for p in self.predict_records((str(i), s) for i, s in enumerate(seqs))])
+
+    def predict_records(self, records: Iterable[Any]) -> Iterator[Prediction]:
+        """Predictions in input order, yielded chunk by chunk (see the module docstring).
+
+        ``records``: :class:`~lncrna.fasta.FastaRecord` (taken as validated), ``(id, seq)`` pairs or
+        objects with ``.id`` and ``.seq`` (normalised here; ``ValueError`` naming the record if invalid).
+        """
+        recs = (_as_record(r, i) for i, r in enumerate(records, start=1))
+        for chunk, (p_b, hard, windows), t_wait in self._stage1_stream(_chunked(recs, self.chunk_size)):
+            t0 = time.perf_counter()
+            prob = np.asarray(p_b, dtype=np.float64).copy()
+            if len(hard):
+                p_t = self._transformer_proba(windows)
+                prob[hard] = self.stack.combine(p_b[hard], p_t)
+            t1 = time.perf_counter()
+            st = self.stats
+            st.records += len(chunk)
+            st.transformer += len(hard)
+            st.chunks += 1
+            st.stage1_seconds += t_wait
+            st.transformer_seconds += t1 - t0
+            st.seconds += t_wait + (t1 - t0)
+            is_hard = np.zeros(len(chunk), dtype=bool)
+            is_hard[hard] = True
+            for rec, p, h in zip(chunk, prob.tolist(), is_hard.tolist()):
+                yield Prediction(rec.id, len(rec.seq), p, "lncRNA" if p >= self.threshold else "mRNA",
+                                 "transformer" if h else "baseline")
+
+    def _stage1_stream(self, chunks: Iterator[list[FastaRecord]]):
+        """``(chunk, stage-1 result, seconds waited)`` per chunk, in order; the pool runs ahead."""
+        if self._pool is None:
+            for chunk in chunks:
+                t0 = time.perf_counter()
+                result = self._stage1([r.seq for r in chunk])
+                yield chunk, result, time.perf_counter() - t0
+            return
+        pending: deque = deque()
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < self.prefetch + 1:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                part = max(64, math.ceil(len(chunk) / self.workers))
+                parts = [(lo, self._pool.apply_async(_worker_stage1, ([r.seq for r in chunk[lo : lo + part]],)))
+                         for lo in range(0, len(chunk), part)]
+                pending.append((chunk, parts))
+            if not pending:
+                return
+            chunk, parts = pending.popleft()
+            t0 = time.perf_counter()
+            p_b, hard, windows = [], [], []
+            for lo, res in parts:
+                pb_i, hard_i, win_i = res.get()
+                p_b.append(pb_i)
+                hard.append(hard_i + lo)
+                windows.extend(win_i)
+            yield chunk, (np.concatenate(p_b), np.concatenate(hard).astype(np.int64), windows), time.perf_counter() - t0
+
+    def _transformer_proba(self, windows: list[list[np.ndarray]]) -> np.ndarray:
+        """Transformer lncRNA probability of each record given its windows, (n,) float64.
+
+        Records are sorted by length (longest window, then number of windows) and batched so that
+        ``windows x longest window <= batch_tokens``; same result as ``NucleotideClassifier.predict_proba``.
+        """
+        import torch
+
+        from .model import collate_windows
+
+        out = np.empty(len(windows), dtype=np.float64)
+        if not windows:
+            return out
+        longest = np.array([max(len(w) for w in ws) for ws in windows])
+        count = np.array([len(ws) for ws in windows])
+        order = np.lexsort((count, longest))
+        device, model = self.device, self.model
+        batch: list[int] = []
+        n_win = max_len = 0
+
+        def run(idx: list[int]) -> None:
+            b = collate_windows([windows[i] for i in idx])
+            b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(b["input_ids"], b["attention_mask"], b["window_owner"], n=len(idx))
+            out[idx] = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+
+        with torch.inference_mode():
+            for i in order.tolist():
+                new_max = max(max_len, int(longest[i]))
+                if batch and (n_win + int(count[i])) * new_max > self.batch_tokens:
+                    run(batch)
+                    batch, n_win, new_max = [], 0, int(longest[i])
+                batch.append(i)
+                n_win += int(count[i])
+                max_len = new_max
+            if batch:
+                run(batch)
+        return out
