@@ -175,7 +175,8 @@ def run(cfg: Any, command: str | None = None) -> dict[str, float]:
         metrics.update({k: float(v) for k, v in test.items()})
     if task_type == "causal_lm" and data_cfg.get("eval_wikitext2"):
         wt2 = WikiText2DataModule(tokenizer, block_size=data_cfg.get("block_size", 256),
-                                  eval_batch_size=data_cfg.get("eval_batch_size"), seed=int(cfg.seed))
+                                  eval_batch_size=data_cfg.get("eval_batch_size"),
+                                  max_eval_samples=data_cfg.get("max_eval_samples"), seed=int(cfg.seed))
         (test,) = trainer.test(module, datamodule=wt2, verbose=False)
         metrics.update({f"wikitext2_{k}": float(v) for k, v in test.items()})
     metrics.update(

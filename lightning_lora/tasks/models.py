@@ -114,6 +114,11 @@ def load_smollm2(task: str = "causal_lm", cache: bool = True, **_: Any) -> tuple
     else:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+        # The weights are plain fp32 nn.Linear after de-quantisation; transformers still tags the
+        # model as GGUF-quantised, which blocks save_pretrained. Drop the tag.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         if cache:
             try:
                 cached.mkdir(parents=True, exist_ok=True)
@@ -150,11 +155,31 @@ def load_tiny_bert(num_labels: int = 2, task: str = "classification", hidden_siz
     return model, tokenizer
 
 
+def load_tiny_llama(task: str = "causal_lm", hidden_size: int = 32, num_layers: int = 2, seed: int = 0,
+                    **_: Any) -> tuple[nn.Module, Any]:
+    """A randomly initialised 2-layer Llama with MiniLM's (word-piece) tokenizer: for fast causal-LM
+    tests only. Module names match SmolLM2's (``q_proj`` ... ``down_proj``)."""
+    if task != "causal_lm":
+        raise ValueError(f"model 'tiny_llama' supports task 'causal_lm' only, got {task!r}")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = minilm_tokenizer()
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
+
+
 #: model name (the ``name`` in conf/model/*.yaml) -> loader(task=..., num_labels=..., **kwargs)
 MODELS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
     "minilm": load_minilm,
     "smollm2": load_smollm2,
     "tiny_bert": load_tiny_bert,
+    "tiny_llama": load_tiny_llama,
 }
 
 

@@ -36,7 +36,7 @@ def test_missing_smollm2_names_the_pip_command(no_model_packages):
 
 
 def test_unknown_model_and_wrong_task():
-    with pytest.raises(ValueError, match="unknown model 'gpt5'; available: minilm, smollm2, tiny_bert"):
+    with pytest.raises(ValueError, match="unknown model 'gpt5'; available: minilm, smollm2, tiny_bert, tiny_llama"):
         models.load_model("gpt5", task="classification")
     with pytest.raises(ValueError, match="supports task 'causal_lm' only"):
         models.load_smollm2(task="classification")

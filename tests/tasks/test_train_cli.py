@@ -102,6 +102,14 @@ def test_mrpc_selects_on_dev_and_reports_test(tmp_path):
     assert list((tmp_path / "outputs").glob("*/*/checkpoints/*.ckpt"))
 
 
+def test_causal_lm_runs_end_to_end(tmp_path):
+    proc, _ = cli(tmp_path, "train", "data=shakespeare", "model=tiny_llama", "data.max_samples=32", "data.block_size=32",
+                  "data.max_eval_samples=8", "data.eval_wikitext2=true", "trainer.max_steps=4", "results_name=lm_tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "results" / "lm_tiny.json").read_text())["metrics"]
+    assert metrics["steps"] == 4 and metrics["val_ppl"] > 1 and metrics["wikitext2_test_ppl"] > 1
+
+
 def test_multirun(tmp_path):
     proc, _ = cli(tmp_path, "train", "-m", "adapter=lora,rslora", *TINY, "trainer.max_steps=2", timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
