@@ -607,7 +607,20 @@ def _hydra(cmd: str, args: list[str]) -> int:
         hydra.main(version_base="1.3", config_path=str(conf), config_name=cmd)(task)()
     finally:
         sys.argv = saved
+        _unstore(store, "adapter", adapters)
     return 0
+
+
+def _unstore(store: Any, group: str, names: Iterable[str]) -> None:
+    """Take our entries out of Hydra's process-wide ConfigStore again: left there, they would act as
+    schemas for same-named files (conf/adapter/*.yaml) of any later Hydra app in this process."""
+    entries = store.repo.get(group)
+    if not isinstance(entries, dict):
+        return
+    for name in names:
+        entries.pop(f"{name}.yaml", None)
+    if not entries:
+        store.repo.pop(group, None)
 
 
 # ---- entry point -------------------------------------------------------------------------------

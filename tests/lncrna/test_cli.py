@@ -408,6 +408,11 @@ def test_train_composes_groups_and_sweeps(tmp_path, capsys, monkeypatch):
     seen.clear()
     assert run(["train", "adapter=dora", "adapter.r=4"], capsys)[0] == 0
     assert seen[-1]["adapter"]["use_dora"] is True and seen[-1]["adapter"]["r"] == 4
+    # the adapter options live in Hydra's process-wide ConfigStore only during a run: left there, they
+    # would be taken as schemas of conf/adapter/*.yaml by a later `lightning-lora train` in this process
+    from hydra.core.config_store import ConfigStore
+
+    assert not ConfigStore.instance().repo.get("adapter")
 
 
 def test_pretrain_composes(tmp_path, capsys, monkeypatch):
