@@ -50,7 +50,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -494,3 +494,14 @@ class Predictor:
             if batch:
                 run(batch)
         return out
+
+
+_DEFAULT_PREDICTOR: Predictor | None = None
+
+
+def predict_proba(seqs: Sequence[str]) -> np.ndarray:
+    """lncRNA probability of each sequence with the shipped model (loaded once), in input order."""
+    global _DEFAULT_PREDICTOR
+    if _DEFAULT_PREDICTOR is None:
+        _DEFAULT_PREDICTOR = Predictor()
+    return _DEFAULT_PREDICTOR.predict_sequences(seqs)
