@@ -1,0 +1,112 @@
+"""Training throughput with Lightning's DDP on 2 GPUs over 1 GPU, LoRA through AdapterCallback.
+
+    python benchmarks/ddp_scaling.py                      # needs 2 GPUs; writes benchmarks/results/ddp_scaling.json
+    python benchmarks/ddp_scaling.py --accelerator cpu --tiny --steps 6   # checks the script on a CPU (gloo)
+
+Model: BERT-base (random weights, bf16-mixed), LoRA r = 16 on query/key/value/dense, batch
+32 × 512 tokens per device, synthetic tokens (the input pipeline is not what is measured).
+Throughput = samples per second over the steps after ``--warmup``, timed inside the training
+loop on rank 0 (all ranks step together under DDP). Each device count runs in its own process
+(``torchrun``-free: Lightning launches the DDP workers itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_one(args: argparse.Namespace) -> None:
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import lightning_lora as ll
+
+    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if args.tiny else {}
+    seq = 32 if args.tiny else args.seq
+
+    class Tokens(Dataset):
+        def __len__(self) -> int:
+            return 10**6
+
+        def __getitem__(self, i: int):
+            g = torch.Generator().manual_seed(i)
+            return torch.randint(0, 30522, (seq,), generator=g), torch.randint(0, 2, (), generator=g)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = BertForSequenceClassification(BertConfig(num_labels=2, **size))
+            self.times: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            ids, y = batch
+            return self.model(input_ids=ids, labels=y).loss
+
+        def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(ll.trainable_parameters(self), lr=1e-4)
+
+    module = Module()
+    trainer = pl.Trainer(
+        accelerator=args.accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+        precision="bf16-mixed" if args.accelerator == "gpu" else "32-true", max_steps=args.steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[ll.AdapterCallback("lora", r=16, alpha=32, target_modules=["query", "key", "value", "dense"],
+                                      modules_to_save=["classifier"])],
+    )
+    trainer.fit(module, DataLoader(Tokens(), batch_size=args.batch, num_workers=2))
+    if trainer.is_global_zero:
+        t = module.times[args.warmup:]
+        rate = (len(t) - 1) * args.batch * args.devices / (t[-1] - t[0])
+        Path(args.part).write_text(json.dumps({"devices": args.devices, "samples_per_s": rate}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--accelerator", default="gpu")
+    ap.add_argument("--devices", type=int, default=0, help="internal: run one device count")
+    ap.add_argument("--part", default=None, help="internal: where one run writes its figure")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args()
+    if args.devices:
+        return run_one(args)
+    parts = {}
+    for n in (1, 2):
+        part = ROOT / f"runs/ddp_scaling_{n}.json"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, __file__, "--devices", str(n), "--part", str(part)] + sys.argv[1:]
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        parts[n] = json.loads(part.read_text())["samples_per_s"]
+    metrics = {"samples_per_s_1gpu": parts[1], "samples_per_s_2gpu": parts[2], "scaling_2gpu": parts[2] / parts[1]}
+    import torch
+
+    device = f"2 x {torch.cuda.get_device_name()}" if args.accelerator == "gpu" else "cpu (gloo)"
+    result = {"name": "ddp_scaling", "command": "python benchmarks/ddp_scaling.py " + " ".join(sys.argv[1:]),
+              "device": device, "date": time.strftime("%Y-%m-%d"), "metrics": metrics}
+    out = ROOT / "benchmarks/results" / ("ddp_scaling.json" if args.accelerator == "gpu" else "ddp_scaling_cpu_check.json")
+    if args.accelerator == "gpu":
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
