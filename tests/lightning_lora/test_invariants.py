@@ -75,6 +75,19 @@ SPECS: dict[str, MethodSpec] = {
         param_count=_lora_count,
         s1="exact",
     ),
+    # DyLoRA (METHODS §4): S1 exact at every rank b; S2 merges at the current (deployment) rank;
+    # trainable count r_max(m+n) whatever the rank. Variants put the deployment rank below r_max.
+    "dylora": MethodSpec(
+        variants={
+            "frozen": dict(r=4, alpha=8),
+            "full_rank2": dict(r=4, alpha=8, mode="full", eval_rank=2),
+            "rank1_code_scaling": dict(r=4, alpha=8, eval_rank=1, scaling_impl="code"),
+            "dropout_rank3": dict(r=4, alpha=8, eval_rank=3, dropout=0.25),
+        },
+        trainable=lambda kw: {"lora_A", "lora_B"},
+        param_count=lambda m, n, kw: kw.get("r", 8) * (m + n),
+        s1="exact",
+    ),
 }
 
 # which modules each test model adapts (names use PEFT's suffix rule)
