@@ -88,6 +88,18 @@ SPECS: dict[str, MethodSpec] = {
         param_count=lambda m, n, kw: kw.get("r", 8) * (m + n),
         s1="exact",
     ),
+    # FFA-LoRA (METHODS §16): A0 is a frozen saved buffer, only B trains (r·m); S1 exact (B = 0).
+    "ffa_lora": MethodSpec(
+        variants={
+            "plain": dict(r=4),
+            "alpha8_unfused": dict(r=4, alpha=8, fused=False),
+            "seeded_gaussian": dict(r=4, a0_seed=0, init="gaussian"),
+            "dropout": dict(r=4, dropout=0.25),
+        },
+        trainable=lambda kw: {"lora_B"},
+        param_count=lambda m, n, kw: kw.get("r", 8) * m,
+        s1="exact",
+    ),
 }
 
 # which modules each test model adapts (names use PEFT's suffix rule)
