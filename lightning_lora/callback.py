@@ -11,6 +11,9 @@ What it does, by Lightning hook:
 - ``on_fit_start``: warns when the optimizer holds frozen parameters; runs the method's
   data-driven initialisation hook.
 - batch hooks: forwarded to the method (rank sampling, gradient edits, schedules).
+- ``validation_step`` (with ``eval_ranks``, for methods with nested ranks such as DyLoRA): wrapped
+  so each validation batch also runs at every requested rank, the metrics logged there repeated
+  under ``<name>_rank<b>``.
 - ``on_fit_end``: optional merge, optional export to a PEFT-format directory.
 
 Checkpoints: the LightningModule's ``on_save_checkpoint`` is wrapped, because it runs for every
@@ -21,7 +24,9 @@ strict for the adapter: every adapter key must be present.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,27 @@ from .core.layer import AdapterLayer
 from .core.state import save_adapter
 
 _WRAPPED = "_lightning_lora_ckpt_wrapped"
+_VAL_WRAPPED = "_lightning_lora_val_wrapped"
+
+
+@contextlib.contextmanager
+def _log_with_suffixes(pl_module: pl.LightningModule, suffixes: list[str]) -> Iterator[None]:
+    """Inside the block ``pl_module.log(name, ...)`` (and so ``log_dict``) logs ``name + s`` for each
+    suffix ``s`` (``""`` keeps the plain name)."""
+    if suffixes == [""]:
+        yield
+        return
+    log = pl_module.log
+
+    def log_suffixed(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        for s in suffixes:
+            log(name + s, value, *args, **kwargs)
+
+    object.__setattr__(pl_module, "log", log_suffixed)
+    try:
+        yield
+    finally:
+        object.__delattr__(pl_module, "log")
 
 
 def adapter_checkpoint_keys(pl_module: nn.Module) -> set[str]:
@@ -73,6 +99,12 @@ class AdapterCallback(pl.Callback):
             LightningModule.
         merge_on_fit_end: merge the adapter into the base weights when ``fit`` ends.
         export_dir: write the adapter (PEFT format for LoRA) there when ``fit`` ends (rank 0).
+        eval_ranks: validate at several adapter ranks; only for methods with nested ranks (they
+            define ``validation_variants``; DyLoRA: a list of ranks, ``"all"`` or ``"none"``; None
+            = the method's own default). Every validation batch runs once as usual, then once per
+            other rank; metrics logged in ``validation_step`` are repeated as ``<name>_rank<b>``.
+            Log values (tensors, floats), not torchmetrics objects: one metric object would be
+            updated by every rank.
         **kwargs: config fields, e.g. ``r=16, alpha=32, target_modules=["query", "value"]``.
     """
 
@@ -84,6 +116,7 @@ class AdapterCallback(pl.Callback):
         target: str | None = None,
         merge_on_fit_end: bool = False,
         export_dir: str | Path | None = None,
+        eval_ranks: list[int] | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -94,6 +127,9 @@ class AdapterCallback(pl.Callback):
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.method = get_method(method)(self.config)
         self.layers: dict[str, AdapterLayer] = {}
+        self.eval_ranks = eval_ranks
+        if eval_ranks is not None and not callable(getattr(self.method, "validation_variants", None)):
+            raise ValueError(f"eval_ranks: method {method!r} has no ranks to validate at")
 
     # ---- injection --------------------------------------------------------------------------
     def target_module(self, pl_module: nn.Module) -> nn.Module:
@@ -118,6 +154,29 @@ class AdapterCallback(pl.Callback):
             self.method = existing
             self.layers = adapter_layers(module)
         self._wrap_checkpoint_hooks(pl_module)
+        self._wrap_validation_step(pl_module)
+
+    def _wrap_validation_step(self, pl_module: pl.LightningModule) -> None:
+        """Run each validation batch at every rank the method names (``validation_variants``)."""
+        if getattr(pl_module, _VAL_WRAPPED, False) or not callable(getattr(self.method, "validation_variants", None)):
+            return
+        if type(pl_module).validation_step is pl.LightningModule.validation_step:
+            return  # no validation_step: wrapping would make Lightning think there is one
+        user_step = pl_module.validation_step
+
+        def validation_step(*args: Any, **kwargs: Any) -> Any:
+            variants = self.method.validation_variants(self.eval_ranks, self.layers)  # type: ignore[attr-defined]
+            # a variant without context is the current state: log the plain pass under its name too
+            with _log_with_suffixes(pl_module, ["", *(s for s, ctx in variants if ctx is None)]):
+                out = user_step(*args, **kwargs)
+            for suffix, ctx in variants:
+                if ctx is not None:
+                    with ctx(), _log_with_suffixes(pl_module, [suffix]):
+                        user_step(*args, **kwargs)
+            return out
+
+        pl_module.validation_step = validation_step  # type: ignore[method-assign]
+        object.__setattr__(pl_module, _VAL_WRAPPED, True)
 
     @staticmethod
     def _warn_if_spawned(trainer: pl.Trainer) -> None:

@@ -77,10 +77,6 @@ class DyLoRAConfig(AdapterConfig):
         seed: seed of the per-step rank sampler.
         eval_rank: deployment rank the layers start at (forward outside training, merge, export);
             None = ``r``.
-        eval_ranks: ranks to validate at when driven by ``AdapterCallback`` (each logged metric is
-            repeated as ``<name>_rank<b>``): a list, ``"all"`` (every b in 1..r_max, as the official
-            code evaluates; costs r_max validation passes) or ``"none"``. The callback's own
-            ``eval_ranks`` argument overrides this.
         dropout: dropout on the adapter branch input only (train mode only).
         adapter_dtype: dtype of the adapter parameters.
     """
@@ -93,7 +89,6 @@ class DyLoRAConfig(AdapterConfig):
     scaling_impl: str = "paper"
     seed: int = 0
     eval_rank: int | None = None
-    eval_ranks: list[int] | str = "all"
     dropout: float = 0.0
     adapter_dtype: str = "float32"
 
@@ -118,7 +113,6 @@ class DyLoRAConfig(AdapterConfig):
                     f"rank_pmf needs {self.r - self.r_min + 1} non-negative weights (ranks {self.r_min}..{self.r}), got {pmf}"
                 )
             self.rank_pmf = [p / sum(pmf) for p in pmf]
-        self.resolve_eval_ranks(self.eval_ranks)  # validates
         if self.target_modules is None and not self.target_types:
             self.target_modules = "all-linear"
 
@@ -358,14 +352,19 @@ class DyLoRA(Method):
         self.last_rank = b
 
     # ---- validation at several ranks (AdapterCallback(eval_ranks=...)) -----------------------
+    #: ranks validated when ``AdapterCallback(eval_ranks=None)``: every b, as the official code does
+    #: (r_max validation passes; pass a list such as [1, 2, 4, 8] for a large r_max)
+    default_eval_ranks: ClassVar[str] = "all"
+
     def validation_variants(self, spec: list[int] | str | None, layers: dict[str, AdapterLayer]) -> list[tuple[str, Any]]:
         """``[(log-name suffix, context factory or None)]``: one entry per rank to validate at.
 
-        ``spec`` None uses ``config.eval_ranks``. None as factory means "the current state" (the
-        callback logs the plain pass under that suffix too instead of running it again).
+        ``spec``: ``AdapterCallback(eval_ranks=...)``: a list of ranks, ``"all"`` or ``"none"``;
+        None = :attr:`default_eval_ranks`. A None factory means "the current state": the callback
+        logs the plain pass under that suffix too instead of running it again.
         """
         c: DyLoRAConfig = self.config  # type: ignore[assignment]
-        ranks = c.resolve_eval_ranks(c.eval_ranks if spec is None else spec)
+        ranks = c.resolve_eval_ranks(self.default_eval_ranks if spec is None else spec)
         current = get_rank(layers)
         return [(f"_rank{b}", None if b == current else functools.partial(rank_context, layers, b)) for b in ranks]
 
