@@ -100,6 +100,18 @@ SPECS: dict[str, MethodSpec] = {
         param_count=lambda m, n, kw: kw.get("r", 8) * m,
         s1="exact",
     ),
+    # ALLoRA (METHODS §5): LoRA layer with s = 1 and no dropout; gradient scaling is tested in
+    # test_allora.py. S1 exact (B = 0); trainable A, B: r(m+n).
+    "allora": MethodSpec(
+        variants={
+            "row": dict(r=4, eta=10.0),
+            "tensor_unfused": dict(r=4, eta=10.0, granularity="tensor", fused=False),
+            "element_gaussian": dict(r=4, eta=1.0, granularity="element", init="gaussian"),
+        },
+        trainable=lambda kw: {"lora_A", "lora_B"},
+        param_count=lambda m, n, kw: kw.get("r", 8) * (m + n),
+        s1="exact",
+    ),
 }
 
 # which modules each test model adapts (names use PEFT's suffix rule)

@@ -1,0 +1,105 @@
+"""ALLoRA (Huang, Balestriero 2024; METHODS.md §5): LoRA without dropout and without α/r, with
+gradients scaled by an inverse-norm coefficient.
+
+Layer: ``y = W0 x + b + B A x`` (``ΔW = BA``, s = 1, no dropout), A Kaiming-uniform, B = 0, so the
+output equals the base output at init (S1, bit-exact). Trainable: A, B, ``r(m+n)``. The layer is
+:class:`LoRALinear` built with ``alpha = r`` (s = r/r = 1.0 exactly) and ``dropout = 0``; users
+cannot set either.
+
+Training: each adapter unit θ (row of A or B by default) has its gradient multiplied by
+``c(θ) = 1/sqrt(‖θ‖² + 1/η²)`` (c(0) = η), computed from the pre-step weights; see
+:mod:`lightning_lora.optim.allora` for the formula, granularities and the optimizer wrapper. Under
+Lightning the :meth:`ALLoRA.on_after_backward` hook does it (AdapterCallback calls it): after the
+last backward of an accumulation window only (so accumulated gradients are scaled once), before
+AMP unscaling (the scaling is linear, so the order does not matter) and before gradient clipping,
+as METHODS §5's algorithm asks. With manual optimisation the hook scales after every
+``manual_backward``; use :class:`lightning_lora.optim.ALLoRAOptimizer` there when accumulating.
+
+[unconfirmed] in METHODS §5, with the choices made here: the coefficient form (above) and η (no
+default: ``eta`` is required); granularity (``"row"`` default, ``"tensor"``, ``"element"``);
+init (standard LoRA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..core.config import AdapterConfig, Method, register
+from ..core.layer import AdapterLayer
+from ..optim.allora import GRANULARITIES, scale_gradients
+from .lora import LoRA, LoRAConfig, LoRALinear
+
+
+@dataclass
+class ALLoRAConfig(AdapterConfig):
+    """ALLoRA options.
+
+    Attributes:
+        r: rank.
+        eta: η of ``c(θ) = 1/sqrt(‖θ‖² + 1/η²)``; required (the paper's value is unconfirmed).
+        granularity: ``"row"`` (default), ``"tensor"`` or ``"element"``.
+        init: A's init, as :class:`LoRAConfig` (``"kaiming"`` default, or ``"gaussian"``).
+        fused, adapter_dtype: as :class:`LoRAConfig`.
+    """
+
+    r: int = 8
+    eta: float | None = None
+    granularity: str = "row"
+    init: str = "kaiming"
+    fused: bool = True
+    adapter_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eta is None:
+            raise ValueError("ALLoRA needs eta (no default: the paper's value is unconfirmed, METHODS.md §5)")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if not self.eta > 0:
+            raise ValueError(f"ALLoRA needs eta > 0, got {self.eta!r}")
+        if self.target_modules is None and not self.target_types:
+            self.target_modules = "all-linear"
+        self.lora_config()  # validates r and init
+
+    def lora_config(self) -> LoRAConfig:
+        """The equivalent plain LoRA config: ``alpha = r`` (s = 1), no dropout."""
+        return LoRAConfig(
+            r=self.r, alpha=float(self.r), dropout=0.0, init=self.init, fused=self.fused,
+            adapter_dtype=self.adapter_dtype, target_modules=self.target_modules, target_types=self.target_types,
+            exclude_modules=self.exclude_modules, modules_to_save=self.modules_to_save, bias=self.bias,
+        )
+
+
+class ALLoRALinear(LoRALinear):
+    """LoRA layer with ``scaling == 1.0`` and no dropout; parameters ``lora_A`` (r, in), ``lora_B`` (out, r)."""
+
+
+@register("allora")
+class ALLoRA(Method):
+    """ALLoRA. The saved directory is a PEFT LoRA directory (``lora_alpha = r``, no dropout): PEFT
+    loads it for inference; here it reloads as ALLoRA through the file's metadata."""
+
+    Config = ALLoRAConfig
+    supported_types = (nn.Linear,)
+
+    def make_layer(self, base: nn.Module, name: str) -> ALLoRALinear:
+        return ALLoRALinear(base, self.config.lora_config())  # type: ignore[attr-defined]
+
+    def to_peft_config(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+        return LoRA(self.config.lora_config()).to_peft_config(layers)  # type: ignore[attr-defined]
+
+    def on_after_backward(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
+        """Scale the adapter gradients once per optimizer step (see the module docstring)."""
+        if getattr(pl_module, "automatic_optimization", True):
+            fit_loop = getattr(trainer, "fit_loop", None)
+            if fit_loop is not None and fit_loop._should_accumulate():
+                return  # not the last micro-batch: scale the accumulated gradient once, later
+        params = [
+            p for layer in layers.values() for n in layer.adapter_param_names
+            if isinstance(p := getattr(layer, n, None), nn.Parameter) and p.requires_grad
+        ]
+        scale_gradients(params, self.config.eta, self.config.granularity)  # type: ignore[attr-defined]
+

@@ -1,0 +1,197 @@
+"""ALLoRA gradient scaling (Huang, Balestriero 2024; METHODS.md §5), usable without Lightning.
+
+Each adapter unit θ (a row of A or B by default) gets its gradient multiplied by
+
+    c(θ) = 1 / sqrt(‖θ‖₂² + 1/η²)  =  η / sqrt(1 + (η‖θ‖₂)²)
+
+so ``c(0) = η`` (the largest boost; B starts at zero) and ``c(θ) ≈ 1/‖θ‖`` once ``‖θ‖ ≫ 1/η``.
+The functional form and η are [unconfirmed] in METHODS §5 (no official code; the abstract only says
+"inversely proportional to the ℓ2 norm"): η has no default and must be given. The second form is
+what is computed, so ``c(0) == η`` exactly and zero-norm units stay finite.
+
+Granularity [design]: ``"row"`` (default: one coefficient per row of a 2-D tensor, i.e. per output
+row of B (length r) and per row of A (length n); 1-D tensors are one unit), ``"tensor"`` (one per
+tensor), ``"element"`` (``|θ|`` per entry). c depends only on the weights, so scaling each
+sample's gradient equals scaling the mini-batch gradient [derived].
+
+Entry points (all agree bit for bit; tested):
+
+- :func:`scale_gradients` — call between ``backward()`` and ``optimizer.step()``;
+- :class:`ALLoRAOptimizer` — wraps any ``torch.optim.Optimizer``; ``apply_to="update"`` scales the
+  optimizer's step instead of the gradient (METHODS §5 open choice: Adam's per-coordinate
+  normalisation cancels a constant gradient rescale, so under Adam only the change of c over time
+  matters; default ``"grad"``, the paper's wording);
+- the ``allora`` method's ``on_after_backward`` hook, driven by :class:`lightning_lora.AdapterCallback`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+GRANULARITIES = ("row", "tensor", "element")
+
+
+def allora_coefficient(param: torch.Tensor, eta: float, granularity: str = "row") -> torch.Tensor:
+    """``c(θ)`` for every unit of ``param``, in fp32, broadcastable to ``param.shape``.
+
+    Shapes: ``"row"`` on an (R, C) tensor -> (R, 1); ``"tensor"`` -> () ; ``"element"`` -> param.shape.
+    """
+    if eta is None or not eta > 0:
+        raise ValueError(f"ALLoRA needs eta > 0 (no default: METHODS.md §5), got {eta!r}")
+    theta = param.detach().float()
+    if granularity == "row" and theta.dim() >= 2:
+        norm = theta.flatten(1).norm(dim=1).view(-1, *([1] * (theta.dim() - 1)))
+    elif granularity in ("row", "tensor"):
+        norm = theta.norm()
+    elif granularity == "element":
+        norm = theta.abs()
+    else:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    return eta / torch.sqrt(1.0 + (eta * norm) ** 2)
+
+
+def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Trainable adapter parameters of every adapter layer in ``module`` (not heads or biases)."""
+    from ..core.inject import adapter_layers
+
+    params: list[nn.Parameter] = []
+    for layer in adapter_layers(module).values():
+        for name in layer.adapter_param_names:
+            p = getattr(layer, name, None)
+            if isinstance(p, nn.Parameter) and p.requires_grad:
+                params.append(p)
+    return params
+
+
+def _resolve(target: nn.Module | Iterable[torch.Tensor], eta: float | None, granularity: str | None):
+    if isinstance(target, nn.Module):
+        from ..core.inject import get_adapter_method
+
+        method = get_adapter_method(target)
+        cfg = getattr(method, "config", None)
+        eta = eta if eta is not None else getattr(cfg, "eta", None)
+        granularity = granularity or getattr(cfg, "granularity", None)
+        params = adapter_parameters(target)
+    else:
+        params = list(target)
+    return params, eta, granularity or "row"
+
+
+@torch.no_grad()
+def scale_gradients(
+    target: nn.Module | Iterable[torch.Tensor], eta: float | None = None, granularity: str | None = None
+) -> None:
+    """Multiply, in place, each parameter's ``.grad`` by ``c(θ)`` computed from its current value.
+
+    ``target``: a model (its adapter layers' trainable parameters are scaled; ``eta`` and
+    ``granularity`` default to the model's ALLoRA config) or an iterable of parameters. Call it
+    once per optimizer step, after the last backward of an accumulation window (and before
+    clipping); parameters without a gradient are skipped.
+    """
+    params, eta, granularity = _resolve(target, eta, granularity)
+    for p in params:
+        if p.grad is None:
+            continue
+        c = allora_coefficient(p, eta, granularity)  # type: ignore[arg-type]
+        p.grad.copy_((p.grad.float() * c).to(p.grad.dtype))
+
+
+class ALLoRAOptimizer(torch.optim.Optimizer):
+    """Wraps any torch optimizer: ``step()`` applies ALLoRA scaling, then the inner step.
+
+    Args:
+        optimizer: the inner optimizer (SGD, AdamW, ...); its ``param_groups`` and ``state`` are
+            shared (schedulers and checkpoints see the inner optimizer's).
+        eta: η of c(θ) (required).
+        granularity: ``"row"`` | ``"tensor"`` | ``"element"``.
+        apply_to: ``"grad"`` scales gradients before the step (paper wording, default);
+            ``"update"`` scales the step itself, ``θ ← θ + c(θ_pre)·(step(θ) − θ)``.
+        params: parameters to scale; default every parameter of the inner optimizer. Pass
+            ``lightning_lora.optim.adapter_parameters(model)`` when the
+            optimizer also trains a head that ALLoRA should leave alone.
+
+    Coefficients always come from the pre-step parameters. A closure, if given, is evaluated once
+    before scaling (optimizers that re-evaluate it, such as LBFGS, are not supported).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        eta: float,
+        granularity: str = "row",
+        apply_to: str = "grad",
+        params: Iterable[torch.Tensor] | None = None,
+    ) -> None:  # no super().__init__: every piece of state is the inner optimizer's
+        if apply_to not in ("grad", "update"):
+            raise ValueError(f"apply_to must be 'grad' or 'update', got {apply_to!r}")
+        allora_coefficient(torch.zeros(1), eta, granularity)  # validates eta and granularity
+        self.optimizer = optimizer
+        self.eta, self.granularity, self.apply_to = eta, granularity, apply_to
+        self._params = None if params is None else list(params)
+
+    # delegate the state torch / Lightning / schedulers read
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value) -> None:
+        self.optimizer.defaults = value
+
+    def scaled_params(self) -> list[torch.Tensor]:
+        if self._params is not None:
+            return self._params
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for p in self.scaled_params() if p.grad is not None]
+        if self.apply_to == "grad":
+            scale_gradients(params, self.eta, self.granularity)
+            self.optimizer.step()
+            return loss
+        with torch.no_grad():
+            before = [(p, p.detach().clone(), allora_coefficient(p, self.eta, self.granularity)) for p in params]
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, old, c in before:
+                p.copy_((old.float() + c * (p.float() - old.float())).to(p.dtype))
+        return loss
+
+    def __repr__(self) -> str:
+        return f"ALLoRAOptimizer(eta={self.eta}, granularity={self.granularity!r}, apply_to={self.apply_to!r}, {self.optimizer!r})"
