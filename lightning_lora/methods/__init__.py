@@ -1,6 +1,7 @@
 """Built-in adapter methods: one module per method; importing a module registers it."""
 
 from . import lora  # noqa: F401
+from . import bone  # noqa: F401
 from . import allora  # noqa: F401
 from . import ffa  # noqa: F401
 from . import dylora  # noqa: F401

@@ -112,6 +112,25 @@ SPECS: dict[str, MethodSpec] = {
         param_count=lambda m, n, kw: kw.get("r", 8) * (m + n),
         s1="exact",
     ),
+    # Bone / Bat (METHODS §9): one zero-init block tensor, r·m trainable; S1 exact for both
+    # variants. "r5_padded": n % r != 0 (Bone pads x / wraps the merge); Bat needs m % r == n % r == 0.
+    "bone": MethodSpec(
+        variants={
+            "r4": dict(r=4),
+            "r5_padded": dict(r=5),
+            "dropout": dict(r=4, dropout=0.25),
+            "bat_variant": dict(r=4, variant="bat"),
+        },
+        trainable=lambda kw: {"bone_block"},
+        param_count=lambda m, n, kw: kw.get("r", 64) * m,
+        s1="exact",
+    ),
+    "bat": MethodSpec(
+        variants={"r4": dict(r=4), "r8": dict(r=8)},
+        trainable=lambda kw: {"bone_block"},
+        param_count=lambda m, n, kw: (m // kw.get("r", 64)) * kw.get("r", 64) ** 2,
+        s1="exact",
+    ),
 }
 
 # which modules each test model adapts (names use PEFT's suffix rule)
