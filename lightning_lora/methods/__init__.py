@@ -5,3 +5,4 @@ from . import bone  # noqa: F401
 from . import allora  # noqa: F401
 from . import ffa  # noqa: F401
 from . import dylora  # noqa: F401
+from . import smora  # noqa: F401

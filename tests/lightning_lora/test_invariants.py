@@ -131,6 +131,31 @@ SPECS: dict[str, MethodSpec] = {
         param_count=lambda m, n, kw: (m // kw.get("r", 64)) * kw.get("r", 64) ** 2,
         s1="exact",
     ),
+    # SMoRA (METHODS §7): every rank an expert, top-k routed per token. S1 exact for any routing
+    # (B = 0); merge() raises (input-dependent gates, S2); trainable A, B, router W_g: r(m+n) + r·n;
+    # β and load counters are buffers, so the perturbation also sets them (S4 must carry them):
+    # β = 10 on a random set of k ranks per layer, 0 elsewhere. That fixes the selection, so bf16
+    # rounding cannot flip a near-tied top-k choice (a discontinuity, not a precision error; it made
+    # S5 fail with relative errors up to 0.9), while the gates stay input-dependent: softmax over
+    # the selected z is unchanged by a constant β shift, also with bias_in_gate.
+    "smora": MethodSpec(
+        variants={
+            "top2": dict(r=4, top_k=2),
+            "top1_zero_router": dict(r=4, top_k=1, router_init="zeros"),
+            "dense_k_eq_r_gate_scale": dict(r=4, top_k=4, gate_scale=4.0, alpha=8),
+            "bias_in_gate_dropout": dict(r=6, top_k=3, bias_in_gate=True, dropout=0.25),
+        },
+        trainable=lambda kw: {"lora_A", "lora_B", "router_weight"},
+        param_count=lambda m, n, kw: kw.get("r", 64) * (m + n) + kw.get("r", 64) * n,
+        s1="exact",
+        can_merge=False,
+        perturb=lambda model: (default_perturb(model), [
+            (layer.router_bias.zero_().index_fill_(0, torch.randperm(layer.r, generator=g)[: layer.top_k], 10.0),
+             layer.load_counts.copy_(torch.randint(0, 100, (layer.r,), generator=g)))
+            for i, layer in enumerate(ll.adapter_layers(model).values())
+            for g in [torch.Generator().manual_seed(i)]
+        ]),
+    ),
 }
 
 # which modules each test model adapts (names use PEFT's suffix rule)
