@@ -38,14 +38,15 @@ FILES = {"results": "results.md", "benchmark": "benchmarks.md"}
 
 
 def format_value(value: Any) -> str:
-    """Integers as is; floats with 4 decimals below 100, 1 decimal above, 3 significant digits below 0.001."""
+    """Integers as is; whole floats with one decimal; other floats with 4 decimals below 100, 1 decimal
+    above, 3 significant digits below 0.01."""
     if isinstance(value, bool) or isinstance(value, int):
         return str(int(value))
     if isinstance(value, float):
-        if value != 0 and abs(value) < 1e-3:
+        if value.is_integer():
+            return f"{value:.1f}"
+        if abs(value) < 1e-2:
             return f"{value:.3g}"
-        if value.is_integer() and abs(value) >= 1e3:
-            return str(int(value))
         return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
     return str(value)
 

@@ -54,7 +54,8 @@ def device_description() -> str:
                     break
     except OSError:
         pass
-    return f"cpu: {model} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu: {model} ({n} thread{'' if n == 1 else 's'})"
 
 
 def current_command() -> str:

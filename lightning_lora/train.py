@@ -142,7 +142,8 @@ def run(cfg: Any, command: str | None = None) -> dict[str, float]:
         from .tasks import TASKS
 
         num_labels = TASKS[data_cfg["name"]].num_labels if data_cfg.get("name") in TASKS else None
-        model, tokenizer = load_model(model_cfg["name"], task=task_type, num_labels=num_labels, **model_cfg.get("kwargs", {}))
+        model, tokenizer = load_model(model_cfg["name"], task=task_type, num_labels=num_labels,
+                                      **model_cfg.get("kwargs", {}))
     except ModelPackageMissing as e:
         raise ConfigError(str(e)) from None
     except ValueError as e:

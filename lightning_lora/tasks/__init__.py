@@ -19,7 +19,17 @@ from .glue import (
     split_dev,
 )
 from .lm import TinyShakespeareDataModule, WikiText2DataModule, make_blocks, tokenize_corpus
-from .models import MODELS, ModelPackageMissing, load_minilm, load_model, load_smollm2, load_tiny_bert, load_tiny_llama, minilm_path, smollm2_gguf
+from .models import (
+    MODELS,
+    ModelPackageMissing,
+    load_minilm,
+    load_model,
+    load_smollm2,
+    load_tiny_bert,
+    load_tiny_llama,
+    minilm_path,
+    smollm2_gguf,
+)
 from .modules import CausalLM, SequenceClassifier, classification_metrics, linear_warmup_decay
 from .paths import nlp_data_dir, repo_root, results_dir
 
@@ -34,9 +44,10 @@ DATAMODULES = {
 }
 
 __all__ = [
-    "DATAMODULES", "MODELS", "TASKS", "CausalLM", "CoLADataModule", "Example", "GLUEDataModule", "MRPCDataModule",
-    "ModelPackageMissing", "RTEDataModule", "SST2DataModule", "SequenceClassifier", "TinyShakespeareDataModule",
-    "WikiText2DataModule", "classification_metrics", "linear_warmup_decay", "load_minilm", "load_model",
-    "load_smollm2", "load_tiny_bert", "load_tiny_llama", "make_blocks", "minilm_path", "nlp_data_dir", "pad_batch", "read_split",
-    "repo_root", "results_dir", "smollm2_gguf", "split_dev", "tokenize_corpus",
+    "CausalLM", "CoLADataModule", "DATAMODULES", "Example", "GLUEDataModule", "MODELS", "MRPCDataModule",
+    "ModelPackageMissing", "RTEDataModule", "SST2DataModule", "SequenceClassifier", "TASKS",
+    "TinyShakespeareDataModule", "WikiText2DataModule", "classification_metrics", "linear_warmup_decay",
+    "load_minilm", "load_model", "load_smollm2", "load_tiny_bert", "load_tiny_llama", "make_blocks",
+    "minilm_path", "nlp_data_dir", "pad_batch", "read_split", "repo_root", "results_dir", "smollm2_gguf",
+    "split_dev", "tokenize_corpus",
 ]

@@ -19,7 +19,8 @@ GLUE's own MRPC dev ids were not available, so the dev split is carved from trai
 ``dev_seed`` (default 0): the same seed always gives the same 407 pairs (275 paraphrases,
 132 not; 10% of each class, rounded), and no test pair is ever used for selection.
 
-Labels: SST-2 1 = positive; MRPC 1 = paraphrase; CoLA 1 = acceptable; RTE 0 = entailment, 1 = not_entailment (the order of GLUE / Hugging Face ``datasets``).
+Labels: SST-2 1 = positive; MRPC 1 = paraphrase; CoLA 1 = acceptable; RTE 0 = entailment,
+1 = not_entailment (the order of GLUE / Hugging Face ``datasets``).
 
 Batches are padded dynamically to the longest sequence in the batch (``pad_batch``), so short
 SST-2 sentences cost short sequences. ``max_samples`` / ``max_eval_samples`` take a seeded random

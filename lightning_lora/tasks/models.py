@@ -37,7 +37,9 @@ def _package_dir(package: str, pip_command: str, what: str) -> Path:
     # which we neither need nor install (hence --no-deps).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelPackageMissing(f"{what} needs the Python package {package!r}, which is not installed; run:\n    {pip_command}")
+        raise ModelPackageMissing(
+            f"{what} needs the Python package {package!r}, which is not installed; run:\n    {pip_command}"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -28,7 +28,9 @@ from torchmetrics.classification import (
 from ..core import trainable_parameters
 
 
-def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def linear_warmup_decay(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """LR factor ``s / warmup`` during warmup, then linear to 0 at ``total_steps``."""
     total_steps = max(1, total_steps)
     warmup_steps = min(max(0, warmup_steps), total_steps)
@@ -62,7 +64,8 @@ def classification_metrics(names: tuple[str, ...] | list[str], num_labels: int) 
     """``accuracy`` (micro), ``f1`` (positive class 1 when binary, else macro), ``mcc``."""
     make = {
         "accuracy": lambda: MulticlassAccuracy(num_classes=num_labels, average="micro"),
-        "f1": lambda: BinaryF1Score() if num_labels == 2 else MulticlassF1Score(num_classes=num_labels, average="macro"),
+        "f1": lambda: (BinaryF1Score() if num_labels == 2
+                       else MulticlassF1Score(num_classes=num_labels, average="macro")),
         "mcc": lambda: MatthewsCorrCoef(task="multiclass", num_classes=num_labels),
     }
     unknown = [n for n in names if n not in make]

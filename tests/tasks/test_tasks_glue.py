@@ -136,7 +136,8 @@ def test_training_order_is_seeded(data_dir, minilm_tokenizer):
     def first_labels(seed, group):
         dm = SST2DataModule(minilm_tokenizer, data_dir=data_dir, max_samples=64, batch_size=8, seed=seed,
                             group_by_length=group)
-        return [b["input_ids"].shape[1] for b in dm.train_dataloader()], next(iter(dm.train_dataloader()))["labels"].tolist()
+        widths = [b["input_ids"].shape[1] for b in dm.train_dataloader()]
+        return widths, next(iter(dm.train_dataloader()))["labels"].tolist()
 
     for group in (False, True):
         assert first_labels(0, group) == first_labels(0, group)
