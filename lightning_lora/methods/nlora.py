@@ -1,0 +1,258 @@
+"""SLoRA, NLoRA and IntTune (Guo, Wu, Chang; Findings of EMNLP 2025): METHODS.md §14.
+
+``y = W0 x + b + s · B N A dropout(x)``, an r×r matrix N between LoRA's factors (``lora_core``;
+A (r, in), B (out, r); ``s = alpha / r``, alpha = r by default: the code's α = r = 128).
+
+- SLoRA (``"slora"`` init [code]): A and N Kaiming-uniform (a = √5), B = 0 ⇒ ΔW = 0; A, N, B train:
+  r(m+n) + r² parameters. Output == base at init, bit-exact.
+- NLoRA: A, N, B train, initialised from W0 with a Nyström approximation. Two modes (§14 "Init
+  modes", open choice; the paper is the default):
+
+  * ``init="nystrom"`` (paper equations): random column indices I and row indices J,
+    |I| = |J| = r, from a generator seeded by ``seed`` and the module name;
+    ``C = W0[:, I]`` (m×r), ``R_w = W0[J, :]`` (r×n), ``U = W0[J, I]`` (r×r), ``W0 ≈ C U⁺ R_w``;
+    ``B = C``, ``N = U⁺`` (pinv in fp64, optional ``pinv_rtol`` cut-off for an ill-conditioned U),
+    ``A = R_w``. Exact when rank(W0) = r and U is invertible [derived].
+    ``residual=True`` (default) keeps the output equal to the base at init, as PiSSA's
+    ``W0 ← W0 − s·B N A`` does, but without touching the base weight: the init factors are kept as
+    frozen saved buffers (``lora_A0``, ``lora_core0``, ``lora_B0``) and the update is
+    ``s·(B N A − B0 N0 A0)``, evaluated telescoped (``(B−B0)NA + B0[(N−N0)A + N0(A−A0)]``) so bf16
+    does not lose the small difference of two large products. Same function in exact arithmetic; in floating point the two terms
+    are computed identically at init, so the output is the base output bit for bit. Why not mutate
+    W0 [design]: ``disable_adapter`` / ``unload`` then still give the pre-trained model, and a saved
+    adapter is self-contained (the residual is not recomputed on load; METHODS S4). Merge folds
+    ``s·(BNA − B0N0A0)`` into W0, exactly PiSSA's merged weight.
+  * ``init="reference"`` (official code, ``nlora_init``, for parity with the reported numbers):
+    the first r rows / columns, ``A = W0[:r, :]``, ``B = W0[:, :r]``, ``N = W0[:r, :r]`` with NO
+    pseudo-inverse (commented out there) and nothing subtracted, so the initial weight is
+    ``W0 + s·W0[:, :r] W0[:r, :r] W0[:r, :]`` (S1 not promised; the documented value is tested).
+    ``residual`` defaults to False here (the code) and may be switched on.
+- IntTune [code]: the NLoRA init (either mode), then A and B frozen (saved buffers); only N trains:
+  r² parameters. With ``residual`` only ``N0`` is stored: the update is ``s·B (N − N0) A``.
+
+Parameter counts (METHODS S6): SLoRA / NLoRA r(m+n) + r²; IntTune r² (LLaMA-2-7B, r = 128, seven
+projections: 32·7·128² = 3,670,016).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import AdapterConfig, Method, register
+from ..core.layer import no_autocast
+from .lora_sb import CoreLoRALinear
+
+
+@dataclass
+class _CoreConfig(AdapterConfig):
+    """Options shared by SLoRA, NLoRA and IntTune.
+
+    Attributes:
+        r: rank (N is r×r).
+        alpha: ``s = alpha / r``; None (default) = r, s = 1 (code: α = r = 128).
+        dropout: dropout on the adapter input (code: 0).
+        init: ``"slora"``, ``"nystrom"`` or ``"reference"`` (see the module docstring).
+        residual: keep the output equal to the base at init by subtracting the init update
+            (``s·B0 N0 A0``, stored); None = True for ``nystrom``, False otherwise.
+        seed: seeds the Nyström index draw (combined with the module name).
+        pinv_rtol: relative cut-off of ``torch.linalg.pinv`` (None = torch's default).
+        pinv_dtype: dtype of the pseudo-inverse (fp64; fp32 where fp64 is unsupported).
+        adapter_dtype: dtype of the factors.
+    """
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    init: str = "nystrom"
+    residual: bool | None = None
+    seed: int = 0
+    pinv_rtol: float | None = None
+    pinv_dtype: str = "float64"
+    adapter_dtype: str = "float32"
+
+    inits: ClassVar[tuple[str, ...]] = ("slora", "nystrom", "reference")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r < 1:
+            raise ValueError(f"rank r must be >= 1, got {self.r}")
+        if self.alpha is None:
+            self.alpha = float(self.r)
+        if self.init not in self.inits:
+            raise ValueError(f"{self.method or 'nlora'}: init must be one of {self.inits}, got {self.init!r}")
+        if self.residual is None:
+            self.residual = self.init == "nystrom"
+        if self.residual and self.init == "slora":
+            raise ValueError("residual=True needs a non-zero init (nystrom or reference); SLoRA starts at ΔW = 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is None and not self.target_types:
+            self.target_modules = "all-linear"
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha) / self.r  # type: ignore[arg-type]
+
+
+@dataclass
+class SLoRAConfig(_CoreConfig):
+    """SLoRA: ``init="slora"`` (fixed)."""
+
+    init: str = "slora"
+    inits: ClassVar[tuple[str, ...]] = ("slora",)
+
+
+@dataclass
+class NLoRAConfig(_CoreConfig):
+    """NLoRA: ``init="nystrom"`` (paper, default) or ``"reference"`` (official code)."""
+
+    inits: ClassVar[tuple[str, ...]] = ("nystrom", "reference")
+
+
+@dataclass
+class IntTuneConfig(_CoreConfig):
+    """IntTune: NLoRA init, only N trains."""
+
+    inits: ClassVar[tuple[str, ...]] = ("nystrom", "reference")
+
+
+@torch.no_grad()
+def nystrom_factors(
+    w0: torch.Tensor,
+    r: int,
+    generator: torch.Generator | None = None,
+    pinv_dtype: torch.dtype = torch.float64,
+    pinv_rtol: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nyström factors of ``w0`` (m, n) from random rows J and columns I (|I| = |J| = r).
+
+    Returns ``(A = W0[J, :] (r, n), N = W0[J, I]⁺ (r, r), B = W0[:, I] (m, r))`` in ``pinv_dtype``,
+    so that ``B N A = C U⁺ R_w ≈ W0`` (§14 "Equations", paper form).
+    """
+    m, n = w0.shape
+    cols = torch.randperm(n, generator=generator)[:r].to(w0.device)
+    rows = torch.randperm(m, generator=generator)[:r].to(w0.device)
+    w = w0.detach().to(pinv_dtype)
+    C, R_w, U = w[:, cols], w[rows, :], w[rows][:, cols]
+    N = torch.linalg.pinv(U) if pinv_rtol is None else torch.linalg.pinv(U, rtol=pinv_rtol)
+    return R_w, N, C
+
+
+@torch.no_grad()
+def reference_factors(w0: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Official-code NLoRA init: ``(A = W0[:r, :], N = W0[:r, :r], B = W0[:, :r])`` (no pinv)."""
+    w = w0.detach()
+    return w[:r, :].clone(), w[:r, :r].clone(), w[:, :r].clone()
+
+
+class NLoRALinear(CoreLoRALinear):
+    """``base(x) + s·B N A x`` (minus the stored init update when ``residual``).
+
+    Trainable: A, N, B (SLoRA, NLoRA) or N only (IntTune); frozen factors and the residual's
+    ``lora_A0`` / ``lora_core0`` / ``lora_B0`` are persistent buffers.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: _CoreConfig, name: str, trainable: tuple[str, ...]) -> None:
+        dtype = getattr(torch, config.adapter_dtype)
+        super().__init__(base_layer, config.r, config.scaling, trainable, config.dropout, dtype)
+        self.init_mode = config.init
+        self.residual = bool(config.residual)
+        # residual offsets: only the factors that can move need a frozen copy (IntTune: N0 only)
+        self.offset_names = tuple(f"{n}0" for n in self.adapter_param_names) if self.residual else ()
+        for oname in self.offset_names:
+            self.register_buffer(oname, torch.zeros_like(getattr(self, oname[:-1]).detach()), persistent=True)
+        self.adapter_buffer_names = (*self.adapter_buffer_names, *self.offset_names)
+        if self.lora_A.is_meta:
+            return
+        w0 = self.base_weight
+        r = config.r
+        if config.init == "slora":
+            A = torch.empty(r, self.in_features)
+            N = torch.empty(r, r)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(N, a=math.sqrt(5))
+            self.set_factors(A, N, torch.zeros(self.out_features, r))
+            return
+        if config.init == "nystrom":
+            g = torch.Generator().manual_seed(config.seed + zlib.crc32(name.encode()))
+            pinv_dtype = getattr(torch, config.pinv_dtype)
+            if w0.device.type == "mps" and pinv_dtype == torch.float64:
+                pinv_dtype = torch.float32
+            with no_autocast(w0.device):
+                A, N, B = nystrom_factors(w0, r, g, pinv_dtype, config.pinv_rtol)
+        else:
+            A, N, B = reference_factors(w0, r)
+        self.set_factors(A, N, B)
+        with torch.no_grad():
+            for oname in self.offset_names:
+                getattr(self, oname).copy_(getattr(self, oname[:-1]))
+
+    def _core_delta_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.offset_names == ("lora_core0",):  # IntTune residual: s·B (N − N0) A
+            return self.lora_A, self.lora_core - self.lora_core0, self.lora_B
+        return self.lora_A, self.lora_core, self.lora_B
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·B N A`` (minus ``s·B0 N0 A0`` with a full residual), fp32, shape (out, in)."""
+        if len(self.offset_names) != 3:
+            return super().delta_weight()
+        A, N, B, A0, N0, B0 = (t.float() for t in self._factors_and_offsets())
+        with no_autocast(A.device):  # telescoped, see adapter_forward
+            return self.scaling * ((B - B0) @ (N @ A) + B0 @ ((N - N0) @ A + N0 @ (A - A0)))
+
+    def _factors_and_offsets(self) -> tuple[torch.Tensor, ...]:
+        return self.lora_A, self.lora_core, self.lora_B, self.lora_A0, self.lora_core0, self.lora_B0
+
+    def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if len(self.offset_names) != 3:
+            return super().adapter_forward(x, base_out)
+        dtype = base_out.dtype
+        xd = (F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x).to(dtype)
+
+        A, N, B, A0, N0, B0 = (t.to(dtype) for t in self._factors_and_offsets())
+        # BNA − B0N0A0 telescoped as (B − B0)NA + B0[(N − N0)A + N0(A − A0)]: every term is small near
+        # the init, so the cancellation of two large Nyström products (N = U⁺ can be large) does not
+        # cost bf16 precision; at init each difference is exactly 0, so the output is the base's.
+        u = xd @ A.t()
+        h = (u @ N.t()) @ (B - B0).t() + (u @ (N - N0).t() + (xd @ (A - A0).t()) @ N0.t()) @ B0.t()
+        return base_out + (h * self.scaling if self.scaling != 1.0 else h)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", init={self.init_mode}, residual={self.residual}"
+
+
+class _CoreMethod(Method):
+    supported_types = (nn.Linear,)
+    trainable: ClassVar[tuple[str, ...]] = ("lora_A", "lora_core", "lora_B")
+
+    def make_layer(self, base: nn.Module, name: str) -> NLoRALinear:
+        return NLoRALinear(base, self.config, name, self.trainable)  # type: ignore[arg-type]
+
+
+@register("slora")
+class SLoRA(_CoreMethod):
+    """SLoRA: Kaiming A and N, B = 0; A, N, B train."""
+
+    Config = SLoRAConfig
+
+
+@register("nlora")
+class NLoRA(_CoreMethod):
+    """NLoRA: Nyström (paper) or first-r-slices (code) init; A, N, B train."""
+
+    Config = NLoRAConfig
+
+
+@register("inttune")
+class IntTune(_CoreMethod):
+    """IntTune: NLoRA init, only the r×r N trains."""
+
+    Config = IntTuneConfig
+    trainable = ("lora_core",)
