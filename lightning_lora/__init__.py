@@ -4,7 +4,7 @@
     trainer = L.Trainer(callbacks=[AdapterCallback("lora", r=8, target_modules=["query", "value"])])
 """
 
-from .callback import AdapterCallback
+from .callback import AdapterCallback, load_adapter_checkpoint
 from .core import (
     AdapterConfig,
     AdapterFormatError,
@@ -34,6 +34,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterCallback", "AdapterConfig", "AdapterFormatError", "AdapterLayer", "LoRAConfig", "Method",
     "adapter_layers", "adapter_state_dict", "available_methods", "disable_adapter", "get_adapter_method",
-    "get_method", "inject_adapter", "load_adapter", "make_config", "merge_adapter", "register", "save_adapter",
-    "set_adapter_enabled", "trainable_parameters", "unload", "unmerge_adapter",
+    "get_method", "inject_adapter", "load_adapter", "load_adapter_checkpoint", "make_config", "merge_adapter",
+    "register", "save_adapter", "set_adapter_enabled", "trainable_parameters", "unload", "unmerge_adapter",
 ]

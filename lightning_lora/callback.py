@@ -19,24 +19,46 @@ What it does, by Lightning hook:
 Checkpoints: the LightningModule's ``on_save_checkpoint`` is wrapped, because it runs for every
 save, ``ModelCheckpoint(save_weights_only=True)`` included (a callback's own hook does not). The
 frozen base is dropped from ``checkpoint["state_dict"]``; loading is non-strict for the base and
-strict for the adapter: every adapter key must be present.
+strict for the adapter: every adapter key must be present. Methods with non-parameter layer state
+(``layer_metadata``, e.g. DyLoRA's deployment ranks) also store it as
+``checkpoint["lightning_lora"]["layer_metadata"]``.
+
+Loading an adapter checkpoint outside the Trainer: ``MyModule.load_from_checkpoint(path)`` cannot
+restore one (a fresh module has no adapter layers, the file has no frozen base weights). Use
+
+    module = load_adapter_checkpoint(MyModule(...), "epoch=3.ckpt", target="net")
+
+It reads the file with ``torch.load(weights_only=True)`` (nothing is unpickled but tensors and
+plain containers), rebuilds the method from ``checkpoint["lightning_lora"]`` (method, config, layer
+metadata), injects it into ``module`` (or its submodule ``target``, as ``AdapterCallback(target=)``)
+unless already injected, and loads ``checkpoint["state_dict"]``: non-strict for the base (the module
+keeps its own base weights, which must be the ones the adapter was trained on), strict for the
+adapter. Lightning's own checkpoint entries (loops, callback states, optimizer states, plain
+hyper-parameters) need no allowlisted globals; ``pathlib`` paths in hyper-parameters are allowed
+explicitly (``_CHECKPOINT_SAFE_GLOBALS``); any other class in the file is refused with an error
+naming it. Allowlist such a class yourself only if you trust the file:
+``with torch.serialization.safe_globals([MyClass]): load_adapter_checkpoint(...)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import pathlib
+import pickle
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 
 from .core.config import AdapterConfig, get_method, make_config
-from .core.inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, merge_adapter
+from .core.inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, merge_adapter, unload
 from .core.layer import AdapterLayer
-from .core.state import save_adapter
+from .core.state import AdapterFormatError, save_adapter
 
 _WRAPPED = "_lightning_lora_ckpt_wrapped"
 _VAL_WRAPPED = "_lightning_lora_val_wrapped"
@@ -206,7 +228,11 @@ class AdapterCallback(pl.Callback):
             keep = adapter_checkpoint_keys(pl_module)
             sd = checkpoint.get("state_dict", {})
             checkpoint["state_dict"] = {k: v for k, v in sd.items() if k in keep}
-            checkpoint["lightning_lora"] = {"method": self.method.config.method, "config": self.method.config.to_dict()}
+            info: dict[str, Any] = {"method": self.method.config.method, "config": self.method.config.to_dict()}
+            extra = getattr(self.method, "layer_metadata", None)
+            if callable(extra):  # non-parameter layer state (DyLoRA ranks); names relative to `target`
+                info["layer_metadata"] = extra(adapter_layers(self.target_module(pl_module)))
+            checkpoint["lightning_lora"] = info
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             user_load(checkpoint)
@@ -261,3 +287,145 @@ class AdapterCallback(pl.Callback):
     def save_adapter(self, pl_module: pl.LightningModule, directory: str | Path) -> Path:
         """Write the adapter of ``pl_module`` (PEFT format for LoRA)."""
         return save_adapter(self.target_module(pl_module), directory)
+
+
+# ---- loading an adapter checkpoint outside the Trainer ----------------------------------------------
+#: Classes a Lightning checkpoint may hold outside tensors and plain containers that
+#: ``load_adapter_checkpoint`` allows for ``torch.load(weights_only=True)``: paths in hyper-parameters
+#: (``save_hyperparameters()`` with a ``data_dir: Path``). Rebuilding one only builds a path.
+_CHECKPOINT_SAFE_GLOBALS: tuple[type, ...] = (
+    pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath,
+)
+
+
+def _short(keys: list[str]) -> str:
+    return f"{keys[:5]}{'...' if len(keys) > 5 else ''}"
+
+
+def _read_checkpoint(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` with :data:`_CHECKPOINT_SAFE_GLOBALS` allowed for this call
+    only (entries the caller already allowlisted are left registered)."""
+    already = set(map(id, torch.serialization.get_safe_globals()))
+    extra = [g for g in _CHECKPOINT_SAFE_GLOBALS if id(g) not in already]
+    try:
+        with torch.serialization.safe_globals(extra):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise AdapterFormatError(
+            f"{path}: cannot be read with torch.load(weights_only=True): {str(exc).strip()[-400:]}\n"
+            "If the file holds other objects (hyper-parameters of custom classes) and you trust it, allowlist "
+            "those classes: `with torch.serialization.safe_globals([...]): load_adapter_checkpoint(...)`."
+        ) from None
+    except Exception as exc:  # not a torch file, truncated zip, ... (torch raises many types here)
+        raise AdapterFormatError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def load_adapter_checkpoint(
+    module: nn.Module,
+    checkpoint_path: str | os.PathLike[str],
+    *,
+    target: str | None = None,
+    strict: bool = True,
+) -> nn.Module:
+    """Restore a checkpoint written through :class:`AdapterCallback` into ``module``; returns ``module``.
+
+    ``MyModule.load_from_checkpoint`` cannot: a fresh module has no adapter layers and the file has
+    no frozen base weights. Here the file is read with ``torch.load(weights_only=True)`` (see the
+    module docstring for allowlisted classes), the method is rebuilt from
+    ``checkpoint["lightning_lora"]`` (method name, config, and ``layer_metadata`` restored before
+    injection, e.g. DyLoRA's deployment ranks) and injected into ``module`` or its submodule
+    ``target`` (dotted path, the meaning of ``AdapterCallback(target=)``) unless that already carries
+    the same method; then ``checkpoint["state_dict"]`` (keys relative to ``module``) is loaded:
+    non-strict for the base (``module`` keeps its own base weights: build it as for training),
+    strict for the adapter.
+
+    Args:
+        module: the LightningModule (or any ``nn.Module`` the checkpoint's keys are relative to).
+        checkpoint_path: a ``.ckpt`` written by ``ModelCheckpoint`` / ``trainer.save_checkpoint``
+            while the callback was attached (``save_weights_only`` or not).
+        target: submodule to adapt, as in ``AdapterCallback(target=...)``; default ``module``.
+        strict: raise when an adapter key of the model (every key an adapter checkpoint keeps,
+            :func:`adapter_checkpoint_keys`) is missing from the file, or the file holds a key the
+            model lacks. Shapes are always checked.
+
+    Raises:
+        FileNotFoundError: no such file.
+        AdapterFormatError: (a ``ValueError``) not a checkpoint written by AdapterCallback, an
+            unreadable file, a method that does not fit the model, missing/unexpected keys or a
+            shape mismatch; the message names the file and the keys. Everything is checked before
+            any tensor is copied, and an adapter injected by this call is removed again on failure,
+            so a failed load leaves ``module`` as it was.
+        AttributeError: ``module`` has no submodule ``target``.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    checkpoint = _read_checkpoint(path)
+    info = checkpoint.get("lightning_lora") if isinstance(checkpoint, dict) else None
+    if not isinstance(info, dict) or "method" not in info or "config" not in info:
+        raise AdapterFormatError(
+            f"{path}: not an adapter checkpoint written by AdapterCallback (it has no 'lightning_lora' entry)"
+        )
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise AdapterFormatError(f"{path}: adapter checkpoint without a 'state_dict'")
+    name = info["method"]
+    try:
+        method = get_method(name)(make_config(name, info["config"]))
+    except (ValueError, TypeError) as exc:
+        raise AdapterFormatError(f"{path}: cannot rebuild the {name!r} adapter: {exc}") from exc
+
+    if target:
+        try:
+            adapted = module.get_submodule(target)
+        except AttributeError:
+            raise AttributeError(f"load_adapter_checkpoint(target={target!r}): the module has no such submodule") from None
+    else:
+        adapted = module
+    existing = get_adapter_method(adapted)
+    requires_grad = {p: p.requires_grad for p in module.parameters()}
+    if existing is None:
+        meta = info.get("layer_metadata")
+        restore = getattr(method, "restore_layer_metadata", None)
+        if meta is not None and callable(restore):
+            try:
+                restore(meta)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise AdapterFormatError(f"{path}: invalid layer metadata for {name!r}: {exc}") from exc
+        try:
+            inject_adapter(adapted, method)
+        except (ValueError, TypeError) as exc:  # targets absent from / unsupported in this model
+            raise AdapterFormatError(f"{path}: adapter does not fit this model: {exc}") from exc
+    elif existing.config.method != name:
+        raise AdapterFormatError(f"{path}: adapter is {name!r} but the module already carries {existing.config.method!r}")
+    try:
+        _load_checkpoint_state(module, state, path, strict)
+    except BaseException:
+        if existing is None:  # undo our own injection
+            unload(adapted)
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+        raise
+    return module
+
+
+def _load_checkpoint_state(module: nn.Module, state: dict[str, Any], path: Path, strict: bool) -> None:
+    model_state = module.state_dict()
+    required = adapter_checkpoint_keys(module)
+    missing = sorted(required - set(state))
+    unexpected = sorted(set(state) - set(model_state))
+    if strict and (missing or unexpected):
+        raise AdapterFormatError(
+            f"{path}: checkpoint does not fit this adapter: missing {_short(missing)}, unexpected {_short(unexpected)}"
+        )
+    common = [k for k in state if k in model_state]
+    bad = [
+        f"{k}: file {tuple(state[k].shape)}, model {tuple(model_state[k].shape)}"
+        for k in common
+        if isinstance(state[k], torch.Tensor) and isinstance(model_state[k], torch.Tensor)
+        and state[k].shape != model_state[k].shape
+    ]
+    if bad:
+        raise AdapterFormatError(f"{path}: shape mismatch, checkpoint written for another model? {_short(bad)}")
+    # base keys absent from the file stay as they are (non-strict); the check above covered the adapter
+    module.load_state_dict({k: state[k] for k in common}, strict=False)
