@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import peft
 import torch
 from torch import nn
 
@@ -148,7 +149,6 @@ def _x():
 
 @peft_variants
 def test_our_bone_equals_peft_miss_and_loads_in_peft(model_builders, variant, r, tmp_path):
-    peft = pytest.importorskip("peft")
     targets = ["query", "value", "intermediate.dense"]
     ours = model_builders["bert"](0)
     ll.inject_adapter(ours, "bone", dict(r=r, variant=variant), target_modules=targets)
@@ -168,7 +168,6 @@ def test_our_bone_equals_peft_miss_and_loads_in_peft(model_builders, variant, r,
 
 @peft_variants
 def test_peft_miss_directory_loads_here(model_builders, variant, r, tmp_path):
-    peft = pytest.importorskip("peft")
     cfg = peft.MissConfig(r=r, target_modules=["query", "value"], init_weights="bat" if variant == "bat" else True)
     theirs = peft.get_peft_model(model_builders["bert"](0), cfg).eval()
     with torch.no_grad():

@@ -6,6 +6,7 @@ import warnings
 
 import lightning.pytorch as pl
 import pytest
+import peft
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -156,7 +157,7 @@ def test_warns_when_optimizer_holds_frozen_params(tmp_path):
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 def _ckpt_keys(path) -> tuple[set[str], dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return set(ckpt["state_dict"]), ckpt
 
 
@@ -212,7 +213,7 @@ def test_checkpoint_missing_adapter_keys_fails_clearly(tmp_path):
     t = trainer(tmp_path, max_steps=1, callbacks=[callback()])
     t.fit(module, loader())
     t.save_checkpoint(tmp_path / "ok.ckpt")
-    ckpt = torch.load(tmp_path / "ok.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "ok.ckpt", map_location="cpu", weights_only=True)
     del ckpt["state_dict"]["net.fc2.lora_B"]
     torch.save(ckpt, tmp_path / "broken.ckpt")
     with pytest.raises(RuntimeError, match=r"missing \['net\.fc2\.lora_B'\]"):
@@ -240,7 +241,6 @@ def test_checkpoint_of_full_model_is_rejected(tmp_path):
 
 # ---- end of fit: merge and export ----------------------------------------------------------------
 def test_merge_on_fit_end_and_export_dir(tmp_path):
-    peft = pytest.importorskip("peft")
     module = TinyModule()
     export = tmp_path / "export"
     t = trainer(tmp_path, max_steps=3, callbacks=[callback(merge_on_fit_end=True, export_dir=export)])

@@ -27,7 +27,7 @@ def _run(out: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProce
 
 
 def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _check_ranks(out: Path) -> dict:

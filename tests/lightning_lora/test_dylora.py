@@ -9,6 +9,7 @@ from collections import Counter
 
 import lightning.pytorch as pl
 import pytest
+import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -241,7 +242,6 @@ def test_export_at_rank_b_loads_as_lora_here(tmp_path):
 
 @pytest.mark.parametrize("model", ["bert", "gpt2"])
 def test_export_at_rank_b_loads_in_peft(model_builders, model, tmp_path):
-    peft = pytest.importorskip("peft")
     targets = {"bert": ["query", "value"], "gpt2": ["c_attn", "mlp.c_proj"]}[model]
     ours = model_builders[model](0)
     ll.inject_adapter(ours, "dylora", r=R, alpha=ALPHA, target_modules=targets, scaling_impl="code")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import peft
 import torch
 from torch import nn
 
@@ -143,7 +144,6 @@ def test_sgd_scale_c_equals_lr_times_c_squared():
 
 
 def test_saved_directory_loads_in_peft_as_lora(model_builders, tmp_path):
-    peft = pytest.importorskip("peft")
     ours = model_builders["bert"](0)
     ll.inject_adapter(ours, "ffa_lora", dict(r=4, alpha=8), target_modules=["query", "value"])
     with torch.no_grad():

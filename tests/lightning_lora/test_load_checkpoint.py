@@ -154,7 +154,9 @@ def test_loads_into_already_injected_module(tmp_path):
 
 def test_hparams_with_path_load(tmp_path):
     trained, _, ckpt = train(tmp_path, module=TinyModule(data_dir=tmp_path / "data", save_hparams=True))
-    assert isinstance(torch.load(ckpt, weights_only=False)["hyper_parameters"]["data_dir"], pathlib.Path)
+    with torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath]):
+        hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert isinstance(hparams["data_dir"], pathlib.Path)
     fresh = ll.load_adapter_checkpoint(TinyModule(), ckpt, target="net")
     assert torch.equal(outputs(fresh), outputs(trained))
 

@@ -11,7 +11,7 @@ import torch
 import lightning_lora as ll
 from lightning_lora.core.state import CONFIG_NAME, WEIGHTS_NAME
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  (a test dependency: pip install -e ".[test]")
 
 TARGETS = {
     "bert": ["query", "value"],

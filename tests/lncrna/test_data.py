@@ -16,7 +16,6 @@ from lncrna import data
 from lncrna.data import LABELS, MIN_LENGTH, RAW_FILES, SPLITS, build, load_split
 
 DATA = Path(__file__).resolve().parents[2] / "data"
-BUILT = (DATA / "lncrna" / "train.fa.gz").exists() and (DATA / "PROVENANCE.md").exists()
 
 
 # --- the rules, on a synthetic raw folder ------------------------------------------------------
@@ -107,7 +106,6 @@ def test_round_half_up() -> None:
 
 
 # --- the committed real splits ----------------------------------------------------------------
-needs_data = pytest.mark.skipif(not BUILT, reason="run `python -m lncrna.data build` first")
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +130,6 @@ def _table(text: str, header: str) -> list[list[str]]:
     return rows
 
 
-@needs_data
 def test_no_test_sequence_in_train_or_val(real: dict[str, pd.DataFrame]) -> None:
     test = set(real["test_human"].seq) | set(real["test_mouse"].seq)
     assert not set(real["train"].seq) & test
@@ -142,7 +139,6 @@ def test_no_test_sequence_in_train_or_val(real: dict[str, pd.DataFrame]) -> None
     assert ids.is_unique
 
 
-@needs_data
 def test_lengths_labels_and_alphabet(real: dict[str, pd.DataFrame]) -> None:
     for name, df in real.items():
         assert df.seq.map(len).min() >= MIN_LENGTH, name
@@ -154,7 +150,6 @@ def test_lengths_labels_and_alphabet(real: dict[str, pd.DataFrame]) -> None:
     assert set(th.source[th.label == 1]) == {"Human_test_noncoding_RNA.fa.gz"}
 
 
-@needs_data
 def test_counts_match_provenance(real: dict[str, pd.DataFrame], provenance: str) -> None:
     rows = _table(provenance, "| split | species | label | sequences |")
     documented = {(s, sp, lab): int(n) for s, sp, lab, n in rows}
@@ -167,7 +162,6 @@ def test_counts_match_provenance(real: dict[str, pd.DataFrame], provenance: str)
     assert totals == {name: len(df) for name, df in real.items()}
 
 
-@needs_data
 def test_files_match_provenance_hashes(provenance: str) -> None:
     for name, *_, file_sha, content_sha in _table(provenance, "| split | sequences |"):
         path = DATA / "lncrna" / f"{name}.fa.gz"
@@ -175,7 +169,6 @@ def test_files_match_provenance_hashes(provenance: str) -> None:
         assert hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest().startswith(content_sha)
 
 
-@needs_data
 def test_mouse_held_out_is_20_percent(real: dict[str, pd.DataFrame], provenance: str) -> None:
     raw_rows = {r[0]: r for r in _table(provenance, "| raw file |")}
     kept_pc = int(raw_rows["prelncdata/mouse_pc_train.fa.gz"][6])
@@ -188,15 +181,13 @@ def test_mouse_held_out_is_20_percent(real: dict[str, pd.DataFrame], provenance:
     assert len(held) + len(pool_pc) <= kept_pc  # the rest went to the pool (minus removals)
 
 
-@needs_data
 def test_validation_is_10_percent_per_stratum(real: dict[str, pd.DataFrame]) -> None:
     for (sp, lab), n_val in real["val"].groupby(["species", "label"]).size().items():
         n_train = ((real["train"].species == sp) & (real["train"].label == lab)).sum()
         assert n_val == math.floor(0.1 * (n_val + n_train) + 0.5), (sp, lab)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not BUILT or not data.DEFAULT_RAW.exists(), reason="needs raw data and a build")
+@pytest.mark.slow  # needs ../shared/data/raw beside the checkout (CI has it)
 def test_rebuild_gives_committed_bytes(tmp_path: Path) -> None:
     """About 15 s: rebuild from the raw files and compare with the committed splits."""
     build(data.DEFAULT_RAW, tmp_path / "lncrna")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 import math
 import random
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from lncrna.data import load_split
 from lncrna.features import (
     FeatureBaseline,
     FeatureExtractor,
@@ -21,8 +20,8 @@ from lncrna.features import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-RAW = next((p for p in [REPO.parent / "shared" / "data" / "raw", Path("/work/shared/data/raw")] if p.is_dir()), None)
-needs_raw = pytest.mark.skipif(RAW is None, reason="shared/data/raw not available")
+# CPAT's human hexamer table (liguowang/cpat, GPL-2.0-or-later), copied so the test needs no ../shared
+HUMAN_HEXAMER = Path(__file__).parent / "data" / "Human_Hexamer.tsv"
 
 STOPS = {"TAA", "TAG", "TGA"}
 COMP = {"A": "T", "C": "G", "G": "C", "T": "A", "N": "N"}
@@ -105,14 +104,6 @@ def ref_hexamer(orf: str, cod: dict, non: dict) -> float:
             continue
         n += 1
     return tot / n if n else -1.0
-
-
-def read_raw(rel: str, n: int, skip: int = 0, min_len: int = 200) -> list[str]:
-    from Bio import SeqIO
-
-    with gzip.open(RAW / rel, "rt") as fh:
-        seqs = (str(r.seq).upper() for r in SeqIO.parse(fh, "fasta"))
-        return list(islice((s for s in seqs if len(s) >= min_len), skip, skip + n))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,11 +207,10 @@ def test_hexamer_score_matches_reference_and_tsv_round_trip(tmp_path):
     assert tab.score("A" * 12) == pytest.approx(ref_hexamer("A" * 12, cd, nd))  # AAAAAA is code 0
 
 
-@needs_raw
 def test_hexamer_with_cpat_human_table():
-    tab = HexamerTable.from_cpat_tsv(RAW / "cpat" / "Human_Hexamer.tsv")
+    tab = HexamerTable.from_cpat_tsv(HUMAN_HEXAMER)
     cd, nd = {}, {}
-    for line in open(RAW / "cpat" / "Human_Hexamer.tsv"):
+    for line in open(HUMAN_HEXAMER):
         f = line.split()
         if f[0] != "hexamer":
             cd[f[0]], nd[f[0]] = float(f[1]), float(f[2])
@@ -248,11 +238,11 @@ def test_kmer_features_are_normalised_frequencies():
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_slices():
-    if RAW is None:
-        pytest.skip("shared/data/raw not available")
-    pc = read_raw("prelncdata/mouse_pc_train.fa.gz", 500)
-    lnc = read_raw("prelncdata/mouse_lnc_train.fa.gz", 300)
-    lnc_test = read_raw("prelncdata/mouse_lnc_test.fa.gz", 200)
+    # slices of the committed splits: mouse mRNA and lncRNA from train, held-out ones from test_mouse
+    train, test = load_split("train"), load_split("test_mouse")
+    pc = list(train.seq[(train.species == "mouse") & (train.label == 0)][:300]) + list(test.seq[test.label == 0][:200])
+    lnc = list(train.seq[(train.species == "mouse") & (train.label == 1)][:300])
+    lnc_test = list(test.seq[test.label == 1][:200])
     train_s = pc[:300] + lnc[:300]
     train_y = np.array([0] * 300 + [1] * 300)
     test_s = pc[300:500] + lnc_test
@@ -267,14 +257,12 @@ def fitted(real_slices):
     return m.fit(train_s, train_y)
 
 
-@needs_raw
 def test_small_fit_beats_085_on_held_out(fitted, real_slices):
     _, _, test_s, test_y = real_slices
     acc = float(np.mean((fitted.predict_proba(test_s) >= 0.5) == test_y))
     assert acc > 0.85, acc
 
 
-@needs_raw
 def test_numpy_trees_equal_sklearn(fitted, real_slices):
     _, _, test_s, _ = real_slices
     X = fitted.features(test_s)
@@ -285,7 +273,6 @@ def test_numpy_trees_equal_sklearn(fitted, real_slices):
     assert fitted.ensemble.roots.shape[0] == fitted.sklearn_model.n_iter_
 
 
-@needs_raw
 def test_save_load_round_trip(fitted, real_slices, tmp_path):
     _, _, test_s, _ = real_slices
     p1 = fitted.predict_proba(test_s[:100])
@@ -308,8 +295,6 @@ def test_tree_ensemble_hand_made():
     np.testing.assert_array_equal(raw, [-0.5, -0.5, 2.5, 2.5])
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "lncrna" / "weights" / "baseline" / "baseline.json").is_file(),
-                    reason="shipped baseline not present")
 def test_shipped_baseline_loads_and_is_small():
     from lncrna.features import DEFAULT_BASELINE_DIR
 

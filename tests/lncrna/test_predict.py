@@ -146,8 +146,8 @@ def test_corrupt_weights(tmp_path, tiny_model_dir):
         Predictor(d, device="cpu")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
-def test_cuda_requested_without_cuda(tiny_model_dir):
+def test_cuda_requested_without_cuda(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ModelError, match="CUDA is not available"):
         Predictor(tiny_model_dir, device="cuda")
 

@@ -148,7 +148,6 @@ def _time(fn, arg) -> float:
     return time.perf_counter() - t0
 
 
-@pytest.mark.skipif(not (DATA / "val.fa.gz").exists(), reason="data/lncrna not built")
 def test_real_slice_from_val() -> None:
     from lncrna.fasta import read_fasta
 
