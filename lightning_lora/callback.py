@@ -56,9 +56,9 @@ import torch
 from torch import nn
 
 from .core.config import AdapterConfig, get_method, make_config
-from .core.inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, merge_adapter, unload
+from .core.inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, merge_adapter
 from .core.layer import AdapterLayer
-from .core.state import AdapterFormatError, save_adapter
+from .core.state import AdapterFormatError, injected_for_loading, save_adapter
 
 _WRAPPED = "_lightning_lora_ckpt_wrapped"
 _VAL_WRAPPED = "_lightning_lora_val_wrapped"
@@ -304,11 +304,9 @@ def _short(keys: list[str]) -> str:
 
 def _read_checkpoint(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` with :data:`_CHECKPOINT_SAFE_GLOBALS` allowed for this call
-    only (entries the caller already allowlisted are left registered)."""
-    already = set(map(id, torch.serialization.get_safe_globals()))
-    extra = [g for g in _CHECKPOINT_SAFE_GLOBALS if id(g) not in already]
+    only (``safe_globals`` restores the caller's allowlist on exit)."""
     try:
-        with torch.serialization.safe_globals(extra):
+        with torch.serialization.safe_globals(list(_CHECKPOINT_SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise AdapterFormatError(
@@ -371,7 +369,7 @@ def load_adapter_checkpoint(
         raise AdapterFormatError(f"{path}: adapter checkpoint without a 'state_dict'")
     name = info["method"]
     try:
-        method = get_method(name)(make_config(name, info["config"]))
+        cfg = make_config(name, info["config"])
     except (ValueError, TypeError) as exc:
         raise AdapterFormatError(f"{path}: cannot rebuild the {name!r} adapter: {exc}") from exc
 
@@ -382,30 +380,8 @@ def load_adapter_checkpoint(
             raise AttributeError(f"load_adapter_checkpoint(target={target!r}): the module has no such submodule") from None
     else:
         adapted = module
-    existing = get_adapter_method(adapted)
-    requires_grad = {p: p.requires_grad for p in module.parameters()}
-    if existing is None:
-        meta = info.get("layer_metadata")
-        restore = getattr(method, "restore_layer_metadata", None)
-        if meta is not None and callable(restore):
-            try:
-                restore(meta)
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                raise AdapterFormatError(f"{path}: invalid layer metadata for {name!r}: {exc}") from exc
-        try:
-            inject_adapter(adapted, method)
-        except (ValueError, TypeError) as exc:  # targets absent from / unsupported in this model
-            raise AdapterFormatError(f"{path}: adapter does not fit this model: {exc}") from exc
-    elif existing.config.method != name:
-        raise AdapterFormatError(f"{path}: adapter is {name!r} but the module already carries {existing.config.method!r}")
-    try:
+    with injected_for_loading(adapted, name, cfg, info.get("layer_metadata"), path):
         _load_checkpoint_state(module, state, path, strict)
-    except BaseException:
-        if existing is None:  # undo our own injection
-            unload(adapted)
-            for p, flag in requires_grad.items():
-                p.requires_grad_(flag)
-        raise
     return module
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,42 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> tuple[str, Adapter
     raise AdapterFormatError(f"{cfg_path}: PEFT type {peft_type or '(none)'} is not supported by lightning_lora")
 
 
+@contextmanager
+def injected_for_loading(
+    model: nn.Module, name: str, cfg: AdapterConfig, layer_metadata: Any, source: str | os.PathLike[str]
+) -> Iterator[None]:
+    """Inject method ``name`` into ``model`` for a load from ``source``, unless it already carries it.
+
+    ``layer_metadata`` (structure the tensors' shapes depend on, e.g. DyLoRA's ranks) is restored
+    before injection. An error inside the ``with`` block removes an adapter injected here and
+    restores ``requires_grad``, so a failed load leaves ``model`` as it was. Errors name ``source``.
+    """
+    existing = get_adapter_method(model)
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    if existing is None:
+        method = get_method(name)(cfg)
+        restore = getattr(method, "restore_layer_metadata", None)
+        if layer_metadata is not None and callable(restore):
+            try:
+                restore(layer_metadata)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise AdapterFormatError(f"{source}: invalid layer metadata for {name!r}: {exc}") from exc
+        try:
+            inject_adapter(model, method)
+        except (ValueError, TypeError) as exc:  # targets absent from / unsupported in this model
+            raise AdapterFormatError(f"{source}: adapter does not fit this model: {exc}") from exc
+    elif existing.config.method != name:
+        raise AdapterFormatError(f"{source}: adapter is {name!r} but the model already carries {existing.config.method!r}")
+    try:
+        yield
+    except BaseException:
+        if existing is None:  # undo our own injection
+            unload(model)
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+        raise
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike[str], strict: bool = True) -> nn.Module:
     """Inject (if needed) and load a saved adapter into ``model``; returns ``model``.
 
@@ -158,29 +196,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], strict: bo
     directory = Path(directory)
     name, cfg, metadata = read_adapter_config(directory)
     weights = directory / WEIGHTS_NAME
-    existing = get_adapter_method(model)
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    if existing is None:
-        method = get_method(name)(cfg)
-        restore = getattr(method, "restore_layer_metadata", None)
-        if callable(restore) and "lightning_lora_layer_metadata" in metadata:
-            restore(json.loads(metadata["lightning_lora_layer_metadata"]))
-        try:
-            inject_adapter(model, method)
-        except (ValueError, TypeError) as exc:  # targets absent from / unsupported in this model
-            raise AdapterFormatError(f"{weights}: adapter does not fit this model: {exc}") from exc
-    elif existing.config.method != name:
-        raise AdapterFormatError(
-            f"{directory}: adapter is {name!r} but the model already carries {existing.config.method!r}"
-        )
-    try:
+    raw_meta = metadata.get("lightning_lora_layer_metadata")
+    with injected_for_loading(model, name, cfg, json.loads(raw_meta) if raw_meta else None, weights):
         _copy_adapter_tensors(model, weights, strict)
-    except AdapterFormatError:
-        if existing is None:  # undo our own injection
-            unload(model)
-            for p, flag in requires_grad.items():
-                p.requires_grad_(flag)
-        raise
     return model
 
 
