@@ -25,8 +25,9 @@ class AdapterConfig:
     Attributes:
         target_modules: which modules get an adapter. A list of names, each matching a module whose
             qualified name equals it or ends with ``"." + name`` (PEFT's rule); a single string is a
-            regular expression that must match the whole qualified name; ``"all-linear"`` targets
-            every ``nn.Linear`` / transformers ``Conv1D`` except the model's output head.
+            regular expression that must match the whole qualified name; ``"all-linear"`` (the
+            default when neither names nor types are given) targets every ``nn.Linear`` /
+            transformers ``Conv1D`` except the model's output head.
         target_types: optional module classes (or class names) to target in addition to names.
         exclude_modules: names (same suffix rule) that are never targeted.
         modules_to_save: modules trained in full and saved with the adapter (a new classifier head).
@@ -47,6 +48,11 @@ class AdapterConfig:
             raise ValueError(f"bias must be 'none', 'lora_only' or 'all', got {self.bias!r}")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if self.target_modules is None and not self.target_types:
+            self.target_modules = "all-linear"  # every method adapts linear layers
+        dropout = getattr(self, "dropout", 0.0)  # methods with an adapter-branch dropout
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (types are stored by class name)."""

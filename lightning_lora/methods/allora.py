@@ -60,8 +60,6 @@ class ALLoRAConfig(AdapterConfig):
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not self.eta > 0:
             raise ValueError(f"ALLoRA needs eta > 0, got {self.eta!r}")
-        if self.target_modules is None and not self.target_types:
-            self.target_modules = "all-linear"
         self.lora_config()  # validates r and init
 
     def lora_config(self) -> LoRAConfig:

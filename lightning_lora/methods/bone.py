@@ -66,15 +66,11 @@ class BoneConfig(AdapterConfig):
             raise ValueError(f"Bone block width r must be >= 1, got {self.r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.variant == "bat" and self.dropout:
             raise ValueError("Bat has no dropout (its forward is a dense linear with W'); use dropout=0")
         if self.scaling != 1.0:
             warnings.warn(f"{self.variant}: scaling is not supported; keeping scale 1 (got {self.scaling})", stacklevel=3)
             self.scaling = 1.0
-        if self.target_modules is None and not self.target_types:
-            self.target_modules = "all-linear"
 
 
 @dataclass

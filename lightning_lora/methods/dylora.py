@@ -104,8 +104,6 @@ class DyLoRAConfig(AdapterConfig):
             raise ValueError(f"scaling_impl must be 'paper' or 'code', got {self.scaling_impl!r}")
         if self.eval_rank is not None and not 1 <= self.eval_rank <= self.r:
             raise ValueError(f"eval_rank must be in [1, r={self.r}], got {self.eval_rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rank_pmf is not None:
             pmf = [float(p) for p in self.rank_pmf]
             if len(pmf) != self.r - self.r_min + 1 or any(p < 0 for p in pmf) or sum(pmf) <= 0:
@@ -113,8 +111,6 @@ class DyLoRAConfig(AdapterConfig):
                     f"rank_pmf needs {self.r - self.r_min + 1} non-negative weights (ranks {self.r_min}..{self.r}), got {pmf}"
                 )
             self.rank_pmf = [p / sum(pmf) for p in pmf]
-        if self.target_modules is None and not self.target_types:
-            self.target_modules = "all-linear"
 
     def resolve_eval_ranks(self, spec: list[int] | str | None) -> list[int]:
         """``"all"`` -> [1..r]; ``"none"``/None/[] -> []; a list is checked against [1, r]."""

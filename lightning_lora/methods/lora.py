@@ -65,10 +65,6 @@ class LoRAConfig(AdapterConfig):
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.target_modules is None and not self.target_types:
-            self.target_modules = "all-linear"
 
     @property
     def scaling(self) -> float:

@@ -173,10 +173,6 @@ class LoRAXSConfig(AdapterConfig):
             raise ValueError(f"core_init must be 'gaussian' or 'zeros', got {self.core_init!r}")
         if self.svd not in ("lowrank", "exact"):
             raise ValueError(f"svd must be 'lowrank' or 'exact', got {self.svd!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.target_modules is None and not self.target_types:
-            self.target_modules = "all-linear"
 
 
 @torch.no_grad()
@@ -255,10 +251,6 @@ class LoRASBConfig(AdapterConfig):
             raise ValueError(f"svd must be 'lowrank' or 'exact', got {self.svd!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.target_modules is None and not self.target_types:
-            self.target_modules = "all-linear"
 
 
 class LoRASBLinear(CoreLoRALinear):

@@ -91,10 +91,6 @@ class _CoreConfig(AdapterConfig):
             self.residual = self.init == "nystrom"
         if self.residual and self.init == "slora":
             raise ValueError("residual=True needs a non-zero init (nystrom or reference); SLoRA starts at ΔW = 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.target_modules is None and not self.target_types:
-            self.target_modules = "all-linear"
 
     @property
     def scaling(self) -> float:

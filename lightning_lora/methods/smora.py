@@ -111,10 +111,6 @@ class SMoRAConfig(AdapterConfig):
             raise ValueError(f"count_scope must be 'batch' or 'step', got {self.count_scope!r}")
         if self.router_init not in ("normal", "zeros"):
             raise ValueError(f"router_init must be 'normal' or 'zeros', got {self.router_init!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.target_modules is None and not self.target_types:
-            self.target_modules = "all-linear"
 
     @property
     def scaling(self) -> float:
