@@ -280,6 +280,29 @@ SPECS["inttune"] = MethodSpec(
     s1_documented=_documented_weight_check(_nlora_documented_delta),
 )
 
+# Flexora (METHODS §13), search phase as injected: LoRA scaled by its layer's gate w = L·softmax(α̂).
+# S1 exact (B = 0; α̂ = 0 gives w = 1.0 exactly). α̂ lives in the method with its own optimizer, not
+# in the model: trainable A, B, r(m+n). The perturbation also draws α̂, so S2 (merge folds w into the
+# scale), S4 (α̂ travels in the metadata) and S5 run with gates != 1.
+def _flexora_perturb(model: nn.Module) -> None:
+    default_perturb(model)
+    method = ll.get_adapter_method(model)
+    logits = torch.randn(len(method.layer_keys), generator=torch.Generator().manual_seed(11))
+    method.set_gate_logits(logits, ll.adapter_layers(model))
+
+
+SPECS["flexora"] = MethodSpec(
+    variants={
+        "block": dict(r=4, alpha=8),
+        "module_power3_dropout": dict(r=4, alpha=8, granularity="module", gate_power=3, dropout=0.25),
+        "unfused_rslora": dict(r=4, alpha=8, fused=False, use_rslora=True),
+    },
+    trainable=lambda kw: {"lora_A", "lora_B"},
+    param_count=lambda m, n, kw: kw.get("r", 8) * (m + n),
+    s1="exact",
+    perturb=_flexora_perturb,
+)
+
 # which modules each test model adapts (names use PEFT's suffix rule)
 MODELS: dict[str, list[str]] = {
     "linear": ["fc1", "fc2", "fc3"],
