@@ -13,6 +13,8 @@ from .config import AdapterConfig, Method, get_method, make_config
 from .layer import AdapterLayer, _is_conv1d
 
 _METHOD_ATTR = "_lightning_lora_method"
+#: set by core.multi on a model that carries several named adapters
+_MULTI_ATTR = "_lightning_lora_adapters"
 
 
 def _name_matches(name: str, keys: list[str]) -> bool:
@@ -103,6 +105,8 @@ def inject_adapter(
     """
     if getattr(model, _METHOD_ATTR, None) is not None:
         raise RuntimeError("model already has an adapter; unload() it first or use adapter_layers()")
+    if getattr(model, _MULTI_ATTR, None) is not None:
+        raise RuntimeError("model carries named adapters; use lightning_lora.core.multi.add_adapter()")
     if isinstance(method, Method):
         method_obj = method
     else:
@@ -163,8 +167,20 @@ def get_adapter_method(model: nn.Module) -> Method | None:
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """Qualified name (of the original module) -> adapter layer, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    """Qualified name (of the original module) -> adapter layer, in model order.
+
+    Only outermost adapter layers: the per-adapter layers inside a multi-adapter layer
+    (:mod:`lightning_lora.core.multi`) belong to it and are not listed.
+    """
+    out: dict[str, AdapterLayer] = {}
+    outer: str | None = None
+    for name, m in model.named_modules():  # pre-order: a layer's descendants follow it directly
+        if outer is not None and name.startswith(outer + "."):
+            continue
+        if isinstance(m, AdapterLayer):
+            out[name] = m
+            outer = name
+    return out
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -26,8 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import AdapterConfig, available_methods, get_method, make_config
+from .config import AdapterConfig, Method, available_methods, get_method, make_config
 from .inject import _inside, adapter_layers, get_adapter_method, inject_adapter, unload
+from .layer import AdapterLayer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -84,10 +85,21 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], base_model
     method = get_adapter_method(model)
     if method is None:
         raise ValueError("model has no adapter to save; inject_adapter() first")
+    tensors = {_to_file_key(model, k): v for k, v in adapter_state_dict(model).items()}
+    return write_adapter(directory, method, adapter_layers(model), tensors, base_model_name_or_path)
+
+
+def write_adapter(
+    directory: str | os.PathLike[str],
+    method: Method,
+    layers: dict[str, AdapterLayer],
+    tensors: dict[str, torch.Tensor],
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write one adapter (``method``'s ``layers``, ``tensors`` keyed by file key) in the format above."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {_to_file_key(model, k): v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    layers = adapter_layers(model)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {
         "format": "pt",
         "lightning_lora_method": method.config.method,
