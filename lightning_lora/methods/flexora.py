@@ -309,6 +309,13 @@ class Flexora(Method):
         self._restored_keys: list[str] = []
         self._restored_logits: list[float] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the method rides on the model (deepcopy / pickle of the model copy it): a live DataLoader
+        # iterator cannot be copied, and a copy of the gate data would copy the whole data set
+        state = self.__dict__.copy()
+        state["_gate_source"] = state["_gate_iter"] = None
+        return state
+
     @property
     def cfg(self) -> FlexoraConfig:
         return self.config  # type: ignore[return-value]
