@@ -96,11 +96,13 @@ def _cache_root() -> Path:
     return Path(os.environ.get("LIGHTNING_LORA_CACHE", Path.home() / ".cache" / "lightning_lora"))
 
 
-def load_smollm2(task: str = "causal_lm", cache: bool = True, **_: Any) -> tuple[nn.Module, Any]:
+def load_smollm2(task: str = "causal_lm", cache: bool = True, path: str | os.PathLike | None = None,
+                 **_: Any) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct (``LlamaForCausalLM``, fp32) and its tokenizer, from the GGUF file.
 
     The first load de-quantises the GGUF file (about a minute on 2 CPU cores) and, with ``cache``,
     saves the result as a transformers folder under the cache root; later loads read that folder.
+    ``path``: a folder written by :func:`export_smollm2` instead (no ``gguf`` package needed).
     The tokenizer's pad token is set to its EOS token when it has none.
     """
     if task != "causal_lm":
@@ -108,6 +110,14 @@ def load_smollm2(task: str = "causal_lm", cache: bool = True, **_: Any) -> tuple
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
+    if path is not None:
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json; write the folder with export_smollm2({str(path)!r})")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
     folder, gguf_file = smollm2_gguf()
     cached = _cache_root() / "smollm2-135m-instruct-q4_1"
     if cache and (cached / "config.json").is_file() and (cached / "tokenizer_config.json").is_file():
@@ -131,6 +141,23 @@ def load_smollm2(task: str = "causal_lm", cache: bool = True, **_: Any) -> tuple
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def export_smollm2(directory: str | os.PathLike, dtype: str = "bfloat16", max_shard_size: str = "50MB") -> Path:
+    """Write SmolLM2-135M-Instruct (de-quantised from the GGUF file) as a plain transformers folder
+    (safetensors shards + tokenizer) that ``load_smollm2(path=directory)`` reads without ``gguf``.
+
+    ``dtype="bfloat16"`` (~270 MB) rounds each de-quantised weight to 8 significant bits;
+    ``"float32"`` (~540 MB) keeps them exact. ``max_shard_size`` keeps each file small enough to
+    move in pieces.
+    """
+    import torch
+
+    model, tokenizer = load_smollm2()
+    directory = Path(directory)
+    model.to(getattr(torch, dtype)).save_pretrained(directory, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def load_tiny_bert(num_labels: int = 2, task: str = "classification", hidden_size: int = 32,
