@@ -1,0 +1,150 @@
+"""A classifier that reads raw strings, and the one training loop the pipeline's stages share.
+
+Trans-LoRA moves an adapter between models whose tokenizers differ (MiniLM word pieces, SmolLM2
+BPE, nucleotide k-mers), so every stage passes strings around and each model brings its own
+``encode``. :class:`TextClassifier` pairs a model with that function; :func:`fit_text_classifier`
+trains its trainable parameters (the adapter and any ``modules_to_save``, nothing else) with a
+plain ``pl.Trainer``: the discriminator and the distilled student are ordinary LoRA
+LightningModules on (string, target) pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..core import trainable_parameters
+from ..tasks.modules import linear_warmup_decay
+
+Encode = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+class TextClassifier(nn.Module):
+    """``model`` + ``encode``: ``forward(texts)`` returns class logits (B, C).
+
+    ``encode(texts)`` returns the model's keyword inputs (CPU tensors, moved to the model's device
+    here); ``model(**inputs)`` returns logits or an output with ``.logits``.
+    """
+
+    def __init__(self, model: nn.Module, encode: Encode) -> None:
+        super().__init__()
+        self.model = model
+        self.encode = encode
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        inputs = {k: v.to(self.device) for k, v in self.encode(list(texts)).items()}
+        out = self.model(**inputs)
+        return getattr(out, "logits", out)
+
+
+def hf_text_encoder(tokenizer, max_length: int = 128) -> Encode:
+    """``encode`` for a Hugging Face tokenizer: padded, truncated to ``max_length`` tokens."""
+
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+    return encode
+
+
+@torch.no_grad()
+def predict_logits(classifier: TextClassifier, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Logits (N, C), fp32 on the CPU, in eval mode (bf16 autocast on CUDA); the mode is restored."""
+    was_training = classifier.training
+    classifier.eval()
+    device = classifier.device
+    out = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out.append(classifier(texts[i : i + batch_size]).float().cpu())
+    finally:
+        classifier.train(was_training)
+    if not out:
+        raise ValueError("predict_logits got no texts")
+    return torch.cat(out)
+
+
+class _StringTargetsModule(pl.LightningModule):
+    """Trains ``classifier`` on (string, target) batches with ``loss_fn(logits (B, C), targets)``."""
+
+    def __init__(self, classifier: TextClassifier, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 lr: float, weight_decay: float, warmup_ratio: float) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.loss_fn = loss_fn
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.losses: list[torch.Tensor] = []
+        # transformers' from_pretrained returns eval mode and Lightning keeps each module's mode
+        self.classifier.train()
+
+    def training_step(self, batch: tuple[list[str], torch.Tensor], batch_idx: int) -> torch.Tensor:
+        texts, targets = batch
+        loss = self.loss_fn(self.classifier(texts).float(), targets)
+        self.losses.append(loss.detach())
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = trainable_parameters(self.classifier)
+        if not params:
+            raise RuntimeError("the classifier has no trainable parameters: inject an adapter into it first")
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = int(self.trainer.max_steps)
+        sched = linear_warmup_decay(opt, total, int(self.warmup_ratio * total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def fit_text_classifier(
+    classifier: TextClassifier,
+    texts: Sequence[str],
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    steps: int = 200,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.06,
+    seed: int = 0,
+    accelerator: str = "auto",
+    precision: str | None = None,
+) -> list[float]:
+    """Train the trainable parameters of ``classifier`` for ``steps`` optimizer steps.
+
+    Args:
+        texts: N strings; ``targets`` (N, ...) one target per string (class ids or teacher logits).
+        loss_fn: ``(logits (B, C) fp32, targets (B, ...)) -> scalar``.
+        precision: Lightning precision; default ``"bf16-mixed"`` on CUDA, ``"32-true"`` otherwise.
+
+    Returns:
+        the loss of every step. The classifier stays on the device it was trained on.
+    """
+    if len(texts) != len(targets):
+        raise ValueError(f"got {len(texts)} texts and {len(targets)} targets")
+    if len(texts) == 0 or steps < 1:
+        raise ValueError(f"need at least one text and one step; got {len(texts)} texts, {steps} steps")
+    texts = list(texts)
+    loader = DataLoader(
+        range(len(texts)), batch_size=min(batch_size, len(texts)), shuffle=True, drop_last=False,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=lambda idx: ([texts[i] for i in idx], targets[torch.as_tensor(idx)]),
+    )
+    module = _StringTargetsModule(classifier, loss_fn, lr, weight_decay, warmup_ratio)
+    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, max_steps=steps, precision=precision or ("bf16-mixed" if cuda else "32-true"),
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout and adapter-free randomness inside the steps
+        trainer.fit(module, loader)
+    return [float(x) for x in module.losses]

@@ -1,0 +1,110 @@
+"""Trans-LoRA phase B end to end: seeds -> synthetic inputs -> filter -> teacher labels -> distilled student.
+
+    from lightning_lora.transfer import transfer
+    result = transfer(teacher, student, seed_examples, generate=gen, discriminator=disc, n_samples=2000)
+
+Only ``seed_examples[:n_seed]`` is read (indexed, never iterated), so a caller may hand over the
+whole training set and still be sure the transfer saw 5 examples (invariant 4). Ablations
+(invariant 6): ``filter=False`` distils on unfiltered synthetic data; ``generate=None`` on the seeds
+alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core import trainable_parameters
+from .classifier import TextClassifier
+from .discriminator import filter_synthetic
+from .distill import distill, label_with_teacher
+
+#: ``generate(seed_texts, n, round) -> list[str]``: ``n`` candidates for round ``round`` (a seed offset)
+Generate = Callable[[list[str], int, int], list[str]]
+
+
+@dataclass
+class TransferResult:
+    """The data the student was distilled on and how it was made."""
+
+    seeds: list[str]
+    texts: list[str]  # inputs the student trained on
+    teacher_logits: torch.Tensor  # (len(texts), C)
+    n_generated: int  # candidates drawn from the generator, duplicates included
+    n_scored: int  # unique candidates the discriminator scored
+    rounds: int
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def kept_share(self) -> float:
+        """Kept inputs over generated candidates (1.0 for the seed-only ablation)."""
+        return len(self.texts) / self.n_generated if self.n_generated else 1.0
+
+
+def synthesize_and_filter(generate: Generate, seeds: list[str], n: int, discriminator: TextClassifier | None, *,
+                          threshold: float = 0.5, round_size: int | None = None,
+                          max_rounds: int = 10) -> tuple[list[str], int, int, int]:
+    """Generate rounds of candidates until ``n`` unique ones pass the discriminator (or ``max_rounds``).
+
+    With ``discriminator=None`` every unique candidate passes (the unfiltered ablation).
+    Returns ``(kept, n_generated, n_scored, rounds)``; warns when fewer than ``n`` were kept.
+    """
+    round_size = round_size or n
+    kept: list[str] = []
+    n_generated = n_scored = rounds = 0
+    while len(kept) < n and rounds < max_rounds:
+        candidates = generate(seeds, round_size, rounds)
+        rounds += 1
+        n_generated += len(candidates)
+        if discriminator is None:
+            seen = set(kept)
+            fresh = [c for c in dict.fromkeys(candidates) if c not in seen]
+            n_scored += len(fresh)
+            kept.extend(fresh[: n - len(kept)])
+        else:
+            result = filter_synthetic(discriminator, candidates, n - len(kept), threshold=threshold, exclude=kept)
+            n_scored += len(result.candidates)
+            kept.extend(result.kept)
+    if len(kept) < n:
+        warnings.warn(f"kept {len(kept)} of the {n} requested synthetic samples after {rounds} rounds "
+                      f"({n_generated} generated); raise max_rounds or round_size, or lower the threshold",
+                      stacklevel=2)
+    return kept, n_generated, n_scored, rounds
+
+
+def transfer(teacher: TextClassifier, student: TextClassifier, seed_examples: Sequence[str], *,
+             generate: Generate | None, discriminator: TextClassifier | None = None, n_samples: int = 1000,
+             n_seed: int = 5, filter: bool = True, threshold: float = 0.5, round_size: int | None = None,
+             max_rounds: int = 10, loss: str = "kl", temperature: float = 1.0,
+             **distill_kwargs) -> TransferResult:
+    """Distil ``teacher`` (source base + adapter) into ``student`` (target base + fresh adapter).
+
+    Args:
+        teacher: labels the inputs (never trained).
+        student: trained in place; inject its adapter before calling.
+        seed_examples: only items ``0 .. n_seed - 1`` are read.
+        generate: candidate generator (see :data:`Generate`); ``None`` distils on the seeds alone.
+        discriminator: real-vs-synthetic filter; required when ``filter`` and ``generate`` are set.
+        n_samples: inputs to distil on (the original training-set size in the paper [unconfirmed]).
+        distill_kwargs: ``steps``, ``batch_size``, ``lr``, ... of :func:`distill`.
+    """
+    if not trainable_parameters(student):
+        raise ValueError("the student has no trainable parameters: inject the target adapter first")
+    seeds = [seed_examples[i] for i in range(min(n_seed, len(seed_examples)))]
+    if generate is None:
+        texts, n_generated, n_scored, rounds = list(dict.fromkeys(seeds)), 0, 0, 0
+    else:
+        if filter and discriminator is None:
+            raise ValueError("filter=True needs a discriminator (or pass filter=False for the unfiltered ablation)")
+        texts, n_generated, n_scored, rounds = synthesize_and_filter(
+            generate, seeds, n_samples, discriminator if filter else None, threshold=threshold,
+            round_size=round_size, max_rounds=max_rounds)
+    if not texts:
+        raise ValueError("no inputs to distil on: the generator and filter kept nothing")
+    teacher_logits = label_with_teacher(teacher, texts)
+    losses = distill(student, texts, teacher_logits, loss=loss, temperature=temperature, **distill_kwargs)
+    return TransferResult(seeds=seeds, texts=texts, teacher_logits=teacher_logits, n_generated=n_generated,
+                          n_scored=n_scored, rounds=rounds, losses=losses)
