@@ -72,6 +72,7 @@ class AdapterFedAvg(fl.server.strategy.FedAvg):
         self.round_bytes: list[dict[str, Any]] = []
         self.client_metrics: list[dict[str, Any]] = []
         self.latest: list[np.ndarray] | None = None
+        self.last_client_arrays: list[tuple[int, list[np.ndarray]]] = []  # (n_k, tensors) of the last round
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[override]
         pairs = super().configure_fit(server_round, parameters, client_manager)
@@ -101,6 +102,7 @@ class AdapterFedAvg(fl.server.strategy.FedAvg):
         arrays = [parameters_to_ndarrays(res.parameters) for _, res in results]
         weights = [float(res.num_examples) for _, res in results]
         self.latest = weighted_mean(arrays, weights)
+        self.last_client_arrays = [(res.num_examples, a) for (_, res), a in zip(results, arrays)]
         for m, (_, res) in zip(metrics, results):
             m.pop("frozen_digest", None)
             self.client_metrics.append({"round": server_round, "num_examples": res.num_examples, **m})
