@@ -87,7 +87,8 @@ def _log_with_suffixes(pl_module: pl.LightningModule, suffixes: list[str]) -> It
 def adapter_checkpoint_keys(pl_module: nn.Module) -> set[str]:
     """Keys of ``pl_module.state_dict()`` that an adapter checkpoint keeps.
 
-    Kept: adapter tensors of every adapter layer, every trainable parameter, ``modules_to_save``
+    Kept: adapter tensors of every adapter layer (its ``adapter_state_dict()``, which may include
+    base-layer tensors the method produced, e.g. LQ-LoRA's packed Q), every trainable parameter, ``modules_to_save``
     and everything outside the adapted modules' frozen base weights (buffers of metrics etc.).
     Dropped: the frozen ``base_layer`` tensors and frozen parameters of the adapted model.
     """
@@ -100,6 +101,9 @@ def adapter_checkpoint_keys(pl_module: nn.Module) -> set[str]:
         if method is not None:
             save_modules += list(method.config.modules_to_save)
     kept = set()
+    for prefix, module in pl_module.named_modules():  # what each layer calls its adapter (LQ-LoRA: also Q)
+        if isinstance(module, AdapterLayer):
+            kept |= {f"{prefix}.{k}" if prefix else k for k in module.adapter_state_dict()}
     for k in keys:
         module_name = k.rsplit(".", 1)[0]
         if k in trainable or (save_modules and _name_matches(module_name, save_modules)):

@@ -36,6 +36,11 @@ class MethodSpec:
             zero-initialised trainable tensors and jitters the others multiplicatively.
         can_merge: False for methods whose ``merge()`` must raise (input-dependent updates).
         bf16_rtol: relative error bound of bf16 vs fp32 (outputs and adapter grads).
+        disabled_reference: ``(base_model, adapted_model, inputs) -> output`` expected with the adapter
+            disabled, for methods whose disabled model is not the original base (LQ-LoRA: the
+            quantized base Q); None: disabled == base, bit for bit.
+        frozen_delta: change in frozen parameter elements per adapted m×n matrix (LQ-LoRA: −m·n, the
+            dense weight becomes packed buffers); None: 0.
     """
 
     variants: dict[str, dict[str, Any]]
@@ -47,6 +52,8 @@ class MethodSpec:
     perturb: Callable[[nn.Module], None] | None = None
     can_merge: bool = True
     bf16_rtol: float = 2e-2
+    disabled_reference: Callable[..., torch.Tensor] | None = None
+    frozen_delta: Callable[[int, int, dict[str, Any]], int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -301,6 +308,48 @@ SPECS["flexora"] = MethodSpec(
     param_count=lambda m, n, kw: kw.get("r", 8) * (m + n),
     s1="exact",
     perturb=_flexora_perturb,
+)
+
+# ---- LQ-LoRA (METHODS §2) --------------------------------------------------------------------------
+# The adapted model computes x (Q + s·BA)ᵀ + b, not the fp base (S1 not promised): the documented value
+# is the base with every adapted weight replaced by the dense Q + s·BA (at init s·BA = L1 L2). Disabled,
+# it computes the quantized base x Qᵀ + b. merge() raises (no re-quantization; unload_dense makes a
+# dense copy); the dense weight becomes packed buffers (−m·n frozen parameters); trainable A, B: r(m+n).
+@torch.no_grad()
+def _lq_reference(base: nn.Module, adapted: nn.Module, with_adapter: bool) -> nn.Module:
+    import copy
+
+    ref = copy.deepcopy(base)
+    for name, layer in ll.adapter_layers(adapted).items():
+        w = layer.merged_weight() if with_adapter else layer.base_layer.dequantize()
+        target = ref.get_submodule(name)
+        conv1d = not isinstance(target, nn.Linear)  # transformers Conv1D stores (in, out)
+        target.weight.copy_((w.t() if conv1d else w).to(target.weight.dtype))
+    return ref
+
+
+def _lq_lora_documented(base: nn.Module, adapted: nn.Module, x: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        y, y0 = out_of(adapted, x), out_of(base, x)
+        y_ref = out_of(_lq_reference(base, adapted, with_adapter=True), x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5 * y_ref.abs().max().item(), rtol=0)
+    assert not torch.allclose(y, y0), "quantization left the output unchanged: test is vacuous"
+
+
+SPECS["lq_lora"] = MethodSpec(
+    variants={
+        "nf4": dict(r=4, max_iters=5),
+        "nf3_exact_dropout": dict(r=4, quant="nf3", svd="exact", max_iters=5, dropout=0.25),
+        "nf2_no_double_quant_last": dict(r=2, quant="b2-s--fp16-B16-G16", max_iters=3, return_last=True),
+        "nf8_alpha4": dict(r=4, alpha=4.0, quant="b8-s4-bf16-B32-G16", max_iters=2),
+    },
+    trainable=lambda kw: {"lora_A", "lora_B"},
+    param_count=lambda m, n, kw: kw.get("r", 64) * (m + n),
+    s1=None,
+    s1_documented=_lq_lora_documented,
+    can_merge=False,
+    disabled_reference=lambda base, adapted, x: out_of(_lq_reference(base, adapted, with_adapter=False), x),
+    frozen_delta=lambda m, n, kw: -m * n,
 )
 
 # which modules each test model adapts (names use PEFT's suffix rule)
@@ -571,7 +620,13 @@ def test_s5_disable_is_reversible(model_builders, method, variant, kw, model):
         assert not torch.equal(y, y0)
         with ll.disable_adapter(adapted):
             assert all(layer.disabled for layer in layers.values())
-            assert torch.equal(out_of(adapted, x), y0)
+            y_off = out_of(adapted, x)
+        if spec.disabled_reference is None:
+            assert torch.equal(y_off, y0)
+        else:  # the disabled model is not the original base (LQ-LoRA: the quantized base)
+            ref = spec.disabled_reference(base, adapted, x)
+            torch.testing.assert_close(y_off, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+            y0 = y_off
         assert torch.equal(out_of(adapted, x), y)
         ll.set_adapter_enabled(adapted, False)
         assert torch.equal(out_of(adapted, x), y0)
@@ -588,6 +643,8 @@ def test_s6_parameter_count_formula(model_builders, method, variant, kw, model):
     actual = sum(p.numel() for p in ll.trainable_parameters(adapted))
     assert actual == expected
     base_total = sum(p.numel() for p in build(model_builders, model).parameters())
+    if spec.frozen_delta is not None:
+        base_total += sum(spec.frozen_delta(layer.out_features, layer.in_features, kw) for layer in layers.values())
     assert sum(p.numel() for p in adapted.parameters()) == base_total + actual
 
 

@@ -1,0 +1,141 @@
+"""Choosing one quantization config per matrix under a bits-per-parameter budget (METHODS.md §2).
+
+Integer linear program [paper][code: lq_utils.py, allocation_utils.py]: binary ``x_{i,c}``,
+
+    minimise   Σ_{i,c} cost_{i,c} x_{i,c}
+    subject to Σ_c x_{i,c} = 1                       (one config per matrix i)
+               Σ_{i,c} storage_{i,c} x_{i,c} ≤ budget · Σ_i numel_i
+
+with ``cost_{i,c} = ‖W_i − (Q + L1L2)‖_F²`` (or its Fisher-weighted form) from :func:`build_cost_table`
+and ``storage_{i,c}`` the exact packed bits of :func:`lightning_lora.quant.nf.storage_bits`
+(padding and the offset μ included; the code uses ``bits(c)·numel``, which differs only by those).
+The budget counts the quantized matrices only, not the LoRA factors. Solved with
+``scipy.optimize.milp`` (HiGHS; the code's Gurobi path is not used: no commercial dependency).
+Costs are divided by their largest value before solving (conditioning, as the code does).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .decompose import lq_decompose
+from .nf import QuantConfig, parse_config, storage_bits
+
+#: the code's grid: b ∈ {2,3,4,8}, b0 ∈ {2,3,4,8}, b1 ∈ {bf16, fp16, fp32}, B0 ∈ {16,32,64},
+#: B1 ∈ {16,64,256} -> 432 configs
+FULL_GRID: tuple[QuantConfig, ...] = tuple(
+    QuantConfig(b, b0, b1, B0, B1)
+    for b, b0, b1, B0, B1 in itertools.product((2, 3, 4, 8), (2, 3, 4, 8), ("bf16", "fp16", "fp32"), (16, 32, 64), (16, 64, 256))
+)
+#: a 24-config grid (b ∈ {2,3,4,8} × B0 ∈ {16,32,64} × b0 ∈ {4,8}; fp16 group absmax, B1 = 256):
+#: the bit width and block size dominate the error; used where 432 decompositions per matrix cost too much
+SMALL_GRID: tuple[QuantConfig, ...] = tuple(
+    QuantConfig(b, b0, "fp16", B0, 256) for b, B0, b0 in itertools.product((2, 3, 4, 8), (16, 32, 64), (4, 8))
+)
+
+
+@dataclass
+class CostTable:
+    """Costs and storage of every (matrix, config) pair.
+
+    Attributes:
+        names: matrix names (rows). numels: elements per matrix.
+        configs: the candidate configs (columns).
+        cost: (n_matrices, n_configs) float64. storage: (n_matrices, n_configs) int64 bits.
+    """
+
+    names: list[str]
+    numels: list[int]
+    configs: list[QuantConfig]
+    cost: np.ndarray
+    storage: np.ndarray
+
+
+@dataclass
+class ILPSolution:
+    """``choice[name]`` = chosen config; ``bits_per_param`` = exact storage / Σ numel."""
+
+    choice: dict[str, QuantConfig]
+    objective: float
+    bits_per_param: float
+    seconds: float
+
+
+def storage_table(numels: Sequence[int], configs: Sequence[QuantConfig]) -> np.ndarray:
+    return np.array([[storage_bits(n, c) for c in configs] for n in numels], dtype=np.int64)
+
+
+def build_cost_table(
+    weights: dict[str, torch.Tensor],
+    rank: int,
+    configs: Iterable[QuantConfig | str] = SMALL_GRID,
+    max_iters: int = 100,
+    fisher: dict[str, torch.Tensor] | None = None,
+    progress: Callable[[str], None] | None = None,
+    **decompose_kwargs,
+) -> CostTable:
+    """Decompose every matrix under every config; ``cost = error²`` (Fisher-weighted when given)."""
+    cfgs = [parse_config(c) for c in configs]
+    names = list(weights)
+    cost = np.zeros((len(names), len(cfgs)))
+    for i, name in enumerate(names):
+        f = None if fisher is None else fisher[name]
+        for j, cfg in enumerate(cfgs):
+            cost[i, j] = lq_decompose(weights[name], rank, cfg, max_iters, fisher=f, **decompose_kwargs).error ** 2
+        if progress is not None:
+            progress(name)
+    numels = [int(weights[n].numel()) for n in names]
+    return CostTable(names, numels, cfgs, cost, storage_table(numels, cfgs))
+
+
+def solve_ilp(table: CostTable, budget: float, time_limit: float = 60.0) -> ILPSolution:
+    """Pick one config per matrix minimising total cost with average bits per parameter ≤ ``budget``.
+
+    Raises ``ValueError`` when even the cheapest configs exceed the budget, ``RuntimeError`` when
+    HiGHS finds no solution within ``time_limit`` seconds.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_matrix
+
+    start = time.perf_counter()
+    n, k = table.cost.shape
+    total = float(sum(table.numels))
+    min_bits = table.storage.min(axis=1).sum() / total
+    if budget < min_bits - 1e-12:
+        raise ValueError(f"budget {budget} bits/param is below the smallest achievable {min_bits:.4f} with these configs")
+    scale = float(np.abs(table.cost).max()) or 1.0
+    c = (table.cost / scale).reshape(-1)
+    rows = np.repeat(np.arange(n), k)
+    one_per_matrix = LinearConstraint(csr_matrix((np.ones(n * k), (rows, np.arange(n * k))), shape=(n, n * k)), 1, 1)
+    # storage in units of "bits / total": the budget row reads Σ storage/total · x ≤ budget
+    budget_row = LinearConstraint((table.storage / total).reshape(1, -1), -np.inf, budget)
+    res = milp(c, constraints=[one_per_matrix, budget_row], integrality=np.ones(n * k), bounds=Bounds(0, 1),
+               options={"time_limit": time_limit, "mip_rel_gap": 0.0})
+    if res.x is None:
+        raise RuntimeError(f"ILP found no solution (HiGHS status {res.status}: {res.message})")
+    x = np.round(res.x).reshape(n, k).astype(bool)
+    picks = x.argmax(axis=1)
+    choice = {name: table.configs[j] for name, j in zip(table.names, picks)}
+    used = float(table.storage[np.arange(n), picks].sum()) / total
+    objective = float(table.cost[np.arange(n), picks].sum())
+    return ILPSolution(choice, objective, used, time.perf_counter() - start)
+
+
+def brute_force(table: CostTable, budget: float) -> tuple[float, tuple[int, ...]]:
+    """Exhaustive search (tests only): ``(best total cost, config index per matrix)``."""
+    total = sum(table.numels)
+    best = (np.inf, ())
+    n, k = table.cost.shape
+    for picks in itertools.product(range(k), repeat=n):
+        bits = sum(table.storage[i, j] for i, j in enumerate(picks)) / total
+        if bits <= budget + 1e-12:
+            cost = float(sum(table.cost[i, j] for i, j in enumerate(picks)))
+            if cost < best[0]:
+                best = (cost, picks)
+    return best
