@@ -304,6 +304,7 @@ class Flexora(Method):
         self.gate_steps = 0
         self._gate_source: Iterable[Any] | None = None
         self._gate_iter: Iterator[Any] | None = None
+        self._pending: list[Any] = []  # micro-batches of a split batch not used yet
         self._gate_loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
         self._last_step = 0
         self._restored_keys: list[str] = []
@@ -314,6 +315,7 @@ class Flexora(Method):
         # iterator cannot be copied, and a copy of the gate data would copy the whole data set
         state = self.__dict__.copy()
         state["_gate_source"] = state["_gate_iter"] = None
+        state["_pending"] = []
         return state
 
     @property
@@ -374,7 +376,7 @@ class Flexora(Method):
     # ---- gate data and loss ---------------------------------------------------------------------------
     def set_gate_data(self, batches: Iterable[Any]) -> None:
         """Use ``batches`` (re-iterated when exhausted) for the gate step instead of the validation set."""
-        self._gate_source, self._gate_iter = batches, None
+        self._gate_source, self._gate_iter, self._pending = batches, None, []
 
     def set_gate_loss(self, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> None:
         """``loss_fn(pl_module, batch) -> scalar loss`` for the gate step (None: ``training_step``)."""
@@ -397,24 +399,24 @@ class Flexora(Method):
         return self._gate_source
 
     def _next_gate_batches(self, trainer: Any) -> Iterator[Any]:
-        """``gate_batches`` micro-batches, restarting the source when it runs out."""
+        """``gate_batches`` micro-batches; the source restarts when it runs out, and the unused rest
+        of a split batch is kept for the next gate step (every validation row is used in turn)."""
         source = self._gate_data(trainer)
-        produced = 0
-        while produced < self.cfg.gate_batches:
-            if self._gate_iter is None:
-                self._gate_iter = iter(source)
-            try:
-                batch = next(self._gate_iter)
-            except StopIteration:
-                self._gate_iter = iter(source)
+        for _ in range(self.cfg.gate_batches):
+            if not self._pending:
+                if self._gate_iter is None:
+                    self._gate_iter = iter(source)
                 try:
                     batch = next(self._gate_iter)
                 except StopIteration:
-                    raise RuntimeError("Flexora: the gate data (validation set) is empty") from None
-            parts = [batch] if self.cfg.gate_batch_size is None else _split_batch(batch, self.cfg.gate_batch_size)
-            for part in parts[: self.cfg.gate_batches - produced]:
-                produced += 1
-                yield part
+                    self._gate_iter = iter(source)
+                    try:
+                        batch = next(self._gate_iter)
+                    except StopIteration:
+                        raise RuntimeError("Flexora: the gate data (validation set) is empty") from None
+                size = self.cfg.gate_batch_size
+                self._pending = [batch] if size is None else _split_batch(batch, size)
+            yield self._pending.pop(0)
 
     def _loss(self, pl_module: Any, batch: Any) -> torch.Tensor:
         if self._gate_loss_fn is not None:

@@ -245,10 +245,13 @@ def test_gate_batches_are_split_and_the_source_restarts():
         seen.append(int(batch["labels"].numel()))
         return _ce(module, batch)
 
-    method.set_gate_data([val_batch(8)])  # 8 rows -> micro-batches 3, 3, 2, then the source restarts
+    first, second = val_batch(8, seed=1), val_batch(4, seed=2)
+    method.set_gate_data([first, second])  # micro-batches 3, 3, 2 | 3, 1 | then the source restarts
     method.set_gate_loss(loss_fn)
     method.gate_step(SimpleNamespace(), model, layers)
-    assert seen == [3, 3, 2, 3, 3]
+    assert seen == [3, 3, 2, 3, 1]
+    method.gate_step(SimpleNamespace(), model, layers)
+    assert seen[5:] == [3, 3, 2, 3, 1]
 
 
 def test_no_validation_data_is_a_clear_error():
