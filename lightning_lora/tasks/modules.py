@@ -25,7 +25,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from ..core import trainable_parameters
+from ..core import get_adapter_method, trainable_parameters
 
 
 def linear_warmup_decay(
@@ -43,6 +43,16 @@ def linear_warmup_decay(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _method_optimizer(module: nn.Module, **kwargs: Any) -> torch.optim.Optimizer | None:
+    """The optimizer of an injected method that brings its own (``make_optimizer``: GradNormLoRP's
+    projected AdamW), over ``module``'s trainable parameters; None for every other method."""
+    for sub in module.modules():
+        method = get_adapter_method(sub)
+        if method is not None and callable(getattr(method, "make_optimizer", None)):
+            return method.make_optimizer(module, **kwargs)
+    return None
+
+
 class _AdamWLinearSchedule(pl.LightningModule):
     lr: float
     weight_decay: float
@@ -53,7 +63,9 @@ class _AdamWLinearSchedule(pl.LightningModule):
         params = trainable_parameters(self)
         if not params:
             raise RuntimeError("no trainable parameters: was the adapter injected (AdapterCallback) before fit?")
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas))
+        optimizer = _method_optimizer(self, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas))
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total)
         scheduler = linear_warmup_decay(optimizer, total, warmup)

@@ -352,6 +352,15 @@ SPECS["lq_lora"] = MethodSpec(
     frozen_delta=lambda m, n, kw: -m * n,
 )
 
+# GradNormLoRP (METHODS §3): the DoRA-form weight-normalised layer (B = 0: S1 exact); trainable A, B, m:
+# r(m+n) + m. Its projected optimizer is tested in test_gradnorm_lorp.py.
+SPECS["gradnorm_lorp"] = MethodSpec(
+    variants={"r4": dict(r=4, dropout=0.0), "r2_alpha4_dropout": dict(r=2, alpha=4.0)},
+    trainable=lambda kw: {"lora_A", "lora_B", "lora_magnitude"},
+    param_count=lambda m, n, kw: kw.get("r", 8) * (m + n) + m,
+    s1="exact",
+)
+
 # which modules each test model adapts (names use PEFT's suffix rule)
 MODELS: dict[str, list[str]] = {
     "linear": ["fc1", "fc2", "fc3"],

@@ -1,0 +1,292 @@
+"""GradNormLoRP optimizer (Huang et al., AAAI 2025; METHODS.md §3): low-rank projected, optionally
+weight-normalised, optionally 8-bit AdamW.
+
+Parameter groups with a ``"rank"`` key get GaLore-style gradient projection; other groups take a plain
+AdamW step (the same arithmetic as ``torch.optim.AdamW(foreach=False)``; tested).
+
+Projection (per 2-D parameter, gradient ``G`` (m, n), refreshed by an SVD of the current G when
+``step % update_proj_gap == 0``, kept bit-identical in between; projectors live in optimizer state,
+so Lightning checkpoints carry them):
+
+- ``"std"`` (default, code): m ≥ n: ``Q`` = top-r right singular vectors (r, n), ``R = G Qᵀ`` (m, r),
+  back ``ΔW = R̃ Q``; m < n: ``P`` = top-r left singular vectors (m, r), ``R = Pᵀ G`` (r, n), ``ΔW = P R̃``.
+- ``"full"`` (the paper's two-sided form): ``R = Pᵀ G Qᵀ`` (r, r), ``ΔW = P R̃ Q``.
+- ``"identity"``: no projection (``R = G``); projected Adam then equals plain Adam exactly (test hook).
+
+Adam moments are kept for R only; the update is ``−lr · scale · back(m̂/(√v̂ + ε))`` with
+``scale`` = GaLore's α. As in GaLore, moments are kept across a projector refresh.
+
+Weight normalisation (``weight_norm=True`` in a group; the full-parameter path ii of METHODS §3):
+``p = g · v/‖v‖_row``. The direction gradient is the textbook
+``∇v = (g/‖v‖)(I − v̂v̂ᵀ)∇p`` (default; ``repo_parity=True``: ``∇v = ∇p`` as in the repository's
+``LowRankWeightNormAdamW``), ``∇g = Σ_row(∇p ⊙ v̂)``. ∇v is projected; g (a vector) is not. Since
+``v̂ = p̂``, only ``g`` and ``‖v‖_row`` are stored (two m-vectors), not a second copy of the weight:
+``v = p̂ · ‖v‖`` is exact. Decoupled weight decay acts on v and g.
+
+8-bit state (``optim_bits=8``): each moment is stored blockwise (``block_size`` = 256): the first
+moment as signed int8 with a per-block fp32 absmax, the second as uint8 codes of ``√v`` with a per-block
+fp32 max (quantizing √v halves the dynamic range that 8 bits must cover). bitsandbytes' dynamic
+(non-linear) 8-bit map is not used: this is a self-contained torch implementation, so it runs wherever
+torch runs. Dequantized to fp32 for the step, re-quantized after. Weight decay is applied to the weight
+after projecting back, as in GaLore-8bit.
+
+Usage from ``configure_optimizers``::
+
+    return GradNormLoRPAdamW(gradnorm_lorp_param_groups(self), lr=3e-5)
+
+or :meth:`lightning_lora.methods.gradnorm_lorp.GradNormLoRP.make_optimizer`, which the task modules
+of :mod:`lightning_lora.tasks` call automatically when the injected method is ``gradnorm_lorp``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+PROJ_TYPES = ("std", "full", "identity")
+
+
+# ---- blockwise 8-bit state ------------------------------------------------------------------------------
+class Blockwise8bit:
+    """Helpers for 8-bit blockwise moment storage (see the module docstring)."""
+
+    @staticmethod
+    def quantize_signed(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(-1).float()
+        pad = (-flat.numel()) % block
+        blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
+        absmax = blocks.abs().amax(dim=1, keepdim=True)
+        codes = torch.round(blocks / absmax.clamp_min(1e-30) * 127).clamp_(-127, 127).to(torch.int8)
+        return codes.reshape(-1), absmax.reshape(-1)
+
+    @staticmethod
+    def dequantize_signed(codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
+        vals = codes.view(-1, block).float() * (absmax.unsqueeze(1) / 127)
+        return vals.reshape(-1)[: math.prod(shape)].view(shape)
+
+    @staticmethod
+    def quantize_sqrt(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        root = x.reshape(-1).float().clamp_min(0).sqrt()
+        pad = (-root.numel()) % block
+        blocks = torch.nn.functional.pad(root, (0, pad)).view(-1, block)
+        mx = blocks.amax(dim=1, keepdim=True)
+        codes = torch.round(blocks / mx.clamp_min(1e-30) * 255).clamp_(0, 255).to(torch.uint8)
+        return codes.reshape(-1), mx.reshape(-1)
+
+    @staticmethod
+    def dequantize_sqrt(codes: torch.Tensor, mx: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
+        root = codes.view(-1, block).float() * (mx.unsqueeze(1) / 255)
+        return root.square().reshape(-1)[: math.prod(shape)].view(shape)
+
+
+# ---- projection -------------------------------------------------------------------------------------------
+def compute_projector(grad: torch.Tensor, rank: int, proj_type: str) -> dict[str, torch.Tensor]:
+    """Projector matrices from an SVD of ``grad`` (m, n), in fp32: ``{"P": (m, r)}``, ``{"Q": (r, n)}``
+    or both (``"full"``); ``{}`` for ``"identity"``."""
+    if proj_type not in PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+    if proj_type == "identity":
+        return {}
+    m, n = grad.shape
+    r = min(rank, m, n)
+    U, _, Vh = torch.linalg.svd(grad.detach().float(), full_matrices=False)
+    if proj_type == "full":
+        return {"P": U[:, :r].contiguous(), "Q": Vh[:r].contiguous()}
+    return {"Q": Vh[:r].contiguous()} if m >= n else {"P": U[:, :r].contiguous()}
+
+
+def project(grad: torch.Tensor, proj: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``R`` = ``Pᵀ G``, ``G Qᵀ`` or ``Pᵀ G Qᵀ`` (fp32)."""
+    r = grad.float()
+    if "P" in proj:
+        r = proj["P"].t() @ r
+    if "Q" in proj:
+        r = r @ proj["Q"].t()
+    return r
+
+
+def project_back(low: torch.Tensor, proj: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Inverse map of :func:`project`: ``P R``, ``R Q`` or ``P R Q``."""
+    out = low
+    if "P" in proj:
+        out = proj["P"] @ out
+    if "Q" in proj:
+        out = out @ proj["Q"]
+    return out
+
+
+# ---- optimizer ---------------------------------------------------------------------------------------------
+class GradNormLoRPAdamW(torch.optim.Optimizer):
+    """AdamW with per-group low-rank gradient projection, weight normalisation and 8-bit state.
+
+    Group keys (defaults in brackets): ``lr``, ``betas`` [(0.9, 0.999)], ``eps`` [1e-6, paper code],
+    ``weight_decay`` [0.0]; projection groups add ``rank``, ``update_proj_gap`` [200], ``scale`` [1.0],
+    ``proj_type`` ["std"], ``weight_norm`` [False], ``repo_parity`` [False]. ``optim_bits`` [32] and
+    ``block_size`` [256] apply to every group.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, optim_bits: int = 32, block_size: int = 256) -> None:
+        if optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits,
+                        block_size=block_size)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if "rank" in group:
+                group.setdefault("update_proj_gap", 200)
+                group.setdefault("scale", 1.0)
+                group.setdefault("proj_type", "std")
+                group.setdefault("weight_norm", False)
+                group.setdefault("repo_parity", False)
+                if group["rank"] < 1 or group["update_proj_gap"] < 1:
+                    raise ValueError(f"rank and update_proj_gap must be >= 1, got {group['rank']}, {group['update_proj_gap']}")
+                if group["proj_type"] not in PROJ_TYPES:
+                    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {group['proj_type']!r}")
+
+    # moments: fp32 tensors or 8-bit (codes, scales)
+    def _load_moments(self, state: dict[str, Any], shape: torch.Size, device: torch.device, group: dict[str, Any]):
+        if "exp_avg" not in state and "exp_avg_q" not in state:
+            return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+        if group["optim_bits"] == 32:
+            return state["exp_avg"], state["exp_avg_sq"]
+        b = group["block_size"]
+        return (Blockwise8bit.dequantize_signed(state["exp_avg_q"], state["exp_avg_scale"], shape, b),
+                Blockwise8bit.dequantize_sqrt(state["exp_avg_sq_q"], state["exp_avg_sq_scale"], shape, b))
+
+    def _store_moments(self, state: dict[str, Any], m: torch.Tensor, v: torch.Tensor, group: dict[str, Any]) -> None:
+        if group["optim_bits"] == 32:
+            state["exp_avg"], state["exp_avg_sq"] = m, v
+            return
+        b = group["block_size"]
+        state["exp_avg_q"], state["exp_avg_scale"] = Blockwise8bit.quantize_signed(m, b)
+        state["exp_avg_sq_q"], state["exp_avg_sq_scale"] = Blockwise8bit.quantize_sqrt(v, b)
+
+    def _adam_direction(self, state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any], step: int) -> torch.Tensor:
+        """``m̂ / (√v̂ + ε)`` for ``grad`` (fp32), updating the stored moments (torch AdamW's arithmetic)."""
+        beta1, beta2 = group["betas"]
+        m, v = self._load_moments(state, grad.shape, grad.device, group)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self._store_moments(state, m, v, group)
+        bc1 = 1 - beta1**step
+        bc2_sqrt = math.sqrt(1 - beta2**step)
+        return (m / bc1) / (v.sqrt() / bc2_sqrt + group["eps"])
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("GradNormLoRPAdamW does not support sparse gradients")
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                if "rank" in group and p.dim() == 2:
+                    self._projected_step(p, state, group)
+                else:
+                    self._plain_step(p, state, group)
+        return loss
+
+    def _plain_step(self, p: nn.Parameter, state: dict[str, Any], group: dict[str, Any]) -> None:
+        lr, wd, step = group["lr"], group["weight_decay"], state["step"]
+        grad = p.grad
+        if group["optim_bits"] == 32 and p.dtype == torch.float32:
+            # exactly torch.optim.AdamW(foreach=False)'s single-tensor arithmetic
+            beta1, beta2 = group["betas"]
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            p.mul_(1 - lr * wd)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad.conj(), value=1 - beta2)
+            bc1 = 1 - beta1**step
+            bc2_sqrt = math.sqrt(1 - beta2**step)
+            denom = (v.sqrt() / bc2_sqrt).add_(group["eps"])
+            p.addcdiv_(m, denom, value=-lr / bc1)
+            return
+        direction = self._adam_direction(state, grad.float(), group, step)
+        p.mul_(1 - lr * wd)
+        p.add_(direction.to(p.dtype), alpha=-lr)
+
+    def _projected_step(self, p: nn.Parameter, state: dict[str, Any], group: dict[str, Any]) -> None:
+        lr, wd, step = group["lr"], group["weight_decay"], state["step"]
+        grad = p.grad.float()
+        if group["weight_norm"]:
+            w = p.detach().float()
+            if "wn_g" not in state:
+                state["wn_g"] = w.norm(dim=1)
+                state["wn_vnorm"] = state["wn_g"].clone()
+            g, vnorm = state["wn_g"], state["wn_vnorm"]
+            v_hat = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            grad_g = (grad * v_hat).sum(dim=1)
+            if group["repo_parity"]:
+                grad_dir = grad
+            else:  # textbook: (g/‖v‖)(I − v̂v̂ᵀ)∇p, row-wise
+                grad_dir = (g / vnorm.clamp_min(1e-12)).unsqueeze(1) * (grad - grad_g.unsqueeze(1) * v_hat)
+        else:
+            grad_dir = grad
+        # projector: refreshed when (step - 1) % T == 0, i.e. at steps 1, T+1, ... (t mod T == 0, t from 0)
+        if (state["step"] - 1) % group["update_proj_gap"] == 0 or "proj" not in state:
+            state["proj"] = compute_projector(grad_dir, group["rank"], group["proj_type"])
+        proj = state["proj"]
+        low = project(grad_dir, proj)
+        update = project_back(self._adam_direction(state, low, group, step), proj) * group["scale"]
+        if group["weight_norm"]:
+            g_state = state.setdefault("wn_g_state", {})
+            g_update = self._adam_direction(g_state, grad_g, {**group, "optim_bits": 32}, step)
+            v = v_hat * vnorm.unsqueeze(1)
+            v.mul_(1 - lr * wd).add_(update, alpha=-lr)
+            g.mul_(1 - lr * wd).add_(g_update, alpha=-lr)
+            vnorm.copy_(v.norm(dim=1))
+            p.copy_((g / vnorm.clamp_min(1e-12)).unsqueeze(1) * v)
+        else:
+            p.mul_(1 - lr * wd)
+            p.add_(update.to(p.dtype), alpha=-lr)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state tensors (moments, projectors, weight-norm vectors)."""
+        total = 0
+
+        def add(obj: Any) -> None:
+            nonlocal total
+            if torch.is_tensor(obj):
+                total += obj.numel() * obj.element_size()
+            elif isinstance(obj, dict):
+                for v in obj.values():
+                    add(v)
+
+        for state in self.state.values():
+            add(state)
+        return total
+
+
+def gradnorm_lorp_param_groups(module: nn.Module, rank: int = 8, update_proj_gap: int = 500, scale: float = 4.0,
+                               proj_type: str = "std", names: tuple[str, ...] = ("lora_A", "lora_B"),
+                               weight_norm: bool = False, repo_parity: bool = False) -> list[dict[str, Any]]:
+    """Two groups over the trainable parameters of ``module``: parameters whose name ends with one of
+    ``names`` (2-D) get projection; everything else (DoRA magnitude, heads, biases) plain AdamW."""
+    projected, plain = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (projected if p.dim() == 2 and name.rsplit(".", 1)[-1] in names else plain).append(p)
+    groups: list[dict[str, Any]] = []
+    if projected:
+        groups.append({"params": projected, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
+                       "proj_type": proj_type, "weight_norm": weight_norm, "repo_parity": repo_parity})
+    if plain:
+        groups.append({"params": plain})
+    return groups
