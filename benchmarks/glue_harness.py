@@ -166,7 +166,8 @@ def train_glue(run: GlueRun, device: str | None = None, adapter_dir: str | os.Pa
     """Train one run and score it on the held-out split.
 
     Returns a flat dict: the run's fields, ``accuracy`` (and ``f1`` for MRPC, ``mcc`` for CoLA),
-    ``<metric>_rank<b>`` for ``eval_ranks``, ``trainable_params`` (head included), ``adapter_params``, ``steps``, ``seconds`` (fit wall
+    ``holdout_<metric>`` (``holdout=True``: on the slice carved from train, for choices such as the
+    learning rate), ``<metric>_rank<b>`` for ``eval_ranks``, ``trainable_params`` (head included), ``adapter_params``, ``steps``, ``seconds`` (fit wall
     time), ``peak_mem_mib`` (CUDA only) and ``device``. ``adapter_dir``: also save the adapter there.
     """
     accelerator = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -203,6 +204,10 @@ def train_glue(run: GlueRun, device: str | None = None, adapter_dir: str | os.Pa
     module.to(dev)
     loader = eval_loader(dm, run)
     out.update(evaluate(module.model, loader, run.task, dev))
+    if run.holdout:  # the carved validation slice: the only score a benchmark may choose by
+        dm.setup("fit")
+        held = evaluate(module.model, dm._loader("validation", train=False), run.task, dev)
+        out.update({f"holdout_{k}": v for k, v in held.items()})
     for b in run.eval_ranks or []:
         with _rank_context(module.model, b):
             out.update({f"{k}_rank{b}": v for k, v in evaluate(module.model, loader, run.task, dev).items()})

@@ -1,0 +1,102 @@
+"""Issue #4, bar 1: one DyLoRA run (r_max = 8) against four separately trained LoRAs (r = 1, 2, 4, 8).
+
+SST-2 with MiniLM through :mod:`benchmarks.glue_harness`, one epoch (2,105 steps, batch 32), every
+Linear of the encoder adapted, α = 16 for all (DyLoRA scales rank b by α/b, LoRA of rank b by α/b:
+the same scale at every rank), 3 seeds. The DyLoRA run is scored on the GLUE dev set at ranks 1, 2,
+4 and 8 (``rank_context``); each LoRA at its own rank.
+
+Learning rate: one for LoRA (used at every rank) and one for DyLoRA, each chosen from
+{2e-4, 5e-4, 1e-3, 2e-3, 5e-3} by accuracy on a 10% slice carved from SST-2 train (600 steps,
+seed 0; DyLoRA scored at r_max); the GLUE dev set is never used to choose anything.
+
+Keys: ``max_gap_to_separate_lora`` (points: the largest over ranks of separate-LoRA accuracy minus
+DyLoRA accuracy at that rank; bar ≤ 1.0), ``dylora_rank<b>_mean/std``, ``lora_r<b>_mean/std``,
+``gap_rank<b>``, ``dylora_seconds`` (one run) and ``lora_seconds_total`` (the four runs together),
+``time_ratio_one_vs_four``. Runs share the GPU with the other workers of the benchmark, so times
+are wall times under the same contention, not isolated timings.
+
+    python benchmarks/dylora_sst2.py --workers 8
+    python benchmarks/dylora_sst2.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.glue_harness import GlueRun, run_many  # noqa: E402
+from lightning_lora.results import current_command, write_result  # noqa: E402
+
+RANKS = (1, 2, 4, 8)
+SEEDS = (0, 1, 2)
+LR_GRID = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
+ALPHA = 16
+
+
+def mean_std(v: list[float]) -> tuple[float, float]:
+    return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+
+
+def configs() -> dict[str, tuple[str, dict[str, Any]]]:
+    out = {"dylora": ("dylora", {"r": 8, "alpha": ALPHA, "dropout": 0.05})}
+    out.update({f"lora_r{b}": ("lora", {"r": b, "alpha": ALPHA, "dropout": 0.05}) for b in RANKS})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--raw", default="benchmarks/results/raw/dylora_sst2.jsonl")
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    cfg = configs()
+    sub: dict[str, Any] = {}
+    sweep_steps, length = 600, {"epochs": 1.0}
+    if args.smoke:
+        sub, sweep_steps, length = {"max_samples": 128, "max_eval_samples": 64}, 3, {"steps": 4}
+        args.raw = str(Path(tempfile.mkdtemp()) / "smoke.jsonl")
+    grid = LR_GRID[1:3] if args.smoke else LR_GRID
+    sweep = [GlueRun(cfg[t][0], "sst2", 0, cfg[t][1], lr=lr, steps=sweep_steps, holdout=True,
+                     tag=f"sweep/{t}/lr{lr:g}", **sub) for t in ("dylora", "lora_r8") for lr in grid]
+    swept = run_many(sweep, args.raw, args.workers, threads=args.threads)
+    lr = {t: max((r for r in swept if r["tag"].startswith(f"sweep/{t}/")),
+                 key=lambda r: (r["holdout_accuracy"], -r["lr"]))["lr"] for t in ("dylora", "lora_r8")}
+    print("learning rates chosen on the carved slice:", lr, flush=True)
+    runs = [GlueRun("dylora", "sst2", s, cfg["dylora"][1], lr=lr["dylora"], eval_ranks=list(RANKS), tag="dylora",
+                    **length, **sub) for s in SEEDS]
+    runs += [GlueRun("lora", "sst2", s, cfg[f"lora_r{b}"][1], lr=lr["lora_r8"], tag=f"lora_r{b}", **length, **sub)
+             for b in RANKS for s in SEEDS]
+    results = run_many(runs, args.raw, args.workers, threads=args.threads)
+
+    def pts(tag: str, key: str) -> list[float]:
+        return [100.0 * r[key] for r in results if r["tag"] == tag]
+
+    def secs(tag: str) -> float:
+        return statistics.fmean(r["seconds"] for r in results if r["tag"] == tag)
+
+    m: dict[str, float] = {"dylora_lr": lr["dylora"], "lora_lr": lr["lora_r8"], "seeds": len(SEEDS)}
+    for b in RANKS:
+        d, s = pts("dylora", f"accuracy_rank{b}"), pts(f"lora_r{b}", "accuracy")
+        m[f"dylora_rank{b}_mean"], m[f"dylora_rank{b}_std"] = mean_std(d)
+        m[f"lora_r{b}_mean"], m[f"lora_r{b}_std"] = mean_std(s)
+        m[f"gap_rank{b}"] = m[f"lora_r{b}_mean"] - m[f"dylora_rank{b}_mean"]
+    m["max_gap_to_separate_lora"] = max(m[f"gap_rank{b}"] for b in RANKS)
+    m["dylora_seconds"] = secs("dylora")
+    m["lora_seconds_total"] = sum(secs(f"lora_r{b}") for b in RANKS)
+    m["time_ratio_one_vs_four"] = m["dylora_seconds"] / m["lora_seconds_total"]
+    for k, v in m.items():
+        print(f"{k}: {v:.4g}")
+    if not args.smoke:
+        print("wrote", write_result("dylora_sst2", m, command=current_command(), directory=args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""Issue #5, bar 4: training-step time and peak memory of every adapter method against LoRA of the same rank.
+
+One process, one GPU, the methods one after another on the same model and batch: a BERT-base
+shaped encoder (random weights: speed does not depend on them) in bf16, every encoder Linear
+adapted at rank 16, batch 32 × 256 tokens, forward + backward + fused AdamW over the adapter.
+Median step time over ``--steps`` timed steps after ``--warmup``; peak allocated memory.
+
+"Rank 16" per method: LoRA, DoRA, rsLoRA-style variants, DyLoRA (r_max), ALLoRA, FFA-LoRA, SLoRA,
+NLoRA, IntTune, LoRA-XS, LoRA-SB: r = 16; Bone / Bat: block width 16; SMoRA: 16 rank-1 experts,
+top-4 per token. LoRA-SB's data-driven initialisation (a training-loop hook) is not part of a step
+and is skipped: its step is that of LoRA-XS with a different init.
+
+Keys: ``<method>_ms``, ``<method>_peak_gib``, ``<method>_trainable``, ``<method>_time_ratio_vs_lora``,
+``<method>_mem_ratio_vs_lora``, and ``frozen_ms`` / ``frozen_peak_gib`` (no adapter: the floor).
+
+    python benchmarks/method_overhead.py               # H200
+    python benchmarks/method_overhead.py --tiny        # CPU check of the script, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning_lora as ll  # noqa: E402
+from lightning_lora.optim.allora import scale_gradients  # noqa: E402
+from lightning_lora.results import current_command, write_result  # noqa: E402
+
+R = 16
+#: method -> config at "rank 16" (see the module docstring)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "lora": {"r": R, "alpha": 2 * R},
+    "dora": {"r": R, "alpha": 2 * R, "use_dora": True},
+    "dylora": {"r": R, "alpha": 2 * R},
+    "allora": {"r": R, "eta": 1.0},
+    "ffa_lora": {"r": R},
+    "bone": {"r": R},
+    "bat": {"r": R},
+    "lora_xs": {"r": R},
+    "lora_sb": {"r": R},
+    "slora": {"r": R},
+    "nlora": {"r": R},
+    "inttune": {"r": R},
+    "smora": {"r": R, "top_k": 4},
+}
+TARGETS = ["query", "key", "value", "dense"]
+
+
+def bert(tiny: bool) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if tiny else {}
+    cfg = BertConfig(num_labels=2, **size)
+    cfg._attn_implementation = "sdpa"
+    return BertForSequenceClassification(cfg)
+
+
+def measure(name: str, device: str, tiny: bool, batch: int, seq: int, warmup: int, steps: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = bert(tiny)
+    model = model.to(dtype=torch.bfloat16 if device == "cuda" else torch.float32).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    if name == "frozen":
+        model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    else:
+        method = "lora" if name == "dora" else name
+        ll.inject_adapter(model, method, target_modules=TARGETS, **CONFIGS[name])
+        params = ll.trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda") if params else None
+    g = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device, generator=g)
+    labels = torch.randint(0, 2, (batch,), device=device, generator=g)
+
+    def step() -> None:
+        model(input_ids=ids, labels=labels).loss.backward()
+        if name == "allora":  # the method's on_after_backward hook, as AdapterCallback runs it
+            scale_gradients(model)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    out = {"ms": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+           "trainable": sum(p.numel() for p in params)}
+    print(f"{name:9s} {out['ms']:8.2f} ms {out['peak_gib']:6.2f} GiB trainable {out['trainable']:,}", flush=True)
+    del model, params, opt
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if args.tiny:
+        args.batch, args.seq, args.warmup, args.steps = 2, 16, 1, 2
+    m: dict[str, float] = {"rank": R, "batch": args.batch, "seq": args.seq}
+    res = {name: measure(name, device, args.tiny, args.batch, args.seq, args.warmup, args.steps)
+           for name in ["frozen", *CONFIGS]}
+    for name, r in res.items():
+        m.update({f"{name}_{k}": v for k, v in r.items()})
+        if name not in ("frozen", "lora"):
+            m[f"{name}_time_ratio_vs_lora"] = r["ms"] / res["lora"]["ms"]
+            m[f"{name}_mem_ratio_vs_lora"] = r["peak_gib"] / res["lora"]["peak_gib"] if res["lora"]["peak_gib"] else 0.0
+    if not args.tiny:
+        print("wrote", write_result("method_overhead", m, command=current_command(), kind="benchmark",
+                                    directory=args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
