@@ -125,7 +125,9 @@ def fit_text_classifier(
         precision: Lightning precision; default ``"bf16-mixed"`` on CUDA, ``"32-true"`` otherwise.
 
     Returns:
-        the loss of every step. The classifier stays on the device it was trained on.
+        the loss of every step. The classifier ends on the device it started on (Lightning's
+        teardown moves a trained module to the CPU; it is moved back, so a model put on the GPU
+        for generation or evaluation stays there).
     """
     if len(texts) != len(targets):
         raise ValueError(f"got {len(texts)} texts and {len(targets)} targets")
@@ -137,6 +139,7 @@ def fit_text_classifier(
         generator=torch.Generator().manual_seed(seed),
         collate_fn=lambda idx: ([texts[i] for i in idx], targets[torch.as_tensor(idx)]),
     )
+    start_device = classifier.device
     module = _StringTargetsModule(classifier, loss_fn, lr, weight_decay, warmup_ratio)
     cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     trainer = pl.Trainer(
@@ -147,4 +150,5 @@ def fit_text_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout and adapter-free randomness inside the steps
         trainer.fit(module, loader)
+    classifier.to(start_device)
     return [float(x) for x in module.losses]
