@@ -490,6 +490,10 @@ class Flexora(Method):
         if self.phase == "search":
             self._gates(next(iter(_flexora_layers(layers).values())).lora_A.device)
             self._last_step = int(trainer.global_step)
+            total = getattr(trainer, "estimated_stepping_batches", math.inf)
+            if total <= self.cfg.search_steps:
+                warnings.warn(f"Flexora: the fit has {total} optimizer steps, search_steps={self.cfg.search_steps}: "
+                              "it ends before any layer is selected or retrained", stacklevel=2)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
         if self.phase != "search":
