@@ -10,3 +10,4 @@ from . import lora_sb, nlora  # noqa: F401  (LoRA-XS / LoRA-SB; SLoRA / NLoRA / 
 from . import flexora  # noqa: F401
 from . import lq_lora  # noqa: F401
 from . import gradnorm_lorp  # noqa: F401
+from . import increlora  # noqa: F401
