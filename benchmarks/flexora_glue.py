@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     for task in TASKS:
         print(f"{task}: LoRA {metrics[f'{task}_lora_accuracy']:.2f} ± {metrics[f'{task}_lora_accuracy_std']:.2f}  "
               f"Flexora {metrics[f'{task}_flexora_accuracy']:.2f} ± {metrics[f'{task}_flexora_accuracy_std']:.2f}  "
-              f"gain {metrics[f'{task}_gain_vs_lora']:+.2f} points, layers {metrics[f'{task}_flexora_layers_selected']:.1f}"
-              f"/{NUM_BLOCKS}", flush=True)
+              f"gain {metrics[f'{task}_gain_vs_lora']:+.2f} points, "
+              f"layers {metrics[f'{task}_flexora_layers_selected']:.1f}/{NUM_BLOCKS}", flush=True)
     print(f"trainable params ratio {metrics['trainable_params_ratio_vs_lora']:.3f} "
           f"(adapter only {metrics['adapter_params_ratio_vs_lora']:.3f}); {metrics['wall_seconds']:.0f} s", flush=True)
     if args.smoke:

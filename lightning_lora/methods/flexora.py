@@ -68,6 +68,7 @@ stay registered with DDP's reducer, so use ``strategy="ddp_find_unused_parameter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -384,8 +385,10 @@ class Flexora(Method):
 
     def _gate_data(self, trainer: Any) -> Iterable[Any]:
         if self._gate_source is None:
+            from lightning.pytorch.utilities.model_helpers import is_overridden
+
             dm = getattr(trainer, "datamodule", None)
-            source = dm.val_dataloader() if dm is not None and callable(getattr(dm, "val_dataloader", None)) else None
+            source = dm.val_dataloader() if dm is not None and is_overridden("val_dataloader", dm) else None
             if source is None:
                 source = getattr(trainer, "val_dataloaders", None)
             if isinstance(source, (list, tuple)):
@@ -454,7 +457,7 @@ class Flexora(Method):
         strategy = getattr(trainer, "strategy", None)
         precision = getattr(trainer, "precision_plugin", None)
         grad = torch.zeros_like(alpha)
-        total = 0.0
+        total = torch.zeros((), device=device)
         try:
             for batch in self._next_gate_batches(trainer):
                 if strategy is not None:
@@ -463,13 +466,13 @@ class Flexora(Method):
                     w = gate_values(alpha)
                     for name, layer in flex.items():
                         layer.hyper_gate = w[index[layer_key(name, self.cfg)]]
-                    ctx = precision.train_step_context() if precision is not None else _null()
+                    ctx = precision.train_step_context() if precision is not None else contextlib.nullcontext()
                     with ctx:
                         loss = self._loss(pl_module, batch)
                     (g,) = torch.autograd.grad(loss, alpha, allow_unused=True)
                 if g is not None:
                     grad += g
-                total += float(loss.detach())
+                total += loss.detach().float()  # one host sync per gate step, below
         finally:
             for layer in flex.values():
                 layer.hyper_gate = None
@@ -482,9 +485,9 @@ class Flexora(Method):
         self.gate_optimizer.step()
         alpha.grad = None
         self.apply_gates(layers)
-        self.last_gate_loss = total
+        self.last_gate_loss = float(total)
         self.gate_steps += 1
-        return total
+        return self.last_gate_loss
 
     def on_fit_start(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
         if self.phase == "search":
@@ -622,11 +625,6 @@ class Flexora(Method):
 
 def _flexora_layers(layers: dict[str, AdapterLayer]) -> dict[str, FlexoraLinear]:
     return {n: layer for n, layer in layers.items() if isinstance(layer, FlexoraLinear)}
-
-
-class _null:
-    def __enter__(self) -> None: ...
-    def __exit__(self, *exc: Any) -> None: ...
 
 
 def read_flexora_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -141,7 +141,8 @@ def test_layer_grouping_by_block_or_module():
     assert layer_key("model.layers.3.self_attn.q_proj", cfg) == "model.layers.3"
     assert layer_key("transformer.h.0.attn.c_attn", cfg) == "transformer.h.0"
     assert layer_key("fc1", cfg) == "fc1"  # outside any numbered block: its own layer
-    assert layer_key("encoder.layer.1.output.dense", FlexoraConfig(granularity="module")) == "encoder.layer.1.output.dense"
+    per_module = FlexoraConfig(granularity="module")
+    assert layer_key("encoder.layer.1.output.dense", per_module) == "encoder.layer.1.output.dense"
     custom = FlexoraConfig(block_pattern=r"stage\d+")
     assert layer_key("net.stage2.conv.fc", custom) == "net.stage2"
     groups = group_layers(["a.layer.0.q", "a.layer.0.v", "a.layer.1.q", "head"], cfg)
@@ -219,12 +220,12 @@ def test_gate_step_follows_the_validation_loss_and_leaves_lora_untouched():
     assert not torch.equal(alpha.detach(), torch.zeros_like(alpha))
     # the gradient Adam used (first step: exp_avg = (1 - β1)·g) is ∇_α̂ of the summed VALIDATION loss
     grad = method.gate_optimizer.state[alpha]["exp_avg"] / 0.1
-    zero = torch.zeros_like(alpha)
-    h = 1e-3
-    fd_val = torch.tensor([(_summed_loss_at(model, zero + h * e, val) - _summed_loss_at(model, zero - h * e, val)) / (2 * h)
-                           for e in torch.eye(alpha.numel())])
-    fd_train = torch.tensor([(_summed_loss_at(model, zero + h * e, train) - _summed_loss_at(model, zero - h * e, train)) / (2 * h)
-                             for e in torch.eye(alpha.numel())])
+    def central_difference(batches: list[dict[str, torch.Tensor]], h: float = 1e-3) -> torch.Tensor:
+        zero = torch.zeros_like(alpha.detach())
+        return torch.tensor([(_summed_loss_at(model, zero + h * e, batches) - _summed_loss_at(model, zero - h * e, batches))
+                             / (2 * h) for e in torch.eye(alpha.numel())])
+
+    fd_val, fd_train = central_difference(val), central_difference(train)
     tol = 1e-3 * fd_val.abs().max().item()
     torch.testing.assert_close(grad.double(), fd_val.double(), atol=tol, rtol=0)
     assert (fd_train - fd_val).abs().max() > 100 * tol, "training batches give the same gradient: test is vacuous"
