@@ -16,7 +16,10 @@ Flexora's wall time is higher; it is reported.
 
 One gate per transformer block (6 for MiniLM-L6; the paper's layer unit). ``layers_selected`` is
 read from the adapter parameter count after the fit: every block has the same LoRA size, so
-``adapter_params(Flexora) / (adapter_params(LoRA) / 6)`` is the number of kept blocks.
+``adapter_params(Flexora) / (adapter_params(LoRA) / 6)`` is the number of kept blocks. (Which
+blocks: when a harness row carries ``adapter_summary``, the JSON of ``Flexora.summary()``, the
+fraction of seeds that kept each block is reported too.) The classifier head and pooler train in
+full for all steps in both methods; Flexora re-initialises only its LoRA factors at the switch.
 
 Writes ``<out>/flexora_glue.json`` (via ``lightning_lora.results.write_result``) with, per task and
 method, mean/std over seeds of accuracy (points), trainable parameters and layers selected, and the
@@ -32,6 +35,7 @@ Per-run rows go to ``<out>/flexora_glue_runs.jsonl`` (resumable).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -106,6 +110,11 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         metrics[f"{task}_flexora_layers_selected_std"] = sel["std"]
         metrics[f"{task}_flexora_layers_selected_per_seed"] = {f"seed{r['seed']}": n for r, n in zip(flex, selected)}
         metrics[f"{task}_lora_layers"] = NUM_BLOCKS
+        summaries = [json.loads(r["adapter_summary"]) for r in flex if r.get("adapter_summary")]
+        if len(summaries) == len(flex):  # which blocks were kept, per block: fraction of seeds
+            for i, block in enumerate(summaries[0]["layers"]):
+                kept = sum(block in s["selected"] for s in summaries) / len(summaries)
+                metrics[f"{task}_flexora_block{i}_selected_fraction"] = kept
         metrics[f"{task}_gain_vs_lora"] = metrics[f"{task}_flexora_accuracy"] - metrics[f"{task}_lora_accuracy"]
     flex_all = [r for r in results if r["tag"] == "flexora"]
     lora_all = [r for r in results if r["tag"] == "lora"]

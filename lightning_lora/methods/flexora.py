@@ -31,7 +31,9 @@ Two phases inside ONE ``pl.Trainer.fit``, driven by ``AdapterCallback("flexora",
    ``selection="top_k"`` keeps the ``top_k`` largest α̂ instead). An empty set (e.g. α̂ never moved)
    falls back to all layers [design]. Then, as a fresh LoRA run (the code's stage 2 is a new SFT
    run): α̂ is discarded (gates of kept layers set to 1), the LoRA factors of the selected layers are
-   re-initialised (A Kaiming-uniform, B = 0; ``reinit=False`` keeps the searched factors), the
+   re-initialised (A Kaiming-uniform, B = 0; ``reinit=False`` keeps the searched factors; modules
+   trained in full, ``modules_to_save`` such as a new classifier head, keep their weights: the
+   paper's LLMs have no new head to restart [design]), the
    unselected adapters are REMOVED (their modules get their base layer back: no parameters, no
    compute; ``exclusion="zero"`` instead zeroes and freezes them, the code's behaviour), and the
    module's optimizer and LR schedule are rebuilt through Lightning
