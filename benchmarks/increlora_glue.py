@@ -1,0 +1,177 @@
+"""Issue #4, bar 2: IncreLoRA vs LoRA r=8 at the same final trainable-parameter count, RTE and SST-2,
+all-MiniLM-L6-v2, 3 seeds.
+
+Both methods train through ``benchmarks/glue_harness.py`` (``run_many``: MiniLM, ``AdapterCallback`` on
+query/key/value/attention-output/intermediate/output of every block (36 modules), head and pooler
+trained in full, ``SequenceClassifier`` with AdamW and linear warmup/decay), ``holdout=False``: they
+train on the GLUE train split and are scored once, after the last step, on the GLUE dev set, which
+is never used to choose anything. Same steps, batch size, data order and seeds for both.
+
+Parameter parity: IncreLoRA runs with a parameter budget, ``budget_lora_r=8``: its final adapter
+(``Σ ρ(m+n+1)`` over the 36 modules; reserves are deleted once the budget is spent) may not exceed
+LoRA r=8's ``8·Σ(m+n)`` = 331,776 and ends within one rank of the largest module (1,921) below it.
+Both counts (adapter only, and with the head) are reported.
+
+Hyper-parameters: LoRA r=8, α=16, lr 5e-4 (the harness's, as the other issue-4 benchmarks).
+IncreLoRA from METHODS.md §15 / the official scripts: r0 = 1, α = 16, β1 = β2 = 0.85, γ = 0.3 on RTE
+and 0.1 on SST-2, lr 1.2e-3 (RTE script) and 8e-4 (SST-2 script), advance learning on, one rank per
+chosen module. The official runs are 24-50 epochs with allocations every 100-1000 steps; here the
+step budget is the same as LoRA's (1400 RTE steps ≈ 18 epochs, 2000 SST-2 steps ≈ 1 epoch), so the
+allocation interval is scaled: ``top_h`` = 10 modules per round and the interval chosen so that
+even the longest possible allocation (every rank into the cheapest, 769-parameter modules) ends by
+``growth_end`` (60 %) of the run; each new param group warms up over one interval (the scripts use
+warmup = interval).
+
+Writes ``<out>/increlora_glue.json`` with per task and method mean/std accuracy (points, 3 seeds),
+trainable and adapter parameter counts, and the bar's keys ``rte_gain_vs_lora`` and
+``sst2_gain_vs_lora`` (IncreLoRA minus LoRA mean accuracy, points). Per-run rows:
+``<out>/increlora_glue_runs.jsonl`` (resumable).
+
+    python benchmarks/increlora_glue.py            # full run on a GPU (~5-7 min on one H200)
+    python benchmarks/increlora_glue.py --smoke    # CPU smoke: tiny subsets, a few steps, temp dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from glue_harness import GlueRun, mean_std, run_many  # noqa: E402
+
+from lightning_lora.results import current_command, write_result  # noqa: E402
+
+NAME = "increlora_glue"
+TASKS = ("rte", "sst2")
+#: all-MiniLM-L6-v2: 6 blocks, hidden 384, FFN 1536; per block q, k, v, attention output (384×384)
+#: and intermediate, output (384↔1536)
+MODULE_SHAPES = [(384, 384)] * 4 * 6 + [(384, 1536), (1536, 384)] * 6
+PAPER = {  # official scripts (METHODS.md §15): γ, lr
+    "rte": dict(orth_reg=0.3, lr=1.2e-3),
+    "sst2": dict(orth_reg=0.1, lr=8e-4),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run into a temp dir; writes no result file")
+    p.add_argument("--out", default="benchmarks/results", help="folder of the result JSON and the per-run JSONL")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rte-steps", type=int, default=1400)
+    p.add_argument("--sst2-steps", type=int, default=2000)
+    p.add_argument("--r", type=int, default=8, help="LoRA rank, and IncreLoRA's parameter budget (budget_lora_r)")
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=5e-4, help="LoRA's lr")
+    p.add_argument("--increlora-lr", type=float, default=None, help="IncreLoRA's lr (default: the paper's per task)")
+    p.add_argument("--top-h", type=int, default=10)
+    p.add_argument("--init-warmup-fraction", type=float, default=0.07)
+    p.add_argument("--growth-end", type=float, default=0.6, help="allocation ends by this share of the steps")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def growth_schedule(steps: int, r: int, top_h: int, init_warmup_fraction: float, growth_end: float,
+                    r0: int = 1) -> tuple[int, int]:
+    """``(init_warmup, interval)`` such that the longest allocation (every rank into the cheapest module)
+    ends by ``growth_end · steps``."""
+    budget = sum(r * (m + n) for m, n in MODULE_SHAPES)
+    start = sum(r0 * (m + n + 1) for m, n in MODULE_SHAPES)
+    cheapest = min(m + n + 1 for m, n in MODULE_SHAPES)
+    rounds = math.ceil((budget - start) / cheapest / top_h)
+    init_warmup = max(1, round(init_warmup_fraction * steps))
+    interval = max(1, math.floor((growth_end * steps - init_warmup) / rounds))
+    return init_warmup, interval
+
+
+def make_runs(args: argparse.Namespace, steps: dict[str, int], extra: dict[str, Any]) -> list[GlueRun]:
+    runs: list[GlueRun] = []
+    lora = dict(r=args.r, alpha=args.alpha)
+    for task in TASKS:
+        init_warmup, interval = growth_schedule(steps[task], args.r, args.top_h, args.init_warmup_fraction,
+                                                args.growth_end)
+        incre = dict(r=1, alpha=args.alpha, budget_lora_r=args.r, top_h=args.top_h, init_warmup=init_warmup,
+                     interval=interval, orth_reg=PAPER[task]["orth_reg"], advance_learning=True, incre_rank_num=1)
+        incre_lr = args.increlora_lr or PAPER[task]["lr"]
+        for seed in args.seeds:
+            common = dict(task=task, seed=seed, steps=steps[task], **extra)
+            runs.append(GlueRun("lora", method_kwargs=lora, tag="lora", lr=args.lr, **common))
+            runs.append(GlueRun("increlora", method_kwargs=incre, tag="increlora", lr=incre_lr, **common))
+    return runs
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        by.setdefault((r["tag"], r["task"]), []).append(r)
+    metrics: dict[str, Any] = {}
+    for task in TASKS:
+        for tag in ("lora", "increlora"):
+            rows = by[(tag, task)]
+            acc = mean_std([100.0 * r["accuracy"] for r in rows])
+            metrics[f"{task}_{tag}_accuracy"] = acc["mean"]
+            metrics[f"{task}_{tag}_accuracy_std"] = acc["std"]
+            metrics[f"{task}_{tag}_accuracy_per_seed"] = {f"seed{r['seed']}": 100.0 * r["accuracy"] for r in rows}
+            metrics[f"{task}_{tag}_trainable_params"] = statistics.fmean(r["trainable_params"] for r in rows)
+            metrics[f"{task}_{tag}_adapter_params"] = statistics.fmean(r["adapter_params"] for r in rows)
+            metrics[f"{task}_{tag}_adapter_params_per_seed"] = {f"seed{r['seed']}": r["adapter_params"] for r in rows}
+            metrics[f"{task}_{tag}_seconds"] = statistics.fmean(r["seconds"] for r in rows)
+            metrics[f"{task}_{tag}_lr"] = rows[0]["lr"]
+        metrics[f"{task}_gain_vs_lora"] = metrics[f"{task}_increlora_accuracy"] - metrics[f"{task}_lora_accuracy"]
+        metrics[f"{task}_adapter_params_ratio_vs_lora"] = (
+            metrics[f"{task}_increlora_adapter_params"] / metrics[f"{task}_lora_adapter_params"])
+        metrics[f"{task}_increlora_method_kwargs"] = by[("increlora", task)][0]["method_kwargs"]
+    metrics["seeds"] = len({r["seed"] for r in results})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = current_command() if argv is None else " ".join(["python", "benchmarks/increlora_glue.py", *argv])
+    if args.smoke:
+        # one worker, one seed, 8 steps; a budget of LoRA r=2 and a round every step so growth finishes
+        steps = {"rte": 8, "sst2": 8}
+        args.seeds = args.seeds[:1]
+        args.r, args.top_h, args.init_warmup_fraction, args.growth_end = 2, 12, 0.125, 0.9
+        extra = dict(max_samples=64, max_eval_samples=32, batch_size=8, max_length=48)
+        out_dir = Path(tempfile.mkdtemp(prefix="increlora_glue_smoke_"))
+        device = args.device or "cpu"
+        workers = 1
+    else:
+        steps = {"rte": args.rte_steps, "sst2": args.sst2_steps}
+        extra = {}
+        out_dir = Path(args.out)
+        device = args.device
+        workers = args.workers
+    runs = make_runs(args, steps, extra)
+    start = time.perf_counter()
+    results = run_many(runs, out_dir / f"{NAME}_runs.jsonl", workers=workers, device=device,
+                       threads=1 if args.smoke else 2)
+    metrics = summarise(results)
+    metrics.update(rte_steps=steps["rte"], sst2_steps=steps["sst2"], r=args.r, alpha=args.alpha, lora_lr=args.lr,
+                   top_h=args.top_h, growth_end=args.growth_end, wall_seconds=time.perf_counter() - start)
+    for task in TASKS:
+        print(f"{task}: LoRA r={args.r} {metrics[f'{task}_lora_accuracy']:.2f} ± {metrics[f'{task}_lora_accuracy_std']:.2f} "
+              f"({metrics[f'{task}_lora_adapter_params']:.0f} adapter params)  IncreLoRA "
+              f"{metrics[f'{task}_increlora_accuracy']:.2f} ± {metrics[f'{task}_increlora_accuracy_std']:.2f} "
+              f"({metrics[f'{task}_increlora_adapter_params']:.0f})  gain {metrics[f'{task}_gain_vs_lora']:+.2f} points",
+              flush=True)
+    print(f"{metrics['wall_seconds']:.0f} s", flush=True)
+    if args.smoke:
+        print(f"smoke run: no result file written (runs in {out_dir})")
+        return 0
+    path = write_result(NAME, metrics, command=command, directory=out_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
