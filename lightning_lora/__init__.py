@@ -27,6 +27,16 @@ from .core import (
     unload,
     unmerge_adapter,
 )
+from .core.multi import (
+    active_adapters,
+    add_adapter,
+    delete_adapter,
+    load_adapters,
+    route_adapters,
+    save_adapters,
+    set_adapter,
+    use_adapter,
+)
 from .methods.lora import LoRAConfig
 
 __version__ = "0.1.0"
@@ -36,4 +46,7 @@ __all__ = [
     "adapter_layers", "adapter_state_dict", "available_methods", "disable_adapter", "get_adapter_method",
     "get_method", "inject_adapter", "load_adapter", "load_adapter_checkpoint", "make_config", "merge_adapter",
     "register", "save_adapter", "set_adapter_enabled", "trainable_parameters", "unload", "unmerge_adapter",
+    # several named adapters on one model (core.multi)
+    "active_adapters", "add_adapter", "delete_adapter", "load_adapters", "route_adapters", "save_adapters",
+    "set_adapter", "use_adapter",
 ]

@@ -309,8 +309,8 @@ def _convert_single(model: nn.Module) -> None:
         multi.add(DEFAULT_NAME, layer)
         _set_submodule(model, name, multi)
     if cfg.modules_to_save:  # the trained head is the model's own module: it becomes default's copy
-        heads = [n for n, _ in model.named_modules() if n and _name_matches(n, cfg.modules_to_save)]
-        for name in heads:
+        matches = [n for n, _ in model.named_modules() if n and _name_matches(n, cfg.modules_to_save)]
+        for name in [h for h in matches if not any(h.startswith(o + ".") for o in matches)]:
             module = model.get_submodule(name)
             wrapper = ModulesToSaveWrapper(module)
             wrapper.copies[DEFAULT_NAME] = copy.deepcopy(module)

@@ -9,10 +9,11 @@
 
 Linear and TIES work on dense ``ΔW`` (any method); the result is brought back to a LoRA of rank
 ``rank`` by truncated SVD (the best rank-``rank`` approximation, Eckart–Young), as PEFT's
-``svd`` / ``ties_svd`` combinations do. Linear without ``rank`` over LoRA sources is the exact
+``svd`` / ``ties_svd`` combinations do. Linear over plain LoRA sources takes the same SVD through
+the concatenated factors (QR of each, an R×R SVD), never forming ``ΔW``. Linear without ``rank`` over LoRA sources is the exact
 concatenation. Choices (documented where PEFT and the paper differ): TIES trims per adapted
 matrix (PEFT; the paper trims the whole flattened task vector) and applies the weights after
-trimming, before the sign election (PEFT). The SVD runs in fp32 (fp64 on CPU).
+trimming, before the sign election (PEFT). SVDs run in fp32 (the factored one in fp64 on CPU).
 
 A module targeted by only some sources gets the others' ``ΔW = 0``. Merged adapters are LoRA with
 ``alpha = r`` (scale 1); a layer whose merged rank is below ``r`` is padded with zero units.
@@ -27,9 +28,11 @@ from torch import nn
 
 from ..core.layer import AdapterLayer
 from ..core.multi import add_adapter, adapter_method, copy_saved_modules, delete_adapter, named_adapter_layers
+from ..methods.lora import LoRALinear
 
 __all__ = [
-    "add_lora_from_factors", "concat_factors", "lora_factors", "low_rank_factors", "merge_concat",
+    "add_lora_from_factors", "concat_factors", "lora_factors", "low_rank_factors", "low_rank_factors_of_product",
+    "merge_concat",
     "merge_task_arithmetic", "merge_ties", "task_arithmetic", "ties",
 ]
 
@@ -82,12 +85,28 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    work = delta.double() if delta.device.type == "cpu" else delta.float()
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    return _truncate(u, s, vh, rank, delta.shape, delta.device)
+
+
+def low_rank_factors_of_product(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`low_rank_factors` of ``b @ a`` (b: (m, R), a: (R, n)) without forming it: QR of both
+    factors and an R×R SVD, O((m + n)R²) instead of O(mn·min(m, n))."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    dtype = torch.float64 if b.device.type == "cpu" else torch.float32
+    qb, rb = torch.linalg.qr(b.to(dtype))  # (m, R), (R, R)
+    qa, ra = torch.linalg.qr(a.to(dtype).t())  # (n, R), (R, R)
+    u, s, vh = torch.linalg.svd(rb @ ra.t())
+    return _truncate(qb @ u, s, vh @ qa.t(), rank, (b.shape[0], a.shape[1]), b.device)
+
+
+def _truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, shape: tuple[int, int],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     k = min(rank, s.numel())
     root = s[:k].sqrt()
-    b = torch.zeros(delta.shape[0], rank, dtype=torch.float32, device=delta.device)
-    a = torch.zeros(rank, delta.shape[1], dtype=torch.float32, device=delta.device)
+    b = torch.zeros(shape[0], rank, dtype=torch.float32, device=device)
+    a = torch.zeros(rank, shape[1], dtype=torch.float32, device=device)
     b[:, :k] = (u[:, :k] * root).float()
     a[:k] = (root[:, None] * vh[:k]).float()
     return b, a
@@ -104,11 +123,14 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
 
 
 # ---- adapters of a model ---------------------------------------------------------------------
+def _is_plain_lora(layer: AdapterLayer) -> bool:
+    # exactly LoRALinear: subclasses (other methods) may read their factors differently
+    return type(layer) is LoRALinear and not layer.use_dora
+
+
 def lora_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(B (m, r), A (r, n), s)`` of a plain LoRA layer (``ΔW = s B A``), fp32 copies."""
-    if not (hasattr(layer, "lora_A") and hasattr(layer, "lora_B") and hasattr(layer, "scaling")) or getattr(
-        layer, "use_dora", False
-    ) or type(layer).__name__ != "LoRALinear":
+    if not _is_plain_lora(layer):
         raise TypeError(f"expected a plain LoRA layer (method 'lora', no DoRA), got {type(layer).__name__}")
     return layer.lora_B.detach().float().clone(), layer.lora_A.detach().float().clone(), float(layer.scaling)
 
@@ -185,8 +207,13 @@ def merge_task_arithmetic(model: nn.Module, sources: Sequence[str], name: str,
     factors = {}
     with torch.no_grad():
         for t, by_source in _layers_by_target(model, sources).items():
-            delta = task_arithmetic([layer.delta_weight() for layer in by_source.values()], [w_of[s] for s in by_source])
-            factors[t] = low_rank_factors(delta, rank)
+            ws = [w_of[s] for s in by_source]
+            if all(_is_plain_lora(layer) for layer in by_source.values()):  # low rank: SVD through the factors
+                factors[t] = low_rank_factors_of_product(*concat_factors([lora_factors(x) for x in by_source.values()], ws),
+                                                         rank)
+            else:
+                delta = task_arithmetic([layer.delta_weight() for layer in by_source.values()], ws)
+                factors[t] = low_rank_factors(delta, rank)
     add_lora_from_factors(model, name, factors, modules_to_save_from)
     return name
 

@@ -290,6 +290,8 @@ def test_task_arithmetic_concat_and_low_rank_on_small_tensors():
     b2, a2 = mb.low_rank_factors(full, 2)
     s = torch.linalg.svdvals(full)
     assert float((full - b2 @ a2).norm()) == pytest.approx(float(s[2:].norm()), rel=1e-4)  # Eckart–Young
+    bq, aq = mb.low_rank_factors_of_product(*mb.concat_factors(f), 2)  # through the factors, same result
+    torch.testing.assert_close(bq @ aq, b2 @ a2, atol=1e-5, rtol=0)
     b9, a9 = mb.low_rank_factors(full, 9)  # padded with zero units
     assert b9.shape == (5, 9) and a9[5:].abs().max() == 0
 
