@@ -1,0 +1,254 @@
+"""Bar 1 of issue 6: LQ-LoRA on SmolLM2-135M's real weights, WikiText-2 validation perplexity and weight
+reconstruction error at 2.5 / 2.75 / 3 / 4.13 average bits per parameter (scales included, exact packed
+storage), LQ-LoRA with and without Fisher weighting against plain NormalFloat at the same bits (the ILP
+with rank 0, QLoRA-style: the LoRA factors start at zero), the fixed NF2/NF3/NF4 presets and the
+unquantized model. Writes ``<out>/lq_lora_smollm2.json``.
+
+Keys: ``ppl_gain_vs_nf3_at_2_75`` = perplexity of the NF3 preset (3.127 bits) minus that of Fisher-weighted
+LQ-LoRA at a 2.75-bit budget (the paper's headline configuration; ``..._no_fisher`` for the unweighted
+one); ``ilp_seconds`` = the longest single ILP solve over all matrices (HiGHS); per variant
+``ppl/<variant>``, ``recon_rel_err/<variant>`` (‖W − Q − L1L2‖ / ‖W‖ over all targeted matrices) and
+``bits/<variant>`` (exact packed bits per quantized parameter).
+
+Protocol: all 210 linear matrices of the 30 blocks (q, k, v, o, gate, up, down; the tied embedding /
+head stays fp32), rank 64 and α = 16 as the official code, randomized SVD. Cost table on the 24-config
+``SMALL_GRID`` (b ∈ {2,3,4,8} × B0 ∈ {16,32,64} × b0 ∈ {4,8}, fp16 group absmax, B1 = 256) with
+``--cost-iters`` alternations per entry (the code's full 432-config grid with T_max = 100 does not fit
+the 8-minute budget; ``--grid full`` runs it). Fisher: per-example squared gradients of the fp model on
+``--calib`` blocks of WikiText-2 *test* (the reported perplexity is on *validation*; the paper
+calibrates on C4). Perplexity: non-overlapping blocks of ``--block`` tokens over all of valid.txt.
+
+Model weights on the GPU machine (no ``gguf`` there, and the GGUF / fp32 files are larger than what a
+device call can carry): export once on a CPU machine with ``gguf`` installed,
+
+    python benchmarks/lq_lora_smollm2.py --export-hf /path/smollm2_hf [--export-dtype float32]
+
+(``load_smollm2()`` de-quantised, ``save_pretrained`` in 50 MB safetensors shards + tokenizer), move that
+folder over and run
+
+    python benchmarks/lq_lora_smollm2.py --model-dir /path/smollm2_hf          # H200: ~5-7 min (estimate)
+    python benchmarks/lq_lora_smollm2.py --smoke                              # CPU, tiny Llama, < 1 min
+
+``--smoke`` uses a random 2-layer Llama and 4 short blocks; it writes nothing unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning_lora as ll  # noqa: E402
+from lightning_lora.methods.lq_lora import LQLoRA, quantized_storage_bits, target_weights  # noqa: E402
+from lightning_lora.quant import FULL_GRID, SMALL_GRID, build_cost_table, estimate_fisher, parse_config, solve_ilp  # noqa: E402
+from lightning_lora.results import current_command, write_result  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BUDGETS = (2.5, 2.75, 3.0, 4.13)
+
+
+#: SmolLM2-135M's architecture (its config.json), for --random-init timing / memory runs
+SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                      rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=100000.0)
+
+
+def load_model(model_dir: str | None, smoke: bool, device: torch.device, random_init: bool = False) -> tuple[Any, Any]:
+    """SmolLM2 (fp32) from an exported folder, from the GGUF package, the tiny Llama for --smoke, or
+    (``random_init``) SmolLM2's architecture with random weights and no tokenizer (memory / timing only)."""
+    if random_init:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**SMOLLM2_CONFIG)).float().to(device).eval(), None
+    if smoke:
+        from lightning_lora.tasks.models import load_tiny_llama
+
+        model, tok = load_tiny_llama(hidden_size=64, num_layers=2)
+    elif model_dir:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    else:
+        from lightning_lora.tasks import load_smollm2
+
+        model, tok = load_smollm2()
+    return model.float().to(device).eval(), tok
+
+
+def export_hf(directory: str, dtype: str) -> None:
+    from lightning_lora.tasks import load_smollm2
+
+    model, tok = load_smollm2()
+    model.to(getattr(torch, dtype)).save_pretrained(directory, max_shard_size="50MB")
+    tok.save_pretrained(directory)
+    print(f"wrote {directory}")
+
+
+def wikitext_blocks(tok: Any, split: str, block: int, limit: int | None) -> torch.Tensor:
+    from lightning_lora.tasks.lm import make_blocks, tokenize_corpus
+    from lightning_lora.tasks.paths import nlp_data_dir
+
+    name = {"validation": "valid.txt", "test": "test.txt"}[split]
+    text = (nlp_data_dir() / "wikitext2" / name).read_text(encoding="utf-8")
+    blocks = make_blocks(tokenize_corpus(text, tok), block)
+    return blocks if limit is None else blocks[:limit]
+
+
+@torch.no_grad()
+def perplexity(model: Any, blocks: torch.Tensor, device: torch.device, batch: int) -> float:
+    nll, count = 0.0, 0
+    for i in range(0, len(blocks), batch):
+        ids = blocks[i : i + batch].to(device)
+        logits = model(input_ids=ids).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def reconstruction_error(model: Any, reference: dict[str, torch.Tensor]) -> float:
+    num = den = 0.0
+    for name, layer in ll.adapter_layers(model).items():
+        w = reference[name]
+        num += float((w - layer.merged_weight()).square().sum())
+        den += float(w.square().sum())
+    return math.sqrt(num / den)
+
+
+def build_variant(base: Any, r: int, configs: dict[str, str], iters: int, fisher: dict[str, torch.Tensor] | None,
+                  zero_lora: bool = False) -> Any:
+    """A deep copy of ``base`` with LQ-LoRA at rank ``r`` (``zero_lora``: plain NF + zero B, QLoRA-style)."""
+    model = copy.deepcopy(base)
+    rank = max(r, 1)
+    cfg = ll.make_config("lq_lora", r=rank, alpha=16.0 * rank / 64, matrix_configs=configs, max_iters=iters,
+                         target_modules=TARGETS)
+    if zero_lora:  # Q = NF(W), B = 0: decompose at rank 0 and inject that
+        from lightning_lora.quant import lq_decompose
+
+        weights = target_weights(model, target_modules=TARGETS)
+        decs = {}
+        for n, w in weights.items():
+            d = lq_decompose(w, 0, configs[n])
+            d.L1 = torch.zeros(w.shape[0], rank, device=w.device)
+            g = torch.Generator(device="cpu").manual_seed(0)
+            d.L2 = (torch.randn(rank, w.shape[1], generator=g) / math.sqrt(w.shape[1])).to(w.device)
+            decs[n] = d
+        ll.inject_adapter(model, LQLoRA(cfg, decompositions=decs))
+    else:
+        ll.inject_adapter(model, LQLoRA(cfg, fisher=fisher))
+    return model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", default=None, help="exported HF folder (see the docstring); default: GGUF package")
+    p.add_argument("--export-hf", default=None, help="only write SmolLM2 as an HF folder here and exit")
+    p.add_argument("--export-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--r", type=int, default=64)
+    p.add_argument("--grid", choices=["small", "full"], default="small")
+    p.add_argument("--cost-iters", type=int, default=5)
+    p.add_argument("--final-iters", type=int, default=5, help="alternations for the chosen configs (same seeds)")
+    p.add_argument("--calib", type=int, default=64, help="Fisher calibration blocks (batch size 1)")
+    p.add_argument("--calib-block", type=int, default=512)
+    p.add_argument("--block", type=int, default=1024)
+    p.add_argument("--eval-blocks", type=int, default=None, help="limit validation blocks (default: all)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: nothing)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.r, args.cost_iters, args.final_iters, args.calib, args.calib_block = 4, 2, 2, 2, 32
+        args.block, args.eval_blocks, args.batch = 64, 4, 4
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.export_hf:
+        export_hf(args.export_hf, args.export_dtype)
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 perplexities, no TF32 rounding
+    t0 = time.perf_counter()
+    base, tok = load_model(args.model_dir, args.smoke, device)
+    val = wikitext_blocks(tok, "validation", args.block, args.eval_blocks)
+    calib = wikitext_blocks(tok, "test", args.calib_block, args.calib)
+    weights = target_weights(base, target_modules=TARGETS)
+    print(f"{len(weights)} matrices, {sum(w.numel() for w in weights.values()):,} parameters; "
+          f"{len(val)} validation blocks of {args.block}", flush=True)
+    metrics: dict[str, Any] = {"matrices": len(weights), "rank": args.r, "val_blocks": len(val), "block": args.block}
+    metrics["ppl/fp32"] = perplexity(base, val, device, args.batch)
+
+    # Fisher from calibration blocks (per-example gradients)
+    t = time.perf_counter()
+    modules = {n: base.get_submodule(n).weight for n in weights}
+    fisher = estimate_fisher(base, [{"input_ids": calib.to(device)}],
+                             lambda m, ex: m(input_ids=ex["input_ids"], labels=ex["input_ids"]).loss, modules)
+    metrics["fisher_seconds"] = time.perf_counter() - t
+
+    grid = SMALL_GRID if args.grid == "small" else FULL_GRID
+    tables = {}
+    for key, rank, fish in (("nf", 0, None), ("lq", args.r, None), ("lq_fisher", args.r, fisher)):
+        t = time.perf_counter()
+        tables[key] = build_cost_table(weights, rank, grid, max_iters=args.cost_iters, fisher=fish)
+        metrics[f"cost_table_seconds/{key}"] = time.perf_counter() - t
+        print(f"cost table {key}: {metrics[f'cost_table_seconds/{key}']:.1f} s", flush=True)
+
+    def evaluate(tag: str, model: Any) -> None:
+        metrics[f"ppl/{tag}"] = perplexity(model, val, device, args.batch)
+        metrics[f"recon_rel_err/{tag}"] = reconstruction_error(model, weights)
+        bits, numel = quantized_storage_bits(model)
+        metrics[f"bits/{tag}"] = bits / numel
+        print(f"{tag}: ppl {metrics[f'ppl/{tag}']:.3f}  recon {metrics[f'recon_rel_err/{tag}']:.4f}  "
+              f"bits {metrics[f'bits/{tag}']:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    for preset in ("nf2", "nf3", "nf4"):  # QLoRA-style: every matrix at the preset, LoRA B = 0
+        model = build_variant(base, args.r, {n: preset for n in weights}, 1, None, zero_lora=True)
+        evaluate(preset, model)
+        del model
+    ilp_seconds = 0.0
+    for budget in BUDGETS:
+        for key in ("nf", "lq", "lq_fisher"):
+            sol = solve_ilp(tables[key], budget)
+            ilp_seconds = max(ilp_seconds, sol.seconds)
+            configs = {n: c.name for n, c in sol.choice.items()}
+            tag = f"{key}_{budget:g}"
+            metrics[f"ilp_bits/{tag}"] = sol.bits_per_param
+            metrics[f"mean_weight_bits/{tag}"] = sum(parse_config(c).bits * weights[n].numel() for n, c in configs.items()) / sum(
+                w.numel() for w in weights.values())
+            model = build_variant(base, args.r, configs, args.final_iters, fisher if key == "lq_fisher" else None,
+                                  zero_lora=key == "nf")
+            evaluate(tag, model)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    metrics["ilp_seconds"] = ilp_seconds
+    metrics["ppl_gain_vs_nf3_at_2_75"] = metrics["ppl/nf3"] - metrics["ppl/lq_fisher_2.75"]
+    metrics["ppl_gain_vs_nf3_at_2_75_no_fisher"] = metrics["ppl/nf3"] - metrics["ppl/lq_2.75"]
+    metrics["seconds"] = time.perf_counter() - t0
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
+           if k.startswith(("ppl_gain", "ilp_seconds", "seconds"))}, flush=True)
+    out = args.out if args.out is not None else (None if args.smoke else "benchmarks/results")
+    if out is not None:
+        print("wrote", write_result("lq_lora_smollm2" + ("_smoke" if args.smoke else ""), metrics,
+                                    command=current_command(), directory=out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
