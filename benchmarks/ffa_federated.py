@@ -1,0 +1,173 @@
+"""FFA-LoRA vs LoRA in federated fine-tuning: 8 simulated Flower clients, Dirichlet non-IID splits.
+
+Tasks: SST-2 with all-MiniLM-L6-v2, and lncRNA vs mRNA on data/lncrna/train (encoder of the
+shipped nucleotide BERT, new head; one 256-token window per transcript; eval on data/lncrna/val).
+Per task: FFA-LoRA and LoRA without DP (seed 0), and with DP-SGD at ε = 6, δ = 1e-5 (seeds 0, 1, 2).
+Every run: 8 clients (Dirichlet α = 0.5 over labels, split seed 0), R rounds of K local SGD steps
+(the paper's optimizer), FedAvg weighted by client size, the global model scored once at the end.
+
+Adapters sit on every encoder Linear and on the pooler and classifier (``modules_to_save`` empty):
+the head is adapted, not trained in full, so what travels is the adapter alone (B for FFA-LoRA,
+A and B for LoRA). A head trained in full (148k numbers for MiniLM's pooler + classifier) would be
+sent whole by both methods and would push the measured ratio above 1/2 whatever the method.
+
+Bytes are measured, not computed: every FitIns / FitRes is serialised with Flower's protobuf serde
+(the gRPC payload) and counted (see lightning_lora/federated/strategy.py).
+
+Metrics (benchmarks/results/ffa_federated.json):
+- ``bytes_ratio_ffa_vs_lora``: FFA-LoRA message bytes per round / LoRA's, the larger of the two tasks;
+- ``dp_eps6_gain_vs_lora``: mean over 3 seeds of FFA-LoRA accuracy − LoRA accuracy under DP ε = 6,
+  in points, the smaller of the two tasks; ``<task>.*``: every per-task figure (accuracy without DP,
+  per-seed DP accuracies, ε spent, σ, bytes).
+
+    python benchmarks/ffa_federated.py                 # GPU, both tasks in parallel processes, ~5 min
+    python benchmarks/ffa_federated.py --smoke         # CPU, tiny slices, < 1 min, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+TASK_TARGETS = {
+    "sst2": ["query", "key", "value", "output.dense", "intermediate.dense", "pooler.dense", "classifier"],
+    "lncrna": ["query", "key", "value", "dense", "classifier"],  # "dense" includes pooler.dense
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", default="sst2,lncrna")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--lr-ffa", type=float, default=0.5, help="SGD lr of FFA-LoRA (paper grid 0.1-1.0)")
+    p.add_argument("--lr-lora", type=float, default=0.05, help="SGD lr of LoRA (paper grid 0.01-0.1)")
+    p.add_argument("--dirichlet-alpha", type=float, default=0.5)
+    p.add_argument("--epsilon", type=float, default=6.0)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--clip", type=float, default=2.0)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--workers", type=int, default=2, help="task processes in parallel (one GPU shared)")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny data slices, writes no result file")
+    p.add_argument("--out", default=None, help="result directory (default benchmarks/results)")
+    return p.parse_args(argv)
+
+
+def task_options(task: str, smoke: bool) -> dict:
+    if not smoke:
+        return {}
+    if task == "sst2":
+        return {"max_train": 64, "max_eval": 32, "max_length": 32}
+    return {"max_train": 64, "max_eval": 32, "window_tokens": 64}
+
+
+def run_task(task: str, args: argparse.Namespace) -> dict:
+    """All runs of one task (one process). Returns the task's metrics."""
+    from lightning_lora.federated import DPConfig, FederationConfig, LocalTraining, build_task, run_simulation
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    data = build_task(task, seed=0, **task_options(task, args.smoke))
+    prep = time.perf_counter() - t0
+    print(f"[{task}] data ready in {prep:.0f} s: {len(data.train)} train, {len(data.eval)} eval rows", flush=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    def one(method: str, seed: int, dp: bool) -> dict:
+        cfg = FederationConfig(
+            task=task, method=method, adapter={"r": args.r, "alpha": float(args.r), "target_modules": TASK_TARGETS[task],
+                                               "modules_to_save": []},
+            num_clients=args.clients, dirichlet_alpha=args.dirichlet_alpha, split_seed=0,
+            min_client_size=args.batch_size, num_rounds=args.rounds,
+            local=LocalTraining(local_steps=args.local_steps, batch_size=args.batch_size,
+                                lr=args.lr_ffa if method == "ffa_lora" else args.lr_lora, optimizer="sgd"),
+            dp=DPConfig(epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.clip) if dp else None,
+            seed=seed, device=device,
+        )
+        out = run_simulation(cfg, task=data)
+        out.pop("model"), out.pop("strategy")
+        print(f"[{task}] {method} seed {seed} dp={dp}: accuracy {out['accuracy']:.4f} "
+              f"eps {out.get('max_client_epsilon', 0):.2f} bytes/round {out['message_bytes_per_round']:.0f} "
+              f"{out['seconds']:.0f} s", flush=True)
+        return out
+
+    res: dict = {"train_rows": len(data.train), "eval_rows": len(data.eval), "prep_seconds": prep}
+    plain = {m: one(m, seeds[0], False) for m in ("ffa_lora", "lora")}
+    for m, o in plain.items():
+        res[f"{m}_nodp_accuracy"] = o["accuracy"]
+        res[f"{m}_nodp_balanced_accuracy"] = o["balanced_accuracy"]
+        res[f"{m}_message_bytes_per_round"] = o["message_bytes_per_round"]
+        res[f"{m}_tensor_bytes_per_round"] = o["down_tensor_bytes_per_round"] + o["up_tensor_bytes_per_round"]
+        res[f"{m}_exchanged_params"] = o["exchanged_params"]
+        res[f"{m}_nodp_seconds"] = o["seconds"]
+    res["client_sizes_min"] = min(plain["lora"]["client_sizes"])
+    res["client_sizes_max"] = max(plain["lora"]["client_sizes"])
+    res["bytes_ratio_ffa_vs_lora"] = plain["ffa_lora"]["message_bytes_per_round"] / plain["lora"]["message_bytes_per_round"]
+    gains = []
+    for seed in seeds:
+        dp_runs = {m: one(m, seed, True) for m in ("ffa_lora", "lora")}
+        for m, o in dp_runs.items():
+            res[f"{m}_dp_seed{seed}_accuracy"] = o["accuracy"]
+            res[f"{m}_dp_seed{seed}_epsilon"] = o["max_client_epsilon"]
+            res[f"{m}_dp_seed{seed}_noise_multiplier"] = o["noise_multiplier"]
+        gains.append(100 * (dp_runs["ffa_lora"]["accuracy"] - dp_runs["lora"]["accuracy"]))
+    for m in ("ffa_lora", "lora"):
+        res[f"{m}_dp_mean_accuracy"] = float(np.mean([res[f"{m}_dp_seed{s}_accuracy"] for s in seeds]))
+    res["dp_eps6_gain_vs_lora"] = float(np.mean(gains))
+    res["dp_eps6_gain_vs_lora_std"] = float(np.std(gains))
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        args.clients, args.rounds, args.local_steps, args.batch_size, args.seeds = 2, 1, 1, 4, "0"
+        args.delta = 1e-3
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = set(tasks) - set(TASK_TARGETS)
+    if unknown:
+        raise SystemExit(f"unknown task(s) {sorted(unknown)}; choose from {sorted(TASK_TARGETS)}")
+    start = time.perf_counter()
+    if args.workers > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(max_workers=min(args.workers, len(tasks)), mp_context=get_context("spawn")) as pool:
+            per_task = dict(zip(tasks, pool.map(run_task, tasks, [args] * len(tasks))))
+    else:
+        per_task = {t: run_task(t, args) for t in tasks}
+    metrics: dict = {t: r for t, r in per_task.items()}
+    metrics["bytes_ratio_ffa_vs_lora"] = max(r["bytes_ratio_ffa_vs_lora"] for r in per_task.values())
+    metrics["dp_eps6_gain_vs_lora"] = min(r["dp_eps6_gain_vs_lora"] for r in per_task.values())
+    metrics["num_clients"], metrics["num_rounds"], metrics["local_steps"] = args.clients, args.rounds, args.local_steps
+    metrics["epsilon"], metrics["delta"], metrics["seeds"] = args.epsilon, args.delta, len(args.seeds.split(","))
+    metrics["seconds"] = time.perf_counter() - start
+    print(json.dumps(metrics, indent=2), flush=True)
+    if args.smoke:
+        print(f"smoke run: no result file written ({time.perf_counter() - start:.0f} s)")
+        return 0
+    from lightning_lora.results import write_result
+
+    path = write_result("ffa_federated", metrics, directory=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
