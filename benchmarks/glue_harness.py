@@ -194,6 +194,7 @@ def train_glue(run: GlueRun, device: str | None = None, adapter_dir: str | os.Pa
     )
     dev = torch.device("cuda:0" if accelerator == "cuda" else "cpu")
     if dev.type == "cuda":
+        torch.cuda.init()  # a fresh (spawned) process: resetting stats before CUDA init fails
         torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
