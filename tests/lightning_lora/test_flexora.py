@@ -68,11 +68,12 @@ def flexora_callback(**kw) -> ll.AdapterCallback:
     return ll.AdapterCallback("flexora", target="model", **options)
 
 
-def fit_flexora(max_steps: int = 7, seed: int = 0, **kw) -> tuple[SequenceClassifier, ll.AdapterCallback, pl.Trainer]:
+def fit_flexora(max_steps: int = 7, seed: int = 0, precision: str = "32-true",
+                **kw) -> tuple[SequenceClassifier, ll.AdapterCallback, pl.Trainer]:
     pl.seed_everything(seed, verbose=False)
     module = SequenceClassifier(bert_cls(seed), lr=1e-2, warmup_ratio=0.0)
     cb = flexora_callback(**kw)
-    t = trainer(max_steps, [cb])
+    t = trainer(max_steps, [cb], precision=precision)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t.fit(module, datamodule=TinyGlue())
@@ -465,3 +466,13 @@ def test_search_phase_adapter_restores_the_gate_logits(tmp_path):
     assert torch.equal(loaded.gate_logits.detach(), torch.tensor([0.25, -0.5]))
     assert [layer.gate for layer in ll.adapter_layers(fresh).values()] == [l.gate for l in layers.values()]
     assert all(isinstance(layer, FlexoraLinear) for layer in ll.adapter_layers(fresh).values())
+
+
+def test_gate_step_under_bf16_autocast_in_a_trainer():
+    """The gate step runs inside the precision plugin's autocast, as the training step does."""
+    module, cb, t = fit_flexora(max_steps=5, precision="bf16-mixed")
+    method: Flexora = cb.method  # type: ignore[assignment]
+    assert method.phase == "retrain" and method.gate_steps == 3
+    assert method.last_gate_loss is not None and torch.isfinite(torch.tensor(method.last_gate_loss))
+    logits = torch.tensor(method.summary()["gate_logits"])
+    assert torch.isfinite(logits).all() and not torch.equal(logits, torch.zeros_like(logits))
