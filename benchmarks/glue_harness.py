@@ -277,7 +277,7 @@ def run_many(runs: list[GlueRun], out_jsonl: str | os.PathLike, workers: int = 4
         ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
         queue = ctx.Queue()
         # long runs first: the pool finishes together
-        for r in sorted(todo, key=lambda r: -(r.steps or (r.epochs or 1) * _TRAIN_SIZE.get(r.task, 1))):
+        for r in sorted(todo, key=lambda r: -(r.steps or (r.epochs or 1) * _TRAIN_SIZE.get(r.task, 1) / r.batch_size)):
             queue.put(dataclasses.asdict(r))
         n = max(1, min(workers, len(todo)))
         for _ in range(n):
