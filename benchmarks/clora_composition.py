@@ -1,0 +1,588 @@
+"""CLoRA vs naive LoRA averaging on a small conditional diffusion model trained here (METHODS §8, issue #7).
+
+No pretrained diffusion model exists on this project's machines, so the script builds the whole
+setting on the GPU in a few minutes:
+
+1. Data: the 1,797 8×8 handwritten digits of scikit-learn (UCI, CC BY 4.0), carried as
+   ``data/digits/digits_8x8.safetensors`` (see data/digits/PROVENANCE.md). Glyphs are upsampled to
+   12×12 and pasted on a black 32×32 RGB canvas: two digits (one in each half, which digit goes left
+   is random and independent of the prompt's word order) or one digit anywhere. Glyphs are split
+   80/20: the generators and the classifier train on the 80 %, the classifier is checked on the 20 %.
+2. Base model: a tiny diffusers ``UNet2DConditionModel`` (pixel space, 32×32×3, cross-attention at
+   16×16 and 8×8) conditioned on a tiny transformer text encoder over 13 tokens
+   (``<bos> 0..9 and <null>``), trained as a DDPM (ε-prediction, 10 % prompt dropout for CFG) on
+   white digits: prompts ``<bos> a and b`` or ``<bos> a <null> <null>``.
+3. Two concept LoRAs (this library's ``lora``, r = 8, on to_q/to_k/to_v/to_out.0 of every attention
+   layer), DreamBooth-style on single-subject images: concept A = a *red 3* (prompt ``3``), concept
+   B = a *green 7* (prompt ``7``). Text encoder frozen.
+4. A small CNN that says, for a canvas, whether it holds a red 3 and whether it holds a green 7
+   (trained on composed canvases with random classes, colours incl. red/green mixtures, ink
+   scaling, blur and noise; its accuracy on held-out glyphs is reported).
+5. Generation for the prompt ``3 and 7`` from the same initial noise: base model, each LoRA alone,
+   naive averaging (ΔW = ½ΔW_A + ½ΔW_B), the sum (ΔW_A + ΔW_B, an extra reference), and CLoRA
+   (branches: base / LoRA A / LoRA B, concept tokens ``3`` and ``7``, masks from LoRA A's ``3`` and
+   LoRA B's ``7``; DDIM 50 steps). CLoRA's latent step size (a few values, incl. 0 = masked fusion
+   only) and the source of its maps (both CFG halves as the official code, or the conditional half)
+   are chosen on separate validation noise; all reported shares use the test noise, the same
+   initial noise for every method.
+
+Metric: share of samples in which the classifier finds both concepts. Key:
+``both_concepts_gain_vs_average`` = CLoRA's share − averaging's share (> 0 is the bar). Sample
+grids go to ``--figures`` (docs/figures): ``clora_composition.png``, rows = base, LoRA A, LoRA B,
+average, sum, CLoRA (fusion-only), CLoRA.
+
+    pip install --no-deps --no-index .whl/diffusion/*.whl   # GPU image: diffusers is not installed
+    python benchmarks/clora_composition.py                   # ~4-6 min on one H200
+    python benchmarks/clora_composition.py --smoke           # CPU, < 1 min, writes nothing in the tree
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lightning_lora import adapter_layers, inject_adapter, save_adapter, unload  # noqa: E402
+from lightning_lora.merge.clora import (  # noqa: E402
+    CLoRAConfig,
+    LoRABranches,
+    average_adapters,
+    clora_sample,
+    require_diffusers,
+    sample,
+)
+from lightning_lora.results import current_command, write_result  # noqa: E402
+
+BOS, AND, NULL = 0, 11, 12  # token ids; digit d is token d + 1
+VOCAB, SEQ = 13, 4
+CANVAS, GLYPH = 32, 12
+RED = (1.0, 0.15, 0.1)
+GREEN = (0.1, 1.0, 0.15)
+CONCEPT_A, CONCEPT_B = 3, 7  # digit classes of the two concepts
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run; writes only to a temp dir")
+    p.add_argument("--out", default=None, help="result directory (default benchmarks/results)")
+    p.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
+    p.add_argument("--ckpt-dir", default=str(ROOT / "runs" / "clora_composition"),
+                   help="base model, LoRAs and classifier are saved here (small safetensors)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-steps", type=int, default=6000)
+    p.add_argument("--lora-steps", type=int, default=600)
+    p.add_argument("--clf-steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--samples", type=int, default=512, help="test samples per method")
+    p.add_argument("--val-samples", type=int, default=128, help="samples per step size when choosing it")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--step-sizes", type=float, nargs="+", default=[0.0, 5.0, 50.0, 500.0],
+                   help="CLoRA latent step sizes tried on the validation noise (0 = masked fusion only)")
+    p.add_argument("--max-iter-to-alter", type=int, default=30)
+    p.add_argument("--mask-alpha", type=float, default=0.3)
+    p.add_argument("--attention-res", type=int, default=16)
+    p.add_argument("--attention-from", nargs="+", default=["cfg_batch", "cond"], choices=["cfg_batch", "cond"],
+                   help="which CFG half the maps come from; several = chosen on the validation noise too")
+    p.add_argument("--width", type=int, default=64, help="UNet base channels")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.base_steps, args.lora_steps, args.clf_steps = 4, 2, 4
+        args.batch_size, args.samples, args.val_samples, args.steps = 4, 2, 2, 3
+        args.step_sizes, args.max_iter_to_alter, args.width = [0.0, 10.0], 2, 16
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: digits pasted on a canvas
+# ---------------------------------------------------------------------------------------------
+
+def load_glyphs(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 12, 12) ink in [0, 1] and (N,) labels."""
+    d = load_file(str(ROOT / "data" / "digits" / "digits_8x8.safetensors"))
+    ink = d["images"].float().div(16.0).unsqueeze(1)
+    ink = F.interpolate(ink, size=(GLYPH, GLYPH), mode="bilinear", align_corners=False).squeeze(1).clamp(0, 1)
+    return ink.to(device), d["labels"].to(device)
+
+
+class Composer:
+    """Random canvases from a glyph pool. Positions: pairs one per half, singles anywhere."""
+
+    def __init__(self, ink: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ink, self.labels = ink, labels
+        self.by_class = [torch.nonzero(labels == c).squeeze(1) for c in range(10)]
+        self.device = ink.device
+
+    def glyph_of(self, classes: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+        """A random glyph index of each requested class."""
+        out = torch.empty_like(classes)
+        for c in range(10):
+            sel = classes == c
+            n = int(sel.sum())
+            if n:
+                pool = self.by_class[c]
+                out[sel] = pool[torch.randint(len(pool), (n,), device=self.device, generator=g)]
+        return out
+
+    def paint(self, glyphs: torch.Tensor, colours: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
+              present: torch.Tensor) -> torch.Tensor:
+        """glyphs, xs, ys, present: (N, K); colours (N, K, 3) -> canvases (N, 3, 32, 32) in [0, 1]."""
+        n, k = glyphs.shape
+        canvas = torch.zeros(n, CANVAS, CANVAS, 3, device=self.device)
+        ar = torch.arange(GLYPH, device=self.device)
+        rows_n = torch.arange(n, device=self.device)[:, None, None]
+        for s in range(k):
+            patch = self.ink[glyphs[:, s]][..., None] * colours[:, s, None, None, :] * present[:, s, None, None, None]
+            rows = (ys[:, s, None] + ar)[:, :, None]
+            cols = (xs[:, s, None] + ar)[:, None, :]
+            canvas[rows_n, rows, cols] = torch.maximum(canvas[rows_n, rows, cols], patch)
+        return canvas.permute(0, 3, 1, 2).contiguous()
+
+    def layout(self, n: int, pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y of two slots (N, 2): pairs in different halves (random which first), singles anywhere."""
+        span = CANVAS - GLYPH  # 20
+        ys = torch.randint(0, span + 1, (n, 2), device=self.device)
+        left = torch.randint(0, 5, (n,), device=self.device)
+        right = torch.randint(16, span + 1, (n,), device=self.device)
+        first_left = torch.rand(n, device=self.device) < 0.5
+        x0 = torch.where(first_left, left, right)
+        x1 = torch.where(first_left, right, left)
+        x0 = torch.where(pair, x0, torch.randint(0, span + 1, (n,), device=self.device))
+        return torch.stack([x0, x1], 1), ys
+
+
+def prompt_tokens(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """(N, 4) tokens: ``<bos> a and b`` or ``<bos> a <null> <null>`` where b is None / < 0."""
+    n = a.shape[0]
+    tok = torch.full((n, SEQ), NULL, dtype=torch.long, device=a.device)
+    tok[:, 0] = BOS
+    tok[:, 1] = a + 1
+    if b is not None:
+        has_b = b >= 0
+        tok[:, 2] = torch.where(has_b, torch.full_like(a, AND), tok[:, 2])
+        tok[:, 3] = torch.where(has_b, b + 1, tok[:, 3])
+    return tok
+
+
+def base_batch(comp: Composer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """White digits: 75 % pairs of distinct classes, 25 % singles. Returns (images in [-1, 1], tokens)."""
+    dev = comp.device
+    pair = torch.rand(n, device=dev) < 0.75
+    a = torch.randint(0, 10, (n,), device=dev)
+    b = (a + torch.randint(1, 10, (n,), device=dev)) % 10
+    glyphs = torch.stack([comp.glyph_of(a), comp.glyph_of(b)], 1)
+    xs, ys = comp.layout(n, pair)
+    colours = torch.ones(n, 2, 3, device=dev)
+    present = torch.stack([torch.ones_like(pair), pair], 1).float()
+    img = comp.paint(glyphs, colours, xs, ys, present)
+    tokens = prompt_tokens(a, torch.where(pair, b, torch.full_like(b, -1)))
+    return img * 2 - 1, tokens
+
+
+def concept_batch(comp: Composer, n: int, digit: int, colour: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-subject images of the concept (DreamBooth-style): one coloured digit anywhere."""
+    dev = comp.device
+    a = torch.full((n,), digit, device=dev)
+    glyphs = torch.stack([comp.glyph_of(a), comp.glyph_of(a)], 1)
+    xs, ys = comp.layout(n, torch.zeros(n, dtype=torch.bool, device=dev))
+    colours = torch.tensor(colour, device=dev).expand(n, 2, 3)
+    present = torch.tensor([1.0, 0.0], device=dev).expand(n, 2)
+    return comp.paint(glyphs, colours, xs, ys, present) * 2 - 1, prompt_tokens(a, None)
+
+
+def is_red(c: torch.Tensor) -> torch.Tensor:
+    c = c / c.amax(-1, keepdim=True).clamp_min(1e-6)
+    return (c[..., 0] >= 0.99) & (c[..., 1:].amax(-1) <= 0.45)
+
+
+def is_green(c: torch.Tensor) -> torch.Tensor:
+    c = c / c.amax(-1, keepdim=True).clamp_min(1e-6)
+    return (c[..., 1] >= 0.99) & (torch.maximum(c[..., 0], c[..., 2]) <= 0.45)
+
+
+def classifier_batch(comp: Composer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canvases with 1-2 digits (3 and 7 often), colours from white / red / green / red-green
+    mixtures / random; labels (N, 2) = [has red 3, has green 7]. Ink scaling, blur and noise mimic
+    generated samples. Returns images in [-1, 1]."""
+    dev = comp.device
+    pair = torch.rand(n, device=dev) < 0.7
+    classes = torch.randint(0, 10, (n, 2), device=dev)
+    favour = torch.rand(n, 2, device=dev)
+    classes = torch.where(favour < 0.3, torch.full_like(classes, CONCEPT_A), classes)
+    classes = torch.where((favour >= 0.3) & (favour < 0.6), torch.full_like(classes, CONCEPT_B), classes)
+    glyphs = torch.stack([comp.glyph_of(classes[:, 0]), comp.glyph_of(classes[:, 1])], 1)
+    xs, ys = comp.layout(n, pair)
+    red, green = torch.tensor(RED, device=dev), torch.tensor(GREEN, device=dev)
+    mode = torch.randint(0, 5, (n, 2), device=dev)
+    lam = torch.rand(n, 2, 1, device=dev)
+    mix = lam * red + (1 - lam) * green
+    mix = mix / mix.amax(-1, keepdim=True)
+    rand = torch.rand(n, 2, 3, device=dev)
+    rand = rand / rand.amax(-1, keepdim=True)
+    jitter = 1 + 0.15 * (torch.rand(n, 2, 3, device=dev) - 0.5)
+    options = torch.stack([torch.ones(n, 2, 3, device=dev), red.expand(n, 2, 3) * jitter,
+                           green.expand(n, 2, 3) * jitter, mix, rand], 0)  # (5, N, 2, 3)
+    colours = options.gather(0, mode[None, :, :, None].expand(1, n, 2, 3))[0].clamp(0, 1)
+    present = torch.stack([torch.ones_like(pair), pair], 1).float()
+    img = comp.paint(glyphs, colours * (0.6 + 0.4 * torch.rand(n, 1, 1, device=dev)), xs, ys, present)
+    blur = torch.rand(n, 1, 1, 1, device=dev) < 0.3
+    img = torch.where(blur, F.avg_pool2d(img, 3, stride=1, padding=1, count_include_pad=False), img)
+    img = img + 0.06 * torch.rand(n, 1, 1, 1, device=dev) * torch.randn_like(img)
+    has_a = ((classes == CONCEPT_A) & is_red(colours) & (present > 0)).any(1)
+    has_b = ((classes == CONCEPT_B) & is_green(colours) & (present > 0)).any(1)
+    return (img.clamp(0, 1) * 2 - 1), torch.stack([has_a, has_b], 1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+class TinyTextEncoder(nn.Module):
+    """Token + position embeddings and one transformer layer: (B, 4) tokens -> (B, 4, dim)."""
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, dim)
+        self.pos = nn.Parameter(torch.zeros(SEQ, dim))
+        self.layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.layer(self.tok(tokens) + self.pos))
+
+
+def make_unet(width: int, text_dim: int = 64) -> nn.Module:
+    diffusers = require_diffusers()
+    return diffusers.UNet2DConditionModel(
+        sample_size=CANVAS, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(width, 2 * width, 2 * width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_dim, attention_head_dim=4, norm_num_groups=min(32, width // 2),
+    )
+
+
+class Classifier(nn.Module):
+    """(B, 3, 32, 32) in [-1, 1] -> (B, 2) logits [red 3, green 7]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        def block(i: int, o: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU(),
+                                 nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU())
+        self.body = nn.Sequential(block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128))
+        self.head = nn.Linear(128, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # max over space: "is there a red 3 anywhere"
+        return self.head(self.body(x).amax(dim=(2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_diffusion(unet: nn.Module, text: nn.Module, batches, steps: int, lr: float, params: list[nn.Parameter],
+                    device: torch.device, name: str, p_uncond: float = 0.1) -> float:
+    """DDPM ε-prediction training; returns the mean loss of the last 10 % of steps."""
+    diffusers = require_diffusers()
+    noise_sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    alphas = noise_sched.alphas_cumprod.to(device)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    tail: list[float] = []
+    start = time.perf_counter()
+    for step in range(steps):
+        x0, tokens = batches()
+        drop = torch.rand(x0.shape[0], device=device) < p_uncond
+        tokens = torch.where(drop[:, None], torch.tensor([BOS, NULL, NULL, NULL], device=device), tokens)
+        t = torch.randint(0, 1000, (x0.shape[0],), device=device)
+        noise = torch.randn_like(x0)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with autocast(device):
+            pred = unet(xt, t, encoder_hidden_states=text(tokens)).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step >= steps * 0.9:
+            tail.append(float(loss))
+        if (step + 1) % max(1, steps // 5) == 0:
+            print(f"[{name}] step {step + 1}/{steps} loss {loss.item():.4f} {time.perf_counter() - start:.0f} s", flush=True)
+    return sum(tail) / max(1, len(tail))
+
+
+def train_classifier(clf: nn.Module, comp: Composer, steps: int, batch: int, device: torch.device) -> None:
+    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    for step in range(steps):
+        x, y = classifier_batch(comp, batch)
+        with autocast(device):
+            logits = clf(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % max(1, steps // 5) == 0:
+            print(f"[classifier] step {step + 1}/{steps} loss {float(loss):.4f}", flush=True)
+
+
+@torch.no_grad()
+def classifier_accuracy(clf: nn.Module, comp: Composer, n: int) -> float:
+    x, y = classifier_batch(comp, n)
+    return float(((clf(x) > 0).float() == y).all(1).float().mean())
+
+
+@torch.no_grad()
+def detect(clf: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(N, 2) bool: [red 3 found, green 7 found]."""
+    return clf(images.clamp(-1, 1).float()) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG grids (pure Python: no PIL / matplotlib needed on the GPU image)
+# ---------------------------------------------------------------------------------------------
+
+def write_png(path: Path, rgb: torch.Tensor) -> None:
+    """rgb: (H, W, 3) uint8 tensor."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + bytes(rgb[y].flatten().tolist()) for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def grid(rows: list[torch.Tensor], scale: int = 2, pad: int = 2) -> torch.Tensor:
+    """rows: list of (K, 3, H, W) in [-1, 1] -> (H', W', 3) uint8 with grey separators."""
+    k = max(r.shape[0] for r in rows)
+    h, w = rows[0].shape[-2:]
+    hs, ws = h * scale, w * scale
+    out = torch.full(((hs + pad) * len(rows) + pad, (ws + pad) * k + pad, 3), 96, dtype=torch.uint8)
+    for i, r in enumerate(rows):
+        img = ((r.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3).permute(0, 2, 3, 1)
+        for j in range(r.shape[0]):
+            y, x = pad + i * (hs + pad), pad + j * (ws + pad)
+            out[y:y + hs, x:x + ws] = img[j]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    diffusers = require_diffusers()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    command = current_command() if argv is None else " ".join(["python", "benchmarks/clora_composition.py", *argv])
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory() if args.smoke else None
+    figures = Path(tmp.name) if tmp else Path(args.figures)
+    ckpt = Path(tmp.name) / "ckpt" if tmp else Path(args.ckpt_dir)
+    ckpt.mkdir(parents=True, exist_ok=True)
+
+    ink, labels = load_glyphs(device)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234)).to(device)
+    cut = int(0.8 * len(labels))
+    train_comp = Composer(ink[perm[:cut]], labels[perm[:cut]])
+    held_comp = Composer(ink[perm[cut:]], labels[perm[cut:]])
+
+    # 1. base model
+    unet, text = make_unet(args.width).to(device), TinyTextEncoder().to(device)
+    n_unet = sum(p.numel() for p in unet.parameters())
+    t0 = time.perf_counter()
+    base_loss = train_diffusion(unet, text, lambda: base_batch(train_comp, args.batch_size), args.base_steps, 1e-3,
+                                list(unet.parameters()) + list(text.parameters()), device, "base")
+    base_seconds = time.perf_counter() - t0
+    unet.eval().requires_grad_(False)
+    text.eval().requires_grad_(False)
+    save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()}, str(ckpt / "base_unet_fp16.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()}, str(ckpt / "text_encoder.safetensors"))
+
+    # 2. concept LoRAs, each trained on the bare base model then taken out as separate layers
+    lora_layers = []
+    t0 = time.perf_counter()
+    for name, digit, colour in (("lora_a_red3", CONCEPT_A, RED), ("lora_b_green7", CONCEPT_B, GREEN)):
+        inject_adapter(unet, "lora", r=8, alpha=8.0, target_modules=TARGETS)
+        params = [p for p in unet.parameters() if p.requires_grad]
+        unet.train()
+        train_diffusion(unet, text, lambda d=digit, c=colour: concept_batch(train_comp, args.batch_size, d, c),
+                        args.lora_steps, 1e-3, params, device, name)
+        unet.eval()
+        save_adapter(unet, ckpt / name)
+        layers = adapter_layers(unet)
+        unload(unet)
+        lora_layers.append(layers)
+    unet.requires_grad_(False)
+    lora_seconds = time.perf_counter() - t0
+
+    # 3. classifier
+    clf = Classifier().to(device)
+    t0 = time.perf_counter()
+    train_classifier(clf, train_comp, args.clf_steps, args.batch_size, device)
+    clf.eval()
+    clf_seconds = time.perf_counter() - t0
+    clf_acc = classifier_accuracy(clf, held_comp, 2048 if not args.smoke else 64)
+    save_file({k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}, str(ckpt / "classifier.safetensors"))
+    # sanity of the detector on real composites: red 3 + green 7 (should say both), white ones (neither)
+    n_chk = 512 if not args.smoke else 16
+    pair = torch.ones(n_chk, dtype=torch.bool, device=device)
+    glyphs = torch.stack([held_comp.glyph_of(torch.full((n_chk,), CONCEPT_A, device=device)),
+                          held_comp.glyph_of(torch.full((n_chk,), CONCEPT_B, device=device))], 1)
+    xs, ys = held_comp.layout(n_chk, pair)
+    present = torch.ones(n_chk, 2, device=device)
+    good = held_comp.paint(glyphs, torch.tensor([RED, GREEN], device=device).expand(n_chk, 2, 3), xs, ys, present) * 2 - 1
+    mixed_colour = torch.tensor(RED, device=device) * 0.5 + torch.tensor(GREEN, device=device) * 0.5
+    mixed = held_comp.paint(glyphs, (mixed_colour / mixed_colour.max()).expand(n_chk, 2, 3), xs, ys, present) * 2 - 1
+    clf_both_on_true = float(detect(clf, good).all(1).float().mean())
+    clf_both_on_mixed = float(detect(clf, mixed).all(1).float().mean())
+    print(f"classifier: held-out exact-match {clf_acc:.3f}, both on red3+green7 composites {clf_both_on_true:.3f}, "
+          f"both on olive composites {clf_both_on_mixed:.3f}", flush=True)
+
+    # 4. generation: prompt "3 and 7"
+    prompt = prompt_tokens(torch.tensor([CONCEPT_A], device=device), torch.tensor([CONCEPT_B], device=device))
+    null = torch.tensor([[BOS, NULL, NULL, NULL]], device=device)
+    with torch.no_grad():
+        cond, uncond = text(prompt)[0], text(null)[0]  # (4, 64) each
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
+
+    def noise(n: int, seed: int) -> torch.Tensor:
+        return torch.randn(n, 3, CANVAS, CANVAS, generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def chunks(n: int) -> list[int]:
+        size = 256
+        return [min(size, n - i) for i in range(0, n, size)]
+
+    def plain(layers: dict | None, z: torch.Tensor) -> torch.Tensor:
+        branches = LoRABranches(unet, [layers])
+        with branches.activate(0):
+            return sample(unet, scheduler, cond, uncond, z, args.steps, args.guidance)
+
+    concept_a_tok, concept_b_tok = 1, 3  # positions of "3" and "7" in "<bos> 3 and 7"
+    branches = LoRABranches(unet, [None, lora_layers[0], lora_layers[1]])
+
+    def clora(z: torch.Tensor, step_size: float, attention_from: str) -> torch.Tensor:
+        cfg = CLoRAConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, step_size=step_size,
+                          max_iter_to_alter=args.max_iter_to_alter, mask_threshold_alpha=args.mask_alpha,
+                          latent_update=step_size > 0, attention_res=(args.attention_res, args.attention_res),
+                          attention_from=attention_from)
+        out = clora_sample(unet, scheduler, branches, cond.expand(3, -1, -1), uncond,
+                           [[[concept_a_tok]] * 3, [[concept_b_tok]] * 3],
+                           [[], [concept_a_tok], [concept_b_tok]], z, cfg)
+        return out.latents
+
+    def run(fn, n: int, seed: int) -> torch.Tensor:
+        outs, offset = [], 0
+        for k in chunks(n):
+            outs.append(fn(noise(k, seed + offset)))
+            offset += 1
+        return torch.cat(outs)
+
+    def shares(images: torch.Tensor) -> dict[str, float]:
+        found = detect(clf, images)
+        return {"both": float(found.all(1).float().mean()), "a": float(found[:, 0].float().mean()),
+                "b": float(found[:, 1].float().mean())}
+
+    # choose CLoRA's step size (and map source) on validation noise (seeds disjoint from the test noise)
+    t0 = time.perf_counter()
+    val_share = {}
+    for source in args.attention_from:
+        for eta in args.step_sizes:
+            val_share[(eta, source)] = shares(run(lambda z, e=eta, s=source: clora(z, e, s), args.val_samples, 10_000))["both"]
+            print(f"[val] step_size {eta:g} maps {source}: both {val_share[(eta, source)]:.3f}", flush=True)
+    best_eta, best_source = max(val_share, key=lambda k: (val_share[k], -k[0]))
+
+    averaged = average_adapters(lora_layers)
+    summed = average_adapters(lora_layers, weights=[1.0, 1.0])
+    test_seed = 20_000
+    methods = {
+        "base": lambda z: plain(None, z),
+        "lora_a": lambda z: plain(lora_layers[0], z),
+        "lora_b": lambda z: plain(lora_layers[1], z),
+        "average": lambda z: plain(averaged, z),
+        "sum": lambda z: plain(summed, z),
+        "clora_fusion_only": lambda z: clora(z, 0.0, best_source),
+        "clora": lambda z: clora(z, best_eta, best_source),
+    }
+    images, results = {}, {}
+    for name, fn in methods.items():
+        t1 = time.perf_counter()
+        images[name] = run(fn, args.samples, test_seed)
+        results[name] = shares(images[name])
+        print(f"[test] {name}: both {results[name]['both']:.3f} red3 {results[name]['a']:.3f} "
+              f"green7 {results[name]['b']:.3f} ({time.perf_counter() - t1:.1f} s)", flush=True)
+    gen_seconds = time.perf_counter() - t0
+
+    k = min(16, args.samples)
+    png = figures / "clora_composition.png"
+    write_png(png, grid([images[m][:k] for m in methods]))
+    print(f"wrote {png} (rows: {', '.join(methods)})")
+
+    metrics: dict[str, float] = {
+        "both_concepts_gain_vs_average": results["clora"]["both"] - results["average"]["both"],
+        "both_concepts_gain_vs_sum": results["clora"]["both"] - results["sum"]["both"],
+        "clora_step_size": best_eta,
+        "clora_maps_from_cond_half": int(best_source == "cond"),
+        "samples_per_method": args.samples,
+        "classifier_heldout_exact_match": clf_acc,
+        "classifier_both_on_true_composites": clf_both_on_true,
+        "classifier_both_on_olive_composites": clf_both_on_mixed,
+        "base_train_loss": base_loss,
+        "unet_params": n_unet,
+        "base_steps": args.base_steps, "lora_steps": args.lora_steps, "ddim_steps": args.steps,
+        "guidance_scale": args.guidance, "attention_res": args.attention_res,
+        "seconds_base": base_seconds, "seconds_loras": lora_seconds, "seconds_classifier": clf_seconds,
+        "seconds_generation": gen_seconds, "seconds_total": time.perf_counter() - t_start,
+    }
+    for name, r in results.items():
+        metrics[f"both_share_{name}"] = r["both"]
+        metrics[f"red3_share_{name}"] = r["a"]
+        metrics[f"green7_share_{name}"] = r["b"]
+    for (eta, source), v in val_share.items():
+        metrics[f"val_both_share_step{eta:g}_{source}"] = v
+    print(metrics, flush=True)
+    if not args.smoke:
+        path = write_result("clora_composition", metrics, command=command, directory=args.out)
+        print(f"wrote {path}")
+    if tmp:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
