@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     base_seconds = time.perf_counter() - t0
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
-    save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()}, str(ckpt / "base_unet_fp16.safetensors"))
+    save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()},
+              str(ckpt / "base_unet_fp16.safetensors"))
     save_file({k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()}, str(ckpt / "text_encoder.safetensors"))
 
     # 2. concept LoRAs, each trained on the bare base model then taken out as separate layers

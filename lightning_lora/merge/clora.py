@@ -65,6 +65,10 @@ With this library's LoRAs (saved by ``save_adapter`` after ``inject_adapter(unet
 ``branches = LoRABranches(unet, [None, "cat_lora_dir", "dog_lora_dir"])``. Text-encoder LoRAs act
 only on the prompt embeddings: encode each branch's prompt with its own text-encoder LoRA active.
 
+Limits: the recording processor forwards only the standard attention arguments to the layers'
+original processors (diffusers drops keyword arguments a processor does not name, e.g. IP-Adapter
+masks); the UNet runs every branch on the full batch in turn (P passes per step, 2P during updates).
+
 Later: when ``core`` holds several named adapters on one model, :class:`LoRABranches` reduces to
 ``set_adapter(model, name)`` per branch and :func:`average_adapters` to its linear merge.
 """
@@ -125,7 +129,8 @@ def ntxent_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: flo
         one embedding per concept; with a single concept there are no negatives and every term is 0.
     """
     if embeddings.ndim not in (2, 3) or labels.shape != embeddings.shape[-2:-1]:
-        raise ValueError(f"embeddings must be (N, D) or (B, N, D) and labels (N,), got {tuple(embeddings.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"embeddings must be (N, D) or (B, N, D) and labels (N,), "
+                         f"got {tuple(embeddings.shape)} and {tuple(labels.shape)}")
     z = F.normalize(embeddings.float(), dim=-1)
     sim = z @ z.transpose(-1, -2) / temperature  # (..., N, N)
     same = labels[:, None] == labels[None, :]
@@ -157,7 +162,8 @@ def concept_embeddings(maps: torch.Tensor, important_token_indices: Sequence[Seq
     embs, labels = [], []
     for concept, per_branch in enumerate(important_token_indices):
         if len(per_branch) != num_branches:
-            raise ValueError(f"important_token_indices[{concept}] has {len(per_branch)} entries, expected one per branch ({num_branches})")
+            raise ValueError(f"important_token_indices[{concept}] has {len(per_branch)} entries, "
+                             f"expected one per branch ({num_branches})")
         for branch, tokens in enumerate(per_branch):
             for tok in tokens:
                 if not 0 <= tok < num_tokens:
@@ -347,7 +353,8 @@ class CLoRAAttnProcessor:
 def recording_attention(unet: nn.Module, store: AttentionStore) -> Iterator[AttentionStore]:
     """Install :class:`CLoRAAttnProcessor` on every attention layer of ``unet``; restore on exit."""
     if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
-        raise TypeError(f"expected a diffusers UNet2DConditionModel (attn_processors / set_attn_processor), got {type(unet).__name__}")
+        raise TypeError("expected a diffusers UNet2DConditionModel (attn_processors / set_attn_processor), "
+                        f"got {type(unet).__name__}")
     original = dict(unet.attn_processors)
     unet.set_attn_processor({k: CLoRAAttnProcessor(store, v) for k, v in original.items()})
     try:
