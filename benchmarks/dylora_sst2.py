@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.glue_harness import GlueRun, run_many  # noqa: E402
+from benchmarks.glue_harness import GlueRun, mean_std, run_many  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
 RANKS = (1, 2, 4, 8)
@@ -38,12 +38,8 @@ LR_GRID = (5e-4, 1e-3, 2e-3, 5e-3)
 ALPHA = 16
 
 
-def mean_std(v: list[float]) -> tuple[float, float]:
-    return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0
-
-
-def configs() -> dict[str, tuple[str, dict[str, Any]]]:
-    out = {"dylora": ("dylora", {"r": 8, "alpha": ALPHA, "dropout": 0.05})}
+def configs(mode: str = "frozen") -> dict[str, tuple[str, dict[str, Any]]]:
+    out = {"dylora": ("dylora", {"r": 8, "alpha": ALPHA, "dropout": 0.05, "mode": mode})}
     out.update({f"lora_r{b}": ("lora", {"r": b, "alpha": ALPHA, "dropout": 0.05}) for b in RANKS})
     return out
 
@@ -54,22 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--raw", default="benchmarks/results/raw/dylora_sst2.jsonl")
     p.add_argument("--out", default=None)
+    p.add_argument("--mode", choices=["frozen", "full"], default="frozen",
+                   help="DyLoRA's update: frozen (paper: only row/column b trains) or full (rows 1..b train)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
-    cfg = configs()
+    cfg = configs(args.mode)
     sub: dict[str, Any] = {}
     sweep_steps, length = 400, {"steps": 1000}
     if args.smoke:
         sub, sweep_steps, length = {"max_samples": 128, "max_eval_samples": 64}, 3, {"steps": 4}
         args.raw = str(Path(tempfile.mkdtemp()) / "smoke.jsonl")
     grid = LR_GRID[1:3] if args.smoke else LR_GRID
-    sweep = [GlueRun(cfg[t][0], "sst2", 0, cfg[t][1], lr=lr, steps=sweep_steps, holdout=True,
-                     tag=f"sweep/{t}/lr{lr:g}", **sub) for t in ("dylora", "lora_r8") for lr in grid]
+    # frozen-mode runs keep the plain tags, so runs of both modes share one raw file
+    dy = "dylora" if args.mode == "frozen" else f"dylora_{args.mode}"
+    tags = {dy: cfg["dylora"], "lora_r8": cfg["lora_r8"]}
+    sweep = [GlueRun(m, "sst2", 0, kw, lr=lr, steps=sweep_steps, holdout=True, tag=f"sweep/{t}/lr{lr:g}", **sub)
+             for t, (m, kw) in tags.items() for lr in grid]
     swept = run_many(sweep, args.raw, args.workers, threads=args.threads)
-    lr = {t: max((r for r in swept if r["tag"].startswith(f"sweep/{t}/")),
-                 key=lambda r: (r["holdout_accuracy"], -r["lr"]))["lr"] for t in ("dylora", "lora_r8")}
+    best = {t: max((r for r in swept if r["tag"].startswith(f"sweep/{t}/")),
+                   key=lambda r: (r["holdout_accuracy"], -r["lr"]))["lr"] for t in tags}
+    lr = {"dylora": best[dy], "lora_r8": best["lora_r8"]}
     print("learning rates chosen on the carved slice:", lr, flush=True)
-    runs = [GlueRun("dylora", "sst2", s, cfg["dylora"][1], lr=lr["dylora"], eval_ranks=list(RANKS), tag="dylora",
+    runs = [GlueRun("dylora", "sst2", s, cfg["dylora"][1], lr=lr["dylora"], eval_ranks=list(RANKS), tag=dy,
                     **length, **sub) for s in SEEDS]
     runs += [GlueRun("lora", "sst2", s, cfg[f"lora_r{b}"][1], lr=lr["lora_r8"], tag=f"lora_r{b}", **length, **sub)
              for b in RANKS for s in SEEDS]
@@ -81,20 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     def secs(tag: str) -> float:
         return statistics.fmean(r["seconds"] for r in results if r["tag"] == tag)
 
-    m: dict[str, float] = {"dylora_lr": lr["dylora"], "lora_lr": lr["lora_r8"], "seeds": len(SEEDS)}
+    m: dict[str, float] = {"dylora_lr": lr["dylora"], "lora_lr": lr["lora_r8"], "seeds": len(SEEDS),
+                           "dylora_full_mode": float(args.mode == "full")}
     for b in RANKS:
-        d, s = pts("dylora", f"accuracy_rank{b}"), pts(f"lora_r{b}", "accuracy")
-        m[f"dylora_rank{b}_mean"], m[f"dylora_rank{b}_std"] = mean_std(d)
-        m[f"lora_r{b}_mean"], m[f"lora_r{b}_std"] = mean_std(s)
+        d, s = pts(dy, f"accuracy_rank{b}"), pts(f"lora_r{b}", "accuracy")
+        m.update({f"dylora_rank{b}_{k}": v for k, v in mean_std(d).items() if k != "n"})
+        m.update({f"lora_r{b}_{k}": v for k, v in mean_std(s).items() if k != "n"})
         m[f"gap_rank{b}"] = m[f"lora_r{b}_mean"] - m[f"dylora_rank{b}_mean"]
     m["max_gap_to_separate_lora"] = max(m[f"gap_rank{b}"] for b in RANKS)
-    m["dylora_seconds"] = secs("dylora")
+    m["dylora_seconds"] = secs(dy)
     m["lora_seconds_total"] = sum(secs(f"lora_r{b}") for b in RANKS)
     m["time_ratio_one_vs_four"] = m["dylora_seconds"] / m["lora_seconds_total"]
     for k, v in m.items():
         print(f"{k}: {v:.4g}")
     if not args.smoke:
-        print("wrote", write_result("dylora_sst2", m, command=current_command(), directory=args.out))
+        name = "dylora_sst2" if args.mode == "frozen" else f"dylora_sst2_{args.mode}"
+        print("wrote", write_result(name, m, command=current_command(), directory=args.out))
     return 0
 
 

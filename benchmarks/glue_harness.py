@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,56 +242,70 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def _worker(queue: Any, out_jsonl: str, device: str | None, threads: int) -> None:
+def _glue_job(job: dict[str, Any], device: str | None) -> dict[str, Any]:
+    return train_glue(GlueRun(**job), device=device)
+
+
+def _worker(queue: Any, fn: Callable[[dict[str, Any], str | None], dict[str, Any]], out_jsonl: str,
+            device: str | None, threads: int) -> None:
     torch.set_num_threads(threads)
     _quiet().__enter__()  # the worker's whole life: Lightning's per-run banners would drown the progress lines
-    while True:
-        item = queue.get()
-        if item is None:
-            return
-        run = GlueRun(**item)
+    while (item := queue.get()) is not None:
+        key, job = item
         try:
-            result = train_glue(run, device=device)
+            result = {"key": key, **fn(job, device)}
         except Exception as exc:  # one failing run must not take the others down; it is recorded
-            result = {"key": run.key, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            result = {"key": key, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         with open(out_jsonl, "a") as f:  # one short line per write: appends do not interleave
             f.write(json.dumps(result) + "\n")
-        print(f"[{run.key}] " + (f"error {result['error']}" if "error" in result else
-              f"accuracy {result['accuracy']:.4f} steps {result['steps']} {result['seconds']:.0f} s"), flush=True)
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.endswith("accuracy") and isinstance(v, float))
+        print(f"[{key}] " + (f"error {result['error']}" if "error" in result else
+              f"{scores} {result.get('seconds', float('nan')):.0f} s"), flush=True)
 
 
-def run_many(runs: list[GlueRun], out_jsonl: str | os.PathLike, workers: int = 4, device: str | None = None,
-             threads: int = 2) -> list[dict[str, Any]]:
-    """Run every run not yet in ``out_jsonl`` on ``workers`` processes; return all results for ``runs``.
+def run_pool(jobs: dict[str, dict[str, Any]], fn: Callable[[dict[str, Any], str | None], dict[str, Any]],
+             out_jsonl: str | os.PathLike, workers: int = 4, device: str | None = None,
+             threads: int = 2) -> dict[str, dict[str, Any]]:
+    """Run ``fn(job, device)`` for every ``key -> job`` not yet in ``out_jsonl`` on ``workers`` spawned
+    processes (in the given order); return ``{key: result}`` for all ``jobs``.
 
-    Runs that raised are recorded with an ``error`` field and retried on the next call.
+    ``fn`` must be importable (a module-level function) and return a JSON-serialisable dict. Jobs that
+    raised are recorded with an ``error`` field, retried on the next call, and reported here.
     """
     out_jsonl = str(out_jsonl)
     Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
     done = {r["key"] for r in read_jsonl(out_jsonl) if "error" not in r}
-    keys = [r.key for r in runs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("runs must have distinct keys (tag/task/seed)")
-    todo = [r for r in runs if r.key not in done]
+    todo = [(k, j) for k, j in jobs.items() if k not in done]
     if todo:
         ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
         queue = ctx.Queue()
-        # long runs first: the pool finishes together
-        for r in sorted(todo, key=lambda r: -(r.steps or (r.epochs or 1) * _TRAIN_SIZE.get(r.task, 1) / r.batch_size)):
-            queue.put(dataclasses.asdict(r))
+        for item in todo:
+            queue.put(item)
         n = max(1, min(workers, len(todo)))
         for _ in range(n):
             queue.put(None)
-        procs = [ctx.Process(target=_worker, args=(queue, out_jsonl, device, threads)) for _ in range(n)]
+        procs = [ctx.Process(target=_worker, args=(queue, fn, out_jsonl, device, threads)) for _ in range(n)]
         for p in procs:
             p.start()
         for p in procs:
             p.join()
     results = {r["key"]: r for r in read_jsonl(out_jsonl) if "error" not in r}
-    missing = [k for k in keys if k not in results]
+    missing = [k for k in jobs if k not in results]
     if missing:
         errors = {r["key"]: r["error"] for r in read_jsonl(out_jsonl) if "error" in r}
         raise RuntimeError(f"{len(missing)} run(s) failed: " + "; ".join(f"{k}: {errors.get(k, '?')}" for k in missing))
+    return {k: results[k] for k in jobs}
+
+
+def run_many(runs: list[GlueRun], out_jsonl: str | os.PathLike, workers: int = 4, device: str | None = None,
+             threads: int = 2) -> list[dict[str, Any]]:
+    """:func:`train_glue` for every run not yet in ``out_jsonl`` (see :func:`run_pool`), the longest first
+    so the workers finish together; returns the results in the order of ``runs``."""
+    keys = [r.key for r in runs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("runs must have distinct keys (tag/task/seed)")
+    ordered = sorted(runs, key=lambda r: -(r.steps or (r.epochs or 1) * _TRAIN_SIZE.get(r.task, 1) / r.batch_size))
+    results = run_pool({r.key: dataclasses.asdict(r) for r in ordered}, _glue_job, out_jsonl, workers, device, threads)
     return [results[k] for k in keys]
 
 

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
@@ -42,7 +40,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.glue_harness import (  # noqa: E402
-    MODULES_TO_SAVE, TARGETS, _quiet, adapter_parameter_count, evaluate, read_jsonl, report_split,
+    MODULES_TO_SAVE, TARGETS, adapter_parameter_count, evaluate, report_split, run_pool,
 )
 from lightning_lora import AdapterCallback  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
@@ -130,7 +128,7 @@ def train_mix(tag: str, seed: int, lr: float, holdout: bool, epochs: float, smok
     trainer.fit(module, datamodule=dm)
     dev = torch.device("cuda:0" if accelerator == "cuda" else "cpu")
     module.to(dev)
-    out: dict[str, Any] = {"key": f"{'sweep/' if holdout else ''}{tag}/lr{lr:g}/seed{seed}", "tag": tag, "seed": seed,
+    out: dict[str, Any] = {"tag": tag, "seed": seed,
                            "lr": lr, "holdout": holdout, "steps": int(trainer.global_step),
                            "seconds": time.perf_counter() - start, "adapter_params": adapter_parameter_count(module)}
     if method == "smora":
@@ -145,41 +143,16 @@ def train_mix(tag: str, seed: int, lr: float, holdout: bool, epochs: float, smok
     return out
 
 
-def _worker(queue: Any, raw: str, device: str | None, threads: int) -> None:
-    torch.set_num_threads(threads)
-    _quiet().__enter__()
-    while (job := queue.get()) is not None:
-        result = train_mix(**job, device=device)
-        with open(raw, "a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(f"[{result['key']}] mean accuracy {result['mean_accuracy']:.4f} {result['seconds']:.0f} s", flush=True)
+def _mix_job(job: dict[str, Any], device: str | None) -> dict[str, Any]:
+    return train_mix(**job, device=device)
+
+
+def job_key(job: dict[str, Any]) -> str:
+    return f"{'sweep/' if job['holdout'] else ''}{job['tag']}/lr{job['lr']:g}/seed{job['seed']}"
 
 
 def run_jobs(jobs: list[dict[str, Any]], raw: str, workers: int, threads: int) -> dict[str, dict[str, Any]]:
-    def key(j: dict[str, Any]) -> str:
-        return f"{'sweep/' if j['holdout'] else ''}{j['tag']}/lr{j['lr']:g}/seed{j['seed']}"
-
-    done = {r["key"] for r in read_jsonl(raw)}
-    todo = [j for j in jobs if key(j) not in done]
-    if todo:
-        Path(raw).parent.mkdir(parents=True, exist_ok=True)
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        for j in todo:
-            queue.put(j)
-        n = min(workers, len(todo))
-        for _ in range(n):
-            queue.put(None)
-        procs = [ctx.Process(target=_worker, args=(queue, raw, None, threads)) for _ in range(n)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-    results = {r["key"]: r for r in read_jsonl(raw)}
-    missing = [key(j) for j in jobs if key(j) not in results]
-    if missing:
-        raise RuntimeError(f"runs failed: {missing}")
-    return {key(j): results[key(j)] for j in jobs}
+    return run_pool({job_key(j): j for j in jobs}, _mix_job, raw, workers, threads=threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ Ranks (MiniLM: hidden 384, intermediate 1536; every Linear of the encoder adapte
 Keys (points, mean over tasks and seeds, method minus LoRA): ``lora_sb_gain_vs_lora``,
 ``allora_gain_vs_lora_rte`` (RTE only, the short run), ``nlora_gain_vs_lora``, and
 ``lora_sb_param_reduction`` (LoRA's adapter parameters over LoRA-SB's; the shared head excluded).
+NLoRA runs in both init modes (METHODS.md §14): ``nlora`` (paper, the key above) and ``nlora_ref``
+(official code; ``nlora_ref_gain_vs_lora``).
 Per method and task: ``<tag>_<task>_mean`` / ``_std`` (accuracy, points), ``<tag>_adapter_params``,
 ``<tag>_lr``.
 
@@ -47,6 +49,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora_sb": ("lora_sb", {"r": 16, "dropout": 0.05}),
     "slora": ("slora", {"r": 8, "dropout": 0.05}),
     "nlora": ("nlora", {"r": 8, "dropout": 0.05}),
+    # the official code's init (first r rows/columns, no pseudo-inverse): the paper's random-index
+    # Nyström core U⁺ is ill-conditioned on MiniLM (‖N‖ up to ~1.6e3 on value projections)
+    "nlora_ref": ("nlora", {"r": 8, "init": "reference", "dropout": 0.05}),
     "inttune": ("inttune", {"r": 8, "dropout": 0.05}),
     "allora": ("allora", {"r": 8, "eta": 1.0}),
     "ffa_lora": ("ffa_lora", {"r": 8, "dropout": 0.05}),
