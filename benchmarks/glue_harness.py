@@ -218,6 +218,9 @@ def train_glue(run: GlueRun, device: str | None = None, adapter_dir: str | os.Pa
         steps=int(trainer.global_step), seconds=seconds, device=accelerator,
         peak_mem_mib=torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan"),
     )
+    summary = getattr(adapter.method, "summary", None)
+    if callable(summary):  # e.g. Flexora's selected layers and gate values
+        out["adapter_summary"] = json.dumps(summary(), default=float)
     if adapter_dir is not None:
         adapter.save_adapter(module, adapter_dir)
     return out
