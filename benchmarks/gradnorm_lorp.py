@@ -35,24 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.lq_lora_smollm2 import TARGETS, load_model  # noqa: E402
-from lightning_lora.optim.gradnorm_lorp import GradNormLoRPAdamW  # noqa: E402
+from lightning_lora.optim.gradnorm_lorp import GradNormLoRPAdamW, optimizer_state_bytes  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    total = 0
-
-    def add(obj: Any) -> None:
-        nonlocal total
-        if torch.is_tensor(obj):
-            total += obj.numel() * obj.element_size()
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                add(v)
-
-    for st in opt.state.values():
-        add(st)
-    return total
 
 
 def one_step(model: Any, opt: torch.optim.Optimizer, device: torch.device, vocab: int) -> int:
@@ -87,7 +71,7 @@ def memory_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any
             opt = GradNormLoRPAdamW([{"params": projected, "rank": rank, "update_proj_gap": 200, "scale": 0.25,
                                       "weight_norm": True}, {"params": rest}], lr=1e-5, optim_bits=8)
         grew = one_step(model, opt, device, vocab)
-        out[f"state_mib/{which}"] = state_bytes(opt) / 2**20
+        out[f"state_mib/{which}"] = optimizer_state_bytes(opt) / 2**20
         out[f"step_alloc_growth_mib/{which}"] = grew / 2**20
         out["params"] = sum(p.numel() for p in model.parameters())
         del model, opt

@@ -258,19 +258,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state tensors (moments, projectors, weight-norm vectors)."""
-        total = 0
-
-        def add(obj: Any) -> None:
-            nonlocal total
-            if torch.is_tensor(obj):
-                total += obj.numel() * obj.element_size()
-            elif isinstance(obj, dict):
-                for v in obj.values():
-                    add(v)
-
-        for state in self.state.values():
-            add(state)
-        return total
+        return optimizer_state_bytes(self)
 
 
 def gradnorm_lorp_param_groups(module: nn.Module, rank: int = 8, update_proj_gap: int = 500, scale: float = 4.0,
@@ -290,3 +278,20 @@ def gradnorm_lorp_param_groups(module: nn.Module, rank: int = 8, update_proj_gap
     if plain:
         groups.append({"params": plain})
     return groups
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (nested dicts included): the optimizer's memory."""
+    total = 0
+
+    def add(obj: Any) -> None:
+        nonlocal total
+        if torch.is_tensor(obj):
+            total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                add(v)
+
+    for state in optimizer.state.values():
+        add(state)
+    return total
