@@ -92,7 +92,9 @@ class GlueRun:
 
     @property
     def key(self) -> str:
-        """Identity of the run in a results file."""
+        """Identity of the run in a results file: tag (or method), task, seed. Not the config or the
+        learning rate: a benchmark that changes either for a tag must use a new tag, or the raw
+        file's old run counts as done."""
         return f"{self.tag or self.method}/{self.task}/seed{self.seed}"
 
 
