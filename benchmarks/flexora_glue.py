@@ -46,7 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue_harness import GlueRun, mean_std, run_many  # noqa: E402
+from glue_harness import GlueRun, mean_std, run_many, run_stats  # noqa: E402
 
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
@@ -98,13 +98,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         per_block = statistics.fmean(r["adapter_params"] for r in lora) / NUM_BLOCKS
         selected = [r["adapter_params"] / per_block for r in flex]
         for tag, rows in (("lora", lora), ("flexora", flex)):
-            acc = mean_std([100.0 * r["accuracy"] for r in rows])
-            metrics[f"{task}_{tag}_accuracy"] = acc["mean"]
-            metrics[f"{task}_{tag}_accuracy_std"] = acc["std"]
-            metrics[f"{task}_{tag}_trainable_params"] = statistics.fmean(r["trainable_params"] for r in rows)
-            metrics[f"{task}_{tag}_adapter_params"] = statistics.fmean(r["adapter_params"] for r in rows)
-            metrics[f"{task}_{tag}_seconds"] = statistics.fmean(r["seconds"] for r in rows)
-            metrics[f"{task}_{tag}_accuracy_per_seed"] = {f"seed{r['seed']}": 100.0 * r["accuracy"] for r in rows}
+            metrics.update(run_stats(rows, f"{task}_{tag}"))
         sel = mean_std(selected)
         metrics[f"{task}_flexora_layers_selected"] = sel["mean"]
         metrics[f"{task}_flexora_layers_selected_std"] = sel["std"]

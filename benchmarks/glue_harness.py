@@ -324,6 +324,22 @@ def mean_std(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
+def run_stats(rows: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
+    """Figures of the seeds of one configuration, keys ``<prefix>_...``: accuracy (points) mean, std
+    and per seed; mean trainable and adapter parameters (and adapter parameters per seed, which
+    differ for methods that choose their own size); mean fit seconds; the learning rate."""
+    acc = mean_std([100.0 * r["accuracy"] for r in rows])
+    return {
+        f"{prefix}_accuracy": acc["mean"], f"{prefix}_accuracy_std": acc["std"],
+        f"{prefix}_accuracy_per_seed": {f"seed{r['seed']}": 100.0 * r["accuracy"] for r in rows},
+        f"{prefix}_trainable_params": statistics.fmean(r["trainable_params"] for r in rows),
+        f"{prefix}_adapter_params": statistics.fmean(r["adapter_params"] for r in rows),
+        f"{prefix}_adapter_params_per_seed": {f"seed{r['seed']}": r["adapter_params"] for r in rows},
+        f"{prefix}_seconds": statistics.fmean(r["seconds"] for r in rows),
+        f"{prefix}_lr": rows[0]["lr"],
+    }
+
+
 def summarise(results: list[dict[str, Any]], metric: str = "accuracy") -> dict[str, dict[str, dict[str, float]]]:
     """``{tag: {task: mean_std(metric over seeds)}}``."""
     table: dict[str, dict[str, list[float]]] = {}

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue_harness import GlueRun, mean_std, run_many  # noqa: E402
+from glue_harness import GlueRun, run_many, run_stats  # noqa: E402
 
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
@@ -139,16 +138,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     results = [r for r in results if not r["tag"].startswith("sweep/")]
     for task in TASKS:
         for tag in ("lora", "increlora"):
-            rows = by[(tag, task)]
-            acc = mean_std([100.0 * r["accuracy"] for r in rows])
-            metrics[f"{task}_{tag}_accuracy"] = acc["mean"]
-            metrics[f"{task}_{tag}_accuracy_std"] = acc["std"]
-            metrics[f"{task}_{tag}_accuracy_per_seed"] = {f"seed{r['seed']}": 100.0 * r["accuracy"] for r in rows}
-            metrics[f"{task}_{tag}_trainable_params"] = statistics.fmean(r["trainable_params"] for r in rows)
-            metrics[f"{task}_{tag}_adapter_params"] = statistics.fmean(r["adapter_params"] for r in rows)
-            metrics[f"{task}_{tag}_adapter_params_per_seed"] = {f"seed{r['seed']}": r["adapter_params"] for r in rows}
-            metrics[f"{task}_{tag}_seconds"] = statistics.fmean(r["seconds"] for r in rows)
-            metrics[f"{task}_{tag}_lr"] = rows[0]["lr"]
+            metrics.update(run_stats(by[(tag, task)], f"{task}_{tag}"))
         metrics[f"{task}_gain_vs_lora"] = metrics[f"{task}_increlora_accuracy"] - metrics[f"{task}_lora_accuracy"]
         metrics[f"{task}_adapter_params_ratio_vs_lora"] = (
             metrics[f"{task}_increlora_adapter_params"] / metrics[f"{task}_lora_adapter_params"])
