@@ -63,11 +63,29 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
+def check_required(node: Any, group: str) -> None:
+    """Raise ``ValueError`` naming every ``???`` (no default, e.g. ALLoRA's ``eta``) left in config
+    group ``group``, with the override that sets it. Shared by ``lightning-lora`` and ``lncrna``."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.is_config(node):
+        return
+    # OmegaConf names a key by its full path when the node is part of a larger config
+    missing = sorted(k.removeprefix(f"{group}.") for k in OmegaConf.missing_keys(node))
+    if missing:
+        given = " ".join(f"{group}.{k}=<value>" for k in missing)
+        raise ValueError(f"{group}: {', '.join(missing)} has no default and must be given: {given}")
+
+
 def build_adapter_callback(cfg: Any, export_dir: str | None = None):
     """``AdapterCallback`` from ``cfg.adapter``; ``target_modules`` / ``modules_to_save`` left null
     take the model's defaults (``cfg.model``)."""
     from .callback import AdapterCallback
 
+    try:
+        check_required(cfg.adapter, "adapter")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     options = dict(_container(cfg.adapter))
     method = options.pop("method", None)
     if not method:

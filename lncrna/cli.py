@@ -523,9 +523,14 @@ def run_train(cfg: Any) -> Path:
     import json
 
     import lightning_lora
+    from lightning_lora.train import check_required
 
     from .train import finetune
 
+    try:
+        check_required(cfg.adapter, "adapter")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     adapter = dict(_container(cfg.adapter))
     method = adapter.pop("method", None)
     methods = lightning_lora.available_methods()

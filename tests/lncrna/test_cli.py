@@ -389,6 +389,14 @@ def test_train_unknown_method_inside_adapter(tmp_path, capsys, monkeypatch):
     assert all(m in err for m in ll.available_methods())
 
 
+def test_train_adapter_option_without_default_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # ALLoRA's eta is `???` in conf/adapter/allora.yaml
+    rc, _, err = run(["train", "adapter=allora", f"hydra.run.dir={tmp_path / 'run'}"], capsys)
+    assert rc == 2
+    assert err.strip().splitlines()[-1] == ("lncrna train: error: adapter: eta has no default and must be given: "
+                                            "adapter.eta=<value>")
+
+
 def test_train_unknown_group_option(capsys):
     rc, _, err = run(["train", "model=huge"], capsys)
     assert rc == 2 and "unknown model 'huge'; choose one of: default, tiny" in err

@@ -56,6 +56,25 @@ def test_every_experiment_composes(experiment):
     assert cfg.adapter.method and cfg.model.name and cfg.data.name and cfg.trainer.accelerator
 
 
+@pytest.mark.parametrize("adapter", sorted(p.stem for p in (CONF / "adapter").glob("*.yaml")))
+def test_every_adapter_config_builds_its_method(adapter):
+    # every key of conf/adapter/<name>.yaml must be a field of its method's config (a typo or a
+    # renamed option fails here, not in a user's run) and every registered method needs a file
+    required = {"allora": ["adapter.eta=1.0"]}.get(adapter, [])  # options with no default (`???`)
+    cb = train.build_adapter_callback(compose(f"adapter={adapter}", "model=minilm", *required))
+    assert cb.method_name == compose(f"adapter={adapter}").adapter.method
+    if required:
+        with pytest.raises(train.ConfigError, match="has no default and must be given: adapter.eta=<value>"):
+            train.build_adapter_callback(compose(f"adapter={adapter}", "model=minilm"))
+
+
+def test_every_method_has_an_adapter_config():
+    from lightning_lora import available_methods
+
+    methods = {compose(f"adapter={p.stem}").adapter.method for p in (CONF / "adapter").glob("*.yaml")}
+    assert set(available_methods()) <= methods, sorted(set(available_methods()) - methods)
+
+
 def test_group_overrides_beat_the_experiment():
     cfg = compose("experiment=sst2_lora", "adapter=dora", "adapter.r=16", "trainer=gpu")
     assert cfg.adapter.method == "lora" and cfg.adapter.use_dora and cfg.adapter.r == 16
