@@ -371,10 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--holdout", action="store_true")
+    p.add_argument("--eval-ranks", type=int, nargs="*", default=None, help="also score at these ranks (DyLoRA)")
     args = p.parse_args(argv)
     run = GlueRun(args.method, args.task, args.seed, json.loads(args.kwargs), lr=args.lr, epochs=args.epochs,
                   steps=args.steps, holdout=args.holdout, max_samples=args.max_samples,
-                  max_eval_samples=args.max_eval_samples)
+                  max_eval_samples=args.max_eval_samples, eval_ranks=args.eval_ranks)
     with _quiet():
         print(json.dumps(train_glue(run), indent=1))
     return 0
