@@ -105,13 +105,11 @@ def step_fn(model: nn.Module, params: list[nn.Parameter], spec: dict) -> Callabl
     return step
 
 
-def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[str, float]:
-    spec = SPECS[name]
-    model, params = build(spec, variant, r)
-    step = step_fn(model, params, spec)
+def timed_steps(step: Callable[[], None], warmup: int, steps: int, cuda: bool) -> tuple[float, float]:
+    """``(median ms, peak GiB)`` of ``steps`` calls of ``step`` after ``warmup`` untimed ones; on CUDA
+    timed with events and the peak allocation counted from after the warm-up (0 on the CPU)."""
     for _ in range(warmup):
         step()
-    cuda = DEVICE == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -128,13 +126,21 @@ def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[st
             times.append(start.elapsed_time(end))
         else:
             times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+
+
+def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[str, float]:
+    spec = SPECS[name]
+    model, params = build(spec, variant, r)
+    step = step_fn(model, params, spec)
+    cuda = DEVICE == "cuda"
+    ms, peak = timed_steps(step, warmup, steps, cuda)
     n_train = sum(p.numel() for p in params)
     del model, params, step
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    res = {"ms": statistics.median(times), "peak_gib": peak, "trainable": n_train}
+    res = {"ms": ms, "peak_gib": peak, "trainable": n_train}
     print(f"{name:6s} {variant:13s} {res['ms']:8.2f} ms  {peak:6.2f} GiB  trainable {n_train:,}", flush=True)
     return res
 

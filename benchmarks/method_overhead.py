@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning_lora as ll  # noqa: E402
+from benchmarks.lora_vs_peft import timed_steps  # noqa: E402
 from lightning_lora.optim.allora import scale_gradients  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
@@ -91,21 +90,9 @@ def measure(name: str, device: str, tiny: bool, batch: int, seq: int, warmup: in
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
     cuda = device == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    out = {"ms": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-           "trainable": sum(p.numel() for p in params)}
+    ms, peak = timed_steps(step, warmup, steps, cuda)
+    out = {"ms": ms, "peak_gib": peak, "trainable": sum(p.numel() for p in params)}
     print(f"{name:9s} {out['ms']:8.2f} ms {out['peak_gib']:6.2f} GiB trainable {out['trainable']:,}", flush=True)
     del model, params, opt
     gc.collect()
