@@ -230,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lightning-lora: error: {e}", file=sys.stderr)
         return 2
 
-    import hydra
-
     def task(cfg: Any) -> float | None:
         try:
             metrics = run(cfg, command=command)
@@ -244,13 +242,22 @@ def main(argv: list[str] | None = None) -> int:
         spec = TASKS.get(cfg.data.get("name"))
         return metrics.get(f"val_{spec.monitor}") if spec is not None else metrics.get("val_loss")
 
-    saved_argv = sys.argv
-    sys.argv = [saved_argv[0] if saved_argv else "lightning-lora", *args[1:]]  # Hydra parses sys.argv
-    try:
-        hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(task)()
-    finally:
-        sys.argv = saved_argv
+    run_hydra(task, conf, "config", sys.argv[0] if sys.argv else "lightning-lora", args[1:])
     return 0
+
+
+def run_hydra(task: Any, conf: Path, config_name: str, prog: str, overrides: list[str]) -> None:
+    """Run ``task(cfg)`` as a Hydra app over ``conf/<config_name>.yaml`` with ``overrides`` (and
+    Hydra's own flags such as ``-m``). Hydra reads them from ``sys.argv``, so it is swapped for the
+    call and restored after. Used by ``lightning-lora``, ``lncrna`` and ``lightning_lora.federated``."""
+    import hydra
+
+    saved = sys.argv
+    sys.argv = [prog, *overrides]
+    try:
+        hydra.main(version_base="1.3", config_path=str(conf), config_name=config_name)(task)()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -589,7 +589,6 @@ def _hydra(cmd: str, args: list[str]) -> int:
     adapters = adapter_options(conf) if cmd == "train" else {}
     _check_overrides(cmd, args, conf, adapters)
 
-    import hydra
     from hydra.core.config_store import ConfigStore
 
     from .fasta import FastaError
@@ -606,12 +605,11 @@ def _hydra(cmd: str, args: list[str]) -> int:
             print(f"{PROG} {cmd}: error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
-    saved = sys.argv
-    sys.argv = [f"{PROG} {cmd}", *args]  # Hydra parses sys.argv
+    from lightning_lora.train import run_hydra
+
     try:
-        hydra.main(version_base="1.3", config_path=str(conf), config_name=cmd)(task)()
+        run_hydra(task, conf, cmd, f"{PROG} {cmd}", list(args))
     finally:
-        sys.argv = saved
         _unstore(store, "adapter", adapters)
     return 0
 

@@ -58,10 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if role not in ROLES:
         print(f"error: unknown role {role!r}; roles: {', '.join(ROLES)}\n{USAGE}", file=sys.stderr, end="")
         return 2
-    from ..train import config_dir
+    from ..train import config_dir, run_hydra
 
     conf = config_dir() / "federated"
-    import hydra
 
     def task(cfg: Any) -> None:
         from . import simulation
@@ -77,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
             Path(cfg.output).write_text(text + "\n")
 
-    saved = sys.argv
-    sys.argv = [f"python -m lightning_lora.federated {role}", *args[1:]]  # Hydra parses sys.argv
-    try:
-        hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(task)()
-    finally:
-        sys.argv = saved
+    run_hydra(task, conf, "config", f"python -m lightning_lora.federated {role}", args[1:])
     return 0
 
 
