@@ -40,7 +40,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.glue_harness import (  # noqa: E402
-    MODULES_TO_SAVE, TARGETS, adapter_parameter_count, evaluate, report_split, run_pool,
+    MODULES_TO_SAVE, TARGETS, adapter_parameter_count, evaluate, mean_std, report_split, run_pool,
 )
 from lightning_lora import AdapterCallback  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in final.values() if r["tag"] == t]
         for task in TASKS:
             v = [100.0 * r[f"{task}_accuracy"] for r in rows]
-            m[f"{t}_{task}_mean"], m[f"{t}_{task}_std"] = statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+            ms = mean_std(v)
+            m[f"{t}_{task}_mean"], m[f"{t}_{task}_std"] = ms["mean"], ms["std"]
         m[f"{t}_mean"] = statistics.fmean(100.0 * r["mean_accuracy"] for r in rows)
         m[f"{t}_adapter_params"] = rows[0]["adapter_params"]
         m[f"{t}_lr"] = lrs[t]

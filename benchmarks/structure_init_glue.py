@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.glue_harness import GlueRun, run_many  # noqa: E402
+from benchmarks.glue_harness import GlueRun, mean_std, run_many  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
 #: tag -> (registered method, config); dropout 0.05 where the method has dropout (ALLoRA forbids it)
@@ -99,8 +99,8 @@ def summarise(results: list[dict[str, Any]], tags: list[str], lrs: dict[str, flo
     m: dict[str, float] = {}
     for t in tags:
         for task, v in acc[t].items():
-            m[f"{t}_{task}_mean"] = statistics.fmean(v)
-            m[f"{t}_{task}_std"] = statistics.stdev(v) if len(v) > 1 else 0.0
+            ms = mean_std(v)
+            m[f"{t}_{task}_mean"], m[f"{t}_{task}_std"] = ms["mean"], ms["std"]
         m[f"{t}_mean"] = statistics.fmean(x for v in acc[t].values() for x in v)
         m[f"{t}_adapter_params"] = params[t]
         m[f"{t}_lr"] = lrs[t]
