@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.glue_harness import GlueRun, mean_std, run_many  # noqa: E402
+from benchmarks.glue_harness import GlueRun, mean_std, read_jsonl, run_many  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
 #: tag -> (registered method, config); dropout 0.05 where the method has dropout (ALLoRA forbids it)
@@ -117,6 +117,25 @@ def summarise(results: list[dict[str, Any]], tags: list[str], lrs: dict[str, flo
     return m
 
 
+def write_partial(args: argparse.Namespace) -> int:
+    """Per method and task, mean/std accuracy (points) and run count of the finished runs in the raw file:
+    the figures quoted while the benchmark is incomplete (no bar key is computed from them)."""
+    rows = [r for r in read_jsonl(args.raw) if "error" not in r and not r["tag"].startswith("sweep/")]
+    m: dict[str, float] = {}
+    by: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        by.setdefault((r["tag"], r["task"]), []).append(100.0 * r["accuracy"])
+        m[f"{r['tag']}_adapter_params"] = r["adapter_params"]
+        m[f"{r['tag']}_lr"] = r["lr"]
+    for (tag, task), v in sorted(by.items()):
+        ms = mean_std(v)
+        m.update({f"{tag}_{task}_mean": ms["mean"], f"{tag}_{task}_std": ms["std"], f"{tag}_{task}_runs": ms["n"]})
+    devices = ", ".join(sorted({r["device"] for r in rows}))
+    print("wrote", write_result("structure_init_glue_partial", m, command=current_command(), directory=args.out,
+                                device=f"runs on {devices} (summarised from {args.raw})"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, default=8)
@@ -128,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated tags (default: all)")
     p.add_argument("--phase", choices=["all", "sweep"], default="all")
     p.add_argument("--smoke", action="store_true", help="tiny subsets, 2 methods, writes nothing")
+    p.add_argument("--partial", action="store_true",
+                   help="train nothing: summarise the runs already in --raw as structure_init_glue_partial.json")
     args = p.parse_args(argv)
+    if args.partial:
+        return write_partial(args)
     tags = args.only.split(",") if args.only else list(METHODS)
     if args.smoke:
         tags, args.sweep_steps = ["lora", "lora_sb"], 3
