@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     t0 = time.perf_counter()
-    metrics: dict[str, Any] = {"rank": args.r, "weights": "random (SmolLM2 architecture)" if args.random_init else "real"}
+    # the command line records --random-init; metrics are numbers only (results.write_result)
+    metrics: dict[str, Any] = {"rank": args.r, "random_weights": float(args.random_init)}
     worst = 0.0
     for variant in ("nf2", "nf3", "nf4", "mixed"):
         model, _ = load_model(args.model_dir, args.smoke, torch.device("cpu"), random_init=args.random_init)

@@ -129,6 +129,8 @@ def load_smollm2(task: str = "causal_lm", cache: bool = True, path: str | os.Pat
         # The weights are plain fp32 nn.Linear after de-quantisation; transformers still tags the
         # model as GGUF-quantised, which blocks save_pretrained. Drop the tag.
         model.hf_quantizer = None
+        if "is_quantized" in vars(model):  # some transformers versions keep a plain attribute too
+            model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         if cache:
