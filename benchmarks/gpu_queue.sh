@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The GPU benchmark queue, run in the background on the lent H200 while weights are still being
+# staged (see benchmarks/README.md, "Getting model weights onto the GPU machine").
+#
+#   bash benchmarks/gpu_queue.sh start minilm  DEADLINE   # MiniLM benchmarks (#4, #5, #6, #7)
+#   bash benchmarks/gpu_queue.sh start smollm2 DEADLINE   # SmolLM2, diffusion, federated, lncRNA
+#   bash benchmarks/gpu_queue.sh status                   # one line per job, tails of the logs
+#   bash benchmarks/gpu_queue.sh watch SECONDS            # wait (not past DEADLINE), status, snapshot
+#   bash benchmarks/gpu_queue.sh collect                  # stop everything, pack results into $OUT
+#
+# Keep a device call in flight the whole time (`watch 540` back to back): the machine is handed
+# back about 30 s after a call ends, background jobs or not, and everything on it is lost (session
+# 3 lost its first 7 minutes that way). Each `watch`/`snapshot` returns results.tgz, so what has
+# finished survives a lost machine; unpack it over the checkout and the resumable jobs continue.
+# Slimming the checkout to make room for weights: ffa_federated.py's lncRNA task needs
+# lncrna/weights/default (the shipped model is its base), so keep that file in the tree.
+#
+# DEADLINE is a Unix time: every job gets SIGINT then (resumable ones keep their finished runs in
+# their raw JSONL files). Jobs run in a private copy of the repo (/tmp/w), because each device call
+# re-copies the checkout over the working tree and would clobber files the jobs are appending to.
+# Model packages must already be installed under /tmp/site (the staged parts' install.sh), with
+# biopython and gguf; Flower/Opacus under /tmp/site_fed and diffusers under /tmp/site_diff, kept
+# apart because their pinned needs (protobuf, requests, ...) would shadow the image's own for every job.
+set -u
+W=/tmp/w
+LOGS=$W/logs
+
+launch() {  # name, then the command
+    local name=$1; shift
+    local left=$(( DEADLINE - $(date +%s) ))
+    if (( left < 30 )); then echo "skip $name: deadline passed"; return; fi
+    # a new session whose leader (pid in $name.pid) becomes `timeout`: the job outlives the device
+    # call, and `kill -- -PID` reaches it and every worker process it spawned
+    ( cd $W && setsid -f bash -c 'echo $$ >"$0"; exec timeout -s INT -k 30 "$@"' "$LOGS/$name.pid" $left "$@" \
+        >"$LOGS/$name.log" 2>&1 </dev/null )
+    echo "started $name (${left}s)"
+}
+
+case "${1:-}" in
+start)
+    group=$2 DEADLINE=$3
+    echo $DEADLINE >/tmp/deadline  # for `watch`
+    if [[ ! -d $W ]]; then
+        mkdir -p $W && tar -c --exclude=./.carry --exclude='./.whl*' --exclude=./.git . | tar -x -C $W
+    fi
+    mkdir -p $LOGS
+    export PYTHONPATH=/tmp/site OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+    PY=python3
+    if [[ $group == minilm ]]; then
+        launch structure_init $PY benchmarks/structure_init_glue.py --workers 4 --threads 1
+        launch smora $PY benchmarks/smora_multitask.py --workers 2 --threads 1
+        launch dylora_full $PY benchmarks/dylora_sst2.py --mode full --workers 2 --threads 1
+        launch increlora $PY benchmarks/increlora_glue.py --sst2-steps 1000 --workers 2
+        launch flexora $PY benchmarks/flexora_glue.py --sst2-steps 1000 --workers 2
+        launch lego $PY benchmarks/lego_glue.py --workers 3 --threads 1 --adapter-dir runs/lego_adapters
+        launch lq_gradnorm bash -c "$PY benchmarks/lq_lora_memory.py --random-init; \
+            $PY benchmarks/gradnorm_lorp.py --random-init --workers 2 \
+            --glue-jsonl benchmarks/results/raw/gradnorm_lorp_glue.jsonl"
+    elif [[ $group == smollm2 ]]; then
+        # the lncRNA FASTA files may travel in .carry/lnc_* (the checkout slimmed to make room for weights)
+        if compgen -G ".carry/lnc_*/*.fa.gz" >/dev/null; then mkdir -p $W/data/lncrna && cp .carry/lnc_*/*.fa.gz $W/data/lncrna/; fi
+        [[ -d .carry/mlm1 ]] && mkdir -p $W/.carry && cp -r .carry/mlm1 $W/.carry/
+        launch bone $PY benchmarks/bone_convergence.py
+        launch lq_smollm2 $PY benchmarks/lq_lora_smollm2.py
+        launch trans_lora $PY benchmarks/trans_lora.py
+        launch clora env PYTHONPATH=/tmp/site:/tmp/site_diff $PY benchmarks/clora_composition.py --ckpt-dir runs/clora_composition
+        launch ffa env PYTHONPATH=/tmp/site:/tmp/site_fed $PY benchmarks/ffa_federated.py --workers 3 --seeds ${FFA_SEEDS:-0}
+        [[ ${LNCRNA:-0} == 1 ]] && launch lncrna $PY benchmarks/lncrna_gpu_run.py --out runs/lncrna3 --mlm-init .carry/mlm1 \
+            --pretrain-minutes ${LNCRNA_PRETRAIN_MIN:-10} --finetune-minutes 2.0 --finetune-epochs 20 \
+            --species mouse --variants lora:32 full
+    elif [[ $group == probe ]]; then
+        launch probe sleep 3600  # does a background job outlive the device call that started it?
+    else
+        echo "unknown group '$group' (minilm | smollm2 | probe)" >&2; exit 2
+    fi
+    ;;
+status)
+    for p in $LOGS/*.pid; do
+        n=$(basename $p .pid)
+        if kill -0 $(cat $p) 2>/dev/null; then s=running; else s=ended; fi
+        echo "== $n: $s | $(tail -c 300 $LOGS/$n.log | tr '\n\r' '  ' | tail -c 220)"
+    done
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    uptime
+    ;;
+collect)
+    # SIGINT to the jobs' process groups, then anything left
+    for p in $LOGS/*.pid; do kill -INT -- -$(cat $p) 2>/dev/null; done
+    sleep 20
+    for p in $LOGS/*.pid; do kill -KILL -- -$(cat $p) 2>/dev/null; done
+    mkdir -p $W/docs/figures
+    cd $W && tar -czf $OUT/results.tgz benchmarks/results docs/figures logs \
+        $(ls -d runs/lncrna3/*.json runs/lncrna3/probs.npz 2>/dev/null)
+    [[ -d runs/lncrna3/mlm ]] && tar -czf $OUT/lncrna_mlm.tgz -C runs/lncrna3 mlm
+    ls -la $OUT
+    ;;
+watch)
+    DEADLINE=$(cat /tmp/deadline 2>/dev/null || echo 0)
+    t=$2; left=$(( DEADLINE - $(date +%s) ))
+    (( DEADLINE > 0 && left < t )) && t=$(( left > 0 ? left : 0 ))
+    sleep $t; bash "$0" status; bash "$0" snapshot >/dev/null
+    ;;
+snapshot)
+    # results so far, without stopping anything
+    cd $W && tar -czf $OUT/results.tgz benchmarks/results docs/figures logs 2>/dev/null; ls -la $OUT
+    ;;
+*)
+    echo "usage: $0 start minilm|smollm2|probe DEADLINE | status | watch SECONDS | snapshot | collect" >&2; exit 2
+    ;;
+esac
