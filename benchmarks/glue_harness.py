@@ -214,6 +214,9 @@ def train_glue(run: GlueRun, device: str | None = None, adapter_dir: str | os.Pa
     for b in run.eval_ranks or []:
         with _rank_context(module.model, b):
             out.update({f"{k}_rank{b}": v for k, v in evaluate(module.model, loader, run.task, dev).items()})
+            if run.holdout:  # lets a sweep choose by every rank, still on the carved slice only
+                held = evaluate(module.model, dm._loader("validation", train=False), run.task, dev)
+                out.update({f"holdout_{k}_rank{b}": v for k, v in held.items()})
     out.update(
         trainable_params=sum(p.numel() for p in module.parameters() if p.requires_grad),
         adapter_params=adapter_parameter_count(module),

@@ -130,6 +130,9 @@ def write_partial(args: argparse.Namespace) -> int:
     for (tag, task), v in sorted(by.items()):
         ms = mean_std(v)
         m.update({f"{tag}_{task}_mean": ms["mean"], f"{tag}_{task}_std": ms["std"], f"{tag}_{task}_runs": ms["n"]})
+    for (tag, task) in sorted(by):  # per-task differences to LoRA, points (not the bar's mean over tasks)
+        if tag != "lora" and ("lora", task) in by:
+            m[f"{tag}_{task}_minus_lora"] = m[f"{tag}_{task}_mean"] - m[f"lora_{task}_mean"]
     devices = ", ".join(sorted({r["device"] for r in rows}))
     print("wrote", write_result("structure_init_glue_partial", m, command=current_command(), directory=args.out,
                                 device=f"runs on {devices} (summarised from {args.raw})"))
