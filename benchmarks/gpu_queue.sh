@@ -46,25 +46,21 @@ start)
     mkdir -p $LOGS
     export PYTHONPATH=/tmp/site OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
     PY=python3
+    # what is still to run (session 3 finished IncreLoRA, Flexora, LEGO, LQ-LoRA memory,
+    # GradNormLoRP and Bone: benchmarks/results/gpu_sessions.md has their commands)
     if [[ $group == minilm ]]; then
-        launch structure_init $PY benchmarks/structure_init_glue.py --workers 4 --threads 1
-        launch smora $PY benchmarks/smora_multitask.py --workers 2 --threads 1
-        launch dylora_full $PY benchmarks/dylora_sst2.py --mode full --workers 2 --threads 1
-        launch increlora $PY benchmarks/increlora_glue.py --sst2-steps 1000 --workers 2
-        launch flexora $PY benchmarks/flexora_glue.py --sst2-steps 1000 --workers 2
-        launch lego $PY benchmarks/lego_glue.py --workers 3 --threads 1 --adapter-dir runs/lego_adapters
-        launch lq_gradnorm bash -c "$PY benchmarks/lq_lora_memory.py --random-init; \
-            $PY benchmarks/gradnorm_lorp.py --random-init --workers 2 \
-            --glue-jsonl benchmarks/results/raw/gradnorm_lorp_glue.jsonl"
+        launch structure_init $PY benchmarks/structure_init_glue.py --workers 3 --threads 1
+        launch smora $PY benchmarks/smora_multitask.py --workers 5 --threads 1
+        launch dylora bash -c "$PY benchmarks/dylora_sst2.py --workers 2 --threads 1; \
+            $PY benchmarks/dylora_sst2.py --mode full --workers 2 --threads 1"
     elif [[ $group == smollm2 ]]; then
         # the lncRNA FASTA files may travel in .carry/lnc_* (the checkout slimmed to make room for weights)
         if compgen -G ".carry/lnc_*/*.fa.gz" >/dev/null; then mkdir -p $W/data/lncrna && cp .carry/lnc_*/*.fa.gz $W/data/lncrna/; fi
         [[ -d .carry/mlm1 ]] && mkdir -p $W/.carry && cp -r .carry/mlm1 $W/.carry/
-        launch bone $PY benchmarks/bone_convergence.py
         launch lq_smollm2 $PY benchmarks/lq_lora_smollm2.py
         launch trans_lora $PY benchmarks/trans_lora.py
         launch clora env PYTHONPATH=/tmp/site:/tmp/site_diff $PY benchmarks/clora_composition.py --ckpt-dir runs/clora_composition
-        launch ffa env PYTHONPATH=/tmp/site:/tmp/site_fed $PY benchmarks/ffa_federated.py --workers 3 --seeds ${FFA_SEEDS:-0}
+        launch ffa env PYTHONPATH=/tmp/site:/tmp/site_fed $PY benchmarks/ffa_federated.py --workers 3 --seeds ${FFA_SEEDS:-0,1,2}
         [[ ${LNCRNA:-0} == 1 ]] && launch lncrna $PY benchmarks/lncrna_gpu_run.py --out runs/lncrna3 --mlm-init .carry/mlm1 \
             --pretrain-minutes ${LNCRNA_PRETRAIN_MIN:-10} --finetune-minutes 2.0 --finetune-epochs 20 \
             --species mouse --variants lora:32 full
