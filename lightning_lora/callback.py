@@ -242,8 +242,9 @@ class AdapterCallback(pl.Callback):
             user_load(checkpoint)
             meta = (checkpoint.get("lightning_lora") or {}).get("layer_metadata")
             apply = getattr(self.method, "apply_layer_metadata", None)
-            if meta is not None and callable(apply):  # structure grown during training (IncreLoRA ranks)
-                apply(meta, adapter_layers(self.target_module(pl_module)))
+            if meta is not None and callable(apply):  # structure changed in training (IncreLoRA ranks,
+                # Flexora's selection): rebuilt on the live layers, which the method may remove
+                apply(meta, self.layers, root=self.target_module(pl_module))
             expected = adapter_checkpoint_keys(pl_module)
             have = set(checkpoint.get("state_dict", {}))
             missing = sorted(expected - have)

@@ -62,8 +62,15 @@ retrained adapter (``load_adapter``, ``load_adapter_checkpoint``) injects only t
 loading a search-phase adapter restores α̂ and the gates. :func:`read_flexora_metadata` reads it from
 a directory without a model; :meth:`Flexora.summary` from a live or loaded model.
 
-Limits: resuming a Lightning fit from a checkpoint (``ckpt_path=``) is not supported (the gate
-optimizer's state and the phase are not restored into a running fit). Under DDP the gate gradient
+Resuming a fit (``trainer.fit(..., ckpt_path=...)``): the checkpoint's ``layer_metadata`` also
+holds the gate optimizer's Adam state, the number of gate micro-batches used so far and the step
+of the selection. ``apply_layer_metadata`` (called by ``AdapterCallback`` before the state dict is
+loaded) restores α̂, the gates and the Adam state mid-search, and skips the gate data already used
+(same batches as an uninterrupted run when the source is deterministic); after the selection it
+removes (or zeroes) the unselected adapters without re-initialising the kept ones, and
+``on_fit_start`` rebuilds the optimizer and its "fresh" schedule from the selection step before
+Lightning loads their states. A resumed fit equals the uninterrupted one (tested on both sides of
+the selection). Limits: under DDP the gate gradient
 is averaged over processes, so every process selects the same layers; the removed/frozen adapters
 stay registered with DDP's reducer, so use ``strategy="ddp_find_unused_parameters_true"``.
 """
@@ -312,6 +319,14 @@ class Flexora(Method):
         self._last_step = 0
         self._restored_keys: list[str] = []
         self._restored_logits: list[float] | None = None
+        #: gate micro-batches drawn so far, and how many a resumed fit skips before its first gate step
+        self._micro_used = 0
+        self._skip_micro = 0
+        #: Adam state of α̂ from a checkpoint, loaded when the gate optimizer is created
+        self._restored_gate_opt: dict[str, Any] | None = None
+        #: global step at which the layers were selected (the retraining schedule starts there)
+        self.selected_at_step: int | None = None
+        self._resume_rebuild = False  # a fit resumed after the selection: rebuild optimizers in on_fit_start
 
     def __getstate__(self) -> dict[str, Any]:
         # the method rides on the model (deepcopy / pickle of the model copy it): a live DataLoader
@@ -407,21 +422,28 @@ class Flexora(Method):
         """``gate_batches`` micro-batches; the source restarts when it runs out, and the unused rest
         of a split batch is kept for the next gate step (every validation row is used in turn)."""
         source = self._gate_data(trainer)
+        while self._skip_micro > 0:  # a resumed fit: pass over what the first part of the fit used
+            self._pull_micro(source)
+            self._skip_micro -= 1
         for _ in range(self.cfg.gate_batches):
-            if not self._pending:
-                if self._gate_iter is None:
-                    self._gate_iter = iter(source)
+            self._micro_used += 1
+            yield self._pull_micro(source)
+
+    def _pull_micro(self, source: Iterable[Any]) -> Any:
+        if not self._pending:
+            if self._gate_iter is None:
+                self._gate_iter = iter(source)
+            try:
+                batch = next(self._gate_iter)
+            except StopIteration:
+                self._gate_iter = iter(source)
                 try:
                     batch = next(self._gate_iter)
                 except StopIteration:
-                    self._gate_iter = iter(source)
-                    try:
-                        batch = next(self._gate_iter)
-                    except StopIteration:
-                        raise RuntimeError("Flexora: the gate data (validation set) is empty") from None
-                size = self.cfg.gate_batch_size
-                self._pending = [batch] if size is None else _split_batch(batch, size)
-            yield self._pending.pop(0)
+                    raise RuntimeError("Flexora: the gate data (validation set) is empty") from None
+            size = self.cfg.gate_batch_size
+            self._pending = [batch] if size is None else _split_batch(batch, size)
+        return self._pending.pop(0)
 
     def _loss(self, pl_module: Any, batch: Any) -> torch.Tensor:
         if self._gate_loss_fn is not None:
@@ -454,6 +476,9 @@ class Flexora(Method):
         alpha = self._gates(device)
         if self.gate_optimizer is None:
             self.gate_optimizer = torch.optim.Adam([alpha], lr=self.cfg.gate_lr)
+            if self._restored_gate_opt is not None:  # resumed mid-search
+                self.gate_optimizer.load_state_dict(_adam_state(self.gate_optimizer, self._restored_gate_opt))
+                self._restored_gate_opt = None
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()  # as the code: dropout off for the validation loss
         strategy = getattr(trainer, "strategy", None)
@@ -492,6 +517,10 @@ class Flexora(Method):
         return self.last_gate_loss
 
     def on_fit_start(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
+        if self._resume_rebuild:  # resumed after the selection; Lightning loads the states next
+            self._resume_rebuild = False
+            if self.cfg.retrain_schedule == "fresh" and self.selected_at_step is not None:
+                self._rebuild_optimizers(trainer, step=self.selected_at_step, fast_forward=False)
         if self.phase == "search":
             self._gates(next(iter(_flexora_layers(layers).values())).lora_A.device)
             self._last_step = int(trainer.global_step)
@@ -536,6 +565,7 @@ class Flexora(Method):
         self.selected_modules = [n for n in flex if layer_key(n, self.cfg) in keep]
         dropped = [n for n in flex if layer_key(n, self.cfg) not in keep]
         self.phase = "retrain"
+        self.selected_at_step = int(trainer.global_step) if trainer is not None else None
         self.gate_optimizer = None
         self.gate_logits = alpha  # kept for reading; no longer trained
         for name in self.selected_modules:
@@ -560,9 +590,12 @@ class Flexora(Method):
             self._rebuild_optimizers(trainer)
         return self.selected
 
-    def _rebuild_optimizers(self, trainer: Any) -> None:
-        """The module's ``configure_optimizers`` again (only the selected LoRA now trains), fresh state."""
-        step = int(trainer.global_step)
+    def _rebuild_optimizers(self, trainer: Any, step: int | None = None, fast_forward: bool = True) -> None:
+        """The module's ``configure_optimizers`` again (only the selected LoRA now trains), fresh state.
+
+        ``step``: the selection step (default: now). ``fast_forward=False`` leaves a "continue"
+        schedule at step 0 (a resumed fit, whose scheduler state Lightning loads next)."""
+        step = int(trainer.global_step) if step is None else step
         epoch_loop = trainer.fit_loop.epoch_loop  # holds max_steps (the fit loop's is a read-only view)
         max_steps = epoch_loop.max_steps
         if self.cfg.retrain_schedule == "fresh":
@@ -573,7 +606,7 @@ class Flexora(Method):
             trainer.strategy.setup_optimizers(trainer)
         finally:
             epoch_loop.max_steps = max_steps
-        if self.cfg.retrain_schedule == "continue":
+        if self.cfg.retrain_schedule == "continue" and fast_forward:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
                 for config in trainer.lr_scheduler_configs:
@@ -588,7 +621,7 @@ class Flexora(Method):
             logits = self._gates().detach().cpu().tolist()
         else:
             logits = list(self._restored_logits or [])
-        return {
+        meta = {
             "phase": self.phase,
             "layers": list(self.layer_keys),
             "gate_logits": logits,
@@ -597,7 +630,15 @@ class Flexora(Method):
             "selected_modules": self.selected_modules,
             "excluded_modules": list(self.excluded_modules),
             "gate_steps": self.gate_steps,
+            "selected_at_step": self.selected_at_step,
+            "gate_micro_batches_used": self._micro_used,
         }
+        if self.phase == "search" and self.gate_optimizer is not None:  # for resuming a fit
+            (state,) = self.gate_optimizer.state_dict()["state"].values() or [{}]
+            if state:
+                meta["gate_optimizer"] = {"step": float(state["step"]), "exp_avg": state["exp_avg"].tolist(),
+                                          "exp_avg_sq": state["exp_avg_sq"].tolist()}
+        return meta
 
     def restore_layer_metadata(self, meta: dict[str, Any]) -> None:
         """Inverse of :meth:`layer_metadata`, called before injection by the loaders. A retrained
@@ -610,6 +651,9 @@ class Flexora(Method):
             raise ValueError(f"{len(logits)} gate logits for {len(keys)} layers")
         self._restored_keys, self._restored_logits = keys, logits
         self.gate_steps = int(meta.get("gate_steps", 0))
+        self._micro_used = int(meta.get("gate_micro_batches_used", 0))
+        self.selected_at_step = meta.get("selected_at_step")
+        self._restored_gate_opt = meta.get("gate_optimizer") if phase == "search" else None
         self.phase = phase
         if phase == "retrain":
             self.layer_keys = keys
@@ -620,9 +664,57 @@ class Flexora(Method):
             if not self.excluded_modules:  # removed: inject exactly the selected modules
                 self.config = dataclasses.replace(self.cfg, target_modules=list(self.selected_modules), target_types=())
 
+    def apply_layer_metadata(self, meta: dict[str, Any], layers: dict[str, AdapterLayer],
+                             root: nn.Module | None = None) -> None:
+        """Resume a fit: bring the injected (search-phase) layers to the checkpoint's state before its
+        state dict is loaded. ``layers`` is updated in place (removed modules leave it); ``root``
+        contains the layers (needed to remove unselected adapters)."""
+        injected = list(self.layer_keys)
+        self.restore_layer_metadata(meta)
+        if self._restored_keys != injected:
+            raise ValueError(f"checkpoint gates layers {self._restored_keys[:5]}, this model {injected[:5]}")
+        flex = _flexora_layers(layers)
+        if self.phase == "search":
+            self.gate_logits, self.gate_optimizer = None, None  # rebuilt from the restored α̂ and Adam state
+            self._gates()
+            self.apply_gates(layers)
+            self._skip_micro, self._gate_iter, self._pending = self._micro_used, None, []
+            return
+        keep = set(self.selected_modules or [])
+        if not keep <= set(flex):
+            raise ValueError(f"checkpoint selected modules this model lacks: {sorted(keep - set(flex))[:5]}")
+        for name in keep:
+            flex[name].set_gate(1.0)
+        dropped = [n for n in flex if n not in keep]
+        if self.excluded_modules:
+            for name in dropped:
+                flex[name].set_gate(1.0)
+                flex[name].exclude()
+        elif dropped:
+            if root is None:
+                raise ValueError("Flexora: resuming after the selection needs the root module to remove adapters")
+            parents = {id(m): n for n, m in root.named_modules()}
+            for name in dropped:
+                parent_name, _, child = parents[id(flex[name])].rpartition(".")
+                setattr(root.get_submodule(parent_name) if parent_name else root, child, flex[name].base_layer)
+                del layers[name]
+        self._resume_rebuild = True
+
     def summary(self) -> dict[str, Any]:
-        """What the search found: phase, layers, α̂, gates, selection (JSON-serialisable)."""
-        return self.layer_metadata({})
+        """What the search found: phase, layers, α̂, gates, selection (JSON-serialisable; without the
+        gate optimizer's state, which only a resumed fit needs)."""
+        meta = self.layer_metadata({})
+        meta.pop("gate_optimizer", None)
+        return meta
+
+
+def _adam_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict for ``optimizer`` (Adam over α̂ alone) from :meth:`Flexora.layer_metadata`'s lists."""
+    param = optimizer.param_groups[0]["params"][0]
+    state = {"step": torch.tensor(float(saved["step"])),
+             "exp_avg": torch.tensor(saved["exp_avg"], dtype=param.dtype, device=param.device),
+             "exp_avg_sq": torch.tensor(saved["exp_avg_sq"], dtype=param.dtype, device=param.device)}
+    return {"state": {0: state}, "param_groups": optimizer.state_dict()["param_groups"]}
 
 
 def _flexora_layers(layers: dict[str, AdapterLayer]) -> dict[str, FlexoraLinear]:

@@ -724,9 +724,10 @@ class IncreLoRA(Method):
         if meta.get("seed") is not None:
             self.seed = int(meta["seed"])
 
-    def apply_layer_metadata(self, meta: dict[str, Any], layers: dict[str, AdapterLayer]) -> None:
+    def apply_layer_metadata(self, meta: dict[str, Any], layers: dict[str, AdapterLayer],
+                             root: nn.Module | None = None) -> None:
         """Same for already-injected layers (Lightning resume): rebuild every layer to the saved
-        structure so the checkpoint's state dict fits."""
+        structure so the checkpoint's state dict fits. ``root`` is not needed here."""
         self.restore_layer_metadata(meta)
         ilayers = _increlora_layers(layers)
         missing = sorted(set(self._restored) - set(ilayers))

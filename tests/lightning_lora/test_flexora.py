@@ -476,3 +476,90 @@ def test_gate_step_under_bf16_autocast_in_a_trainer():
     assert method.last_gate_loss is not None and torch.isfinite(torch.tensor(method.last_gate_loss))
     logits = torch.tensor(method.summary()["gate_logits"])
     assert torch.isfinite(logits).all() and not torch.equal(logits, torch.zeros_like(logits))
+
+
+# ---- resuming a fit from a checkpoint (ckpt_path) ----------------------------------------------------
+class OrderedGlue(TinyGlue):
+    """Two training batches per epoch, no shuffling: a fit resumed at an epoch boundary sees the same
+    batches as an uninterrupted one (Lightning does not restore a DataLoader generator's state)."""
+
+    def __init__(self) -> None:
+        super().__init__(n_train=16, n_val=24)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=8)
+
+
+class StopAfterEpoch(pl.Callback):
+    """Ends the fit after ``epochs`` epochs of a longer ``max_epochs``: the LR schedule, built from
+    the whole fit's length, is the same as the uninterrupted fit's."""
+
+    def __init__(self, epochs: int | None) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.epochs is not None and trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def _fit_epochs(stop_after: int | None = None, ckpt: str | None = None, save: str | None = None,
+                **kw) -> tuple[SequenceClassifier, ll.AdapterCallback]:
+    """4 epochs of 2 steps (or the first ``stop_after`` epochs of them)."""
+    pl.seed_everything(0, verbose=False)
+    module = SequenceClassifier(bert_cls(0), lr=1e-2, warmup_ratio=0.25)
+    cb = flexora_callback(search_steps=3, gate_batch_size=4, **kw)
+    t = pl.Trainer(max_epochs=4, callbacks=[cb, StopAfterEpoch(stop_after)], logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   limit_val_batches=0, accelerator="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(module, datamodule=OrderedGlue(), ckpt_path=ckpt, weights_only=True)
+    if save is not None:
+        t.save_checkpoint(save)
+    return module, cb
+
+
+def _assert_same_fit(a: tuple[SequenceClassifier, ll.AdapterCallback],
+                     b: tuple[SequenceClassifier, ll.AdapterCallback]) -> None:
+    (ma, ca), (mb, cb) = a, b
+    assert ca.method.summary() == cb.method.summary()
+    assert set(ll.adapter_layers(ma.model)) == set(ll.adapter_layers(mb.model))
+    sa, sb = ll.adapter_state_dict(ma.model), ll.adapter_state_dict(mb.model)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+    head_a, head_b = ma.model.classifier.weight, mb.model.classifier.weight
+    torch.testing.assert_close(head_b, head_a, rtol=1e-6, atol=1e-7)
+
+
+def test_a_fit_resumed_mid_search_equals_the_uninterrupted_fit(tmp_path):
+    # reinit=False: the selection then draws no random numbers, so the resumed process's RNG state
+    # (which Lightning does not restore) cannot matter and the two fits must agree exactly
+    full = _fit_epochs(reinit=False)  # 8 steps: gates at steps 1-3, selection at 3, retraining 4-8
+    ckpt = str(tmp_path / "mid_search.ckpt")
+    part, cb_part = _fit_epochs(1, save=ckpt, reinit=False)  # step 2: mid-search, Adam state on α̂
+    assert cb_part.method.phase == "search" and cb_part.method.gate_steps == 2
+    meta = torch.load(ckpt, weights_only=True)["lightning_lora"]["layer_metadata"]
+    assert meta["gate_optimizer"]["step"] == 2.0 and meta["gate_micro_batches_used"] == 4  # gate_batches=2
+    resumed = _fit_epochs(ckpt=ckpt, reinit=False)
+    assert resumed[1].method.phase == "retrain" and resumed[1].method.selected_at_step == 3
+    _assert_same_fit(full, resumed)
+
+
+@pytest.mark.parametrize("schedule", ["fresh", "continue"])
+def test_a_fit_resumed_after_the_selection_equals_the_uninterrupted_fit(tmp_path, schedule):
+    full = _fit_epochs(retrain_schedule=schedule)
+    ckpt = str(tmp_path / "retrain.ckpt")
+    _, cb_part = _fit_epochs(3, save=ckpt, retrain_schedule=schedule)  # step 6: selected at 3, others removed
+    selected = set(cb_part.method.selected_modules)
+    assert cb_part.method.phase == "retrain" and 0 < len(selected) < 6, "vacuous: nothing or everything selected"
+    resumed = _fit_epochs(ckpt=ckpt, retrain_schedule=schedule)
+    assert set(resumed[1].layers) == selected  # the callback's live layers lost the removed ones
+    _assert_same_fit(full, resumed)
+
+
+def test_a_fit_resumed_after_zero_exclusion_equals_the_uninterrupted_fit(tmp_path):
+    full = _fit_epochs(exclusion="zero")
+    ckpt = str(tmp_path / "zero.ckpt")
+    _fit_epochs(3, save=ckpt, exclusion="zero")
+    _assert_same_fit(full, _fit_epochs(ckpt=ckpt, exclusion="zero"))
