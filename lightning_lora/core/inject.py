@@ -227,14 +227,24 @@ class disable_adapter:
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """Replace every adapter layer by its base layer, merging the update first if ``merge``.
 
-    Returns the same model object; parameters keep their ``requires_grad=False``.
+    Returns the same model object; parameters keep their ``requires_grad=False``. On a model with
+    named adapters (``core.multi``) every adapter goes and the model no longer lists any; a module
+    trained in full per adapter (``modules_to_save``) becomes the active adapter's copy, as PEFT's
+    ``unload`` does, or the original module when no active adapter has a copy.
     """
+    from .multi import ModulesToSaveWrapper  # multi imports this module
+
     for name, layer in adapter_layers(model).items():
         if merge and not layer.merged:
             layer.merge()
         elif not merge and layer.merged:
             layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
-    if hasattr(model, _METHOD_ATTR):
-        object.__delattr__(model, _METHOD_ATTR)
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for name, wrapper in wrappers:
+        kept = wrapper.copies[wrapper.active] if wrapper.active in wrapper.copies else wrapper.original_module
+        _set_submodule(model, name, kept)
+    for attr in (_METHOD_ATTR, _MULTI_ATTR):
+        if hasattr(model, attr):
+            object.__delattr__(model, attr)
     return model

@@ -351,3 +351,28 @@ def test_merged_adapter_save_load_same_outputs(model_builders, tmp_path):
     ll.merge_adapter(m)
     torch.testing.assert_close(_logits(m, x), y, atol=1e-5, rtol=0)
     ll.unmerge_adapter(m)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_unload_removes_every_named_adapter_and_keeps_the_active_head(three, model_builders, merge):
+    m, alone = three
+    x = _inputs()
+    multi.set_adapter(m, "b")
+    with_b = _logits(m, x)
+    ll.unload(m, merge=merge)
+    assert multi.adapter_names(m) == [] and multi.active_adapters(m) == []
+    assert not multi.multi_layers(m) and not ll.adapter_layers(m)
+    plain = model_builders["bert_cls"](0)
+    assert set(m.state_dict()) == set(plain.state_dict())  # no adapter or copy tensors left
+    # the heads are b's trained copies (as PEFT's unload); merged: b's update is in the weights too
+    for h in ("classifier", "bert.pooler"):
+        torch.testing.assert_close(m.get_submodule(h).state_dict(), alone["b"].get_submodule(h).state_dict(),
+                                   atol=0, rtol=0)
+    if merge:
+        torch.testing.assert_close(_logits(m, x), with_b, atol=1e-5, rtol=1e-5)
+    else:
+        for h in ("classifier", "bert.pooler"):
+            plain.get_submodule(h).load_state_dict(alone["b"].get_submodule(h).state_dict())
+        torch.testing.assert_close(_logits(m, x), _logits(plain, x), atol=0, rtol=0)
+    multi.add_adapter(m, "d", "lora", r=2, target_modules=["query"])  # a clean registry again
+    assert multi.adapter_names(m) == ["d"]
