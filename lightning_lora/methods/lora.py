@@ -12,7 +12,9 @@ Speed: the plain LoRA path is one autograd function (:class:`_FusedLoRA`) that
   separate add kernel that re-reads the whole activation,
 - runs adapter matmuls in the activation dtype (bf16 under bf16 training) while the adapter
   parameters, and so the optimizer state, stay in fp32,
-- saves only ``x`` (shared with the caller), the small ``x A^T`` and the weights for backward.
+- applies the scale ``s`` as the GEMM ``alpha`` of the two rank-r products (``s·x A^T`` forward,
+  ``s·g B`` backward), so no kernel scales a tensor and no scaled copy of A is held,
+- saves only ``x`` (shared with the caller), the small ``s·x A^T`` and the weights for backward.
 
 Its output and gradients equal the plain formula (tested against :meth:`LoRALinear.reference_forward`).
 """
@@ -74,6 +76,14 @@ class LoRAConfig(AdapterConfig):
 _MM_OUT_DTYPE: dict[str, bool] = {}  # whether torch.mm(..., out_dtype=) works, per device type
 
 
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling · (a @ b)`` in one GEMM (``alpha`` of ``addmm``; ``beta = 0`` ignores the unused input,
+    which is a 0-dim placeholder that is never expanded or copied)."""
+    if scaling == 1.0:
+        return torch.mm(a, b)
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
+
+
 def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a @ b`` returned in ``dtype``: bf16/fp16 inputs accumulate straight into an fp32 result
     where the backend supports ``out_dtype`` (no separate cast kernel); otherwise a plain mm."""
@@ -90,24 +100,25 @@ class _FusedLoRA(torch.autograd.Function):
 
     Shapes: ``x, xd`` (N, n); ``w_t`` (n, m) (a transposed view of the weight); ``A`` (r, n);
     ``B`` (m, r); ``out`` (N, m). ``xd`` is the dropout-ed input (``x`` itself when dropout is off;
-    then it is saved once). ``casts`` = ``(As, Bc)``: ``s·A`` and ``B`` in the activation dtype,
-    cached between optimizer steps, so the forward spends no kernel on casts or scaling:
+    then it is saved once). ``casts`` = ``(Ac, Bc)``: ``A`` and ``B`` in the activation dtype (the
+    parameters themselves when they already are), cached between optimizer steps. The scale ``s``
+    rides in the GEMM ``alpha`` of the two rank-r products, so no kernel is spent on scaling:
 
-    - forward:  ``xa_s = xd As^T`` (= s·xd A^T), ``out = xa_s Bc^T + b``, then ``out += x W^T``
-      inside the big matmul's epilogue (one pass over ``out``);
-    - backward: ``gb = g Bc``, ``grad_x = gb As + g W``, ``grad_A = s·gb^T xd``,
+    - forward:  ``xa_s = s·xd Ac^T``, ``out = xa_s Bc^T + b``, then ``out += x W^T`` inside the
+      big matmul's epilogue (one pass over ``out``);
+    - backward: ``gb_s = s·g Bc``, ``grad_x = gb_s Ac + g W``, ``grad_A = gb_s^T xd``,
       ``grad_B = g^T xa_s``; the parameter gradients accumulate in fp32 directly where the
       backend allows it.
     """
 
     @staticmethod
     def forward(ctx, x, xd, w_t, bias, A, B, casts, scaling):  # type: ignore[override]
-        As, Bc = casts
-        xa_s = torch.mm(xd, As.t())  # (N, r)
+        Ac, Bc = casts
+        xa_s = _mm_scaled(xd, Ac.t(), scaling)  # (N, r)
         out = torch.addmm(bias, xa_s, Bc.t()) if bias is not None else torch.mm(xa_s, Bc.t())
         out.addmm_(x, w_t)
         ctx.save_for_backward(xd, xa_s)
-        ctx.w_t, ctx.As, ctx.Bc = w_t, As, Bc  # frozen / cached tensors: no version tracking needed
+        ctx.w_t, ctx.Ac, ctx.Bc = w_t, Ac, Bc  # frozen / cached tensors: no version tracking needed
         ctx.same_input = xd is x
         ctx.scaling = scaling
         ctx.dtypes = (A.dtype, B.dtype)
@@ -117,21 +128,19 @@ class _FusedLoRA(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         xd, xa_s = ctx.saved_tensors
         need_x, need_xd, _, need_bias, need_A, need_B, _, _ = ctx.needs_input_grad
-        gb = torch.mm(g, ctx.Bc)  # (N, r)
+        gb_s = _mm_scaled(g, ctx.Bc, ctx.scaling)  # (N, r) = s·g B
         grad_x = grad_xd = grad_bias = grad_A = grad_B = None
         if ctx.same_input:
             if need_x:
-                grad_x = torch.mm(gb, ctx.As)
+                grad_x = torch.mm(gb_s, ctx.Ac)
                 grad_x.addmm_(g, ctx.w_t.t())
         else:
             if need_x:
                 grad_x = torch.mm(g, ctx.w_t.t())
             if need_xd:
-                grad_xd = torch.mm(gb, ctx.As)
+                grad_xd = torch.mm(gb_s, ctx.Ac)
         if need_A:
-            grad_A = _mm_to(gb.t(), xd, ctx.dtypes[0])
-            if ctx.scaling != 1.0:
-                grad_A.mul_(ctx.scaling)
+            grad_A = _mm_to(gb_s.t(), xd, ctx.dtypes[0])
         if need_B:
             grad_B = _mm_to(g.t(), xa_s, ctx.dtypes[1])
         if need_bias:
@@ -203,21 +212,22 @@ class LoRALinear(AdapterLayer):
             return self.reference_forward(x, *args, **kwargs)
         device_type = x.device.type
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        if torch.is_autocast_enabled(device_type):
+        # (autocast has no dispatch key on e.g. the meta device: asking would raise)
+        if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
                 return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
         return self._fused(x, weight, bias)
 
     def _adapter_casts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s·A, B)`` in ``dtype``, recomputed only when A or B changed (optimizer step)."""
+        """``(A, B)`` in ``dtype``, recomputed only when A or B changed (optimizer step). Parameters
+        already in ``dtype`` are used as they are: no copy, no kernel."""
         A, B = self.lora_A, self.lora_B
         # inference tensors (made under torch.inference_mode) have no version counter: no caching
-        key = None if A.is_inference() else (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype, self.scaling)
+        key = None if A.is_inference() else (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
         if key is None or key != self._cast_key:
             with torch.no_grad():
-                As = A.detach() * self.scaling if self.scaling != 1.0 else A.detach()
-                self._casts = (As.to(dtype), B.detach().to(dtype))
+                self._casts = (A.detach().to(dtype), B.detach().to(dtype))
             self._cast_key = key
         return self._casts
 

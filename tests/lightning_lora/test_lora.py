@@ -301,3 +301,117 @@ def test_bias_options_train_and_round_trip(bias, tmp_path):
     ll.save_adapter(model, tmp_path / "a")
     fresh = ll.load_adapter(build(), tmp_path / "a")
     assert torch.equal(fresh(x), y)
+
+
+# ---- the fused path's cost against PEFT's LoRA Linear (issue #2: lora_vs_peft.py) -----------------
+_VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "expand", "detach", "alias", "as_strided", "reshape",
+             "empty", "empty_strided", "new_empty", "unsqueeze", "squeeze", "slice", "select", "permute"}
+
+
+def _kernel_ops(model: nn.Module, x: torch.Tensor, g: torch.Tensor, params: list[torch.Tensor]):
+    """aten ops that launch a kernel in one forward + backward that follows a parameter update."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name.rstrip("_") not in _VIEW_OPS:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        for p in params:
+            p.add_(1e-3)  # as an optimizer step: the cast cache must be refreshed
+    counter = Count()
+    with counter:
+        model(x).backward(g)
+    return counter.ops
+
+
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_fused_kernel_count_per_linear(adapter_dtype):
+    """One adapted Linear, bf16 activations, rank 16, s = 2 (the lora_vs_peft LLaMA settings), on the
+    meta device (it has ``mm(out_dtype=)`` like CUDA): the 8 GEMMs of LoRA and, with fp32 parameters,
+    one cast each of A and B; no kernel scales, adds or copies activations (PEFT's LoRA Linear: 8 GEMMs,
+    2 muls, 2 adds)."""
+    model = nn.Sequential(nn.Linear(64, 96, bias=False, device="meta", dtype=torch.bfloat16))
+    ll.inject_adapter(model, "lora", r=16, alpha=32, target_modules=["0"], adapter_dtype=adapter_dtype)
+    x = torch.empty(40, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.empty(40, 96, device="meta", dtype=torch.bfloat16)
+    ops = _kernel_ops(model, x, g, ll.trainable_parameters(model))
+    gemms = sum(n for k, n in ops.items() if k in ("mm", "addmm", "addmm_"))
+    assert gemms == 8, ops
+    assert ops.get("_to_copy", 0) + ops.get("copy_", 0) == (2 if adapter_dtype == "float32" else 0), ops
+    assert sum(ops.values()) == gemms + (2 if adapter_dtype == "float32" else 0), ops
+
+
+def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Bytes of the non-parameter storages saved for backward in one forward (deduplicated by storage,
+    as the allocator holds them), plus the output."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    return sum(saved.values()), y
+
+
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_fused_path_holds_no_more_than_peft(adapter_dtype):
+    """Saved-for-backward activations plus our cached casts of one bf16 LoRA Linear do not exceed what
+    PEFT's LoRA Linear saves (bf16 adapters), and with bf16 parameters we hold no copy of A or B."""
+    peft = pytest.importorskip("peft")
+
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 96, bias=False)).to(torch.bfloat16)
+
+    x = torch.randn(40, 64, dtype=torch.bfloat16).requires_grad_(True)
+    ours = base()
+    ll.inject_adapter(ours, "lora", r=16, alpha=32, target_modules=["0"], adapter_dtype=adapter_dtype)
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["0"]),
+                                 autocast_adapter_dtype=False)
+    ours_saved, y = _saved_activation_bytes(ours, x)
+    peft_saved, y_peft = _saved_activation_bytes(theirs, x)
+    layer = ours[0]
+    param_ptrs = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    cast_bytes = sum(t.untyped_storage().nbytes() for t in layer._casts
+                     if t.untyped_storage().data_ptr() not in param_ptrs)
+    assert ours_saved <= peft_saved, (ours_saved, peft_saved)
+    if adapter_dtype == "bfloat16":
+        assert cast_bytes == 0
+        assert ours_saved + cast_bytes <= peft_saved
+    else:  # the bf16 copies of fp32 A and B, nothing else
+        assert cast_bytes == (layer.lora_A.numel() + layer.lora_B.numel()) * 2
+    y.float().sum().backward()
+    y_peft.float().sum().backward()  # both graphs run on what they saved
+
+
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_fused_path_equals_reference_with_non_power_of_two_scale(adapter_dtype):
+    """The scale rides in the GEMM alpha (forward s·x A^T, backward s·g B): checked with rsLoRA's
+    s = alpha / sqrt(r) = 5/sqrt(3), not a power of two, in fp32 and with bf16 parameters."""
+    dtype = getattr(torch, adapter_dtype)
+    layer = _layer(r=3, alpha=5, use_rslora=True, bias="lora_only", adapter_dtype=adapter_dtype)
+    layer.to(dtype)
+    assert layer.scaling == pytest.approx(5 / math.sqrt(3))
+    x = torch.randn(2, 7, 48, dtype=dtype)
+    (y, g), (y_ref, g_ref) = _fused_vs_reference(layer, x, autocast=False)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    assert rel(y, y_ref) < tol
+    for name, a, b in zip(["x", "A", "B", "bias"], g, g_ref):
+        assert a.dtype == b.dtype, name
+        assert rel(a, b) < tol, f"grad {name}: rel err {rel(a, b):.3g}"
