@@ -12,6 +12,9 @@ Speed: the plain LoRA path is one autograd function (:class:`_FusedLoRA`) that
   separate add kernel that re-reads the whole activation,
 - runs adapter matmuls in the activation dtype (bf16 under bf16 training) while the adapter
   parameters, and so the optimizer state, stay in fp32,
+- casts fp32 adapter parameters to the activation dtype once per optimizer step, for all layers
+  whose parameters changed in one multi-tensor copy (``torch._foreach_copy_``: one kernel on CUDA
+  where one cast per A and per B were launched before),
 - applies the scale ``s`` as the GEMM ``alpha`` of the two rank-r products (``s·x A^T`` forward,
   ``s·g B`` backward), so no kernel scales a tensor and no scaled copy of A is held,
 - saves only ``x`` (shared with the caller), the small ``s·x A^T`` and the weights for backward.
@@ -22,6 +25,7 @@ Its output and gradients equal the plain formula (tested against :meth:`LoRALine
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -148,6 +152,33 @@ class _FusedLoRA(torch.autograd.Function):
         return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None
 
 
+#: live LoRA layers, so a stale cast cache refreshes every stale layer's casts in one multi-tensor copy
+_CAST_LAYERS: weakref.WeakSet[LoRALinear] = weakref.WeakSet()
+
+
+def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
+    """Set each layer's ``_casts`` to ``(A, B)`` in ``dtype`` and its cache key. Parameters already in
+    ``dtype`` are used as they are; the others are converted by one ``_foreach_copy_`` per device."""
+    by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    with torch.no_grad():
+        for layer in layers:
+            casts = []
+            for p in (layer.lora_A, layer.lora_B):
+                src = p.detach()
+                if src.dtype == dtype:
+                    casts.append(src)
+                    continue
+                dst = torch.empty_like(src, dtype=dtype)  # no kernel; filled below
+                dsts, srcs = by_device.setdefault(src.device, ([], []))
+                dsts.append(dst)
+                srcs.append(src)
+                casts.append(dst)
+            layer._casts = (casts[0], casts[1])
+            layer._cast_key = layer._cast_key_for(dtype)
+        for dsts, srcs in by_device.values():
+            torch._foreach_copy_(dsts, srcs)
+
+
 class LoRALinear(AdapterLayer):
     """LoRA on an ``nn.Linear`` or transformers ``Conv1D``.
 
@@ -187,6 +218,7 @@ class LoRALinear(AdapterLayer):
         self._merged_norm: torch.Tensor | None = None
         self._cast_key: tuple[Any, ...] | None = None
         self._casts: tuple[torch.Tensor, ...] = ()
+        _CAST_LAYERS.add(self)
 
     def _scaled_ba(self) -> torch.Tensor:
         """``s·B A`` in fp32, shape (out, in), also inside an autocast region."""
@@ -219,17 +251,32 @@ class LoRALinear(AdapterLayer):
                 return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
         return self._fused(x, weight, bias)
 
+    def _cast_key_for(self, dtype: torch.dtype) -> tuple[Any, ...] | None:
+        """What the cached casts depend on; ``None`` (never cached) for inference tensors, which
+        (made under torch.inference_mode) have no version counter."""
+        A, B = self.lora_A, self.lora_B
+        if A.is_inference() or B.is_inference():
+            return None
+        return (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
+
     def _adapter_casts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` in ``dtype``, recomputed only when A or B changed (optimizer step). Parameters
-        already in ``dtype`` are used as they are: no copy, no kernel."""
-        A, B = self.lora_A, self.lora_B
-        # inference tensors (made under torch.inference_mode) have no version counter: no caching
-        key = None if A.is_inference() else (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
-        if key is None or key != self._cast_key:
-            with torch.no_grad():
-                self._casts = (A.detach().to(dtype), B.detach().to(dtype))
-            self._cast_key = key
-        return self._casts
+        already in ``dtype`` are used as they are: no copy, no kernel. When this layer's casts are
+        stale, so are, after an optimizer step, those of every other layer that ran in ``dtype``
+        on this device: all of them are refreshed together, in one multi-tensor copy."""
+        key = self._cast_key_for(dtype)
+        if key is not None and key == self._cast_key:
+            return self._casts  # type: ignore[return-value]
+        stale = [self]
+        if key is not None and self.lora_A.dtype != dtype:
+            device = self.lora_A.device
+            for layer in list(_CAST_LAYERS):
+                old = layer._cast_key
+                if (layer is not self and old is not None and old[-1] == dtype and not layer.use_dora
+                        and layer.lora_A.device == device and old != layer._cast_key_for(dtype)):
+                    stale.append(layer)
+        _refresh_casts(stale, dtype)
+        return self._casts  # type: ignore[return-value]
 
     def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
