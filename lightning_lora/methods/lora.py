@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..core.config import AdapterConfig, Method, register
 from ..core.layer import AdapterLayer, no_autocast
@@ -154,6 +155,19 @@ class _FusedLoRA(torch.autograd.Function):
 
 #: live LoRA layers, so a stale cast cache refreshes every stale layer's casts in one multi-tensor copy
 _CAST_LAYERS: weakref.WeakSet[LoRALinear] = weakref.WeakSet()
+#: optimizer steps taken in this process. Part of the cast-cache key because fused optimizers
+#: (``torch.optim.AdamW(fused=True)``'s ``_fused_adamw_``) update parameters in place without bumping
+#: their version counter: keyed on versions alone, the casts went stale after the first step.
+_OPTIMIZER_STEPS = 0
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _OPTIMIZER_STEPS
+    _OPTIMIZER_STEPS += 1
+
+
+# global post-step hook: runs after ``step()`` of every torch.optim.Optimizer (subclasses included)
+_OPTIMIZER_STEP_HOOK = register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
@@ -252,12 +266,14 @@ class LoRALinear(AdapterLayer):
         return self._fused(x, weight, bias)
 
     def _cast_key_for(self, dtype: torch.dtype) -> tuple[Any, ...] | None:
-        """What the cached casts depend on; ``None`` (never cached) for inference tensors, which
-        (made under torch.inference_mode) have no version counter."""
+        """What the cached casts depend on: optimizer steps taken (fused optimizers leave version
+        counters alone), the parameters' versions (other in-place writes: init, loading) and
+        storages; ``None`` (never cached) for inference tensors, which (made under
+        torch.inference_mode) have no version counter."""
         A, B = self.lora_A, self.lora_B
         if A.is_inference() or B.is_inference():
             return None
-        return (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
+        return (_OPTIMIZER_STEPS, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
 
     def _adapter_casts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` in ``dtype``, recomputed only when A or B changed (optimizer step). Parameters
