@@ -110,15 +110,18 @@ def _glue_rows(tokenizer, task: str, split: str, max_length: int, n: int | None,
 
 
 def _seeded_head(model: nn.Module, seed: int) -> nn.Module:
-    """Re-draw pooler and classifier from ``seed`` (transformers' own init), so every process
-    that builds the model gets the same head."""
-    with torch.random.fork_rng():
+    """Draw the new classifier from ``seed`` (normal, std ``initializer_range``, zero bias: BERT's
+    init, written out because transformers' ``_init_weights`` skips modules it marks initialised in
+    some versions), so every process that builds the model gets the same head. The pooler keeps the
+    checkpoint's weights, which every process loads alike."""
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
-        for name in ("bert.pooler", "classifier"):
-            mod = model.get_submodule(name)
-            for m in mod.modules():
-                if isinstance(m, nn.Linear):
-                    model._init_weights(m)
+        for m in model.get_submodule("classifier").modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
     return model
 
 

@@ -313,3 +313,16 @@ def test_real_server_and_two_client_processes(tmp_path):
     m = json.loads(out.read_text())
     assert m["round_bytes"][0]["clients"] == 2 and m["up_tensor_bytes_per_round"] > 0
     assert 0 <= m["accuracy"] <= 1
+
+
+def test_seeded_head_draws_the_classifier_from_the_seed_and_keeps_the_pooler():
+    from lightning_lora.federated.data import _seeded_head
+    from tests.conftest import build_tiny_bert
+
+    a, b, c = (_seeded_head(build_tiny_bert(0, classifier=True), s) for s in (7, 7, 8))
+    ref = build_tiny_bert(0, classifier=True)
+    assert torch.equal(a.classifier.weight, b.classifier.weight)  # every process: the same head
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+    assert not torch.equal(a.classifier.weight, ref.classifier.weight)  # re-drawn, not the builder's
+    assert torch.equal(a.classifier.bias, torch.zeros_like(a.classifier.bias))
+    assert torch.equal(a.bert.pooler.dense.weight, ref.bert.pooler.dense.weight)
