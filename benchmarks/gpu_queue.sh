@@ -2,6 +2,7 @@
 # The GPU benchmark queue, run in the background on the lent H200 while weights are still being
 # staged (see benchmarks/README.md, "Getting model weights onto the GPU machine").
 #
+#   bash benchmarks/gpu_queue.sh start quiet   DEADLINE   # step-time benchmarks (#2, #5): alone, first
 #   bash benchmarks/gpu_queue.sh start minilm  DEADLINE   # MiniLM benchmarks (#4, #5, #6, #7)
 #   bash benchmarks/gpu_queue.sh start smollm2 DEADLINE   # SmolLM2, diffusion, federated, lncRNA
 #   bash benchmarks/gpu_queue.sh status                   # one line per job, tails of the logs
@@ -64,10 +65,13 @@ start)
         [[ ${LNCRNA:-0} == 1 ]] && launch lncrna $PY benchmarks/lncrna_gpu_run.py --out runs/lncrna3 --mlm-init .carry/mlm1 \
             --pretrain-minutes ${LNCRNA_PRETRAIN_MIN:-10} --finetune-minutes 2.0 --finetune-epochs 20 \
             --species mouse --variants lora:32 full
+    elif [[ $group == quiet ]]; then
+        # timings: alone on the GPU (random weights, nothing to stage); start the others after it ends
+        launch quiet bash -c "$PY benchmarks/lora_vs_peft.py && $PY benchmarks/method_overhead.py"
     elif [[ $group == probe ]]; then
         launch probe sleep 3600  # does a background job outlive the device call that started it?
     else
-        echo "unknown group '$group' (minilm | smollm2 | probe)" >&2; exit 2
+        echo "unknown group '$group' (quiet | minilm | smollm2 | probe)" >&2; exit 2
     fi
     ;;
 status)
@@ -101,6 +105,6 @@ snapshot)
     cd $W && tar -czf $OUT/results.tgz benchmarks/results docs/figures logs 2>/dev/null; ls -la $OUT
     ;;
 *)
-    echo "usage: $0 start minilm|smollm2|probe DEADLINE | status | watch SECONDS | snapshot | collect" >&2; exit 2
+    echo "usage: $0 start quiet|minilm|smollm2|probe DEADLINE | status | watch SECONDS | snapshot | collect" >&2; exit 2
     ;;
 esac
