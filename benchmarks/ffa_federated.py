@@ -46,7 +46,8 @@ Metrics (benchmarks/results/ffa_federated.json):
 Runtime on one H200 shared with other jobs (first run, SST-2, 20 rounds): per run 3-6 min (no DP:
 FFA 271 s, LoRA 338 s; DP: 186 s, 255 s), so one seed ~18 min and three seeds ~33 min per task;
 the two tasks run side by side (``--workers``). This exceeds the ~8 min house budget: run it as a
-background job.
+background job. Each finished federation is appended to ``--raw`` (keyed by every setting it
+depends on), so a run stopped by a session's deadline continues where it stopped.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ TASK_TARGETS = {
 }
 
 
+DEFAULT_RAW = "benchmarks/results/raw/ffa_federated.jsonl"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", default="sst2,lncrna")
@@ -92,7 +96,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="task processes in parallel (one GPU shared)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny data slices, writes no result file")
     p.add_argument("--out", default=None, help="result directory (default benchmarks/results)")
+    p.add_argument("--raw", default=None,
+                   help="one JSON line per finished federation; a rerun skips those with the same settings "
+                        f"(default {DEFAULT_RAW}; none with --smoke)")
     return p.parse_args(argv)
+
+
+#: what a federation's raw line keeps (the figures the summary reads)
+RAW_KEYS = ("accuracy", "balanced_accuracy", "message_bytes_per_round", "down_tensor_bytes_per_round",
+            "up_tensor_bytes_per_round", "exchanged_params", "seconds", "client_sizes", "max_client_epsilon",
+            "noise_multiplier")
+
+
+def run_key(args: argparse.Namespace, task: str, method: str, seed: int, dp: bool) -> str:
+    """Everything a federation's result depends on, so a changed setting never reuses an old line."""
+    lr = args.lr_ffa if method == "ffa_lora" else args.lr_lora
+    dp_part = f"dp_eps{args.epsilon:g}_delta{args.delta:g}_clip{args.clip:g}" if dp else "nodp"
+    return (f"{task}/{method}/seed{seed}/{dp_part}/lr{lr:g}/c{args.clients}_a{args.dirichlet_alpha:g}"
+            f"/R{args.rounds}_k{args.local_steps}_b{args.batch_size}_r{args.r}")
+
+
+def read_raw(path: str | None) -> dict[str, dict]:
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {row["key"]: row for row in (json.loads(line) for line in f if line.strip())}
+
+
+def append_raw(path: str | None, row: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:  # one write per line: the two task processes may append at once
+        f.write(json.dumps(row) + "\n")
 
 
 def task_options(task: str, smoke: bool) -> dict:
@@ -116,7 +152,13 @@ def run_task(task: str, args: argparse.Namespace) -> dict:
     print(f"[{task}] data ready in {prep:.0f} s: {len(data.train)} train, {len(data.eval)} eval rows", flush=True)
     seeds = [int(s) for s in args.seeds.split(",")]
 
+    done = read_raw(args.raw)
+
     def one(method: str, seed: int, dp: bool) -> dict:
+        key = run_key(args, task, method, seed, dp)
+        if key in done:
+            print(f"[{task}] {method} seed {seed} dp={dp}: from {args.raw}", flush=True)
+            return done[key]
         cfg = FederationConfig(
             task=task, method=method, adapter={"r": args.r, "alpha": float(args.r), "target_modules": TASK_TARGETS[task],
                                                "modules_to_save": []},
@@ -128,7 +170,8 @@ def run_task(task: str, args: argparse.Namespace) -> dict:
             seed=seed, device=device,
         )
         out = run_simulation(cfg, task=data)
-        out.pop("model"), out.pop("strategy")
+        out = {k: list(map(int, out[k])) if k == "client_sizes" else float(out.get(k) or 0.0) for k in RAW_KEYS}
+        append_raw(args.raw, {"key": key, **out})
         print(f"[{task}] {method} seed {seed} dp={dp}: accuracy {out['accuracy']:.4f} "
               f"eps {out.get('max_client_epsilon', 0):.2f} bytes/round {out['message_bytes_per_round']:.0f} "
               f"{out['seconds']:.0f} s", flush=True)
@@ -167,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.clients, args.rounds, args.local_steps, args.batch_size, args.seeds = 2, 1, 1, 4, "0"
         args.delta = 1e-3
+    elif args.raw is None:
+        args.raw = DEFAULT_RAW
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = set(tasks) - set(TASK_TARGETS)
     if unknown:
