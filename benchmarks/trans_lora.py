@@ -16,10 +16,12 @@ Two transfers, each against the source adapter and against the target trained on
   the synthetic length so it cannot go by length. Accuracy on a balanced, seeded 2,000-sequence
   subsample of ``test_human``; fine-tuning on the mouse part of ``train`` (both classes).
 
-Writes ``<out>/trans_lora.json`` (key ``sst2_target_vs_source_ratio``, bar >= 0.95). A full run on one
-H200 takes about 7 minutes. The GPU image has no ``gguf``: export SmolLM2 on a CPU machine first
-(``python -c "from lightning_lora.tasks.models import export_smollm2; export_smollm2('.carry/smollm2')"``)
-and pass ``--smollm2 .carry/smollm2``.
+Writes ``<out>/trans_lora.json`` (key ``sst2_target_vs_source_ratio``, bar >= 0.95) once both parts
+have run. Each finished part's figures go to ``--raw``, so a run stopped during the second part
+reruns only that part. On one H200 shared with ~20 jobs the SST-2 part had not finished after 20
+minutes (session 3, stopped while distilling); alone it is estimated at 7–10 minutes. SmolLM2 comes
+from the GGUF package (with ``gguf``; ``benchmarks/stage_for_device.py smollm2`` carries it), or from
+a folder written by ``export_smollm2`` (``--smollm2 DIR``).
 
     python benchmarks/trans_lora.py --smollm2 .carry/smollm2 --out benchmarks/results
     python benchmarks/trans_lora.py --smoke        # tiny random models on CPU, writes nothing
@@ -28,6 +30,7 @@ and pass ``--smollm2 .carry/smollm2``.
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import os
 import re
@@ -358,6 +361,14 @@ SMOKE = dict(sst2_steps=4, disc_n=40, disc_steps=3, n_samples=16, round_size=16,
              lnc_disc_n=20, lnc_disc_steps=2, lnc_n_samples=8, lnc_round_size=8, lnc_test_per_class=8)
 
 
+def _read_parts(path: Path | None) -> dict[str, dict[str, float]]:
+    """``<part>/seed<k>`` -> that part's metrics, from the raw file of earlier runs."""
+    if path is None or not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["key"]: row["metrics"] for row in rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smollm2", default=None, help="folder written by export_smollm2 (default: the GGUF package)")
@@ -365,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     p.add_argument("--parts", nargs="+", choices=["sst2", "lncrna"], default=["sst2", "lncrna"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", default="benchmarks/results/raw/trans_lora_parts.jsonl",
+                   help="each finished part's figures; a rerun reuses them and runs only the missing part")
     p.add_argument("--smoke", action="store_true", help="tiny random models and data slices on CPU; writes nothing")
     p.add_argument("--random-init", action="store_true",
                    help="random weights for SmolLM2 and MiniLM (configs and tokenizers from --smollm2 / --minilm): "
@@ -373,16 +386,28 @@ def main(argv: list[str] | None = None) -> int:
     args.scale = SMOKE if args.smoke else FULL
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     torch.set_float32_matmul_precision("high")
+    raw = None if (args.smoke or args.random_init) else Path(args.raw)
+    done = _read_parts(raw)
     metrics: dict[str, float] = {"seed": args.seed}
     t0 = time.time()
-    if "sst2" in args.parts:
-        run_sst2(args, device, metrics)
-    if "lncrna" in args.parts:
-        run_lncrna(args, device, metrics)
+    for part, run in (("sst2", run_sst2), ("lncrna", run_lncrna)):
+        key = f"{part}/seed{args.seed}"
+        if key in done:  # finished by an earlier (interrupted) run: the parts are independent
+            log(f"{part}: figures from {raw}")
+            metrics.update(done[key])
+        elif part in args.parts:
+            part_metrics: dict[str, float] = {}
+            run(args, device, part_metrics)
+            metrics.update(part_metrics)
+            if raw is not None:
+                raw.parent.mkdir(parents=True, exist_ok=True)
+                with raw.open("a") as f:
+                    f.write(json.dumps({"key": key, "metrics": part_metrics}) + "\n")
     metrics["seconds"] = time.time() - t0
     log(f"metrics: {metrics}")
-    if args.smoke or args.random_init or set(args.parts) != {"sst2", "lncrna"}:
-        log("smoke, random-init or partial run: no result file written")
+    missing = [p for p in ("sst2", "lncrna") if f"{p}/seed{args.seed}" not in done and p not in args.parts]
+    if args.smoke or args.random_init or missing:
+        log(f"smoke, random-init or partial run (missing {missing}): no result file written")
         return 0
     command = current_command() if argv is None else " ".join(["python", "benchmarks/trans_lora.py", *argv])
     path = write_result("trans_lora", metrics, command=command, directory=args.out)

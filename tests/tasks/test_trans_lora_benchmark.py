@@ -1,0 +1,30 @@
+"""benchmarks/trans_lora.py keeps each finished part, so a rerun runs only the missing one and the
+result file is written once both parts exist."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import trans_lora
+
+
+def test_parts_are_kept_and_reused(tmp_path, monkeypatch):
+    calls: list[str] = []
+
+    def fake(part):
+        def run(args, device, metrics):  # the real parts train models: here only the bookkeeping
+            calls.append(part)
+            metrics[f"{part}_accuracy"] = 0.5 + len(calls) / 10
+        return run
+
+    monkeypatch.setattr(trans_lora, "run_sst2", fake("sst2"))
+    monkeypatch.setattr(trans_lora, "run_lncrna", fake("lncrna"))
+    raw, out = tmp_path / "parts.jsonl", tmp_path / "results"
+    argv = ["--raw", str(raw), "--out", str(out)]
+    assert trans_lora.main(argv + ["--parts", "sst2"]) == 0
+    assert calls == ["sst2"] and not (out / "trans_lora.json").exists()  # one part: no result yet
+    assert trans_lora.main(argv) == 0
+    assert calls == ["sst2", "lncrna"]  # sst2 came from the raw file
+    result = json.loads((out / "trans_lora.json").read_text())
+    assert result["metrics"]["sst2_accuracy"] == 0.6 and result["metrics"]["lncrna_accuracy"] == 0.7
+    assert len(raw.read_text().splitlines()) == 2
