@@ -25,7 +25,9 @@ The best baseline is the one with the highest mean over tasks and seeds (chosen 
 which favours the baselines). Nothing is tuned on the reported sets; λ and density are the
 papers' / PEFT's defaults. Ablations (reported, not used by the key): ``lego_plain`` (no
 canonicalisation, no reweighting), ``lego_k32`` (k = all 32 units: the exact sum, so equal to
-task arithmetic at full rank up to rounding). ``single`` is each task's own LoRA (upper bound).
+task arithmetic at full rank up to rounding), ``lego_feat_a`` / ``lego_feat_b`` (units clustered by
+a or by b alone, the spec's open choice of feature; added after session 3's run, so that file has
+neither). ``single`` is each task's own LoRA (upper bound).
 
 Keys: ``<merge>_<task>_mean`` / ``_std`` (accuracy, points), ``<merge>_mean`` (mean over tasks of
 the seed means), CoLA MCC and MRPC F1 as ``<merge>_cola_mcc_mean`` / ``<merge>_mrpc_f1_mean``,
@@ -131,6 +133,11 @@ def merge_and_score(runs: list[GlueRun], root: Path, seed: int, device: torch.de
                                                          modules_to_save_from=first),
         "lego_k32": lambda n: lego.lego_merge_adapters(model, sources, n, k=k_all, seed=0, parameter_reweight=False,
                                                        output_reweight="none", modules_to_save_from=first),
+        # the spec's open choice of clustering feature (METHODS.md §6): a alone, b alone
+        "lego_feat_a": lambda n: lego.lego_merge_adapters(model, sources, n, k=RANK, seed=0, feature="a",
+                                                          modules_to_save_from=first),
+        "lego_feat_b": lambda n: lego.lego_merge_adapters(model, sources, n, k=RANK, seed=0, feature="b",
+                                                          modules_to_save_from=first),
     }
     for name, make in merges.items():
         start = time.perf_counter()
