@@ -56,7 +56,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -68,6 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks.glue_harness import read_jsonl  # noqa: E402
 
 TASK_TARGETS = {
     "sst2": ["query", "key", "value", "output.dense", "intermediate.dense", "pooler.dense", "classifier"],
@@ -116,13 +117,6 @@ def run_key(args: argparse.Namespace, task: str, method: str, seed: int, dp: boo
             f"/R{args.rounds}_k{args.local_steps}_b{args.batch_size}_r{args.r}")
 
 
-def read_raw(path: str | None) -> dict[str, dict]:
-    if not path or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return {row["key"]: row for row in (json.loads(line) for line in f if line.strip())}
-
-
 def append_raw(path: str | None, row: dict) -> None:
     if not path:
         return
@@ -152,7 +146,7 @@ def run_task(task: str, args: argparse.Namespace) -> dict:
     print(f"[{task}] data ready in {prep:.0f} s: {len(data.train)} train, {len(data.eval)} eval rows", flush=True)
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    done = read_raw(args.raw)
+    done = {row["key"]: row for row in read_jsonl(args.raw)} if args.raw else {}
 
     def one(method: str, seed: int, dp: bool) -> dict:
         key = run_key(args, task, method, seed, dp)

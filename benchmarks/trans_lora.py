@@ -48,6 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.glue_harness import read_jsonl  # noqa: E402
 from lightning_lora import inject_adapter  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
 from lightning_lora.tasks import load_minilm, load_smollm2, load_tiny_bert, load_tiny_llama  # noqa: E402
@@ -361,14 +362,6 @@ SMOKE = dict(sst2_steps=4, disc_n=40, disc_steps=3, n_samples=16, round_size=16,
              lnc_disc_n=20, lnc_disc_steps=2, lnc_n_samples=8, lnc_round_size=8, lnc_test_per_class=8)
 
 
-def _read_parts(path: Path | None) -> dict[str, dict[str, float]]:
-    """``<part>/seed<k>`` -> that part's metrics, from the raw file of earlier runs."""
-    if path is None or not path.is_file():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {row["key"]: row["metrics"] for row in rows}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smollm2", default=None, help="folder written by export_smollm2 (default: the GGUF package)")
@@ -387,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     torch.set_float32_matmul_precision("high")
     raw = None if (args.smoke or args.random_init) else Path(args.raw)
-    done = _read_parts(raw)
+    done = {row["key"]: row["metrics"] for row in read_jsonl(raw)} if raw is not None else {}
     metrics: dict[str, float] = {"seed": args.seed}
     t0 = time.time()
     for part, run in (("sst2", run_sst2), ("lncrna", run_lncrna)):

@@ -578,14 +578,7 @@ class Flexora(Method):
                 flex[name].exclude()
             self.excluded_modules = dropped
         else:
-            parents = {id(m): n for n, m in root.named_modules()}
-            for name in dropped:
-                full = parents.get(id(flex[name]))
-                if full is None:
-                    raise RuntimeError(f"Flexora: adapter layer {name!r} is not inside the given root module")
-                parent_name, _, child = full.rpartition(".")
-                setattr(root.get_submodule(parent_name) if parent_name else root, child, flex[name].base_layer)
-                del layers[name]
+            _remove_adapters(layers, dropped, root)
         if trainer is not None:
             self._rebuild_optimizers(trainer)
         return self.selected
@@ -693,11 +686,7 @@ class Flexora(Method):
         elif dropped:
             if root is None:
                 raise ValueError("Flexora: resuming after the selection needs the root module to remove adapters")
-            parents = {id(m): n for n, m in root.named_modules()}
-            for name in dropped:
-                parent_name, _, child = parents[id(flex[name])].rpartition(".")
-                setattr(root.get_submodule(parent_name) if parent_name else root, child, flex[name].base_layer)
-                del layers[name]
+            _remove_adapters(layers, dropped, root)
         self._resume_rebuild = True
 
     def summary(self) -> dict[str, Any]:
@@ -706,6 +695,19 @@ class Flexora(Method):
         meta = self.layer_metadata({})
         meta.pop("gate_optimizer", None)
         return meta
+
+
+def _remove_adapters(layers: dict[str, AdapterLayer], names: Sequence[str], root: nn.Module) -> None:
+    """Give the modules ``names`` (keys of ``layers``) their base layer back inside ``root`` and drop
+    them from ``layers``."""
+    parents = {id(m): n for n, m in root.named_modules()}
+    for name in names:
+        full = parents.get(id(layers[name]))
+        if full is None:
+            raise RuntimeError(f"Flexora: adapter layer {name!r} is not inside the given root module")
+        parent_name, _, child = full.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, layers[name].base_layer)
+        del layers[name]
 
 
 def _adam_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> dict[str, Any]:
