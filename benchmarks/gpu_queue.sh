@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_queue.sh status                   # one line per job, tails of the logs
 #   bash benchmarks/gpu_queue.sh watch SECONDS            # wait (not past DEADLINE), status, snapshot
 #   bash benchmarks/gpu_queue.sh collect                  # stop everything, pack results into $OUT
+#   ONLY="smora lncrna" bash benchmarks/gpu_queue.sh start ...  # only these jobs of the group
 #
 # Keep a device call in flight the whole time (`watch 540` back to back): the machine is handed
 # back about 30 s after a call ends, background jobs or not, and everything on it is lost (session
@@ -28,6 +29,8 @@ LOGS=$W/logs
 
 launch() {  # name, then the command
     local name=$1; shift
+    # ONLY="a b": start just the named jobs of a group (a session too short for all of them)
+    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then echo "skip $name: not in ONLY"; return; fi
     local left=$(( DEADLINE - $(date +%s) ))
     if (( left < 30 )); then echo "skip $name: deadline passed"; return; fi
     # a new session whose leader (pid in $name.pid) becomes `timeout`: the job outlives the device

@@ -10,6 +10,8 @@ Measured per model (same random weights, same batch, bf16 base, rank 16, same ta
 - ``peft_bf16``: PEFT LoRA with ``autocast_adapter_dtype=False`` (bf16 adapters);
 - ``ours_bf16`` (extra, not in the ratios): lightning_lora with bf16 adapter parameters, the
   like-for-like match of ``peft_bf16`` (optimizer state in bf16 too);
+- ``ours_nosib`` (extra): ``ours`` with ``fuse_siblings=False`` (each LoRA layer alone), the A/B of
+  the sibling fusion; ``<model>_<variant>_sibling_sets`` counts the sets the fused path learned;
 
 A step is forward + backward + AdamW step (fused AdamW for every variant). Reported: median
 step time over ``--steps`` timed steps after ``--warmup`` steps, and peak allocated memory.
@@ -77,9 +79,10 @@ def build(spec: dict, variant: str, r: int) -> tuple[nn.Module, list[nn.Paramete
     if variant == "frozen":
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
         return model, []
-    if variant in ("ours", "ours_bf16"):
+    if variant in ("ours", "ours_bf16", "ours_nosib"):
         dtype = "bfloat16" if variant == "ours_bf16" else "float32"
-        ll.inject_adapter(model, "lora", r=r, alpha=2 * r, target_modules=spec["targets"], adapter_dtype=dtype)
+        ll.inject_adapter(model, "lora", r=r, alpha=2 * r, target_modules=spec["targets"], adapter_dtype=dtype,
+                          fuse_siblings=variant != "ours_nosib")
         return model, ll.trainable_parameters(model)
     from peft import LoraConfig, get_peft_model
 
@@ -136,11 +139,14 @@ def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[st
     cuda = DEVICE == "cuda"
     ms, peak = timed_steps(step, warmup, steps, cuda)
     n_train = sum(p.numel() for p in params)
+    # sibling sets the fused path learned (q/k/v, gate/up; query/key/value): proof it was taken
+    sets = {id(st) for m in model.modules() if getattr(m, "_siblings", None) is not None
+            for st in (m._siblings.sets or {}).values()}
     del model, params, step
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    res = {"ms": ms, "peak_gib": peak, "trainable": n_train}
+    res = {"ms": ms, "peak_gib": peak, "trainable": n_train, "sibling_sets": len(sets)}
     print(f"{name:6s} {variant:13s} {res['ms']:8.2f} ms  {peak:6.2f} GiB  trainable {n_train:,}", flush=True)
     return res
 
@@ -182,7 +188,7 @@ def check_fused_matches_reference() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llama", "bert"], choices=list(SPECS))
-    ap.add_argument("--variants", nargs="+", default=["frozen", "ours", "peft_default", "peft_bf16", "ours_bf16"])
+    ap.add_argument("--variants", nargs="+", default=["frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib"])
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
@@ -207,6 +213,8 @@ def main() -> None:
         for v, d in res.items():
             metrics[f"{name}_{v}_ms"] = round(d["ms"], 3)
             metrics[f"{name}_{v}_peak_gib"] = round(d["peak_gib"], 3)
+            if v.startswith("ours"):
+                metrics[f"{name}_{v}_sibling_sets"] = d["sibling_sets"]
         if {"ours", "peft_default", "peft_bf16"} <= set(res):
             best = min(("peft_default", "peft_bf16"), key=lambda v: res[v]["ms"])
             best_mem = min(res["peft_default"]["peak_gib"], res["peft_bf16"]["peak_gib"])

@@ -92,6 +92,9 @@ class Method:
     def make_layer(self, base: nn.Module, name: str) -> "AdapterLayer":
         raise NotImplementedError
 
+    def on_inject(self, model: nn.Module, layers: dict[str, "AdapterLayer"]) -> None:
+        """Called by ``inject_adapter`` once every target is wrapped (qualified name -> layer)."""
+
     # Optional training hooks; defaults do nothing.
     def on_fit_start(self, trainer: Any, pl_module: Any, layers: dict[str, "AdapterLayer"]) -> None: ...
     def on_train_batch_start(self, trainer: Any, pl_module: Any, layers: dict[str, "AdapterLayer"]) -> None: ...

@@ -138,6 +138,7 @@ def inject_adapter(
         raise
     object.__setattr__(model, _METHOD_ATTR, method_obj)
     _mark_trainable(model, cfg)
+    method_obj.on_inject(model, layers)
     return layers
 
 

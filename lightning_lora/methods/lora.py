@@ -17,7 +17,12 @@ Speed: the plain LoRA path is one autograd function (:class:`_FusedLoRA`) that
   where one cast per A and per B were launched before),
 - applies the scale ``s`` as the GEMM ``alpha`` of the two rank-r products (``s·x A^T`` forward,
   ``s·g B`` backward), so no kernel scales a tensor and no scaled copy of A is held,
-- saves only ``x`` (shared with the caller), the small ``s·x A^T`` and the weights for backward.
+- saves only ``x`` (shared with the caller), the small ``s·x A^T`` and the weights for backward,
+- runs the adapters of sibling layers that read the same input (q, k, v; gate, up) together
+  (:class:`_SiblingGroup`, :class:`_FusedLoRASiblings`): one GEMM ``x [A_q; A_k; A_v]^T`` forward,
+  one ``[gB_q, gB_k, gB_v]^T x`` for the A gradients and a single ``grad_x`` buffer that every
+  sibling's base and adapter term accumulate into (no per-sibling ``grad_x`` and no autograd sum of
+  them). Which layers share an input is learned from the first forward pass.
 
 Its output and gradients equal the plain formula (tested against :meth:`LoRALinear.reference_forward`).
 """
@@ -53,6 +58,8 @@ class LoRAConfig(AdapterConfig):
         dora_detach_norm: DoRA's ``‖W0 + sBA‖_row`` treated as a constant in backward (paper §4.3,
             official default); ``False`` back-propagates through it.
         fused: use the fused autograd path (plain LoRA only; DoRA always takes the plain path).
+        fuse_siblings: with ``fused``, run the adapters of layers of one parent module that read the
+            same input tensor (q/k/v, gate/up) in one autograd function (see :class:`_SiblingGroup`).
         adapter_dtype: dtype of the adapter parameters (fp32 keeps optimizer state in fp32).
     """
 
@@ -64,6 +71,7 @@ class LoRAConfig(AdapterConfig):
     use_dora: bool = False
     dora_detach_norm: bool = True
     fused: bool = True
+    fuse_siblings: bool = True
     adapter_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -153,6 +161,265 @@ class _FusedLoRA(torch.autograd.Function):
         return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None
 
 
+class _FusedLoRASiblings(torch.autograd.Function):
+    """``k`` LoRA layers that read the same input: ``out_i = x W_i^T + b_i + s (x A_i^T) B_i^T``.
+
+    Shapes: ``x`` (N, n); ``a_cat`` = ``[A_1; ...; A_k]`` in the activation dtype, (R, n) with
+    ``R = Σ r_i``; ``w_ts[i]`` (n, m_i) (transposed weight views); ``b_casts[i]`` = ``B_i`` in the
+    activation dtype, (m_i, r_i); ``out_i`` (N, m_i). The parameters ``A_i``, ``B_i`` are inputs only
+    so that they receive gradients (fp32 where they are fp32). All layers share one scale ``s``.
+
+    - forward:  ``xa_s = s·x a_cat^T`` (N, R): one GEMM reads ``x`` once for all siblings; then per
+      sibling ``out_i = xa_s[:, i] B_i^T + b_i`` and ``out_i += x W_i^T`` in the big GEMM's epilogue;
+    - backward: ``gb^T`` (R, N) with rows ``s·B_i^T g_i^T``; ``grad_A = gb^T x`` (one GEMM, one read
+      of ``x``); ``grad_x = gb a_cat`` then ``+= g_i W_i`` for every sibling, accumulated in one buffer;
+      ``grad_B_i = g_i^T xa_s[:, i]``. A sibling whose output was not used (``g_i`` None) adds nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a_cat, meta, *tensors):  # type: ignore[override]
+        ranks, scaling, b_casts = meta
+        k = len(ranks)
+        w_ts, biases = tensors[:k], tensors[k:2 * k]
+        xa_s = _mm_scaled(x, a_cat.t(), scaling)  # (N, R)
+        outs = []
+        off = 0
+        for r, w_t, bias, Bc in zip(ranks, w_ts, biases, b_casts):
+            xa_i = xa_s[:, off:off + r]
+            off += r
+            out = torch.addmm(bias, xa_i, Bc.t()) if bias is not None else torch.mm(xa_i, Bc.t())
+            out.addmm_(x, w_t)
+            outs.append(out)
+        ctx.save_for_backward(x, xa_s)
+        ctx.set_materialize_grads(False)  # an unused sibling's gradient arrives as None, not zeros
+        ctx.a_cat, ctx.meta, ctx.w_ts = a_cat, meta, w_ts
+        ctx.dtypes = tuple(t.dtype for t in tensors[2 * k:])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *gs):  # type: ignore[override]
+        x, xa_s = ctx.saved_tensors
+        ranks, scaling, b_casts = ctx.meta
+        k = len(ranks)
+        needs = ctx.needs_input_grad
+        need_x, need_bias, need_A, need_B = needs[0], needs[3 + k:3 + 2 * k], needs[3 + 2 * k:3 + 3 * k], needs[3 + 3 * k:]
+        gb_t = x.new_empty(sum(ranks), x.shape[0])  # (R, N); rows i: (s·g_i B_i)^T
+        off = 0
+        for r, g, Bc in zip(ranks, gs, b_casts):
+            rows = gb_t[off:off + r]
+            off += r
+            if g is None:
+                rows.zero_()
+            elif scaling == 1.0:
+                torch.mm(Bc.t(), g.t(), out=rows)
+            else:
+                torch.addmm(rows, Bc.t(), g.t(), beta=0, alpha=scaling, out=rows)
+        grad_x = None
+        if need_x:
+            grad_x = torch.mm(gb_t.t(), ctx.a_cat)
+            for g, w_t in zip(gs, ctx.w_ts):
+                if g is not None:
+                    grad_x.addmm_(g, w_t.t())
+        grads_A: list[torch.Tensor | None] = [None] * k
+        if any(need_A):
+            grad_a_cat = _mm_to(gb_t, x, ctx.dtypes[0])  # (R, n)
+            # a sibling whose output went unused gets None, as on its own path (an optimizer skips it)
+            grads_A = [ga if g is not None else None for ga, g in zip(grad_a_cat.split(list(ranks)), gs)]
+        grads_B: list[torch.Tensor | None] = [None] * k
+        grads_bias: list[torch.Tensor | None] = [None] * k
+        off = 0
+        for i, (r, g) in enumerate(zip(ranks, gs)):
+            if g is not None and need_B[i]:
+                grads_B[i] = _mm_to(g.t(), xa_s[:, off:off + r], ctx.dtypes[k + i])
+            if g is not None and need_bias[i]:
+                grads_bias[i] = g.sum(0)
+            off += r
+        return (grad_x, None, None, *([None] * k), *grads_bias, *grads_A, *grads_B)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter, or None for inference tensors (which have none)."""
+    return None if t.is_inference() else t._version
+
+
+class _SiblingSet:
+    """Sibling layers that read the same input, in call order; ``members[0]`` (the leader) runs all."""
+
+    def __init__(self, members: tuple[LoRALinear, ...]) -> None:
+        self.members = members
+        self.offsets: dict[LoRALinear, int] = {}
+        off = 0
+        for m in members:
+            self.offsets[m] = off
+            off += m.r
+        self.rank_total = off
+        #: latest (R, n) buffer per dtype that _refresh_casts wrote the members' A casts into
+        self.a_buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._a_cat: tuple[Any, torch.Tensor] | None = None  # (key, a_cat)
+
+    def can_fuse(self, x: torch.Tensor) -> bool:
+        """Whether this call can take the fused path for every member (no dropout in train mode, no
+        DoRA, enabled, not merged, one scale, one device, one adapter dtype)."""
+        first = self.members[0]
+        for m in self.members:
+            if (m.disabled or m.merged or m.use_dora or not m.fused or (m.dropout_p > 0 and m.training)
+                    or m.scaling != first.scaling or m.lora_A.dtype != first.lora_A.dtype
+                    or m.lora_A.device != x.device or m.base_layer.weight.device != x.device):
+                return False
+        return True
+
+    def a_cat(self, casts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``[A_1; ...; A_k]`` in the activation dtype: the buffer the casts were written into, or one
+        concatenation per optimizer step (bf16 parameters, partial refresh)."""
+        key = tuple(m._cast_key for m in self.members)
+        if None not in key and self._a_cat is not None and self._a_cat[0] == key:
+            return self._a_cat[1]
+        dtype = casts[0][0].dtype
+        buf = self.a_buffers.get(dtype)
+        n = self.members[0].in_features
+        if buf is not None and all(
+            c[0]._base is buf and c[0].storage_offset() == self.offsets[m] * n for m, c in zip(self.members, casts)
+        ):
+            out = buf
+        else:
+            out = torch.cat([c[0] for c in casts])
+        self._a_cat = (key, out) if None not in key else None
+        return out
+
+    def run(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's output for input ``x`` (..., n), with the autocast handling of
+        :meth:`LoRALinear.forward`."""
+        device_type = x.device.type
+        if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return self._run(x.to(dtype), dtype)
+        return self._run(x, None)
+
+    def _run(self, x: torch.Tensor, dtype: torch.dtype | None) -> list[torch.Tensor]:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.members[0].in_features)
+        self.members[0]._adapter_casts(x.dtype)  # refreshes every stale layer (after a step: all)
+        stale = [m for m in self.members if m._cast_key is None or m._cast_key != m._cast_key_for(x.dtype)]
+        if stale:  # first fused call, inference tensors: refresh the rest together, into one buffer
+            _refresh_casts(stale, x.dtype)
+        casts = [m._casts for m in self.members]
+        a_cat = self.a_cat(casts)
+        w_ts, biases = [], []
+        for m in self.members:
+            w, b = m.base_layer.weight, m.base_layer.bias
+            if dtype is not None:
+                w, b = w.to(dtype), None if b is None else b.to(dtype)
+            w_ts.append(w if m.fan_in_fan_out else w.t())
+            biases.append(b)
+        meta = (tuple(m.r for m in self.members), self.members[0].scaling, tuple(c[1] for c in casts))
+        outs = _FusedLoRASiblings.apply(
+            x2, a_cat, meta, *w_ts, *biases,
+            *(m.lora_A for m in self.members), *(m.lora_B for m in self.members),
+        )
+        return [o.view(*lead, m.out_features) for o, m in zip(outs, self.members)]
+
+
+@dataclass
+class _PendingOutputs:
+    """Outputs the leader computed for the siblings that have not been called yet."""
+
+    x: weakref.ref[torch.Tensor]
+    version: int | None
+    outputs: dict[LoRALinear, torch.Tensor]
+
+
+class _SiblingGroup:
+    """LoRA layers of one parent module with the same ``in_features``: the candidates for sharing an input.
+
+    Which of them do read the same tensor is learned from the calls: during the first forward pass
+    every member runs alone and the group records runs of consecutive calls on the same input
+    tensor; when a member is called a second time, the runs of two or more become
+    :class:`_SiblingSet` s (in attention: q, k, v, with o reading another tensor). From then on the
+    first member of a set computes every member's output in one :class:`_FusedLoRASiblings` and the
+    others pick theirs up, provided they are called with the very same tensor, unmodified (identity
+    and version counter). Any other call pattern falls back to the per-layer path, so results never
+    depend on the plan; a group whose model keeps breaking the plan (``MAX_MISSES``) stops fusing.
+    """
+
+    MAX_MISSES = 8
+
+    def __init__(self, members: list[LoRALinear]) -> None:
+        self.members = members
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sets: dict[LoRALinear, _SiblingSet] | None = None  # None: still learning
+        self._runs: list[list[LoRALinear]] = []
+        self._prev: weakref.ref[torch.Tensor] | None = None
+        self._pending: _PendingOutputs | None = None
+        self.misses = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies (deepcopy, pickle) relearn: the pending outputs belong to a live autograd graph
+        state = dict(self.__dict__)
+        state.update(sets=None, _runs=[], _prev=None, _pending=None, misses=0)
+        return state
+
+    def slot(self, layer: LoRALinear) -> tuple[_SiblingSet, int] | None:
+        """The set ``layer`` belongs to and its row offset in the set's stacked A, if any."""
+        s = self.sets.get(layer) if self.sets else None
+        return None if s is None else (s, s.offsets[layer])
+
+    def _observe(self, layer: LoRALinear, x: torch.Tensor) -> None:
+        if any(layer in run for run in self._runs):  # a new pass began: the plan is complete
+            self.sets = {}
+            for run in self._runs:
+                if len(run) >= 2:
+                    s = _SiblingSet(tuple(run))
+                    for m in run:
+                        self.sets[m] = s
+                        m._cast_key = None  # refresh into the set's stacked buffer
+            self._runs, self._prev = [], None
+            return
+        prev = self._prev() if self._prev is not None else None
+        if prev is x and self._runs:
+            self._runs[-1].append(layer)
+        else:
+            self._runs.append([layer])
+        self._prev = weakref.ref(x)
+
+    def _miss(self) -> None:
+        self.misses += 1
+        if self.misses >= self.MAX_MISSES:
+            self.sets, self._pending = {}, None
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``layer``'s output for ``x`` through its set, or None: the caller runs it alone."""
+        if torch.compiler.is_compiling():
+            return None
+        if self.sets is None:
+            self._observe(layer, x)
+            if self.sets is None:
+                return None
+        s = self.sets.get(layer)
+        if s is None:
+            return None
+        pending = self._pending
+        if pending is not None and layer in pending.outputs:
+            if pending.x() is x and pending.version == _version(x):
+                out = pending.outputs.pop(layer)
+                if not pending.outputs:
+                    self._pending = None
+                return out
+        if layer is not s.members[0]:
+            self._miss()  # called without the leader's outputs for this input
+            return None
+        if pending is not None and pending.outputs:
+            self._miss()  # outputs computed for siblings that were never called
+        self._pending = None
+        if not self.sets or not s.can_fuse(x):
+            return None
+        outs = s.run(x)
+        self._pending = _PendingOutputs(weakref.ref(x), _version(x), dict(zip(s.members[1:], outs[1:])))
+        return outs[0]
+
+
 #: live LoRA layers, so a stale cast cache refreshes every stale layer's casts in one multi-tensor copy
 _CAST_LAYERS: weakref.WeakSet[LoRALinear] = weakref.WeakSet()
 #: optimizer steps taken in this process. Part of the cast-cache key because fused optimizers
@@ -174,15 +441,26 @@ def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
     """Set each layer's ``_casts`` to ``(A, B)`` in ``dtype`` and its cache key. Parameters already in
     ``dtype`` are used as they are; the others are converted by one ``_foreach_copy_`` per device."""
     by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    stacked: dict[_SiblingSet, torch.Tensor] = {}  # fresh (R, n) buffers of sibling sets' A casts
     with torch.no_grad():
         for layer in layers:
             casts = []
+            slot = layer._siblings.slot(layer) if layer._siblings is not None else None
             for p in (layer.lora_A, layer.lora_B):
                 src = p.detach()
                 if src.dtype == dtype:
                     casts.append(src)
                     continue
-                dst = torch.empty_like(src, dtype=dtype)  # no kernel; filled below
+                if slot is not None and p is layer.lora_A:
+                    # A's cast is a row block of its set's stacked A: the fused siblings read it whole.
+                    # A new buffer each refresh: a graph still waiting for backward keeps the old one.
+                    s, off = slot
+                    buf = stacked.get(s)
+                    if buf is None:
+                        buf = stacked[s] = s.a_buffers[dtype] = src.new_empty(s.rank_total, src.shape[1], dtype=dtype)
+                    dst = buf[off:off + layer.r]
+                else:
+                    dst = torch.empty_like(src, dtype=dtype)  # no kernel; filled below
                 dsts, srcs = by_device.setdefault(src.device, ([], []))
                 dsts.append(dst)
                 srcs.append(src)
@@ -232,6 +510,8 @@ class LoRALinear(AdapterLayer):
         self._merged_norm: torch.Tensor | None = None
         self._cast_key: tuple[Any, ...] | None = None
         self._casts: tuple[torch.Tensor, ...] = ()
+        #: the sibling group (same parent, same in_features) set by LoRA.on_inject; None: runs alone
+        self._siblings: _SiblingGroup | None = None
         _CAST_LAYERS.add(self)
 
     def _scaled_ba(self) -> torch.Tensor:
@@ -256,6 +536,10 @@ class LoRALinear(AdapterLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.use_dora or not self.fused or args or kwargs:
             return self.reference_forward(x, *args, **kwargs)
+        if self._siblings is not None:
+            out = self._siblings.forward(self, x)
+            if out is not None:
+                return out
         device_type = x.device.type
         weight, bias = self.base_layer.weight, self.base_layer.bias
         # (autocast has no dispatch key on e.g. the meta device: asking would raise)
@@ -357,6 +641,21 @@ class LoRA(Method):
 
     def make_layer(self, base: nn.Module, name: str) -> LoRALinear:
         return LoRALinear(base, self.config)  # type: ignore[arg-type]
+
+    def on_inject(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
+        """Group plain LoRA layers by parent module and ``in_features`` (sibling candidates)."""
+        c: LoRAConfig = self.config  # type: ignore[assignment]
+        if not (c.fused and c.fuse_siblings):
+            return
+        groups: dict[tuple[str, int], list[LoRALinear]] = {}
+        for name, layer in layers.items():
+            if type(layer) is LoRALinear:
+                groups.setdefault((name.rpartition(".")[0], layer.in_features), []).append(layer)
+        for members in groups.values():
+            if len(members) >= 2:
+                group = _SiblingGroup(members)
+                for layer in members:
+                    layer._siblings = group
 
     def to_peft_config(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
         """PEFT ``LoraConfig`` fields for the injected layers (exact names, so PEFT adapts the same set)."""
