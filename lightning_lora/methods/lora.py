@@ -14,7 +14,9 @@ Speed: the plain LoRA path is one autograd function (:class:`_FusedLoRA`) that
   parameters, and so the optimizer state, stay in fp32,
 - casts fp32 adapter parameters to the activation dtype once per optimizer step, for all layers
   whose parameters changed in one multi-tensor copy (``torch._foreach_copy_``: one kernel on CUDA
-  where one cast per A and per B were launched before),
+  where one cast per A and per B were launched before), right after ``optimizer.step()`` (a global
+  step post-hook), where its host time overlaps the step's GPU work instead of delaying the next
+  forward's launches,
 - applies the scale ``s`` as the GEMM ``alpha`` of the two rank-r products (``s·x A^T`` forward,
   ``s·g B`` backward), so no kernel scales a tensor and no scaled copy of A is held,
 - saves only ``x`` (shared with the caller), the small ``s·x A^T`` and the weights for backward,
@@ -431,6 +433,29 @@ _OPTIMIZER_STEPS = 0
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     global _OPTIMIZER_STEPS
     _OPTIMIZER_STEPS += 1
+    _refresh_after_step(optimizer)
+
+
+def _refresh_after_step(optimizer: torch.optim.Optimizer) -> None:
+    """Refresh the casts of the layers this optimizer just updated, now rather than in the next forward.
+
+    After ``step()`` the host is usually ahead of the GPU (the step's kernels are still queued), so
+    the Python work of a refresh (a few microseconds per layer, one multi-tensor copy) hides behind
+    GPU work here; at the start of the next forward it would delay the first launches while the
+    GPU waits. Layers that never cached a cast (not run yet, DoRA) or that this optimizer does not
+    hold keep refreshing lazily in their forward.
+    """
+    if not _CAST_LAYERS:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    by_dtype: dict[torch.dtype, list[LoRALinear]] = {}
+    for layer in list(_CAST_LAYERS):
+        key = layer._cast_key
+        if key is None or layer.use_dora or (id(layer.lora_A) not in held and id(layer.lora_B) not in held):
+            continue
+        by_dtype.setdefault(key[-1], []).append(layer)
+    for dtype, layers in by_dtype.items():
+        _refresh_casts(layers, dtype)
 
 
 # global post-step hook: runs after ``step()`` of every torch.optim.Optimizer (subclasses included)

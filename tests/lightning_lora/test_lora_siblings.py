@@ -129,7 +129,7 @@ def test_stacked_a_buffer_feeds_the_fused_gemm_under_autocast():
             outs.append(y.detach().float())
         torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        fused[1](fused[0](x))  # (the plain model's forward refreshed every stale cast, fused's too)
+        fused[1](fused[0](x))  # the casts and the stacked buffer this forward uses
     s = fused[0].q._siblings.sets[fused[0].q]
     buf = s.a_buffers[torch.bfloat16]
     assert s._a_cat is not None and s._a_cat[1] is buf
