@@ -60,12 +60,12 @@ start)
     elif [[ $group == smollm2 ]]; then
         # the lncRNA FASTA files may travel in .carry/lnc_* (the checkout slimmed to make room for weights)
         if compgen -G ".carry/lnc_*/*.fa.gz" >/dev/null; then mkdir -p $W/data/lncrna && cp .carry/lnc_*/*.fa.gz $W/data/lncrna/; fi
-        [[ -d .carry/mlm1 ]] && mkdir -p $W/.carry && cp -r .carry/mlm1 $W/.carry/
+        for m in .carry/mlm*; do [[ -d $m ]] && mkdir -p $W/.carry && cp -r $m $W/.carry/; done
         launch lq_smollm2 $PY benchmarks/lq_lora_smollm2.py
         launch trans_lora $PY benchmarks/trans_lora.py
         launch clora env PYTHONPATH=/tmp/site:/tmp/site_diff $PY benchmarks/clora_composition.py --ckpt-dir runs/clora_composition
         launch ffa env PYTHONPATH=/tmp/site:/tmp/site_fed $PY benchmarks/ffa_federated.py --workers 3 --seeds ${FFA_SEEDS:-0,1,2}
-        [[ ${LNCRNA:-0} == 1 ]] && launch lncrna $PY benchmarks/lncrna_gpu_run.py --out runs/lncrna3 --mlm-init .carry/mlm1 \
+        [[ ${LNCRNA:-0} == 1 ]] && launch lncrna $PY benchmarks/lncrna_gpu_run.py --out runs/lncrna3 --mlm-init ${LNCRNA_MLM:-.carry/mlm2} \
             --pretrain-minutes ${LNCRNA_PRETRAIN_MIN:-10} --finetune-minutes 2.0 --finetune-epochs 20 \
             --species mouse --variants lora:32 full
     elif [[ $group == quiet ]]; then
@@ -95,6 +95,9 @@ collect)
     cd $W && tar -czf $OUT/results.tgz benchmarks/results docs/figures logs \
         $(ls -d runs/lncrna3/*.json runs/lncrna3/probs.npz 2>/dev/null)
     [[ -d runs/lncrna3/mlm ]] && tar -czf $OUT/lncrna_mlm.tgz -C runs/lncrna3 mlm
+    # the fine-tuned classifier too (session 4 brought back only its figures and probabilities,
+    # so the better transformer could not be shipped)
+    [[ -d runs/lncrna3/classifier ]] && tar -czf $OUT/lncrna_classifier.tgz -C runs/lncrna3 classifier
     ls -la $OUT
     ;;
 watch)

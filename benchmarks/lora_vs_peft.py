@@ -226,7 +226,7 @@ def main() -> None:
             metrics[f"overhead_vs_frozen_{name}"] = round(res["ours"]["ms"] / res["frozen"]["ms"], 4)
     if args.profile_dir:
         for name in args.models:
-            for v in ("ours",):
+            for v in [v for v in args.variants if v.startswith("ours")]:
                 profile(name, v, args.r, Path(args.profile_dir))
     result = {
         "name": "lora_vs_peft",
