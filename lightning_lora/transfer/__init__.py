@@ -37,7 +37,7 @@ from .discriminator import (
     train_discriminator,
 )
 from .distill import KD_LOSSES, distill, kd_loss, label_with_teacher
-from .pipeline import Generate, TransferResult, synthesize_and_filter, transfer
+from .pipeline import Generate, TransferResult, balance_by_teacher_class, synthesize_and_filter, transfer
 from .synthetic import (
     build_prompt,
     generate_synthetic,
@@ -47,7 +47,8 @@ from .synthetic import (
 )
 
 __all__ = [
-    "KD_LOSSES", "REAL", "SYNTHETIC", "FilterResult", "Generate", "TextClassifier", "TransferResult", "build_prompt",
+    "KD_LOSSES", "REAL", "SYNTHETIC", "FilterResult", "Generate", "TextClassifier", "TransferResult",
+    "balance_by_teacher_class", "build_prompt",
     "discriminator_dataset", "distill", "filter_synthetic", "fit_text_classifier", "generate_synthetic",
     "generate_synthetic_mlm", "hf_text_encoder", "kd_loss", "label_with_teacher", "predict_logits",
     "sample_masked_lm", "score_real", "stitch_overlapping_tokens", "synthesize_and_filter", "train_discriminator",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import warnings
 
 import pytest
@@ -16,6 +17,7 @@ from lightning_lora.transfer import (
     REAL,
     SYNTHETIC,
     TextClassifier,
+    balance_by_teacher_class,
     build_prompt,
     discriminator_dataset,
     distill,
@@ -361,6 +363,53 @@ def test_transfer_ablations():
     assert res.texts == seeds and res.n_generated == 0  # seed-only
     with pytest.raises(ValueError, match="needs a discriminator"):
         transfer(teacher, tiny_classifier(seed=1), seeds, generate=word_generator([]), n_samples=4, steps=1)
+
+
+def test_balance_by_teacher_class_keeps_the_first_of_each_class_in_order():
+    texts = [f"t{i}" for i in range(7)]
+    # teacher classes: 1 1 0 1 1 0 1 -> two of class 0, so the first two of class 1 stay
+    logits = torch.tensor([[0.0, 1.0], [0.0, 2.0], [3.0, 0.0], [0.0, 1.0], [0.0, 1.5], [1.0, 0.0], [0.0, 1.0]])
+    kept, kept_logits = balance_by_teacher_class(texts, logits)
+    assert kept == ["t0", "t1", "t2", "t5"]
+    assert torch.equal(kept_logits, logits[[0, 1, 2, 5]])
+    one_class = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+    with pytest.warns(UserWarning, match="labels all 2 inputs as class 1"):
+        assert balance_by_teacher_class(["a", "b"], one_class) == (["a", "b"], one_class)
+
+
+class IndexTeacher(nn.Module):
+    """Class 0 for the generator's candidates whose index is a multiple of 6, class 1 otherwise: among
+    the kept (even-index) candidates one third are class 0, a skewed set like SST-2's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, zero: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.stack([zero, 1 - zero], -1)
+
+
+def index_teacher() -> TextClassifier:
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        idx = [int(re.search(r"x(\d+)", t).group(1)) for t in texts]
+        return {"zero": torch.tensor([float(i % 6 == 0) for i in idx])}
+
+    return TextClassifier(IndexTeacher(), encode)
+
+
+def test_transfer_balance_distils_on_equal_classes():
+    """``balance=True`` distils on as many inputs of each teacher class (the first of each, drawn from
+    what the filter kept); without it the skewed set goes through whole."""
+    seeds = sentences(GOOD, 5, 0)
+    kw = dict(generate=word_generator([]), discriminator=length_discriminator(), n_samples=12, round_size=24,
+              steps=1, batch_size=4)
+    plain = transfer(index_teacher(), tiny_classifier(seed=1), seeds, **kw)
+    assert plain.teacher_logits.argmax(-1).bincount(minlength=2).tolist() == [4, 8]
+    res = transfer(index_teacher(), tiny_classifier(seed=1), seeds, balance=True, **kw)
+    assert res.teacher_logits.argmax(-1).bincount(minlength=2).tolist() == [4, 4]
+    assert res.texts == [t for t in plain.texts if t in set(res.texts)]  # a subset, in order
+    assert res.texts == [t for i, t in enumerate(plain.texts) if i in (0, 1, 2, 3, 4, 5, 6, 9)]
+    assert torch.equal(res.teacher_logits, predict_logits(index_teacher(), res.texts))
 
 
 def test_synthesize_and_filter_warns_when_short():
