@@ -70,7 +70,8 @@ start)
             --species mouse --variants lora:32 full
     elif [[ $group == quiet ]]; then
         # timings: alone on the GPU (random weights, nothing to stage); start the others after it ends
-        launch quiet bash -c "$PY benchmarks/lora_vs_peft.py && $PY benchmarks/method_overhead.py"
+        # three rounds of every variant in turn (~8 min): session 4's single rounds moved by up to 20 ms with the host
+        launch quiet bash -c "$PY benchmarks/lora_vs_peft.py --rounds ${LVP_ROUNDS:-3} && $PY benchmarks/method_overhead.py"
     elif [[ $group == probe ]]; then
         launch probe sleep 3600  # does a background job outlive the device call that started it?
     else

@@ -1,6 +1,7 @@
 """One LoRA training step, ours against Hugging Face PEFT, in one process on one GPU.
 
     python benchmarks/lora_vs_peft.py            # both models, writes benchmarks/results/lora_vs_peft.json
+    python benchmarks/lora_vs_peft.py --rounds 3 # every variant timed three times, in turn (the spread too)
 
 Measured per model (same random weights, same batch, bf16 base, rank 16, same targets):
 
@@ -192,6 +193,10 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every variant this many times, in turn (v1 v2 ... v1 v2 ...); each figure is the "
+                         "median over rounds of the per-round medians, and <model>_<variant>_ms_min/_max give the "
+                         "spread: the host's load drifts, and a variant timed in a bad minute should not decide a ratio")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lora_vs_peft.json"))
     ap.add_argument("--profile-dir", default=None, help="also write kernel profiles of frozen and ours here")
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script, no figures)")
@@ -208,11 +213,18 @@ def main() -> None:
     import transformers
 
     metrics: dict[str, float] = {} if args.tiny else {"fused_rel_err_bf16": check_fused_matches_reference()}
+    metrics["rounds"] = args.rounds
     for name in args.models:
-        res = {v: measure(name, v, args.r, args.warmup, args.steps) for v in args.variants}
+        rounds = [{v: measure(name, v, args.r, args.warmup, args.steps) for v in args.variants}
+                  for _ in range(args.rounds)]
+        res = {v: {**rounds[0][v], "ms": statistics.median(r[v]["ms"] for r in rounds),
+                   "peak_gib": max(r[v]["peak_gib"] for r in rounds)} for v in args.variants}
         for v, d in res.items():
             metrics[f"{name}_{v}_ms"] = round(d["ms"], 3)
             metrics[f"{name}_{v}_peak_gib"] = round(d["peak_gib"], 3)
+            if args.rounds > 1:
+                metrics[f"{name}_{v}_ms_min"] = round(min(r[v]["ms"] for r in rounds), 3)
+                metrics[f"{name}_{v}_ms_max"] = round(max(r[v]["ms"] for r in rounds), 3)
             if v.startswith("ours"):
                 metrics[f"{name}_{v}_sibling_sets"] = d["sibling_sets"]
         if {"ours", "peft_default", "peft_bf16"} <= set(res):
