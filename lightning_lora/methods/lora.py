@@ -244,6 +244,28 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
+def _weight_bias(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The base layer's weight and bias, read from its parameter dict: every forward reads them, and
+    ``nn.Module.__getattr__`` is a slow fallback lookup per access (host time on launch-bound steps)."""
+    base = layer._modules.get("base_layer")
+    if base is None:  # a named adapter's layer holds its shared base unregistered (core.multi)
+        base = layer.base_layer
+    params = base._parameters
+    # a subclass may hold them elsewhere (a buffer, a property): then the ordinary lookup
+    weight = params["weight"] if "weight" in params else base.weight
+    bias = params["bias"] if "bias" in params else getattr(base, "bias", None)
+    return weight, bias
+
+
+def _lora_ab(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A, lora_B)`` from the layer's parameter dict (see :func:`_weight_bias`); FFA-LoRA's
+    frozen A is a buffer, so anything not in the dict takes the ordinary lookup."""
+    params = layer._parameters
+    A = params["lora_A"] if "lora_A" in params else layer.lora_A
+    B = params["lora_B"] if "lora_B" in params else layer.lora_B
+    return A, B
+
+
 class _SiblingSet:
     """Sibling layers that read the same input, in call order; ``members[0]`` (the leader) runs all."""
 
@@ -263,10 +285,12 @@ class _SiblingSet:
         """Whether this call can take the fused path for every member (no dropout in train mode, no
         DoRA, enabled, not merged, one scale, one device, one adapter dtype)."""
         first = self.members[0]
+        dtype = _lora_ab(first)[0].dtype
         for m in self.members:
+            A = _lora_ab(m)[0]
             if (m.disabled or m.merged or m.use_dora or not m.fused or (m.dropout_p > 0 and m.training)
-                    or m.scaling != first.scaling or m.lora_A.dtype != first.lora_A.dtype
-                    or m.lora_A.device != x.device or m.base_layer.weight.device != x.device):
+                    or m.scaling != first.scaling or A.dtype != dtype
+                    or A.device != x.device or _weight_bias(m)[0].device != x.device):
                 return False
         return True
 
@@ -309,16 +333,14 @@ class _SiblingSet:
         a_cat = self.a_cat(casts)
         w_ts, biases = [], []
         for m in self.members:
-            w, b = m.base_layer.weight, m.base_layer.bias
+            w, b = _weight_bias(m)
             if dtype is not None:
                 w, b = w.to(dtype), None if b is None else b.to(dtype)
             w_ts.append(w if m.fan_in_fan_out else w.t())
             biases.append(b)
         meta = (tuple(m.r for m in self.members), self.members[0].scaling, tuple(c[1] for c in casts))
-        outs = _FusedLoRASiblings.apply(
-            x2, a_cat, meta, *w_ts, *biases,
-            *(m.lora_A for m in self.members), *(m.lora_B for m in self.members),
-        )
+        ab = [_lora_ab(m) for m in self.members]
+        outs = _FusedLoRASiblings.apply(x2, a_cat, meta, *w_ts, *biases, *(A for A, _ in ab), *(B for _, B in ab))
         return [o.view(*lead, m.out_features) for o, m in zip(outs, self.members)]
 
 
@@ -471,12 +493,13 @@ def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
         for layer in layers:
             casts = []
             slot = layer._siblings.slot(layer) if layer._siblings is not None else None
-            for p in (layer.lora_A, layer.lora_B):
+            A = _lora_ab(layer)[0]
+            for p in _lora_ab(layer):
                 src = p.detach()
                 if src.dtype == dtype:
                     casts.append(src)
                     continue
-                if slot is not None and p is layer.lora_A:
+                if slot is not None and p is A:
                     # A's cast is a row block of its set's stacked A: the fused siblings read it whole.
                     # A new buffer each refresh: a graph still waiting for backward keeps the old one.
                     s, off = slot
@@ -490,8 +513,10 @@ def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
                 dsts.append(dst)
                 srcs.append(src)
                 casts.append(dst)
-            layer._casts = (casts[0], casts[1])
-            layer._cast_key = layer._cast_key_for(dtype)
+            # plain attributes, written past nn.Module.__setattr__'s parameter/buffer/module checks
+            state = layer.__dict__
+            state["_casts"] = (casts[0], casts[1])
+            state["_cast_key"] = layer._cast_key_for(dtype)
         for dsts, srcs in by_device.values():
             torch._foreach_copy_(dsts, srcs)
 
@@ -566,7 +591,7 @@ class LoRALinear(AdapterLayer):
             if out is not None:
                 return out
         device_type = x.device.type
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        weight, bias = _weight_bias(self)
         # (autocast has no dispatch key on e.g. the meta device: asking would raise)
         if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
@@ -579,7 +604,7 @@ class LoRALinear(AdapterLayer):
         counters alone), the parameters' versions (other in-place writes: init, loading) and
         storages; ``None`` (never cached) for inference tensors, which (made under
         torch.inference_mode) have no version counter."""
-        A, B = self.lora_A, self.lora_B
+        A, B = _lora_ab(self)
         if A.is_inference() or B.is_inference():
             return None
         return (_OPTIMIZER_STEPS, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
@@ -609,7 +634,8 @@ class LoRALinear(AdapterLayer):
         xd2 = self._dropout(x2)
         w_t = weight if self.fan_in_fan_out else weight.t()
         casts = self._adapter_casts(x.dtype)
-        out = _FusedLoRA.apply(x2, xd2, w_t, bias, self.lora_A, self.lora_B, casts, self.scaling)
+        A, B = _lora_ab(self)
+        out = _FusedLoRA.apply(x2, xd2, w_t, bias, A, B, casts, self.scaling)
         return out.view(*lead, self.out_features)
 
     def reference_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

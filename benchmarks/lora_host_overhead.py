@@ -1,0 +1,142 @@
+"""Host (Python + dispatch) time of one LoRA training step, ours against PEFT, on the CPU.
+
+    python benchmarks/lora_host_overhead.py                      # writes benchmarks/results/lora_host_overhead.json
+    python benchmarks/lora_host_overhead.py --before 5494263     # also an earlier revision of lightning_lora
+
+On a launch-bound GPU step (BERT-base at 32 × 512 on the H200, `lora_vs_peft.py`) the GPU waits for
+the host, so the host's time per step is what decides. This measures it where it can be measured
+without a GPU: BERT-base's structure (12 layers; query, key, value and every dense layer adapted,
+r = 16) at widths so small (hidden 32) that the arithmetic is negligible, in fp32 on one CPU thread.
+Our adapters are fp64 there, so our fused path casts them to the activation dtype after every
+optimizer step exactly as fp32 adapters on a bf16 model do on the GPU; PEFT's fp32 adapters run as
+they are. Forward + backward + AdamW (foreach) per step, in process CPU time (``time.process_time``:
+other processes on the machine do not count); every variant is timed in turn for
+``--rounds`` rounds of ``--steps`` steps and the median per-step time is reported, so a drift of
+the machine's load hits every variant alike. ``--before REV`` times lightning_lora at that git
+revision too (a temporary worktree); the children alternate between the revisions ``--pairs``
+times and each figure is the median over them. Keys: ``<variant>_host_ms``,
+``ours_vs_peft``, ``ours_vs_before``, ``siblings_vs_nosib``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(root: str, variants: list[str], rounds: int, steps: int) -> dict[str, float]:
+    """Time ``variants`` with lightning_lora imported from ``root``; returns ms per step."""
+    sys.path.insert(0, root)
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import lightning_lora as ll
+
+    torch.set_num_threads(1)
+    targets = ["query", "key", "value", "dense"]
+
+    def build(variant: str):
+        torch.manual_seed(0)
+        cfg = BertConfig(num_labels=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+        cfg._attn_implementation = "sdpa"
+        model = BertForSequenceClassification(cfg).train()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if variant == "frozen":
+            model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+            return model, []
+        if variant == "peft":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+            return model, [p for p in model.parameters() if p.requires_grad]
+        kw = {"fuse_siblings": False} if variant == "ours_nosib" else {}
+        ll.inject_adapter(model, "lora", r=16, alpha=32, target_modules=targets, adapter_dtype="float64", **kw)
+        return model, ll.trainable_parameters(model)
+
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    labels = torch.zeros(2, dtype=torch.long)
+    steps_fn = {}
+    for v in variants:
+        model, params = build(v)
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None
+
+        def step(model=model, opt=opt) -> None:
+            model(input_ids=ids, labels=labels).loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        for _ in range(5):
+            step()
+        steps_fn[v] = step
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v, step in steps_fn.items():
+            t0 = time.process_time()  # this process's CPU time: other processes' load does not count
+            for _ in range(steps):
+                step()
+            times[v].append((time.process_time() - t0) / steps * 1000)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", default=None, help="git revision of lightning_lora to time as well")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--pairs", type=int, default=3, help="child processes per revision, alternating")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lora_host_overhead.json"))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--variants", nargs="+", default=["frozen", "ours", "ours_nosib", "peft"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.variants, args.rounds, args.steps)))
+        return
+
+    def run(root: str, variants: list[str]) -> dict[str, float]:
+        cmd = [sys.executable, __file__, "--child", root, "--rounds", str(args.rounds), "--steps", str(args.steps),
+               "--variants", *variants]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    # children alternate (now, before, now, before, ...): each figure is the median over --pairs children
+    samples: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        wt = str(Path(tmp) / "before")
+        if args.before:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", wt, args.before],
+                           check=True, capture_output=True)
+        try:
+            for _ in range(args.pairs):
+                for v, ms in run(str(ROOT), args.variants).items():
+                    samples.setdefault(f"{v}_host_ms", []).append(ms)
+                if args.before:
+                    samples.setdefault("before_ours_host_ms", []).append(run(wt, ["ours"])["ours"])
+        finally:
+            if args.before:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", wt], capture_output=True)
+    metrics: dict[str, float] = {k: statistics.median(v) for k, v in samples.items()}
+    metrics["ours_vs_peft"] = metrics["ours_host_ms"] / metrics["peft_host_ms"]
+    metrics["siblings_vs_nosib"] = metrics["ours_host_ms"] / metrics["ours_nosib_host_ms"]
+    if args.before:
+        metrics["ours_vs_before"] = metrics["ours_host_ms"] / metrics["before_ours_host_ms"]
+    import torch
+
+    result = {"name": "lora_host_overhead", "command": "python benchmarks/lora_host_overhead.py " + " ".join(sys.argv[1:]),
+              "device": f"cpu, 1 thread (torch {torch.__version__})", "date": time.strftime("%Y-%m-%d"),
+              "metrics": {k: round(v, 4) for k, v in metrics.items()}}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
