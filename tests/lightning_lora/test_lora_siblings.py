@@ -242,3 +242,85 @@ def test_sibling_set_saves_gemms_and_the_input_gradient_sum():
     plain_gemms = sum(counts[False][k] for k in gemm)
     assert (fused_gemms, plain_gemms) == (7 + 11, 3 * (3 + 5)), counts
     assert counts[True].get("add", 0) + counts[True].get("add_", 0) < counts[False].get("add", 0) + counts[False].get("add_", 0), counts
+
+
+def _model_pair(make, targets):
+    """The same transformers model twice in fp64, adapted with and without sibling fusion, B random."""
+    base = make().double()
+    fused, plain = copy.deepcopy(base), copy.deepcopy(base)
+    ll.inject_adapter(fused, "lora", r=4, alpha=8, target_modules=targets, adapter_dtype="float64")
+    ll.inject_adapter(plain, "lora", r=4, alpha=8, target_modules=targets, adapter_dtype="float64", fuse_siblings=False)
+    with torch.no_grad():
+        for name, p in fused.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def _learned(model):
+    """Sorted tuples of the leaf names of every learned sibling set in ``model``."""
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    sets = {id(s): s for m in model.modules() if getattr(m, "_siblings", None) is not None
+            for s in (m._siblings.sets or {}).values()}
+    return sorted(tuple(names[id(m)] for m in s.members) for s in sets.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_transformers_models_learn_their_siblings_and_match_the_per_layer_path(arch):
+    """On transformers' Llama (q/k/v and gate/up) and BERT (query/key/value) the sets are learned from
+    the model's own forward, and a training step equals the per-layer path."""
+    from lightning_lora.tasks import load_tiny_bert, load_tiny_llama
+
+    if arch == "llama":
+        fused, plain = _model_pair(lambda: load_tiny_llama(seed=0)[0], "all-linear")
+        expected = [("gate_proj", "up_proj")] * 2 + [("q_proj", "k_proj", "v_proj")] * 2
+    else:
+        fused, plain = _model_pair(lambda: load_tiny_bert(seed=0)[0], ["query", "key", "value", "dense"])
+        expected = [("query", "key", "value")] * 2
+    ids = torch.randint(5, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    labels = ids if arch == "llama" else torch.tensor([0, 1])
+    opts = [torch.optim.SGD(ll.trainable_parameters(m), lr=0.1) for m in (fused, plain)]
+    for step in range(3):
+        losses, grads = [], []
+        for model, opt in zip((fused, plain), opts):
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            torch.manual_seed(step)  # BERT's own dropout draws the same masks in both
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            opt.step()
+        torch.testing.assert_close(losses[0], losses[1], atol=1e-10, rtol=1e-10)
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        for name in grads[0]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-10, rtol=1e-10, msg=name)
+    assert _learned(fused) == sorted(expected)
+
+
+def test_conv1d_siblings():
+    """transformers' Conv1D (weight stored transposed, fan_in_fan_out) as siblings."""
+    from transformers.pytorch_utils import Conv1D
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Conv1D(12, 16), Conv1D(6, 16)  # (out, in)
+
+        def forward(self, x):
+            return self.a(x).sum(-1) * self.b(x).sum(-1)
+
+    torch.manual_seed(0)
+    fused, plain = _model_pair(lambda: nn.Sequential(TwoHeads()), ["a", "b"])
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    for _ in range(3):
+        outs = []
+        for model in (fused, plain):
+            model.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            y = model(xi)
+            y.pow(2).sum().backward()
+            outs.append((y.detach(), xi.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        _assert_same(outs[0], outs[1])
+    assert _learned(fused) == [("a", "b")]
