@@ -30,12 +30,19 @@ folder over and run
     python benchmarks/lq_lora_smollm2.py --smoke                              # CPU, tiny Llama, < 1 min
 
 ``--smoke`` uses a random 2-layer Llama and 4 short blocks; it writes nothing unless ``--out`` is given.
+
+Resumable across GPU sessions (session 4 ran it 24 minutes beside other jobs and lost two finished
+cost tables at the deadline): every finished cost table and every evaluated variant is appended to
+``--raw`` (default ``benchmarks/results/raw/lq_lora_smollm2.jsonl``) under a signature of the
+options that shape it, and a rerun with the same options takes them from there. The Fisher pass
+is recomputed only while a Fisher-weighted table or variant is still missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import sys
@@ -46,6 +53,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -53,6 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning_lora as ll  # noqa: E402
 from lightning_lora.methods.lq_lora import LQLoRA, quantized_storage_bits, target_weights  # noqa: E402
 from lightning_lora.quant import FULL_GRID, SMALL_GRID, build_cost_table, estimate_fisher, parse_config, solve_ilp  # noqa: E402
+from lightning_lora.quant.ilp import CostTable, storage_table  # noqa: E402
+from benchmarks.glue_harness import read_jsonl  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -168,6 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=1024)
     p.add_argument("--eval-blocks", type=int, default=None, help="limit validation blocks (default: all)")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--raw", default=None,
+                   help="finished cost tables and evaluations; a rerun with the same options skips them "
+                        "(default benchmarks/results/raw/lq_lora_smollm2.jsonl; --smoke: none)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: nothing)")
     args = p.parse_args(argv)
@@ -192,35 +205,80 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(weights)} matrices, {sum(w.numel() for w in weights.values()):,} parameters; "
           f"{len(val)} validation blocks of {args.block}", flush=True)
     metrics: dict[str, Any] = {"matrices": len(weights), "rank": args.r, "val_blocks": len(val), "block": args.block}
-    metrics["ppl/fp32"] = perplexity(base, val, device, args.batch)
+    # finished pieces of an earlier (interrupted) run with the same options
+    raw = Path(args.raw) if args.raw else (None if args.smoke else Path("benchmarks/results/raw/lq_lora_smollm2.jsonl"))
+    sig = (f"{args.model_dir or 'gguf'}|{args.grid}|r{args.r}|cost{args.cost_iters}|final{args.final_iters}|"
+           f"calib{args.calib}x{args.calib_block}|block{args.block}|eval{args.eval_blocks}")
+    done = [row for row in read_jsonl(raw) if row.get("sig") == sig] if raw is not None and raw.exists() else []
+    done_tables = {row["key"]: row for row in done if row["kind"] == "table"}
+    done_evals = {row["tag"]: row["metrics"] for row in done if row["kind"] == "eval"}
 
-    # Fisher from calibration blocks (per-example gradients)
-    t = time.perf_counter()
-    modules = {n: base.get_submodule(n).weight for n in weights}
-    fisher = estimate_fisher(base, [{"input_ids": calib.to(device)}],
-                             lambda m, ex: m(input_ids=ex["input_ids"], labels=ex["input_ids"]).loss, modules)
-    metrics["fisher_seconds"] = time.perf_counter() - t
+    def record(row: dict[str, Any]) -> None:
+        if raw is not None:
+            raw.parent.mkdir(parents=True, exist_ok=True)
+            with raw.open("a") as f:
+                f.write(json.dumps({"sig": sig, **row}) + "\n")
+
+    if "fp32" in done_evals:
+        metrics["ppl/fp32"] = done_evals["fp32"]["ppl/fp32"]
+    else:
+        metrics["ppl/fp32"] = perplexity(base, val, device, args.batch)
+        record({"kind": "eval", "tag": "fp32", "metrics": {"ppl/fp32": metrics["ppl/fp32"]}})
+
+    fisher_tags = [f"lq_fisher_{b:g}" for b in BUDGETS]
+    fisher = None
+    if "lq_fisher" not in done_tables or any(t not in done_evals for t in fisher_tags):
+        # Fisher from calibration blocks (per-example gradients)
+        t = time.perf_counter()
+        modules = {n: base.get_submodule(n).weight for n in weights}
+        fisher = estimate_fisher(base, [{"input_ids": calib.to(device)}],
+                                 lambda m, ex: m(input_ids=ex["input_ids"], labels=ex["input_ids"]).loss, modules)
+        metrics["fisher_seconds"] = time.perf_counter() - t
+        record({"kind": "eval", "tag": "fisher", "metrics": {"fisher_seconds": metrics["fisher_seconds"]}})
+    elif "fisher" in done_evals:
+        metrics.update(done_evals["fisher"])
 
     grid = SMALL_GRID if args.grid == "small" else FULL_GRID
+    cfgs = [parse_config(c) for c in grid]
     tables = {}
-    for key, rank, fish in (("nf", 0, None), ("lq", args.r, None), ("lq_fisher", args.r, fisher)):
+    for key, rank in (("nf", 0), ("lq", args.r), ("lq_fisher", args.r)):
+        row = done_tables.get(key)
+        if row is not None and row["names"] == list(weights) and row["configs"] == [c.name for c in cfgs]:
+            numels = [int(weights[n].numel()) for n in row["names"]]
+            tables[key] = CostTable(row["names"], numels, cfgs, np.array(row["cost"]), storage_table(numels, cfgs))
+            metrics[f"cost_table_seconds/{key}"] = row["seconds"]
+            print(f"cost table {key}: from {raw}", flush=True)
+            continue
         t = time.perf_counter()
-        tables[key] = build_cost_table(weights, rank, grid, max_iters=args.cost_iters, fisher=fish)
+        tables[key] = build_cost_table(weights, rank, grid, max_iters=args.cost_iters,
+                                       fisher=fisher if key == "lq_fisher" else None)
         metrics[f"cost_table_seconds/{key}"] = time.perf_counter() - t
+        record({"kind": "table", "key": key, "names": tables[key].names, "configs": [c.name for c in cfgs],
+                "cost": tables[key].cost.tolist(), "seconds": metrics[f"cost_table_seconds/{key}"]})
         print(f"cost table {key}: {metrics[f'cost_table_seconds/{key}']:.1f} s", flush=True)
 
-    def evaluate(tag: str, model: Any) -> None:
-        metrics[f"ppl/{tag}"] = perplexity(model, val, device, args.batch)
-        metrics[f"recon_rel_err/{tag}"] = reconstruction_error(model, weights)
+    def evaluate(tag: str, build: Any) -> None:
+        """``tag``'s figures: from the raw file when an earlier run finished them, else ``build()``'s model."""
+        if tag in done_evals:
+            metrics.update(done_evals[tag])
+            print(f"{tag}: from {raw}", flush=True)
+            return
+        model = build()
+        found = {f"ppl/{tag}": perplexity(model, val, device, args.batch),
+                 f"recon_rel_err/{tag}": reconstruction_error(model, weights)}
         bits, numel = quantized_storage_bits(model)
-        metrics[f"bits/{tag}"] = bits / numel
-        print(f"{tag}: ppl {metrics[f'ppl/{tag}']:.3f}  recon {metrics[f'recon_rel_err/{tag}']:.4f}  "
-              f"bits {metrics[f'bits/{tag}']:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        found[f"bits/{tag}"] = bits / numel
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        metrics.update(found)
+        record({"kind": "eval", "tag": tag, "metrics": found})
+        print(f"{tag}: ppl {found[f'ppl/{tag}']:.3f}  recon {found[f'recon_rel_err/{tag}']:.4f}  "
+              f"bits {found[f'bits/{tag}']:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     for preset in ("nf2", "nf3", "nf4"):  # QLoRA-style: every matrix at the preset, LoRA B = 0
-        model = build_variant(base, args.r, {n: preset for n in weights}, 1, None, zero_lora=True)
-        evaluate(preset, model)
-        del model
+        evaluate(preset, lambda preset=preset: build_variant(base, args.r, {n: preset for n in weights}, 1, None,
+                                                             zero_lora=True))
     ilp_seconds = 0.0
     for budget in BUDGETS:
         for key in ("nf", "lq", "lq_fisher"):
@@ -231,12 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics[f"ilp_bits/{tag}"] = sol.bits_per_param
             metrics[f"mean_weight_bits/{tag}"] = sum(parse_config(c).bits * weights[n].numel() for n, c in configs.items()) / sum(
                 w.numel() for w in weights.values())
-            model = build_variant(base, args.r, configs, args.final_iters, fisher if key == "lq_fisher" else None,
-                                  zero_lora=key == "nf")
-            evaluate(tag, model)
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            evaluate(tag, lambda configs=configs, key=key: build_variant(
+                base, args.r, configs, args.final_iters, fisher if key == "lq_fisher" else None, zero_lora=key == "nf"))
     metrics["ilp_seconds"] = ilp_seconds
     metrics["ppl_gain_vs_nf3_at_2_75"] = metrics["ppl/nf3"] - metrics["ppl/lq_fisher_2.75"]
     metrics["ppl_gain_vs_nf3_at_2_75_no_fisher"] = metrics["ppl/nf3"] - metrics["ppl/lq_2.75"]
