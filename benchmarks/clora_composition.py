@@ -26,6 +26,13 @@ setting on the GPU in a few minutes:
    are chosen on separate validation noise; all reported shares use the test noise, the same
    initial noise for every method.
 
+Resumable across GPU sessions: the base model, each LoRA and the classifier are saved to
+``--ckpt-dir`` as they finish, with ``stages.json`` recording the options that shaped them; a rerun
+with the same options loads the finished stages (`benchmarks/gpu_queue.sh` packs them as
+``clora_ckpt.tgz`` and restores them from ``.carry/clora_ckpt``). Each stage reseeds and the base
+UNet is used as its fp16 checkpoint rounds it, so a resumed run gives the figures of an
+uninterrupted one (checked on CPU at toy sizes: equal but for the timings).
+
 Metric: share of samples in which the classifier finds both concepts. Key:
 ``both_concepts_gain_vs_average`` = CLoRA's share − averaging's share (> 0 is the bar). Sample
 grids go to ``--figures`` (docs/figures): ``clora_composition.png``, rows = base, LoRA A, LoRA B,
@@ -39,6 +46,7 @@ average, sum, CLoRA (fusion-only), CLoRA.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import struct
 import sys
@@ -56,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lightning_lora import adapter_layers, inject_adapter, save_adapter, unload  # noqa: E402
+from lightning_lora import adapter_layers, inject_adapter, load_adapter, save_adapter, unload  # noqa: E402
 from lightning_lora.merge.clora import (  # noqa: E402
     CLoRAConfig,
     LoRABranches,
@@ -422,44 +430,86 @@ def main(argv: list[str] | None = None) -> int:
     train_comp = Composer(ink[perm[:cut]], labels[perm[:cut]])
     held_comp = Composer(ink[perm[cut:]], labels[perm[cut:]])
 
+    # Resumable across GPU sessions: each stage's weights and figures go to --ckpt-dir with a record of
+    # the options that shaped them (stages.json), and a rerun with the same options loads them instead
+    # of training again. Each stage reseeds, and the base UNet is used as its fp16 checkpoint rounds it
+    # (the file that comes back from the GPU), so a resumed run equals an uninterrupted one.
+    stages_file = ckpt / "stages.json"
+    stages = json.loads(stages_file.read_text()) if stages_file.exists() and not args.smoke else {}
+    shape = {"seed": args.seed, "width": args.width, "batch_size": args.batch_size, "base_steps": args.base_steps,
+             "lora_steps": args.lora_steps, "clf_steps": args.clf_steps}
+
+    def done(stage: str) -> dict | None:
+        rec = stages.get(stage)
+        return rec if rec is not None and rec.get("shape") == shape else None
+
+    def finish(stage: str, **figures: float) -> None:
+        stages[stage] = {"shape": shape, **figures}
+        stages_file.write_text(json.dumps(stages, indent=2) + "\n")
+
     # 1. base model
+    torch.manual_seed(args.seed)
     unet, text = make_unet(args.width).to(device), TinyTextEncoder().to(device)
     n_unet = sum(p.numel() for p in unet.parameters())
-    t0 = time.perf_counter()
-    base_loss = train_diffusion(unet, text, lambda: base_batch(train_comp, args.batch_size), args.base_steps, 1e-3,
-                                list(unet.parameters()) + list(text.parameters()), device, "base")
-    base_seconds = time.perf_counter() - t0
+    base_file, text_file = ckpt / "base_unet_fp16.safetensors", ckpt / "text_encoder.safetensors"
+    if (rec := done("base")) is None:
+        t0 = time.perf_counter()
+        base_loss = train_diffusion(unet, text, lambda: base_batch(train_comp, args.batch_size), args.base_steps, 1e-3,
+                                    list(unet.parameters()) + list(text.parameters()), device, "base")
+        base_seconds = time.perf_counter() - t0
+        save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()}, str(base_file))
+        save_file({k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()}, str(text_file))
+        finish("base", loss=base_loss, seconds=base_seconds)
+    else:
+        base_loss, base_seconds = rec["loss"], rec["seconds"]
+        print(f"base model: from {ckpt}", flush=True)
+    unet.load_state_dict({k: v.float() for k, v in load_file(str(base_file), device=str(device)).items()})
+    text.load_state_dict(load_file(str(text_file), device=str(device)))
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
-    save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()},
-              str(ckpt / "base_unet_fp16.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()}, str(ckpt / "text_encoder.safetensors"))
 
     # 2. concept LoRAs, each trained on the bare base model then taken out as separate layers
     lora_layers = []
-    t0 = time.perf_counter()
-    for name, digit, colour in (("lora_a_red3", CONCEPT_A, RED), ("lora_b_green7", CONCEPT_B, GREEN)):
-        inject_adapter(unet, "lora", r=8, alpha=8.0, target_modules=TARGETS)
-        params = [p for p in unet.parameters() if p.requires_grad]
-        unet.train()
-        train_diffusion(unet, text, lambda d=digit, c=colour: concept_batch(train_comp, args.batch_size, d, c),
-                        args.lora_steps, 1e-3, params, device, name)
-        unet.eval()
-        save_adapter(unet, ckpt / name)
+    lora_seconds = 0.0
+    for i, (name, digit, colour) in enumerate((("lora_a_red3", CONCEPT_A, RED), ("lora_b_green7", CONCEPT_B, GREEN))):
+        torch.manual_seed(args.seed + 1 + i)
+        if (rec := done(name)) is None:
+            t0 = time.perf_counter()
+            inject_adapter(unet, "lora", r=8, alpha=8.0, target_modules=TARGETS)
+            params = [p for p in unet.parameters() if p.requires_grad]
+            unet.train()
+            train_diffusion(unet, text, lambda d=digit, c=colour: concept_batch(train_comp, args.batch_size, d, c),
+                            args.lora_steps, 1e-3, params, device, name)
+            unet.eval()
+            save_adapter(unet, ckpt / name)
+            finish(name, seconds=time.perf_counter() - t0)
+            lora_seconds += stages[name]["seconds"]
+        else:
+            load_adapter(unet, ckpt / name)
+            lora_seconds += rec["seconds"]
+            print(f"{name}: from {ckpt}", flush=True)
         layers = adapter_layers(unet)
         unload(unet)
         lora_layers.append(layers)
     unet.requires_grad_(False)
-    lora_seconds = time.perf_counter() - t0
 
     # 3. classifier
+    torch.manual_seed(args.seed + 3)
     clf = Classifier().to(device)
-    t0 = time.perf_counter()
-    train_classifier(clf, train_comp, args.clf_steps, args.batch_size, device)
+    clf_file = ckpt / "classifier.safetensors"
+    if (rec := done("classifier")) is None:
+        t0 = time.perf_counter()
+        train_classifier(clf, train_comp, args.clf_steps, args.batch_size, device)
+        clf_seconds = time.perf_counter() - t0
+        save_file({k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}, str(clf_file))
+        finish("classifier", seconds=clf_seconds)
+    else:
+        clf.load_state_dict(load_file(str(clf_file), device=str(device)))
+        clf_seconds = rec["seconds"]
+        print(f"classifier: from {ckpt}", flush=True)
     clf.eval()
-    clf_seconds = time.perf_counter() - t0
+    torch.manual_seed(args.seed + 4)
     clf_acc = classifier_accuracy(clf, held_comp, 2048 if not args.smoke else 64)
-    save_file({k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}, str(ckpt / "classifier.safetensors"))
     # sanity of the detector on real composites: red 3 + green 7 (should say both), white ones (neither)
     n_chk = 512 if not args.smoke else 16
     pair = torch.ones(n_chk, dtype=torch.bool, device=device)

@@ -61,6 +61,8 @@ start)
         # the lncRNA FASTA files may travel in .carry/lnc_* (the checkout slimmed to make room for weights)
         if compgen -G ".carry/lnc_*/*.fa.gz" >/dev/null; then mkdir -p $W/data/lncrna && cp .carry/lnc_*/*.fa.gz $W/data/lncrna/; fi
         for m in .carry/mlm*; do [[ -d $m ]] && mkdir -p $W/.carry && cp -r $m $W/.carry/; done
+        # CLoRA's finished stages from an earlier session (clora_ckpt.tgz unpacked into .carry/clora_ckpt)
+        [[ -d .carry/clora_ckpt ]] && mkdir -p $W/runs && cp -r .carry/clora_ckpt $W/runs/clora_composition
         launch lq_smollm2 $PY benchmarks/lq_lora_smollm2.py
         launch trans_lora $PY benchmarks/trans_lora.py
         launch clora env PYTHONPATH=/tmp/site:/tmp/site_diff $PY benchmarks/clora_composition.py --ckpt-dir runs/clora_composition
@@ -99,6 +101,8 @@ collect)
     # the fine-tuned classifier too (session 4 brought back only its figures and probabilities,
     # so the better transformer could not be shipped)
     [[ -d runs/lncrna3/classifier ]] && tar -czf $OUT/lncrna_classifier.tgz -C runs/lncrna3 classifier
+    # CLoRA's finished stages (base UNet fp16 ~12.6 MiB, LoRAs, classifier): a rerun resumes from them
+    [[ -d runs/clora_composition ]] && tar -czf $OUT/clora_ckpt.tgz -C runs clora_composition
     ls -la $OUT
     ;;
 watch)
@@ -109,7 +113,9 @@ watch)
     ;;
 snapshot)
     # results so far, without stopping anything
-    cd $W && tar -czf $OUT/results.tgz benchmarks/results docs/figures logs 2>/dev/null; ls -la $OUT
+    cd $W && tar -czf $OUT/results.tgz benchmarks/results docs/figures logs 2>/dev/null
+    [[ -f runs/clora_composition/stages.json ]] && tar -czf $OUT/clora_ckpt.tgz -C runs clora_composition
+    ls -la $OUT
     ;;
 *)
     echo "usage: $0 start quiet|minilm|smollm2|probe DEADLINE | status | watch SECONDS | snapshot | collect" >&2; exit 2
