@@ -41,13 +41,11 @@ class Attention(nn.Module):
         return self.o(torch.tanh(self.q(x)) * torch.cat([k, v], -1))
 
 
-def _pair(dtype=torch.float64, adapter_dtype="float64", n_blocks=2, **kw):
-    """The same adapted model twice: with sibling fusion and without; B random so the adapters matter."""
-    torch.manual_seed(0)
-    base = nn.Sequential(*[Attention() for _ in range(n_blocks)]).to(dtype)
+def _adapted_pair(base: nn.Module, targets, adapter_dtype: str = "float64", **kw):
+    """``base`` adapted twice: with sibling fusion and without; B random so the adapters matter."""
     fused, plain = copy.deepcopy(base), copy.deepcopy(base)
-    ll.inject_adapter(fused, "lora", r=4, alpha=8, target_modules="all-linear", adapter_dtype=adapter_dtype, **kw)
-    ll.inject_adapter(plain, "lora", r=4, alpha=8, target_modules="all-linear", adapter_dtype=adapter_dtype,
+    ll.inject_adapter(fused, "lora", r=4, alpha=8, target_modules=targets, adapter_dtype=adapter_dtype, **kw)
+    ll.inject_adapter(plain, "lora", r=4, alpha=8, target_modules=targets, adapter_dtype=adapter_dtype,
                       fuse_siblings=False, **kw)
     with torch.no_grad():
         for name, p in fused.named_parameters():
@@ -55,6 +53,13 @@ def _pair(dtype=torch.float64, adapter_dtype="float64", n_blocks=2, **kw):
                 p.normal_(std=0.1)
     plain.load_state_dict(fused.state_dict())
     return fused, plain
+
+
+def _pair(dtype=torch.float64, adapter_dtype="float64", n_blocks=2, **kw):
+    """Two :class:`Attention` blocks, adapted with and without sibling fusion."""
+    torch.manual_seed(0)
+    base = nn.Sequential(*[Attention() for _ in range(n_blocks)]).to(dtype)
+    return _adapted_pair(base, "all-linear", adapter_dtype, **kw)
 
 
 def _run(model, x, memory=None):
@@ -244,20 +249,6 @@ def test_sibling_set_saves_gemms_and_the_input_gradient_sum():
     assert counts[True].get("add", 0) + counts[True].get("add_", 0) < counts[False].get("add", 0) + counts[False].get("add_", 0), counts
 
 
-def _model_pair(make, targets):
-    """The same transformers model twice in fp64, adapted with and without sibling fusion, B random."""
-    base = make().double()
-    fused, plain = copy.deepcopy(base), copy.deepcopy(base)
-    ll.inject_adapter(fused, "lora", r=4, alpha=8, target_modules=targets, adapter_dtype="float64")
-    ll.inject_adapter(plain, "lora", r=4, alpha=8, target_modules=targets, adapter_dtype="float64", fuse_siblings=False)
-    with torch.no_grad():
-        for name, p in fused.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
-    plain.load_state_dict(fused.state_dict())
-    return fused, plain
-
-
 def _learned(model):
     """Sorted tuples of the leaf names of every learned sibling set in ``model``."""
     names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
@@ -273,10 +264,10 @@ def test_transformers_models_learn_their_siblings_and_match_the_per_layer_path(a
     from lightning_lora.tasks import load_tiny_bert, load_tiny_llama
 
     if arch == "llama":
-        fused, plain = _model_pair(lambda: load_tiny_llama(seed=0)[0], "all-linear")
+        fused, plain = _adapted_pair(load_tiny_llama(seed=0)[0].double(), "all-linear")
         expected = [("gate_proj", "up_proj")] * 2 + [("q_proj", "k_proj", "v_proj")] * 2
     else:
-        fused, plain = _model_pair(lambda: load_tiny_bert(seed=0)[0], ["query", "key", "value", "dense"])
+        fused, plain = _adapted_pair(load_tiny_bert(seed=0)[0].double(), ["query", "key", "value", "dense"])
         expected = [("query", "key", "value")] * 2
     ids = torch.randint(5, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
     labels = ids if arch == "llama" else torch.tensor([0, 1])
@@ -312,7 +303,7 @@ def test_conv1d_siblings():
             return self.a(x).sum(-1) * self.b(x).sum(-1)
 
     torch.manual_seed(0)
-    fused, plain = _model_pair(lambda: nn.Sequential(TwoHeads()), ["a", "b"])
+    fused, plain = _adapted_pair(nn.Sequential(TwoHeads()).double(), ["a", "b"])
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     for _ in range(3):
         outs = []
