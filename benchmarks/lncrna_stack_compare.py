@@ -25,14 +25,11 @@ from sklearn.linear_model import LogisticRegression
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.lncrna_stack import logit  # noqa: E402
 from lncrna.data import load_split  # noqa: E402
 from lncrna.features import FeatureBaseline  # noqa: E402
 from lncrna.metrics import classification_metrics  # noqa: E402
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+from lncrna.predict import StackParams  # noqa: E402
 
 
 def main() -> None:
@@ -46,16 +43,17 @@ def main() -> None:
     pb_val = baseline.predict_proba(list(val.seq))[mouse]
     tests = {name: load_split(name) for name in ("test_human", "test_mouse")}
     pb_test = {name: baseline.predict_proba(list(df.seq)) for name, df in tests.items()}
-    band = json.loads((ROOT / "lncrna/weights/default/stack.json").read_text())
-    low, high = band["low"], band["high"]
-    metrics: dict[str, float] = {"band_low": low, "band_high": high}
+    shipped = StackParams.load(ROOT / "lncrna/weights/default/stack.json")
+    metrics: dict[str, float] = {"band_low": shipped.low, "band_high": shipped.high}
     for i, path in enumerate(runs, 1):
         probs = np.load(path)
-        stack = LogisticRegression(C=1.0).fit(np.stack([logit(pb_val), logit(probs["val_mouse_full"][mouse])], 1), y_val)
+        fit = LogisticRegression(C=1.0).fit(np.stack([logit(pb_val), logit(probs["val_mouse_full"][mouse])], 1), y_val)
+        stack = StackParams(shipped.low, shipped.high, float(fit.coef_[0, 0]), float(fit.coef_[0, 1]),
+                            float(fit.intercept_[0]))
         for name, df in tests.items():
-            hard = (pb_test[name] > low) & (pb_test[name] < high)
-            p_stack = stack.predict_proba(np.stack([logit(pb_test[name]), logit(probs[name])], 1))[:, 1]
-            m = classification_metrics(df.label.to_numpy(), np.where(hard, p_stack, pb_test[name]))
+            p_b = pb_test[name]
+            p = np.where(stack.is_hard(p_b), stack.combine(p_b, probs[name]), p_b)
+            m = classification_metrics(df.label.to_numpy(), p)
             for k in ("accuracy", "f1", "mcc", "auroc"):
                 metrics[f"run{i}_{name}_{k}"] = float(m[k])
             print(f"run{i} ({path}) {name}: " + ", ".join(f"{k}={m[k]:.4f}" for k in ("accuracy", "f1", "mcc")), flush=True)

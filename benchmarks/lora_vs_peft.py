@@ -198,7 +198,7 @@ def main() -> None:
                          "median over rounds of the per-round medians, and <model>_<variant>_ms_min/_max give the "
                          "spread: the host's load drifts, and a variant timed in a bad minute should not decide a ratio")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lora_vs_peft.json"))
-    ap.add_argument("--profile-dir", default=None, help="also write kernel profiles of frozen and ours here")
+    ap.add_argument("--profile-dir", default=None, help="also write kernel profiles of every ours variant here")
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script, no figures)")
     args = ap.parse_args()
     global TINY, DEVICE

@@ -325,9 +325,9 @@ class _SiblingSet:
     def _run(self, x: torch.Tensor, dtype: torch.dtype | None) -> list[torch.Tensor]:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.members[0].in_features)
-        self.members[0]._adapter_casts(x.dtype)  # refreshes every stale layer (after a step: all)
+        # (after an optimizer step its hook has refreshed them; left: first call, other in-place writes)
         stale = [m for m in self.members if m._cast_key is None or m._cast_key != m._cast_key_for(x.dtype)]
-        if stale:  # first fused call, inference tensors: refresh the rest together, into one buffer
+        if stale:  # together, so the A casts land in one stacked buffer
             _refresh_casts(stale, x.dtype)
         casts = [m._casts for m in self.members]
         a_cat = self.a_cat(casts)
@@ -370,20 +370,15 @@ class _SiblingGroup:
 
     def __init__(self, members: list[LoRALinear]) -> None:
         self.members = members
-        self._reset()
-
-    def _reset(self) -> None:
         self.sets: dict[LoRALinear, _SiblingSet] | None = None  # None: still learning
         self._runs: list[list[LoRALinear]] = []
         self._prev: weakref.ref[torch.Tensor] | None = None
         self._pending: _PendingOutputs | None = None
         self.misses = 0
 
-    def __getstate__(self) -> dict[str, Any]:
-        # copies (deepcopy, pickle) relearn: the pending outputs belong to a live autograd graph
-        state = dict(self.__dict__)
-        state.update(sets=None, _runs=[], _prev=None, _pending=None, misses=0)
-        return state
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copies (deepcopy, pickle) start learning afresh: pending outputs belong to a live autograd graph
+        return (_SiblingGroup, (self.members,))
 
     def slot(self, layer: LoRALinear) -> tuple[_SiblingSet, int] | None:
         """The set ``layer`` belongs to and its row offset in the set's stacked A, if any."""
@@ -473,7 +468,7 @@ def _refresh_after_step(optimizer: torch.optim.Optimizer) -> None:
     by_dtype: dict[torch.dtype, list[LoRALinear]] = {}
     for layer in list(_CAST_LAYERS):
         key = layer._cast_key
-        if key is None or layer.use_dora or (id(layer.lora_A) not in held and id(layer.lora_B) not in held):
+        if key is None or layer.use_dora or not any(id(p) in held for p in _lora_ab(layer)):
             continue
         by_dtype.setdefault(key[-1], []).append(layer)
     for dtype, layers in by_dtype.items():
