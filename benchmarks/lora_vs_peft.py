@@ -152,8 +152,21 @@ def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[st
     return res
 
 
-def profile(name: str, variant: str, r: int, out_dir: Path) -> None:
-    """Write the top CUDA kernels of 3 steps to ``out_dir/profile_<name>_<variant>.txt``."""
+PROFILED_STEPS = 3
+
+
+def kernel_ms_per_step(table: str, steps: int = PROFILED_STEPS) -> float:
+    """GPU kernel time per step from a profiler table's ``Self CUDA time total: <x>ms`` line (the
+    step's wall time minus this is the time the GPU waited for the host)."""
+    line = next(ln for ln in table.splitlines() if ln.startswith("Self CUDA time total:"))
+    value = line.split(":", 1)[1].strip()
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[value.lstrip("0123456789.")]
+    return float(value.rstrip("ums")) * scale / steps
+
+
+def profile(name: str, variant: str, r: int, out_dir: Path) -> float:
+    """Write the top CUDA kernels of 3 steps to ``out_dir/profile_<name>_<variant>.txt``; returns the
+    kernel time per step (ms)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     spec = SPECS[name]
@@ -163,7 +176,7 @@ def profile(name: str, variant: str, r: int, out_dir: Path) -> None:
         step()
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+        for _ in range(PROFILED_STEPS):
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
@@ -172,6 +185,7 @@ def profile(name: str, variant: str, r: int, out_dir: Path) -> None:
     del model, params, step
     gc.collect()
     torch.cuda.empty_cache()
+    return kernel_ms_per_step(table)
 
 
 def check_fused_matches_reference() -> float:
@@ -239,7 +253,7 @@ def main() -> None:
     if args.profile_dir:
         for name in args.models:
             for v in [v for v in args.variants if v.startswith("ours")]:
-                profile(name, v, args.r, Path(args.profile_dir))
+                metrics[f"{name}_{v}_kernel_ms_per_step"] = round(profile(name, v, args.r, Path(args.profile_dir)), 3)
     result = {
         "name": "lora_vs_peft",
         "command": "python benchmarks/lora_vs_peft.py " + " ".join(sys.argv[1:]),
