@@ -134,19 +134,20 @@ class Composer:
 
     def __init__(self, ink: torch.Tensor, labels: torch.Tensor) -> None:
         self.ink, self.labels = ink, labels
-        self.by_class = [torch.nonzero(labels == c).squeeze(1) for c in range(10)]
         self.device = ink.device
+        # glyph indices per class as one padded (10, max count) table, so that sampling needs no
+        # host sync (a per-class loop syncs ~20 times a batch, which crawls on a GPU shared by many jobs)
+        by_class = [torch.nonzero(labels == c).squeeze(1) for c in range(10)]
+        self.counts = torch.tensor([len(ix) for ix in by_class], device=self.device)
+        self.table = torch.zeros(10, int(self.counts.max()), dtype=torch.long, device=self.device)
+        for c, ix in enumerate(by_class):
+            self.table[c, : len(ix)] = ix
 
     def glyph_of(self, classes: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
-        """A random glyph index of each requested class."""
-        out = torch.empty_like(classes)
-        for c in range(10):
-            sel = classes == c
-            n = int(sel.sum())
-            if n:
-                pool = self.by_class[c]
-                out[sel] = pool[torch.randint(len(pool), (n,), device=self.device, generator=g)]
-        return out
+        """A random glyph index of each requested class (uniform within the class)."""
+        counts = self.counts[classes]
+        pick = (torch.rand(classes.shape, device=self.device, generator=g) * counts).long()
+        return self.table[classes, torch.minimum(pick, counts - 1)]
 
     def paint(self, glyphs: torch.Tensor, colours: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
               present: torch.Tensor) -> torch.Tensor:
@@ -322,10 +323,11 @@ def train_diffusion(unet: nn.Module, text: nn.Module, batches, steps: int, lr: f
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     tail: list[float] = []
     start = time.perf_counter()
+    uncond = torch.tensor([BOS, NULL, NULL, NULL], device=device)  # once: a copy per step would sync
     for step in range(steps):
         x0, tokens = batches()
         drop = torch.rand(x0.shape[0], device=device) < p_uncond
-        tokens = torch.where(drop[:, None], torch.tensor([BOS, NULL, NULL, NULL], device=device), tokens)
+        tokens = torch.where(drop[:, None], uncond, tokens)
         t = torch.randint(0, 1000, (x0.shape[0],), device=device)
         noise = torch.randn_like(x0)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -339,10 +341,10 @@ def train_diffusion(unet: nn.Module, text: nn.Module, batches, steps: int, lr: f
         opt.step()
         sched.step()
         if step >= steps * 0.9:
-            tail.append(float(loss))
+            tail.append(loss.detach())  # summed once at the end: float() here would sync every step
         if (step + 1) % max(1, steps // 5) == 0:
             print(f"[{name}] step {step + 1}/{steps} loss {loss.item():.4f} {time.perf_counter() - start:.0f} s", flush=True)
-    return sum(tail) / max(1, len(tail))
+    return float(torch.stack(tail).mean()) if tail else 0.0
 
 
 def train_classifier(clf: nn.Module, comp: Composer, steps: int, batch: int, device: torch.device) -> None:
