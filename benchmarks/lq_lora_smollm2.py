@@ -181,6 +181,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw", default=None,
                    help="finished cost tables and evaluations; a rerun with the same options skips them "
                         "(default benchmarks/results/raw/lq_lora_smollm2.jsonl; --smoke: none)")
+    p.add_argument("--tables-only", action="store_true",
+                   help="only the Fisher pass and the cost tables, recorded in --raw, then exit: they take about "
+                        "an hour of one CPU core, so a CPU machine can build them and the GPU run only evaluates")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: nothing)")
     args = p.parse_args(argv)
@@ -221,13 +224,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if "fp32" in done_evals:
         metrics["ppl/fp32"] = done_evals["fp32"]["ppl/fp32"]
-    else:
+    elif not args.tables_only:
         metrics["ppl/fp32"] = perplexity(base, val, device, args.batch)
         record({"kind": "eval", "tag": "fp32", "metrics": {"ppl/fp32": metrics["ppl/fp32"]}})
 
     fisher_tags = [f"lq_fisher_{b:g}" for b in BUDGETS]
     fisher = None
-    if "lq_fisher" not in done_tables or any(t not in done_evals for t in fisher_tags):
+    if "lq_fisher" not in done_tables or (not args.tables_only and any(t not in done_evals for t in fisher_tags)):
         # Fisher from calibration blocks (per-example gradients)
         t = time.perf_counter()
         modules = {n: base.get_submodule(n).weight for n in weights}
@@ -250,12 +253,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cost table {key}: from {raw}", flush=True)
             continue
         t = time.perf_counter()
+        n_done = [0]
+
+        def progress(name: str, key: str = key) -> None:
+            n_done[0] += 1
+            if n_done[0] % 30 == 0:
+                print(f"cost table {key}: {n_done[0]}/{len(weights)} matrices, {time.perf_counter() - t:.0f} s", flush=True)
+
         tables[key] = build_cost_table(weights, rank, grid, max_iters=args.cost_iters,
-                                       fisher=fisher if key == "lq_fisher" else None)
+                                       fisher=fisher if key == "lq_fisher" else None, progress=progress)
         metrics[f"cost_table_seconds/{key}"] = time.perf_counter() - t
         record({"kind": "table", "key": key, "names": tables[key].names, "configs": [c.name for c in cfgs],
                 "cost": tables[key].cost.tolist(), "seconds": metrics[f"cost_table_seconds/{key}"]})
         print(f"cost table {key}: {metrics[f'cost_table_seconds/{key}']:.1f} s", flush=True)
+    if args.tables_only:
+        print(f"cost tables recorded in {raw}; the evaluation is left to a run without --tables-only", flush=True)
+        return 0
 
     def evaluate(tag: str, build: Any) -> None:
         """``tag``'s figures: from the raw file when an earlier run finished them, else ``build()``'s model."""
