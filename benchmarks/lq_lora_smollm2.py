@@ -36,6 +36,12 @@ cost tables at the deadline): every finished cost table and every evaluated vari
 ``--raw`` (default ``benchmarks/results/raw/lq_lora_smollm2.jsonl``) under a signature of the
 options that shape it, and a rerun with the same options takes them from there. The Fisher pass
 is recomputed only while a Fisher-weighted table or variant is still missing.
+
+The cost tables are the slow part (~25,000 small decompositions; 798 s for one table on a shared
+H200), so they can be built on a CPU machine with ``--tables-only`` (about an hour on 2 cores) and
+carried in the raw file. The Fisher-weighted variants are evaluated last and their table is looked
+up in the raw file again just before, so a table appended there while the GPU run evaluates the
+others is used.
 """
 
 from __future__ import annotations
@@ -222,53 +228,63 @@ def main(argv: list[str] | None = None) -> int:
             with raw.open("a") as f:
                 f.write(json.dumps({"sig": sig, **row}) + "\n")
 
-    if "fp32" in done_evals:
-        metrics["ppl/fp32"] = done_evals["fp32"]["ppl/fp32"]
-    elif not args.tables_only:
-        metrics["ppl/fp32"] = perplexity(base, val, device, args.batch)
-        record({"kind": "eval", "tag": "fp32", "metrics": {"ppl/fp32": metrics["ppl/fp32"]}})
-
-    fisher_tags = [f"lq_fisher_{b:g}" for b in BUDGETS]
-    fisher = None
-    if "lq_fisher" not in done_tables or (not args.tables_only and any(t not in done_evals for t in fisher_tags)):
-        # Fisher from calibration blocks (per-example gradients)
-        t = time.perf_counter()
-        modules = {n: base.get_submodule(n).weight for n in weights}
-        fisher = estimate_fisher(base, [{"input_ids": calib.to(device)}],
-                                 lambda m, ex: m(input_ids=ex["input_ids"], labels=ex["input_ids"]).loss, modules)
-        metrics["fisher_seconds"] = time.perf_counter() - t
-        record({"kind": "eval", "tag": "fisher", "metrics": {"fisher_seconds": metrics["fisher_seconds"]}})
-    elif "fisher" in done_evals:
-        metrics.update(done_evals["fisher"])
-
     grid = SMALL_GRID if args.grid == "small" else FULL_GRID
     cfgs = [parse_config(c) for c in grid]
-    tables = {}
-    for key, rank in (("nf", 0), ("lq", args.r), ("lq_fisher", args.r)):
+    tables: dict[str, CostTable] = {}
+    fisher: dict[str, torch.Tensor] | None = None
+
+    def reread() -> None:
+        """Take in what another process recorded meanwhile (a CPU machine's --tables-only run)."""
+        if raw is not None and raw.exists():
+            rows = [row for row in read_jsonl(raw) if row.get("sig") == sig]
+            done_tables.update({row["key"]: row for row in rows if row["kind"] == "table"})
+            done_evals.update({row["tag"]: row["metrics"] for row in rows if row["kind"] == "eval"})
+
+    def need_fisher() -> dict[str, torch.Tensor]:
+        """Per-parameter Fisher from the calibration blocks (per-example squared gradients), once."""
+        nonlocal fisher
+        if fisher is None:
+            t = time.perf_counter()
+            modules = {n: base.get_submodule(n).weight for n in weights}
+            fisher = estimate_fisher(base, [{"input_ids": calib.to(device)}],
+                                     lambda m, ex: m(input_ids=ex["input_ids"], labels=ex["input_ids"]).loss, modules)
+            metrics["fisher_seconds"] = time.perf_counter() - t
+            record({"kind": "eval", "tag": "fisher", "metrics": {"fisher_seconds": metrics["fisher_seconds"]}})
+        return fisher
+
+    def table(key: str) -> CostTable:
+        """``key``'s cost table: from the raw file, else built (and recorded)."""
         row = done_tables.get(key)
         if row is not None and row["names"] == list(weights) and row["configs"] == [c.name for c in cfgs]:
             numels = [int(weights[n].numel()) for n in row["names"]]
             tables[key] = CostTable(row["names"], numels, cfgs, np.array(row["cost"]), storage_table(numels, cfgs))
             metrics[f"cost_table_seconds/{key}"] = row["seconds"]
             print(f"cost table {key}: from {raw}", flush=True)
-            continue
+            return tables[key]
+        rank = 0 if key == "nf" else args.r
+        f = need_fisher() if key == "lq_fisher" else None
         t = time.perf_counter()
         n_done = [0]
 
-        def progress(name: str, key: str = key) -> None:
+        def progress(name: str) -> None:
             n_done[0] += 1
             if n_done[0] % 30 == 0:
                 print(f"cost table {key}: {n_done[0]}/{len(weights)} matrices, {time.perf_counter() - t:.0f} s", flush=True)
 
-        tables[key] = build_cost_table(weights, rank, grid, max_iters=args.cost_iters,
-                                       fisher=fisher if key == "lq_fisher" else None, progress=progress)
+        tables[key] = build_cost_table(weights, rank, grid, max_iters=args.cost_iters, fisher=f, progress=progress)
         metrics[f"cost_table_seconds/{key}"] = time.perf_counter() - t
         record({"kind": "table", "key": key, "names": tables[key].names, "configs": [c.name for c in cfgs],
                 "cost": tables[key].cost.tolist(), "seconds": metrics[f"cost_table_seconds/{key}"]})
         print(f"cost table {key}: {metrics[f'cost_table_seconds/{key}']:.1f} s", flush=True)
+        return tables[key]
+
     if args.tables_only:
+        for key in ("nf", "lq", "lq_fisher"):
+            table(key)
         print(f"cost tables recorded in {raw}; the evaluation is left to a run without --tables-only", flush=True)
         return 0
+    if "fisher" in done_evals:
+        metrics.update(done_evals["fisher"])
 
     def evaluate(tag: str, build: Any) -> None:
         """``tag``'s figures: from the raw file when an earlier run finished them, else ``build()``'s model."""
@@ -289,13 +305,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{tag}: ppl {found[f'ppl/{tag}']:.3f}  recon {found[f'recon_rel_err/{tag}']:.4f}  "
               f"bits {found[f'bits/{tag}']:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
+    if "fp32" in done_evals:
+        metrics["ppl/fp32"] = done_evals["fp32"]["ppl/fp32"]
+    else:
+        metrics["ppl/fp32"] = perplexity(base, val, device, args.batch)
+        record({"kind": "eval", "tag": "fp32", "metrics": {"ppl/fp32": metrics["ppl/fp32"]}})
     for preset in ("nf2", "nf3", "nf4"):  # QLoRA-style: every matrix at the preset, LoRA B = 0
         evaluate(preset, lambda preset=preset: build_variant(base, args.r, {n: preset for n in weights}, 1, None,
                                                              zero_lora=True))
     ilp_seconds = 0.0
-    for budget in BUDGETS:
-        for key in ("nf", "lq", "lq_fisher"):
-            sol = solve_ilp(tables[key], budget)
+    # the Fisher-weighted variants last: their table may still be being built on a CPU machine
+    # (--tables-only), and is taken from the raw file if it lands there before this point
+    for key in ("nf", "lq", "lq_fisher"):
+        if key == "lq_fisher":
+            reread()
+        tab = table(key)
+        for budget in BUDGETS:
+            sol = solve_ilp(tab, budget)
             ilp_seconds = max(ilp_seconds, sol.seconds)
             configs = {n: c.name for n, c in sol.choice.items()}
             tag = f"{key}_{budget:g}"
@@ -303,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics[f"mean_weight_bits/{tag}"] = sum(parse_config(c).bits * weights[n].numel() for n, c in configs.items()) / sum(
                 w.numel() for w in weights.values())
             evaluate(tag, lambda configs=configs, key=key: build_variant(
-                base, args.r, configs, args.final_iters, fisher if key == "lq_fisher" else None, zero_lora=key == "nf"))
+                base, args.r, configs, args.final_iters, need_fisher() if key == "lq_fisher" else None,
+                zero_lora=key == "nf"))
     metrics["ilp_seconds"] = ilp_seconds
     metrics["ppl_gain_vs_nf3_at_2_75"] = metrics["ppl/nf3"] - metrics["ppl/lq_fisher_2.75"]
     metrics["ppl_gain_vs_nf3_at_2_75_no_fisher"] = metrics["ppl/nf3"] - metrics["ppl/lq_2.75"]
