@@ -53,18 +53,28 @@ start)
     # what is still to run (session 3 finished IncreLoRA, Flexora, LEGO, LQ-LoRA memory,
     # GradNormLoRP and Bone: benchmarks/results/gpu_sessions.md has their commands)
     if [[ $group == minilm ]]; then
-        launch structure_init $PY benchmarks/structure_init_glue.py --workers 3 --threads 1
+        # LoRA-SB first (its bar), then everything (resumes from the raw file; writes the result)
+        launch structure_init bash -c "$PY benchmarks/structure_init_glue.py --only lora_sb --workers 3 --threads 1; \
+            $PY benchmarks/structure_init_glue.py --workers 3 --threads 1"
         launch smora $PY benchmarks/smora_multitask.py --workers 5 --threads 1
         launch dylora bash -c "$PY benchmarks/dylora_sst2.py --workers 2 --threads 1; \
             $PY benchmarks/dylora_sst2.py --mode full --workers 2 --threads 1"
+        # rank 8 trains only in the ~1/8 of steps that sample it: the one DyLoRA run twice as long
+        launch dylora_long $PY benchmarks/dylora_sst2.py --mode full --dylora-steps 2000 --workers 2 --threads 1
     elif [[ $group == smollm2 ]]; then
         # the lncRNA FASTA files may travel in .carry/lnc_* (the checkout slimmed to make room for weights)
         if compgen -G ".carry/lnc_*/*.fa.gz" >/dev/null; then mkdir -p $W/data/lncrna && cp .carry/lnc_*/*.fa.gz $W/data/lncrna/; fi
         for m in .carry/mlm*; do [[ -d $m ]] && mkdir -p $W/.carry && cp -r $m $W/.carry/; done
         # CLoRA's finished stages from an earlier session (clora_ckpt.tgz unpacked into .carry/clora_ckpt)
         [[ -d .carry/clora_ckpt ]] && mkdir -p $W/runs && cp -r .carry/clora_ckpt $W/runs/clora_composition
+        # the shipped classifier (ffa_federated's lncRNA base) when the slimmed checkout carried it apart
+        [[ -f .carry/lnc_model/model.safetensors ]] && cp .carry/lnc_model/model.safetensors $W/lncrna/weights/default/
+        # LQ-LoRA cost tables built on a CPU machine (--tables-only) after $W was copied for the quiet group
+        lq=benchmarks/results/raw/lq_lora_smollm2.jsonl
+        if [[ -f $lq ]] && (( $(wc -l <$lq) > $(cat $W/$lq 2>/dev/null | wc -l) )); then cp $lq $W/$lq; fi
         launch lq_smollm2 $PY benchmarks/lq_lora_smollm2.py
         launch trans_lora $PY benchmarks/trans_lora.py
+        launch trans_lora_bal $PY benchmarks/trans_lora.py --balance  # class-balanced distillation (ablation)
         launch clora env PYTHONPATH=/tmp/site:/tmp/site_diff $PY benchmarks/clora_composition.py --ckpt-dir runs/clora_composition
         launch ffa env PYTHONPATH=/tmp/site:/tmp/site_fed $PY benchmarks/ffa_federated.py --workers 3 --seeds ${FFA_SEEDS:-0,1,2}
         [[ ${LNCRNA:-0} == 1 ]] && launch lncrna $PY benchmarks/lncrna_gpu_run.py --out runs/lncrna3 --mlm-init ${LNCRNA_MLM:-.carry/mlm2} \
@@ -73,7 +83,7 @@ start)
     elif [[ $group == quiet ]]; then
         # timings: alone on the GPU (random weights, nothing to stage); start the others after it ends
         # three rounds of every variant in turn (~8 min): session 4's single rounds moved by up to 20 ms with the host
-        launch quiet bash -c "$PY benchmarks/lora_vs_peft.py --rounds ${LVP_ROUNDS:-3} && $PY benchmarks/method_overhead.py"
+        launch quiet bash -c "$PY benchmarks/lora_vs_peft.py --rounds ${LVP_ROUNDS:-3} ${LVP_ARGS:-} && $PY benchmarks/method_overhead.py"
     elif [[ $group == probe ]]; then
         launch probe sleep 3600  # does a background job outlive the device call that started it?
     else
