@@ -187,6 +187,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw", default=None,
                    help="finished cost tables and evaluations; a rerun with the same options skips them "
                         "(default benchmarks/results/raw/lq_lora_smollm2.jsonl; --smoke: none)")
+    p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
+                   help="evaluate only these budgets' variants (the others come from --raw if there); "
+                        "the result file is written once every budget's variants exist")
     p.add_argument("--tables-only", action="store_true",
                    help="only the Fisher pass and the cost tables, recorded in --raw, then exit: they take about "
                         "an hour of one CPU core, so a CPU machine can build them and the GPU run only evaluates")
@@ -314,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(preset, lambda preset=preset: build_variant(base, args.r, {n: preset for n in weights}, 1, None,
                                                              zero_lora=True))
     ilp_seconds = 0.0
+    missing: list[str] = []  # variants of budgets left out by --budgets and not in the raw file
     # the Fisher-weighted variants last: their table may still be being built on a CPU machine
     # (--tables-only), and is taken from the raw file if it lands there before this point
     for key in ("nf", "lq", "lq_fisher"):
@@ -321,16 +325,22 @@ def main(argv: list[str] | None = None) -> int:
             reread()
         tab = table(key)
         for budget in BUDGETS:
+            tag = f"{key}_{budget:g}"
+            if budget not in args.budgets and tag not in done_evals:
+                missing.append(tag)
+                continue
             sol = solve_ilp(tab, budget)
             ilp_seconds = max(ilp_seconds, sol.seconds)
             configs = {n: c.name for n, c in sol.choice.items()}
-            tag = f"{key}_{budget:g}"
             metrics[f"ilp_bits/{tag}"] = sol.bits_per_param
             metrics[f"mean_weight_bits/{tag}"] = sum(parse_config(c).bits * weights[n].numel() for n, c in configs.items()) / sum(
                 w.numel() for w in weights.values())
             evaluate(tag, lambda configs=configs, key=key: build_variant(
                 base, args.r, configs, args.final_iters, need_fisher() if key == "lq_fisher" else None,
                 zero_lora=key == "nf"))
+    if missing:
+        print(f"left for a later run (--budgets): {missing}; no result file written", flush=True)
+        return 0
     metrics["ilp_seconds"] = ilp_seconds
     metrics["ppl_gain_vs_nf3_at_2_75"] = metrics["ppl/nf3"] - metrics["ppl/lq_fisher_2.75"]
     metrics["ppl_gain_vs_nf3_at_2_75_no_fisher"] = metrics["ppl/nf3"] - metrics["ppl/lq_2.75"]
