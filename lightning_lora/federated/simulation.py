@@ -203,8 +203,29 @@ def _report(cfg: FederationConfig, strategy: AdapterFedAvg, evals: list[dict[str
     eps = [m["epsilon"] for m in strategy.client_metrics if "epsilon" in m]
     if eps:
         out["max_client_epsilon"] = float(max(eps))
-        out["noise_multiplier"] = float(strategy.client_metrics[-1]["noise_multiplier"])
+    out.update(noise_multiplier_summary(strategy.client_metrics))
     return out
+
+
+def noise_multiplier_summary(client_metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every client's DP noise multiplier σ from the last round's fit metrics, ordered by client size.
+
+    σ is per client: each one spends ε over its own ``rounds · local_steps`` steps at its own sample
+    rate ``q = batch_size / n_k``, so a small client gets a larger σ (same ε, δ). There is no single
+    σ of a run; the result holds ``noise_multipliers`` (one per client, increasing ``n_k``, with
+    ``noise_multiplier_client_sizes`` alongside), their min and max, and ``noise_multiplier``: the
+    σ of the largest client. (It used to be the σ of whichever client reported last, and Flower
+    samples clients in random order, so two runs with identical privacy reported different σ.)
+    Empty without DP.
+    """
+    rows = [m for m in client_metrics if "noise_multiplier" in m]
+    if not rows:
+        return {}
+    last = max(m.get("round", 0) for m in rows)
+    pairs = sorted((int(m.get("num_examples", 0)), float(m["noise_multiplier"])) for m in rows if m.get("round", 0) == last)
+    sigmas = [s for _, s in pairs]
+    return {"noise_multipliers": sigmas, "noise_multiplier_client_sizes": [n for n, _ in pairs],
+            "noise_multiplier_min": min(sigmas), "noise_multiplier_max": max(sigmas), "noise_multiplier": sigmas[-1]}
 
 
 def run_simulation(cfg: FederationConfig, task: FederatedTask | None = None) -> dict[str, Any]:

@@ -257,6 +257,32 @@ def test_dp_simulation_reports_epsilon_within_target():
     assert out["noise_multiplier"] > 0
 
 
+def test_dp_noise_multiplier_reported_per_client_by_size_not_by_arrival_order():
+    # sigma is per client (q = batch / n_k); the run used to report whichever client came back
+    # last, in Flower's random sampling order, so FFA-LoRA and LoRA with the same privacy showed
+    # different sigma (SST-2: 0.583 vs 0.469 = clients of 3,202 and 12,981 examples)
+    from lightning_lora.federated.dp import noise_multiplier_for
+    from lightning_lora.federated.simulation import noise_multiplier_summary
+
+    dp = DPConfig(epsilon=6.0, delta=1e-3)  # RDP: Opacus's GDP search fails for the small clients at 3 steps
+    outs = {m: _one_round(m, dp=dp) for m in ("ffa_lora", "lora")}
+    sizes = sorted(outs["lora"]["client_sizes"])
+    assert all(len(out["strategy"].client_metrics) == len(sizes) for out in outs.values())  # no client failed
+    expected = [noise_multiplier_for(dp, min(1.0, 8 / n), 3) for n in sizes]
+    for out in outs.values():
+        assert out["noise_multiplier_client_sizes"] == sizes
+        assert out["noise_multipliers"] == pytest.approx(expected)
+        assert out["noise_multiplier"] == pytest.approx(expected[-1])  # the largest client's
+        assert out["noise_multiplier_min"] <= out["noise_multiplier"] <= out["noise_multiplier_max"]
+    assert len(set(expected)) > 1  # the clients differ in size, hence in sigma
+    rows = [{"round": 2, "num_examples": n, "noise_multiplier": s} for n, s in [(50, 1.0), (500, 0.5), (90, 0.8)]]
+    rows.append({"round": 1, "num_examples": 9999, "noise_multiplier": 0.1})  # an earlier round: ignored
+    for order in (rows, rows[::-1]):
+        got = noise_multiplier_summary(order)
+        assert got["noise_multipliers"] == [1.0, 0.8, 0.5] and got["noise_multiplier"] == 0.5
+    assert noise_multiplier_summary([{"round": 1, "train_loss": 0.3}]) == {}
+
+
 def test_frozen_mismatch_between_clients_raises():
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
