@@ -254,6 +254,11 @@ def run_simulation(cfg: FederationConfig, task: FederatedTask | None = None) -> 
     start = time.perf_counter()
     history, _ = server.fit(num_rounds=cfg.num_rounds, timeout=None)
     seconds = time.perf_counter() - start
+    if strategy.failures:  # in one process a failed client is a bug, not a dropped connection
+        r, f = strategy.failures[0]
+        err = f[1].status.message if isinstance(f, tuple) else repr(f)
+        raise RuntimeError(f"{len(strategy.failures)} client fit(s) failed (FedAvg would have dropped them); "
+                           f"first, round {r}: {err}")
     if strategy.latest is not None:
         set_arrays(model, strategy.latest)
     for c in clients:

@@ -73,6 +73,8 @@ class AdapterFedAvg(fl.server.strategy.FedAvg):
         self.client_metrics: list[dict[str, Any]] = []
         self.latest: list[np.ndarray] | None = None
         self.last_client_arrays: list[tuple[int, list[np.ndarray]]] = []  # (n_k, tensors) of the last round
+        # (round, failure) of every client that raised: FedAvg's accept_failures drops them silently
+        self.failures: list[tuple[int, Any]] = []
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[override]
         pairs = super().configure_fit(server_round, parameters, client_manager)
@@ -87,6 +89,7 @@ class AdapterFedAvg(fl.server.strategy.FedAvg):
         return pairs
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[override]
+        self.failures.extend((server_round, f) for f in failures)
         if not results:
             return None, {}
         if failures and not self.accept_failures:
