@@ -27,3 +27,17 @@ def test_a_rerun_reads_finished_federations_from_the_raw_file(tmp_path, capsys):
     assert summary(second)["sst2"]["bytes_ratio_ffa_vs_lora"] == summary(first)["sst2"]["bytes_ratio_ffa_vs_lora"]
     key = ffa_federated.run_key(ffa_federated.parse_args(["--lr-ffa", "4"]), "sst2", "ffa_lora", 0, False)
     assert key not in {r["key"] for r in rows}  # another lr, another key
+
+
+def test_default_keys_do_not_reuse_the_session5_rows():
+    # session 5 ran C = 2 for DP, LoRA lr 0.5 on lncRNA (NaN) and reported one random client's sigma;
+    # the per-task defaults (C at the median per-example norm, LoRA lncRNA lr 0.2) get new keys
+    args = ffa_federated.parse_args([])
+    old = ffa_federated.parse_args(["--clip", "2", "--lr-lora", "0.5"])
+    for task in ("sst2", "lncrna"):
+        for method in ("ffa_lora", "lora"):
+            new_dp = ffa_federated.run_key(args, task, method, 0, True)
+            assert new_dp != ffa_federated.run_key(old, task, method, 0, True).replace("_sigma2", "")
+            assert f"clip{ffa_federated.TASK_CLIP[task]:g}_sigma2" in new_dp
+    assert "/lr0.2/" in ffa_federated.run_key(args, "lncrna", "lora", 0, False)
+    assert ffa_federated.run_key(args, "sst2", "lora", 0, False) == ffa_federated.run_key(old, "sst2", "lora", 0, False)
