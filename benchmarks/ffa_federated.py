@@ -47,7 +47,10 @@ per coordinate per step, scales with each method's lr: at C = 2 FFA-LoRA (lr 5) 
 loss 0.699) vs LoRA 0.702; lncRNA FFA 0.842 (majority) vs LoRA 0.905. CPU check of C on held-out
 *training* rows (SST-2 train slice: one DP client on 2,000 rows, scored on 500 other train rows,
 majority 0.552; 20 rounds x 10 steps, batch 32, ε 6, δ 1e-5, σ 0.646, max length 40): FFA-LoRA
-lr 5, C = 2: 0.544 (balanced 0.505, loss 1.98); C = 0.25: 0.730 (balanced 0.725, loss 0.79).
+lr 5, C = 2: 0.544 (balanced 0.505, loss 1.98); C = 0.25: 0.730 (balanced 0.725, loss 0.79);
+LoRA lr 0.5, C = 2: 0.544 (balanced 0.497, loss 2.47); C = 0.25: 0.552 (balanced 0.50, loss 1.69)
+(one client has no FedAvg averaging of the noise, so LoRA fails at both; the smaller C does not
+hurt it).
 The lrs stay those of the runs without DP (not tuned on the eval set). σ is per client (its own q = 32/n_k, same ε over
 the same 200 steps): SST-2 0.447 (n 19,510) to 1.62 (n 269), lncRNA 0.467 (n 13,589) to 7.0
 (n 53); the result holds the largest client's σ and the range.
