@@ -14,7 +14,13 @@ setting on the GPU in a few minutes:
    white digits: prompts ``<bos> a and b`` or ``<bos> a <null> <null>``.
 3. Two concept LoRAs (this library's ``lora``, r = 8, on to_q/to_k/to_v/to_out.0 of every attention
    layer), DreamBooth-style on single-subject images: concept A = a *red 3* (prompt ``3``), concept
-   B = a *green 7* (prompt ``7``). Text encoder frozen.
+   B = a *green 7* (prompt ``7``). Text encoder frozen. DreamBooth-LoRA recipe: lr 1e-4
+   (``--lora-lr``), no prompt dropout (``--lora-p-uncond 0``: the unconditional branch stays the base
+   model's). The first GPU run used the base model's lr 1e-3 and 10 % dropout: the LoRAs grew to
+   |ΔW|/|W| ≈ 0.3 and gave speckled, cluttered samples in which even a LoRA alone scored ~0 for its
+   concept. Each LoRA alone is also sampled with its own prompt (``3`` / ``7``):
+   ``red3_share_lora_a_own_prompt`` / ``green7_share_lora_b_own_prompt`` say whether it learned its
+   concept at all (the comparison means little unless both are high).
 4. A small CNN that says, for a canvas, whether it holds a red 3 and whether it holds a green 7
    (trained on composed canvases with random classes, colours incl. red/green mixtures, ink
    scaling, blur and noise; its accuracy on held-out glyphs is reported).
@@ -95,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-steps", type=int, default=6000)
     p.add_argument("--lora-steps", type=int, default=600)
+    p.add_argument("--lora-lr", type=float, default=1e-4,
+                   help="concept-LoRA learning rate (DreamBooth-LoRA's usual 1e-4; 1e-3 wrecked the samples)")
+    p.add_argument("--lora-p-uncond", type=float, default=0.0,
+                   help="prompt dropout while training a concept LoRA (0: only its own prompt, as DreamBooth-LoRA; "
+                        "> 0 also teaches the unconditional branch the concept, which CFG then subtracts)")
     p.add_argument("--clf-steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--samples", type=int, default=512, help="test samples per method")
@@ -438,15 +449,27 @@ def main(argv: list[str] | None = None) -> int:
     # (the file that comes back from the GPU), so a resumed run equals an uninterrupted one.
     stages_file = ckpt / "stages.json"
     stages = json.loads(stages_file.read_text()) if stages_file.exists() and not args.smoke else {}
-    shape = {"seed": args.seed, "width": args.width, "batch_size": args.batch_size, "base_steps": args.base_steps,
-             "lora_steps": args.lora_steps, "clf_steps": args.clf_steps}
+    # the options each stage depends on (a LoRA on its base's too); a stage is reused when its record
+    # agrees on those, so a changed LoRA recipe retrains the LoRAs only. Records of older runs carry
+    # every option: only the stage's own keys are compared, and a key they lack (e.g. lora_lr, added
+    # when the 1e-3 LoRAs turned out broken) counts as a mismatch.
+    base_shape = {"seed": args.seed, "width": args.width, "batch_size": args.batch_size, "base_steps": args.base_steps}
+    lora_shape = {**base_shape, "lora_steps": args.lora_steps, "lora_lr": args.lora_lr,
+                  "lora_p_uncond": args.lora_p_uncond}
+    clf_shape = {"seed": args.seed, "batch_size": args.batch_size, "clf_steps": args.clf_steps}
+
+    def shape_of(stage: str) -> dict:
+        return {"base": base_shape, "classifier": clf_shape}.get(stage, lora_shape)
 
     def done(stage: str) -> dict | None:
         rec = stages.get(stage)
-        return rec if rec is not None and rec.get("shape") == shape else None
+        if rec is None:
+            return None
+        have = rec.get("shape", {})
+        return rec if all(k in have and have[k] == v for k, v in shape_of(stage).items()) else None
 
     def finish(stage: str, **figures: float) -> None:
-        stages[stage] = {"shape": shape, **figures}
+        stages[stage] = {"shape": shape_of(stage), **figures}
         stages_file.write_text(json.dumps(stages, indent=2) + "\n")
 
     # 1. base model
@@ -481,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             params = [p for p in unet.parameters() if p.requires_grad]
             unet.train()
             train_diffusion(unet, text, lambda d=digit, c=colour: concept_batch(train_comp, args.batch_size, d, c),
-                            args.lora_steps, 1e-3, params, device, name)
+                            args.lora_steps, args.lora_lr, params, device, name, p_uncond=args.lora_p_uncond)
             unet.eval()
             save_adapter(unet, ckpt / name)
             finish(name, seconds=time.perf_counter() - t0)
@@ -541,10 +564,13 @@ def main(argv: list[str] | None = None) -> int:
         size = 256
         return [min(size, n - i) for i in range(0, n, size)]
 
-    def plain(layers: dict | None, z: torch.Tensor) -> torch.Tensor:
+    def plain(layers: dict | None, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         branches = LoRABranches(unet, [layers])
         with branches.activate(0):
-            return sample(unet, scheduler, cond, uncond, z, args.steps, args.guidance)
+            return sample(unet, scheduler, cond if c is None else c, uncond, z, args.steps, args.guidance)
+
+    with torch.no_grad():  # each LoRA's own training prompt: "3" / "7"
+        own = [text(prompt_tokens(torch.tensor([d], device=device), None))[0] for d in (CONCEPT_A, CONCEPT_B)]
 
     concept_a_tok, concept_b_tok = 1, 3  # positions of "3" and "7" in "<bos> 3 and 7"
     branches = LoRABranches(unet, [None, lora_layers[0], lora_layers[1]])
@@ -593,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
         "clora": lambda z: clora(z, best_eta, best_source),
     }
     images, results = {}, {}
+    own_share = {}
+    for i, (key, col) in enumerate((("red3_share_lora_a_own_prompt", "a"), ("green7_share_lora_b_own_prompt", "b"))):
+        own_share[key] = shares(run(lambda z, i=i: plain(lora_layers[i], z, own[i]), args.samples, test_seed))[col]
+        print(f"[test] {key}: {own_share[key]:.3f}", flush=True)
     for name, fn in methods.items():
         t1 = time.perf_counter()
         images[name] = run(fn, args.samples, test_seed)
@@ -617,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         "classifier_both_on_olive_composites": clf_both_on_mixed,
         "base_train_loss": base_loss,
         "unet_params": n_unet,
-        "base_steps": args.base_steps, "lora_steps": args.lora_steps, "ddim_steps": args.steps,
+        "base_steps": args.base_steps, "lora_steps": args.lora_steps, "lora_lr": args.lora_lr,
+        "lora_p_uncond": args.lora_p_uncond, "ddim_steps": args.steps,
         "guidance_scale": args.guidance, "attention_res": args.attention_res,
         "seconds_base": base_seconds, "seconds_loras": lora_seconds, "seconds_classifier": clf_seconds,
         "seconds_generation": gen_seconds, "seconds_total": time.perf_counter() - t_start,
@@ -626,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics[f"both_share_{name}"] = r["both"]
         metrics[f"red3_share_{name}"] = r["a"]
         metrics[f"green7_share_{name}"] = r["b"]
+    metrics.update(own_share)
     for (eta, source), v in val_share.items():
         metrics[f"val_both_share_step{eta:g}_{source}"] = v
     print(metrics, flush=True)
