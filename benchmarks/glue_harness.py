@@ -321,6 +321,20 @@ def run_many(runs: list[GlueRun], out_jsonl: str | os.PathLike, workers: int = 4
 _TRAIN_SIZE = {"sst2": 67349, "cola": 8551, "mrpc": 3668, "rte": 2490}
 
 
+def best_rate(results: list[dict[str, Any]], tag: str) -> float:
+    """The learning rate of ``tag``'s sweep runs (tagged ``sweep/<tag>/lr<rate>``) with the best accuracy
+    on the carved slice; ties go to the smaller rate."""
+    mine = [r for r in results if r["tag"].startswith(f"sweep/{tag}/")]
+    return max(mine, key=lambda r: (r["holdout_accuracy"], -r["lr"]))["lr"]
+
+
+def rate_tag(tag: str, lr: float, grid: Iterable[float]) -> str:
+    """The tag of ``tag``'s main runs: the method's own at a rate of its first grid, else with the rate in
+    it (``<tag>/lr<rate>``, a rate from an extended grid): the raw file keys runs by tag/task/seed, so
+    runs at the old rate must not count as done."""
+    return tag if lr in tuple(grid) else f"{tag}/lr{lr:g}"
+
+
 def mean_std(values: list[float]) -> dict[str, float]:
     """``{"mean", "std", "n"}`` (sample std; 0 for one value)."""
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,

@@ -47,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue_harness import GlueRun, run_many, run_stats  # noqa: E402
+from glue_harness import GlueRun, best_rate, rate_tag, run_many, run_stats  # noqa: E402
 
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
@@ -116,27 +116,18 @@ def choose_lrs(args: argparse.Namespace, extra: dict[str, Any], out_dir: Path, w
         return run_many(runs, out_dir / f"{NAME}_runs.jsonl", workers=workers, device=device,
                         threads=1 if args.smoke else 2)
 
-    def best(swept: list[dict[str, Any]], t: str) -> float:
-        return max((r for r in swept if r["tag"].startswith(f"sweep/{t}/")),
-                   key=lambda r: (r["holdout_accuracy"], -r["lr"]))["lr"]
-
     swept = sweep({t: list(args.lr_grid) for t in kwargs})
     # a method whose best rate is the grid's top may peak above it (session 5: IncreLoRA, which starts
     # at rank 1, still gained 1.2 points from 1e-3 to 2e-3): try EXTENDED_GRID too, once
-    edge = {t: list(EXTENDED_GRID) for t in kwargs if best(swept, t) == max(args.lr_grid)}
+    edge = {t: list(EXTENDED_GRID) for t in kwargs if best_rate(swept, t) == max(args.lr_grid)}
     if edge and not args.smoke:
         print("best rate at the top of the grid, sweeping", EXTENDED_GRID, "too:", sorted(edge), flush=True)
         swept += sweep(edge)
-    return {t: best(swept, t) for t in kwargs}
+    return {t: best_rate(swept, t) for t in kwargs}
 
 
 #: tried when a method's best rate is the top of ``--lr-grid`` (see :func:`choose_lrs`)
 EXTENDED_GRID = (5e-3, 1e-2)
-
-
-def run_tag(method: str, lr: float, grid: list[float]) -> str:
-    """Main runs at a rate from the extension get their own tag: the raw file keys runs by tag/task/seed."""
-    return method if lr in grid else f"{method}/lr{lr:g}"
 
 
 def make_runs(args: argparse.Namespace, steps: dict[str, int], extra: dict[str, Any],
@@ -148,10 +139,10 @@ def make_runs(args: argparse.Namespace, steps: dict[str, int], extra: dict[str, 
         incre_lr = PAPER[task]["lr"] if args.increlora_lr == "paper" else lrs["increlora"]
         for seed in args.seeds:
             common = dict(task=task, seed=seed, steps=steps[task], **extra)
-            runs.append(GlueRun("lora", method_kwargs=lora, tag=run_tag("lora", lrs["lora"], args.lr_grid),
+            runs.append(GlueRun("lora", method_kwargs=lora, tag=rate_tag("lora", lrs["lora"], args.lr_grid),
                                 lr=lrs["lora"], **common))
             runs.append(GlueRun("increlora", method_kwargs=incre, lr=incre_lr,
-                                tag=run_tag("increlora", incre_lr, [*args.lr_grid, *(p["lr"] for p in PAPER.values())]),
+                                tag=rate_tag("increlora", incre_lr, [*args.lr_grid, *(p["lr"] for p in PAPER.values())]),
                                 **common))
     return runs
 

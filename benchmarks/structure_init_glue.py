@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.glue_harness import GlueRun, mean_std, read_jsonl, run_many  # noqa: E402
+from benchmarks.glue_harness import GlueRun, best_rate, mean_std, rate_tag, read_jsonl, run_many  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
 #: tag -> (registered method, config); dropout 0.05 where the method has dropout (ALLoRA forbids it)
@@ -86,19 +86,12 @@ def sweep_runs(tags: list[str], steps: int, smoke: bool, grid: dict[str, tuple[f
 
 def at_top_edge(results: list[dict[str, Any]], tags: list[str]) -> list[str]:
     """Tags whose chosen rate is the largest of their grid: their optimum may lie above it."""
-    return [t for t in tags if choose_lr(results, t) == max(LR_GRIDS.get(t, LR_GRID))]
+    return [t for t in tags if best_rate(results, t) == max(LR_GRIDS.get(t, LR_GRID))]
 
 
 def run_tag(tag: str, lr: float) -> str:
-    """The tag of ``tag``'s main runs: the method's own for a rate of its first grid, else with the rate
-    in it (the raw file keys runs by tag/task/seed, so runs at the old rate must not count as done)."""
-    return tag if lr in LR_GRIDS.get(tag, LR_GRID) else f"{tag}/lr{lr:g}"
-
-
-def choose_lr(results: list[dict[str, Any]], tag: str) -> float:
-    """The grid rate with the best accuracy on the carved slice (ties: the smaller rate)."""
-    mine = [r for r in results if r["tag"].startswith(f"sweep/{tag}/")]
-    return max(mine, key=lambda r: (r["holdout_accuracy"], -r["lr"]))["lr"]
+    """The tag of ``tag``'s main runs (see :func:`benchmarks.glue_harness.rate_tag`)."""
+    return rate_tag(tag, lr, LR_GRIDS.get(tag, LR_GRID))
 
 
 def main_runs(tags: list[str], lrs: dict[str, float], smoke: bool) -> list[GlueRun]:
@@ -189,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print("best rate at the top of the grid, sweeping", EXTENDED_GRID, "too:", edge, flush=True)
         sweep += run_many(sweep_runs(edge, args.sweep_steps, args.smoke, {t: EXTENDED_GRID for t in edge}),
                           args.raw, args.workers, threads=args.threads)
-    lrs = {t: choose_lr(sweep, t) for t in tags}
+    lrs = {t: best_rate(sweep, t) for t in tags}
     print("learning rates chosen on the carved SST-2 slice:", lrs, flush=True)
     if args.phase == "sweep":
         return 0
