@@ -6,7 +6,8 @@ unquantized model. Writes ``<out>/lq_lora_smollm2.json``.
 
 Keys: ``ppl_gain_vs_nf3_at_2_75`` = perplexity of the NF3 preset (3.127 bits) minus that of Fisher-weighted
 LQ-LoRA at a 2.75-bit budget (the paper's headline configuration; ``..._no_fisher`` for the unweighted
-one); ``ilp_seconds`` = the longest single ILP solve over all matrices (HiGHS); per variant
+one); ``ilp_seconds`` = the longest single ILP solve over all matrices (HiGHS, relative gap ``--ilp-gap``,
+default 1e-4 as Gurobi's; ``benchmarks/lq_ilp_gap.py`` compares it with exact solves); per variant
 ``ppl/<variant>``, ``recon_rel_err/<variant>`` (‖W − Q − L1L2‖ / ‖W‖ over all targeted matrices) and
 ``bits/<variant>`` (exact packed bits per quantized parameter).
 
@@ -67,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning_lora as ll  # noqa: E402
 from lightning_lora.methods.lq_lora import LQLoRA, quantized_storage_bits, target_weights  # noqa: E402
 from lightning_lora.quant import FULL_GRID, SMALL_GRID, build_cost_table, estimate_fisher, parse_config, solve_ilp  # noqa: E402
-from lightning_lora.quant.ilp import CostTable, storage_table  # noqa: E402
+from lightning_lora.quant.ilp import DEFAULT_MIP_REL_GAP, CostTable, storage_table  # noqa: E402
 from benchmarks.glue_harness import read_jsonl  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
@@ -193,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tables-only", action="store_true",
                    help="only the Fisher pass and the cost tables, recorded in --raw, then exit: they take about "
                         "an hour of one CPU core, so a CPU machine can build them and the GPU run only evaluates")
+    p.add_argument("--ilp-gap", type=float, default=DEFAULT_MIP_REL_GAP,
+                   help="HiGHS relative MIP gap (default: Gurobi's 1e-4; 0 proves optimality, up to ~8x slower)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: nothing)")
     args = p.parse_args(argv)
@@ -224,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     done = [row for row in read_jsonl(raw) if row.get("sig") == sig] if raw is not None and raw.exists() else []
     done_tables = {row["key"]: row for row in done if row["kind"] == "table"}
     done_evals = {row["tag"]: row["metrics"] for row in done if row["kind"] == "eval"}
+    # the configs an ILP variant was evaluated with: a solve that now picks others is evaluated again
+    done_choices = {row["tag"]: row.get("choice") for row in done if row["kind"] == "eval"}
 
     def record(row: dict[str, Any]) -> None:
         if raw is not None:
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = [row for row in read_jsonl(raw) if row.get("sig") == sig]
             done_tables.update({row["key"]: row for row in rows if row["kind"] == "table"})
             done_evals.update({row["tag"]: row["metrics"] for row in rows if row["kind"] == "eval"})
+            done_choices.update({row["tag"]: row.get("choice") for row in rows if row["kind"] == "eval"})
 
     def need_fisher() -> dict[str, torch.Tensor]:
         """Per-parameter Fisher from the calibration blocks (per-example squared gradients), once."""
@@ -276,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tables[key] = build_cost_table(weights, rank, grid, max_iters=args.cost_iters, fisher=f, progress=progress)
         metrics[f"cost_table_seconds/{key}"] = time.perf_counter() - t
-        record({"kind": "table", "key": key, "names": tables[key].names, "configs": [c.name for c in cfgs],
+        record({"kind": "table", "key": key, "names": tables[key].names, "numels": tables[key].numels,
+                "configs": [c.name for c in cfgs],
                 "cost": tables[key].cost.tolist(), "seconds": metrics[f"cost_table_seconds/{key}"]})
         print(f"cost table {key}: {metrics[f'cost_table_seconds/{key}']:.1f} s", flush=True)
         return tables[key]
@@ -289,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     if "fisher" in done_evals:
         metrics.update(done_evals["fisher"])
 
-    def evaluate(tag: str, build: Any) -> None:
-        """``tag``'s figures: from the raw file when an earlier run finished them, else ``build()``'s model."""
+    def evaluate(tag: str, build: Any, choice: list[str] | None = None) -> None:
+        """``tag``'s figures: from the raw file when an earlier run finished them (with the same
+        per-matrix ``choice`` for ILP variants), else ``build()``'s model."""
+        if tag in done_evals and choice is not None and done_choices.get(tag) != choice:
+            print(f"{tag}: the ILP now picks other configs than the recorded evaluation; evaluating again", flush=True)
+            del done_evals[tag]
         if tag in done_evals:
             metrics.update(done_evals[tag])
             print(f"{tag}: from {raw}", flush=True)
@@ -304,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         metrics.update(found)
-        record({"kind": "eval", "tag": tag, "metrics": found})
+        record({"kind": "eval", "tag": tag, "metrics": found, **({} if choice is None else {"choice": choice})})
         print(f"{tag}: ppl {found[f'ppl/{tag}']:.3f}  recon {found[f'recon_rel_err/{tag}']:.4f}  "
               f"bits {found[f'bits/{tag}']:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -329,16 +340,17 @@ def main(argv: list[str] | None = None) -> int:
             if budget not in args.budgets and tag not in done_evals:
                 missing.append(tag)
                 continue
-            sol = solve_ilp(tab, budget)
+            sol = solve_ilp(tab, budget, mip_rel_gap=args.ilp_gap)
             ilp_seconds = max(ilp_seconds, sol.seconds)
+            metrics[f"ilp_solve_seconds/{tag}"] = sol.seconds
             configs = {n: c.name for n, c in sol.choice.items()}
             metrics[f"ilp_bits/{tag}"] = sol.bits_per_param
             metrics[f"mean_weight_bits/{tag}"] = sum(parse_config(c).bits * weights[n].numel() for n, c in configs.items()) / sum(
                 w.numel() for w in weights.values())
             evaluate(tag, lambda configs=configs, key=key: build_variant(
                 base, args.r, configs, args.final_iters, need_fisher() if key == "lq_fisher" else None,
-                zero_lora=key == "nf"))
-    metrics["ilp_seconds"] = ilp_seconds
+                zero_lora=key == "nf"), choice=[configs[n] for n in tab.names])
+    metrics["ilp_seconds"], metrics["ilp_mip_rel_gap"] = ilp_seconds, args.ilp_gap
     for key, tag in (("ppl_gain_vs_nf3_at_2_75", "lq_fisher_2.75"), ("ppl_gain_vs_nf3_at_2_75_no_fisher", "lq_2.75")):
         if f"ppl/{tag}" in metrics:
             metrics[key] = metrics["ppl/nf3"] - metrics[f"ppl/{tag}"]

@@ -42,7 +42,7 @@ from ..core.config import AdapterConfig, Method, make_config, register
 from ..core.inject import adapter_layers, find_targets, inject_adapter, _set_submodule
 from ..core.layer import AdapterLayer, linear_shape
 from ..quant.decompose import Decomposition, lq_decompose
-from ..quant.ilp import SMALL_GRID, CostTable, ILPSolution, build_cost_table, solve_ilp
+from ..quant.ilp import DEFAULT_MIP_REL_GAP, SMALL_GRID, CostTable, ILPSolution, build_cost_table, solve_ilp
 from ..quant.linear import QuantizedLinear
 from ..quant.nf import QuantConfig, parse_config
 
@@ -257,6 +257,7 @@ def plan_lq_lora(
     fisher: dict[str, torch.Tensor] | None = None,
     max_iters: int = 100,
     time_limit: float = 60.0,
+    mip_rel_gap: float = DEFAULT_MIP_REL_GAP,
     table: CostTable | None = None,
     **target_kwargs: Any,
 ) -> tuple[ILPSolution, CostTable]:
@@ -269,7 +270,7 @@ def plan_lq_lora(
     if table is None:
         weights = target_weights(model, **target_kwargs)
         table = build_cost_table(weights, r, configs, max_iters=max_iters, fisher=fisher)
-    return solve_ilp(table, budget, time_limit=time_limit), table
+    return solve_ilp(table, budget, time_limit=time_limit, mip_rel_gap=mip_rel_gap), table
 
 
 def quantize_model(

@@ -26,7 +26,7 @@ from lightning_lora.quant import (
     storage_bits,
     unpack_codes,
 )
-from lightning_lora.quant.ilp import CostTable, brute_force, storage_table
+from lightning_lora.quant.ilp import DEFAULT_MIP_REL_GAP, CostTable, brute_force, storage_table
 from lightning_lora.quant.nf import block_scales, layout
 
 NF4_TABLE = [-1, -.6962, -.5251, -.3949, -.2844, -.1848, -.0910, 0, .0796, .1609, .2461, .3379, .4407, .5626, .7230, 1]
@@ -253,10 +253,26 @@ def _toy_table(seed: int = 0) -> CostTable:
 @pytest.mark.parametrize("budget", [2.3, 2.6, 3.0, 3.4, 3.9, 4.5, 6.0, 9.0])
 def test_ilp_equals_brute_force(budget):
     table = _toy_table()
-    sol = solve_ilp(table, budget)
+    sol = solve_ilp(table, budget, mip_rel_gap=0.0)
     best, _ = brute_force(table, budget)
     assert math.isclose(sol.objective, best, rel_tol=1e-9)
     assert sol.bits_per_param <= budget + 1e-12 and len(sol.choice) == 3
+
+
+def test_ilp_default_gap_within_tolerance_of_optimum():
+    # 6 matrices x 4 configs: brute force over 4^6 picks; the default gap must stay within 1e-4 of it
+    rng = np.random.default_rng(3)
+    configs = [parse_config(p) for p in ("nf2", "nf3", "nf4", "nf8")]
+    numels = [int(n) for n in rng.integers(1, 8, size=6) * 2048]
+    cost = np.array([[rng.uniform(0.5, 2) * 4.0 ** -c.bits * n for c in configs] for n in numels])
+    table = CostTable([f"m{i}" for i in range(6)], numels, configs, cost, storage_table(numels, configs))
+    for budget in (2.4, 3.1, 3.7, 5.0):
+        sol = solve_ilp(table, budget)
+        best, _ = brute_force(table, budget)
+        assert best <= sol.objective <= best * (1 + DEFAULT_MIP_REL_GAP) + 1e-12
+        assert sol.bits_per_param <= budget + 1e-12
+    with pytest.raises(ValueError, match="mip_rel_gap"):
+        solve_ilp(table, 3.0, mip_rel_gap=-1.0)
 
 
 def test_ilp_properties():
