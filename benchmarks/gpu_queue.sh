@@ -46,6 +46,9 @@ start)
     echo $DEADLINE >/tmp/deadline  # for `watch`
     if [[ ! -d $W ]]; then
         mkdir -p $W && tar -c --exclude=./.carry --exclude='./.whl*' --exclude=./.git . | tar -x -C $W
+    else
+        # a later group gets the code as it is now (results and raw files in $W stay as the jobs left them)
+        tar -c benchmarks/*.py benchmarks/lncrna_peers lightning_lora lncrna/*.py | tar -x -C $W
     fi
     mkdir -p $LOGS
     export PYTHONPATH=/tmp/site OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -61,6 +64,9 @@ start)
             $PY benchmarks/dylora_sst2.py --mode full --workers 2 --threads 1"
         # rank 8 trains only in the ~1/8 of steps that sample it: the one DyLoRA run twice as long
         launch dylora_long $PY benchmarks/dylora_sst2.py --mode full --dylora-steps 2000 --workers 2 --threads 1
+        # per-method rate grids extended past their edges (#4 bars 2 and 3)
+        launch increlora $PY benchmarks/increlora_glue.py --sst2-steps 1000 --workers ${GLUE_WORKERS:-3}
+        launch flexora $PY benchmarks/flexora_glue.py --sst2-steps 1000 --workers ${GLUE_WORKERS:-3}
     elif [[ $group == smollm2 ]]; then
         # the lncRNA FASTA files may travel in .carry/lnc_* (the checkout slimmed to make room for weights)
         if compgen -G ".carry/lnc_*/*.fa.gz" >/dev/null; then mkdir -p $W/data/lncrna && cp .carry/lnc_*/*.fa.gz $W/data/lncrna/; fi
