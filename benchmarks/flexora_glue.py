@@ -5,7 +5,22 @@ with LoRA on query/key/value/attention-output/intermediate/output of every block
 trained in full, ``SequenceClassifier`` with AdamW and linear warmup/decay) with ``holdout=True``
 for BOTH methods: the Trainer's validation set is a 10% slice carved from train (Flexora's gate
 batches come from there) and the reported accuracy is on the GLUE dev set, which neither method
-ever sees during training. Same r, α, lr, batch size and data order for both.
+ever sees during training. Same r, α, batch size and data order for both.
+
+Learning rates: each method gets its own, chosen by accuracy on the 10% slice carved from SST-2
+train (``holdout=True``; seed 0, ``--sweep-steps`` steps, Flexora searching the same
+``search_fraction`` of them) over ``--lr-grid`` (default 2.5e-4, 5e-4, 1e-3, 2e-3); the reported eval
+split (the GLUE dev set) is never read for this, and the one rate per method serves both tasks. A
+method whose best rate is the grid's top is tried once more at 2× and 4× the top (4e-3, 8e-3), one
+whose best is the grid's bottom once at half the bottom (1.25e-4); ties go to the smaller rate
+(``glue_harness.best_rate``). (Flexora's gate batches come from that same carved slice, so its sweep
+score is on rows its gates were trained on; the reported dev accuracy is not affected.) Flexora's
+gate lr (``--gate-lr``) stays fixed. ``--lr X`` skips the sweep and runs both methods at X (the
+behaviour before the sweep, whose fixed rate was 5e-4). Main runs at a rate other than 5e-4 are
+tagged ``<method>/lr<rate>`` (``glue_harness.rate_tag``), so resuming from the raw file never reuses
+a run made at another rate; the sweep runs are tagged ``sweep/<method>/lr<rate>``. The chosen rates
+are ``rte_lora_lr``, ``rte_flexora_lr``, ``sst2_lora_lr`` and ``sst2_flexora_lr``, the sweep's slice
+accuracies (points) ``sweep_<method>_accuracy_lr<rate>``.
 
 Step budget: the same total optimizer steps for both. Flexora spends the first
 ``search_fraction`` of them searching (LoRA in every block, gates trained on validation batches:
@@ -26,9 +41,10 @@ method, mean/std over seeds of accuracy (points), trainable parameters and layer
 bar's keys ``rte_gain_vs_lora`` and ``sst2_gain_vs_lora`` (Flexora minus LoRA mean accuracy, points)
 and ``trainable_params_ratio_vs_lora`` (mean Flexora trainable parameters over LoRA's, head and
 pooler included, both tasks pooled; ``adapter_params_ratio_vs_lora`` counts the LoRA factors only).
-Per-run rows go to ``<out>/flexora_glue_runs.jsonl`` (resumable).
+Per-run rows go to ``<out>/flexora_glue_runs.jsonl`` (resumable; keyed by tag/task/seed, not by the
+step counts, so a run with other ``--*-steps`` needs another ``--out``).
 
-    python benchmarks/flexora_glue.py                 # full run on a GPU (~4-6 min on one H200)
+    python benchmarks/flexora_glue.py                 # full run on a GPU (~4-6 min on one H200, plus the sweep)
     python benchmarks/flexora_glue.py --smoke         # CPU smoke: tiny subsets, a few steps, temp dir
 """
 
@@ -46,13 +62,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue_harness import GlueRun, mean_std, run_many, run_stats  # noqa: E402
+from glue_harness import GlueRun, best_rate, mean_std, rate_tag, run_many, run_stats  # noqa: E402
 
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
 NAME = "flexora_glue"
 TASKS = ("rte", "sst2")
 NUM_BLOCKS = 6  # all-MiniLM-L6-v2
+METHODS = ("lora", "flexora")
+#: the fixed rate of the runs before the sweep: main runs at it keep the plain tags ``lora``/``flexora``
+FIXED_LR = 5e-4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--search-fraction", type=float, default=0.2, help="share of the steps Flexora searches")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="one fixed lr for both methods, no sweep (default: each method's chosen on a slice of SST-2 train)")
+    p.add_argument("--lr-grid", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3, 2e-3])
+    p.add_argument("--sweep-steps", type=int, default=400, help="steps of each sweep run (SST-2, seed 0)")
     p.add_argument("--gate-lr", type=float, default=0.01)
     p.add_argument("--gate-batches", type=int, default=2)
     p.add_argument("--gate-batch-size", type=int, default=32)
@@ -74,24 +96,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_runs(args: argparse.Namespace, steps: dict[str, int], extra: dict[str, Any]) -> list[GlueRun]:
-    runs: list[GlueRun] = []
+def method_kwargs(args: argparse.Namespace, method: str, steps: int) -> dict[str, Any]:
     lora = dict(r=args.r, alpha=args.alpha)
+    if method == "lora":
+        return lora
+    search = max(1, round(args.search_fraction * steps))
+    return dict(lora, search_steps=search, gate_lr=args.gate_lr, gate_batches=args.gate_batches,
+                gate_batch_size=args.gate_batch_size)
+
+
+def grid_extension(best: float, grid: list[float]) -> list[float]:
+    """Rates to try once more when ``best`` sits on an edge of ``grid``: 2× and 4× the top, or half the
+    bottom; none otherwise."""
+    if best == max(grid):
+        return [2 * best, 4 * best]
+    if best == min(grid):
+        return [best / 2]
+    return []
+
+
+def choose_lrs(args: argparse.Namespace, extra: dict[str, Any], out_dir: Path, workers: int,
+               device: str | None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Each method's lr (and the sweep's rows): the best of ``--lr-grid`` (extended once at an edge, see
+    :func:`grid_extension`) by accuracy on the 10% slice carved from SST-2 train (seed 0,
+    ``--sweep-steps``); the reported GLUE dev sets are never read for this."""
+    steps = 4 if args.smoke else args.sweep_steps
+
+    def sweep(grids: dict[str, list[float]]) -> list[dict[str, Any]]:
+        runs = [GlueRun(m, "sst2", 0, method_kwargs(args, m, steps), lr=lr, steps=steps, holdout=True,
+                        tag=f"sweep/{m}/lr{lr:g}", **extra) for m, grid in grids.items() for lr in grid]
+        return run_many(runs, out_dir / f"{NAME}_runs.jsonl", workers=workers, device=device,
+                        threads=1 if args.smoke else 2)
+
+    swept = sweep({m: list(args.lr_grid) for m in METHODS})
+    edge = {m: ext for m in METHODS if (ext := grid_extension(best_rate(swept, m), args.lr_grid))}
+    if edge and not args.smoke:
+        print("best rate at an edge of the grid, sweeping also:", edge, flush=True)
+        swept += sweep(edge)
+    return {m: best_rate(swept, m) for m in METHODS}, swept
+
+
+def make_runs(args: argparse.Namespace, steps: dict[str, int], extra: dict[str, Any],
+              lrs: dict[str, float]) -> list[GlueRun]:
+    runs: list[GlueRun] = []
     for task in TASKS:
-        search = max(1, round(args.search_fraction * steps[task]))
-        flexora = dict(lora, search_steps=search, gate_lr=args.gate_lr, gate_batches=args.gate_batches,
-                       gate_batch_size=args.gate_batch_size)
         for seed in args.seeds:
-            common = dict(task=task, seed=seed, lr=args.lr, steps=steps[task], holdout=True, **extra)
-            runs.append(GlueRun("lora", method_kwargs=lora, tag="lora", **common))
-            runs.append(GlueRun("flexora", method_kwargs=flexora, tag="flexora", **common))
+            common = dict(task=task, seed=seed, steps=steps[task], holdout=True, **extra)
+            for m in METHODS:
+                # plain tag only at FIXED_LR: the raw file's runs from before the sweep are at that rate
+                runs.append(GlueRun(m, method_kwargs=method_kwargs(args, m, steps[task]), lr=lrs[m],
+                                    tag=rate_tag(m, lrs[m], [FIXED_LR]), **common))
     return runs
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     by: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in results:
-        by.setdefault((r["tag"], r["task"]), []).append(r)
+    for r in results:  # "flexora/lr0.001" (a rate other than FIXED_LR) counts as "flexora"
+        by.setdefault((r["tag"].split("/")[0], r["task"]), []).append(r)
     metrics: dict[str, Any] = {}
     for task in TASKS:
         lora, flex = by[("lora", task)], by[("flexora", task)]
@@ -110,8 +171,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
                 kept = sum(block in s["selected"] for s in summaries) / len(summaries)
                 metrics[f"{task}_flexora_block{i}_selected_fraction"] = kept
         metrics[f"{task}_gain_vs_lora"] = metrics[f"{task}_flexora_accuracy"] - metrics[f"{task}_lora_accuracy"]
-    flex_all = [r for r in results if r["tag"] == "flexora"]
-    lora_all = [r for r in results if r["tag"] == "lora"]
+    flex_all = [r for r in results if r["tag"].split("/")[0] == "flexora"]
+    lora_all = [r for r in results if r["tag"].split("/")[0] == "lora"]
     for key in ("trainable_params", "adapter_params"):
         ratio = statistics.fmean(r[key] for r in flex_all) / statistics.fmean(r[key] for r in lora_all)
         metrics[f"{key}_ratio_vs_lora"] = ratio
@@ -138,15 +199,29 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(args.out)
         device = args.device
         workers = args.workers
-    runs = make_runs(args, steps, extra)
     start = time.perf_counter()
+    swept: list[dict[str, Any]] = []
+    if args.lr is None:
+        lrs, swept = choose_lrs(args, extra, out_dir, workers, device)
+    else:
+        lrs = {m: args.lr for m in METHODS}
+    print("learning rates:", lrs, flush=True)
+    runs = make_runs(args, steps, extra, lrs)
     results = run_many(runs, out_dir / f"{NAME}_runs.jsonl", workers=workers, device=device,
                        threads=1 if args.smoke else 2)
     metrics = summarise(results)
     metrics.update(rte_steps=steps["rte"], sst2_steps=steps["sst2"], search_fraction=args.search_fraction,
-                   r=args.r, alpha=args.alpha, lr=args.lr, gate_lr=args.gate_lr, gate_batches=args.gate_batches,
-                   gate_batch_size=args.gate_batch_size, wall_seconds=time.perf_counter() - start)
+                   r=args.r, alpha=args.alpha, gate_lr=args.gate_lr, gate_batches=args.gate_batches,
+                   gate_batch_size=args.gate_batch_size, lr_selection="sweep" if args.lr is None else "fixed",
+                   wall_seconds=time.perf_counter() - start)
+    if args.lr is not None:
+        metrics["lr"] = args.lr
+    else:
+        metrics.update(lr_grid=list(args.lr_grid), sweep_steps=args.sweep_steps if not args.smoke else 4)
+        for r in swept:  # accuracy (points) on the slice carved from SST-2 train
+            metrics[f"sweep_{r['tag'].split('/')[1]}_accuracy_lr{r['lr']:g}"] = 100.0 * r["holdout_accuracy"]
     for task in TASKS:
+        print(f"{task}: lr LoRA {metrics[f'{task}_lora_lr']:g} Flexora {metrics[f'{task}_flexora_lr']:g}", flush=True)
         print(f"{task}: LoRA {metrics[f'{task}_lora_accuracy']:.2f} ± {metrics[f'{task}_lora_accuracy_std']:.2f}  "
               f"Flexora {metrics[f'{task}_flexora_accuracy']:.2f} ± {metrics[f'{task}_flexora_accuracy_std']:.2f}  "
               f"gain {metrics[f'{task}_gain_vs_lora']:+.2f} points, "
