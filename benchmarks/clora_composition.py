@@ -14,13 +14,20 @@ setting on the GPU in a few minutes:
    white digits: prompts ``<bos> a and b`` or ``<bos> a <null> <null>``.
 3. Two concept LoRAs (this library's ``lora``, r = 8, on to_q/to_k/to_v/to_out.0 of every attention
    layer), DreamBooth-style on single-subject images: concept A = a *red 3* (prompt ``3``), concept
-   B = a *green 7* (prompt ``7``). Text encoder frozen. DreamBooth-LoRA recipe: lr 1e-4
-   (``--lora-lr``), no prompt dropout (``--lora-p-uncond 0``: the unconditional branch stays the base
-   model's). The first GPU run used the base model's lr 1e-3 and 10 % dropout: the LoRAs grew to
-   |ΔW|/|W| ≈ 0.3 and gave speckled, cluttered samples in which even a LoRA alone scored ~0 for its
-   concept. Each LoRA alone is also sampled with its own prompt (``3`` / ``7``):
-   ``red3_share_lora_a_own_prompt`` / ``green7_share_lora_b_own_prompt`` say whether it learned its
-   concept at all (the comparison means little unless both are high).
+   B = a *green 7* (prompt ``7``). Text encoder frozen. DreamBooth-LoRA recipe: no prompt dropout
+   (``--lora-p-uncond 0``: the unconditional branch stays the base model's). The first GPU run used
+   the base model's lr 1e-3 and 10 % dropout: the LoRAs grew to |ΔW|/|W| ≈ 0.3 and gave speckled,
+   cluttered samples in which even a LoRA alone scored ~0 for its concept. Which lr learns the concept
+   in ``--lora-steps`` at this scale is unverified (DreamBooth-LoRA's usual 1e-4 may be too slow for
+   600 steps), so one LoRA per concept is trained at each ``--lora-lr`` (default 1e-4 3e-4 1e-3, each
+   its own resumable stage) and the lr is chosen per concept on the VALIDATION noise (the seeds that
+   also choose CLoRA's step size, ``--val-samples`` samples): the LoRA alone, sampled with its own
+   prompt (``3`` / ``7``), with the highest share of its concept (red 3 / green 7; ties -> the smaller
+   lr); ``val_red3_share_lora_a/lr<lr>``, ``val_green7_share_lora_b/lr<lr>``, ``lora_a_lr`` and
+   ``lora_b_lr`` report it. Only the chosen LoRAs are used from then on. They are sampled alone with
+   their own prompt on the TEST noise too: ``red3_share_lora_a_own_prompt`` /
+   ``green7_share_lora_b_own_prompt`` say whether they learned their concept at all (the comparison
+   means little unless both are high).
 4. A small CNN that says, for a canvas, whether it holds a red 3 and whether it holds a green 7
    (trained on composed canvases with random classes, colours incl. red/green mixtures, ink
    scaling, blur and noise; its accuracy on held-out glyphs is reported).
@@ -101,8 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-steps", type=int, default=6000)
     p.add_argument("--lora-steps", type=int, default=600)
-    p.add_argument("--lora-lr", type=float, default=1e-4,
-                   help="concept-LoRA learning rate (DreamBooth-LoRA's usual 1e-4; 1e-3 wrecked the samples)")
+    p.add_argument("--lora-lr", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
+                   help="concept-LoRA learning rates: one LoRA per concept and lr, the lr chosen per concept on "
+                        "the validation noise (share of its concept, LoRA alone on its own prompt)")
     p.add_argument("--lora-p-uncond", type=float, default=0.0,
                    help="prompt dropout while training a concept LoRA (0: only its own prompt, as DreamBooth-LoRA; "
                         "> 0 also teaches the unconditional branch the concept, which CFG then subtracts)")
@@ -121,10 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="which CFG half the maps come from; several = chosen on the validation noise too")
     p.add_argument("--width", type=int, default=64, help="UNet base channels")
     args = p.parse_args(argv)
+    args.lora_lr = sorted(set(args.lora_lr))
     if args.smoke:
         args.base_steps, args.lora_steps, args.clf_steps = 4, 2, 4
         args.batch_size, args.samples, args.val_samples, args.steps = 4, 2, 2, 3
         args.step_sizes, args.max_iter_to_alter, args.width = [0.0, 10.0], 2, 16
+        if len(args.lora_lr) > 2:  # still exercises the choice of the lr
+            args.lora_lr = args.lora_lr[:2]
     return args
 
 
@@ -452,24 +463,24 @@ def main(argv: list[str] | None = None) -> int:
     # the options each stage depends on (a LoRA on its base's too); a stage is reused when its record
     # agrees on those, so a changed LoRA recipe retrains the LoRAs only. Records of older runs carry
     # every option: only the stage's own keys are compared, and a key they lack (e.g. lora_lr, added
-    # when the 1e-3 LoRAs turned out broken) counts as a mismatch.
+    # when the 1e-3 LoRAs turned out broken) counts as a mismatch. Each concept LoRA is one stage per
+    # lr ("lora_a_red3_lr0.0001", its single lr in its shape); a record of a single-lr run (stage
+    # "lora_a_red3") still serves as the stage of its lr when every other option matches too.
     base_shape = {"seed": args.seed, "width": args.width, "batch_size": args.batch_size, "base_steps": args.base_steps}
-    lora_shape = {**base_shape, "lora_steps": args.lora_steps, "lora_lr": args.lora_lr,
-                  "lora_p_uncond": args.lora_p_uncond}
     clf_shape = {"seed": args.seed, "batch_size": args.batch_size, "clf_steps": args.clf_steps}
 
-    def shape_of(stage: str) -> dict:
-        return {"base": base_shape, "classifier": clf_shape}.get(stage, lora_shape)
+    def lora_shape(lr: float) -> dict:
+        return {**base_shape, "lora_steps": args.lora_steps, "lora_lr": lr, "lora_p_uncond": args.lora_p_uncond}
 
-    def done(stage: str) -> dict | None:
+    def done(stage: str, shape: dict) -> dict | None:
         rec = stages.get(stage)
         if rec is None:
             return None
         have = rec.get("shape", {})
-        return rec if all(k in have and have[k] == v for k, v in shape_of(stage).items()) else None
+        return rec if all(k in have and have[k] == v for k, v in shape.items()) else None
 
-    def finish(stage: str, **figures: float) -> None:
-        stages[stage] = {"shape": shape_of(stage), **figures}
+    def finish(stage: str, shape: dict, **figures: float) -> None:
+        stages[stage] = {"shape": shape, **figures}
         stages_file.write_text(json.dumps(stages, indent=2) + "\n")
 
     # 1. base model
@@ -477,14 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     unet, text = make_unet(args.width).to(device), TinyTextEncoder().to(device)
     n_unet = sum(p.numel() for p in unet.parameters())
     base_file, text_file = ckpt / "base_unet_fp16.safetensors", ckpt / "text_encoder.safetensors"
-    if (rec := done("base")) is None:
+    if (rec := done("base", base_shape)) is None:
         t0 = time.perf_counter()
         base_loss = train_diffusion(unet, text, lambda: base_batch(train_comp, args.batch_size), args.base_steps, 1e-3,
                                     list(unet.parameters()) + list(text.parameters()), device, "base")
         base_seconds = time.perf_counter() - t0
         save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()}, str(base_file))
         save_file({k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()}, str(text_file))
-        finish("base", loss=base_loss, seconds=base_seconds)
+        finish("base", base_shape, loss=base_loss, seconds=base_seconds)
     else:
         base_loss, base_seconds = rec["loss"], rec["seconds"]
         print(f"base model: from {ckpt}", flush=True)
@@ -493,41 +504,46 @@ def main(argv: list[str] | None = None) -> int:
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
 
-    # 2. concept LoRAs, each trained on the bare base model then taken out as separate layers
-    lora_layers = []
+    # 2. concept LoRAs, one per concept and lr, each trained on the bare base model (same seed for
+    # every lr) then taken out as separate layers; the lr is chosen per concept below (validation noise)
+    candidates: list[dict[float, dict]] = [{}, {}]  # concept -> lr -> LoRA layers
     lora_seconds = 0.0
     for i, (name, digit, colour) in enumerate((("lora_a_red3", CONCEPT_A, RED), ("lora_b_green7", CONCEPT_B, GREEN))):
-        torch.manual_seed(args.seed + 1 + i)
-        if (rec := done(name)) is None:
-            t0 = time.perf_counter()
-            inject_adapter(unet, "lora", r=8, alpha=8.0, target_modules=TARGETS)
-            params = [p for p in unet.parameters() if p.requires_grad]
-            unet.train()
-            train_diffusion(unet, text, lambda d=digit, c=colour: concept_batch(train_comp, args.batch_size, d, c),
-                            args.lora_steps, args.lora_lr, params, device, name, p_uncond=args.lora_p_uncond)
-            unet.eval()
-            save_adapter(unet, ckpt / name)
-            finish(name, seconds=time.perf_counter() - t0)
-            lora_seconds += stages[name]["seconds"]
-        else:
-            load_adapter(unet, ckpt / name)
-            lora_seconds += rec["seconds"]
-            print(f"{name}: from {ckpt}", flush=True)
-        layers = adapter_layers(unet)
-        unload(unet)
-        lora_layers.append(layers)
+        for lr in args.lora_lr:
+            torch.manual_seed(args.seed + 1 + i)
+            stage, shape = f"{name}_lr{lr:g}", lora_shape(lr)
+            source = stage
+            if (rec := done(stage, shape)) is None and (rec := done(name, shape)) is not None:
+                source = name  # the stage of a single-lr run at this lr
+            if rec is None:
+                t0 = time.perf_counter()
+                inject_adapter(unet, "lora", r=8, alpha=8.0, target_modules=TARGETS)
+                params = [p for p in unet.parameters() if p.requires_grad]
+                unet.train()
+                train_diffusion(unet, text, lambda d=digit, c=colour: concept_batch(train_comp, args.batch_size, d, c),
+                                args.lora_steps, lr, params, device, stage, p_uncond=args.lora_p_uncond)
+                unet.eval()
+                save_adapter(unet, ckpt / stage)
+                finish(stage, shape, seconds=time.perf_counter() - t0)
+                lora_seconds += stages[stage]["seconds"]
+            else:
+                load_adapter(unet, ckpt / source)
+                lora_seconds += rec["seconds"]
+                print(f"{stage}: from {ckpt / source}", flush=True)
+            candidates[i][lr] = adapter_layers(unet)
+            unload(unet)
     unet.requires_grad_(False)
 
     # 3. classifier
     torch.manual_seed(args.seed + 3)
     clf = Classifier().to(device)
     clf_file = ckpt / "classifier.safetensors"
-    if (rec := done("classifier")) is None:
+    if (rec := done("classifier", clf_shape)) is None:
         t0 = time.perf_counter()
         train_classifier(clf, train_comp, args.clf_steps, args.batch_size, device)
         clf_seconds = time.perf_counter() - t0
         save_file({k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}, str(clf_file))
-        finish("classifier", seconds=clf_seconds)
+        finish("classifier", clf_shape, seconds=clf_seconds)
     else:
         clf.load_state_dict(load_file(str(clf_file), device=str(device)))
         clf_seconds = rec["seconds"]
@@ -572,6 +588,35 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():  # each LoRA's own training prompt: "3" / "7"
         own = [text(prompt_tokens(torch.tensor([d], device=device), None))[0] for d in (CONCEPT_A, CONCEPT_B)]
 
+    def run(fn, n: int, seed: int) -> torch.Tensor:
+        outs, offset = [], 0
+        for k in chunks(n):
+            outs.append(fn(noise(k, seed + offset)))
+            offset += 1
+        return torch.cat(outs)
+
+    def shares(images: torch.Tensor) -> dict[str, float]:
+        found = detect(clf, images)
+        return {"both": float(found.all(1).float().mean()), "a": float(found[:, 0].float().mean()),
+                "b": float(found[:, 1].float().mean())}
+
+    # choose each concept LoRA's lr on the validation noise (seeds disjoint from the test noise): the
+    # LoRA alone on its own prompt, highest share of its concept, ties -> the smaller lr
+    t_sel = time.perf_counter()
+    val_seed, test_seed = 10_000, 20_000
+    lora_layers, chosen_lr, val_lora_share = [], [], {}
+    for i, (key, col) in enumerate((("val_red3_share_lora_a", "a"), ("val_green7_share_lora_b", "b"))):
+        per_lr = {}
+        for lr, layers in candidates[i].items():
+            per_lr[lr] = shares(run(lambda z, ly=layers, i=i: plain(ly, z, own[i]), args.val_samples, val_seed))[col]
+            val_lora_share[f"{key}/lr{lr:g}"] = per_lr[lr]
+            print(f"[val] {key} lr {lr:g}: {per_lr[lr]:.3f}", flush=True)
+        best_lr = max(per_lr, key=lambda lr: (per_lr[lr], -lr))
+        print(f"[val] LoRA {'ab'[i]}: lr {best_lr:g} chosen", flush=True)
+        chosen_lr.append(best_lr)
+        lora_layers.append(candidates[i][best_lr])
+    lora_select_seconds = time.perf_counter() - t_sel
+
     concept_a_tok, concept_b_tok = 1, 3  # positions of "3" and "7" in "<bos> 3 and 7"
     branches = LoRABranches(unet, [None, lora_layers[0], lora_layers[1]])
 
@@ -585,30 +630,17 @@ def main(argv: list[str] | None = None) -> int:
                            [[], [concept_a_tok], [concept_b_tok]], z, cfg)
         return out.latents
 
-    def run(fn, n: int, seed: int) -> torch.Tensor:
-        outs, offset = [], 0
-        for k in chunks(n):
-            outs.append(fn(noise(k, seed + offset)))
-            offset += 1
-        return torch.cat(outs)
-
-    def shares(images: torch.Tensor) -> dict[str, float]:
-        found = detect(clf, images)
-        return {"both": float(found.all(1).float().mean()), "a": float(found[:, 0].float().mean()),
-                "b": float(found[:, 1].float().mean())}
-
     # choose CLoRA's step size (and map source) on validation noise (seeds disjoint from the test noise)
     t0 = time.perf_counter()
     val_share = {}
     for source in args.attention_from:
         for eta in args.step_sizes:
-            val_share[(eta, source)] = shares(run(lambda z, e=eta, s=source: clora(z, e, s), args.val_samples, 10_000))["both"]
+            val_share[(eta, source)] = shares(run(lambda z, e=eta, s=source: clora(z, e, s), args.val_samples, val_seed))["both"]
             print(f"[val] step_size {eta:g} maps {source}: both {val_share[(eta, source)]:.3f}", flush=True)
     best_eta, best_source = max(val_share, key=lambda k: (val_share[k], -k[0]))
 
     averaged = average_adapters(lora_layers)
     summed = average_adapters(lora_layers, weights=[1.0, 1.0])
-    test_seed = 20_000
     methods = {
         "base": lambda z: plain(None, z),
         "lora_a": lambda z: plain(lora_layers[0], z),
@@ -647,10 +679,12 @@ def main(argv: list[str] | None = None) -> int:
         "classifier_both_on_olive_composites": clf_both_on_mixed,
         "base_train_loss": base_loss,
         "unet_params": n_unet,
-        "base_steps": args.base_steps, "lora_steps": args.lora_steps, "lora_lr": args.lora_lr,
+        "base_steps": args.base_steps, "lora_steps": args.lora_steps,
+        "lora_a_lr": chosen_lr[0], "lora_b_lr": chosen_lr[1],
         "lora_p_uncond": args.lora_p_uncond, "ddim_steps": args.steps,
         "guidance_scale": args.guidance, "attention_res": args.attention_res,
-        "seconds_base": base_seconds, "seconds_loras": lora_seconds, "seconds_classifier": clf_seconds,
+        "seconds_base": base_seconds, "seconds_loras": lora_seconds,
+        "seconds_lora_lr_choice": lora_select_seconds, "seconds_classifier": clf_seconds,
         "seconds_generation": gen_seconds, "seconds_total": time.perf_counter() - t_start,
     }
     for name, r in results.items():
@@ -658,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics[f"red3_share_{name}"] = r["a"]
         metrics[f"green7_share_{name}"] = r["b"]
     metrics.update(own_share)
+    metrics.update(val_lora_share)
     for (eta, source), v in val_share.items():
         metrics[f"val_both_share_step{eta:g}_{source}"] = v
     print(metrics, flush=True)
