@@ -212,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics = summarise(results)
     metrics.update(rte_steps=steps["rte"], sst2_steps=steps["sst2"], search_fraction=args.search_fraction,
                    r=args.r, alpha=args.alpha, gate_lr=args.gate_lr, gate_batches=args.gate_batches,
-                   gate_batch_size=args.gate_batch_size, lr_selection="sweep" if args.lr is None else "fixed",
+                   gate_batch_size=args.gate_batch_size, lr_swept=int(args.lr is None),
                    wall_seconds=time.perf_counter() - start)
     if args.lr is not None:
         metrics["lr"] = args.lr
     else:
-        metrics.update(lr_grid=list(args.lr_grid), sweep_steps=args.sweep_steps if not args.smoke else 4)
+        metrics.update({f"lr_grid_{i}": lr for i, lr in enumerate(args.lr_grid)})
+        metrics["sweep_steps"] = args.sweep_steps if not args.smoke else 4
         for r in swept:  # accuracy (points) on the slice carved from SST-2 train
             metrics[f"sweep_{r['tag'].split('/')[1]}_accuracy_lr{r['lr']:g}"] = 100.0 * r["holdout_accuracy"]
     for task in TASKS:
