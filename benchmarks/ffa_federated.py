@@ -224,7 +224,8 @@ def run_task(task: str, args: argparse.Namespace) -> dict:
     for m, o in plain.items():
         res[f"{m}_nodp_accuracy"] = o["accuracy"]
         res[f"{m}_nodp_balanced_accuracy"] = o["balanced_accuracy"]
-        res[f"{m}_nodp_eval_loss"] = o.get("loss")  # NaN: the run diverged; None: a row from before it was kept
+        if o.get("loss") is not None:  # NaN: the run diverged; absent: a row from before the loss was kept
+            res[f"{m}_nodp_eval_loss"] = o["loss"]
         res[f"{m}_message_bytes_per_round"] = o["message_bytes_per_round"]
         res[f"{m}_tensor_bytes_per_round"] = o["down_tensor_bytes_per_round"] + o["up_tensor_bytes_per_round"]
         res[f"{m}_exchanged_params"] = o["exchanged_params"]
@@ -241,8 +242,8 @@ def run_task(task: str, args: argparse.Namespace) -> dict:
             res[f"{m}_dp_seed{seed}_balanced_accuracy"] = o["balanced_accuracy"]
             # σ is per client (q = batch / n_k): the largest client's, and the range over clients
             res[f"{m}_dp_seed{seed}_noise_multiplier"] = o["noise_multiplier"]
-            res[f"{m}_dp_seed{seed}_noise_multiplier_range"] = [o.get("noise_multiplier_min", 0.0),
-                                                                  o.get("noise_multiplier_max", 0.0)]
+            res[f"{m}_dp_seed{seed}_noise_multiplier_min"] = o.get("noise_multiplier_min", 0.0)
+            res[f"{m}_dp_seed{seed}_noise_multiplier_max"] = o.get("noise_multiplier_max", 0.0)
         gains.append(100 * (dp_runs["ffa_lora"]["accuracy"] - dp_runs["lora"]["accuracy"]))
     for m in ("ffa_lora", "lora"):
         res[f"{m}_dp_mean_accuracy"] = float(np.mean([res[f"{m}_dp_seed{s}_accuracy"] for s in seeds]))
@@ -276,11 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     metrics["epsilon"], metrics["delta"], metrics["seeds"] = args.epsilon, args.delta, len(args.seeds.split(","))
     metrics["seconds"] = time.perf_counter() - start
     print(json.dumps(metrics, indent=2), flush=True)
+    from lightning_lora.results import flat_metrics, write_result
+
+    flat_metrics(metrics)  # a metric that is not a number fails here, in --smoke too, not after a GPU run
     if args.smoke:
         print(f"smoke run: no result file written ({time.perf_counter() - start:.0f} s)")
         return 0
-    from lightning_lora.results import write_result
-
     path = write_result("ffa_federated", metrics, directory=args.out)
     print(f"wrote {path}")
     return 0
