@@ -44,6 +44,7 @@ __all__ = [
     "fickett_score",
     "HexamerTable",
     "FeatureExtractor",
+    "EXTRA_FEATURES",
     "NumpyTreeEnsemble",
     "FeatureBaseline",
     "DEFAULT_BASELINE_DIR",
@@ -265,6 +266,7 @@ class HexamerTable:
     noncoding: np.ndarray
     _contrib: np.ndarray = field(init=False, repr=False)
     _counted: np.ndarray = field(init=False, repr=False)
+    _codon_contrib: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.coding = np.asarray(self.coding, dtype=np.float64).reshape(4096)
@@ -278,6 +280,16 @@ class HexamerTable:
         contrib[(c == 0) & (nc > 0)] = -1.0
         self._contrib = contrib
         self._counted = (c > 0) | (nc > 0)
+        # codon-level table derived from the same frequencies: the coding marginal of the first
+        # three bases of in-frame hexamers = in-frame codon usage of the CDS; the noncoding marginal
+        # = 3-mer frequencies of noncoding transcripts. Used by the ``extra`` features only.
+        c3 = c.reshape(64, 64).sum(axis=1)
+        n3 = nc.reshape(64, 64).sum(axis=1)
+        cc = np.zeros(64)
+        ok3 = (c3 > 0) & (n3 > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cc[ok3] = np.log(c3[ok3] / n3[ok3])
+        self._codon_contrib = cc
 
     # ---- construction ----
     @classmethod
@@ -363,10 +375,243 @@ class HexamerTable:
     def score(self, orf_seq: str | np.ndarray) -> float:
         return self.score_codes(encode(orf_seq))
 
+    def score_span(self, hex_codes: np.ndarray, hex_ok, start: int, stop: int) -> float:
+        """CPAT hexamer score of the in-frame hexamers starting at ``start, start+3, ...`` and lying
+        fully inside ``[start, stop)``, from the hexamer codes of a whole sequence; NaN if none."""
+        last = min(stop - 6, hex_codes.shape[0] - 1)
+        if start < 0 or last < start:
+            return float("nan")
+        codes = hex_codes[start : last + 1 : 3]
+        keep = self._counted[codes]
+        if hex_ok is not None:
+            keep &= hex_ok[start : last + 1 : 3]
+        cnt = int(keep.sum())
+        if cnt == 0:
+            return float("nan")
+        return float(self._contrib[codes[keep]].sum() / cnt)
+
 
 def _hexamer_codes(b: np.ndarray):
     valid = None if (b.size == 0 or int(b.max()) < 4) else (b < 4)
     return _kmer_codes(b, 6, valid)
+
+
+# --------------------------------------------------------------------------------------------------
+# extra coding-potential features (ORF set, frames, UTRs, codons, peptide)
+# --------------------------------------------------------------------------------------------------
+_AA = "ACDEFGHIKLMNPQRSTVWY"
+_CODE_TCAG = "FFLLSSSSYY**CC*WLLLLPPPPHHQQRRRRIIIMTTTTNNKKSSRRVVVVAAAADDEEGGGG"
+_B5 = {"A": 0, "C": 1, "G": 2, "T": 3}
+_TRANS = np.full(125, 21, dtype=np.int64)  # base-5 codon code -> 0..19 amino acid, 20 stop, 21 X
+_CODON4 = np.full(125, -1, dtype=np.int64)  # base-5 codon code -> base-4 code (-1 if it has an N)
+for _i, _x in enumerate("TCAG"):
+    for _j, _y in enumerate("TCAG"):
+        for _k, _z in enumerate("TCAG"):
+            _aa = _CODE_TCAG[16 * _i + 4 * _j + _k]
+            _c5 = _B5[_x] * 25 + _B5[_y] * 5 + _B5[_z]
+            _TRANS[_c5] = 20 if _aa == "*" else _AA.index(_aa)
+            _CODON4[_c5] = _B5[_x] * 16 + _B5[_y] * 4 + _B5[_z]
+# Kyte-Doolittle hydropathy (GRAVY) and Biopython ProtParam's pK set (IsoelectricPoint)
+_KD = np.array([1.8, 2.5, -3.5, -3.5, 2.8, -0.4, -3.2, 4.5, -3.9, 3.8, 1.9, -3.5, -1.6, -3.5, -4.5,
+                -0.8, -0.7, 4.2, -0.9, -1.3])
+_POS_PK = {"K": 10.0, "R": 12.0, "H": 5.98}
+_NEG_PK = {"D": 4.05, "E": 4.45, "C": 9.0, "Y": 10.0}
+_PK_CTERM = {"D": 4.55, "E": 4.75}
+_PK_NTERM = {"A": 7.59, "M": 7.0, "S": 6.93, "P": 8.36, "T": 6.82, "V": 7.44, "E": 7.7}
+_POS_IDX = [(_AA.index(a), k) for a, k in _POS_PK.items()]
+_NEG_IDX = [(_AA.index(a), k) for a, k in _NEG_PK.items()]
+_AROM = np.array([_AA.index(a) for a in "FWY"])
+_CHARGED = np.array([_AA.index(a) for a in "DEKR"])
+
+EXTRA_FEATURES = [
+    "utr5_len",           # nt before the longest ORF (NaN without ORF)
+    "utr3_len",           # nt after it
+    "orf2_len",           # 2nd longest maximal ORF (first ATG per stop-delimited stretch, any frame)
+    "orf2_ratio",         # orf2_len / orf_len
+    "n_orf_300",          # maximal ORFs of >= 300 nt
+    "stopfree_max",       # longest stop-free stretch in any frame (nt)
+    "stop_dens_min",      # in-frame stop codons per codon, frames sorted
+    "stop_dens_mid",
+    "stop_dens_max",
+    "upstream_stop",      # 1 if an in-frame stop precedes the ORF's ATG (5' end of the CDS is complete)
+    "kozak",              # (A/G at -3) + (G at +4); -1 where the context is cut off
+    "hexamer_utr5",       # CPAT hexamer score of the 5'UTR / 3'UTR read in the ORF's frame
+    "hexamer_utr3",
+    "hexamer_frame_max",  # hexamer score of the whole transcript in each frame: best, worst,
+    "hexamer_frame_min",
+    "hexamer_frame_gap",  # ORF's frame minus the best other frame
+    "codon_orf",          # in-frame codon log-ratio (codon usage) of the ORF
+    "codon_utr3",         # ... of the 3'UTR in the ORF's frame
+    "gc_orf",
+    "gc3_orf",            # GC at third codon positions of the ORF
+    "gc_utr",
+    "pep_pi",             # isoelectric point of the ORF's peptide (Biopython's pK set, bisection)
+    "pep_gravy",          # mean Kyte-Doolittle hydropathy
+    "pep_aromatic",       # F+W+Y fraction
+    "pep_charged",        # D+E+K+R fraction
+    "orf_hexbest",        # best CPAT hexamer score among maximal ORFs of >= 90 nt (the longest ORF
+    "orf_hexbest_len",    #   need not be the CDS) and that ORF's length
+    "open5_len",          # longest stop-free run from the 5' end in any frame, no ATG needed (5'-truncated CDS)
+]
+
+
+def _isoelectric_point(cnt: np.ndarray, first: int, last: int) -> float:
+    """Biopython ``IsoelectricPoint.pi()`` (same pKs, bisection on [4.05, 12] to 1e-4)."""
+    pos = [(float(cnt[i]), k) for i, k in _POS_IDX if cnt[i]]
+    neg = [(float(cnt[i]), k) for i, k in _NEG_IDX if cnt[i]]
+    pk_n = _PK_NTERM.get(_AA[first], 9.0) if first < 20 else 9.0
+    pk_c = _PK_CTERM.get(_AA[last], 2.0) if last < 20 else 2.0
+    lo, hi, ph = 4.05, 12.0, 7.775
+    while hi - lo > 0.0001:
+        ch = 1.0 / (1.0 + 10.0 ** (ph - pk_n)) - 1.0 / (1.0 + 10.0 ** (pk_c - ph))
+        for c, k in pos:
+            ch += c / (1.0 + 10.0 ** (ph - k))
+        for c, k in neg:
+            ch -= c / (1.0 + 10.0 ** (k - ph))
+        if ch > 0.0:
+            lo = ph
+        else:
+            hi = ph
+        ph = (lo + hi) / 2.0
+    return ph
+
+
+def _gc_counts(cnt: np.ndarray) -> float:
+    """GC fraction from base counts (A, C, G, T, other); NaN without any ACGT."""
+    acgt = cnt[0] + cnt[1] + cnt[2] + cnt[3]
+    return float(cnt[1] + cnt[2]) / acgt if acgt else float("nan")
+
+
+def extra_features(b: np.ndarray, orf: ORF, hexamer: HexamerTable | None) -> np.ndarray:
+    """The :data:`EXTRA_FEATURES` of encoded sequence ``b`` (already on the ORF's strand) whose
+    longest ORF is ``orf``. Hexamer scores follow :meth:`HexamerTable.score_codes` (mean over the
+    counted in-frame hexamers lying fully inside the span), computed from per-frame prefix sums;
+    NaN where a span has no counted hexamer or there is no hexamer table."""
+    nan = float("nan")
+    out = np.full(len(EXTRA_FEATURES), nan)
+    n = b.shape[0]
+    if n < 3:
+        return out
+    L = orf.length
+    c = b[:-2].astype(np.int64) * 25 + b[1:-1].astype(np.int64) * 5 + b[2:]
+    is_stop = _IS_STOP[c]
+    is_start = c == _ATG
+    # --- maximal ORFs (first ATG of every stop-delimited stretch) and stop densities per frame
+    lens: list[np.ndarray] = []
+    starts_nt: list[np.ndarray] = []
+    open5 = 0
+    dens = []
+    stopfree = 0
+    for f in range(3):
+        st = np.flatnonzero(is_stop[f::3])
+        ncod = is_stop[f::3].shape[0]
+        dens.append(st.size / ncod if ncod else 0.0)
+        if ncod:
+            edges = np.concatenate(([-1], st, [ncod]))
+            stopfree = max(stopfree, int(np.max(np.diff(edges)) - 1) * 3)
+        open5 = max(open5, (int(st[0]) if st.size else ncod) * 3)
+        sa = np.flatnonzero(is_start[f::3])
+        if not sa.size:
+            lens.append(np.zeros(0, dtype=np.int64))
+            starts_nt.append(np.zeros(0, dtype=np.int64))
+            continue
+        j = np.searchsorted(st, sa)
+        first = np.concatenate(([True], j[1:] != j[:-1]))
+        sj, s1 = j[first], sa[first]
+        if st.size:
+            end_cod = np.where(sj < st.size, st[np.minimum(sj, st.size - 1)], ncod - 1)
+        else:
+            end_cod = np.full(sj.shape[0], ncod - 1)
+        lens.append((end_cod - s1 + 1) * 3)
+        starts_nt.append(f + 3 * s1)
+    al = np.sort(np.concatenate(lens))[::-1]
+    out[2] = float(al[1]) if al.size > 1 else 0.0
+    out[3] = out[2] / L if L else nan
+    out[4] = float(np.sum(al >= 300))
+    out[5] = float(stopfree)
+    out[6:9] = sorted(dens)
+    out[27] = float(open5)
+    fo = orf.start % 3
+    # --- hexamer scores from per-frame prefix sums
+    if hexamer is not None and n >= 6:
+        hc, hok = _hexamer_codes(b)
+        keep = hexamer._counted[hc] if hok is None else hexamer._counted[hc] & hok
+        vals = np.where(keep, hexamer._contrib[hc], 0.0)
+        cvs = [np.concatenate(([0.0], np.cumsum(vals[f::3]))) for f in range(3)]
+        ccs = [np.concatenate(([0], np.cumsum(keep[f::3]))) for f in range(3)]
+
+        def span(f: int, q0: int, q1: int) -> float:  # hexamers f+3q, q0 <= q < q1
+            k = ccs[f][q1] - ccs[f][q0] if q1 > q0 else 0
+            return float(cvs[f][q1] - cvs[f][q0]) / k if k > 0 else nan
+
+        fs = [span(f, 0, cvs[f].shape[0] - 1) for f in range(3)]
+        ok = [v for v in fs if v == v]
+        if ok:
+            out[13], out[14] = max(ok), min(ok)
+            if L:
+                oth = [fs[f] for f in range(3) if f != fo and fs[f] == fs[f]]
+                if fs[fo] == fs[fo] and oth:
+                    out[15] = fs[fo] - max(oth)
+        # best-scoring maximal ORF of >= 90 nt (the longest ORF need not be the CDS)
+        best, best_len = -np.inf, nan
+        for f in range(3):
+            sel = lens[f] >= 90
+            if not sel.any():
+                continue
+            ln, sn = lens[f][sel], starts_nt[f][sel]
+            cv, cc = cvs[f], ccs[f]
+            a = (sn - f) // 3
+            e = np.minimum((sn + ln - 6 - f) // 3 + 1, cv.shape[0] - 1)
+            k = cc[e] - cc[a]
+            good = k > 0
+            if not good.any():
+                continue
+            sc = (cv[e][good] - cv[a][good]) / k[good]
+            j = int(np.argmax(sc))
+            if sc[j] > best:
+                best, best_len = float(sc[j]), float(ln[good][j])
+        if best > -np.inf:
+            out[25], out[26] = best, best_len
+        if L:
+            s0, e0 = orf.start, orf.end
+            out[11] = span(fo, 0, max(0, (s0 - 6 - fo) // 3 + 1))  # 5'UTR in the ORF's frame
+            out[12] = span(fo, (e0 - fo) // 3, cvs[fo].shape[0] - 1)  # 3'UTR
+    cnt_all = np.bincount(b, minlength=5)
+    if not L:
+        out[20] = _gc_counts(cnt_all)
+        return out
+    s0, e0 = orf.start, orf.end
+    out[0] = float(s0)
+    out[1] = float(n - e0)
+    out[9] = 1.0 if is_stop[s0 % 3 : s0 : 3].any() else 0.0
+    if s0 >= 3 and s0 + 3 < n:
+        out[10] = float(b[s0 - 3] in (0, 2)) + float(b[s0 + 3] == 2)
+    else:
+        out[10] = -1.0
+    cod = c[s0 : e0 - 2 : 3]
+    if hexamer is not None:
+        c4 = _CODON4[cod]
+        c4 = c4[c4 >= 0]
+        out[16] = float(hexamer._codon_contrib[c4].mean()) if c4.size else nan
+        cu = _CODON4[c[e0 : n - 2 : 3]] if e0 < n - 2 else np.zeros(0, dtype=np.int64)
+        cu = cu[cu >= 0]
+        out[17] = float(hexamer._codon_contrib[cu].mean()) if cu.size else nan
+    ob = b[s0:e0]
+    cnt_orf = np.bincount(ob, minlength=5)
+    out[18] = _gc_counts(cnt_orf)
+    out[19] = _gc_counts(np.bincount(ob[2::3], minlength=5))
+    out[20] = _gc_counts(cnt_all - cnt_orf)
+    aa = _TRANS[cod]
+    if orf.complete and aa.size:
+        aa = aa[:-1]
+    aa = aa[aa < 20]
+    if aa.size:
+        cnt = np.bincount(aa, minlength=20)
+        out[21] = _isoelectric_point(cnt, int(aa[0]), int(aa[-1]))
+        out[22] = float(cnt @ _KD) / aa.size
+        out[23] = float(cnt[_AROM].sum()) / aa.size
+        out[24] = float(cnt[_CHARGED].sum()) / aa.size
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,12 +633,15 @@ class FeatureExtractor:
     """Turns sequences into a float64 feature matrix (columns: :attr:`feature_names`)."""
 
     def __init__(self, hexamer: HexamerTable | None = None, kmax: int = 4, both_strands: bool = False,
-                 use_kmers: bool = True):
+                 use_kmers: bool = True, extra: bool = False):
         self.hexamer = hexamer
         self.kmax = int(kmax)
         self.both_strands = bool(both_strands)
         self.use_kmers = bool(use_kmers)
+        self.extra = bool(extra)
         names = list(ORF_FEATURES)
+        if self.extra:
+            names += EXTRA_FEATURES
         if self.use_kmers:
             for k in range(1, self.kmax + 1):
                 names += [f"k{k}_{m}" for m in _all_kmers(k)]
@@ -428,8 +676,12 @@ class FeatureExtractor:
             out[7] = self.hexamer.score_codes(ob) if L else 0.0
         else:
             out[7] = np.nan
+        pos = len(ORF_FEATURES)
+        if self.extra:
+            sb = _revcomp(b) if orf.strand == "-" else b
+            out[pos : pos + len(EXTRA_FEATURES)] = extra_features(sb, orf, self.hexamer)
+            pos += len(EXTRA_FEATURES)
         if self.use_kmers:
-            pos = len(ORF_FEATURES)
             valid = None if (n == 0 or int(b.max()) < 4) else (b < 4)
             bb = np.minimum(b, 3).astype(np.int64)
             code = None
@@ -458,7 +710,8 @@ class FeatureExtractor:
         return X
 
     def config(self) -> dict:
-        return {"kmax": self.kmax, "both_strands": self.both_strands, "use_kmers": self.use_kmers}
+        return {"kmax": self.kmax, "both_strands": self.both_strands, "use_kmers": self.use_kmers,
+                "extra": self.extra}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,10 +823,11 @@ class FeatureBaseline:
 
     def __init__(self, kmax: int = 4, both_strands: bool = False, use_kmers: bool = True,
                  hgb_params: dict | None = None, hexamer: HexamerTable | None = None,
-                 threshold: float = 0.5):
+                 threshold: float = 0.5, extra: bool = False):
         self.kmax = kmax
         self.both_strands = both_strands
         self.use_kmers = use_kmers
+        self.extra = bool(extra)
         self.hgb_params = dict(
             max_iter=300, learning_rate=0.1, max_leaf_nodes=31, min_samples_leaf=20,
             l2_regularization=1.0, early_stopping=True, validation_fraction=0.1,
@@ -589,7 +843,7 @@ class FeatureBaseline:
 
     @property
     def extractor(self) -> FeatureExtractor:
-        return FeatureExtractor(self.hexamer, self.kmax, self.both_strands, self.use_kmers)
+        return FeatureExtractor(self.hexamer, self.kmax, self.both_strands, self.use_kmers, self.extra)
 
     @property
     def feature_names(self) -> list[str]:
@@ -658,6 +912,7 @@ class FeatureBaseline:
             "kmax": self.kmax,
             "both_strands": self.both_strands,
             "use_kmers": self.use_kmers,
+            "extra": self.extra,
             "threshold": self.threshold,
             "positive_class": "lncRNA",
             "hgb_params": self.hgb_params,
@@ -680,7 +935,8 @@ class FeatureBaseline:
         hexamer = HexamerTable(d["hexamer_coding"], d["hexamer_noncoding"])
         hexamer._counted &= d["hexamer_counted"].astype(bool)
         obj = cls(kmax=cfg["kmax"], both_strands=cfg["both_strands"], use_kmers=cfg["use_kmers"],
-                  hgb_params=cfg.get("hgb_params"), hexamer=hexamer, threshold=cfg.get("threshold", 0.5))
+                  hgb_params=cfg.get("hgb_params"), hexamer=hexamer, threshold=cfg.get("threshold", 0.5),
+                  extra=cfg.get("extra", False))
         obj.ensemble = NumpyTreeEnsemble.from_arrays({k[5:]: v for k, v in d.items() if k.startswith("tree_")})
         obj.metadata = cfg.get("metadata", {})
         if obj.feature_names != cfg["feature_names"]:

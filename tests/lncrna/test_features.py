@@ -305,3 +305,68 @@ def test_shipped_baseline_loads_and_is_small():
     p = m.predict_proba([coding, "CCCTTTGGGAAA" * 60])
     assert p.shape == (2,) and np.all((p >= 0) & (p <= 1))
     assert p[0] < 0.5  # a long ORF is coding
+
+
+# ----------------------------------------------------------------------------------------------
+# extra features (ORF set, frames, UTRs, codon usage, peptide)
+# ----------------------------------------------------------------------------------------------
+def test_extra_features_hand_made():
+    from lncrna.features import EXTRA_FEATURES, encode, extra_features
+
+    # 5'UTR with an in-frame stop (TAA at 3), Kozak ACC ATG G, ORF of 5 codons + stop, 3'UTR
+    utr5 = "GGCTAAGCCACC"  # 12 nt, ATG at 12 (frame 0), -3 = A
+    orf = "ATGGCTAAAGAAGATTGA"  # M A K E D stop = 18 nt
+    utr3 = "CCCCCCCCC"
+    s = utr5 + orf + utr3
+    o = longest_orf(s)
+    assert (o.start, o.end, o.complete) == (12, 30, True)
+    f = dict(zip(EXTRA_FEATURES, extra_features(encode(s), o, None)))
+    assert f["utr5_len"] == 12 and f["utr3_len"] == 9
+    assert f["upstream_stop"] == 1.0
+    assert f["kozak"] == 2.0  # A at -3, G at +4
+    kd = {"M": 1.9, "A": 1.8, "K": -3.9, "E": -3.5, "D": -3.5}
+    assert f["pep_gravy"] == pytest.approx(sum(kd.values()) / 5)
+    assert f["pep_charged"] == pytest.approx(3 / 5)
+    assert f["pep_aromatic"] == 0.0
+    assert f["gc3_orf"] == pytest.approx(1 / 6)  # G T A A T A at 3rd positions (stop included)
+    assert math.isnan(f["hexamer_utr5"]) and math.isnan(f["codon_orf"])  # no hexamer table
+
+
+def test_extra_peptide_matches_biopython():
+    from Bio.Seq import Seq
+    from Bio.SeqUtils.ProtParam import ProteinAnalysis
+
+    from lncrna.features import EXTRA_FEATURES, encode, extra_features
+
+    rng = random.Random(3)
+    i_pi, i_gr = EXTRA_FEATURES.index("pep_pi"), EXTRA_FEATURES.index("pep_gravy")
+    n = 0
+    while n < 20:
+        s = "".join(rng.choice("ACGT") for _ in range(600))
+        o = longest_orf(s)
+        if o.length < 60:
+            continue
+        pep = str(Seq(s[o.start : o.end]).translate()).rstrip("*")
+        pa = ProteinAnalysis(pep)
+        f = extra_features(encode(s), o, None)
+        assert f[i_gr] == pytest.approx(pa.gravy(), abs=1e-9)
+        assert f[i_pi] == pytest.approx(pa.isoelectric_point(), abs=0.02)
+        n += 1
+
+
+def test_extra_flag_layout_and_round_trip(real_slices, tmp_path):
+    from lncrna.features import EXTRA_FEATURES
+
+    train_s, train_y, test_s, _ = real_slices
+    tab = HexamerTable.fit([s for s, y in zip(train_s, train_y) if y == 0], [s for s, y in zip(train_s, train_y) if y == 1])
+    a = FeatureExtractor(tab, kmax=2).transform(test_s[:20])
+    b = FeatureExtractor(tab, kmax=2, extra=True).transform(test_s[:20])
+    ne = len(EXTRA_FEATURES)
+    np.testing.assert_array_equal(b[:, :8], a[:, :8])
+    np.testing.assert_array_equal(b[:, 8 + ne :], a[:, 8:])
+    m = FeatureBaseline(kmax=2, extra=True, hgb_params={"max_iter": 30, "early_stopping": False})
+    m.fit(train_s, train_y)
+    m.save(tmp_path / "bx")
+    loaded = FeatureBaseline.load(tmp_path / "bx")
+    assert loaded.extra and loaded.feature_names == m.feature_names
+    np.testing.assert_array_equal(loaded.predict_proba(test_s[:50]), m.predict_proba(test_s[:50]))
