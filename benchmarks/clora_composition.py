@@ -14,10 +14,14 @@ setting on the GPU in a few minutes:
    white digits: prompts ``<bos> a and b`` or ``<bos> a <null> <null>``.
 3. Two concept LoRAs (this library's ``lora``, r = 8, on to_q/to_k/to_v/to_out.0 of every attention
    layer), DreamBooth-style on single-subject images: concept A = a *red 3* (prompt ``3``), concept
-   B = a *green 7* (prompt ``7``). Text encoder frozen. DreamBooth-LoRA recipe: no prompt dropout
-   (``--lora-p-uncond 0``: the unconditional branch stays the base model's). The first GPU run used
-   the base model's lr 1e-3 and 10 % dropout: the LoRAs grew to |ΔW|/|W| ≈ 0.3 and gave speckled,
-   cluttered samples in which even a LoRA alone scored ~0 for its concept. Which lr learns the concept
+   B = a *green 7* (prompt ``7``). Text encoder frozen. 10 % prompt dropout (``--lora-p-uncond 0.1``):
+   the LoRA acts on both CFG halves (its to_k/to_v read the null prompt too, its self-attention and
+   to_out ignore the prompt), so without dropout its null-prompt prediction is never trained and
+   drifts far off (session 6: ε-MSE on the concept images 0.049 vs the base's 0.0002 at t = 900) and
+   guidance 3 turns every sample into colour noise or speckle (all six LoRAs of the 1e-4..1e-3 grid
+   scored 0 on their own prompt, though the 1e-3 ones draw clean red 3s / green 7s at guidance 1).
+   With 10 % dropout the null branch learns the concept as well (ε-MSE 0.0004 at t = 900) and a LoRA
+   alone scored 0.125 (red 3) / 0.625 (green 7) at lr 1e-3, guidance 3. Which lr learns the concept
    in ``--lora-steps`` at this scale is unverified (DreamBooth-LoRA's usual 1e-4 may be too slow for
    600 steps), so one LoRA per concept is trained at each ``--lora-lr`` (default 1e-4 3e-4 1e-3, each
    its own resumable stage) and the lr is chosen per concept on the VALIDATION noise (the seeds that
@@ -111,9 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-lr", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
                    help="concept-LoRA learning rates: one LoRA per concept and lr, the lr chosen per concept on "
                         "the validation noise (share of its concept, LoRA alone on its own prompt)")
-    p.add_argument("--lora-p-uncond", type=float, default=0.0,
-                   help="prompt dropout while training a concept LoRA (0: only its own prompt, as DreamBooth-LoRA; "
-                        "> 0 also teaches the unconditional branch the concept, which CFG then subtracts)")
+    p.add_argument("--lora-p-uncond", type=float, default=0.1,
+                   help="prompt dropout while training a concept LoRA; the LoRA also acts on CFG's unconditional "
+                        "half, which drifts off untrained at 0 (CFG then yields colour noise: every LoRA scored 0)")
     p.add_argument("--clf-steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--samples", type=int, default=512, help="test samples per method")
