@@ -19,7 +19,11 @@ Speed: the plain LoRA path is one autograd function (:class:`_FusedLoRA`) that
   forward's launches,
 - applies the scale ``s`` as the GEMM ``alpha`` of the two rank-r products (``s·x A^T`` forward,
   ``s·g B`` backward), so no kernel scales a tensor and no scaled copy of A is held,
-- saves only ``x`` (shared with the caller), the small ``s·x A^T`` and the weights for backward,
+- saves only ``x`` (shared with the caller), the small ``s·x A^T`` and the weights for backward;
+  and not even ``x`` where the graph already keeps what it is made of (an MLP's ``act(gate) * up``,
+  an RMSNorm's scaled input): the one to three elementwise ops are replayed in backward, bit for
+  bit (:func:`_input_recipe`), which saves the one activation per adapted input that LoRA adds to
+  a frozen model's graph (PEFT keeps it),
 - runs the adapters of sibling layers that read the same input (q, k, v; gate, up) together
   (:class:`_SiblingGroup`, :class:`_FusedLoRASiblings`): one GEMM ``x [A_q; A_k; A_v]^T`` forward,
   one ``[gB_q, gB_k, gB_v]^T x`` for the A gradients and a single ``grad_x`` buffer that every
@@ -110,6 +114,92 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return torch.mm(a, b)
 
 
+#: at most this many autograd nodes (products, casts) are replayed to rebuild one LoRA input
+_RECIPE_MAX_NODES = 4
+
+
+def _input_recipe(x: torch.Tensor) -> tuple[Any, ...] | None:
+    """How to recompute ``x`` in backward from tensors the autograd graph keeps anyway, or None.
+
+    The adapter's backward needs its input (``grad_A = g_s^T x``), and a frozen base layer would
+    not keep it: so the LoRA input is the one activation LoRA adds per layer. Often the graph
+    already holds what ``x`` is made of: the input of an MLP's down projection is ``act(gate) * up``,
+    and that product's node saves both factors for its own backward; a LLaMA RMSNorm output is
+    ``w * (h * rsqrt(var)).to(bf16)``, whose inner product saves ``h`` and ``rsqrt(var)`` and the outer
+    one ``w``. Then saving ``x`` again costs a full activation per layer while replaying the (one to
+    three) elementwise ops in backward costs one pass over it.
+
+    The recipe follows ``x.grad_fn`` through out-of-place ``mul`` (``MulBackward0``) and dtype/device
+    casts (``ToCopyBackward0``) only, at most ``_RECIPE_MAX_NODES`` nodes, down to tensors those nodes
+    save (read in backward, with autograd's own version check). Elementwise ops give the same bits
+    when replayed on the same inputs, so outputs and gradients are unchanged. Anything else (a view,
+    an in-place result, a leaf, other ops, tracing, compiling, saved-tensor hooks active as under
+    ``torch.utils.checkpoint``): None, and ``x`` is saved as before.
+    """
+    if (type(x) is not torch.Tensor or x.grad_fn is None or x._base is not None or x._version != 0
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return None
+    try:
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            # saved-tensor hooks (activation checkpointing, offloading) own how saved tensors come
+            # back, and may allow one unpack only (torch.utils.checkpoint): save x through them
+            return None
+        budget = [_RECIPE_MAX_NODES]
+        return _recipe(x.grad_fn, budget)
+    except (AttributeError, RuntimeError, IndexError, TypeError):  # a node type that lacks what we read
+        return None
+
+
+def _recipe(node: Any, budget: list[int]) -> tuple[Any, ...] | None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        return None
+    name = type(node).__name__
+    if name == "MulBackward0":
+        parts: list[tuple[Any, ...]] = []
+        for i, attr in enumerate(("_saved_self", "_saved_other")):
+            if getattr(node, "_raw" + attr).data is not None:  # saved (packed as is or by a hook)
+                parts.append(("saved", node, attr))
+                continue
+            nxt, _ = node.next_functions[i]
+            sub = None if nxt is None else _recipe(nxt, budget)
+            if sub is None:
+                return None
+            parts.append(sub)
+        return ("mul", parts[0], parts[1])
+    if name == "ToCopyBackward0":
+        meta = node._input_metadata[0]  # the forward output's dtype and device
+        if meta.is_nested_tensor or meta.is_cpp_nested_tensor:
+            return None
+        nxt, _ = node.next_functions[0]
+        sub = None if nxt is None else _recipe(nxt, budget)
+        return None if sub is None else ("to", sub, meta.dtype, meta.device)
+    return None
+
+
+def _replay(recipe: tuple[Any, ...]) -> torch.Tensor:
+    """The tensor a :func:`_input_recipe` recipe describes (bit for bit what the forward computed)."""
+    kind = recipe[0]
+    if kind == "saved":
+        t = getattr(recipe[1], recipe[2])
+        if t is None:
+            raise RuntimeError("LoRA: a tensor its input is recomputed from was freed (its graph already ran backward)")
+        return t
+    if kind == "mul":
+        return torch.mul(_replay(recipe[1]), _replay(recipe[2]))
+    return _replay(recipe[1]).to(device=recipe[3], dtype=recipe[2])
+
+
+def _saved_input(x: torch.Tensor, recipe: tuple[Any, ...] | None, shape: torch.Size) -> torch.Tensor:
+    """The saved input ``x`` (N, n), or the input replayed from ``recipe`` and viewed as (N, n)."""
+    if recipe is None:
+        return x
+    full = _replay(recipe)
+    if full.shape != shape:
+        raise RuntimeError(f"LoRA: the replayed input has shape {tuple(full.shape)}, expected {tuple(shape)}")
+    return full.reshape(-1, shape[-1])
+
+
 class _FusedLoRA(torch.autograd.Function):
     """``out = x W^T + b + s (xd A^T) B^T`` with a hand-written backward.
 
@@ -127,14 +217,19 @@ class _FusedLoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, xd, w_t, bias, A, B, casts, scaling):  # type: ignore[override]
+    def forward(ctx, x, xd, w_t, bias, A, B, casts, scaling, replay=None):  # type: ignore[override]
         Ac, Bc = casts
         xa_s = _mm_scaled(xd, Ac.t(), scaling)  # (N, r)
         out = torch.addmm(bias, xa_s, Bc.t()) if bias is not None else torch.mm(xa_s, Bc.t())
         out.addmm_(x, w_t)
-        ctx.save_for_backward(xd, xa_s)
-        ctx.w_t, ctx.Ac, ctx.Bc = w_t, Ac, Bc  # frozen / cached tensors: no version tracking needed
         ctx.same_input = xd is x
+        # replay = (recipe, shape of the unflattened input): x is replayed in backward, not saved
+        # (see _input_recipe; without dropout only: a dropout-ed input has no recipe)
+        ctx.replay = replay if ctx.same_input else None
+        # xd is read by grad_A only (a frozen A, as FFA-LoRA's, needs none)
+        keep_xd = ctx.needs_input_grad[4] and ctx.replay is None
+        ctx.save_for_backward(xd if keep_xd else None, xa_s)
+        ctx.w_t, ctx.Ac, ctx.Bc = w_t, Ac, Bc  # frozen / cached tensors: no version tracking needed
         ctx.scaling = scaling
         ctx.dtypes = (A.dtype, B.dtype)
         return out
@@ -142,7 +237,7 @@ class _FusedLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         xd, xa_s = ctx.saved_tensors
-        need_x, need_xd, _, need_bias, need_A, need_B, _, _ = ctx.needs_input_grad
+        need_x, need_xd, _, need_bias, need_A, need_B, _, _, _ = ctx.needs_input_grad
         gb_s = _mm_scaled(g, ctx.Bc, ctx.scaling)  # (N, r) = s·g B
         grad_x = grad_xd = grad_bias = grad_A = grad_B = None
         if ctx.same_input:
@@ -155,12 +250,14 @@ class _FusedLoRA(torch.autograd.Function):
             if need_xd:
                 grad_xd = torch.mm(gb_s, ctx.Ac)
         if need_A:
+            if ctx.replay is not None:
+                xd = _saved_input(xd, *ctx.replay)
             grad_A = _mm_to(gb_s.t(), xd, ctx.dtypes[0])
         if need_B:
             grad_B = _mm_to(g.t(), xa_s, ctx.dtypes[1])
         if need_bias:
             grad_bias = g.sum(0)
-        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None
+        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None, None
 
 
 class _FusedLoRASiblings(torch.autograd.Function):
@@ -180,7 +277,7 @@ class _FusedLoRASiblings(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a_cat, meta, *tensors):  # type: ignore[override]
-        ranks, scaling, b_casts = meta
+        ranks, scaling, b_casts, _ = meta
         k = len(ranks)
         w_ts, biases = tensors[:k], tensors[k:2 * k]
         xa_s = _mm_scaled(x, a_cat.t(), scaling)  # (N, R)
@@ -192,7 +289,8 @@ class _FusedLoRASiblings(torch.autograd.Function):
             out = torch.addmm(bias, xa_i, Bc.t()) if bias is not None else torch.mm(xa_i, Bc.t())
             out.addmm_(x, w_t)
             outs.append(out)
-        ctx.save_for_backward(x, xa_s)
+        # meta[3] = (recipe, shape) (see _input_recipe): x is replayed in backward, not saved
+        ctx.save_for_backward(x if meta[3] is None else None, xa_s)
         ctx.set_materialize_grads(False)  # an unused sibling's gradient arrives as None, not zeros
         ctx.a_cat, ctx.meta, ctx.w_ts = a_cat, meta, w_ts
         ctx.dtypes = tuple(t.dtype for t in tensors[2 * k:])
@@ -201,11 +299,11 @@ class _FusedLoRASiblings(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *gs):  # type: ignore[override]
         x, xa_s = ctx.saved_tensors
-        ranks, scaling, b_casts = ctx.meta
+        ranks, scaling, b_casts, replay = ctx.meta
         k = len(ranks)
         needs = ctx.needs_input_grad
         need_x, need_bias, need_A, need_B = needs[0], needs[3 + k:3 + 2 * k], needs[3 + 2 * k:3 + 3 * k], needs[3 + 3 * k:]
-        gb_t = x.new_empty(sum(ranks), x.shape[0])  # (R, N); rows i: (s·g_i B_i)^T
+        gb_t = xa_s.new_empty(sum(ranks), xa_s.shape[0])  # (R, N); rows i: (s·g_i B_i)^T
         off = 0
         for r, g, Bc in zip(ranks, gs, b_casts):
             rows = gb_t[off:off + r]
@@ -224,6 +322,8 @@ class _FusedLoRASiblings(torch.autograd.Function):
                     grad_x.addmm_(g, w_t.t())
         grads_A: list[torch.Tensor | None] = [None] * k
         if any(need_A):
+            if replay is not None:
+                x = _saved_input(x, *replay)
             grad_a_cat = _mm_to(gb_t, x, ctx.dtypes[0])  # (R, n)
             # a sibling whose output went unused gets None, as on its own path (an optimizer skips it)
             grads_A = [ga if g is not None else None for ga, g in zip(grad_a_cat.split(list(ranks)), gs)]
@@ -338,8 +438,10 @@ class _SiblingSet:
                 w, b = w.to(dtype), None if b is None else b.to(dtype)
             w_ts.append(w if m.fan_in_fan_out else w.t())
             biases.append(b)
-        meta = (tuple(m.r for m in self.members), self.members[0].scaling, tuple(c[1] for c in casts))
         ab = [_lora_ab(m) for m in self.members]
+        recipe = _input_recipe(x) if any(A.requires_grad for A, _ in ab) else None
+        meta = (tuple(m.r for m in self.members), self.members[0].scaling, tuple(c[1] for c in casts),
+                None if recipe is None else (recipe, x.shape))
         outs = _FusedLoRASiblings.apply(x2, a_cat, meta, *w_ts, *biases, *(A for A, _ in ab), *(B for _, B in ab))
         return [o.view(*lead, m.out_features) for o, m in zip(outs, self.members)]
 
@@ -630,7 +732,9 @@ class LoRALinear(AdapterLayer):
         w_t = weight if self.fan_in_fan_out else weight.t()
         casts = self._adapter_casts(x.dtype)
         A, B = _lora_ab(self)
-        out = _FusedLoRA.apply(x2, xd2, w_t, bias, A, B, casts, self.scaling)
+        recipe = _input_recipe(x) if xd2 is x2 and A.requires_grad else None
+        replay = None if recipe is None else (recipe, x.shape)
+        out = _FusedLoRA.apply(x2, xd2, w_t, bias, A, B, casts, self.scaling, replay)
         return out.view(*lead, self.out_features)
 
     def reference_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
