@@ -16,6 +16,13 @@ Features (per transcript, forward strand unless ``both_strands=True``):
                         step 3) against a :class:`HexamerTable`
 * ``k{k}_{KMER}``       overlapping k-mer frequencies, k = 1..kmax, each k normalised to sum 1
 
+With ``extra=True`` (the shipped baseline since session 6) the 28 :data:`EXTRA_FEATURES` follow the
+8 ORF features: the set of maximal ORFs (2nd longest, number >= 300 nt, best hexamer score among
+those >= 90 nt), per-frame stop density and hexamer score, 5'/3'UTR hexamer and codon scores, upstream
+in-frame stop, Kozak context, GC/GC3, the ORF peptide's pI (Biopython's pK set), GRAVY,
+aromatic/charged fractions, and the 5'-open frame (see :func:`extra_features`). NaN marks "not
+defined" (no ORF, UTR too short); the trees route NaN natively.
+
 Everything is numpy-vectorised per sequence (no per-base python loops); on one CPU core this runs
 at several thousand 1-3 kb transcripts per second.
 
