@@ -7,8 +7,9 @@ Timed: the whole pipeline of :class:`lncrna.predict.Predictor` from the FASTA fi
 validation, features, tokenisation, transformer, stacking), after the model is loaded and one
 small warm-up chunk has run; with the cascade (default) and without it (every transcript through
 the transformer). The GPU run writes ``lncrna_throughput_gpu.json``; the CPU run writes
-``lncrna_throughput.json`` and folds in the GPU file's figures when it exists, so the final file
-holds ``gpu_seq_per_s``, ``cpu_seq_per_s`` and ``cpc2_cpu_seq_per_s``.
+``lncrna_throughput.json`` and folds in the GPU file's figures when it timed the same model
+(``model_crc32``, over the shipped model's files), so the final file holds ``gpu_seq_per_s``,
+``cpu_seq_per_s`` and ``cpc2_cpu_seq_per_s``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,17 @@ from lncrna.fasta import FastaRecord, read_fasta, write_fasta  # noqa: E402
 from lncrna.predict import Predictor  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+#: the shipped model's files: a GPU figure is folded into the CPU file only if it timed the same model
+MODEL_DIRS = (ROOT / "lncrna" / "weights" / "default", ROOT / "lncrna" / "weights" / "baseline")
+
+
+def model_crc32() -> int:
+    """CRC-32 over the shipped model's files (names and bytes, in name order)."""
+    crc = 0
+    for d in MODEL_DIRS:
+        for f in sorted(p for p in d.iterdir() if p.is_file()):
+            crc = zlib.crc32(f.name.encode() + f.read_bytes(), crc)
+    return crc
 
 
 def time_predictor(fasta: Path, device: str, cascade: bool, workers: int | None) -> tuple[float, int, dict]:
@@ -65,7 +78,8 @@ def main() -> None:
         fasta = Path(tmp) / "test_human.fa"
         write_fasta((FastaRecord(f"s{i}", f"s{i}", s) for i, s in enumerate(df.seq)), fasta)
         kind = "gpu" if args.device.startswith("cuda") else "cpu"
-        metrics: dict[str, float] = {"n_sequences": len(df), "loadavg_1m_at_start": os.getloadavg()[0]}
+        metrics: dict[str, float] = {"n_sequences": len(df), "loadavg_1m_at_start": os.getloadavg()[0],
+                                     "model_crc32": model_crc32()}
         modes = (True, False) if (kind == "gpu" or args.no_cascade) else (True,)
         for cascade in modes:
             rate, n, info = time_predictor(fasta, args.device, cascade, args.workers)
@@ -92,8 +106,13 @@ def main() -> None:
 
         device = f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores"
     command = "python benchmarks/lncrna_throughput.py " + " ".join(sys.argv[1:])
-    if kind == "cpu" and (RESULTS / "lncrna_throughput_gpu.json").exists():
-        gpu = json.loads((RESULTS / "lncrna_throughput_gpu.json").read_text())
+    gpu = json.loads((RESULTS / "lncrna_throughput_gpu.json").read_text()) if kind == "cpu" and (
+        RESULTS / "lncrna_throughput_gpu.json").exists() else None
+    if gpu is not None and gpu["metrics"].get("model_crc32") != metrics["model_crc32"]:
+        print("lncrna_throughput_gpu.json timed another model (model_crc32 differs): its figures are left out; "
+              "run the GPU part again", flush=True)
+        gpu = None
+    if gpu is not None:
         metrics.update({k: v for k, v in gpu["metrics"].items() if k.startswith("gpu_")})
         command = f"{gpu['command']}  (on {gpu['device']});  {command}"
         device = f"{gpu['device']} for gpu_*; {device} for cpu_* and cpc2_*"
