@@ -129,9 +129,10 @@ def _input_recipe(x: torch.Tensor) -> tuple[Any, ...] | None:
     one ``w``. Then saving ``x`` again costs a full activation per layer while replaying the (one to
     three) elementwise ops in backward costs one pass over it.
 
-    The recipe follows ``x.grad_fn`` through out-of-place ``mul`` (``MulBackward0``) and dtype/device
-    casts (``ToCopyBackward0``) only, at most ``_RECIPE_MAX_NODES`` nodes, down to tensors those nodes
-    save (read in backward, with autograd's own version check). Elementwise ops give the same bits
+    The recipe follows ``x.grad_fn`` through out-of-place ``mul`` (``MulBackward0``), dtype/device
+    casts (``ToCopyBackward0``) and GELU / SiLU (whose nodes save their input: a BERT MLP's output
+    projection reads ``gelu(h)``) only, at most ``_RECIPE_MAX_NODES`` nodes, down to tensors those
+    nodes save (read in backward, with autograd's own version check). Elementwise ops give the same bits
     when replayed on the same inputs, so outputs and gradients are unchanged. Anything else (a view,
     an in-place result, a leaf, other ops, tracing, compiling, saved-tensor hooks active as under
     ``torch.utils.checkpoint``): None, and ``x`` is saved as before.
@@ -167,6 +168,11 @@ def _recipe(node: Any, budget: list[int]) -> tuple[Any, ...] | None:
                 return None
             parts.append(sub)
         return ("mul", parts[0], parts[1])
+    if name in ("GeluBackward0", "SiluBackward0"):  # an activation's node saves its input
+        if node._raw_saved_self.data is None:
+            return None
+        approximate = node._saved_approximate if name == "GeluBackward0" else None
+        return ("act", ("saved", node, "_saved_self"), approximate)
     if name == "ToCopyBackward0":
         meta = node._input_metadata[0]  # the forward output's dtype and device
         if meta.is_nested_tensor or meta.is_cpp_nested_tensor:
@@ -187,6 +193,9 @@ def _replay(recipe: tuple[Any, ...]) -> torch.Tensor:
         return t
     if kind == "mul":
         return torch.mul(_replay(recipe[1]), _replay(recipe[2]))
+    if kind == "act":
+        h = _replay(recipe[1])
+        return F.silu(h) if recipe[2] is None else F.gelu(h, approximate=recipe[2])
     return _replay(recipe[1]).to(device=recipe[3], dtype=recipe[2])
 
 

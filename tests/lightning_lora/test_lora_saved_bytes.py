@@ -151,7 +151,8 @@ def test_replayed_input_gives_the_same_bits(adapter_dtype):
 
 def test_recipe_covers_mul_and_cast_chains_only():
     """What the replay accepts: an out-of-place product whose factors are saved (directly or through
-    a cast of such a product); not views, in-place results, leaves or other ops."""
+    a cast of such a product), GELU / SiLU of a saved input; not views, in-place results, leaves or
+    other ops."""
     a = torch.randn(4, 8, requires_grad=True)
     b = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(8)
@@ -160,7 +161,11 @@ def test_recipe_covers_mul_and_cast_chains_only():
     recipe = lora_mod._input_recipe(rms)
     replayed = lora_mod._replay(recipe)
     assert recipe is not None and replayed.dtype == torch.bfloat16 and torch.equal(replayed, rms)
-    assert lora_mod._input_recipe(w * b.exp()) is None  # exp's output: not a mul / cast chain
+    for act in (torch.nn.functional.silu, torch.nn.functional.gelu, lambda t: torch.nn.functional.gelu(t, approximate="tanh")):
+        y = act(a.bfloat16())
+        recipe = lora_mod._input_recipe(y)  # activation(cast(leaf)): the activation's saved input
+        assert recipe is not None and torch.equal(lora_mod._replay(recipe), y)
+    assert lora_mod._input_recipe(w * b.exp()) is None  # exp's output: not a mul / cast / activation
     assert lora_mod._input_recipe((a * b)[:, :4]) is None  # a view
     y = a * b
     y.mul_(2)
