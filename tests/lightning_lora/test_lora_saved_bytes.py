@@ -78,9 +78,10 @@ def _llama(hidden=64, inter=160, layers=2):
     return model
 
 
-def _ours(adapter_dtype, **kw):
+def _ours(adapter_dtype, replay_inputs=True, **kw):
     model = _llama(**kw)
-    ll.inject_adapter(model, "lora", r=8, alpha=16, target_modules="all-linear", adapter_dtype=adapter_dtype)
+    ll.inject_adapter(model, "lora", r=8, alpha=16, target_modules="all-linear", adapter_dtype=adapter_dtype,
+                      replay_inputs=replay_inputs)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -127,6 +128,29 @@ def test_llama_step_holds_less_than_peft_bf16(adapter_dtype):
     replayed = 2 * n_tok * inter * bf16 + 2 * n_tok * hidden * bf16
     assert ours_held + copies < peft_held, (ours_held, copies, peft_held)
     assert ours_held <= peft_held - replayed, (ours_held, peft_held, replayed)
+
+
+def test_replay_off_saves_the_inputs_like_peft():
+    """``replay_inputs=False``: the graph holds what PEFT's bf16 graph holds (every adapter input saved),
+    and the replaying model holds less by the replayed inputs; outputs and gradients are the same bits."""
+    peft = pytest.importorskip("peft")
+    hidden, inter, batch, seq = 64, 160, 2, 24
+    ids = torch.randint(0, 100, (batch, seq), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for replay in (True, False):
+        model = _ours("bfloat16", replay_inputs=replay, hidden=hidden, inter=inter)
+        _step(model, ids)
+        runs[replay] = _step(model, ids)
+    theirs = peft.get_peft_model(_llama(hidden=hidden, inter=inter),
+                                 peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0),
+                                 autocast_adapter_dtype=False)
+    out = theirs(input_ids=ids, labels=ids)
+    peft_held = _held_bytes(theirs, out.loss)
+    assert abs(runs[False][1] - peft_held) <= 1024, (runs[False][1], peft_held)  # PEFT keeps a few scalars more
+    assert runs[True][1] < runs[False][1]
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert runs[True][2].keys() == runs[False][2].keys()
+    assert all(torch.equal(runs[True][2][n], runs[False][2][n]) for n in runs[True][2])
 
 
 @pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
