@@ -16,8 +16,13 @@ Parameters and buffers are left out; the adapter-weight copies our layers cache 
 steps (bf16 casts of fp32 A and B, sibling sets' stacked A) are reported on their own line.
 
 Variants: ``frozen`` (no adapter, input gradients on), ``ours`` (fp32 adapters), ``ours_bf16``,
-``ours_nosib`` (no sibling fusion), ``peft_default`` (fp32 adapters) and ``peft_bf16``
-(``autocast_adapter_dtype=False``). Then one backward runs on what was saved (checks it is enough).
+``ours_nosib`` (no sibling fusion), ``ours_noreplay`` (``replay_inputs=False``: every adapter input
+saved), ``peft_default`` (fp32 adapters) and ``peft_bf16`` (``autocast_adapter_dtype=False``). Then one
+backward runs on what was saved (checks it is enough).
+
+Writes ``benchmarks/results/lora_saved_bytes.json`` (``--out``): ``<variant>_saved_bytes`` (the
+graph's total), ``<variant>_weight_copy_bytes`` and ``saved_ratio_ours_vs_peft_bf16`` (ours' saved
+bytes plus its weight copies over PEFT bf16's saved bytes).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import lightning_lora as ll  # noqa: E402
 
-VARIANTS = ("frozen", "ours", "ours_bf16", "ours_nosib", "peft_default", "peft_bf16")
+VARIANTS = ("frozen", "ours", "ours_bf16", "ours_nosib", "ours_noreplay", "peft_default", "peft_bf16")
 
 
 def llama(args: argparse.Namespace) -> nn.Module:
@@ -61,7 +66,7 @@ def build(args: argparse.Namespace, variant: str) -> nn.Module:
     elif variant.startswith("ours"):
         ll.inject_adapter(model, "lora", r=args.r, alpha=2 * args.r, target_modules="all-linear",
                           adapter_dtype="bfloat16" if variant == "ours_bf16" else "float32",
-                          fuse_siblings=variant != "ours_nosib")
+                          fuse_siblings=variant != "ours_nosib", replay_inputs=variant != "ours_noreplay")
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -211,7 +216,8 @@ def main() -> None:
     ap.add_argument("--method", choices=("graph", "hooks"), default="graph",
                     help="graph: walk the autograd graph after the forward (plain training); hooks: "
                          "saved_tensors_hooks (the path taken under checkpointing / offloading hooks)")
-    ap.add_argument("--json", default=None, help="write the table here")
+    ap.add_argument("--json", default=None, help="also write the whole table here")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder ('' : none)")
     args = ap.parse_args()
     torch.manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
@@ -233,6 +239,18 @@ def main() -> None:
         print(f"{k:28s}" + "".join(f"{table[v].get(k, 0):14,d}" for v in args.variants))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "table": table}, indent=2) + "\n")
+    if args.out:
+        from lightning_lora.results import write_result
+
+        metrics: dict[str, float] = {"layers": args.layers, "hidden": args.hidden, "tokens": n_tok, "r": args.r}
+        for v, per in table.items():
+            metrics[f"{v}_saved_bytes"] = per["TOTAL activations"]
+            metrics[f"{v}_weight_copy_bytes"] = per["weight copies (ours)"]
+        if "ours" in table and "peft_bf16" in table:
+            metrics["saved_ratio_ours_vs_peft_bf16"] = (
+                (table["ours"]["TOTAL activations"] + table["ours"]["weight copies (ours)"])
+                / table["peft_bf16"]["TOTAL activations"])
+        print("wrote", write_result("lora_saved_bytes", metrics, kind="benchmark", directory=args.out))
 
 
 if __name__ == "__main__":
