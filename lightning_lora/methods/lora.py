@@ -124,6 +124,15 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 _RECIPE_MAX_NODES = 4
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether ``torch.autograd.graph.saved_tensors_hooks`` are active (checkpointing, offloading);
+    True where torch does not say (a private API: assume the careful case)."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, RuntimeError, TypeError):
+        return True
+
+
 def _input_recipe(x: torch.Tensor) -> tuple[Any, ...] | None:
     """How to recompute ``x`` in backward from tensors the autograd graph keeps anyway, or None.
 
@@ -146,11 +155,11 @@ def _input_recipe(x: torch.Tensor) -> tuple[Any, ...] | None:
     if (type(x) is not torch.Tensor or x.grad_fn is None or x._base is not None or x._version != 0
             or torch.compiler.is_compiling() or torch.jit.is_tracing()):
         return None
+    if _saved_tensor_hooks_active():
+        # saved-tensor hooks (activation checkpointing, offloading) own how saved tensors come
+        # back, and may allow one unpack only (torch.utils.checkpoint): save x through them
+        return None
     try:
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
-            # saved-tensor hooks (activation checkpointing, offloading) own how saved tensors come
-            # back, and may allow one unpack only (torch.utils.checkpoint): save x through them
-            return None
         budget = [_RECIPE_MAX_NODES]
         return _recipe(x.grad_fn, budget)
     except (AttributeError, RuntimeError, IndexError, TypeError):  # a node type that lacks what we read
@@ -531,6 +540,10 @@ class _SiblingGroup:
         if torch.compiler.is_compiling():
             return None
         if self.sets is None:
+            if _saved_tensor_hooks_active():
+                # non-reentrant checkpointing recomputes this forward in backward and requires the
+                # same saved tensors: the plan must not complete between the forward and its recompute
+                return None
             self._observe(layer, x)
             if self.sets is None:
                 return None

@@ -315,3 +315,35 @@ def test_conv1d_siblings():
             outs.append((y.detach(), xi.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
         _assert_same(outs[0], outs[1])
     assert _learned(fused) == [("a", "b")]
+
+
+def test_non_reentrant_checkpointing_from_the_first_step():
+    """HF gradient checkpointing (non-reentrant) enabled before the first step: the recompute in
+    backward must take the path the forward took, so the sibling plan is not learned under
+    saved-tensor hooks (it used to complete during the recompute: CheckpointError). Gradients equal
+    those of a model without sibling fusion."""
+    transformers = pytest.importorskip("transformers")
+    grads = {}
+    for siblings in (True, False):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=160, vocab_size=100)
+        model = transformers.LlamaForCausalLM(cfg)
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        ll.inject_adapter(model, "lora", r=4, alpha=8, target_modules="all-linear", fuse_siblings=siblings)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.05)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+        grads[siblings] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-6)
