@@ -11,7 +11,8 @@ and charged to the innermost module that saved it. ``--method graph`` (default) 
 graph after the forward and reads every node's saved tensors (plain training; our fused functions'
 ctx attributes included); ``--method hooks`` counts what ``torch.autograd.graph.saved_tensors_hooks``
 sees packed (our LoRA input replay is off while saved-tensor hooks are active, so this shows the
-path taken under checkpointing / offloading, which is what the library saved before the replay).
+path taken under checkpointing / offloading, which is what the library saved before the replay; the
+sibling plan is learned in warm-up passes without hooks, as it is only learned outside them).
 Parameters and buffers are left out; the adapter-weight copies our layers cache between optimizer
 steps (bf16 casts of fp32 A and B, sibling sets' stacked A) are reported on their own line.
 
@@ -116,16 +117,17 @@ def _node_tensors(node: object) -> list[torch.Tensor]:
 
 
 def saved_bytes(model: nn.Module, ids: torch.Tensor, method: str) -> tuple[dict[str, int], dict[str, list], int]:
-    """``(bytes per module label, tensors per label, weight-copy bytes)`` of one forward, after one
-    warm-up forward + backward (our sibling sets are learned from the first pass).
+    """``(bytes per module label, tensors per label, weight-copy bytes)`` of one forward, after two
+    warm-up forwards + backwards (our sibling sets are learned from them).
 
     ``method="graph"``: after the forward, walk the autograd graph from the loss and read every
     node's saved tensors (what plain training keeps; nodes are charged to the innermost module whose
     forward created them, by autograd sequence number). ``method="hooks"``: count what is packed
     inside ``saved_tensors_hooks`` (our input replay is off under saved-tensor hooks, so this shows
     the path taken under checkpointing/offloading)."""
-    model(input_ids=ids, labels=ids).loss.backward()
-    model.zero_grad(set_to_none=True)
+    for _ in range(2):  # our sibling plan completes at the second pass, and only outside saved-tensor hooks
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
     params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     casts: dict[int, int] = {}
     stack: list[str] = []
