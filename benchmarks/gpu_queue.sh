@@ -89,7 +89,12 @@ start)
     elif [[ $group == quiet ]]; then
         # timings: alone on the GPU (random weights, nothing to stage); start the others after it ends
         # three rounds of every variant in turn (~8 min): session 4's single rounds moved by up to 20 ms with the host
-        launch quiet bash -c "$PY benchmarks/lora_vs_peft.py --rounds ${LVP_ROUNDS:-3} ${LVP_ARGS:-} && $PY benchmarks/method_overhead.py"
+        # then lncrna predict's throughput on the GPU (timed too: alone); its FASTA and the shipped
+        # classifier may travel in .carry (the checkout slimmed to make room for weights)
+        if compgen -G ".carry/lnc_*/*.fa.gz" >/dev/null; then mkdir -p $W/data/lncrna && cp .carry/lnc_*/*.fa.gz $W/data/lncrna/; fi
+        [[ -f .carry/lnc_model/model.safetensors ]] && cp .carry/lnc_model/model.safetensors $W/lncrna/weights/default/
+        launch quiet bash -c "$PY benchmarks/lora_vs_peft.py --rounds ${LVP_ROUNDS:-3} ${LVP_ARGS:-} && $PY benchmarks/method_overhead.py \
+            && $PY benchmarks/lncrna_throughput.py --device cuda"
     elif [[ $group == probe ]]; then
         launch probe sleep 3600  # does a background job outlive the device call that started it?
     else
