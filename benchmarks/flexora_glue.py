@@ -62,7 +62,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue_harness import GlueRun, best_rate, mean_std, rate_tag, run_many, run_stats  # noqa: E402
+from glue_harness import GlueRun, mean_std, rate_tag, run_many, run_stats, sweep_rates  # noqa: E402
 
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
@@ -121,19 +121,11 @@ def choose_lrs(args: argparse.Namespace, extra: dict[str, Any], out_dir: Path, w
     :func:`grid_extension`) by accuracy on the 10% slice carved from SST-2 train (seed 0,
     ``--sweep-steps``); the reported GLUE dev sets are never read for this."""
     steps = 4 if args.smoke else args.sweep_steps
-
-    def sweep(grids: dict[str, list[float]]) -> list[dict[str, Any]]:
-        runs = [GlueRun(m, "sst2", 0, method_kwargs(args, m, steps), lr=lr, steps=steps, holdout=True,
-                        tag=f"sweep/{m}/lr{lr:g}", **extra) for m, grid in grids.items() for lr in grid]
-        return run_many(runs, out_dir / f"{NAME}_runs.jsonl", workers=workers, device=device,
-                        threads=1 if args.smoke else 2)
-
-    swept = sweep({m: list(args.lr_grid) for m in METHODS})
-    edge = {m: ext for m in METHODS if (ext := grid_extension(best_rate(swept, m), args.lr_grid))}
-    if edge and not args.smoke:
-        print("best rate at an edge of the grid, sweeping also:", edge, flush=True)
-        swept += sweep(edge)
-    return {m: best_rate(swept, m) for m in METHODS}, swept
+    return sweep_rates(
+        lambda m, lr: GlueRun(m, "sst2", 0, method_kwargs(args, m, steps), lr=lr, steps=steps, holdout=True,
+                              tag=f"sweep/{m}/lr{lr:g}", **extra),
+        args.lr_grid, grid_extension, METHODS, out_dir / f"{NAME}_runs.jsonl", workers=workers, device=device,
+        threads=1 if args.smoke else 2, extend=not args.smoke)
 
 
 def make_runs(args: argparse.Namespace, steps: dict[str, int], extra: dict[str, Any],

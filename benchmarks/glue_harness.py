@@ -328,6 +328,28 @@ def best_rate(results: list[dict[str, Any]], tag: str) -> float:
     return max(mine, key=lambda r: (r["holdout_accuracy"], -r["lr"]))["lr"]
 
 
+def sweep_rates(sweep_run: Callable[[str, float], GlueRun], grid: Iterable[float],
+                extension: Callable[[float, list[float]], list[float]], tags: Iterable[str],
+                out_jsonl: str | os.PathLike, workers: int = 4, device: str | None = None, threads: int = 2,
+                extend: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Each tag's learning rate: its sweep runs (``sweep_run(tag, lr)``, tagged ``sweep/<tag>/lr<rate>``)
+    over ``grid``, then once over ``extension(best, grid)`` for a tag whose best rate sits on an edge
+    (an empty list: none), when ``extend``. Returns ``({tag: best rate}, every sweep row)``; see
+    :func:`best_rate`."""
+    grid, tags = list(grid), list(tags)
+
+    def run(grids: dict[str, list[float]]) -> list[dict[str, Any]]:
+        return run_many([sweep_run(t, lr) for t, rates in grids.items() for lr in rates], out_jsonl,
+                        workers=workers, device=device, threads=threads)
+
+    swept = run({t: grid for t in tags})
+    edge = {t: ext for t in tags if (ext := extension(best_rate(swept, t), grid))}
+    if edge and extend:
+        print("best rate at an edge of the grid, sweeping also:", edge, flush=True)
+        swept += run(edge)
+    return {t: best_rate(swept, t) for t in tags}, swept
+
+
 def rate_tag(tag: str, lr: float, grid: Iterable[float]) -> str:
     """The tag of ``tag``'s main runs: the method's own at a rate of its first grid, else with the rate in
     it (``<tag>/lr<rate>``, a rate from an extended grid): the raw file keys runs by tag/task/seed, so

@@ -47,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue_harness import GlueRun, best_rate, rate_tag, run_many, run_stats  # noqa: E402
+from glue_harness import GlueRun, rate_tag, run_many, run_stats, sweep_rates  # noqa: E402
 
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
@@ -110,20 +110,15 @@ def choose_lrs(args: argparse.Namespace, extra: dict[str, Any], out_dir: Path, w
     steps = 4 if args.smoke else args.sweep_steps
     kwargs = {"lora": ("lora", dict(r=args.r, alpha=args.alpha)),
               "increlora": ("increlora", increlora_kwargs(args, "sst2", steps))}
-    def sweep(grids: dict[str, list[float]]) -> list[dict[str, Any]]:
-        runs = [GlueRun(kwargs[t][0], "sst2", 0, kwargs[t][1], lr=lr, steps=steps, holdout=True,
-                        tag=f"sweep/{t}/lr{lr:g}", **extra) for t, grid in grids.items() for lr in grid]
-        return run_many(runs, out_dir / f"{NAME}_runs.jsonl", workers=workers, device=device,
-                        threads=1 if args.smoke else 2)
-
-    swept = sweep({t: list(args.lr_grid) for t in kwargs})
     # a method whose best rate is the grid's top may peak above it (session 5: IncreLoRA, which starts
     # at rank 1, still gained 1.2 points from 1e-3 to 2e-3): try EXTENDED_GRID too, once
-    edge = {t: list(EXTENDED_GRID) for t in kwargs if best_rate(swept, t) == max(args.lr_grid)}
-    if edge and not args.smoke:
-        print("best rate at the top of the grid, sweeping", EXTENDED_GRID, "too:", sorted(edge), flush=True)
-        swept += sweep(edge)
-    return {t: best_rate(swept, t) for t in kwargs}
+    lrs, _ = sweep_rates(
+        lambda t, lr: GlueRun(kwargs[t][0], "sst2", 0, kwargs[t][1], lr=lr, steps=steps, holdout=True,
+                              tag=f"sweep/{t}/lr{lr:g}", **extra),
+        args.lr_grid, lambda best, grid: list(EXTENDED_GRID) if best == max(grid) else [], kwargs,
+        out_dir / f"{NAME}_runs.jsonl", workers=workers, device=device, threads=1 if args.smoke else 2,
+        extend=not args.smoke)
+    return lrs
 
 
 #: tried when a method's best rate is the top of ``--lr-grid`` (see :func:`choose_lrs`)

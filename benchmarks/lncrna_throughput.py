@@ -106,8 +106,8 @@ def main() -> None:
 
         device = f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores"
     command = "python benchmarks/lncrna_throughput.py " + " ".join(sys.argv[1:])
-    gpu = json.loads((RESULTS / "lncrna_throughput_gpu.json").read_text()) if kind == "cpu" and (
-        RESULTS / "lncrna_throughput_gpu.json").exists() else None
+    gpu_file = RESULTS / "lncrna_throughput_gpu.json"
+    gpu = json.loads(gpu_file.read_text()) if kind == "cpu" and gpu_file.exists() else None
     if gpu is not None and gpu["metrics"].get("model_crc32") != metrics["model_crc32"]:
         print("lncrna_throughput_gpu.json timed another model (model_crc32 differs): its figures are left out; "
               "run the GPU part again", flush=True)

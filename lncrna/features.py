@@ -382,21 +382,6 @@ class HexamerTable:
     def score(self, orf_seq: str | np.ndarray) -> float:
         return self.score_codes(encode(orf_seq))
 
-    def score_span(self, hex_codes: np.ndarray, hex_ok, start: int, stop: int) -> float:
-        """CPAT hexamer score of the in-frame hexamers starting at ``start, start+3, ...`` and lying
-        fully inside ``[start, stop)``, from the hexamer codes of a whole sequence; NaN if none."""
-        last = min(stop - 6, hex_codes.shape[0] - 1)
-        if start < 0 or last < start:
-            return float("nan")
-        codes = hex_codes[start : last + 1 : 3]
-        keep = self._counted[codes]
-        if hex_ok is not None:
-            keep &= hex_ok[start : last + 1 : 3]
-        cnt = int(keep.sum())
-        if cnt == 0:
-            return float("nan")
-        return float(self._contrib[codes[keep]].sum() / cnt)
-
 
 def _hexamer_codes(b: np.ndarray):
     valid = None if (b.size == 0 or int(b.max()) < 4) else (b < 4)
