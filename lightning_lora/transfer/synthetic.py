@@ -5,7 +5,8 @@ Two generators:
 - :func:`generate_synthetic`: a causal language model (SmolLM2 for text) continues a few-shot
   prompt, ``instruction`` then a bullet list of seed demos then ``"-"``; the first generated line
   is one sample. Each prompt takes its own random subset and order of the seeds, so 5 seeds still
-  give varied prompts.
+  give varied prompts. With ``demo_pools`` each instruction draws its demos from its own pool
+  (class-conditioned prompts: the positive instruction shows only positive seeds).
 - :func:`generate_synthetic_mlm`: a masked language model (a nucleotide BERT) rewrites a random
   window of a seed: several rounds of "mask a random fraction of the tokens, sample each masked
   token from the MLM's softmax" (Gibbs-style resampling). With a fraction of 1 - 1/rounds or so,
@@ -50,6 +51,7 @@ def generate_synthetic(
     seed: int = 0,
     postprocess: Callable[[str], str] | None = None,
     max_batches: int | None = None,
+    demo_pools: Sequence[Sequence[str]] | None = None,
 ) -> list[str]:
     """``n`` synthetic inputs sampled from a causal LM prompted with seed demos.
 
@@ -62,6 +64,9 @@ def generate_synthetic(
             lines empty after it are dropped and more are drawn.
         max_batches: cap on generate calls (default ``4 * ceil(n / batch_size)``); fewer than ``n``
             samples come back when it is reached.
+        demo_pools: one pool of demos per instruction, in the same order (e.g. the seeds of each
+            class, the labelled D_seed of METHODS.md §11 step 4); an empty pool falls back to
+            ``seed_texts``. Default: every instruction draws from ``seed_texts``.
 
     Returns:
         up to ``n`` non-empty strings (duplicates possible; :func:`filter_synthetic` removes them).
@@ -71,6 +76,13 @@ def generate_synthetic(
     if n < 0 or demos_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"need n >= 0, demos_per_prompt >= 1, batch_size >= 1; got {n}, {demos_per_prompt}, {batch_size}")
     instructions = [instruction] if isinstance(instruction, str) else list(instruction)
+    if demo_pools is None:
+        pools = [list(seed_texts)] * len(instructions)
+    else:
+        if len(demo_pools) != len(instructions):
+            raise ValueError(f"demo_pools needs one pool per instruction: got {len(demo_pools)} pools "
+                             f"for {len(instructions)} instructions")
+        pools = [list(pool) if len(pool) else list(seed_texts) for pool in demo_pools]
     rng = random.Random(seed)
     device = _device_of(generator)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -86,9 +98,9 @@ def generate_synthetic(
                 break
             prompts = []
             for i in range(batch_size):
-                k = min(demos_per_prompt, len(seed_texts))
-                prompts.append(build_prompt(instructions[(b * batch_size + i) % len(instructions)],
-                                            rng.sample(list(seed_texts), k)))
+                j = (b * batch_size + i) % len(instructions)
+                k = min(demos_per_prompt, len(pools[j]))
+                prompts.append(build_prompt(instructions[j], rng.sample(pools[j], k)))
             enc = tokenizer(prompts, return_tensors="pt", padding=True)
             enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}  # no token_type_ids
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -93,6 +93,43 @@ def test_generate_synthetic_count_determinism_and_postprocess():
     assert tok.padding_side == "right" and model.training == mode  # restored after the call
 
 
+class PromptSpy:
+    """A tokenizer proxy that records the prompts it encodes."""
+
+    def __init__(self, tok) -> None:
+        self.__dict__["_tok"], self.__dict__["prompts"] = tok, []
+
+    def __call__(self, texts, **kw):
+        self.prompts.extend(texts)
+        return self._tok(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._tok, name, value)
+
+
+def test_generate_synthetic_demo_pools_condition_each_instruction_on_its_own_demos():
+    model, tok = load_tiny_llama(seed=0)
+    spy = PromptSpy(tok)
+    pos, neg = ["good film", "great fun", "a joy"], ["dull mess", "bad acting"]
+    generate_synthetic(model, spy, pos + neg, 8, batch_size=4, max_new_tokens=4, demos_per_prompt=2,
+                       instruction=["pos:", "neg:"], demo_pools=[pos, neg], seed=0)
+    assert spy.prompts
+    for prompt in spy.prompts:
+        head, *demos = prompt.split("\n")[:-1]
+        pool = pos if head == "pos:" else neg
+        assert head in ("pos:", "neg:") and len(demos) == 2
+        assert all(d.removeprefix("- ") in pool for d in demos), prompt
+    spy.prompts.clear()  # an empty pool falls back to every seed
+    generate_synthetic(model, spy, pos + neg, 4, batch_size=4, max_new_tokens=4, demos_per_prompt=5,
+                       instruction=["pos:", "neg:"], demo_pools=[pos, []], seed=0)
+    assert {len(p.split("\n")) - 2 for p in spy.prompts} == {3, 5}
+    with pytest.raises(ValueError, match="one pool per instruction"):
+        generate_synthetic(model, tok, pos, 2, instruction=["pos:", "neg:"], demo_pools=[pos])
+
+
 def test_generate_synthetic_rejects_empty_seeds():
     model, tok = load_tiny_llama(seed=0)
     with pytest.raises(ValueError, match="at least one seed"):
