@@ -6,6 +6,10 @@ Two transfers, each against the source adapter and against the target trained on
   as ``LlamaForSequenceClassification`` (a fresh ``score`` head that trains with the LoRA). The
   generator is SmolLM2 itself (the target base, as in the paper's phase B): few-shot prompts of the
   5 seeds, one instruction per sentiment, generated lines put in SST-2's lower-cased, spaced form.
+  The seeds are labelled (D_seed is a labelled subset of D): with ``--demos class`` (the default
+  since session 7) the positive instruction shows only positive seeds and the negative one only
+  negative seeds; ``--demos any`` (sessions 3-6, ``trans_lora_anydemos.json``) draws the demos of
+  either instruction from all 5 seeds, so "negative" prompts mostly showed positive sentences.
   The discriminator is MiniLM + its own LoRA and 2-way head (source base, phase A), trained on
   real SST-2 sentences against SmolLM2 generations prompted with real training demos.
 - lncRNA: two nucleotide BERTs of different size (source 256 wide x 4 layers, target 128 x 2; 6-mers,
@@ -26,6 +30,7 @@ a folder written by ``export_smollm2`` (``--smollm2 DIR``).
     python benchmarks/trans_lora.py --smollm2 .carry/smollm2 --out benchmarks/results
     python benchmarks/trans_lora.py --smoke        # tiny random models on CPU, writes nothing
     python benchmarks/trans_lora.py --balance      # ablation -> trans_lora_balanced.json
+    python benchmarks/trans_lora.py --demos any    # sessions 3-6's prompts -> trans_lora_anydemos.json
 
 ``--balance`` distils on the same number of inputs per teacher class (``transfer(balance=True)``,
 not in the paper): session 4's SST-2 transfer kept a set 77% positive by the source's labels and
@@ -170,17 +175,26 @@ def run_sst2(args, device: torch.device, metrics: dict) -> None:
     log(f"sst2 target (SmolLM2 + LoRA) on real data: accuracy {metrics['sst2_target_real_accuracy']:.4f}")
     del target_real
 
+    # drawn in the order of the session-4 runs, so every --demos variant gets the same seeds
+    pool_idx = rng.choice(len(train_texts), 200, replace=False)
+    real_idx = rng.choice(len(train_texts), S["disc_n"], replace=False)
+    seed_idx = rng.choice(len(train_texts), 5, replace=False)
+    # the labels of the demos (phase A's pool of real training sentences, phase B's 5 seeds)
+    label_of = {train_texts[i]: train_labels[i] for i in [*pool_idx, *seed_idx]}
+
     def generate(seeds: list[str], n: int, round_: int) -> list[str]:
+        # class demos: the positive instruction shows positive demos only, the negative one negative ones
+        pools = [[s for s in seeds if label_of[s] == y] for y in (1, 0)] if args.demos == "class" else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             return generate_synthetic(causal, tok, seeds, n, instruction=SST2_INSTRUCTIONS, demos_per_prompt=3,
                                       max_new_tokens=S["max_new_tokens"], batch_size=S["gen_batch"],
-                                      seed=args.seed * 1000 + round_, postprocess=sst2_style)
+                                      seed=args.seed * 1000 + round_, postprocess=sst2_style, demo_pools=pools)
 
     # phase A (source time, real data available): discriminator on real vs synthetic
     t1 = time.time()
-    pool = [train_texts[i] for i in rng.choice(len(train_texts), 200, replace=False)]
+    pool = [train_texts[i] for i in pool_idx]
     synthetic_a = generate(pool, S["disc_n"], 900)
-    real_a = [train_texts[i] for i in rng.choice(len(train_texts), S["disc_n"], replace=False)]
+    real_a = [train_texts[i] for i in real_idx]
     disc = minilm_classifier(args, args.seed + 2).to(device)
     held = S["disc_n"] // 10
     train_discriminator(disc, real_a[held:], synthetic_a[held:], steps=S["disc_steps"], seed=args.seed, **fit)
@@ -190,7 +204,6 @@ def run_sst2(args, device: torch.device, metrics: dict) -> None:
     log(f"sst2 discriminator held-out accuracy {metrics['sst2_discriminator_heldout_accuracy']:.4f}")
 
     # phase B (transfer): 5 seeds only
-    seed_idx = rng.choice(len(train_texts), 5, replace=False)
     seeds = [train_texts[i] for i in seed_idx]
     student = llama_classifier(causal, tok, args.seed + 3)
     t2 = time.time()
@@ -378,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="each finished part's figures; a rerun reuses them and runs only the missing part")
     p.add_argument("--balance", action="store_true",
                    help="distil on equal numbers per teacher class (ablation, not in the paper): trans_lora_balanced.json")
+    p.add_argument("--demos", choices=["class", "any"], default="class",
+                   help="SST-2 prompts: 'class' shows each sentiment's instruction only seeds of that sentiment "
+                        "(default since session 7); 'any' draws demos from every seed (sessions 3-6): "
+                        "trans_lora_anydemos.json")
     p.add_argument("--smoke", action="store_true", help="tiny random models and data slices on CPU; writes nothing")
     p.add_argument("--random-init", action="store_true",
                    help="random weights for SmolLM2 and MiniLM (configs and tokenizers from --smollm2 / --minilm): "
@@ -388,11 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_float32_matmul_precision("high")
     raw = None if (args.smoke or args.random_init) else Path(args.raw)
     done = {row["key"]: row["metrics"] for row in read_jsonl(raw)} if raw is not None else {}
-    metrics: dict[str, float] = {"seed": args.seed, "balanced": float(args.balance)}
+    metrics: dict[str, float] = {"seed": args.seed, "balanced": float(args.balance),
+                                 "class_demos": float(args.demos == "class")}
     suffix = "_balanced" if args.balance else ""
+    # the raw keys of the SST-2 part name the demo choice; the lncRNA part has no sentiment prompts
+    keys = {"sst2": f"sst2{'_classdemos' if args.demos == 'class' else ''}{suffix}/seed{args.seed}",
+            "lncrna": f"lncrna{suffix}/seed{args.seed}"}
     t0 = time.time()
     for part, run in (("sst2", run_sst2), ("lncrna", run_lncrna)):
-        key = f"{part}{suffix}/seed{args.seed}"
+        key = keys[part]
         if key in done:  # finished by an earlier (interrupted) run: the parts are independent
             log(f"{part}: figures from {raw}")
             metrics.update(done[key])
@@ -406,12 +427,13 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(json.dumps({"key": key, "metrics": part_metrics}) + "\n")
     metrics["seconds"] = time.time() - t0
     log(f"metrics: {metrics}")
-    missing = [p for p in ("sst2", "lncrna") if f"{p}{suffix}/seed{args.seed}" not in done and p not in args.parts]
+    missing = [p for p in ("sst2", "lncrna") if keys[p] not in done and p not in args.parts]
     if args.smoke or args.random_init or missing:
         log(f"smoke, random-init or partial run (missing {missing}): no result file written")
         return 0
     command = current_command() if argv is None else " ".join(["python", "benchmarks/trans_lora.py", *argv])
-    path = write_result("trans_lora" + suffix, metrics, command=command, directory=args.out)
+    name = "trans_lora" + suffix + ("_anydemos" if args.demos == "any" else "")
+    path = write_result(name, metrics, command=command, directory=args.out)
     log(f"wrote {path}")
     return 0
 

@@ -28,3 +28,28 @@ def test_parts_are_kept_and_reused(tmp_path, monkeypatch):
     result = json.loads((out / "trans_lora.json").read_text())
     assert result["metrics"]["sst2_accuracy"] == 0.6 and result["metrics"]["lncrna_accuracy"] == 0.7
     assert len(raw.read_text().splitlines()) == 2
+
+
+def test_demo_variants_keep_their_own_sst2_part_and_share_the_lncrna_part(tmp_path, monkeypatch):
+    calls: list[tuple[str, str]] = []
+
+    def fake(part):
+        def run(args, device, metrics):
+            calls.append((part, args.demos))
+            metrics[f"{part}_accuracy"] = 0.5 + len(calls) / 10
+        return run
+
+    monkeypatch.setattr(trans_lora, "run_sst2", fake("sst2"))
+    monkeypatch.setattr(trans_lora, "run_lncrna", fake("lncrna"))
+    raw, out = tmp_path / "parts.jsonl", tmp_path / "results"
+    argv = ["--raw", str(raw), "--out", str(out)]
+    assert trans_lora.main(argv + ["--demos", "any"]) == 0
+    assert trans_lora.main(argv) == 0  # default: class demos; the lncRNA part has no prompts, it is reused
+    assert calls == [("sst2", "any"), ("lncrna", "any"), ("sst2", "class")]
+    keys = [json.loads(line)["key"] for line in raw.read_text().splitlines()]
+    assert keys == ["sst2/seed0", "lncrna/seed0", "sst2_classdemos/seed0"]
+    anydemos = json.loads((out / "trans_lora_anydemos.json").read_text())["metrics"]
+    classdemos = json.loads((out / "trans_lora.json").read_text())["metrics"]
+    assert anydemos["sst2_accuracy"] == 0.6 and classdemos["sst2_accuracy"] == 0.8
+    assert anydemos["lncrna_accuracy"] == classdemos["lncrna_accuracy"] == 0.7
+    assert classdemos["class_demos"] == 1.0 and anydemos["class_demos"] == 0.0
