@@ -52,7 +52,7 @@ uninterrupted one (checked on CPU at toy sizes: equal but for the timings).
 
 Metric: share of samples in which the classifier finds both concepts. Key:
 ``both_concepts_gain_vs_average`` = CLoRA's share − averaging's share (> 0 is the bar). Sample
-grids go to ``--figures`` (docs/figures): ``clora_composition.png``, rows = base, LoRA A, LoRA B,
+grids go to ``--figures`` (docs/figures): ``clora_composition.png`` (``<--name>.png``), rows = base, LoRA A, LoRA B,
 average, sum, CLoRA (fusion-only), CLoRA.
 
     pip install --no-deps --no-index .whl/diffusion/*.whl   # GPU image: diffusers is not installed
@@ -124,6 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-samples", type=int, default=128, help="samples per step size when choosing it")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--name", default=None,
+                   help="result and figure name (default clora_composition, or clora_composition_g<guidance> "
+                        "when --guidance is not 3): a second guidance reuses every stage and keeps its own files")
     p.add_argument("--step-sizes", type=float, nargs="+", default=[0.0, 5.0, 50.0, 500.0],
                    help="CLoRA latent step sizes tried on the validation noise (0 = masked fusion only)")
     p.add_argument("--max-iter-to-alter", type=int, default=30)
@@ -134,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=64, help="UNet base channels")
     args = p.parse_args(argv)
     args.lora_lr = sorted(set(args.lora_lr))
+    if args.name is None:
+        args.name = "clora_composition" if args.guidance == 3.0 else f"clora_composition_g{args.guidance:g}"
     if args.smoke:
         args.base_steps, args.lora_steps, args.clf_steps = 4, 2, 4
         args.batch_size, args.samples, args.val_samples, args.steps = 4, 2, 2, 3
@@ -668,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_seconds = time.perf_counter() - t0
 
     k = min(16, args.samples)
-    png = figures / "clora_composition.png"
+    png = figures / f"{args.name}.png"
     write_png(png, grid([images[m][:k] for m in methods]))
     print(f"wrote {png} (rows: {', '.join(methods)})")
 
@@ -701,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics[f"val_both_share_step{eta:g}_{source}"] = v
     print(metrics, flush=True)
     if not args.smoke:
-        path = write_result("clora_composition", metrics, command=command, directory=args.out)
+        path = write_result(args.name, metrics, command=command, directory=args.out)
         print(f"wrote {path}")
     if tmp:
         tmp.cleanup()

@@ -81,7 +81,11 @@ start)
         launch lq_smollm2 $PY benchmarks/lq_lora_smollm2.py
         launch trans_lora $PY benchmarks/trans_lora.py
         launch trans_lora_bal $PY benchmarks/trans_lora.py --balance  # class-balanced distillation (ablation)
-        launch clora env PYTHONPATH=/tmp/site:/tmp/site_diff $PY benchmarks/clora_composition.py --ckpt-dir runs/clora_composition
+        # CLORA_ARGS: the LoRA recipe (e.g. --lora-steps 1500 --lora-lr 3e-4 1e-3 2e-3); then the same stages
+        # sampled at a second guidance scale (its own result and figure, clora_composition_g<scale>)
+        launch clora env PYTHONPATH=/tmp/site:/tmp/site_diff bash -c "$PY benchmarks/clora_composition.py \
+            --ckpt-dir runs/clora_composition ${CLORA_ARGS:-} && $PY benchmarks/clora_composition.py \
+            --ckpt-dir runs/clora_composition ${CLORA_ARGS:-} --guidance ${CLORA_GUIDANCE2:-1.5}"
         launch ffa env PYTHONPATH=/tmp/site:/tmp/site_fed $PY benchmarks/ffa_federated.py --workers 3 --seeds ${FFA_SEEDS:-0,1,2}
         [[ ${LNCRNA:-0} == 1 ]] && launch lncrna $PY benchmarks/lncrna_gpu_run.py --out runs/lncrna3 --mlm-init ${LNCRNA_MLM:-.carry/mlm2} \
             --pretrain-minutes ${LNCRNA_PRETRAIN_MIN:-10} --finetune-minutes 2.0 --finetune-epochs 20 \
