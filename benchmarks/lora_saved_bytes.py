@@ -17,7 +17,8 @@ Parameters and buffers are left out; the adapter-weight copies our layers cache 
 steps (bf16 casts of fp32 A and B, sibling sets' stacked A) are reported on their own line.
 
 Variants: ``frozen`` (no adapter, input gradients on), ``ours`` (fp32 adapters), ``ours_bf16``,
-``ours_nosib`` (no sibling fusion), ``ours_noreplay`` (``replay_inputs=False``: every adapter input
+``ours_nosib`` (no sibling fusion), ``ours_replay_all`` (``replay_inputs="all"``: RMSNorm outputs
+replayed too), ``ours_noreplay`` (``replay_inputs="none"``: every adapter input
 saved), ``peft_default`` (fp32 adapters) and ``peft_bf16`` (``autocast_adapter_dtype=False``). Then one
 backward runs on what was saved (checks it is enough).
 
@@ -43,7 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 import lightning_lora as ll  # noqa: E402
 
-VARIANTS = ("frozen", "ours", "ours_bf16", "ours_nosib", "ours_noreplay", "peft_default", "peft_bf16")
+VARIANTS = ("frozen", "ours", "ours_bf16", "ours_nosib", "ours_noreplay", "ours_replay_all", "peft_default", "peft_bf16")
+#: the input-replay A/B variants and their ``replay_inputs`` (``ours`` and the others: the default, "products")
+REPLAY = {"ours_noreplay": "none", "ours_replay_all": "all"}
 
 
 def llama(args: argparse.Namespace) -> nn.Module:
@@ -67,7 +70,7 @@ def build(args: argparse.Namespace, variant: str) -> nn.Module:
     elif variant.startswith("ours"):
         ll.inject_adapter(model, "lora", r=args.r, alpha=2 * args.r, target_modules="all-linear",
                           adapter_dtype="bfloat16" if variant == "ours_bf16" else "float32",
-                          fuse_siblings=variant != "ours_nosib", replay_inputs=variant != "ours_noreplay")
+                          fuse_siblings=variant != "ours_nosib", replay_inputs=REPLAY.get(variant, "products"))
     else:
         from peft import LoraConfig, get_peft_model
 

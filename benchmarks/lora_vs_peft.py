@@ -13,8 +13,10 @@ Measured per model (same random weights, same batch, bf16 base, rank 16, same ta
   like-for-like match of ``peft_bf16`` (optimizer state in bf16 too);
 - ``ours_nosib`` (extra): ``ours`` with ``fuse_siblings=False`` (each LoRA layer alone), the A/B of
   the sibling fusion; ``<model>_<variant>_sibling_sets`` counts the sets the fused path learned;
-- ``ours_noreplay`` (extra): ``ours`` with ``replay_inputs=False`` (every adapter input saved for
-  backward, as PEFT does), the A/B of the input replay: its memory against its extra backward kernels;
+- ``ours_noreplay`` (extra): ``ours`` with ``replay_inputs="none"`` (every adapter input saved for
+  backward, as PEFT does), and ``ours_replay_all`` with ``replay_inputs="all"`` (RMSNorm outputs
+  replayed too): the A/B of the input replay, its memory against its extra backward kernels
+  (``ours`` is the default, ``"products"``; session 7 measured ``ours`` when the default was ``"all"``);
 
 A step is forward + backward + AdamW step (fused AdamW for every variant). Reported: median
 step time over ``--steps`` timed steps after ``--warmup`` steps, and peak allocated memory.
@@ -65,6 +67,9 @@ def bert_model() -> nn.Module:
     return BertForSequenceClassification(cfg)
 
 
+#: the input-replay A/B variants and their ``replay_inputs`` (``ours`` and the others: the default, "products")
+REPLAY = {"ours_noreplay": "none", "ours_replay_all": "all"}
+
 SPECS = {
     "llama": dict(make=llama_model, batch=4, seq=2048, targets="all-linear", vocab=32000),
     "bert": dict(make=bert_model, batch=32, seq=512, targets=["query", "key", "value", "dense"], vocab=30522),
@@ -82,10 +87,10 @@ def build(spec: dict, variant: str, r: int) -> tuple[nn.Module, list[nn.Paramete
     if variant == "frozen":
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
         return model, []
-    if variant in ("ours", "ours_bf16", "ours_nosib", "ours_noreplay"):
+    if variant in ("ours", "ours_bf16", "ours_nosib", *REPLAY):
         dtype = "bfloat16" if variant == "ours_bf16" else "float32"
         ll.inject_adapter(model, "lora", r=r, alpha=2 * r, target_modules=spec["targets"], adapter_dtype=dtype,
-                          fuse_siblings=variant != "ours_nosib", replay_inputs=variant != "ours_noreplay")
+                          fuse_siblings=variant != "ours_nosib", replay_inputs=REPLAY.get(variant, "products"))
         return model, ll.trainable_parameters(model)
     from peft import LoraConfig, get_peft_model
 
@@ -206,7 +211,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llama", "bert"], choices=list(SPECS))
     ap.add_argument("--variants", nargs="+", default=["frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib",
-                                                       "ours_noreplay"])
+                                                       "ours_noreplay", "ours_replay_all"])
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)

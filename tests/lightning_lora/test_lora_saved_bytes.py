@@ -78,7 +78,7 @@ def _llama(hidden=64, inter=160, layers=2):
     return model
 
 
-def _ours(adapter_dtype, replay_inputs=True, **kw):
+def _ours(adapter_dtype, replay_inputs="products", **kw):
     model = _llama(**kw)
     ll.inject_adapter(model, "lora", r=8, alpha=16, target_modules="all-linear", adapter_dtype=adapter_dtype,
                       replay_inputs=replay_inputs)
@@ -104,17 +104,19 @@ def _step(model, ids, hooks=False):
     return out.logits.detach(), held, grads
 
 
+@pytest.mark.parametrize("replay", ["products", "all"])
 @pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
-def test_llama_step_holds_less_than_peft_bf16(adapter_dtype):
+def test_llama_step_holds_less_than_peft_bf16(adapter_dtype, replay):
     """On a 2-layer bf16 LLaMA with LoRA on every linear layer, our graph plus our cached weight copies
     hold less than PEFT's graph with bf16 adapters; the graph alone holds less by at least the
-    down_proj inputs of both layers and the q/k/v and gate/up inputs (RMSNorm outputs) of the second
-    (the first layer's RMSNorm reads the frozen embedding: no graph there, so that input is saved).
-    Before the input replay both graphs held the very same bytes, and the copies made ours larger."""
+    down_proj inputs of both layers (``act(gate) * up``), and with ``"all"`` also by three RMSNorm
+    outputs: the q/k/v and gate/up inputs of the second layer and the gate/up input of the first (the
+    first layer's input norm reads the frozen embedding: no graph there, so that input is saved). Before the input replay both graphs held the
+    very same bytes, and the copies made ours larger."""
     peft = pytest.importorskip("peft")
-    hidden, inter, batch, seq = 64, 160, 2, 24
+    hidden, inter, batch, seq = 64, 160, 2, 48
     ids = torch.randint(0, 100, (batch, seq), generator=torch.Generator().manual_seed(1))
-    ours = _ours(adapter_dtype, hidden=hidden, inter=inter)
+    ours = _ours(adapter_dtype, replay, hidden=hidden, inter=inter)
     _step(ours, ids)  # first pass: the sibling sets are learned
     _, ours_held, _ = _step(ours, ids)
     copies = sum(_weight_copies(ours).values())
@@ -125,19 +127,20 @@ def test_llama_step_holds_less_than_peft_bf16(adapter_dtype):
     out = theirs(input_ids=ids, labels=ids)
     peft_held = _held_bytes(theirs, out.loss)
     n_tok, bf16 = batch * seq, 2
-    replayed = 2 * n_tok * inter * bf16 + 2 * n_tok * hidden * bf16
+    replayed = 2 * n_tok * inter * bf16 + (3 * n_tok * hidden * bf16 if replay == "all" else 0)
     assert ours_held + copies < peft_held, (ours_held, copies, peft_held)
     assert ours_held <= peft_held - replayed, (ours_held, peft_held, replayed)
 
 
 def test_replay_off_saves_the_inputs_like_peft():
-    """``replay_inputs=False``: the graph holds what PEFT's bf16 graph holds (every adapter input saved),
-    and the replaying model holds less by the replayed inputs; outputs and gradients are the same bits."""
+    """``replay_inputs="none"`` (or ``False``): the graph holds what PEFT's bf16 graph holds (every adapter
+    input saved); ``"products"`` holds less by exactly the down_proj inputs, ``"all"`` (or ``True``) by
+    three RMSNorm outputs more; outputs and gradients are the same bits in all four."""
     peft = pytest.importorskip("peft")
     hidden, inter, batch, seq = 64, 160, 2, 24
     ids = torch.randint(0, 100, (batch, seq), generator=torch.Generator().manual_seed(1))
     runs = {}
-    for replay in (True, False):
+    for replay in ("all", "products", "none", True, False):
         model = _ours("bfloat16", replay_inputs=replay, hidden=hidden, inter=inter)
         _step(model, ids)
         runs[replay] = _step(model, ids)
@@ -146,19 +149,26 @@ def test_replay_off_saves_the_inputs_like_peft():
                                  autocast_adapter_dtype=False)
     out = theirs(input_ids=ids, labels=ids)
     peft_held = _held_bytes(theirs, out.loss)
-    assert abs(runs[False][1] - peft_held) <= 1024, (runs[False][1], peft_held)  # PEFT keeps a few scalars more
-    assert runs[True][1] < runs[False][1]
-    assert torch.equal(runs[True][0], runs[False][0])
-    assert runs[True][2].keys() == runs[False][2].keys()
-    assert all(torch.equal(runs[True][2][n], runs[False][2][n]) for n in runs[True][2])
+    assert abs(runs["none"][1] - peft_held) <= 1024, (runs["none"][1], peft_held)  # PEFT keeps a few scalars more
+    n_tok, bf16 = batch * seq, 2
+    assert runs["none"][1] - runs["products"][1] == 2 * n_tok * inter * bf16
+    # RMSNorm outputs: both of layer 2 and layer 1's post-attention one (layer 1's input norm reads
+    # the frozen embedding: no graph, nothing to replay from)
+    assert runs["products"][1] - runs["all"][1] == 3 * n_tok * hidden * bf16
+    assert runs[True][1] == runs["all"][1] and runs[False][1] == runs["none"][1]
+    for mode in ("all", "products", True, False):
+        assert torch.equal(runs[mode][0], runs["none"][0])
+        assert runs[mode][2].keys() == runs["none"][2].keys()
+        assert all(torch.equal(runs[mode][2][n], runs["none"][2][n]) for n in runs[mode][2])
 
 
+@pytest.mark.parametrize("mode", ["products", "all"])
 @pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
-def test_replayed_input_gives_the_same_bits(adapter_dtype):
+def test_replayed_input_gives_the_same_bits(adapter_dtype, mode):
     """Outputs and every adapter gradient with the input replayed equal, bit for bit, those of the
     path that saves the input (forced by saved-tensor hooks), over three AdamW steps."""
     ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
-    replay, saving = _ours(adapter_dtype), _ours(adapter_dtype)
+    replay, saving = _ours(adapter_dtype, mode), _ours(adapter_dtype, mode)
     saving.load_state_dict(replay.state_dict())
     opts = [torch.optim.AdamW(ll.trainable_parameters(m), lr=1e-2) for m in (replay, saving)]
     for m in (replay, saving):  # the sibling plan is learned outside saved-tensor hooks only: two passes
@@ -183,15 +193,18 @@ def test_recipe_covers_mul_and_cast_chains_only():
     a = torch.randn(4, 8, requires_grad=True)
     b = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(8)
-    assert lora_mod._input_recipe(torch.nn.functional.silu(a) * b) is not None
+    for casts in (True, False):
+        assert lora_mod._input_recipe(torch.nn.functional.silu(a) * b, casts) is not None
     rms = w.bfloat16() * (a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True))).bfloat16()
     recipe = lora_mod._input_recipe(rms)
     replayed = lora_mod._replay(recipe)
     assert recipe is not None and replayed.dtype == torch.bfloat16 and torch.equal(replayed, rms)
+    assert lora_mod._input_recipe(rms, casts=False) is None  # "products": no chain through a cast
     for act in (torch.nn.functional.silu, torch.nn.functional.gelu, lambda t: torch.nn.functional.gelu(t, approximate="tanh")):
         y = act(a.bfloat16())
-        recipe = lora_mod._input_recipe(y)  # activation(cast(leaf)): the activation's saved input
-        assert recipe is not None and torch.equal(lora_mod._replay(recipe), y)
+        for casts in (True, False):  # activation(cast(leaf)): the activation's saved input, no cast replayed
+            recipe = lora_mod._input_recipe(y, casts)
+            assert recipe is not None and torch.equal(lora_mod._replay(recipe), y)
     assert lora_mod._input_recipe(w * b.exp()) is None  # exp's output: not a mul / cast / activation
     assert lora_mod._input_recipe((a * b)[:, :4]) is None  # a view
     y = a * b
@@ -229,3 +242,12 @@ def test_down_projection_input_not_saved_and_gradients_match_reference():
     torch.testing.assert_close(y, y_ref)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b)
+
+
+def test_replay_inputs_values():
+    """The three modes, the session-6 booleans, and a clear error for anything else."""
+    assert ll.LoRAConfig().replay_inputs == "products"
+    assert ll.LoRAConfig(replay_inputs=True).replay_inputs == "all"
+    assert ll.LoRAConfig(replay_inputs=False).replay_inputs == "none"
+    with pytest.raises(ValueError, match="replay_inputs must be one of none, products, all"):
+        ll.LoRAConfig(replay_inputs="some")
