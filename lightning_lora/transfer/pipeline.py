@@ -37,11 +37,14 @@ class TransferResult:
     n_scored: int  # unique candidates the discriminator scored
     rounds: int
     losses: list[float] = field(default_factory=list)
+    n_kept: int | None = None  # inputs the filter kept, before ``balance`` (None: every text in ``texts``)
 
     @property
     def kept_share(self) -> float:
-        """Kept inputs over generated candidates (1.0 for the seed-only ablation)."""
-        return len(self.texts) / self.n_generated if self.n_generated else 1.0
+        """Inputs the filter kept over generated candidates, before any balancing (1.0 for the
+        seed-only ablation)."""
+        kept = len(self.texts) if self.n_kept is None else self.n_kept
+        return kept / self.n_generated if self.n_generated else 1.0
 
 
 def synthesize_and_filter(generate: Generate, seeds: list[str], n: int, discriminator: TextClassifier | None, *,
@@ -127,8 +130,9 @@ def transfer(teacher: TextClassifier, student: TextClassifier, seed_examples: Se
     if not texts:
         raise ValueError("no inputs to distil on: the generator and filter kept nothing")
     teacher_logits = label_with_teacher(teacher, texts)
+    n_kept = len(texts)
     if balance:
         texts, teacher_logits = balance_by_teacher_class(texts, teacher_logits)
     losses = distill(student, texts, teacher_logits, loss=loss, temperature=temperature, **distill_kwargs)
-    return TransferResult(seeds=seeds, texts=texts, teacher_logits=teacher_logits, n_generated=n_generated,
+    return TransferResult(seeds=seeds, texts=texts, teacher_logits=teacher_logits, n_generated=n_generated, n_kept=n_kept,
                           n_scored=n_scored, rounds=rounds, losses=losses)

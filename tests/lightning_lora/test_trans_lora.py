@@ -447,6 +447,8 @@ def test_transfer_balance_distils_on_equal_classes():
     assert res.texts == [t for t in plain.texts if t in set(res.texts)]  # a subset, in order
     assert res.texts == [t for i, t in enumerate(plain.texts) if i in (0, 1, 2, 3, 4, 5, 6, 9)]
     assert torch.equal(res.teacher_logits, predict_logits(index_teacher(), res.texts))
+    # kept_share is the filter's (the "share the discriminator kept"), not the balanced set's
+    assert res.n_kept == len(plain.texts) == 12 and res.kept_share == plain.kept_share == 12 / plain.n_generated
 
 
 def test_synthesize_and_filter_warns_when_short():
