@@ -31,6 +31,7 @@ a folder written by ``export_smollm2`` (``--smollm2 DIR``).
     python benchmarks/trans_lora.py --smoke        # tiny random models on CPU, writes nothing
     python benchmarks/trans_lora.py --balance      # ablation -> trans_lora_balanced.json
     python benchmarks/trans_lora.py --demos any    # sessions 3-6's prompts -> trans_lora_anydemos.json
+    python benchmarks/trans_lora.py --max-rounds 10  # more candidates before distilling -> trans_lora_rounds10.json
 
 ``--balance`` distils on the same number of inputs per teacher class (``transfer(balance=True)``,
 not in the paper): session 4's SST-2 transfer kept a set 77% positive by the source's labels and
@@ -395,12 +396,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="SST-2 prompts: 'class' shows each sentiment's instruction only seeds of that sentiment "
                         "(default since session 7); 'any' draws demos from every seed (sessions 3-6): "
                         "trans_lora_anydemos.json")
+    p.add_argument("--max-rounds", type=int, default=None,
+                   help=f"generation rounds before distilling on what was kept (default {FULL['max_rounds']}); "
+                        "every SST-2 run so far hit the cap with fewer than n_samples kept")
     p.add_argument("--smoke", action="store_true", help="tiny random models and data slices on CPU; writes nothing")
     p.add_argument("--random-init", action="store_true",
                    help="random weights for SmolLM2 and MiniLM (configs and tokenizers from --smollm2 / --minilm): "
                         "a GPU timing check, writes nothing")
     args = p.parse_args(argv)
-    args.scale = SMOKE if args.smoke else FULL
+    args.scale = dict(SMOKE if args.smoke else FULL)
+    if args.max_rounds is not None:
+        args.scale["max_rounds"] = args.max_rounds
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     torch.set_float32_matmul_precision("high")
     raw = None if (args.smoke or args.random_init) else Path(args.raw)
@@ -409,8 +415,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "class_demos": float(args.demos == "class")}
     suffix = "_balanced" if args.balance else ""
     # the raw keys of the SST-2 part name the demo choice; the lncRNA part has no sentiment prompts
-    keys = {"sst2": f"sst2{'_classdemos' if args.demos == 'class' else ''}{suffix}/seed{args.seed}",
-            "lncrna": f"lncrna{suffix}/seed{args.seed}"}
+    # a non-default round cap is its own variant of both parts (and of the result's name)
+    rounds = f"_rounds{args.max_rounds}" if args.max_rounds not in (None, FULL["max_rounds"]) else ""
+    keys = {"sst2": f"sst2{'_classdemos' if args.demos == 'class' else ''}{suffix}{rounds}/seed{args.seed}",
+            "lncrna": f"lncrna{suffix}{rounds}/seed{args.seed}"}
     t0 = time.time()
     for part, run in (("sst2", run_sst2), ("lncrna", run_lncrna)):
         key = keys[part]
@@ -432,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"smoke, random-init or partial run (missing {missing}): no result file written")
         return 0
     command = current_command() if argv is None else " ".join(["python", "benchmarks/trans_lora.py", *argv])
-    name = "trans_lora" + suffix + ("_anydemos" if args.demos == "any" else "")
+    name = "trans_lora" + suffix + ("_anydemos" if args.demos == "any" else "") + rounds
     path = write_result(name, metrics, command=command, directory=args.out)
     log(f"wrote {path}")
     return 0

@@ -53,3 +53,23 @@ def test_demo_variants_keep_their_own_sst2_part_and_share_the_lncrna_part(tmp_pa
     assert anydemos["sst2_accuracy"] == 0.6 and classdemos["sst2_accuracy"] == 0.8
     assert anydemos["lncrna_accuracy"] == classdemos["lncrna_accuracy"] == 0.7
     assert classdemos["class_demos"] == 1.0 and anydemos["class_demos"] == 0.0
+
+
+def test_a_round_cap_is_its_own_variant(tmp_path, monkeypatch):
+    calls: list[tuple[str, int]] = []
+
+    def fake(part):
+        def run(args, device, metrics):
+            calls.append((part, args.scale["max_rounds"]))
+            metrics[f"{part}_accuracy"] = 0.5
+        return run
+
+    monkeypatch.setattr(trans_lora, "run_sst2", fake("sst2"))
+    monkeypatch.setattr(trans_lora, "run_lncrna", fake("lncrna"))
+    raw, out = tmp_path / "parts.jsonl", tmp_path / "results"
+    argv = ["--raw", str(raw), "--out", str(out)]
+    assert trans_lora.main(argv) == 0
+    assert trans_lora.main(argv + ["--max-rounds", "10"]) == 0  # not served by the default run's parts
+    assert calls == [("sst2", 6), ("lncrna", 6), ("sst2", 10), ("lncrna", 10)]
+    assert (out / "trans_lora.json").exists() and (out / "trans_lora_rounds10.json").exists()
+    assert trans_lora.FULL["max_rounds"] == 6  # the override did not leak into the module's defaults
