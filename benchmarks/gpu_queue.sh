@@ -79,8 +79,9 @@ start)
         lq=benchmarks/results/raw/lq_lora_smollm2.jsonl
         if [[ -f $lq ]] && (( $(wc -l <$lq) > $(cat $W/$lq 2>/dev/null | wc -l) )); then cp $lq $W/$lq; fi
         launch lq_smollm2 $PY benchmarks/lq_lora_smollm2.py
-        launch trans_lora $PY benchmarks/trans_lora.py
-        launch trans_lora_bal $PY benchmarks/trans_lora.py --balance  # class-balanced distillation (ablation)
+        # TRANS_LORA_ARGS: e.g. "--max-rounds 10 --seed 1" (each variant keeps its own parts and result)
+        launch trans_lora $PY benchmarks/trans_lora.py ${TRANS_LORA_ARGS:-}
+        launch trans_lora_bal $PY benchmarks/trans_lora.py --balance ${TRANS_LORA_ARGS:-}  # class-balanced distillation (ablation)
         # CLORA_ARGS: the LoRA recipe (e.g. --lora-steps 1500 --lora-lr 3e-4 1e-3 2e-3); then the same stages
         # sampled at a second guidance scale (its own result and figure, clora_composition_g<scale>)
         launch clora env PYTHONPATH=/tmp/site:/tmp/site_diff bash -c "$PY benchmarks/clora_composition.py \
