@@ -59,7 +59,9 @@ Design choices (see METHODS.md open choices; defaults follow the paper/code):
 - Ties at the h-th score: ``tie_break="exact"`` (default) takes exactly h modules, ties broken by
   module order; ``"threshold"`` takes every module ≥ the h-th score as the code does (clamped by
   the budget so it is never exceeded).
-- ``incre_rank_num``: 1 (GLUE scripts, default); 0 = the code's mapping {2:1, 4:2, 6:3, 8:4}[target_rank].
+- ``incre_rank_num``: 1 (default: the rank=2 GLUE scripts and the rank=8 MNLI script); 0 = the code's
+  mapping {2:1, 4:2, 6:3, 8:4}[target_rank], which the rank=8 SST-2 and RTE scripts get (they pass no
+  ``--incre_rank_num``, so 4 ranks per chosen module per round and 4 rank-1 reserves per module).
 - The initial reserves are created with the layer (they are in the user's optimizer group from the
   start); the code adds them at step 0 in a group whose schedule is the global one shifted by one step.
 """
@@ -97,7 +99,8 @@ class IncreLoRAConfig(AdapterConfig):
         interval: allocation at steps ``t % interval == 0``.
         top_h: modules that get ranks per allocation.
         incre_rank_num: ranks added to a chosen module per allocation (also the reserve size); 0 = the
-            code's default mapping from ``target_rank``.
+            code's default mapping from ``target_rank`` (what the official rank=8 SST-2/RTE scripts run:
+            4); with ``budget_lora_r`` give the number itself.
         advance_learning: reserves train before activation (``e = reserve_e``, a and b trainable).
         reserve_e: fixed e of a reserve (code: 1e-5).
         beta1, beta2: EMA coefficients of sensitivity and uncertainty.
