@@ -8,8 +8,9 @@ validation, features, tokenisation, transformer, stacking), after the model is l
 small warm-up chunk has run; with the cascade (default) and without it (every transcript through
 the transformer). The GPU run writes ``lncrna_throughput_gpu.json``; the CPU run writes
 ``lncrna_throughput.json`` and folds in the GPU file's figures when it timed the same model
-(``model_crc32``, over the shipped model's files), so the final file holds ``gpu_seq_per_s``,
-``cpu_seq_per_s`` and ``cpc2_cpu_seq_per_s``.
+(``model_crc32``, over the shipped model's files) with the same pipeline code (``code_crc32``, over
+``lncrna/*.py``: session 7's batched features changed the speed, not the model), so the final file
+holds ``gpu_seq_per_s``, ``cpu_seq_per_s`` and ``cpc2_cpu_seq_per_s``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def model_crc32() -> int:
     for d in MODEL_DIRS:
         for f in sorted(p for p in d.iterdir() if p.is_file()):
             crc = zlib.crc32(f.name.encode() + f.read_bytes(), crc)
+    return crc
+
+
+def code_crc32() -> int:
+    """CRC-32 over the pipeline's code (``lncrna/*.py``), so figures of different code are not mixed."""
+    crc = 0
+    for f in sorted((ROOT / "lncrna").glob("*.py")):
+        crc = zlib.crc32(f.name.encode() + f.read_bytes(), crc)
     return crc
 
 
@@ -79,7 +88,7 @@ def main() -> None:
         write_fasta((FastaRecord(f"s{i}", f"s{i}", s) for i, s in enumerate(df.seq)), fasta)
         kind = "gpu" if args.device.startswith("cuda") else "cpu"
         metrics: dict[str, float] = {"n_sequences": len(df), "loadavg_1m_at_start": os.getloadavg()[0],
-                                     "model_crc32": model_crc32()}
+                                     "model_crc32": model_crc32(), "code_crc32": code_crc32()}
         modes = (True, False) if (kind == "gpu" or args.no_cascade) else (True,)
         for cascade in modes:
             rate, n, info = time_predictor(fasta, args.device, cascade, args.workers)
@@ -108,10 +117,11 @@ def main() -> None:
     command = "python benchmarks/lncrna_throughput.py " + " ".join(sys.argv[1:])
     gpu_file = RESULTS / "lncrna_throughput_gpu.json"
     gpu = json.loads(gpu_file.read_text()) if kind == "cpu" and gpu_file.exists() else None
-    if gpu is not None and gpu["metrics"].get("model_crc32") != metrics["model_crc32"]:
-        print("lncrna_throughput_gpu.json timed another model (model_crc32 differs): its figures are left out; "
-              "run the GPU part again", flush=True)
-        gpu = None
+    for key, what in (("model_crc32", "another model"), ("code_crc32", "other pipeline code")):
+        if gpu is not None and gpu["metrics"].get(key) != metrics[key]:
+            print(f"lncrna_throughput_gpu.json timed {what} ({key} differs): its figures are left out; "
+                  "run the GPU part again", flush=True)
+            gpu = None
     if gpu is not None:
         metrics.update({k: v for k, v in gpu["metrics"].items() if k.startswith("gpu_")})
         command = f"{gpu['command']}  (on {gpu['device']});  {command}"
