@@ -220,6 +220,11 @@ def prompt_tokens(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return tok
 
 
+def null_tokens(device: torch.device | str) -> torch.Tensor:
+    """(1, 4) the unconditional prompt ``<bos> <null> <null> <null>`` (CFG's other half, prompt dropout)."""
+    return torch.tensor([[BOS] + [NULL] * (SEQ - 1)], device=device)
+
+
 def base_batch(comp: Composer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """White digits: 75 % pairs of distinct classes, 25 % singles. Returns (images in [-1, 1], tokens)."""
     dev = comp.device
@@ -307,6 +312,15 @@ class TinyTextEncoder(nn.Module):
         return self.norm(self.layer(self.tok(tokens) + self.pos))
 
 
+def load_base(unet: nn.Module, text: nn.Module, ckpt: Path, device: torch.device | str) -> None:
+    """Load a run's base UNet (as its fp16 checkpoint rounds it) and text encoder from ``ckpt`` into
+    ``unet`` and ``text``, both then frozen in eval mode (every reader of a finished run's stages)."""
+    unet.load_state_dict({k: v.float() for k, v in load_file(str(ckpt / "base_unet_fp16.safetensors"), device=str(device)).items()})
+    text.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors"), device=str(device)))
+    unet.eval().requires_grad_(False)
+    text.eval().requires_grad_(False)
+
+
 def make_unet(width: int, text_dim: int = 64) -> nn.Module:
     diffusers = require_diffusers()
     return diffusers.UNet2DConditionModel(
@@ -354,7 +368,7 @@ def train_diffusion(unet: nn.Module, text: nn.Module, batches, steps: int, lr: f
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     tail: list[float] = []
     start = time.perf_counter()
-    uncond = torch.tensor([BOS, NULL, NULL, NULL], device=device)  # once: a copy per step would sync
+    uncond = null_tokens(device)[0]  # once: a copy per step would sync
     for step in range(steps):
         x0, tokens = batches()
         drop = torch.rand(x0.shape[0], device=device) < p_uncond
@@ -508,10 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         base_loss, base_seconds = rec["loss"], rec["seconds"]
         print(f"base model: from {ckpt}", flush=True)
-    unet.load_state_dict({k: v.float() for k, v in load_file(str(base_file), device=str(device)).items()})
-    text.load_state_dict(load_file(str(text_file), device=str(device)))
-    unet.eval().requires_grad_(False)
-    text.eval().requires_grad_(False)
+    load_base(unet, text, ckpt, device)
 
     # 2. concept LoRAs, one per concept and lr, each trained on the bare base model (same seed for
     # every lr) then taken out as separate layers; the lr is chosen per concept below (validation noise)
@@ -577,9 +588,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. generation: prompt "3 and 7"
     prompt = prompt_tokens(torch.tensor([CONCEPT_A], device=device), torch.tensor([CONCEPT_B], device=device))
-    null = torch.tensor([[BOS, NULL, NULL, NULL]], device=device)
     with torch.no_grad():
-        cond, uncond = text(prompt)[0], text(null)[0]  # (4, 64) each
+        cond, uncond = text(prompt)[0], text(null_tokens(device))[0]  # (4, 64) each
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
 
     def noise(n: int, seed: int) -> torch.Tensor:

@@ -47,22 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cc = _composition_module()
     diffusers = cc.require_diffusers()
-    from safetensors.torch import load_file
 
     ckpt = Path(args.ckpt_dir)
     if not (ckpt / "base_unet_fp16.safetensors").exists():
         raise SystemExit(f"{ckpt}: no base_unet_fp16.safetensors (run clora_composition.py first)")
     torch.manual_seed(0)
     unet, text = cc.make_unet(args.width), cc.TinyTextEncoder()
-    unet.load_state_dict({k: v.float() for k, v in load_file(str(ckpt / "base_unet_fp16.safetensors")).items()})
-    text.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
-    unet.eval().requires_grad_(False)
-    text.eval().requires_grad_(False)
+    cc.load_base(unet, text, ckpt, "cpu")
     ink, labels = cc.load_glyphs(torch.device("cpu"))
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))
     train = cc.Composer(ink[perm[: int(0.8 * len(labels))]], labels[perm[: int(0.8 * len(labels))]])
     with torch.no_grad():
-        uncond = text(torch.tensor([[cc.BOS, cc.NULL, cc.NULL, cc.NULL]]))
+        uncond = text(cc.null_tokens("cpu"))
         own = {d: text(cc.prompt_tokens(torch.tensor([d]), None)) for d in (cc.CONCEPT_A, cc.CONCEPT_B)}
     alphas = diffusers.DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
     base_w = {n: m.weight.detach().clone() for n, m in unet.named_modules() if hasattr(m, "weight")}

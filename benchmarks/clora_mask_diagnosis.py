@@ -103,13 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load(args):
     ckpt = Path(args.ckpt_dir)
     dev = args.device
-    unet, text = cc.make_unet(args.width), cc.TinyTextEncoder()
-    unet.to(dev)
-    text.to(dev)
-    unet.load_state_dict({k: v.float() for k, v in load_file(str(ckpt / "base_unet_fp16.safetensors"), device=dev).items()})
-    text.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors"), device=dev))
-    unet.eval().requires_grad_(False)
-    text.eval().requires_grad_(False)
+    unet, text = cc.make_unet(args.width).to(dev), cc.TinyTextEncoder().to(dev)
+    cc.load_base(unet, text, ckpt, dev)
     loras = []
     for stage in (args.lora_a, args.lora_b):
         load_adapter(unet, ckpt / stage)
@@ -273,8 +268,7 @@ def main(argv=None) -> int:
     unet, text, loras, clf = load(args)
     dev = torch.device(args.device)
     prompt = cc.prompt_tokens(torch.tensor([cc.CONCEPT_A], device=dev), torch.tensor([cc.CONCEPT_B], device=dev))
-    null = torch.tensor([[cc.BOS, cc.NULL, cc.NULL, cc.NULL]], device=dev)
-    cond, uncond = text(prompt)[0], text(null)[0]
+    cond, uncond = text(prompt)[0], text(cc.null_tokens(dev))[0]
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
     z0 = torch.randn(args.samples, 3, cc.CANVAS, cc.CANVAS, generator=torch.Generator().manual_seed(args.seed)).to(dev)
     b = args.samples
