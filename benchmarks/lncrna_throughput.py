@@ -36,21 +36,22 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODEL_DIRS = (ROOT / "lncrna" / "weights" / "default", ROOT / "lncrna" / "weights" / "baseline")
 
 
-def model_crc32() -> int:
-    """CRC-32 over the shipped model's files (names and bytes, in name order)."""
+def files_crc32(files) -> int:
+    """CRC-32 over files' names and bytes, in the order given."""
     crc = 0
-    for d in MODEL_DIRS:
-        for f in sorted(p for p in d.iterdir() if p.is_file()):
-            crc = zlib.crc32(f.name.encode() + f.read_bytes(), crc)
+    for f in files:
+        crc = zlib.crc32(f.name.encode() + f.read_bytes(), crc)
     return crc
+
+
+def model_crc32() -> int:
+    """CRC-32 over the shipped model's files (names and bytes, in name order per folder)."""
+    return files_crc32(f for d in MODEL_DIRS for f in sorted(p for p in d.iterdir() if p.is_file()))
 
 
 def code_crc32() -> int:
     """CRC-32 over the pipeline's code (``lncrna/*.py``), so figures of different code are not mixed."""
-    crc = 0
-    for f in sorted((ROOT / "lncrna").glob("*.py")):
-        crc = zlib.crc32(f.name.encode() + f.read_bytes(), crc)
-    return crc
+    return files_crc32(sorted((ROOT / "lncrna").glob("*.py")))
 
 
 def time_predictor(fasta: Path, device: str, cascade: bool, workers: int | None) -> tuple[float, int, dict]:
