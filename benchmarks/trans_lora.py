@@ -414,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, float] = {"seed": args.seed, "balanced": float(args.balance),
                                  "class_demos": float(args.demos == "class")}
     suffix = "_balanced" if args.balance else ""
-    # the raw keys of the SST-2 part name the demo choice; the lncRNA part has no sentiment prompts
-    # a non-default round cap is its own variant of both parts (and of the result's name)
+    # raw keys: the SST-2 part names the demo choice (the lncRNA part has no sentiment prompts); a
+    # non-default round cap is its own variant of both parts and of the result's name
     rounds = f"_rounds{args.max_rounds}" if args.max_rounds not in (None, FULL["max_rounds"]) else ""
     keys = {"sst2": f"sst2{'_classdemos' if args.demos == 'class' else ''}{suffix}{rounds}/seed{args.seed}",
             "lncrna": f"lncrna{suffix}{rounds}/seed{args.seed}"}
