@@ -65,7 +65,8 @@ start)
         # rank 8 trains only in the ~1/8 of steps that sample it: the one DyLoRA run twice as long
         launch dylora_long $PY benchmarks/dylora_sst2.py --mode full --dylora-steps 2000 --workers 2 --threads 1
         # per-method rate grids extended past their edges (#4 bars 2 and 3)
-        launch increlora $PY benchmarks/increlora_glue.py --sst2-steps 1000 --workers ${GLUE_WORKERS:-3}
+        # INCRE_STEPS/INCRE_ARGS: e.g. 3000 and "--incre-rank-num 4 --increlora-dropout 0.3" (session 7 review)
+        launch increlora $PY benchmarks/increlora_glue.py --sst2-steps ${INCRE_STEPS:-1000} ${INCRE_ARGS:-} --workers ${GLUE_WORKERS:-3}
         launch flexora $PY benchmarks/flexora_glue.py --sst2-steps 1000 --workers ${GLUE_WORKERS:-3}
     elif [[ $group == smollm2 ]]; then
         # the lncRNA FASTA files may travel in .carry/lnc_* (the checkout slimmed to make room for weights)
