@@ -50,6 +50,17 @@ Candidates (fixed beforehand):
 * ``both``           + kmer_lr + orf_ctx
 * ``both_slow``      + kmer_lr + orf_ctx, learner of ``hgb_slow``
 
+RESULT (session 8, run once, after the rule above was committed): NO CANDIDATE PASSES; nothing
+ships and no test split was read. ``base`` reproduced the recorded figures exactly (val-mouse MCC
+0.8995, CV MCC 0.9094). Every candidate has a LOWER val-mouse MCC than base (hgb_slow 0.8977,
+hgb_balanced 0.8960, kmer_lr 0.8890, orf_ctx 0.8925, both 0.8925, both_slow 0.8942), so check 1
+fails for all; CV MCC rose by at most +0.0040 (both_slow 0.9134; check 2 needs +0.005).
+Exploratory afterwards (``/work/notes/s8/lncrna/explore_noise.py``, cannot ship anything): base
+refitted with random_state 0..4 gives val-mouse MCC 0.8995/0.8873/0.8942/0.8925/0.8943 (mean
+0.8936, sd 0.0044; the shipped seed 0 is the best of the five), both_slow mean 0.8953 (sd 0.0047);
+paired bootstrap 95% intervals of every candidate's val-mouse MCC difference include 0 except
+kmer_lr (-0.0105, [-0.019, -0.003]). Differences of this size are noise on 1,169 sequences.
+
 The new features are defined here per sequence (:func:`kmer_lr_features`, :func:`orf_ctx_features`)
 for the experiment; only a passing candidate would be ported to ``lncrna/features.py`` (batched,
 behind the model's feature list).
