@@ -58,6 +58,50 @@ average, sum, CLoRA (fusion-only), CLoRA.
     pip install --no-deps --no-index .whl/diffusion/*.whl   # GPU image: diffusers is not installed
     python benchmarks/clora_composition.py                   # ~4-6 min on one H200
     python benchmarks/clora_composition.py --smoke           # CPU, < 1 min, writes nothing in the tree
+
+Base architectures (``--base-arch``, issue #7). ``v1`` (the default) is the base of the recorded runs,
+unchanged: session 7 (``clora_mask_diagnosis.py``) found its concept tokens' maps do not localize
+(16×16: cos(map "3", map "7") 0.96, own-half share 0.50; both masks = the whole canvas), so every
+method scored 0 on "both concepts" and the comparison says nothing about CLoRA. ``v2`` (:class:`BaseArch`)
+is built so that the maps must localize:
+
+- word order tied to layout: in a pair the FIRST digit token's digit is always drawn in the left
+  half and the second in the right half ("3 and 7" = 3 left, 7 right; singles still anywhere, so the
+  maps must follow the content too, and the concept LoRAs' single-digit data is unchanged);
+- prompts padded to 8 tokens with ``<null>`` (``<bos> 3 and 7 <null> ×4``): sink tokens for the
+  background, as SD's padding, so a concept map can be ≈ 0 off its digit;
+- cross-attention at every level incl. 32×32 (that level cross-attention only, no 1024-query
+  self-attention), so full-resolution features are bound to the tokens directly;
+- the pixel's (x, y) as two extra input channels (``CoordConvIn``): a convolutional UNet barely
+  knows where a query pixel is, which "first digit token -> left half" needs.
+
+The classifier is shared; v2's stages are stored apart in the same ``--ckpt-dir`` (``v2_base``,
+``v2_lora_*``; files ``v2_base_unet_fp16.safetensors``, ``v2_text_encoder.safetensors``) and their
+records carry ``base_arch``, so an old checkpoint is never loaded into the new architecture (a
+mismatch would also fail the strict state-dict load). v2's result and figure are
+``clora_composition_v2[_g<guidance>]``. CLoRA's maps stay at ``--attention-res 16`` unless the gate
+says 32 is better. ``--stop-after base`` trains / loads the base and the classifier only.
+
+Next GPU session (one H200), v2 -- gate first, then the comparison (stages resume across sessions):
+
+    pip install --no-deps --no-index .whl/diffusion/*.whl
+    # 1. base + classifier (~15-25 min: v1's 6000 steps took 751 s; v2's 32×32 cross-attention is
+    #    ~2× v1's step time on CPU, so ≈ 1.5-2× on the GPU; the log prints seconds every 1200 steps)
+    python benchmarks/clora_composition.py --base-arch v2 --ckpt-dir runs/clora_composition --stop-after base
+    # 2. the gate (~1-2 min): exit 0 = pass, 3 = fail (then stop: do not train LoRAs on this base)
+    python benchmarks/clora_mask_diagnosis.py --ckpt-dir runs/clora_composition --base-arch v2 --device cuda \
+        --runs real base --samples 64 --gate --out /tmp/gate16
+    python benchmarks/clora_mask_diagnosis.py --ckpt-dir runs/clora_composition --base-arch v2 --device cuda \
+        --runs real base --samples 64 --attention-res 32 --gate --out /tmp/gate32   # the 32×32 maps
+    # 3. only if a gate passed: LoRAs + comparison (four LoRAs at 1500 steps took ~445 s on v1; ×1.5-2
+    #    ≈ 11-15 min, generation ≈ 3-5 min); add --attention-res 32 if only the 32×32 gate passed
+    python benchmarks/clora_composition.py --base-arch v2 --ckpt-dir runs/clora_composition \
+        --lora-steps 1500 --lora-lr 1e-3 2e-3
+    # then the gate's numbers on the whole CLoRA run (masks of the LoRA branches):
+    python benchmarks/clora_mask_diagnosis.py --ckpt-dir runs/clora_composition --base-arch v2 --device cuda \
+        --lora-a v2_lora_a_red3_lr<chosen> --lora-b v2_lora_b_green7_lr<chosen> --runs base clora --samples 64
+
+In all ≈ 35-45 GPU minutes; steps 1-2 fit one 30-min session, step 3 the next.
 """
 
 from __future__ import annotations
@@ -70,6 +114,7 @@ import sys
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -99,6 +144,39 @@ RED = (1.0, 0.15, 0.1)
 GREEN = (0.1, 1.0, 0.15)
 CONCEPT_A, CONCEPT_B = 3, 7  # digit classes of the two concepts
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass(frozen=True)
+class BaseArch:
+    """What shapes the base stage (data, text encoder, UNet) and how its stages are stored.
+
+    ``v1``: the base of the recorded runs (sessions 6-7), kept bit-for-bit: 4-token prompts, the pair's
+    sides independent of the word order, cross-attention at 16×16 and 8×8. Its cross-attention does
+    not localize (session 7: maps of "3" and "7" at 16×16 have cosine 0.96, own-half share 0.50).
+    ``v2``: built so that the concept tokens' maps must localize: 8-token prompts padded with
+    ``<null>`` (sink tokens for the background, as SD's padding), pairs drawn with the FIRST digit
+    token's digit in the left half and the second in the right half (position in the prompt <->
+    position in the image is learnable; singles still anywhere, so the maps must also follow the
+    content), cross-attention at every level incl. 32×32 (that level cross-attention only:
+    ``only_cross_attention``, no 1024-query self-attention), and the pixel's (x, y) as two extra
+    input channels (:class:`CoordConvIn`: a convolutional UNet barely knows where a 32×32 query is,
+    so "left half <-> first digit token" would otherwise have to be inferred from the borders).
+    """
+
+    name: str
+    seq: int  # prompt length in tokens (``<bos> a and b`` then ``<null>`` padding)
+    tied_layout: bool  # pairs: first digit token -> left half, second -> right half
+    cross_attn_res: tuple[int, ...]  # resolutions (side) of the UNet's cross-attention layers
+    attention_res: int  # default side of CLoRA's maps
+    prefix: str  # stage-name / file-name prefix in --ckpt-dir ("" for v1: the recorded checkpoints)
+    coords: bool  # the UNet's conv_in also sees the pixel coordinates (CoordConvIn)
+
+
+ARCHS = {
+    "v1": BaseArch("v1", seq=4, tied_layout=False, cross_attn_res=(16, 8), attention_res=16, prefix="", coords=False),
+    "v2": BaseArch("v2", seq=8, tied_layout=True, cross_attn_res=(32, 16, 8), attention_res=16, prefix="v2_",
+                   coords=True),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,14 +209,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CLoRA latent step sizes tried on the validation noise (0 = masked fusion only)")
     p.add_argument("--max-iter-to-alter", type=int, default=30)
     p.add_argument("--mask-alpha", type=float, default=0.3)
-    p.add_argument("--attention-res", type=int, default=16)
+    p.add_argument("--attention-res", type=int, default=None,
+                   help="side of the cross-attention maps CLoRA uses (default: the base arch's, 16)")
     p.add_argument("--attention-from", nargs="+", default=["cfg_batch", "cond"], choices=["cfg_batch", "cond"],
                    help="which CFG half the maps come from; several = chosen on the validation noise too")
     p.add_argument("--width", type=int, default=64, help="UNet base channels")
+    p.add_argument("--base-arch", default="v1", choices=sorted(ARCHS),
+                   help="v1: the recorded runs' base (maps do not localize); v2: padded prompts, word order tied "
+                        "to the sides, cross-attention at 32×32 too (BaseArch). v2 stages are stored under their "
+                        "own names (prefix v2_), so the two never share a checkpoint")
+    p.add_argument("--stop-after", default=None, choices=["base"],
+                   help="base: train / load the base model and the classifier (what clora_mask_diagnosis.py needs "
+                        "for its gate), then exit without LoRAs or generation")
     args = p.parse_args(argv)
+    args.arch = ARCHS[args.base_arch]
+    if args.attention_res is None:
+        args.attention_res = args.arch.attention_res
     args.lora_lr = sorted(set(args.lora_lr))
-    if args.name is None:
-        args.name = "clora_composition" if args.guidance == 3.0 else f"clora_composition_g{args.guidance:g}"
+    if args.name is None:  # v2 keeps its own result and figure (clora_composition_v2[_g<guidance>])
+        suffix = "" if args.base_arch == "v1" else f"_{args.base_arch}"
+        args.name = f"clora_composition{suffix}" if args.guidance == 3.0 else f"clora_composition{suffix}_g{args.guidance:g}"
     if args.smoke:
         args.base_steps, args.lora_steps, args.clf_steps = 4, 2, 4
         args.batch_size, args.samples, args.val_samples, args.steps = 4, 2, 2, 3
@@ -158,6 +248,14 @@ def load_glyphs(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     ink = d["images"].float().div(16.0).unsqueeze(1)
     ink = F.interpolate(ink, size=(GLYPH, GLYPH), mode="bilinear", align_corners=False).squeeze(1).clamp(0, 1)
     return ink.to(device), d["labels"].to(device)
+
+
+def composers(device: torch.device | str) -> tuple["Composer", "Composer"]:
+    """Composers of the training glyphs (80 %) and of the held-out glyphs (20 %, fixed split)."""
+    ink, labels = load_glyphs(torch.device(device))
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234)).to(device)
+    cut = int(0.8 * len(labels))
+    return Composer(ink[perm[:cut]], labels[perm[:cut]]), Composer(ink[perm[cut:]], labels[perm[cut:]])
 
 
 class Composer:
@@ -194,23 +292,27 @@ class Composer:
             canvas[rows_n, rows, cols] = torch.maximum(canvas[rows_n, rows, cols], patch)
         return canvas.permute(0, 3, 1, 2).contiguous()
 
-    def layout(self, n: int, pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y of two slots (N, 2): pairs in different halves (random which first), singles anywhere."""
+    def layout(self, n: int, pair: torch.Tensor, tied: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y of two slots (N, 2): pairs in different halves (random which first; with ``tied`` the
+        first slot always left), singles anywhere. ``tied`` draws the same random numbers (v1 unchanged)."""
         span = CANVAS - GLYPH  # 20
         ys = torch.randint(0, span + 1, (n, 2), device=self.device)
         left = torch.randint(0, 5, (n,), device=self.device)
         right = torch.randint(16, span + 1, (n,), device=self.device)
         first_left = torch.rand(n, device=self.device) < 0.5
+        if tied:
+            first_left = torch.ones_like(first_left)
         x0 = torch.where(first_left, left, right)
         x1 = torch.where(first_left, right, left)
         x0 = torch.where(pair, x0, torch.randint(0, span + 1, (n,), device=self.device))
         return torch.stack([x0, x1], 1), ys
 
 
-def prompt_tokens(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """(N, 4) tokens: ``<bos> a and b`` or ``<bos> a <null> <null>`` where b is None / < 0."""
+def prompt_tokens(a: torch.Tensor, b: torch.Tensor | None, seq: int = SEQ) -> torch.Tensor:
+    """(N, seq) tokens: ``<bos> a and b`` or ``<bos> a <null> <null>`` where b is None / < 0, padded
+    with ``<null>`` to ``seq`` tokens (v1: seq 4, no padding; v2: 8). a, b: (N,) digit classes."""
     n = a.shape[0]
-    tok = torch.full((n, SEQ), NULL, dtype=torch.long, device=a.device)
+    tok = torch.full((n, seq), NULL, dtype=torch.long, device=a.device)
     tok[:, 0] = BOS
     tok[:, 1] = a + 1
     if b is not None:
@@ -220,35 +322,38 @@ def prompt_tokens(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return tok
 
 
-def null_tokens(device: torch.device | str) -> torch.Tensor:
-    """(1, 4) the unconditional prompt ``<bos> <null> <null> <null>`` (CFG's other half, prompt dropout)."""
-    return torch.tensor([[BOS] + [NULL] * (SEQ - 1)], device=device)
+def null_tokens(device: torch.device | str, seq: int = SEQ) -> torch.Tensor:
+    """(1, seq) the unconditional prompt ``<bos> <null> ...`` (CFG's other half, prompt dropout)."""
+    return torch.tensor([[BOS] + [NULL] * (seq - 1)], device=device)
 
 
-def base_batch(comp: Composer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """White digits: 75 % pairs of distinct classes, 25 % singles. Returns (images in [-1, 1], tokens)."""
+def base_batch(comp: Composer, n: int, arch: BaseArch = ARCHS["v1"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """White digits: 75 % pairs of distinct classes, 25 % singles. Returns (images (N, 3, 32, 32) in
+    [-1, 1], tokens (N, arch.seq)); with ``arch.tied_layout`` the prompt's first digit is the left one."""
     dev = comp.device
     pair = torch.rand(n, device=dev) < 0.75
     a = torch.randint(0, 10, (n,), device=dev)
     b = (a + torch.randint(1, 10, (n,), device=dev)) % 10
     glyphs = torch.stack([comp.glyph_of(a), comp.glyph_of(b)], 1)
-    xs, ys = comp.layout(n, pair)
+    xs, ys = comp.layout(n, pair, tied=arch.tied_layout)
     colours = torch.ones(n, 2, 3, device=dev)
     present = torch.stack([torch.ones_like(pair), pair], 1).float()
     img = comp.paint(glyphs, colours, xs, ys, present)
-    tokens = prompt_tokens(a, torch.where(pair, b, torch.full_like(b, -1)))
+    tokens = prompt_tokens(a, torch.where(pair, b, torch.full_like(b, -1)), arch.seq)
     return img * 2 - 1, tokens
 
 
-def concept_batch(comp: Composer, n: int, digit: int, colour: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Single-subject images of the concept (DreamBooth-style): one coloured digit anywhere."""
+def concept_batch(comp: Composer, n: int, digit: int, colour: tuple[float, float, float],
+                  seq: int = SEQ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-subject images of the concept (DreamBooth-style): one coloured digit anywhere; prompt
+    ``<bos> digit <null> ...`` of ``seq`` tokens. Returns (N, 3, 32, 32) in [-1, 1], (N, seq)."""
     dev = comp.device
     a = torch.full((n,), digit, device=dev)
     glyphs = torch.stack([comp.glyph_of(a), comp.glyph_of(a)], 1)
     xs, ys = comp.layout(n, torch.zeros(n, dtype=torch.bool, device=dev))
     colours = torch.tensor(colour, device=dev).expand(n, 2, 3)
     present = torch.tensor([1.0, 0.0], device=dev).expand(n, 2)
-    return comp.paint(glyphs, colours, xs, ys, present) * 2 - 1, prompt_tokens(a, None)
+    return comp.paint(glyphs, colours, xs, ys, present) * 2 - 1, prompt_tokens(a, None, seq)
 
 
 def is_red(c: torch.Tensor) -> torch.Tensor:
@@ -299,12 +404,13 @@ def classifier_batch(comp: Composer, n: int) -> tuple[torch.Tensor, torch.Tensor
 # ---------------------------------------------------------------------------------------------
 
 class TinyTextEncoder(nn.Module):
-    """Token + position embeddings and one transformer layer: (B, 4) tokens -> (B, 4, dim)."""
+    """Token + position embeddings and one transformer layer: (B, seq) tokens -> (B, seq, dim)
+    (v1: seq 4; v2: 8; a checkpoint of the other length fails to load: its ``pos`` has another shape)."""
 
-    def __init__(self, dim: int = 64) -> None:
+    def __init__(self, dim: int = 64, seq: int = SEQ) -> None:
         super().__init__()
         self.tok = nn.Embedding(VOCAB, dim)
-        self.pos = nn.Parameter(torch.zeros(SEQ, dim))
+        self.pos = nn.Parameter(torch.zeros(seq, dim))
         self.layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.norm = nn.LayerNorm(dim)
 
@@ -312,24 +418,62 @@ class TinyTextEncoder(nn.Module):
         return self.norm(self.layer(self.tok(tokens) + self.pos))
 
 
-def load_base(unet: nn.Module, text: nn.Module, ckpt: Path, device: torch.device | str) -> None:
-    """Load a run's base UNet (as its fp16 checkpoint rounds it) and text encoder from ``ckpt`` into
-    ``unet`` and ``text``, both then frozen in eval mode (every reader of a finished run's stages)."""
-    unet.load_state_dict({k: v.float() for k, v in load_file(str(ckpt / "base_unet_fp16.safetensors"), device=str(device)).items()})
-    text.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors"), device=str(device)))
+def base_files(ckpt: Path, arch: BaseArch = ARCHS["v1"]) -> tuple[Path, Path]:
+    """The base stage's UNet (fp16) and text-encoder files in ``ckpt`` (v2: ``v2_`` prefixed)."""
+    return ckpt / f"{arch.prefix}base_unet_fp16.safetensors", ckpt / f"{arch.prefix}text_encoder.safetensors"
+
+
+def load_base(unet: nn.Module, text: nn.Module, ckpt: Path, device: torch.device | str,
+              arch: BaseArch = ARCHS["v1"]) -> None:
+    """Load a run's base UNet (as its fp16 checkpoint rounds it) and text encoder of ``arch`` from
+    ``ckpt`` into ``unet`` and ``text``, both then frozen in eval mode (every reader of a finished run's
+    stages). Strict loading: a checkpoint of the other arch fails (other keys / shapes)."""
+    unet_file, text_file = base_files(ckpt, arch)
+    unet.load_state_dict({k: v.float() for k, v in load_file(str(unet_file), device=str(device)).items()})
+    text.load_state_dict(load_file(str(text_file), device=str(device)))
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
 
 
-def make_unet(width: int, text_dim: int = 64) -> nn.Module:
+class CoordConvIn(nn.Module):
+    """A UNet's ``conv_in`` that also sees the pixel's coordinates: (B, C, H, W) -> (B, out, H, W),
+    the convolution reading C + 2 channels (x and y, each in [-1, 1]). Its weights are
+    ``conv.weight`` / ``conv.bias`` (so a v1 checkpoint, ``conv_in.weight``, cannot load into it)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(conv.in_channels + 2, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): channel 0 = x, 1 = y
+        return self.conv(torch.cat([x, grid.expand(b, -1, -1, -1)], dim=1))
+
+
+def make_unet(width: int, text_dim: int = 64, arch: BaseArch = ARCHS["v1"]) -> nn.Module:
+    """Pixel-space UNet (B, 3, 32, 32) -> (B, 3, 32, 32) conditioned on (B, seq, text_dim).
+
+    v1: cross-attention at 16×16 and 8×8 (and the 8×8 mid block). v2: every level has cross-attention,
+    the 32×32 one cross-attention only (its attn1 attends to the prompt too, instead of 1024-query
+    self-attention), so the 32×32 features can be bound to the tokens directly, and its conv_in sees
+    the pixel coordinates (:class:`CoordConvIn`)."""
     diffusers = require_diffusers()
-    return diffusers.UNet2DConditionModel(
+    if arch.name == "v1":
+        blocks = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    else:
+        blocks = dict(down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                      only_cross_attention=(True, False, False))  # per down block; up blocks mirror it
+    unet = diffusers.UNet2DConditionModel(
         sample_size=CANVAS, in_channels=3, out_channels=3, layers_per_block=1,
-        block_out_channels=(width, 2 * width, 2 * width),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(width, 2 * width, 2 * width), **blocks,
         cross_attention_dim=text_dim, attention_head_dim=4, norm_num_groups=min(32, width // 2),
     )
+    if arch.coords:
+        unet.conv_in = CoordConvIn(unet.conv_in)
+    return unet
 
 
 class Classifier(nn.Module):
@@ -357,8 +501,10 @@ def autocast(device: torch.device):
 
 
 def train_diffusion(unet: nn.Module, text: nn.Module, batches, steps: int, lr: float, params: list[nn.Parameter],
-                    device: torch.device, name: str, p_uncond: float = 0.1) -> float:
-    """DDPM ε-prediction training; returns the mean loss of the last 10 % of steps."""
+                    device: torch.device, name: str, p_uncond: float = 0.1, seq: int = SEQ) -> float:
+    """DDPM ε-prediction training on ``batches()`` -> (x0 (B, 3, 32, 32), tokens (B, seq)), dropping the
+    prompt to the null prompt of ``seq`` tokens with probability ``p_uncond``; returns the mean loss of
+    the last 10 % of steps."""
     diffusers = require_diffusers()
     noise_sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
     alphas = noise_sched.alphas_cumprod.to(device)
@@ -368,7 +514,7 @@ def train_diffusion(unet: nn.Module, text: nn.Module, batches, steps: int, lr: f
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     tail: list[float] = []
     start = time.perf_counter()
-    uncond = null_tokens(device)[0]  # once: a copy per step would sync
+    uncond = null_tokens(device, seq)[0]  # once: a copy per step would sync
     for step in range(steps):
         x0, tokens = batches()
         drop = torch.rand(x0.shape[0], device=device) < p_uncond
@@ -471,11 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = Path(tmp.name) / "ckpt" if tmp else Path(args.ckpt_dir)
     ckpt.mkdir(parents=True, exist_ok=True)
 
-    ink, labels = load_glyphs(device)
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234)).to(device)
-    cut = int(0.8 * len(labels))
-    train_comp = Composer(ink[perm[:cut]], labels[perm[:cut]])
-    held_comp = Composer(ink[perm[cut:]], labels[perm[cut:]])
+    train_comp, held_comp = composers(device)
 
     # Resumable across GPU sessions: each stage's weights and figures go to --ckpt-dir with a record of
     # the options that shaped them (stages.json), and a rerun with the same options loads them instead
@@ -489,7 +631,15 @@ def main(argv: list[str] | None = None) -> int:
     # when the 1e-3 LoRAs turned out broken) counts as a mismatch. Each concept LoRA is one stage per
     # lr ("lora_a_red3_lr0.0001", its single lr in its shape); a record of a single-lr run (stage
     # "lora_a_red3") still serves as the stage of its lr when every other option matches too.
+    # v2's stages are named and stored apart ("v2_base", "v2_lora_a_red3_lr...", files "v2_*") and their
+    # records carry base_arch; v1's shape is left as the recorded runs wrote it, so their checkpoints
+    # still load, and a record whose base_arch differs from --base-arch never matches (an old
+    # checkpoint is never loaded into the new architecture, nor the reverse). The classifier does not
+    # depend on the base and is shared.
+    arch = args.arch
     base_shape = {"seed": args.seed, "width": args.width, "batch_size": args.batch_size, "base_steps": args.base_steps}
+    if arch.name != "v1":
+        base_shape["base_arch"] = arch.name
     clf_shape = {"seed": args.seed, "batch_size": args.batch_size, "clf_steps": args.clf_steps}
 
     def lora_shape(lr: float) -> dict:
@@ -500,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         if rec is None:
             return None
         have = rec.get("shape", {})
+        if "base_steps" in shape and have.get("base_arch", "v1") != arch.name:
+            return None  # a base-dependent stage of another base architecture
         return rec if all(k in have and have[k] == v for k, v in shape.items()) else None
 
     def finish(stage: str, shape: dict, **figures: float) -> None:
@@ -508,27 +660,56 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. base model
     torch.manual_seed(args.seed)
-    unet, text = make_unet(args.width).to(device), TinyTextEncoder().to(device)
+    unet, text = make_unet(args.width, arch=arch).to(device), TinyTextEncoder(seq=arch.seq).to(device)
     n_unet = sum(p.numel() for p in unet.parameters())
-    base_file, text_file = ckpt / "base_unet_fp16.safetensors", ckpt / "text_encoder.safetensors"
-    if (rec := done("base", base_shape)) is None:
+    base_file, text_file = base_files(ckpt, arch)
+    if (rec := done(f"{arch.prefix}base", base_shape)) is None:
         t0 = time.perf_counter()
-        base_loss = train_diffusion(unet, text, lambda: base_batch(train_comp, args.batch_size), args.base_steps, 1e-3,
-                                    list(unet.parameters()) + list(text.parameters()), device, "base")
+        base_loss = train_diffusion(unet, text, lambda: base_batch(train_comp, args.batch_size, arch), args.base_steps,
+                                    1e-3, list(unet.parameters()) + list(text.parameters()), device,
+                                    f"{arch.prefix}base", seq=arch.seq)
         base_seconds = time.perf_counter() - t0
         save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()}, str(base_file))
         save_file({k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()}, str(text_file))
-        finish("base", base_shape, loss=base_loss, seconds=base_seconds)
+        finish(f"{arch.prefix}base", base_shape, loss=base_loss, seconds=base_seconds)
     else:
         base_loss, base_seconds = rec["loss"], rec["seconds"]
-        print(f"base model: from {ckpt}", flush=True)
-    load_base(unet, text, ckpt, device)
+        print(f"base model ({arch.name}): from {ckpt}", flush=True)
+    load_base(unet, text, ckpt, device, arch)
+
+    # 3. classifier (independent of the base; defined here so that --stop-after base can train it for
+    # clora_mask_diagnosis.py's gate; it reseeds, so where it runs does not change its weights)
+    def classifier_stage() -> tuple[nn.Module, float]:
+        torch.manual_seed(args.seed + 3)
+        clf = Classifier().to(device)
+        clf_file = ckpt / "classifier.safetensors"
+        if (rec := done("classifier", clf_shape)) is None:
+            t0 = time.perf_counter()
+            train_classifier(clf, train_comp, args.clf_steps, args.batch_size, device)
+            clf_seconds = time.perf_counter() - t0
+            save_file({k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}, str(clf_file))
+            finish("classifier", clf_shape, seconds=clf_seconds)
+        else:
+            clf.load_state_dict(load_file(str(clf_file), device=str(device)))
+            clf_seconds = rec["seconds"]
+            print(f"classifier: from {ckpt}", flush=True)
+        return clf.eval(), clf_seconds
+
+    if args.stop_after == "base":
+        classifier_stage()
+        print(f"--stop-after base: {arch.name} base and classifier in {ckpt}; next: "
+              f"python benchmarks/clora_mask_diagnosis.py --ckpt-dir {ckpt} --base-arch {arch.name} --width {args.width} "
+              f"--runs real base --gate", flush=True)
+        if tmp:
+            tmp.cleanup()
+        return 0
 
     # 2. concept LoRAs, one per concept and lr, each trained on the bare base model (same seed for
     # every lr) then taken out as separate layers; the lr is chosen per concept below (validation noise)
     candidates: list[dict[float, dict]] = [{}, {}]  # concept -> lr -> LoRA layers
     lora_seconds = 0.0
     for i, (name, digit, colour) in enumerate((("lora_a_red3", CONCEPT_A, RED), ("lora_b_green7", CONCEPT_B, GREEN))):
+        name = arch.prefix + name  # v2: "v2_lora_a_red3_lr..."
         for lr in args.lora_lr:
             torch.manual_seed(args.seed + 1 + i)
             stage, shape = f"{name}_lr{lr:g}", lora_shape(lr)
@@ -540,8 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                 inject_adapter(unet, "lora", r=8, alpha=8.0, target_modules=TARGETS)
                 params = [p for p in unet.parameters() if p.requires_grad]
                 unet.train()
-                train_diffusion(unet, text, lambda d=digit, c=colour: concept_batch(train_comp, args.batch_size, d, c),
-                                args.lora_steps, lr, params, device, stage, p_uncond=args.lora_p_uncond)
+                train_diffusion(unet, text, lambda d=digit, c=colour: concept_batch(train_comp, args.batch_size, d, c, arch.seq),
+                                args.lora_steps, lr, params, device, stage, p_uncond=args.lora_p_uncond, seq=arch.seq)
                 unet.eval()
                 save_adapter(unet, ckpt / stage)
                 finish(stage, shape, seconds=time.perf_counter() - t0)
@@ -555,20 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     unet.requires_grad_(False)
 
     # 3. classifier
-    torch.manual_seed(args.seed + 3)
-    clf = Classifier().to(device)
-    clf_file = ckpt / "classifier.safetensors"
-    if (rec := done("classifier", clf_shape)) is None:
-        t0 = time.perf_counter()
-        train_classifier(clf, train_comp, args.clf_steps, args.batch_size, device)
-        clf_seconds = time.perf_counter() - t0
-        save_file({k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}, str(clf_file))
-        finish("classifier", clf_shape, seconds=clf_seconds)
-    else:
-        clf.load_state_dict(load_file(str(clf_file), device=str(device)))
-        clf_seconds = rec["seconds"]
-        print(f"classifier: from {ckpt}", flush=True)
-    clf.eval()
+    clf, clf_seconds = classifier_stage()
     torch.manual_seed(args.seed + 4)
     clf_acc = classifier_accuracy(clf, held_comp, 2048 if not args.smoke else 64)
     # sanity of the detector on real composites: red 3 + green 7 (should say both), white ones (neither)
@@ -587,9 +755,9 @@ def main(argv: list[str] | None = None) -> int:
           f"both on olive composites {clf_both_on_mixed:.3f}", flush=True)
 
     # 4. generation: prompt "3 and 7"
-    prompt = prompt_tokens(torch.tensor([CONCEPT_A], device=device), torch.tensor([CONCEPT_B], device=device))
+    prompt = prompt_tokens(torch.tensor([CONCEPT_A], device=device), torch.tensor([CONCEPT_B], device=device), arch.seq)
     with torch.no_grad():
-        cond, uncond = text(prompt)[0], text(null_tokens(device))[0]  # (4, 64) each
+        cond, uncond = text(prompt)[0], text(null_tokens(device, arch.seq))[0]  # (seq, 64) each
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
 
     def noise(n: int, seed: int) -> torch.Tensor:
@@ -605,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             return sample(unet, scheduler, cond if c is None else c, uncond, z, args.steps, args.guidance)
 
     with torch.no_grad():  # each LoRA's own training prompt: "3" / "7"
-        own = [text(prompt_tokens(torch.tensor([d], device=device), None))[0] for d in (CONCEPT_A, CONCEPT_B)]
+        own = [text(prompt_tokens(torch.tensor([d], device=device), None, arch.seq))[0] for d in (CONCEPT_A, CONCEPT_B)]
 
     def run(fn, n: int, seed: int) -> torch.Tensor:
         outs, offset = [], 0
@@ -706,6 +874,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_lora_lr_choice": lora_select_seconds, "seconds_classifier": clf_seconds,
         "seconds_generation": gen_seconds, "seconds_total": time.perf_counter() - t_start,
     }
+    if arch.name != "v1":  # v1's result keeps the recorded runs' keys
+        metrics["base_arch_v2"] = int(arch.name == "v2")
     for name, r in results.items():
         metrics[f"both_share_{name}"] = r["both"]
         metrics[f"red3_share_{name}"] = r["a"]
