@@ -113,12 +113,25 @@ REPLAY_MODES = ("none", "products", "all")
 _MM_OUT_DTYPE: dict[str, bool] = {}  # whether torch.mm(..., out_dtype=) works, per device type
 
 
+#: 0-dim placeholders for ``_mm_scaled``'s unused ``addmm`` input, per (dtype, device): ``beta = 0``
+#: never reads or writes it, so one tensor serves every call (no allocation per GEMM)
+_PLACEHOLDERS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_is_compiling = torch.compiler.is_compiling
+
+
 def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``scaling · (a @ b)`` in one GEMM (``alpha`` of ``addmm``; ``beta = 0`` ignores the unused input,
-    which is a 0-dim placeholder that is never expanded or copied)."""
+    which is a shared 0-dim placeholder that is never expanded, copied or written)."""
     if scaling == 1.0:
         return torch.mm(a, b)
-    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
+    if _is_compiling():  # no tensor made while tracing goes into a cache
+        return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
+    key = (a.dtype, a.device)
+    z = _PLACEHOLDERS.get(key)
+    if z is None:
+        with torch.no_grad():
+            z = _PLACEHOLDERS[key] = a.new_empty(())
+    return torch.addmm(z, a, b, beta=0, alpha=scaling)
 
 
 def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -243,11 +256,13 @@ def _saved_input(x: torch.Tensor, recipe: tuple[Any, ...] | None, shape: torch.S
 class _FusedLoRA(torch.autograd.Function):
     """``out = x W^T + b + s (xd A^T) B^T`` with a hand-written backward.
 
-    Shapes: ``x, xd`` (N, n); ``w_t`` (n, m) (a transposed view of the weight); ``A`` (r, n);
-    ``B`` (m, r); ``out`` (N, m). ``xd`` is the dropout-ed input (``x`` itself when dropout is off;
-    then it is saved once). ``casts`` = ``(Ac, Bc)``: ``A`` and ``B`` in the activation dtype (the
-    parameters themselves when they already are), cached between optimizer steps. The scale ``s``
-    rides in the GEMM ``alpha`` of the two rank-r products, so no kernel is spent on scaling:
+    Shapes: ``x, xd`` (..., n), flattened to (N, n) inside (no autograd view nodes around the
+    function); ``w`` the base weight as stored: (m, n), or (n, m) with ``fan_in_fan_out`` (Conv1D);
+    ``A`` (r, n); ``B`` (m, r); ``out`` (..., m), a fresh tensor (not a view, so in-place ops on it
+    are allowed). ``xd`` is the dropout-ed input (``x`` itself when dropout is off; then it is saved
+    once). ``casts`` = ``(Ac, Bc)``: ``A`` and ``B`` in the activation dtype (the parameters themselves
+    when they already are), cached between optimizer steps. The scale ``s`` rides in the GEMM
+    ``alpha`` of the two rank-r products, so no kernel is spent on scaling:
 
     - forward:  ``xa_s = s·xd Ac^T``, ``out = xa_s Bc^T + b``, then ``out += x W^T`` inside the
       big matmul's epilogue (one pass over ``out``);
@@ -257,38 +272,56 @@ class _FusedLoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, xd, w_t, bias, A, B, casts, scaling, replay=None):  # type: ignore[override]
+    def forward(ctx, x, xd, w, bias, A, B, casts, scaling, replay=None, fan_in_fan_out=False):  # type: ignore[override]
         Ac, Bc = casts
-        xa_s = _mm_scaled(xd, Ac.t(), scaling)  # (N, r)
-        out = torch.addmm(bias, xa_s, Bc.t()) if bias is not None else torch.mm(xa_s, Bc.t())
-        out.addmm_(x, w_t)
-        ctx.same_input = xd is x
+        shape = x.shape
+        n = shape[-1]
+        x2 = x.reshape(-1, n)
+        same_input = xd is x
+        xd2 = x2 if same_input else xd.reshape(-1, n)
+        xa_s = _mm_scaled(xd2, Ac.t(), scaling)  # (N, r)
+        m = Bc.shape[0]
+        out = xa_s.new_empty(shape[:-1] + (m,))
+        out2 = out.view(-1, m)
+        if bias is not None:
+            torch.addmm(bias, xa_s, Bc.t(), out=out2)
+        else:
+            torch.mm(xa_s, Bc.t(), out=out2)
+        out2.addmm_(x2, w if fan_in_fan_out else w.t())
+        ctx.same_input = same_input
         # replay = (recipe, shape of the unflattened input): x is replayed in backward, not saved
         # (see _input_recipe; without dropout only: a dropout-ed input has no recipe)
-        ctx.replay = replay if ctx.same_input else None
+        ctx.replay = replay if same_input else None
         # xd is read by grad_A only (a frozen A, as FFA-LoRA's, needs none)
         keep_xd = ctx.needs_input_grad[4] and ctx.replay is None
-        ctx.save_for_backward(xd if keep_xd else None, xa_s)
-        ctx.w_t, ctx.Ac, ctx.Bc = w_t, Ac, Bc  # frozen / cached tensors: no version tracking needed
+        ctx.save_for_backward(xd2 if keep_xd else None, xa_s)
+        ctx.w, ctx.Ac, ctx.Bc = w, Ac, Bc  # frozen / cached tensors: no version tracking needed
         ctx.scaling = scaling
+        ctx.fan_in_fan_out = fan_in_fan_out
+        ctx.shapes = (shape, xd.shape)
         ctx.dtypes = (A.dtype, B.dtype)
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         xd, xa_s = ctx.saved_tensors
-        need_x, need_xd, _, need_bias, need_A, need_B, _, _, _ = ctx.needs_input_grad
-        gb_s = _mm_scaled(g, ctx.Bc, ctx.scaling)  # (N, r) = s·g B
+        need_x, need_xd, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
+        Bc = ctx.Bc
+        g = g.reshape(-1, Bc.shape[0])  # what the view node around the output did
+        gb_s = _mm_scaled(g, Bc, ctx.scaling)  # (N, r) = s·g B
+        w = ctx.w
+        w_b = w.t() if ctx.fan_in_fan_out else w  # (m, n)
         grad_x = grad_xd = grad_bias = grad_A = grad_B = None
         if ctx.same_input:
             if need_x:
                 grad_x = torch.mm(gb_s, ctx.Ac)
-                grad_x.addmm_(g, ctx.w_t.t())
+                grad_x.addmm_(g, w_b)
+                grad_x = grad_x.view(ctx.shapes[0])
         else:
             if need_x:
-                grad_x = torch.mm(g, ctx.w_t.t())
+                grad_x = torch.mm(g, w_b).view(ctx.shapes[0])
             if need_xd:
-                grad_xd = torch.mm(gb_s, ctx.Ac)
+                grad_xd = torch.mm(gb_s, ctx.Ac).view(ctx.shapes[1])
         if need_A:
             if ctx.replay is not None:
                 xd = _saved_input(xd, *ctx.replay)
@@ -297,15 +330,16 @@ class _FusedLoRA(torch.autograd.Function):
             grad_B = _mm_to(g.t(), xa_s, ctx.dtypes[1])
         if need_bias:
             grad_bias = g.sum(0)
-        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None, None
+        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None, None, None
 
 
 class _FusedLoRASiblings(torch.autograd.Function):
     """``k`` LoRA layers that read the same input: ``out_i = x W_i^T + b_i + s (x A_i^T) B_i^T``.
 
-    Shapes: ``x`` (N, n); ``a_cat`` = ``[A_1; ...; A_k]`` in the activation dtype, (R, n) with
-    ``R = Σ r_i``; ``w_ts[i]`` (n, m_i) (transposed weight views); ``b_casts[i]`` = ``B_i`` in the
-    activation dtype, (m_i, r_i); ``out_i`` (N, m_i). The parameters ``A_i``, ``B_i`` are inputs only
+    Shapes: ``x`` (..., n), flattened to (N, n) inside; ``a_cat`` = ``[A_1; ...; A_k]`` in the
+    activation dtype, (R, n) with ``R = Σ r_i``; ``ws[i]`` the base weights as stored ((m_i, n), or
+    (n, m_i) with ``fan_in_fan_out``); ``b_casts[i]`` = ``B_i`` in the activation dtype, (m_i, r_i);
+    ``out_i`` (..., m_i), fresh tensors (not views). The parameters ``A_i``, ``B_i`` are inputs only
     so that they receive gradients (fp32 where they are fp32). All layers share one scale ``s``.
 
     - forward:  ``xa_s = s·x a_cat^T`` (N, R): one GEMM reads ``x`` once for all siblings; then per
@@ -317,37 +351,43 @@ class _FusedLoRASiblings(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a_cat, meta, *tensors):  # type: ignore[override]
-        ranks, scaling, b_casts, _ = meta
+        ranks, scaling, b_casts, replay, fifo = meta
         k = len(ranks)
-        w_ts, biases = tensors[:k], tensors[k:2 * k]
-        xa_s = _mm_scaled(x, a_cat.t(), scaling)  # (N, R)
+        ws, biases = tensors[:k], tensors[k:2 * k]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        lead = shape[:-1]
+        xa_s = _mm_scaled(x2, a_cat.t(), scaling)  # (N, R)
         outs = []
-        off = 0
-        for r, w_t, bias, Bc in zip(ranks, w_ts, biases, b_casts):
-            xa_i = xa_s[:, off:off + r]
-            off += r
-            out = torch.addmm(bias, xa_i, Bc.t()) if bias is not None else torch.mm(xa_i, Bc.t())
-            out.addmm_(x, w_t)
+        for xa_i, w, bias, Bc, t in zip(xa_s.split_with_sizes(ranks, 1), ws, biases, b_casts, fifo):
+            m = Bc.shape[0]
+            out = xa_s.new_empty(lead + (m,))
+            out2 = out.view(-1, m)
+            if bias is not None:
+                torch.addmm(bias, xa_i, Bc.t(), out=out2)
+            else:
+                torch.mm(xa_i, Bc.t(), out=out2)
+            out2.addmm_(x2, w if t else w.t())
             outs.append(out)
-        # meta[3] = (recipe, shape) (see _input_recipe): x is replayed in backward, not saved
-        ctx.save_for_backward(x if meta[3] is None else None, xa_s)
+        # replay = (recipe, shape) (see _input_recipe): x is replayed in backward, not saved
+        ctx.save_for_backward(x2 if replay is None else None, xa_s)
         ctx.set_materialize_grads(False)  # an unused sibling's gradient arrives as None, not zeros
-        ctx.a_cat, ctx.meta, ctx.w_ts = a_cat, meta, w_ts
-        ctx.dtypes = tuple(t.dtype for t in tensors[2 * k:])
+        ctx.a_cat, ctx.meta, ctx.ws = a_cat, meta, ws
+        ctx.shape = shape
+        ctx.dtypes = [t.dtype for t in tensors[2 * k:]]
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *gs):  # type: ignore[override]
         x, xa_s = ctx.saved_tensors
-        ranks, scaling, b_casts, replay = ctx.meta
+        ranks, scaling, b_casts, replay, fifo = ctx.meta
         k = len(ranks)
         needs = ctx.needs_input_grad
         need_x, need_bias, need_A, need_B = needs[0], needs[3 + k:3 + 2 * k], needs[3 + 2 * k:3 + 3 * k], needs[3 + 3 * k:]
+        # what the view nodes around the outputs did
+        gs = tuple(None if g is None else g.reshape(-1, Bc.shape[0]) for g, Bc in zip(gs, b_casts))
         gb_t = xa_s.new_empty(sum(ranks), xa_s.shape[0])  # (R, N); rows i: (s·g_i B_i)^T
-        off = 0
-        for r, g, Bc in zip(ranks, gs, b_casts):
-            rows = gb_t[off:off + r]
-            off += r
+        for rows, g, Bc in zip(gb_t.split_with_sizes(ranks), gs, b_casts):
             if g is None:
                 rows.zero_()
             elif scaling == 1.0:
@@ -357,26 +397,38 @@ class _FusedLoRASiblings(torch.autograd.Function):
         grad_x = None
         if need_x:
             grad_x = torch.mm(gb_t.t(), ctx.a_cat)
-            for g, w_t in zip(gs, ctx.w_ts):
+            for g, w, t in zip(gs, ctx.ws, fifo):
                 if g is not None:
-                    grad_x.addmm_(g, w_t.t())
+                    grad_x.addmm_(g, w.t() if t else w)
+            grad_x = grad_x.view(ctx.shape)
         grads_A: list[torch.Tensor | None] = [None] * k
         if any(need_A):
             if replay is not None:
                 x = _saved_input(x, *replay)
             grad_a_cat = _mm_to(gb_t, x, ctx.dtypes[0])  # (R, n)
             # a sibling whose output went unused gets None, as on its own path (an optimizer skips it)
-            grads_A = [ga if g is not None else None for ga, g in zip(grad_a_cat.split(list(ranks)), gs)]
+            grads_A = [ga if g is not None else None for ga, g in zip(grad_a_cat.split_with_sizes(ranks), gs)]
         grads_B: list[torch.Tensor | None] = [None] * k
         grads_bias: list[torch.Tensor | None] = [None] * k
-        off = 0
-        for i, (r, g) in enumerate(zip(ranks, gs)):
+        for i, (xa_i, g) in enumerate(zip(xa_s.split_with_sizes(ranks, 1), gs)):
             if g is not None and need_B[i]:
-                grads_B[i] = _mm_to(g.t(), xa_s[:, off:off + r], ctx.dtypes[k + i])
+                grads_B[i] = _mm_to(g.t(), xa_i, ctx.dtypes[k + i])
             if g is not None and need_bias[i]:
                 grads_bias[i] = g.sum(0)
-            off += r
         return (grad_x, None, None, *([None] * k), *grads_bias, *grads_A, *grads_B)
+
+
+#: ``Function.apply`` without its Python wrapper (signature binding for ``setup_context``, which these
+#: functions do not define, and unwrapping functorch wrappers): the C++ entry it ends in, a few
+#: microseconds less per call. Used when no functorch transform is active and nothing is compiling;
+#: otherwise ``apply`` itself (see :func:`_plain_apply`).
+_apply_fused = super(torch.autograd.Function, _FusedLoRA).apply  # type: ignore[misc]
+_apply_siblings = super(torch.autograd.Function, _FusedLoRASiblings).apply  # type: ignore[misc]
+
+
+def _plain_apply() -> bool:
+    """Whether ``Function.apply`` must take its full Python path (functorch transforms, compiling)."""
+    return torch._C._are_functorch_transforms_active() or _is_compiling()
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -417,6 +469,9 @@ class _SiblingSet:
             self.offsets[m] = off
             off += m.r
         self.rank_total = off
+        self.ranks = tuple(m.r for m in members)
+        self.index = {m: i for i, m in enumerate(members)}
+        self.fifo = tuple(m.fan_in_fan_out for m in members)
         #: latest (R, n) buffer per dtype that _refresh_casts wrote the members' A casts into
         self.a_buffers: dict[torch.dtype, torch.Tensor] = {}
         self._a_cat: tuple[Any, torch.Tensor] | None = None  # (key, a_cat)
@@ -425,12 +480,17 @@ class _SiblingSet:
         """Whether this call can take the fused path for every member (no dropout in train mode, no
         DoRA, enabled, not merged, one scale, one device, one adapter dtype)."""
         first = self.members[0]
-        dtype = _lora_ab(first)[0].dtype
+        scaling = first.scaling
+        device = x.device
+        dtype = None
         for m in self.members:
-            A = _lora_ab(m)[0]
             if (m.disabled or m.merged or m.use_dora or not m.fused or (m.dropout_p > 0 and m.training)
-                    or m.scaling != first.scaling or A.dtype != dtype
-                    or A.device != x.device or _weight_bias(m)[0].device != x.device):
+                    or m.scaling != scaling):
+                return False
+            A = _lora_ab(m)[0]
+            if dtype is None:
+                dtype = A.dtype
+            if A.dtype != dtype or A.device != device or _weight_bias(m)[0].device != device:
                 return False
         return True
 
@@ -455,37 +515,52 @@ class _SiblingSet:
     def run(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's output for input ``x`` (..., n), with the autocast handling of
         :meth:`LoRALinear.forward`."""
-        device_type = x.device.type
-        if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            with torch.autocast(device_type, enabled=False):
-                return self._run(x.to(dtype), dtype)
+        if torch._C._is_any_autocast_enabled():
+            device_type = x.device.type
+            if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                dtype = torch.get_autocast_dtype(device_type)
+                with torch.autocast(device_type, enabled=False):
+                    return self._run(x.to(dtype), dtype)
         return self._run(x, None)
 
     def _run(self, x: torch.Tensor, dtype: torch.dtype | None) -> list[torch.Tensor]:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.members[0].in_features)
+        members = self.members
         # (after an optimizer step its hook has refreshed them; left: first call, other in-place writes)
-        stale = [m for m in self.members if m._cast_key is None or m._cast_key != m._cast_key_for(x.dtype)]
-        if stale:  # together, so the A casts land in one stacked buffer
-            _refresh_casts(stale, x.dtype)
-        casts = [m._casts for m in self.members]
-        a_cat = self.a_cat(casts)
-        w_ts, biases = [], []
-        for m in self.members:
+        xdtype = x.dtype
+        steps = _OPTIMIZER_STEPS
+        ws, biases, As, Bs = [], [], [], []
+        stale = None
+        for m in members:
             w, b = _weight_bias(m)
             if dtype is not None:
                 w, b = w.to(dtype), None if b is None else b.to(dtype)
-            w_ts.append(w if m.fan_in_fan_out else w.t())
+            ws.append(w)
             biases.append(b)
-        ab = [_lora_ab(m) for m in self.members]
-        mode = self.members[0].replay_inputs
-        replay = mode != "none" and any(A.requires_grad for A, _ in ab)
-        recipe = _input_recipe(x, casts=mode == "all") if replay else None
-        meta = (tuple(m.r for m in self.members), self.members[0].scaling, tuple(c[1] for c in casts),
-                None if recipe is None else (recipe, x.shape))
-        outs = _FusedLoRASiblings.apply(x2, a_cat, meta, *w_ts, *biases, *(A for A, _ in ab), *(B for _, B in ab))
-        return [o.view(*lead, m.out_features) for o, m in zip(outs, self.members)]
+            A, B = _lora_ab(m)
+            As.append(A)
+            Bs.append(B)
+            # the cache check of _adapter_casts, inlined (see LoRALinear._fused)
+            key = m._cast_key
+            if not (key is not None and key[0] == steps and key[5] == xdtype and key[3] == A.data_ptr()
+                    and key[4] == B.data_ptr() and key[1] == A._version and key[2] == B._version):
+                if stale is None:
+                    stale = []
+                stale.append(m)
+        # (after an optimizer step its hook has refreshed them; left: first call, other in-place writes)
+        if stale:  # together, so the A casts land in one stacked buffer
+            _refresh_casts(stale, xdtype)
+        casts = [m._casts for m in members]
+        a_cat = self.a_cat(casts)
+        first = members[0]
+        mode = first.replay_inputs
+        recipe = None
+        if mode != "none" and any(A.requires_grad for A in As):
+            recipe = _input_recipe(x, casts=mode == "all")
+        meta = (self.ranks, first.scaling, tuple(c[1] for c in casts),
+                None if recipe is None else (recipe, x.shape), self.fifo)
+        if _plain_apply():
+            return list(_FusedLoRASiblings.apply(x, a_cat, meta, *ws, *biases, *As, *Bs))
+        return list(_apply_siblings(x, a_cat, meta, *ws, *biases, *As, *Bs))
 
 
 @dataclass
@@ -629,39 +704,64 @@ _OPTIMIZER_STEP_HOOK = register_optimizer_step_post_hook(_count_optimizer_step)
 
 def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
     """Set each layer's ``_casts`` to ``(A, B)`` in ``dtype`` and its cache key. Parameters already in
-    ``dtype`` are used as they are; the others are converted by one ``_foreach_copy_`` per device."""
+    ``dtype`` are used as they are; the others are converted by one ``_foreach_copy_`` per device.
+
+    The destinations are made with few tensor ops (host time per optimizer step): the A casts of a
+    sibling set are row blocks of one fresh (R, n) buffer (``split_with_sizes``), and every other cast
+    is one slice of a fresh ``(count, *shape)`` buffer per device and shape (``unbind``). A new buffer
+    each refresh: a graph still waiting for backward keeps the old one."""
     by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    stacked: dict[_SiblingSet, torch.Tensor] = {}  # fresh (R, n) buffers of sibling sets' A casts
+    by_shape: dict[tuple[torch.device, torch.Size], list[tuple[list[Any], int, torch.Tensor]]] = {}
+    by_set: dict[_SiblingSet, list[tuple[list[Any], LoRALinear, torch.Tensor]]] = {}
+    done: list[tuple[LoRALinear, list[Any], torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for layer in layers:
-            casts = []
-            slot = layer._siblings.slot(layer) if layer._siblings is not None else None
-            A = _lora_ab(layer)[0]
-            for p in _lora_ab(layer):
-                src = p.detach()
-                if src.dtype == dtype:
-                    casts.append(src)
-                    continue
-                if slot is not None and p is A:
-                    # A's cast is a row block of its set's stacked A: the fused siblings read it whole.
-                    # A new buffer each refresh: a graph still waiting for backward keeps the old one.
-                    s, off = slot
-                    buf = stacked.get(s)
-                    if buf is None:
-                        buf = stacked[s] = s.a_buffers[dtype] = src.new_empty(s.rank_total, src.shape[1], dtype=dtype)
-                    dst = buf[off:off + layer.r]
-                else:
-                    dst = torch.empty_like(src, dtype=dtype)  # no kernel; filled below
-                dsts, srcs = by_device.setdefault(src.device, ([], []))
+            A, B = _lora_ab(layer)
+            casts: list[Any] = [None, None]
+            group = layer._siblings
+            s = group.sets.get(layer) if group is not None and group.sets else None
+            if A.dtype == dtype:
+                casts[0] = A.detach()
+            elif s is not None:
+                # A's cast is a row block of its set's stacked A: the fused siblings read it whole
+                by_set.setdefault(s, []).append((casts, layer, A))
+            else:
+                by_shape.setdefault((A.device, A.shape), []).append((casts, 0, A))
+            if B.dtype == dtype:
+                casts[1] = B.detach()
+            else:
+                by_shape.setdefault((B.device, B.shape), []).append((casts, 1, B))
+            done.append((layer, casts, A, B))
+        for s, entries in by_set.items():
+            src = entries[0][2]
+            buf = s.a_buffers[dtype] = src.new_empty((s.rank_total, src.shape[1]), dtype=dtype)
+            blocks = buf.split_with_sizes(s.ranks)
+            index = s.index
+            dsts, srcs = by_device.setdefault(src.device, ([], []))
+            for casts, layer, A in entries:
+                dst = casts[0] = blocks[index[layer]]
+                dsts.append(dst)
+                srcs.append(A)
+        for (device, shape), entries in by_shape.items():
+            if len(entries) == 1:
+                views = (torch.empty(shape, dtype=dtype, device=device),)
+            else:
+                views = torch.empty((len(entries), *shape), dtype=dtype, device=device).unbind(0)
+            dsts, srcs = by_device.setdefault(device, ([], []))
+            for (casts, i, src), dst in zip(entries, views):
+                casts[i] = dst
                 dsts.append(dst)
                 srcs.append(src)
-                casts.append(dst)
-            # plain attributes, written past nn.Module.__setattr__'s parameter/buffer/module checks
-            state = layer.__dict__
-            state["_casts"] = (casts[0], casts[1])
-            state["_cast_key"] = layer._cast_key_for(dtype)
         for dsts, srcs in by_device.values():
             torch._foreach_copy_(dsts, srcs)
+    steps = _OPTIMIZER_STEPS
+    for layer, casts, A, B in done:
+        # plain attributes, written past nn.Module.__setattr__'s parameter/buffer/module checks
+        state = layer.__dict__
+        state["_casts"] = (casts[0], casts[1])
+        # the key of _cast_key_for, inlined
+        state["_cast_key"] = (None if A.is_inference() or B.is_inference()
+                              else (steps, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype))
 
 
 class LoRALinear(AdapterLayer):
@@ -734,13 +834,15 @@ class LoRALinear(AdapterLayer):
             out = self._siblings.forward(self, x)
             if out is not None:
                 return out
-        device_type = x.device.type
         weight, bias = _weight_bias(self)
-        # (autocast has no dispatch key on e.g. the meta device: asking would raise)
-        if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            with torch.autocast(device_type, enabled=False):
-                return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        # (autocast has no dispatch key on e.g. the meta device: asking would raise; and with no
+        # autocast enabled on any device, none is asked about)
+        if torch._C._is_any_autocast_enabled():
+            device_type = x.device.type
+            if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                dtype = torch.get_autocast_dtype(device_type)
+                with torch.autocast(device_type, enabled=False):
+                    return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
         return self._fused(x, weight, bias)
 
     def _cast_key_for(self, dtype: torch.dtype) -> tuple[Any, ...] | None:
@@ -773,17 +875,34 @@ class LoRALinear(AdapterLayer):
         return self._casts  # type: ignore[return-value]
 
     def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        xd2 = self._dropout(x2)
-        w_t = weight if self.fan_in_fan_out else weight.t()
-        casts = self._adapter_casts(x.dtype)
+        lead = None
+        xd = x
+        if self.dropout_p > 0:
+            # dropout on the (N, n) view, as it always was (the same mask for a non-contiguous input)
+            x2 = x.reshape(-1, self.in_features)
+            xd2 = self._dropout(x2)
+            if xd2 is not x2:  # active: the function runs on (N, n), its output is viewed back
+                lead, x, xd = x.shape[:-1], x2, xd2
         A, B = _lora_ab(self)
-        replay = self.replay_inputs != "none" and xd2 is x2 and A.requires_grad
-        recipe = _input_recipe(x, casts=self.replay_inputs == "all") if replay else None
+        dtype = x.dtype
+        key = self._cast_key
+        # the cache check of _adapter_casts, inlined (storages first: an inference tensor, which has no
+        # version counter, never sits in a storage a cached key was taken from)
+        if (key is not None and key[0] == _OPTIMIZER_STEPS and key[5] == dtype and key[3] == A.data_ptr()
+                and key[4] == B.data_ptr() and key[1] == A._version and key[2] == B._version):
+            casts = self._casts
+        else:
+            casts = self._adapter_casts(dtype)
+        mode = self.replay_inputs
+        recipe = None
+        if mode != "none" and xd is x and A.requires_grad:
+            recipe = _input_recipe(x, casts=mode == "all")
         replay = None if recipe is None else (recipe, x.shape)
-        out = _FusedLoRA.apply(x2, xd2, w_t, bias, A, B, casts, self.scaling, replay)
-        return out.view(*lead, self.out_features)
+        if _plain_apply():
+            out = _FusedLoRA.apply(x, xd, weight, bias, A, B, casts, self.scaling, replay, self.fan_in_fan_out)
+        else:
+            out = _apply_fused(x, xd, weight, bias, A, B, casts, self.scaling, replay, self.fan_in_fan_out)
+        return out if lead is None else out.view(*lead, self.out_features)
 
     def reference_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Plain (unfused) formula; also DoRA's forward."""

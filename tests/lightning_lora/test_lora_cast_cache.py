@@ -1,0 +1,212 @@
+"""The fused LoRA path's cached adapter casts (A and B in the activation dtype) and its host-side shortcuts.
+
+The casts are made once per optimizer step (in the step's post-hook, several layers per buffer) and
+reused until A or B change: after an optimizer step, an in-place write (``load_state_dict``, init),
+a merge / unmerge the layer must compute with the current parameters, bit for bit as the plain
+formula with the same casts, and a graph built before a refresh must still run backward on the casts
+it was built with.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_lora as ll
+from lightning_lora.methods import lora as lora_mod
+
+
+class _Block(nn.Module):
+    """q/k/v (a sibling set), an output projection and an MLP, with 3-d activations."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.o(self.q(x) * self.k(x) + self.v(x))
+        return self.down(torch.nn.functional.gelu(self.up(h)))
+
+
+def _model(dtype: torch.dtype, adapter_dtype: str) -> tuple[nn.Module, dict[str, nn.Module]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), _Block()).to(dtype)
+    layers = ll.inject_adapter(model, "lora", r=4, alpha=8, target_modules=["q", "k", "v", "o", "up", "down"],
+                               adapter_dtype=adapter_dtype)
+    with torch.no_grad():  # B starts at zero: make every adapter term count
+        for layer in layers.values():
+            layer.lora_B.normal_(0, 0.1)
+    return model, layers
+
+
+def _x(dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_(True)
+
+
+def _assert_casts_current(layers: dict[str, nn.Module], dtype: torch.dtype) -> None:
+    """Every layer's cached casts equal its parameters converted now (stale casts would not)."""
+    for name, layer in layers.items():
+        A, B = layer._casts
+        assert A.dtype == dtype and B.dtype == dtype, name
+        assert torch.equal(A, layer.lora_A.detach().to(dtype)), name
+        assert torch.equal(B, layer.lora_B.detach().to(dtype)), name
+
+
+def _reference(model: nn.Module) -> nn.Module:
+    """A deep copy that runs every layer's plain (unfused) formula."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, lora_mod.LoRALinear):
+            m.fused = False
+    return ref
+
+
+CASES = [(torch.float32, "float64"), (torch.bfloat16, "float32"), (torch.float32, "float32")]
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", CASES)
+@pytest.mark.parametrize("foreach", [True, False])
+def test_casts_follow_optimizer_steps(dtype, adapter_dtype, foreach):
+    model, layers = _model(dtype, adapter_dtype)
+    opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=1e-3, foreach=foreach)
+    x = _x(dtype)
+    prev = None
+    for _ in range(3):
+        y = model(x)
+        _assert_casts_current(layers, dtype)
+        if prev is not None:
+            assert not torch.equal(y, prev)  # the update reached the output
+        prev = y.detach()
+        y.float().pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if adapter_dtype != {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]:
+            _assert_casts_current(layers, dtype)  # refreshed by the step hook, before any forward
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", CASES)
+def test_casts_follow_load_state_dict_and_in_place_writes(dtype, adapter_dtype):
+    model, layers = _model(dtype, adapter_dtype)
+    x = _x(dtype)
+    model(x)
+    other, _ = _model(dtype, adapter_dtype)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-0.5)
+    other(x)  # both have learned their sibling plans (the first pass runs every layer alone)
+    model.load_state_dict(other.state_dict())  # in-place copies: no optimizer step
+    y = model(x)
+    _assert_casts_current(layers, dtype)
+    assert torch.equal(y, other(x))
+    with torch.no_grad():
+        layers["0.k"].lora_A.add_(1.0)  # one sibling of a set written in place
+    y = model(x)
+    _assert_casts_current(layers, dtype)
+    assert not torch.equal(y, other(x))
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", CASES)
+def test_casts_after_merge_and_unmerge(dtype, adapter_dtype):
+    model, layers = _model(dtype, adapter_dtype)
+    opt = torch.optim.SGD(ll.trainable_parameters(model), lr=1e-3)
+    x = _x(dtype)
+    model(x).float().sum().backward()
+    opt.step()
+    y = model(x).detach()
+    for layer in layers.values():
+        layer.merge()
+    with torch.no_grad():
+        model(x)  # merged: the base layers only
+    for layer in layers.values():
+        layer.unmerge()
+    y2 = model(x)
+    _assert_casts_current(layers, dtype)
+    if dtype == torch.float32:
+        assert torch.allclose(y, y2, atol=1e-5)  # unmerge restores W0 up to fp32 rounding
+    opt.zero_grad()
+    y2.float().sum().backward()
+    opt.step()
+    model(x)
+    _assert_casts_current(layers, dtype)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", CASES[:2])
+def test_graph_built_before_a_refresh_keeps_its_casts(dtype, adapter_dtype):
+    """A refresh writes new buffers: a pending graph's backward uses the casts of its forward. (Adapters
+    already in the activation dtype are used as they are, not copied: not covered here.)"""
+    model, layers = _model(dtype, adapter_dtype)
+    params = ll.trainable_parameters(model)
+    opt = torch.optim.SGD(params, lr=1e-3)
+    x = _x(dtype)
+    for _ in range(2):  # learn the sibling plan, then a pass on the fused path
+        opt.zero_grad(set_to_none=True)
+        model(x).float().pow(2).sum().backward()
+    expected = [p.grad.clone() for p in params]
+    opt.zero_grad(set_to_none=True)
+    pending = model(x).float().pow(2).sum()  # the same pass again, its backward left pending
+    for p, g in zip(params, expected):
+        p.grad = g.clone()
+    opt.step()  # the parameters change, the casts refresh while `pending` waits
+    opt.zero_grad(set_to_none=True)
+    model(x)  # and a forward with the new casts
+    _assert_casts_current(layers, dtype)
+    pending.backward()
+    for p, g in zip(params, expected):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("siblings", [True, False])
+def test_in_place_ops_on_fused_outputs(siblings):
+    """The fused outputs are fresh tensors (not views made inside the function): in-place ops on them
+    are allowed and give the same gradients as the plain formula."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block()).double()
+    layers = ll.inject_adapter(model, "lora", r=4, alpha=8, target_modules=["q", "k", "v", "o"],
+                               fuse_siblings=siblings)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.normal_(0, 0.1)
+    ref = _reference(model)
+    x = _x(torch.float64)
+    for m in (model, model, ref):  # twice: the first pass learns the sibling plan
+        blk = m[0]
+        outs = [blk.q(x), blk.k(x), blk.v(x)]
+        for o in outs:
+            assert not o._is_view()
+            o.mul_(2.0)
+        y = blk.o(outs[0] * outs[1] + outs[2])
+        y.add_(1.0)
+        m.zero_grad(set_to_none=True)
+        y.pow(2).sum().backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12), n
+
+
+def test_refresh_builds_few_buffers():
+    """One optimizer step refreshes all casts with one multi-tensor copy into a handful of buffers:
+    one per sibling set (its stacked A) and one per distinct shape of the others."""
+    model, layers = _model(torch.bfloat16, "float32")
+    opt = torch.optim.SGD(ll.trainable_parameters(model), lr=1e-3)
+    x = _x(torch.bfloat16)
+    for _ in range(2):  # learn the plan, then a step
+        model(x).float().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    storages = {t.untyped_storage().data_ptr() for layer in layers.values() for t in layer._casts}
+    sets = {id(s) for layer in layers.values() if layer._siblings is not None
+            for s in (layer._siblings.sets or {}).values()}
+    assert len(sets) == 2
+    # A: 2 stacked sets + o (4, 16) + up (4, 16) + down (4, 32): shapes (4, 16), (4, 32); B: (16, 4), (32, 4)
+    assert len(storages) == len(sets) + 4, len(storages)
+    for s_layer in layers.values():
+        s = s_layer._siblings.sets.get(s_layer) if s_layer._siblings is not None and s_layer._siblings.sets else None
+        if s is not None:
+            assert s_layer._casts[0]._base is s.a_buffers[torch.bfloat16]
+    _assert_casts_current(layers, torch.bfloat16)
