@@ -73,7 +73,12 @@ is built so that the maps must localize:
 - cross-attention at every level incl. 32×32 (that level cross-attention only, no 1024-query
   self-attention), so full-resolution features are bound to the tokens directly;
 - the pixel's (x, y) as two extra input channels (``CoordConvIn``): a convolutional UNet barely
-  knows where a query pixel is, which "first digit token -> left half" needs.
+  knows where a query pixel is, which "first digit token -> left half" needs;
+- a text encoder without token mixing (embedding = token + position, no transformer layer): with
+  mixing, even uniform attention hands every pixel an order-dependent summary ("3 first, 7 second"),
+  so the maps need not select (the likely reason why v1, and v2 with mixing in CPU probes, keep
+  near-uniform per-token mass and maps of "3" and "7" with cosine ≈ 0.97); unmixed, that summary is
+  order-invariant and the side of each digit can only be read by attending to its token.
 
 The classifier is shared; v2's stages are stored apart in the same ``--ckpt-dir`` (``v2_base``,
 ``v2_lora_*``; files ``v2_base_unet_fp16.safetensors``, ``v2_text_encoder.safetensors``) and their
@@ -101,7 +106,10 @@ Next GPU session (one H200), v2 -- gate first, then the comparison (stages resum
     python benchmarks/clora_mask_diagnosis.py --ckpt-dir runs/clora_composition --base-arch v2 --device cuda \
         --lora-a v2_lora_a_red3_lr<chosen> --lora-b v2_lora_b_green7_lr<chosen> --runs base clora --samples 64
 
-In all ≈ 35-45 GPU minutes; steps 1-2 fit one 30-min session, step 3 the next.
+In all ≈ 35-45 GPU minutes; steps 1-2 fit one 30-min session, step 3 the next. v2 is unverified at
+scale: on CPU (width 16, batch 32, 500 steps; 850 for v2 with a mixing encoder) neither arch uses
+the prompt yet (ε-MSE with the prompt = with the null prompt within 1 %, per-token attention mass
+≈ uniform) and every own-half share is 0.50, so only the GPU gate can say whether v2 localizes.
 """
 
 from __future__ import annotations
@@ -158,9 +166,15 @@ class BaseArch:
     token's digit in the left half and the second in the right half (position in the prompt <->
     position in the image is learnable; singles still anywhere, so the maps must also follow the
     content), cross-attention at every level incl. 32×32 (that level cross-attention only:
-    ``only_cross_attention``, no 1024-query self-attention), and the pixel's (x, y) as two extra
+    ``only_cross_attention``, no 1024-query self-attention), the pixel's (x, y) as two extra
     input channels (:class:`CoordConvIn`: a convolutional UNet barely knows where a 32×32 query is,
-    so "left half <-> first digit token" would otherwise have to be inferred from the borders).
+    so "left half <-> first digit token" would otherwise have to be inferred from the borders), and
+    a text encoder without token mixing (``text_mixing=False``: embedding_i = token_i + position_i).
+    Why the last: with v1's transformer layer each token's vector depends on the others and on the
+    order, so even UNIFORM attention (the sum of the values) tells every pixel "3 first, 7 second"
+    and the maps never need to select; with a linear, unmixed encoder that sum is order-invariant
+    (Σ token + Σ position), so the only way for a pixel to learn which digit is on its side is to
+    attend to that token (its key carries the position): the binding must go through the maps.
     """
 
     name: str
@@ -170,12 +184,14 @@ class BaseArch:
     attention_res: int  # default side of CLoRA's maps
     prefix: str  # stage-name / file-name prefix in --ckpt-dir ("" for v1: the recorded checkpoints)
     coords: bool  # the UNet's conv_in also sees the pixel coordinates (CoordConvIn)
+    text_mixing: bool  # text encoder with a transformer layer (v1) or tokens + positions only (v2)
 
 
 ARCHS = {
-    "v1": BaseArch("v1", seq=4, tied_layout=False, cross_attn_res=(16, 8), attention_res=16, prefix="", coords=False),
+    "v1": BaseArch("v1", seq=4, tied_layout=False, cross_attn_res=(16, 8), attention_res=16, prefix="", coords=False,
+                   text_mixing=True),
     "v2": BaseArch("v2", seq=8, tied_layout=True, cross_attn_res=(32, 16, 8), attention_res=16, prefix="v2_",
-                   coords=True),
+                   coords=True, text_mixing=False),
 }
 
 
@@ -404,18 +420,30 @@ def classifier_batch(comp: Composer, n: int) -> tuple[torch.Tensor, torch.Tensor
 # ---------------------------------------------------------------------------------------------
 
 class TinyTextEncoder(nn.Module):
-    """Token + position embeddings and one transformer layer: (B, seq) tokens -> (B, seq, dim)
-    (v1: seq 4; v2: 8; a checkpoint of the other length fails to load: its ``pos`` has another shape)."""
+    """Token + position embeddings and one transformer layer: (B, seq) tokens -> (B, seq, dim).
 
-    def __init__(self, dim: int = 64, seq: int = SEQ) -> None:
+    v1: seq 4, with the layer. v2: seq 8, ``mixing=False``: no layer and no norm, each output is its
+    token's embedding + its position's (position init N(0, 1) like the tokens', so keys differ by
+    position from the start); see :class:`BaseArch` for why. A checkpoint of the other arch fails
+    to load (``pos`` shape, missing / unexpected layer keys)."""
+
+    def __init__(self, dim: int = 64, seq: int = SEQ, mixing: bool = True) -> None:
         super().__init__()
         self.tok = nn.Embedding(VOCAB, dim)
-        self.pos = nn.Parameter(torch.zeros(seq, dim))
-        self.layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
-        self.norm = nn.LayerNorm(dim)
+        self.pos = nn.Parameter(torch.zeros(seq, dim) if mixing else torch.randn(seq, dim))
+        self.mixing = mixing
+        if mixing:
+            self.layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+            self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.layer(self.tok(tokens) + self.pos))
+        x = self.tok(tokens) + self.pos
+        return self.norm(self.layer(x)) if self.mixing else x
+
+
+def text_encoder(arch: BaseArch = ARCHS["v1"]) -> TinyTextEncoder:
+    """The text encoder of ``arch`` (untrained): (B, arch.seq) tokens -> (B, arch.seq, 64)."""
+    return TinyTextEncoder(seq=arch.seq, mixing=arch.text_mixing)
 
 
 def base_files(ckpt: Path, arch: BaseArch = ARCHS["v1"]) -> tuple[Path, Path]:
@@ -660,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. base model
     torch.manual_seed(args.seed)
-    unet, text = make_unet(args.width, arch=arch).to(device), TinyTextEncoder(seq=arch.seq).to(device)
+    unet, text = make_unet(args.width, arch=arch).to(device), text_encoder(arch).to(device)
     n_unet = sum(p.numel() for p in unet.parameters())
     base_file, text_file = base_files(ckpt, arch)
     if (rec := done(f"{arch.prefix}base", base_shape)) is None:

@@ -149,7 +149,7 @@ def load(args):
     and the classifier."""
     ckpt = Path(args.ckpt_dir)
     dev = args.device
-    unet, text = cc.make_unet(args.width, arch=args.arch).to(dev), cc.TinyTextEncoder(seq=args.arch.seq).to(dev)
+    unet, text = cc.make_unet(args.width, arch=args.arch).to(dev), cc.text_encoder(args.arch).to(dev)
     cc.load_base(unet, text, ckpt, dev, args.arch)
     loras = []
     if LORA_RUNS & set(args.runs):

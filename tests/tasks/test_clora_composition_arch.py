@@ -66,3 +66,24 @@ def test_stage_cache_is_keyed_by_arch(tmp_path, capsys):
     assert cc.main([*common, "--base-arch", "v1"]) == 0
     out = capsys.readouterr().out
     assert "base model (v2): from" in out and "base model (v1): from" in out
+
+
+def test_v2_text_encoder_sum_is_order_invariant():
+    """v2's encoder does not mix tokens: the sum over a prompt's tokens (what uniform attention hands
+    every pixel) is the same for "3 and 7" and "7 and 3", so only attending to a token tells its side;
+    v1's (a transformer layer) tells the order apart, and keeps its recorded state-dict keys."""
+    torch.manual_seed(0)
+    v2 = cc.text_encoder(cc.ARCHS["v2"])
+    p37 = cc.prompt_tokens(torch.tensor([3]), torch.tensor([7]), 8)
+    p73 = cc.prompt_tokens(torch.tensor([7]), torch.tensor([3]), 8)
+    with torch.no_grad():
+        e37, e73 = v2(p37), v2(p73)
+    assert e37.shape == (1, 8, 64)
+    assert torch.allclose(e37.sum(1), e73.sum(1), atol=1e-5) and not torch.allclose(e37, e73)
+    v1 = cc.text_encoder()
+    assert set(v1.state_dict()) == set(cc.TinyTextEncoder().state_dict()) and "layer.linear1.weight" in v1.state_dict()
+    with torch.no_grad():
+        v1.pos.normal_()  # as trained (it starts at 0, where the layer cannot tell positions apart)
+        s37 = v1(cc.prompt_tokens(torch.tensor([3]), torch.tensor([7]))).sum(1)
+        s73 = v1(cc.prompt_tokens(torch.tensor([7]), torch.tensor([3]))).sum(1)
+    assert not torch.allclose(s37, s73, atol=1e-3)

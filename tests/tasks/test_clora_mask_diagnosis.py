@@ -23,7 +23,7 @@ def tiny_run(ckpt, width: int = 16, arch: str = "v1") -> None:
     ckpt.mkdir()
     torch.manual_seed(0)
     a = cc.ARCHS[arch]
-    unet, text = cc.make_unet(width, arch=a), cc.TinyTextEncoder(seq=a.seq)
+    unet, text = cc.make_unet(width, arch=a), cc.text_encoder(a)
     unet_file, text_file = cc.base_files(ckpt, a)
     save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()}, str(unet_file))
     save_file({k: v.contiguous() for k, v in text.state_dict().items()}, str(text_file))
