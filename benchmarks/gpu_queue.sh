@@ -88,6 +88,12 @@ start)
         launch clora env PYTHONPATH=/tmp/site:/tmp/site_diff bash -c "$PY benchmarks/clora_composition.py \
             --ckpt-dir runs/clora_composition ${CLORA_ARGS:-} && $PY benchmarks/clora_composition.py \
             --ckpt-dir runs/clora_composition ${CLORA_ARGS:-} --guidance ${CLORA_GUIDANCE2:-1.5}"
+        # CLoRA's base v2 (cross-attention built to localise) and its gate at 16x16 and 32x32: the
+        # diagnosis exits 3 when the maps do not localise; LoRAs and the comparison only after a pass
+        launch clora_v2 env PYTHONPATH=/tmp/site:/tmp/site_diff bash -c "$PY benchmarks/clora_composition.py \
+            --base-arch v2 --ckpt-dir runs/clora_composition --stop-after base && for r in 16 32; do \
+            $PY benchmarks/clora_mask_diagnosis.py --ckpt-dir runs/clora_composition --base-arch v2 --device cuda \
+            --runs real base --samples 64 --attention-res \$r --gate --out logs/clora_gate\$r; echo gate\$r rc=\$?; done"
         launch ffa env PYTHONPATH=/tmp/site:/tmp/site_fed $PY benchmarks/ffa_federated.py --workers 3 --seeds ${FFA_SEEDS:-0,1,2}
         [[ ${LNCRNA:-0} == 1 ]] && launch lncrna $PY benchmarks/lncrna_gpu_run.py --out runs/lncrna3 --mlm-init ${LNCRNA_MLM:-.carry/mlm2} \
             --pretrain-minutes ${LNCRNA_PRETRAIN_MIN:-10} --finetune-minutes 2.0 --finetune-epochs 20 \
