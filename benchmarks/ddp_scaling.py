@@ -14,7 +14,7 @@ alternate ``--repeats`` times and the figures are medians.
 Diagnosis (session 8 measured 1.37, bar 1.8; docs/benchmarks.md, "DDP scaling"):
 
     python benchmarks/ddp_scaling.py --adapter none           # full fine-tuning: DDP's own scaling
-    python benchmarks/ddp_scaling.py --static-graph --bucket-view
+    python benchmarks/ddp_scaling.py --static-graph --bucket-view --no-broadcast-buffers
     python benchmarks/ddp_scaling.py --profile runs/ddp_profile --repeats 1   # op tables, rank 0
 """
 
@@ -97,7 +97,8 @@ def run_one(args: argparse.Namespace) -> None:
     module = Module()
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices,
-        strategy=DDPStrategy(static_graph=args.static_graph, gradient_as_bucket_view=args.bucket_view)
+        strategy=DDPStrategy(static_graph=args.static_graph, gradient_as_bucket_view=args.bucket_view,
+                             broadcast_buffers=not args.no_broadcast_buffers)
         if args.devices > 1 else "auto",
         precision="bf16-mixed" if args.accelerator == "gpu" else "32-true", max_steps=args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False,
@@ -130,6 +131,8 @@ def main() -> None:
                          "speed drifts: session 8's 1-GPU runs spread 494-765 samples/s)")
     ap.add_argument("--static-graph", action="store_true", help="DDP static_graph=True")
     ap.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view=True")
+    ap.add_argument("--no-broadcast-buffers", action="store_true",
+                    help="DDP broadcast_buffers=False (no collective at the start of every forward)")
     ap.add_argument("--profile", default=None,
                     help="directory: rank 0 profiles 5 steps after warm-up, a table per device count")
     args = ap.parse_args()
