@@ -828,7 +828,9 @@ class LoRALinear(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x, *args, **kwargs)
-        if self.use_dora or not self.fused or args or kwargs:
+        # functorch transforms (torch.func.grad, vmap, ...) wrap the parameters: no storage for the
+        # cast cache's key, and the fused functions' hand-written backward is not what they trace
+        if self.use_dora or not self.fused or args or kwargs or torch._C._are_functorch_transforms_active():
             return self.reference_forward(x, *args, **kwargs)
         if self._siblings is not None:
             out = self._siblings.forward(self, x)
