@@ -46,9 +46,10 @@ def run_one(args: argparse.Namespace) -> None:
     seq = 32 if args.tiny else args.seq
 
     class Tokens(Dataset):
-        """Random tokens drawn once: a lookup per sample, so the input pipeline never sets the pace
-        (drawing 512 tokens per sample inside the workers did: 1-GPU runs moved from 765 to 495
-        samples/s with the host's thread settings)."""
+        """Random tokens drawn once: a lookup per sample, so the input pipeline cannot set the pace
+        (session 8's first runs drew 512 tokens per sample inside the two workers; the 1-GPU figure
+        moved between 494 and 765 samples/s with and without that, so the host, not the loader,
+        is what varies)."""
 
         def __init__(self, pool: int = 4096) -> None:
             g = torch.Generator().manual_seed(0)
