@@ -426,6 +426,25 @@ _apply_fused = super(torch.autograd.Function, _FusedLoRA).apply  # type: ignore[
 _apply_siblings = super(torch.autograd.Function, _FusedLoRASiblings).apply  # type: ignore[misc]
 
 
+def _cast_key(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple[Any, ...] | None:
+    """What a layer's cached casts of ``A`` and ``B`` in ``dtype`` depend on: optimizer steps taken
+    (fused optimizers leave version counters alone), the parameters' versions (other in-place
+    writes: init, loading) and storages; ``None`` (never cached) for inference tensors, which (made
+    under torch.inference_mode) have no version counter."""
+    if A.is_inference() or B.is_inference():
+        return None
+    return (_OPTIMIZER_STEPS, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
+
+
+def _casts_current(key: tuple[Any, ...] | None, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether casts cached under ``key`` still hold for ``A``, ``B`` and ``dtype``: ``key == _cast_key(A,
+    B, dtype)`` without building the tuple (checked per layer per forward). Storages are compared before
+    versions: an inference tensor, which has no version counter, never sits in a storage a cached key
+    was taken from."""
+    return (key is not None and key[0] == _OPTIMIZER_STEPS and key[5] == dtype and key[3] == A.data_ptr()
+            and key[4] == B.data_ptr() and key[1] == A._version and key[2] == B._version)
+
+
 def _plain_apply() -> bool:
     """Whether ``Function.apply`` must take its full Python path (functorch transforms, compiling)."""
     return torch._C._are_functorch_transforms_active() or _is_compiling()
@@ -527,7 +546,6 @@ class _SiblingSet:
         members = self.members
         # (after an optimizer step its hook has refreshed them; left: first call, other in-place writes)
         xdtype = x.dtype
-        steps = _OPTIMIZER_STEPS
         ws, biases, As, Bs = [], [], [], []
         stale = None
         for m in members:
@@ -539,10 +557,7 @@ class _SiblingSet:
             A, B = _lora_ab(m)
             As.append(A)
             Bs.append(B)
-            # the cache check of _adapter_casts, inlined (see LoRALinear._fused)
-            key = m._cast_key
-            if not (key is not None and key[0] == steps and key[5] == xdtype and key[3] == A.data_ptr()
-                    and key[4] == B.data_ptr() and key[1] == A._version and key[2] == B._version):
+            if not _casts_current(m._cast_key, A, B, xdtype):
                 if stale is None:
                     stale = []
                 stale.append(m)
@@ -598,11 +613,6 @@ class _SiblingGroup:
     def __reduce__(self) -> tuple[Any, ...]:
         # copies (deepcopy, pickle) start learning afresh: pending outputs belong to a live autograd graph
         return (_SiblingGroup, (self.members,))
-
-    def slot(self, layer: LoRALinear) -> tuple[_SiblingSet, int] | None:
-        """The set ``layer`` belongs to and its row offset in the set's stacked A, if any."""
-        s = self.sets.get(layer) if self.sets else None
-        return None if s is None else (s, s.offsets[layer])
 
     def _observe(self, layer: LoRALinear, x: torch.Tensor) -> None:
         if any(layer in run for run in self._runs):  # a new pass began: the plan is complete
@@ -754,14 +764,11 @@ def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
                 srcs.append(src)
         for dsts, srcs in by_device.values():
             torch._foreach_copy_(dsts, srcs)
-    steps = _OPTIMIZER_STEPS
     for layer, casts, A, B in done:
         # plain attributes, written past nn.Module.__setattr__'s parameter/buffer/module checks
         state = layer.__dict__
         state["_casts"] = (casts[0], casts[1])
-        # the key of _cast_key_for, inlined
-        state["_cast_key"] = (None if A.is_inference() or B.is_inference()
-                              else (steps, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype))
+        state["_cast_key"] = _cast_key(A, B, dtype)
 
 
 class LoRALinear(AdapterLayer):
@@ -848,14 +855,8 @@ class LoRALinear(AdapterLayer):
         return self._fused(x, weight, bias)
 
     def _cast_key_for(self, dtype: torch.dtype) -> tuple[Any, ...] | None:
-        """What the cached casts depend on: optimizer steps taken (fused optimizers leave version
-        counters alone), the parameters' versions (other in-place writes: init, loading) and
-        storages; ``None`` (never cached) for inference tensors, which (made under
-        torch.inference_mode) have no version counter."""
-        A, B = _lora_ab(self)
-        if A.is_inference() or B.is_inference():
-            return None
-        return (_OPTIMIZER_STEPS, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
+        """This layer's :func:`_cast_key` for ``dtype``."""
+        return _cast_key(*_lora_ab(self), dtype)
 
     def _adapter_casts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` in ``dtype``, recomputed only when A or B changed (optimizer step). Parameters
@@ -887,14 +888,7 @@ class LoRALinear(AdapterLayer):
                 lead, x, xd = x.shape[:-1], x2, xd2
         A, B = _lora_ab(self)
         dtype = x.dtype
-        key = self._cast_key
-        # the cache check of _adapter_casts, inlined (storages first: an inference tensor, which has no
-        # version counter, never sits in a storage a cached key was taken from)
-        if (key is not None and key[0] == _OPTIMIZER_STEPS and key[5] == dtype and key[3] == A.data_ptr()
-                and key[4] == B.data_ptr() and key[1] == A._version and key[2] == B._version):
-            casts = self._casts
-        else:
-            casts = self._adapter_casts(dtype)
+        casts = self._casts if _casts_current(self._cast_key, A, B, dtype) else self._adapter_casts(dtype)
         mode = self.replay_inputs
         recipe = None
         if mode != "none" and xd is x and A.requires_grad:
