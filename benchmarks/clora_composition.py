@@ -63,22 +63,10 @@ Base architectures (``--base-arch``, issue #7). ``v1`` (the default) is the base
 unchanged: session 7 (``clora_mask_diagnosis.py``) found its concept tokens' maps do not localize
 (16×16: cos(map "3", map "7") 0.96, own-half share 0.50; both masks = the whole canvas), so every
 method scored 0 on "both concepts" and the comparison says nothing about CLoRA. ``v2`` (:class:`BaseArch`)
-is built so that the maps must localize:
-
-- word order tied to layout: in a pair the FIRST digit token's digit is always drawn in the left
-  half and the second in the right half ("3 and 7" = 3 left, 7 right; singles still anywhere, so the
-  maps must follow the content too, and the concept LoRAs' single-digit data is unchanged);
-- prompts padded to 8 tokens with ``<null>`` (``<bos> 3 and 7 <null> ×4``): sink tokens for the
-  background, as SD's padding, so a concept map can be ≈ 0 off its digit;
-- cross-attention at every level incl. 32×32 (that level cross-attention only, no 1024-query
-  self-attention), so full-resolution features are bound to the tokens directly;
-- the pixel's (x, y) as two extra input channels (``CoordConvIn``): a convolutional UNet barely
-  knows where a query pixel is, which "first digit token -> left half" needs;
-- a text encoder without token mixing (embedding = token + position, no transformer layer): with
-  mixing, even uniform attention hands every pixel an order-dependent summary ("3 first, 7 second"),
-  so the maps need not select (the likely reason why v1, and v2 with mixing in CPU probes, keep
-  near-uniform per-token mass and maps of "3" and "7" with cosine ≈ 0.97); unmixed, that summary is
-  order-invariant and the side of each digit can only be read by attending to its token.
+is built so that the maps must localize: word order tied to layout (a pair's first digit word is
+drawn left), prompts padded to 8 tokens with ``<null>``, cross-attention at 32×32 too, pixel
+coordinates as input channels, and a text encoder without token mixing (:class:`BaseArch` says why
+each).
 
 The classifier is shared; v2's stages are stored apart in the same ``--ckpt-dir`` (``v2_base``,
 ``v2_lora_*``; files ``v2_base_unet_fp16.safetensors``, ``v2_text_encoder.safetensors``) and their
