@@ -76,7 +76,7 @@ def run_one(args: argparse.Namespace) -> None:
             if args.profile and self.trainer.is_global_zero and batch_idx == args.warmup:
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
                                                    + ([torch.profiler.ProfilerActivity.CUDA] if self.device.type == "cuda" else []))
-                self.prof.__enter__()
+                self.prof.start()
 
         def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
             # no sync inside the timed window: the host may run ahead of the GPU as in real training;
@@ -85,7 +85,7 @@ def run_one(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter())
             if getattr(self, "prof", None) is not None and batch_idx == args.warmup + 5:
-                self.prof.__exit__(None, None, None)
+                self.prof.stop()
                 table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
                 Path(args.profile).mkdir(parents=True, exist_ok=True)
                 (Path(args.profile) / f"ddp_profile_{args.devices}gpu_{args.adapter}.txt").write_text(table)
