@@ -120,7 +120,7 @@ def main() -> None:
         try:
             for _ in range(args.pairs):
                 # both revisions time every variant in their children: a child that builds fewer models
-                # runs faster (session 8: ours alone in a child beat ours beside PEFT by ~8%)
+                # runs faster (session 8: ours alone in a child beat ours beside PEFT)
                 for prefix, root in [("", str(ROOT))] + ([("before_", wt)] if args.before else []):
                     res = run(root, args.variants)
                     for v, ms in res.items():
