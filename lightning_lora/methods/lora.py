@@ -294,8 +294,13 @@ class _FusedLoRA(torch.autograd.Function):
         ctx.replay = replay if same_input else None
         # xd is read by grad_A only (a frozen A, as FFA-LoRA's, needs none)
         keep_xd = ctx.needs_input_grad[4] and ctx.replay is None
-        ctx.save_for_backward(xd2 if keep_xd else None, xa_s)
-        ctx.w, ctx.Ac, ctx.Bc = w, Ac, Bc  # frozen / cached tensors: no version tracking needed
+        # A or B in the activation dtype is its own cast (a detached alias): saved through autograd,
+        # so that an in-place update before backward (a non-fused optimizer step, a manual edit)
+        # raises as it does for nn.Linear's weight instead of giving a silently wrong gradient. A
+        # cast copy is a fresh tensor that nothing writes: no tracking needed
+        ctx.save_for_backward(xd2 if keep_xd else None, xa_s,
+                              Ac if Ac.dtype == A.dtype else None, Bc if Bc.dtype == B.dtype else None)
+        ctx.w, ctx.Ac, ctx.Bc = w, Ac, Bc  # w is frozen
         ctx.scaling = scaling
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.shapes = (shape, xd.shape)
@@ -304,7 +309,7 @@ class _FusedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        xd, xa_s = ctx.saved_tensors
+        xd, xa_s, _, _ = ctx.saved_tensors  # unpacking checks the aliases' versions
         need_x, need_xd, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
         Bc = ctx.Bc
         g = g.reshape(-1, Bc.shape[0])  # what the view node around the output did
@@ -370,7 +375,11 @@ class _FusedLoRASiblings(torch.autograd.Function):
             out2.addmm_(x2, w if t else w.t())
             outs.append(out)
         # replay = (recipe, shape) (see _input_recipe): x is replayed in backward, not saved
-        ctx.save_for_backward(x2 if replay is None else None, xa_s)
+        # a B in the activation dtype is its own cast: version-checked as in _FusedLoRA (a_cat is a
+        # fresh buffer or concatenation, never an alias of the parameters)
+        b_dtypes = [t.dtype for t in tensors[3 * k:]]
+        ctx.save_for_backward(x2 if replay is None else None, xa_s,
+                              *(Bc if Bc.dtype == dt else None for Bc, dt in zip(b_casts, b_dtypes)))
         ctx.set_materialize_grads(False)  # an unused sibling's gradient arrives as None, not zeros
         ctx.a_cat, ctx.meta, ctx.ws = a_cat, meta, ws
         ctx.shape = shape
@@ -379,7 +388,7 @@ class _FusedLoRASiblings(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gs):  # type: ignore[override]
-        x, xa_s = ctx.saved_tensors
+        x, xa_s = ctx.saved_tensors[:2]  # unpacking checks the B aliases' versions
         ranks, scaling, b_casts, replay, fifo = ctx.meta
         k = len(ranks)
         needs = ctx.needs_input_grad

@@ -139,7 +139,8 @@ def test_casts_after_merge_and_unmerge(dtype, adapter_dtype):
 @pytest.mark.parametrize("dtype,adapter_dtype", CASES[:2])
 def test_graph_built_before_a_refresh_keeps_its_casts(dtype, adapter_dtype):
     """A refresh writes new buffers: a pending graph's backward uses the casts of its forward. (Adapters
-    already in the activation dtype are used as they are, not copied: not covered here.)"""
+    already in the activation dtype are used as they are, not copied: see
+    test_in_place_update_before_backward_raises_for_uncast_adapters.)"""
     model, layers = _model(dtype, adapter_dtype)
     params = ll.trainable_parameters(model)
     opt = torch.optim.SGD(params, lr=1e-3)
@@ -210,3 +211,26 @@ def test_refresh_builds_few_buffers():
         if s is not None:
             assert s_layer._casts[0]._base is s.a_buffers[torch.bfloat16]
     _assert_casts_current(layers, torch.bfloat16)
+
+
+@pytest.mark.parametrize("targets", [["o", "up", "down"], ["q", "k", "v"]], ids=["single", "siblings"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_in_place_update_before_backward_raises_for_uncast_adapters(targets, fused):
+    """Adapters already in the activation dtype are used as they are (no cast copy): an in-place update
+    between forward and backward (a non-fused optimizer step) must raise as autograd does for an
+    ``nn.Linear`` weight, on the fused path as on the plain formula, not give a silently wrong gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), _Block())
+    layers = ll.inject_adapter(model, "lora", r=4, alpha=8, target_modules=targets, adapter_dtype="float32")
+    for layer in layers.values():
+        layer.fused = fused
+    params = ll.trainable_parameters(model)
+    opt = torch.optim.SGD(params, lr=1e-3)
+    x = _x(torch.float32)
+    for _ in range(2):  # learn the sibling plan, then a pass on the fused path
+        opt.zero_grad(set_to_none=True)
+        model(x).pow(2).sum().backward()
+    pending = model(x).pow(2).sum()
+    opt.step()  # in place on A and B (SGD bumps their version counters) while `pending` waits
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        pending.backward()
