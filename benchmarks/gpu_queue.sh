@@ -40,6 +40,15 @@ launch() {  # name, then the command
     echo "started $name (${left}s)"
 }
 
+clora_tars() {
+    # v1's and v2's stages in two archives (each under the 16 MiB a returned file may have; both bases
+    # together are not); stages.json, the classifier and the text encoder of v1 go in both
+    [[ -f $W/runs/clora_composition/stages.json ]] || return 0
+    (cd $W/runs && tar -czf $OUT/clora_ckpt.tgz --exclude='clora_composition/v2_*' clora_composition \
+        && tar -czf $OUT/clora_v2_ckpt.tgz clora_composition/stages.json clora_composition/classifier.safetensors \
+            $(ls -d clora_composition/v2_* 2>/dev/null))
+}
+
 case "${1:-}" in
 start)
     group=$2 DEADLINE=$3
@@ -135,19 +144,21 @@ collect)
     # so the better transformer could not be shipped)
     [[ -d runs/lncrna3/classifier ]] && tar -czf $OUT/lncrna_classifier.tgz -C runs/lncrna3 classifier
     # CLoRA's finished stages (base UNet fp16 ~12.6 MiB, LoRAs, classifier): a rerun resumes from them
-    [[ -d runs/clora_composition ]] && tar -czf $OUT/clora_ckpt.tgz -C runs clora_composition
+    clora_tars
     ls -la $OUT
     ;;
 watch)
     DEADLINE=$(cat /tmp/deadline 2>/dev/null || echo 0)
     t=$2; left=$(( DEADLINE - $(date +%s) ))
     (( DEADLINE > 0 && left < t )) && t=$(( left > 0 ? left : 0 ))
+    # poll with this, never with a bare sleep: every poll brings the results so far back in $OUT, so a
+    # machine lost between two calls (30 s idle, session 9 lost two) loses only the time since the last
     sleep $t; bash "$0" status; bash "$0" snapshot >/dev/null
     ;;
 snapshot)
     # results so far, without stopping anything
     cd $W && tar -czf $OUT/results.tgz benchmarks/results docs/figures logs 2>/dev/null
-    [[ -f runs/clora_composition/stages.json ]] && tar -czf $OUT/clora_ckpt.tgz -C runs clora_composition
+    clora_tars
     ls -la $OUT
     ;;
 *)
