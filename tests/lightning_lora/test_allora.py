@@ -239,3 +239,26 @@ def test_callback_scales_accumulated_gradients_once(tmp_path):
     for n, p in ref.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got[n], p, atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("granularity", ["row", "tensor", "element"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_scaling_equals_one_tensor_at_a_time(granularity, dtype):
+    """scale_gradients scales same-shape parameters together (stacked norms, one multi-tensor
+    multiply); on the CPU that equals scaling each parameter alone, bit for bit, mixed shapes and
+    missing gradients included."""
+    torch.manual_seed(0)
+    shapes = [(8, 24)] * 4 + [(24, 8)] * 3 + [(5,)] * 2 + [(3, 4, 5)] * 2 + [(6, 6)]
+    together = [nn.Parameter((torch.randn(s) * 0.3).to(dtype)) for s in shapes]
+    alone = [nn.Parameter(p.detach().clone()) for p in together]
+    for i, (p, q) in enumerate(zip(together, alone)):
+        if i != 2:  # one parameter without a gradient: skipped
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+    scale_gradients(together, eta=1.5, granularity=granularity)
+    for q in alone:
+        scale_gradients([q], eta=1.5, granularity=granularity)
+    for p, q in zip(together, alone):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert p.grad.dtype == dtype and torch.equal(p.grad, q.grad)
