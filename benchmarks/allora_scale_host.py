@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from host_timing import ROOT, alternate, run_child, write_result  # benchmarks/ is sys.path[0]
 GRANULARITIES = ("row", "tensor", "element")
 
 
@@ -69,35 +67,19 @@ def main() -> None:
         print(json.dumps(child(args.child, args.rounds, args.calls)))
         return
 
-    def run(root: str) -> dict[str, float]:
-        cmd = [sys.executable, __file__, "--child", root, "--rounds", str(args.rounds), "--calls", str(args.calls)]
-        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-
     samples: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        wt = str(Path(tmp) / "before")
-        if args.before:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", wt, args.before],
-                           check=True, capture_output=True)
-        try:
-            for _ in range(args.pairs):  # children alternate (now, before, now, ...)
-                for prefix, root in [("", str(ROOT))] + ([("before_", wt)] if args.before else []):
-                    for gran, ms in run(root).items():
-                        samples.setdefault(f"{prefix}{gran}_host_ms", []).append(ms)
-        finally:
-            if args.before:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", wt], capture_output=True)
+
+    def record(prefix: str, res: dict[str, float]) -> None:
+        for gran, ms in res.items():
+            samples.setdefault(f"{prefix}{gran}_host_ms", []).append(ms)
+
+    alternate(args.before, args.pairs,
+              lambda root: run_child(__file__, root, ["--rounds", str(args.rounds), "--calls", str(args.calls)]), record)
     metrics = {k: statistics.median(v) for k, v in samples.items()}
     if args.before:
         for gran in GRANULARITIES:
             metrics[f"{gran}_vs_before"] = metrics[f"{gran}_host_ms"] / metrics[f"before_{gran}_host_ms"]
-    import torch
-
-    result = {"name": "allora_scale_host", "command": "python benchmarks/allora_scale_host.py " + " ".join(sys.argv[1:]),
-              "device": f"cpu, 1 thread (torch {torch.__version__})", "date": time.strftime("%Y-%m-%d"),
-              "metrics": {k: round(v, 4) for k, v in metrics.items()}}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result("allora_scale_host", __file__, args.out, metrics)
 
 
 if __name__ == "__main__":
