@@ -21,7 +21,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from host_timing import ROOT, alternate, run_child, write_result  # benchmarks/ is sys.path[0]
 GRANULARITIES = ("row", "tensor", "element")
