@@ -44,22 +44,141 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..core.config import AdapterConfig, Method, register
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
+from .lora import _mm_scaled, _mm_to, _weight_bias
 
 
 # ---- the shared layer ------------------------------------------------------------------------
+class _FusedCore(torch.autograd.Function):
+    """``out = x W^T + b + s · ((x A^T) R^T) B^T`` with a hand-written backward (the fused path of
+    :class:`CoreLoRALinear`; :meth:`CoreLoRALinear.adapter_forward` is the reference formula).
+
+    Shapes: ``x`` (..., n), flattened to (N, n) inside (no autograd view nodes around the function);
+    ``w`` the base weight as stored: (m, n), or (n, m) with ``fan_in_fan_out`` (Conv1D); ``A`` (r, n),
+    ``R`` (r, r), ``B`` (m, r) as the layer holds them (any dtype); ``R0`` (r, r) or None: IntTune's
+    residual offset, the core used is ``R − R0``; ``casts`` = ``(Ac, Bc)``: frozen A / B already in
+    ``x``'s dtype (cached by the layer), or None to cast here. Casts made here run with grad mode off
+    (no autograd node per cast). ``out`` (..., m) is a fresh tensor (not a view). The scale ``s`` rides
+    in the GEMM ``alpha`` of one rank-r product each way:
+
+    - forward:  ``u_s = s·x Ac^T`` (N, r), ``v_s = u_s Rc^T`` (N, r), ``out = v_s Bc^T + b``, then
+      ``out += x W^T`` (the base matmul accumulates into the adapter's output: no separate add);
+    - backward: ``gB = g Bc`` (N, r), ``grad_R = gB^T u_s``, ``grad_B = g^T v_s``, and with
+      ``gBR_s = s·gB Rc`` (N, r): ``grad_A = gBR_s^T x``, ``grad_x = gBR_s Ac + g W``. Only the
+      gradients whose inputs require grad are computed, and only what they read is kept: with A
+      frozen (LoRA-XS, LoRA-SB, IntTune) ``x`` is not saved at all, only the two (N, r) products.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, bias, A, R, B, R0, casts, scaling, fan_in_fan_out):  # type: ignore[override]
+        dtype = x.dtype
+        Ac, Bc = casts
+        if Ac is None:
+            Ac = A if A.dtype == dtype else A.to(dtype)
+        if Bc is None:
+            Bc = B if B.dtype == dtype else B.to(dtype)
+        Rd = R if R0 is None else R - R0  # in R's dtype, as the reference subtracts before casting
+        Rc = Rd if Rd.dtype == dtype else Rd.to(dtype)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        u_s = _mm_scaled(x2, Ac.t(), scaling)  # (N, r)
+        v_s = torch.mm(u_s, Rc.t())  # (N, r)
+        m = Bc.shape[0]
+        out = v_s.new_empty(shape[:-1] + (m,))
+        out2 = out.view(-1, m)
+        if bias is not None:
+            torch.addmm(bias, v_s, Bc.t(), out=out2)
+        else:
+            torch.mm(v_s, Bc.t(), out=out2)
+        out2.addmm_(x2, w if fan_in_fan_out else w.t())
+        need_x, need_w, _, need_A, need_R, need_B = ctx.needs_input_grad[:6]
+        need_gb = need_x or need_A or need_R
+        # a factor used as its own cast (already in x's dtype) goes through save_for_backward, so an
+        # in-place write before backward raises as for nn.Linear's weight; a cast copy is a fresh
+        # tensor that nothing writes (a pending graph keeps the values its forward used)
+        ctx.save_for_backward(
+            x2 if need_A or need_w else None,
+            u_s if need_R else None,
+            v_s if need_B else None,
+            Ac if Ac is A and need_x else None,
+            Rc if Rc is R and (need_x or need_A) else None,
+            Bc if Bc is B and need_gb else None,
+        )
+        ctx.copies = (Ac if Ac is not A and need_x else None,
+                      Rc if Rc is not R and (need_x or need_A) else None,
+                      Bc if Bc is not B and need_gb else None)
+        ctx.w = w if need_x else None  # frozen (a trainable w is saved as x is: grad_w reads x only)
+        ctx.scaling = scaling
+        ctx.fan_in_fan_out = fan_in_fan_out
+        ctx.shape = shape
+        ctx.dtypes = (w.dtype, A.dtype, R.dtype, B.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable  # the casts are not differentiable inputs: a double backward raises, not lies
+    def backward(ctx, g):  # type: ignore[override]
+        x2, u_s, v_s, Aa, Ra, Ba = ctx.saved_tensors  # unpacking checks the aliases' versions
+        Acp, Rcp, Bcp = ctx.copies
+        Ac = Aa if Aa is not None else Acp
+        Rc = Ra if Ra is not None else Rcp
+        Bc = Ba if Ba is not None else Bcp
+        need_x, need_w, need_bias, need_A, need_R, need_B = ctx.needs_input_grad[:6]
+        fifo = ctx.fan_in_fan_out
+        g = g.reshape(-1, g.shape[-1])  # (N, m): what the view node around the output did
+        grad_x = grad_w = grad_bias = grad_A = grad_R = grad_B = None
+        if need_x or need_A or need_R:
+            gB = torch.mm(g, Bc)  # (N, r)
+            if need_R:
+                grad_R = _mm_to(gB.t(), u_s, ctx.dtypes[2])  # (r, r) = s·gB^T u
+            if need_x or need_A:
+                gBR_s = _mm_scaled(gB, Rc, ctx.scaling)  # (N, r) = s·gB R
+                if need_x:
+                    w = ctx.w
+                    grad_x = torch.mm(gBR_s, Ac)
+                    grad_x.addmm_(g, w.t() if fifo else w)
+                    grad_x = grad_x.view(ctx.shape)
+                if need_A:
+                    grad_A = _mm_to(gBR_s.t(), x2, ctx.dtypes[1])  # (r, n)
+        if need_B:
+            grad_B = _mm_to(g.t(), v_s, ctx.dtypes[3])  # (m, r) = s·g^T v
+        if need_bias:
+            grad_bias = g.sum(0)
+        if need_w:
+            grad_w = _mm_to(x2.t(), g, ctx.dtypes[0]) if fifo else _mm_to(g.t(), x2, ctx.dtypes[0])
+        return grad_x, grad_w, grad_bias, grad_A, grad_R, grad_B, None, None, None, None
+
+
+#: ``Function.apply`` without its Python wrapper (signature binding, functorch unwrapping): the C++
+#: entry it ends in, a few microseconds less per call; the fused path is never taken under functorch
+#: transforms or compiling, where the wrapper matters
+_apply_core = super(torch.autograd.Function, _FusedCore).apply  # type: ignore[misc]
+
+
 class CoreLoRALinear(AdapterLayer):
     """``y = base(x) + s · B R A dropout(x)``; each of A (r, in), R (r, r), B (out, r) is either a
     trainable parameter or a frozen persistent buffer (names ``lora_A``, ``lora_core``, ``lora_B``).
 
     ``lora_core`` is R in §12 and N in §14. Subclasses (or callers) fill the factors; the
     constructor allocates them (zeros) with the requested trainable set.
+
+    Speed: :meth:`forward` runs one autograd function (:class:`_FusedCore`): the base matmul
+    accumulates into the adapter's output, the scale rides in a GEMM ``alpha``, the factors are cast
+    to the activation dtype inside it (no autograd node per cast) and frozen factors' casts are cached
+    until the buffer changes (:meth:`_frozen_cast`); the backward computes only the gradients that are
+    needed. Its output and gradients equal :meth:`adapter_forward` (the reference formula) up to
+    rounding order. The reference runs instead when ``fused`` is False, with dropout active (train
+    mode, ``dropout > 0``), when :meth:`_fused_factors` says the layer's formula is not the plain
+    product (NLoRA's full residual), for extra forward arguments, a base layer other than a plain
+    ``nn.Linear`` / transformers ``Conv1D``, under functorch transforms and while compiling.
     """
 
     factor_names = ("lora_A", "lora_core", "lora_B")
+    #: take the fused path (:class:`_FusedCore`) where it applies; False forces the reference formula
+    fused: bool = True
 
     def __init__(
         self,
@@ -76,6 +195,9 @@ class CoreLoRALinear(AdapterLayer):
         self.r = r
         self.scaling = scaling
         self.dropout_p = dropout
+        self.fused = True
+        #: frozen-factor casts: name -> (source tensor, its version, data pointer, dtype, cast)
+        self._cast_cache: dict[str, tuple[torch.Tensor, int, int, torch.dtype, torch.Tensor]] = {}
         device = base_layer.weight.device
         shapes = {"lora_A": (r, self.in_features), "lora_core": (r, r), "lora_B": (self.out_features, r)}
         self.adapter_param_names = tuple(n for n in self.factor_names if n in trainable)
@@ -100,6 +222,84 @@ class CoreLoRALinear(AdapterLayer):
         """``(A, R, B)`` used by forward and delta_weight (hook for §14's residual mode)."""
         return self.lora_A, self.lora_core, self.lora_B
 
+    def _factor(self, name: str) -> torch.Tensor:
+        """Factor ``name`` from the parameter or buffer dict (``nn.Module.__getattr__`` is a slow
+        fallback lookup: host time per forward on launch-bound steps)."""
+        params = self._parameters
+        if name in params:
+            return params[name]  # type: ignore[return-value]
+        bufs = self._buffers
+        return bufs[name] if name in bufs else getattr(self, name)  # type: ignore[return-value]
+
+    def _fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """``(A, R, R0, B)`` for :class:`_FusedCore` (core used: ``R − R0``; R0 None: ``R``), or None
+        when this layer's update is not ``s·B (R − R0) A`` (the reference formula runs)."""
+        return self._factor("lora_A"), self._factor("lora_core"), None, self._factor("lora_B")
+
+    def _frozen_cast(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Buffer ``t`` (factor ``name``) in ``dtype``, cached until the buffer changes; None: the
+        fused function casts (or uses) it itself.
+
+        Only buffers are cached: they change through in-place writes (``set_factors``,
+        ``load_state_dict``: the version counter moves) or replacement (``.to()``: another tensor,
+        compared by identity; the entry holds it, so its storage cannot be reused meanwhile).
+        Parameters are cast per call: fused optimizers update them without moving the version
+        counter. A replaced cast is not written: a graph still waiting for backward keeps the values
+        its forward used."""
+        if t.dtype == dtype or t.requires_grad or name not in self._buffers:
+            return None
+        if t.is_inference() or torch.is_inference_mode_enabled():  # no version counter / inference casts
+            return None
+        cache = self.__dict__.get("_cast_cache")
+        if cache is None:  # a layer unpickled from before the cache existed
+            cache = self.__dict__["_cast_cache"] = {}
+        entry = cache.get(name)
+        if (entry is not None and entry[0] is t and entry[1] == t._version and entry[3] == dtype
+                and entry[2] == t.data_ptr()):
+            return entry[4]
+        with torch.no_grad():
+            cast = t.to(dtype)
+        cache[name] = (t, t._version, t.data_ptr(), dtype, cast)
+        return cast
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "CoreLoRALinear":
+        # .to() / .cuda() / .half() replace the buffers: drop the casts (and the old buffers the cache
+        # still refers to) now instead of holding them on the old device until the next forward
+        self.__dict__.get("_cast_cache", {}).clear()
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if (self.disabled or self.merged or not self.fused or args or kwargs
+                or (self.dropout_p > 0 and self.training)
+                # functorch transforms wrap tensors (no storage for the cache key, and the
+                # hand-written backward is not what they trace); compiling traces the reference
+                or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()):
+            return super().forward(x, *args, **kwargs)
+        factors = self._fused_factors()
+        base = self._modules.get("base_layer")
+        if base is None:  # a named adapter's layer holds its shared base unregistered (core.multi)
+            base = self.base_layer
+        if factors is None or not (self.fan_in_fan_out or type(base).forward is nn.Linear.forward):
+            return super().forward(x, *args, **kwargs)  # a subclass of nn.Linear may compute otherwise
+        weight, bias = _weight_bias(self)  # type: ignore[arg-type]
+        # under autocast: as LoRALinear.forward, everything in the autocast dtype, autocast off inside
+        # (autocast has no dispatch key on e.g. the meta device: asking would raise)
+        if torch._C._is_any_autocast_enabled():
+            device_type = x.device.type
+            if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                dtype = torch.get_autocast_dtype(device_type)
+                with torch.autocast(device_type, enabled=False):
+                    return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), factors)
+        return self._fused(x, weight, bias, factors)
+
+    def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
+        """:class:`_FusedCore` on ``x`` (..., in) -> (..., out) in ``x``'s dtype."""
+        A, R, R0, B = factors
+        dtype = x.dtype
+        casts = (self._frozen_cast("lora_A", A, dtype), self._frozen_cast("lora_B", B, dtype))
+        return _apply_core(x, weight, bias, A, R, B, R0, casts, self.scaling, self.fan_in_fan_out)
+
     def delta_weight(self) -> torch.Tensor:
         """``s · B R A`` in fp32, shape (out, in)."""
         A, R, B = self._core_delta_inputs()
@@ -107,6 +307,8 @@ class CoreLoRALinear(AdapterLayer):
             return self.scaling * (B.float() @ (R.float() @ A.float()))
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The reference formula: ``base_out + s · ((dropout(x) A^T) R^T) B^T`` with the factors cast
+        to ``base_out``'s dtype; x (..., in), base_out (..., out)."""
         dtype = base_out.dtype
         A, R, B = (t.to(dtype) for t in self._core_delta_inputs())
         xd = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x

@@ -195,6 +195,16 @@ class NLoRALinear(CoreLoRALinear):
             return self.lora_A, self.lora_core - self.lora_core0, self.lora_B
         return self.lora_A, self.lora_core, self.lora_B
 
+    def _fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """IntTune's residual runs fused as ``s·B (N − N0) A``; the full residual (SLoRA / NLoRA with
+        ``residual``, telescoped in :meth:`adapter_forward`) takes the reference formula."""
+        offsets = self.offset_names
+        if not offsets:
+            return super()._fused_factors()
+        if offsets == ("lora_core0",):
+            return self._factor("lora_A"), self._factor("lora_core"), self._factor("lora_core0"), self._factor("lora_B")
+        return None
+
     def delta_weight(self) -> torch.Tensor:
         """``s·B N A`` (minus ``s·B0 N0 A0`` with a full residual), fp32, shape (out, in)."""
         if len(self.offset_names) != 3:
