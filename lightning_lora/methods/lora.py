@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -147,6 +148,8 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 #: at most this many autograd nodes (products, casts) are replayed to rebuild one LoRA input
 _RECIPE_MAX_NODES = 4
+#: the autograd nodes :func:`_recipe` follows (a recipe starts at one of them)
+_RECIPE_NODES = frozenset(("MulBackward0", "GeluBackward0", "SiluBackward0", "ToCopyBackward0"))
 
 
 def _saved_tensor_hooks_active() -> bool:
@@ -179,8 +182,14 @@ def _input_recipe(x: torch.Tensor, casts: bool = True) -> tuple[Any, ...] | None
     casts too (``replay_inputs="products"``): a cast chain such as an RMSNorm's replays over fp32
     tensors, several passes for the one activation it saves.
     """
-    if (type(x) is not torch.Tensor or x.grad_fn is None or x._base is not None or x._version != 0
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    if type(x) is not torch.Tensor:
+        return None
+    node = x.grad_fn
+    # most inputs (a LayerNorm's output, a view, a leaf) cannot start a recipe: rejected by the node's
+    # type before the other checks (host time: asked per layer per forward)
+    if node is None or type(node).__name__ not in _RECIPE_NODES:
+        return None
+    if x._base is not None or x._version != 0 or _is_compiling() or torch.jit.is_tracing():
         return None
     if _saved_tensor_hooks_active():
         # saved-tensor hooks (activation checkpointing, offloading) own how saved tensors come
@@ -188,7 +197,7 @@ def _input_recipe(x: torch.Tensor, casts: bool = True) -> tuple[Any, ...] | None
         return None
     try:
         budget = [_RECIPE_MAX_NODES]
-        return _recipe(x.grad_fn, budget, casts)
+        return _recipe(node, budget, casts)
     except (AttributeError, RuntimeError, IndexError, TypeError):  # a node type that lacks what we read
         return None
 
@@ -281,7 +290,8 @@ class _FusedLoRA(torch.autograd.Function):
         xd2 = x2 if same_input else xd.reshape(-1, n)
         xa_s = _mm_scaled(xd2, Ac.t(), scaling)  # (N, r)
         m = Bc.shape[0]
-        out = xa_s.new_empty(shape[:-1] + (m,))
+        # a plain tuple: a torch.Size made by slicing costs more to build and to parse (host time)
+        out = xa_s.new_empty((*shape[:-1], m))
         out2 = out.view(-1, m)
         if bias is not None:
             torch.addmm(bias, xa_s, Bc.t(), out=out2)
@@ -361,19 +371,22 @@ class _FusedLoRASiblings(torch.autograd.Function):
         ws, biases = tensors[:k], tensors[k:2 * k]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        lead = shape[:-1]
+        lead = (*shape[:-1],)  # a plain tuple (see _FusedLoRA.forward)
         xa_s = _mm_scaled(x2, a_cat.t(), scaling)  # (N, R)
         outs = []
+        bc_ts = []  # B_i^T (r_i, m_i): read again in backward
         for xa_i, w, bias, Bc, t in zip(xa_s.split_with_sizes(ranks, 1), ws, biases, b_casts, fifo):
             m = Bc.shape[0]
-            out = xa_s.new_empty(lead + (m,))
+            out = xa_s.new_empty((*lead, m))
             out2 = out.view(-1, m)
+            bc_t = Bc.t()
             if bias is not None:
-                torch.addmm(bias, xa_i, Bc.t(), out=out2)
+                torch.addmm(bias, xa_i, bc_t, out=out2)
             else:
-                torch.mm(xa_i, Bc.t(), out=out2)
+                torch.mm(xa_i, bc_t, out=out2)
             out2.addmm_(x2, w if t else w.t())
             outs.append(out)
+            bc_ts.append(bc_t)
         # replay = (recipe, shape) (see _input_recipe): x is replayed in backward, not saved
         # a B in the activation dtype is its own cast: version-checked as in _FusedLoRA (a_cat is a
         # fresh buffer or concatenation, never an alias of the parameters)
@@ -381,7 +394,8 @@ class _FusedLoRASiblings(torch.autograd.Function):
         ctx.save_for_backward(x2 if replay is None else None, xa_s,
                               *(Bc if Bc.dtype == dt else None for Bc, dt in zip(b_casts, b_dtypes)))
         ctx.set_materialize_grads(False)  # an unused sibling's gradient arrives as None, not zeros
-        ctx.a_cat, ctx.meta, ctx.ws = a_cat, meta, ws
+        # (views of tensors ctx holds anyway: no memory beyond theirs)
+        ctx.a_cat, ctx.meta, ctx.ws, ctx.bc_ts = a_cat, meta, ws, bc_ts
         ctx.shape = shape
         ctx.dtypes = [t.dtype for t in tensors[2 * k:]]
         return tuple(outs)
@@ -394,15 +408,16 @@ class _FusedLoRASiblings(torch.autograd.Function):
         needs = ctx.needs_input_grad
         need_x, need_bias, need_A, need_B = needs[0], needs[3 + k:3 + 2 * k], needs[3 + 2 * k:3 + 3 * k], needs[3 + 3 * k:]
         # what the view nodes around the outputs did
-        gs = tuple(None if g is None else g.reshape(-1, Bc.shape[0]) for g, Bc in zip(gs, b_casts))
+        gs = [None if g is None else g.reshape(-1, Bc.shape[0]) for g, Bc in zip(gs, b_casts)]
+        g_ts = [None if g is None else g.t() for g in gs]  # (m_i, N), read twice
         gb_t = xa_s.new_empty(sum(ranks), xa_s.shape[0])  # (R, N); rows i: (s·g_i B_i)^T
-        for rows, g, Bc in zip(gb_t.split_with_sizes(ranks), gs, b_casts):
-            if g is None:
+        for rows, g_t, bc_t in zip(gb_t.split_with_sizes(ranks), g_ts, ctx.bc_ts):
+            if g_t is None:
                 rows.zero_()
             elif scaling == 1.0:
-                torch.mm(Bc.t(), g.t(), out=rows)
+                torch.mm(bc_t, g_t, out=rows)
             else:
-                torch.addmm(rows, Bc.t(), g.t(), beta=0, alpha=scaling, out=rows)
+                torch.addmm(rows, bc_t, g_t, beta=0, alpha=scaling, out=rows)
         grad_x = None
         if need_x:
             grad_x = torch.mm(gb_t.t(), ctx.a_cat)
@@ -419,9 +434,9 @@ class _FusedLoRASiblings(torch.autograd.Function):
             grads_A = [ga if g is not None else None for ga, g in zip(grad_a_cat.split_with_sizes(ranks), gs)]
         grads_B: list[torch.Tensor | None] = [None] * k
         grads_bias: list[torch.Tensor | None] = [None] * k
-        for i, (xa_i, g) in enumerate(zip(xa_s.split_with_sizes(ranks, 1), gs)):
+        for i, (xa_i, g, g_t) in enumerate(zip(xa_s.split_with_sizes(ranks, 1), gs, g_ts)):
             if g is not None and need_B[i]:
-                grads_B[i] = _mm_to(g.t(), xa_i, ctx.dtypes[k + i])
+                grads_B[i] = _mm_to(g_t, xa_i, ctx.dtypes[k + i])
             if g is not None and need_bias[i]:
                 grads_bias[i] = g.sum(0)
         return (grad_x, None, None, *([None] * k), *grads_bias, *grads_A, *grads_B)
@@ -578,9 +593,12 @@ class _SiblingSet:
         first = members[0]
         mode = first.replay_inputs
         recipe = None
-        if mode != "none" and any(A.requires_grad for A in As):
+        # (the recipe first: it rejects most inputs at once; x is read in backward for A's gradient only)
+        if mode != "none":
             recipe = _input_recipe(x, casts=mode == "all")
-        meta = (self.ranks, first.scaling, tuple(c[1] for c in casts),
+            if recipe is not None and not any(A.requires_grad for A in As):
+                recipe = None
+        meta = (self.ranks, first.scaling, tuple([c[1] for c in casts]),
                 None if recipe is None else (recipe, x.shape), self.fifo)
         if _plain_apply():
             return list(_FusedLoRASiblings.apply(x, a_cat, meta, *ws, *biases, *As, *Bs))
@@ -648,7 +666,7 @@ class _SiblingGroup:
 
     def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s output for ``x`` through its set, or None: the caller runs it alone."""
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return None
         if self.sets is None:
             if _saved_tensor_hooks_active():
@@ -710,9 +728,11 @@ def _refresh_after_step(optimizer: torch.optim.Optimizer) -> None:
     by_dtype: dict[torch.dtype, list[LoRALinear]] = {}
     for layer in list(_CAST_LAYERS):
         key = layer._cast_key
-        if key is None or layer.use_dora or not any(id(p) in held for p in _lora_ab(layer)):
+        if key is None or layer.use_dora:
             continue
-        by_dtype.setdefault(key[-1], []).append(layer)
+        A, B = _lora_ab(layer)
+        if id(A) in held or id(B) in held:
+            by_dtype.setdefault(key[5], []).append(layer)
     for dtype, layers in by_dtype.items():
         _refresh_casts(layers, dtype)
 
@@ -730,8 +750,10 @@ def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
     is one slice of a fresh ``(count, *shape)`` buffer per device and shape (``unbind``). A new buffer
     each refresh: a graph still waiting for backward keeps the old one."""
     by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    by_shape: dict[tuple[torch.device, torch.Size], list[tuple[list[Any], int, torch.Tensor]]] = {}
-    by_set: dict[_SiblingSet, list[tuple[list[Any], LoRALinear, torch.Tensor]]] = {}
+    # (defaultdicts: no list made per lookup, as setdefault does; per layer per optimizer step)
+    by_shape: defaultdict[tuple[torch.device, torch.Size], list[tuple[list[Any], int, torch.Tensor]]]
+    by_shape = defaultdict(list)
+    by_set: defaultdict[_SiblingSet, list[tuple[list[Any], LoRALinear, torch.Tensor]]] = defaultdict(list)
     done: list[tuple[LoRALinear, list[Any], torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for layer in layers:
@@ -743,13 +765,13 @@ def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
                 casts[0] = A.detach()
             elif s is not None:
                 # A's cast is a row block of its set's stacked A: the fused siblings read it whole
-                by_set.setdefault(s, []).append((casts, layer, A))
+                by_set[s].append((casts, layer, A))
             else:
-                by_shape.setdefault((A.device, A.shape), []).append((casts, 0, A))
+                by_shape[(A.device, A.shape)].append((casts, 0, A))
             if B.dtype == dtype:
                 casts[1] = B.detach()
             else:
-                by_shape.setdefault((B.device, B.shape), []).append((casts, 1, B))
+                by_shape[(B.device, B.shape)].append((casts, 1, B))
             done.append((layer, casts, A, B))
         for s, entries in by_set.items():
             src = entries[0][2]

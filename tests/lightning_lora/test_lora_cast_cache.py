@@ -234,3 +234,24 @@ def test_in_place_update_before_backward_raises_for_uncast_adapters(targets, fus
     opt.step()  # in place on A and B (SGD bumps their version counters) while `pending` waits
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         pending.backward()
+
+
+def test_input_recipe_rejects_by_node_type_first(monkeypatch):
+    """``_input_recipe`` (asked per layer per forward) turns down an input whose autograd node cannot start
+    a recipe (a LayerNorm's output, a view, a leaf) by the node's type alone, before the costlier checks;
+    the inputs that do start one still get their recipe, and still take every check."""
+    a = torch.randn(4, 8, requires_grad=True)
+    b = torch.randn(4, 8, requires_grad=True)
+    recipe_input = torch.nn.functional.gelu(a) * b
+    rejected = [torch.nn.functional.layer_norm(a, (8,)), (a * b)[:, :4], a, (a + b)]
+
+    def costly_check() -> bool:
+        raise AssertionError("checked although the node type rules a recipe out")
+
+    monkeypatch.setattr(lora_mod, "_saved_tensor_hooks_active", costly_check)
+    for x in rejected:
+        assert lora_mod._input_recipe(x) is None
+    with pytest.raises(AssertionError, match="checked although"):
+        lora_mod._input_recipe(recipe_input)
+    monkeypatch.undo()
+    assert lora_mod._input_recipe(recipe_input) is not None
