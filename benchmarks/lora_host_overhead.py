@@ -25,13 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from host_timing import ROOT, alternate, run_child, write_result  # benchmarks/ is sys.path[0]
 
 
 def child(root: str, variants: list[str], rounds: int, steps: int) -> dict[str, float]:
@@ -104,32 +101,19 @@ def main() -> None:
         print(json.dumps(child(args.child, args.variants, args.rounds, args.steps)))
         return
 
-    def run(root: str, variants: list[str]) -> dict[str, float]:
-        cmd = [sys.executable, __file__, "--child", root, "--rounds", str(args.rounds), "--steps", str(args.steps),
-               "--variants", *variants]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
-
-    # children alternate (now, before, now, before, ...): each figure is the median over --pairs children
     samples: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        wt = str(Path(tmp) / "before")
-        if args.before:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", wt, args.before],
-                           check=True, capture_output=True)
-        try:
-            for _ in range(args.pairs):
-                # both revisions time every variant in their children: a child that builds fewer models
-                # runs faster (session 8: ours alone in a child beat ours beside PEFT)
-                for prefix, root in [("", str(ROOT))] + ([("before_", wt)] if args.before else []):
-                    res = run(root, args.variants)
-                    for v, ms in res.items():
-                        samples.setdefault(f"{prefix}{v}_host_ms", []).append(ms)
-                    # ours / PEFT inside one child: the machine's drift between children cancels
-                    samples.setdefault(f"{prefix}ours_vs_peft_per_child", []).append(res["ours"] / res["peft"])
-        finally:
-            if args.before:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", wt], capture_output=True)
+
+    def record(prefix: str, res: dict[str, float]) -> None:
+        for v, ms in res.items():
+            samples.setdefault(f"{prefix}{v}_host_ms", []).append(ms)
+        # ours / PEFT inside one child: the machine's drift between children cancels
+        samples.setdefault(f"{prefix}ours_vs_peft_per_child", []).append(res["ours"] / res["peft"])
+
+    # children alternate (now, before, now, before, ...): each figure is the median over --pairs children;
+    # both revisions time every variant in their children: a child that builds fewer models runs faster
+    # (session 8: ours alone in a child beat ours beside PEFT)
+    child_args = ["--rounds", str(args.rounds), "--steps", str(args.steps), "--variants", *args.variants]
+    alternate(args.before, args.pairs, lambda root: run_child(__file__, root, child_args), record)
     metrics: dict[str, float] = {k: statistics.median(v) for k, v in samples.items() if not k.endswith("_per_child")}
     # the ratios are medians of the per-child ratios (each child times ours and PEFT side by side)
     metrics["ours_vs_peft"] = statistics.median(samples["ours_vs_peft_per_child"])
@@ -142,13 +126,7 @@ def main() -> None:
         if k.endswith("_per_child"):
             for i, x in enumerate(v):
                 metrics[f"{k[:-len('_per_child')]}_child{i}"] = x
-    import torch
-
-    result = {"name": "lora_host_overhead", "command": "python benchmarks/lora_host_overhead.py " + " ".join(sys.argv[1:]),
-              "device": f"cpu, 1 thread (torch {torch.__version__})", "date": time.strftime("%Y-%m-%d"),
-              "metrics": {k: round(v, 4) for k, v in metrics.items()}}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result("lora_host_overhead", __file__, args.out, metrics)
 
 
 if __name__ == "__main__":
