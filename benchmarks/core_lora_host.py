@@ -16,12 +16,12 @@ step. ``--before REV`` times lightning_lora at that git revision too (a temporar
 children alternate between the revisions ``--pairs`` times and each figure is the median over them.
 LoRA-SB runs on its placeholder factors (``B = I[:, :r]``, ``A = I[:r, :]``, ``R = 0``: the same
 kernels as after its gradient init, which needs data). ``nlora`` is the default config (Nyström
-init with the full residual, which takes the reference formula); ``nlora_plain`` is
-``residual=False``. Keys: ``<method>_host_ms`` and ``before_<method>_host_ms`` (medians over the
-children), ``<method>_vs_before`` (their quotient), ``<method>_vs_lora`` and ``before_<method>_vs_lora``
+init with the full residual, telescoped); ``nlora_plain`` is ``residual=False``. Keys:
+``<method>_host_ms`` and ``before_<method>_host_ms`` (medians over the children),
+``<method>_vs_before`` (their quotient), ``<method>_vs_lora`` and ``before_<method>_vs_lora``
 (medians of the ratio inside each child, where the machine's drift between children cancels) and
-``<method>_vs_before_lora_normalised`` (``<method>_vs_lora / before_<method>_vs_lora``: the change with
-LoRA, whose code is the same in both revisions, as the yardstick).
+``<method>_vs_before_lora_normalised`` (``<method>_vs_lora / before_<method>_vs_lora``: the change
+with LoRA, whose code is the same in both revisions, as the yardstick).
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def main() -> None:
             metrics[f"{name}_vs_before"] = metrics[f"{name}_host_ms"] / metrics[f"before_{name}_host_ms"]
             if f"{name}_vs_lora" in metrics:
                 # LoRA's path is the same in both revisions: its ratio is the change with the drift removed
-                metrics[f"{name}_vs_before_lora_normalised"] = metrics[f"{name}_vs_lora"] / metrics[f"before_{name}_vs_lora"]
+                ratio = metrics[f"{name}_vs_lora"] / metrics[f"before_{name}_vs_lora"]
+                metrics[f"{name}_vs_before_lora_normalised"] = ratio
     write_result("core_lora_host", __file__, args.out, metrics)
 
 

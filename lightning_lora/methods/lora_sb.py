@@ -171,9 +171,10 @@ class CoreLoRALinear(AdapterLayer):
     until the buffer changes (:meth:`_frozen_cast`); the backward computes only the gradients that are
     needed. Its output and gradients equal :meth:`adapter_forward` (the reference formula) up to
     rounding order. The reference runs instead when ``fused`` is False, with dropout active (train
-    mode, ``dropout > 0``), when :meth:`_fused_factors` says the layer's formula is not the plain
-    product (NLoRA's full residual), for extra forward arguments, a base layer other than a plain
-    ``nn.Linear`` / transformers ``Conv1D``, under functorch transforms and while compiling.
+    mode, ``dropout > 0``), when :meth:`_fused_factors` returns None (a subclass whose formula is not
+    the product; NLoRA's full residual has its own function, see ``nlora.py``), for extra forward
+    arguments, a base layer other than a plain ``nn.Linear`` / transformers ``Conv1D``, under functorch
+    transforms and while compiling.
     """
 
     factor_names = ("lora_A", "lora_core", "lora_B")

@@ -30,6 +30,10 @@ A (r, in), B (out, r); ``s = alpha / r``, alpha = r by default: the code's α = 
 - IntTune [code]: the NLoRA init (either mode), then A and B frozen (saved buffers); only N trains:
   r² parameters. With ``residual`` only ``N0`` is stored: the update is ``s·B (N − N0) A``.
 
+Speed: the layers run the fused path of :class:`~lightning_lora.methods.lora_sb.CoreLoRALinear`
+(IntTune's residual as ``s·B (N − N0) A``); the full residual through :class:`_FusedCoreResidual`,
+telescoped as :meth:`NLoRALinear.adapter_forward`, the reference formula.
+
 Parameter counts (METHODS S6): SLoRA / NLoRA r(m+n) + r²; IntTune r² (LLaMA-2-7B, r = 128, seven
 projections: 32·7·128² = 3,670,016).
 """
@@ -44,9 +48,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..core.config import AdapterConfig, Method, register
 from ..core.layer import no_autocast
+from .lora import _mm_scaled, _mm_to
 from .lora_sb import CoreLoRALinear
 
 
@@ -148,6 +154,98 @@ def reference_factors(w0: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Ten
     return w[:r, :].clone(), w[:r, :r].clone(), w[:, :r].clone()
 
 
+class _FusedCoreResidual(torch.autograd.Function):
+    """The full residual ``out = x W^T + b + s·x (B N A − B0 N0 A0)^T``, telescoped as
+    :meth:`NLoRALinear.adapter_forward` (the reference) does, with a hand-written backward.
+
+    Shapes: ``x`` (..., n) flattened to (N, n) inside; ``w`` (m, n), or (n, m) with ``fan_in_fan_out``;
+    ``A`` (r, n), ``N`` (r, r), ``B`` (m, r) trainable, any dtype (cast here); ``offsets`` =
+    ``(A0, N0, B0)`` already in ``x``'s dtype (cached casts or the buffers). With ``dA = A − A0``,
+    ``dN = N − N0``, ``dB = B − B0`` (taken in ``x``'s dtype, as the reference does):
+
+    - forward: ``u_s = s·x A^T``, ``p_s = s·x dA^T`` (N, r); ``v1 = u_s N^T``, ``v2 = u_s dN^T + p_s N0^T``;
+      ``out = v1 dB^T + v2 B0^T + b``, then ``out += x W^T``: every term is small near the init, as in
+      the reference (no cancellation of two large Nyström products);
+    - backward: ``G1 = g dB``, ``G2 = g B0`` (so ``G1 + G2 = g B``); ``grad_B = g^T v1``,
+      ``grad_N = (G1 + G2)^T u_s``, ``grad_A = (s·(G1 + G2) N)^T x`` (the offsets are constants:
+      the factors' gradients are the plain product's), ``grad_x = s·(G1 N + G2 dN) A + s·(G2 N0) dA + g W``
+      (telescoped as the forward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, bias, A, N, B, offsets, scaling, fan_in_fan_out):  # type: ignore[override]
+        dtype = x.dtype
+        A0, N0, B0 = offsets
+        Ac = A if A.dtype == dtype else A.to(dtype)
+        Nc = N if N.dtype == dtype else N.to(dtype)
+        Bc = B if B.dtype == dtype else B.to(dtype)
+        dA, dN, dB = Ac - A0, Nc - N0, Bc - B0
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        u_s = _mm_scaled(x2, Ac.t(), scaling)  # (N, r)
+        p_s = _mm_scaled(x2, dA.t(), scaling)  # (N, r)
+        v1 = torch.mm(u_s, Nc.t())
+        v2 = torch.mm(u_s, dN.t())
+        v2.addmm_(p_s, N0.t())
+        m = B0.shape[0]
+        out = v1.new_empty(shape[:-1] + (m,))
+        out2 = out.view(-1, m)
+        if bias is not None:
+            torch.addmm(bias, v1, dB.t(), out=out2)
+        else:
+            torch.mm(v1, dB.t(), out=out2)
+        out2.addmm_(v2, B0.t())
+        out2.addmm_(x2, w if fan_in_fan_out else w.t())
+        need_x, need_w, _, need_A, need_N, need_B = ctx.needs_input_grad[:6]
+        # everything through save_for_backward: aliases of A, N, B (already in x's dtype) are
+        # version-checked, as for nn.Linear's weight; the rest are fresh tensors
+        ctx.save_for_backward(x2 if need_A or need_w else None, u_s if need_N else None, v1 if need_B else None,
+                              Ac, Nc, dA, dN, dB, N0, B0)
+        ctx.w = w if need_x else None  # frozen
+        ctx.scaling = scaling
+        ctx.fan_in_fan_out = fan_in_fan_out
+        ctx.shape = shape
+        ctx.dtypes = (w.dtype, A.dtype, N.dtype, B.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable  # the casts are not differentiable inputs: a double backward raises, not lies
+    def backward(ctx, g):  # type: ignore[override]
+        x2, u_s, v1, Ac, Nc, dA, dN, dB, N0, B0 = ctx.saved_tensors
+        need_x, need_w, need_bias, need_A, need_N, need_B = ctx.needs_input_grad[:6]
+        s = ctx.scaling
+        fifo = ctx.fan_in_fan_out
+        g = g.reshape(-1, g.shape[-1])  # (N, m)
+        grad_x = grad_w = grad_bias = grad_A = grad_N = grad_B = None
+        if need_x or need_A or need_N:
+            G1 = torch.mm(g, dB)  # (N, r)
+            G2 = torch.mm(g, B0)  # (N, r)
+            if need_A or need_N:
+                gB = G1 + G2  # (N, r) = g B
+                if need_N:
+                    grad_N = _mm_to(gB.t(), u_s, ctx.dtypes[2])  # (r, r) = s·(g B)^T u
+                if need_A:
+                    grad_A = _mm_to(_mm_scaled(gB, Nc, s).t(), x2, ctx.dtypes[1])  # (r, n)
+            if need_x:
+                q = _mm_scaled(G1, Nc, s)  # (N, r)
+                q.addmm_(G2, dN, alpha=s)
+                w = ctx.w
+                grad_x = torch.mm(q, Ac)
+                grad_x.addmm_(_mm_scaled(G2, N0, s), dA)
+                grad_x.addmm_(g, w.t() if fifo else w)
+                grad_x = grad_x.view(ctx.shape)
+        if need_B:
+            grad_B = _mm_to(g.t(), v1, ctx.dtypes[3])  # (m, r) = s·g^T (u N^T)
+        if need_bias:
+            grad_bias = g.sum(0)
+        if need_w:
+            grad_w = _mm_to(x2.t(), g, ctx.dtypes[0]) if fifo else _mm_to(g.t(), x2, ctx.dtypes[0])
+        return grad_x, grad_w, grad_bias, grad_A, grad_N, grad_B, None, None, None
+
+
+_apply_residual = super(torch.autograd.Function, _FusedCoreResidual).apply  # type: ignore[misc]
+
+
 class NLoRALinear(CoreLoRALinear):
     """``base(x) + s·B N A x`` (minus the stored init update when ``residual``).
 
@@ -196,14 +294,28 @@ class NLoRALinear(CoreLoRALinear):
         return self.lora_A, self.lora_core, self.lora_B
 
     def _fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
-        """IntTune's residual runs fused as ``s·B (N − N0) A``; the full residual (SLoRA / NLoRA with
-        ``residual``, telescoped in :meth:`adapter_forward`) takes the reference formula."""
+        """IntTune's residual runs fused as ``s·B (N − N0) A``; the full residual (NLoRA with
+        ``residual``) as ``(A, N, None, B)`` too, which :meth:`_fused` hands to :class:`_FusedCoreResidual`."""
         offsets = self.offset_names
-        if not offsets:
-            return super()._fused_factors()
         if offsets == ("lora_core0",):
             return self._factor("lora_A"), self._factor("lora_core"), self._factor("lora_core0"), self._factor("lora_B")
-        return None
+        return super()._fused_factors()
+
+    def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
+        """The full residual through :class:`_FusedCoreResidual`, the rest as :class:`CoreLoRALinear`."""
+        if len(self.offset_names) != 3:
+            return super()._fused(x, weight, bias, factors)
+        A, N, _, B = factors
+        dtype = x.dtype
+        offsets = []
+        for name in self.offset_names:  # lora_A0, lora_core0, lora_B0: frozen, casts cached
+            t = self._factor(name)
+            cast = self._frozen_cast(name, t, dtype)
+            if cast is None:  # already in dtype, or not cached (inference mode)
+                cast = t if t.dtype == dtype else t.to(dtype)
+            offsets.append(cast)
+        return _apply_residual(x, weight, bias, A, N, B, tuple(offsets), self.scaling, self.fan_in_fan_out)
 
     def delta_weight(self) -> torch.Tensor:
         """``s·B N A`` (minus ``s·B0 N0 A0`` with a full residual), fp32, shape (out, in)."""

@@ -23,16 +23,23 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "slora": ("slora", dict(r=4, alpha=8)),
     "nlora_nystrom_plain": ("nlora", dict(r=4, alpha=8, residual=False)),
     "nlora_reference": ("nlora", dict(r=4, init="reference")),
-    "nlora_nystrom_residual": ("nlora", dict(r=4, alpha=8)),  # full residual: the reference runs
+    "nlora_nystrom_residual": ("nlora", dict(r=4, alpha=8)),  # full residual: _FusedCoreResidual
+    "nlora_reference_residual": ("nlora", dict(r=4, init="reference", residual=True)),
     "inttune_nystrom": ("inttune", dict(r=4, alpha=8)),  # residual s·B (N − N0) A, fused
     "inttune_reference": ("inttune", dict(r=4, init="reference")),
     "lora_xs_bias": ("lora_xs", dict(r=4, alpha=8, svd="exact", bias="lora_only")),
     "slora_bias": ("slora", dict(r=4, bias="lora_only")),
+    "nlora_residual_bias": ("nlora", dict(r=4, init="reference", residual=True, bias="lora_only")),
 }
-FALLBACK = {"nlora_nystrom_residual"}
+FALLBACK: set[str] = set()
 #: bf16 normwise relative error allowed between the fused and the reference bf16 results (NLoRA's
 #: N = U⁺ has entries ~100x W0's: longer bf16 error chains, as in test_invariants' bf16_rtol)
-BF16_TOL = {"nlora_nystrom_plain": 4e-2, "nlora_nystrom_residual": 4e-2, "inttune_nystrom": 4e-2}
+BF16_TOL = {"nlora_nystrom_plain": 4e-2, "inttune_nystrom": 4e-2}
+#: the perturbed Nyström residual in bf16: both paths are 50-150 % off the fp64 result (two large
+#: products of U⁺ cancelling), so they are compared with each other in fp32 and fp64 only (the
+#: `reference` residual covers bf16); in fp32 the fused and reference rounding differ by ~2e-6
+BF16_VARIANTS = [v for v in VARIANTS if v != "nlora_nystrom_residual"]
+FP32_TOL = {"nlora_nystrom_residual": 1e-5}
 
 
 def _perturb(model: nn.Module) -> None:
@@ -95,7 +102,7 @@ def _inputs(three_d: bool, n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
 def _uses_fused(model: nn.Module, x: torch.Tensor) -> bool:
     layer = ll.adapter_layers(model)["0"]
     y = layer(x.detach().requires_grad_(True))
-    return type(y.grad_fn).__name__ == "_FusedCoreBackward"
+    return type(y.grad_fn).__name__ in ("_FusedCoreBackward", "_FusedCoreResidualBackward")
 
 
 def _assert_close_all(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float) -> None:
@@ -113,23 +120,24 @@ def test_fused_equals_reference_fp32(variant: str, three_d: bool) -> None:
     x, gy = _inputs(three_d)
     assert _uses_fused(model, x) == (variant not in FALLBACK)
     assert not _uses_fused(ref, x)
-    _assert_close_all(_run(model, x, gy), _run(ref, x, gy), 1e-6)
+    _assert_close_all(_run(model, x, gy), _run(ref, x, gy), FP32_TOL.get(variant, 1e-6))
 
 
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
-@pytest.mark.parametrize("variant", ["lora_xs", "lora_sb", "slora", "nlora_reference", "inttune_nystrom", "slora_bias"])
+@pytest.mark.parametrize("variant", ["lora_xs", "lora_sb", "slora", "nlora_reference", "inttune_nystrom", "slora_bias",
+                                     "nlora_nystrom_residual"])
 def test_fused_equals_reference_fp64_factors_on_fp32(variant: str, three_d: bool) -> None:
     """fp64 factors on fp32 activations: every factor is cast (frozen ones through the cache)."""
     model, ref = _pair(_model(variant, adapter_dtype="float64"))
     x, gy = _inputs(three_d)
     assert _uses_fused(model, x)
     for _ in range(2):  # the second call reads the cached casts
-        _assert_close_all(_run(model, x, gy), _run(ref, x, gy), 1e-6)
+        _assert_close_all(_run(model, x, gy), _run(ref, x, gy), FP32_TOL.get(variant, 1e-6))
 
 
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16_model", "autocast"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", BF16_VARIANTS)
 def test_fused_equals_reference_bf16(variant: str, autocast: bool, three_d: bool) -> None:
     """bf16 activations with fp32 factors: the base layers in bf16, or an fp32 model under autocast."""
     model = _model(variant)
@@ -148,17 +156,18 @@ def test_fused_equals_reference_bf16(variant: str, autocast: bool, three_d: bool
 
 
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
-@pytest.mark.parametrize("variant", ["lora_xs", "slora_bias", "inttune_nystrom"])
+@pytest.mark.parametrize("variant", ["lora_xs", "slora_bias", "inttune_nystrom", "nlora_nystrom_residual"])
 def test_fused_equals_reference_on_conv1d(variant: str, three_d: bool) -> None:
     model, ref = _pair(_model(variant, conv1d=True))
     x, gy = _inputs(three_d)
     assert _uses_fused(model, x)
-    _assert_close_all(_run(model, x, gy), _run(ref, x, gy), 1e-6)
+    _assert_close_all(_run(model, x, gy), _run(ref, x, gy), FP32_TOL.get(variant, 1e-6))
 
 
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
-def test_trainable_base_weight_gets_its_gradient(conv1d: bool) -> None:
-    model = _model("lora_xs_bias", conv1d=conv1d)
+@pytest.mark.parametrize("variant", ["lora_xs_bias", "nlora_residual_bias"])
+def test_trainable_base_weight_gets_its_gradient(variant: str, conv1d: bool) -> None:
+    model = _model(variant, conv1d=conv1d)
     for layer in ll.adapter_layers(model).values():
         layer.base_layer.weight.requires_grad_(True)
     model, ref = _pair(model)
@@ -253,7 +262,7 @@ def test_frozen_casts_cached_and_follow_in_place_writes() -> None:
 
 
 @pytest.mark.parametrize("fused_opt", [False, True], ids=["foreach", "fused"])
-@pytest.mark.parametrize("variant", ["slora", "lora_xs", "inttune_nystrom"])
+@pytest.mark.parametrize("variant", ["slora", "lora_xs", "inttune_nystrom", "nlora_reference_residual"])
 def test_graph_pending_across_optimizer_step(variant: str, fused_opt: bool) -> None:
     """bf16 activations, fp32 factors (every factor is cast): an optimizer step between forward and
     backward leaves the pending graph on the values its forward used (as the reference's cast
