@@ -521,7 +521,7 @@ class _SiblingSet:
 
     def can_fuse(self, x: torch.Tensor) -> bool:
         """Whether this call can take the fused path for every member (no dropout in train mode, no
-        DoRA, enabled, not merged, one scale, one device, one adapter dtype)."""
+        DoRA, enabled, not merged, one scale, one device, one adapter dtype, frozen base weights)."""
         first = self.members[0]
         scaling = first.scaling
         device = x.device
@@ -533,7 +533,8 @@ class _SiblingSet:
             A = _lora_ab(m)[0]
             if dtype is None:
                 dtype = A.dtype
-            if A.dtype != dtype or A.device != device or _weight_bias(m)[0].device != device:
+            w = _weight_bias(m)[0]
+            if A.dtype != dtype or A.device != device or w.device != device or w.requires_grad:
                 return False
         return True
 
@@ -875,6 +876,8 @@ class LoRALinear(AdapterLayer):
             if out is not None:
                 return out
         weight, bias = _weight_bias(self)
+        if weight.requires_grad:  # an unfrozen base weight: the fused backward computes no gradient for it
+            return self.reference_forward(x)
         # (autocast has no dispatch key on e.g. the meta device: asking would raise; and with no
         # autocast enabled on any device, none is asked about)
         if torch._C._is_any_autocast_enabled():

@@ -255,3 +255,28 @@ def test_input_recipe_rejects_by_node_type_first(monkeypatch):
         lora_mod._input_recipe(recipe_input)
     monkeypatch.undo()
     assert lora_mod._input_recipe(recipe_input) is not None
+
+
+@pytest.mark.parametrize("targets", [["o", "up", "down"], ["q", "k", "v"]], ids=["single", "siblings"])
+def test_unfrozen_base_weight_gets_its_gradient(targets):
+    """A user who unfreezes an adapted layer's base weight gets its gradient (the fused functions do not
+    compute one: such a layer takes the plain formula), equal to the reference path's."""
+    torch.manual_seed(0)
+    grads = {}
+    for fused in (True, False):
+        model = nn.Sequential(_Block(), _Block())
+        layers = ll.inject_adapter(model, "lora", r=4, alpha=8, target_modules=targets)
+        for layer in layers.values():
+            layer.fused = fused
+            layer.base_layer.weight.requires_grad_(True)
+            with torch.no_grad():
+                layer.lora_B.normal_(0, 0.1)
+        x = _x(torch.float32)
+        for _ in range(2):  # the sibling plan is learned on the first pass
+            model.zero_grad(set_to_none=True)
+            model(x).pow(2).sum().backward()
+        grads[fused] = {n: layer.base_layer.weight.grad for n, layer in layers.items()}
+        torch.manual_seed(0)
+    for name, g in grads[True].items():
+        assert g is not None, name
+        torch.testing.assert_close(g, grads[False][name])
