@@ -21,7 +21,9 @@ init with the full residual, telescoped); ``nlora_plain`` is ``residual=False``.
 ``<method>_vs_before`` (their quotient), ``<method>_vs_lora`` and ``before_<method>_vs_lora``
 (medians of the ratio inside each child, where the machine's drift between children cancels) and
 ``<method>_vs_before_lora_normalised`` (``<method>_vs_lora / before_<method>_vs_lora``: the change
-with LoRA, whose code is the same in both revisions, as the yardstick).
+with LoRA, whose code is the same in both revisions, as the yardstick). ``dylora`` (DyLoRA at its
+full rank, not in the default set) is measured the same way:
+``--methods lora dylora --out benchmarks/results/dylora_host.json``; the result's name follows ``--out``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ METHODS: dict[str, tuple[str, dict[str, object]]] = {
     "slora": ("slora", {}),
     "nlora": ("nlora", {}),
     "nlora_plain": ("nlora", {"residual": False}),
+    # not an r×r core: DyLoRA at its full rank (no sampler here), on LoRA's fused function since it got one
+    "dylora": ("dylora", {"alpha": 32}),
 }
 TARGETS = ["query", "key", "value", "dense"]
 
@@ -97,7 +101,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3, help="child processes per revision, alternating")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "dylora"], choices=list(METHODS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "core_lora_host.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -123,7 +127,7 @@ def main() -> None:
                 # LoRA's path is the same in both revisions: its ratio is the change with the drift removed
                 ratio = metrics[f"{name}_vs_lora"] / metrics[f"before_{name}_vs_lora"]
                 metrics[f"{name}_vs_before_lora_normalised"] = ratio
-    write_result("core_lora_host", __file__, args.out, metrics)
+    write_result(Path(args.out).stem, __file__, args.out, metrics)  # the name follows --out
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def write_result(name: str, script: str, out: str, metrics: dict[str, float]) ->
     """Write ``{"name", "command", "device", "date", "metrics"}`` to ``out`` and print it."""
     import torch
 
-    result = {"name": name, "command": f"python benchmarks/{Path(script).name} " + " ".join(sys.argv[1:]),
+    result = {"name": name, "command": " ".join(["python", f"benchmarks/{Path(script).name}", *sys.argv[1:]]),
               "device": f"cpu, 1 thread (torch {torch.__version__})", "date": time.strftime("%Y-%m-%d"),
               "metrics": {k: round(v, 4) for k, v in metrics.items()}}
     Path(out).write_text(json.dumps(result, indent=2) + "\n")

@@ -58,6 +58,7 @@ from ..core.config import AdapterConfig, Method, get_method, make_config, regist
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
 from ..core.state import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _to_file_key, adapter_state_dict
+from .lora import _apply_fused, _weight_bias
 
 
 @dataclass
@@ -136,6 +137,9 @@ class DyLoRALinear(AdapterLayer):
     adapter_param_names = ("lora_A", "lora_B")
     file_key_map: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
+    #: take LoRA's fused path where it applies (:meth:`_fused`); False forces the plain formula
+    fused: bool = True
+
     def __init__(self, base_layer: nn.Module, config: DyLoRAConfig, rank: int | None = None) -> None:
         super().__init__(base_layer)
         self.r_max = config.r
@@ -190,15 +194,47 @@ class DyLoRALinear(AdapterLayer):
             return s * (B.float() @ A.float())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged:
-            return base_out
+            return self.base_layer(x, *args, **kwargs)
         b = self.train_rank if self.training else self.rank
         A, B, s = self.factors(b, detach_prefix=self.training and self.mode == "frozen")
+        if (self.fused and not args and not kwargs and not (self.dropout_p > 0 and self.training)
+                # functorch transforms and compiling trace the plain formula (as LoRALinear)
+                and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()):
+            base = self._modules.get("base_layer")
+            weight, bias = _weight_bias(self)  # type: ignore[arg-type]
+            # a subclass of nn.Linear may compute otherwise; an unfrozen base weight gets no gradient there
+            if (self.fan_in_fan_out or type(base).forward is nn.Linear.forward) and not weight.requires_grad:
+                if torch._C._is_any_autocast_enabled():
+                    device_type = x.device.type
+                    if (torch.amp.autocast_mode.is_autocast_available(device_type)
+                            and torch.is_autocast_enabled(device_type)):
+                        dtype = torch.get_autocast_dtype(device_type)
+                        with torch.autocast(device_type, enabled=False):
+                            return self._fused(x.to(dtype), weight.to(dtype),
+                                               None if bias is None else bias.to(dtype), A, B, s)
+                return self._fused(x, weight, bias, A, B, s)
+        return self.reference_forward(x, A, B, s, *args, **kwargs)
+
+    def reference_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
+                          *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The plain formula ``base(x) + s · (dropout(x) A_b^T) B_b^T``; x (..., in), A_b (b, in),
+        B_b (out, b) from :meth:`factors`."""
+        base_out = self.base_layer(x, *args, **kwargs)
         dtype = base_out.dtype
         xd = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
         lora_out = (xd.to(dtype) @ A.to(dtype).t()) @ B.to(dtype).t()
         return base_out + s * lora_out
+
+    def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+               B: torch.Tensor, s: float) -> torch.Tensor:
+        """LoRA's fused function (:class:`~lightning_lora.methods.lora._FusedLoRA`) at rank b: the base
+        matmul accumulates into the adapter's output, the scale rides in a GEMM alpha. A_b, B_b are
+        cast here (per call: the rank, and in frozen mode the detached prefix, change every step)."""
+        dtype = x.dtype
+        with torch.no_grad():  # the casts are not inputs of the function: no autograd node for them
+            casts = (A if A.dtype == dtype else A.to(dtype), B if B.dtype == dtype else B.to(dtype))
+        return _apply_fused(x, x, weight, bias, A, B, casts, s, None, self.fan_in_fan_out)
 
     @torch.no_grad()
     def merge(self) -> None:
