@@ -47,13 +47,13 @@ def count(method: str, kw: dict[str, object], fused: bool) -> dict[str, int]:
     cfg = BertConfig(num_labels=2, hidden_size=32, num_hidden_layers=12, num_attention_heads=4,
                      intermediate_size=128, vocab_size=100)
     cfg._attn_implementation = "sdpa"
-    model = BertForSequenceClassification(cfg).train()
+    model = BertForSequenceClassification(cfg).bfloat16().train()  # the base in bf16, as on the GPU
     for p in model.parameters():
         p.requires_grad_(False)
+    # the adapters in their default fp32, so the paths cast them as they do on a bf16 GPU model
     layers = ll.inject_adapter(model, method, r=16, target_modules=["query", "key", "value", "dense"], **kw)
     for layer in layers.values():
         layer.fused = fused
-    model.bfloat16()
     opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=1e-4, foreach=True)
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
     labels = torch.zeros(2, dtype=torch.long)
