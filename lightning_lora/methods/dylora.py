@@ -202,6 +202,8 @@ class DyLoRALinear(AdapterLayer):
                 # functorch transforms and compiling trace the plain formula (as LoRALinear)
                 and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()):
             base = self._modules.get("base_layer")
+            if base is None:  # a named adapter's layer holds its shared base unregistered (core.multi)
+                base = self.base_layer
             weight, bias = _weight_bias(self)  # type: ignore[arg-type]
             # a subclass of nn.Linear may compute otherwise; an unfrozen base weight gets no gradient there
             if (self.fan_in_fan_out or type(base).forward is nn.Linear.forward) and not weight.requires_grad:
