@@ -58,7 +58,7 @@ from ..core.config import AdapterConfig, Method, get_method, make_config, regist
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
 from ..core.state import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _to_file_key, adapter_state_dict
-from .lora import _apply_fused, _weight_bias
+from .lora import _apply_fused, _autocast_dtype, _plain_linear_base, _weight_bias
 
 
 @dataclass
@@ -201,20 +201,14 @@ class DyLoRALinear(AdapterLayer):
         if (self.fused and not args and not kwargs and not (self.dropout_p > 0 and self.training)
                 # functorch transforms and compiling trace the plain formula (as LoRALinear)
                 and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()):
-            base = self._modules.get("base_layer")
-            if base is None:  # a named adapter's layer holds its shared base unregistered (core.multi)
-                base = self.base_layer
             weight, bias = _weight_bias(self)  # type: ignore[arg-type]
-            # a subclass of nn.Linear may compute otherwise; an unfrozen base weight gets no gradient there
-            if (self.fan_in_fan_out or type(base).forward is nn.Linear.forward) and not weight.requires_grad:
-                if torch._C._is_any_autocast_enabled():
-                    device_type = x.device.type
-                    if (torch.amp.autocast_mode.is_autocast_available(device_type)
-                            and torch.is_autocast_enabled(device_type)):
-                        dtype = torch.get_autocast_dtype(device_type)
-                        with torch.autocast(device_type, enabled=False):
-                            return self._fused(x.to(dtype), weight.to(dtype),
-                                               None if bias is None else bias.to(dtype), A, B, s)
+            # an unfrozen base weight gets no gradient from the fused function
+            if _plain_linear_base(self) and not weight.requires_grad:
+                dtype = _autocast_dtype(x)  # under autocast: as LoRALinear.forward
+                if dtype is not None:
+                    with torch.autocast(x.device.type, enabled=False):
+                        return self._fused(x.to(dtype), weight.to(dtype),
+                                           None if bias is None else bias.to(dtype), A, B, s)
                 return self._fused(x, weight, bias, A, B, s)
         return self.reference_forward(x, A, B, s, *args, **kwargs)
 

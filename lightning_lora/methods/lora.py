@@ -492,6 +492,29 @@ def _weight_bias(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+def _plain_linear_base(layer: nn.Module) -> bool:
+    """Whether ``layer``'s base computes ``x W^T + b`` as the fused functions do: a transformers
+    ``Conv1D`` (``fan_in_fan_out``) or a module whose ``forward`` is ``nn.Linear``'s (a subclass may
+    compute otherwise)."""
+    base = layer._modules.get("base_layer")
+    if base is None:  # a named adapter's layer holds its shared base unregistered (core.multi)
+        base = layer.base_layer
+    return bool(layer.fan_in_fan_out) or type(base).forward is nn.Linear.forward
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``x``'s device, else None. The fused paths then run
+    everything in that dtype with autocast off inside. Asks nothing when no autocast is on anywhere
+    (host time per layer), and never asks a device without an autocast dispatch key (e.g. meta:
+    asking would raise)."""
+    if not torch._C._is_any_autocast_enabled():
+        return None
+    device_type = x.device.type
+    if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _lora_ab(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lora_A, lora_B)`` from the layer's parameter dict (see :func:`_weight_bias`); FFA-LoRA's
     frozen A is a buffer, so anything not in the dict takes the ordinary lookup."""
@@ -559,12 +582,10 @@ class _SiblingSet:
     def run(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's output for input ``x`` (..., n), with the autocast handling of
         :meth:`LoRALinear.forward`."""
-        if torch._C._is_any_autocast_enabled():
-            device_type = x.device.type
-            if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-                dtype = torch.get_autocast_dtype(device_type)
-                with torch.autocast(device_type, enabled=False):
-                    return self._run(x.to(dtype), dtype)
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return self._run(x.to(dtype), dtype)
         return self._run(x, None)
 
     def _run(self, x: torch.Tensor, dtype: torch.dtype | None) -> list[torch.Tensor]:
@@ -878,14 +899,10 @@ class LoRALinear(AdapterLayer):
         weight, bias = _weight_bias(self)
         if weight.requires_grad:  # an unfrozen base weight: the fused backward computes no gradient for it
             return self.reference_forward(x)
-        # (autocast has no dispatch key on e.g. the meta device: asking would raise; and with no
-        # autocast enabled on any device, none is asked about)
-        if torch._C._is_any_autocast_enabled():
-            device_type = x.device.type
-            if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-                dtype = torch.get_autocast_dtype(device_type)
-                with torch.autocast(device_type, enabled=False):
-                    return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
         return self._fused(x, weight, bias)
 
     def _cast_key_for(self, dtype: torch.dtype) -> tuple[Any, ...] | None:

@@ -49,7 +49,7 @@ from torch.autograd.function import once_differentiable
 from ..core.config import AdapterConfig, Method, register
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
-from .lora import _mm_scaled, _mm_to, _weight_bias
+from .lora import _autocast_dtype, _mm_scaled, _mm_to, _plain_linear_base, _weight_bias
 
 
 # ---- the shared layer ------------------------------------------------------------------------
@@ -277,20 +277,13 @@ class CoreLoRALinear(AdapterLayer):
                 or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()):
             return super().forward(x, *args, **kwargs)
         factors = self._fused_factors()
-        base = self._modules.get("base_layer")
-        if base is None:  # a named adapter's layer holds its shared base unregistered (core.multi)
-            base = self.base_layer
-        if factors is None or not (self.fan_in_fan_out or type(base).forward is nn.Linear.forward):
-            return super().forward(x, *args, **kwargs)  # a subclass of nn.Linear may compute otherwise
+        if factors is None or not _plain_linear_base(self):
+            return super().forward(x, *args, **kwargs)
         weight, bias = _weight_bias(self)  # type: ignore[arg-type]
-        # under autocast: as LoRALinear.forward, everything in the autocast dtype, autocast off inside
-        # (autocast has no dispatch key on e.g. the meta device: asking would raise)
-        if torch._C._is_any_autocast_enabled():
-            device_type = x.device.type
-            if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-                dtype = torch.get_autocast_dtype(device_type)
-                with torch.autocast(device_type, enabled=False):
-                    return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), factors)
+        dtype = _autocast_dtype(x)  # under autocast: as LoRALinear.forward
+        if dtype is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), factors)
         return self._fused(x, weight, bias, factors)
 
     def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
