@@ -16,11 +16,14 @@ ATen operators the profiler records, nested ones included).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
 from host_timing import ROOT, write_result  # benchmarks/ is sys.path[0]
+
+sys.path.insert(0, str(ROOT))  # the source tree's lightning_lora
 
 OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::add", "aten::mul", "aten::_to_copy", "aten::copy_")
 #: name -> (registered method, config kwargs besides r and the targets)
@@ -35,9 +38,6 @@ METHODS: dict[str, tuple[str, dict[str, object]]] = {
 
 def count(method: str, kw: dict[str, object], fused: bool) -> dict[str, int]:
     """ATen operator counts of one training step (after three warm-up steps)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT))
     from torch.profiler import ProfilerActivity, profile
     from transformers import BertConfig, BertForSequenceClassification
 
