@@ -156,8 +156,10 @@ def result_kind(record: Mapping[str, Any]) -> str:
     return "results" if any(_QUALITY & set(re.split(r"[^a-z0-9]+", n.lower())) for n in names) else "benchmark"
 
 
-def read_results(directory: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Every ``*.json`` record of ``directory`` (default ``benchmarks/results/``), sorted by name."""
+def read_result_files(directory: str | os.PathLike | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """``(path, record)`` of every ``*.json`` record of ``directory`` (default ``benchmarks/results/``),
+    sorted by file name. Several files may hold records of one name (an earlier session's run kept
+    beside the current one), so the path, not the name, identifies a record."""
     out = []
     for path in sorted(results_dir(directory).glob("*.json")):
         with open(path, encoding="utf-8") as f:
@@ -165,5 +167,10 @@ def read_results(directory: str | os.PathLike | None = None) -> list[dict[str, A
         problems = validate_result(record)
         if problems:
             raise ValueError(f"{path}: {'; '.join(problems)}")
-        out.append(record)
-    return sorted(out, key=lambda r: r["name"])
+        out.append((path, record))
+    return out
+
+
+def read_results(directory: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Every ``*.json`` record of ``directory`` (default ``benchmarks/results/``), sorted by name."""
+    return sorted((record for _, record in read_result_files(directory)), key=lambda r: r["name"])

@@ -66,3 +66,17 @@ def test_empty_results(make_docs, tmp_path):
     (tmp_path / "r").mkdir()
     make_docs.main(["--results-dir", str(tmp_path / "r"), "--docs-dir", str(tmp_path / "d")])
     assert "_No result files yet._" in (tmp_path / "d" / "results.md").read_text()
+
+
+def test_a_kept_earlier_run_gets_its_own_section_and_source(make_docs, results, tmp_path):
+    """An earlier session's file kept beside the current one holds a record of the same name: each
+    section must name its own file, or the docs would point both tables at one source."""
+    kept = results / "sst2_run_session9.json"
+    kept.write_text((results / "sst2_run.json").read_text().replace("0.8876", "0.8500"))
+    docs = tmp_path / "docs"
+    make_docs.main(["--results-dir", str(results), "--docs-dir", str(docs)])
+    text = (docs / "results.md").read_text()
+    assert "## sst2_run\n" in text and "## sst2_run_session9 (record `sst2_run`)" in text
+    current, earlier = text.split("## sst2_run_session9")
+    assert "Source: `benchmarks/results/sst2_run.json`" in current and "| val_accuracy | 0.8876 |" in current
+    assert "Source: `benchmarks/results/sst2_run_session9.json`" in earlier and "| val_accuracy | 0.8500 |" in earlier
