@@ -440,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"smoke, random-init or partial run (missing {missing}): no result file written")
         return 0
     command = current_command() if argv is None else " ".join(["python", "benchmarks/trans_lora.py", *argv])
-    name = "trans_lora" + suffix + ("_anydemos" if args.demos == "any" else "") + rounds
+    # seed 0 keeps the recorded names; other seeds get their own file instead of overwriting it
+    name = ("trans_lora" + suffix + ("_anydemos" if args.demos == "any" else "") + rounds
+            + (f"_seed{args.seed}" if args.seed != 0 else ""))
     path = write_result(name, metrics, command=command, directory=args.out)
     log(f"wrote {path}")
     return 0
