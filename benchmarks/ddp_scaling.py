@@ -16,6 +16,16 @@ Diagnosis (session 8 measured 1.37, bar 1.8; docs/benchmarks.md, "DDP scaling"):
     python benchmarks/ddp_scaling.py --adapter none           # full fine-tuning: DDP's own scaling
     python benchmarks/ddp_scaling.py --static-graph --bucket-view --no-broadcast-buffers
     python benchmarks/ddp_scaling.py --profile runs/ddp_profile --repeats 1   # op tables, rank 0
+
+Lightning's per-step SIGTERM broadcast: Lightning 2.5+ broadcasts a flag from rank 0 and reads it
+with ``.item()`` at the start of every batch when there is more than one rank, so the host waits for
+the GPU to drain before it launches the next step (a one-GPU run skips it). ``AdapterCallback``
+replaces it by the same check read one step later without that wait
+(``lightning_lora.core.ddp_sync``). With LoRA, every repeat runs three configurations in turn: one
+GPU, two GPUs (the callback's default: ``scaling_2gpu``, the bar's key) and two GPUs with Lightning's
+own check (``AdapterCallback(async_sigterm_check=False)``: ``scaling_2gpu_lightning_sigterm``).
+The DDP flags above change every configuration and write ``ddp_scaling_<flags>.json``, so a
+diagnostic run never overwrites the bar's file.
 """
 
 from __future__ import annotations
@@ -104,7 +114,9 @@ def run_one(args: argparse.Namespace) -> None:
         precision="bf16-mixed" if args.accelerator == "gpu" else "32-true", max_steps=args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False,
         callbacks=[ll.AdapterCallback("lora", r=16, alpha=32, target_modules=["query", "key", "value", "dense"],
-                                      modules_to_save=["classifier"])] if args.adapter == "lora" else [],
+                                      modules_to_save=["classifier"],
+                                      async_sigterm_check=not args.lightning_sigterm_sync)]
+        if args.adapter == "lora" else [],
     )
     trainer.fit(module, DataLoader(Tokens(), batch_size=args.batch, num_workers=2))
     if trainer.is_global_zero:
@@ -136,31 +148,53 @@ def main() -> None:
                     help="DDP broadcast_buffers=False (no collective at the start of every forward)")
     ap.add_argument("--profile", default=None,
                     help="directory: rank 0 profiles 5 steps after warm-up, a table per device count")
+    ap.add_argument("--lightning-sigterm-sync", action="store_true",
+                    help="internal (one run): AdapterCallback(async_sigterm_check=False)")
     args = ap.parse_args()
     if args.devices:
         return run_one(args)
-    runs: dict[int, list[dict]] = {1: [], 2: []}
+    # label -> (devices, extra flags); the LoRA runs also time Lightning's own per-step SIGTERM check
+    configs = {"1gpu": (1, []), "2gpu": (2, [])}
+    if args.adapter == "lora":
+        configs["2gpu_lightning_sigterm"] = (2, ["--lightning-sigterm-sync"])
+    runs: dict[str, list[dict]] = {label: [] for label in configs}
     for _ in range(args.repeats):
-        for n in (1, 2):
-            part = ROOT / f"runs/ddp_scaling_{n}.json"
+        for label, (n, extra) in configs.items():
+            part = ROOT / f"runs/ddp_scaling_{label}.json"
             part.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, __file__, "--devices", str(n), "--part", str(part)] + sys.argv[1:]
+            cmd = [sys.executable, __file__, "--devices", str(n), "--part", str(part)] + sys.argv[1:] + extra
             subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-            runs[n].append(json.loads(part.read_text()))
-    med = {n: {k: statistics.median(r[k] for r in runs[n]) for k in ("samples_per_s", "median_step_ms")} for n in runs}
-    metrics = {"samples_per_s_1gpu": med[1]["samples_per_s"], "samples_per_s_2gpu": med[2]["samples_per_s"],
-               "scaling_2gpu": med[2]["samples_per_s"] / med[1]["samples_per_s"],
-               "median_step_ms_1gpu": med[1]["median_step_ms"], "median_step_ms_2gpu": med[2]["median_step_ms"],
+            runs[label].append(json.loads(part.read_text()))
+    med = {label: {k: statistics.median(r[k] for r in runs[label]) for k in ("samples_per_s", "median_step_ms")}
+           for label in runs}
+    metrics = {"samples_per_s_1gpu": med["1gpu"]["samples_per_s"], "samples_per_s_2gpu": med["2gpu"]["samples_per_s"],
+               "scaling_2gpu": med["2gpu"]["samples_per_s"] / med["1gpu"]["samples_per_s"],
+               "median_step_ms_1gpu": med["1gpu"]["median_step_ms"], "median_step_ms_2gpu": med["2gpu"]["median_step_ms"],
                "repeats": args.repeats}
-    for n in runs:  # every run, in order, so the drift is visible
-        for i, r in enumerate(runs[n]):
-            metrics[f"samples_per_s_{n}gpu_run{i}"] = r["samples_per_s"]
+    if "2gpu_lightning_sigterm" in med:
+        lsync = med["2gpu_lightning_sigterm"]
+        metrics.update({"samples_per_s_2gpu_lightning_sigterm": lsync["samples_per_s"],
+                        "scaling_2gpu_lightning_sigterm": lsync["samples_per_s"] / med["1gpu"]["samples_per_s"],
+                        "median_step_ms_2gpu_lightning_sigterm": lsync["median_step_ms"]})
+    for label in runs:  # every run, in order, so the drift is visible
+        for i, r in enumerate(runs[label]):
+            metrics[f"samples_per_s_{label}_run{i}"] = r["samples_per_s"]
     import torch
 
     device = f"2 x {torch.cuda.get_device_name()}" if args.accelerator == "gpu" else "cpu (gloo)"
     result = {"name": "ddp_scaling", "command": "python benchmarks/ddp_scaling.py " + " ".join(sys.argv[1:]),
               "device": device, "date": time.strftime("%Y-%m-%d"), "metrics": metrics}
-    out = ROOT / "benchmarks/results" / ("ddp_scaling.json" if args.accelerator == "gpu" else "ddp_scaling_cpu_check.json")
+    # the bar's file only from the default configuration; diagnostic flags get their own file
+    flags = [f for f in ("static_graph", "bucket_view", "no_broadcast_buffers") if getattr(args, f)]
+    flags += [f"adapter_{args.adapter}"] if args.adapter != "lora" else []
+    flags += [f"batch{args.batch}"] if args.batch != 32 else []
+    flags += [f"seq{args.seq}"] if args.seq != 512 else []
+    flags += ["profiled"] if args.profile else []
+    flags += ["tiny"] if args.tiny else []
+    flags += [f"steps{args.steps}"] if args.steps != 60 else []
+    name = "ddp_scaling" + "".join(f"_{f}" for f in flags)
+    result["name"] = name
+    out = ROOT / "benchmarks/results" / (f"{name}.json" if args.accelerator == "gpu" else "ddp_scaling_cpu_check.json")
     if args.accelerator == "gpu":
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

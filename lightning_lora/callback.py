@@ -10,6 +10,9 @@ What it does, by Lightning hook:
   ``configure_optimizers``, so the optimizer and the DDP reducer only ever see the adapter.
 - ``on_fit_start``: warns when the optimizer holds frozen parameters; runs the method's
   data-driven initialisation hook.
+- ``on_train_start`` / ``on_train_end``: under multi-GPU DDP, Lightning's per-step SIGTERM broadcast
+  is replaced by one that does not wait for the GPU (``async_sigterm_check``; see
+  :mod:`lightning_lora.core.ddp_sync`), and restored afterwards.
 - batch hooks: forwarded to the method (rank sampling, gradient edits, schedules).
 - ``validation_step`` (with ``eval_ranks``, for methods with nested ranks such as DyLoRA): wrapped
   so each validation batch also runs at every requested rank, the metrics logged there repeated
@@ -56,6 +59,7 @@ import torch
 from torch import nn
 
 from .core.config import AdapterConfig, get_method, make_config
+from .core.ddp_sync import install_async_sigterm_check, uninstall_async_sigterm_check
 from .core.inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, merge_adapter
 from .core.layer import AdapterLayer
 from .core.state import AdapterFormatError, injected_for_loading, save_adapter
@@ -131,6 +135,10 @@ class AdapterCallback(pl.Callback):
             other rank; metrics logged in ``validation_step`` are repeated as ``<name>_rank<b>``.
             Log values (tensors, floats), not torchmetrics objects: one metric object would be
             updated by every rank.
+        async_sigterm_check: under multi-GPU DDP, replace Lightning's per-step SIGTERM broadcast
+            (which waits for the GPU to drain at the start of every batch) by the same check read
+            one step later without that wait (:mod:`lightning_lora.core.ddp_sync`). False keeps
+            Lightning's own check. No effect on one device, on CPUs or without a process group.
         **kwargs: config fields, e.g. ``r=16, alpha=32, target_modules=["query", "value"]``.
     """
 
@@ -143,6 +151,7 @@ class AdapterCallback(pl.Callback):
         merge_on_fit_end: bool = False,
         export_dir: str | Path | None = None,
         eval_ranks: list[int] | str | None = None,
+        async_sigterm_check: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -154,6 +163,7 @@ class AdapterCallback(pl.Callback):
         self.method = get_method(method)(self.config)
         self.layers: dict[str, AdapterLayer] = {}
         self.eval_ranks = eval_ranks
+        self.async_sigterm_check = async_sigterm_check
         if eval_ranks is not None and not callable(getattr(self.method, "validation_variants", None)):
             raise ValueError(f"eval_ranks: method {method!r} has no ranks to validate at")
 
@@ -274,6 +284,16 @@ class AdapterCallback(pl.Callback):
                 stacklevel=2,
             )
         self.method.on_fit_start(trainer, pl_module, self.layers)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.async_sigterm_check:  # after the strategy set up the process group and DDP
+            install_async_sigterm_check(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        uninstall_async_sigterm_check(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        uninstall_async_sigterm_check(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.method.on_train_batch_start(trainer, pl_module, self.layers)
