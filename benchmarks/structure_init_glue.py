@@ -14,7 +14,8 @@ from that extension are tagged ``<method>/lr<rate>``. The chosen rate is used on
 Ranks (MiniLM: hidden 384, intermediate 1536; every Linear of the encoder adapted):
 - LoRA, SLoRA, NLoRA, IntTune, ALLoRA, FFA-LoRA: r = 8.
 - Bone / Bat: block width 16 (r·out parameters per matrix: about LoRA r = 8's budget).
-- LoRA-XS / LoRA-SB: r = 16 (r² per matrix: 36 times fewer than LoRA r = 8).
+- LoRA-XS / LoRA-SB: r = 16 (r² per matrix: 36 times fewer than LoRA r = 8); LoRA-SB also at
+  r = 21 (``lora_sb_r21``: 20.9 times fewer, the largest core the bar's 20-times budget allows).
 - SMoRA: 64 rank-1 experts, top-8 active per token (the FLOPs of a rank-8 LoRA).
 - ALLoRA: η = 1 (the paper's value is not public; METHODS.md §5); no dropout, s = 1 (forced).
 
@@ -52,6 +53,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "bat": ("bat", {"r": 16}),
     "lora_xs": ("lora_xs", {"r": 16, "alpha": 16, "dropout": 0.05}),
     "lora_sb": ("lora_sb", {"r": 16, "dropout": 0.05}),
+    # the largest r×r core within the bar's budget (20 times fewer than LoRA r = 8's 331,776:
+    # 36 × 21² = 15,876, 20.9 times fewer); r = 16 above is 36 times fewer
+    "lora_sb_r21": ("lora_sb", {"r": 21, "dropout": 0.05}),
     "slora": ("slora", {"r": 8, "dropout": 0.05}),
     "nlora": ("nlora", {"r": 8, "dropout": 0.05}),
     # the official code's init (first r rows/columns, no pseudo-inverse): the paper's random-index
@@ -126,8 +130,9 @@ def summarise(results: list[dict[str, Any]], tags: list[str], lrs: dict[str, flo
             m[f"{t}_gain_vs_lora"] = gain(t)
     if "allora" in tags:  # (--only / --smoke run a subset)
         m["allora_gain_vs_lora_rte"] = gain("allora", ("rte",))
-    if "lora_sb" in tags:
-        m["lora_sb_param_reduction"] = m["lora_adapter_params"] / m["lora_sb_adapter_params"]
+    for t in ("lora_sb", "lora_sb_r21"):
+        if t in tags:
+            m[f"{t}_param_reduction"] = m["lora_adapter_params"] / m[f"{t}_adapter_params"]
     m["seeds"] = len(SEEDS)
     return m
 
