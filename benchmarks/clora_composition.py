@@ -75,6 +75,24 @@ mismatch would also fail the strict state-dict load). v2's result and figure are
 ``clora_composition_v2[_g<guidance>]``. CLoRA's maps stay at ``--attention-res 16`` unless the gate
 says 32 is better. ``--stop-after base`` trains / loads the base and the classifier only.
 
+Session 10 (one H200): the 6000-step v2 base (596 s, loss 0.0045) failed the gate at 16×16 and 32×32
+(maps of "3" and "7" alike: cos 0.91 / 0.996, own-half shares 0.50, masks = the whole canvas), while
+its 8×8 maps separate (own-half shares 0.80 / 0.78, cos 0.20, mask IoU 0.04); readable 0.234 < 0.25.
+``--attention-res 8`` runs the whole path on 8×8 maps (masks nearest-upsampled to 32×32);
+``benchmarks/clora_v2_r8.sh`` chains gate → (continuation) → LoRAs → comparison for gpu_queue.sh.
+
+Continuing the base (``--base-continue-from STEPS`` with a larger ``--base-steps``): the finished base
+stage of STEPS steps (same seed, width, batch size, arch) is loaded as its fp16 checkpoint and trained
+``--base-steps`` − STEPS more steps. The optimizer state is not saved (only the fp16 weights come back
+from the GPU), so this is a WARM RESTART, not the uninterrupted run of ``--base-steps``: a fresh AdamW
+and a fresh warmup (5 % of the extra steps) + cosine schedule over the extra steps at
+``--base-continue-lr`` (default 3e-4, below the base's own 1e-3: the first updates of a fresh AdamW are
+~lr per weight whatever the gradient, and on CPU two extra steps at 1e-3 without warmup took the
+6000-step base's loss from 0.004 to 0.48), data drawn from a seed of its own. The stage's record says so (``base_continue_from``,
+``base_continue_lr`` in its shape; the record it continued under ``continued``), its file replaces the
+old base's, and only commands with the same two flags reuse it (LoRA stages included): a plain
+``--base-steps 10000`` would train an uninterrupted base anew. Chains work (6000 → 10000 → 14000).
+
 Next GPU session (one H200), v2 -- gate first, then the comparison (stages resume across sessions):
 
     pip install --no-deps --no-index .whl/diffusion/*.whl
@@ -222,6 +240,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="v1: the recorded runs' base (maps do not localize); v2: padded prompts, word order tied "
                         "to the sides, cross-attention at 32×32 too (BaseArch). v2 stages are stored under their "
                         "own names (prefix v2_), so the two never share a checkpoint")
+    p.add_argument("--base-continue-from", type=int, default=None, metavar="STEPS",
+                   help="continue the finished base stage of STEPS steps in --ckpt-dir (same seed, width, batch size "
+                        "and arch) to --base-steps: a WARM RESTART (fresh AdamW state and a fresh warmup + cosine "
+                        "schedule over the extra steps at --base-continue-lr; the optimizer state is not saved), "
+                        "recorded as base_continue_from; every later command on that base needs the same flags")
+    p.add_argument("--base-continue-lr", type=float, default=3e-4,
+                   help="peak lr of the warm restart (--base-continue-from; the base stage's own is 1e-3, which a "
+                        "fresh AdamW turns into a kick to a converged base: sign-like first steps of ~lr per weight)")
     p.add_argument("--stop-after", default=None, choices=["base"],
                    help="base: train / load the base model and the classifier (what clora_mask_diagnosis.py needs "
                         "for its gate), then exit without LoRAs or generation")
@@ -239,6 +265,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.step_sizes, args.max_iter_to_alter, args.width = [0.0, 10.0], 2, 16
         if len(args.lora_lr) > 2:  # still exercises the choice of the lr
             args.lora_lr = args.lora_lr[:2]
+        if args.base_continue_from is not None:  # a 2-step base is trained first, then continued to 4
+            args.base_continue_from = 2
+    if args.base_continue_from is not None and not 0 < args.base_continue_from < args.base_steps:
+        p.error(f"--base-continue-from {args.base_continue_from} must be > 0 and < --base-steps {args.base_steps}")
     return args
 
 
@@ -656,18 +686,24 @@ def main(argv: list[str] | None = None) -> int:
     base_shape = {"seed": args.seed, "width": args.width, "batch_size": args.batch_size, "base_steps": args.base_steps}
     if arch.name != "v1":
         base_shape["base_arch"] = arch.name
+    source_shape = dict(base_shape)  # --base-continue-from: the finished base it continues
+    if args.base_continue_from is not None:
+        source_shape["base_steps"] = args.base_continue_from
+        base_shape.update(base_continue_from=args.base_continue_from, base_continue_lr=args.base_continue_lr)
     clf_shape = {"seed": args.seed, "batch_size": args.batch_size, "clf_steps": args.clf_steps}
 
     def lora_shape(lr: float) -> dict:
         return {**base_shape, "lora_steps": args.lora_steps, "lora_lr": lr, "lora_p_uncond": args.lora_p_uncond}
 
-    def done(stage: str, shape: dict) -> dict | None:
+    def done(stage: str, shape: dict, any_history: bool = False) -> dict | None:
         rec = stages.get(stage)
         if rec is None:
             return None
         have = rec.get("shape", {})
         if "base_steps" in shape and have.get("base_arch", "v1") != arch.name:
             return None  # a base-dependent stage of another base architecture
+        if "base_steps" in shape and not any_history and have.get("base_continue_from") != shape.get("base_continue_from"):
+            return None  # a warm-restarted base is not the uninterrupted base of as many steps, nor the reverse
         return rec if all(k in have and have[k] == v for k, v in shape.items()) else None
 
     def finish(stage: str, shape: dict, **figures: float) -> None:
@@ -679,18 +715,45 @@ def main(argv: list[str] | None = None) -> int:
     unet, text = make_unet(args.width, arch=arch).to(device), text_encoder(arch).to(device)
     n_unet = sum(p.numel() for p in unet.parameters())
     base_file, text_file = base_files(ckpt, arch)
-    if (rec := done(f"{arch.prefix}base", base_shape)) is None:
+
+    def train_base(steps: int, lr: float, shape: dict, seconds_before: float = 0.0, **record) -> tuple[float, float]:
+        """Trains unet + text ``steps`` steps from their current weights, saves and records the stage
+        (its seconds: these steps' + ``seconds_before``, those of the base it continues)."""
         t0 = time.perf_counter()
-        base_loss = train_diffusion(unet, text, lambda: base_batch(train_comp, args.batch_size, arch), args.base_steps,
-                                    1e-3, list(unet.parameters()) + list(text.parameters()), device,
-                                    f"{arch.prefix}base", seq=arch.seq)
-        base_seconds = time.perf_counter() - t0
+        loss = train_diffusion(unet, text, lambda: base_batch(train_comp, args.batch_size, arch), steps, lr,
+                               list(unet.parameters()) + list(text.parameters()), device, f"{arch.prefix}base",
+                               seq=arch.seq)
+        seconds = time.perf_counter() - t0
         save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()}, str(base_file))
         save_file({k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()}, str(text_file))
-        finish(f"{arch.prefix}base", base_shape, loss=base_loss, seconds=base_seconds)
-    else:
+        finish(f"{arch.prefix}base", shape, loss=loss, seconds=seconds + seconds_before, **record)
+        return loss, stages[f"{arch.prefix}base"]["seconds"]
+
+    if (rec := done(f"{arch.prefix}base", base_shape)) is not None:
         base_loss, base_seconds = rec["loss"], rec["seconds"]
         print(f"base model ({arch.name}): from {ckpt}", flush=True)
+    elif args.base_continue_from is None:
+        base_loss, base_seconds = train_base(args.base_steps, 1e-3, base_shape)
+    else:
+        # warm restart: the finished base of --base-continue-from steps (its fp16 weights, as every
+        # reader uses them; no optimizer state was saved), trained --base-steps − that many more steps
+        # with a fresh AdamW and warmup + cosine schedule, on a data stream of its own seed; the file
+        # and the stage record are replaced (the record keeps the one it continued as "continued")
+        if (src := done(f"{arch.prefix}base", source_shape, any_history=True)) is None:
+            if not args.smoke:
+                raise SystemExit(f"--base-continue-from {args.base_continue_from}: no finished {arch.name} base stage "
+                                 f"of {args.base_continue_from} steps with these options in {ckpt}")
+            train_base(args.base_continue_from, 1e-3, source_shape)  # smoke: the base it continues
+            src = stages[f"{arch.prefix}base"]
+        load_base(unet, text, ckpt, device, arch)
+        unet.train().requires_grad_(True)
+        text.train().requires_grad_(True)
+        extra = args.base_steps - args.base_continue_from
+        print(f"base model ({arch.name}): continuing the {args.base_continue_from}-step base in {ckpt} for {extra} "
+              f"more steps (warm restart, lr {args.base_continue_lr:g})", flush=True)
+        torch.manual_seed(args.seed + 7919 * args.base_continue_from)
+        base_loss, base_seconds = train_base(extra, args.base_continue_lr, base_shape, continued=src,
+                                             seconds_before=src["seconds"])
     load_base(unet, text, ckpt, device, arch)
 
     # 3. classifier (independent of the base; defined here so that --stop-after base can train it for
@@ -892,6 +955,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if arch.name != "v1":  # v1's result keeps the recorded runs' keys
         metrics["base_arch_v2"] = int(arch.name == "v2")
+    if args.base_continue_from is not None:  # a warm-restarted base (its steps: base_steps)
+        metrics["base_continue_from"] = args.base_continue_from
+        metrics["base_continue_lr"] = args.base_continue_lr
     for name, r in results.items():
         metrics[f"both_share_{name}"] = r["both"]
         metrics[f"red3_share_{name}"] = r["a"]

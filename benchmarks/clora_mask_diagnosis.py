@@ -44,7 +44,15 @@ Gate (``--gate``, needs run ``base``; base + classifier suffice, e.g. right afte
 ``clora_composition.py --stop-after base``): on the base's own samples of "3 and 7" and the maps CLoRA
 thresholds (``--attention-res``, ``--attention-from``), ``gate_pass`` = readable share ≥ 0.25,
 cos(minmax "3", minmax "7") < 0.5 and own-half share of both tokens > 0.7; exit status 3 when it
-fails. ``gate_mask*`` are the masks CLoRA's rule builds from the base's maps.
+fails. ``gate_mask*`` are the masks CLoRA's rule builds from the base's maps. ``gate_readable`` is
+``readable_base``: the share of the base's samples (``--samples`` of the test noise, DDIM ``--steps``,
+``--guidance``) whose halves read as one 3 and one 7 -- a property of the base and the sampler, the
+same at every ``--attention-res`` (the reader itself reads 0.96 of real held-out white 3 | 7
+composites). Session 10's 6000-step v2 base: 0.234 on the GPU (64 samples, 50 steps, guidance 3); on
+CPU, the first 8 of those noises: 8/8 at 10 steps, 4/8 at 20 and 3/8 at 50 with guidance 3 (the
+50-step samples carry speckle and deformed digits), 8/8 at 50 steps with guidance 1.5; the 8×8 maps
+pass at all four. ``base_steps`` / ``base_continue_from``: the base's record in ``stages.json``;
+``ddim_steps``: ``--steps``.
 
 CPU cost (2 shared cores, 16 samples, 50 steps): ~1.5-5 min per single-branch run, ~22 min for a
 three-branch CLoRA run under load; ``--device cuda`` on a GPU.
@@ -58,6 +66,7 @@ three-branch CLoRA run under load; ``--device cuda`` on a GPU.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -397,9 +406,13 @@ def main(argv=None) -> int:
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
     z0 = torch.randn(args.samples, 3, cc.CANVAS, cc.CANVAS, generator=torch.Generator().manual_seed(args.seed)).to(dev)
     b = args.samples
-    metrics: dict[str, float] = {"samples": b, "guidance_scale": args.guidance, "mask_alpha": args.mask_alpha,
+    metrics: dict[str, float] = {"samples": b, "guidance_scale": args.guidance, "ddim_steps": args.steps, "mask_alpha": args.mask_alpha,
                                  "attention_res": args.attention_res, "maps_from_cond_half": int(args.attention_from == "cond"),
                                  "base_arch_v2": int(args.arch.name == "v2")}
+    stages_file = Path(args.ckpt_dir) / "stages.json"
+    if stages_file.exists():  # which base the figures describe: its steps (and, continued, where from)
+        shape = json.loads(stages_file.read_text()).get(f"{args.arch.prefix}base", {}).get("shape", {})
+        metrics.update({k: shape[k] for k in ("base_steps", "base_continue_from") if k in shape})
     saved = {}
     if loras:
         loras_avg = average_adapters(loras)

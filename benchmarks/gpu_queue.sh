@@ -44,9 +44,13 @@ clora_tars() {
     # v1's and v2's stages in two archives (each under the 16 MiB a returned file may have; both bases
     # together are not); stages.json, the classifier and the text encoder of v1 go in both
     [[ -f $W/runs/clora_composition/stages.json ]] || return 0
+    # v2's LoRAs (~0.53 MB each, incompressible) in a third: with the v2 base (13.8 MB) four of them
+    # would leave the v2 archive barely under 16 MiB, six over it
     (cd $W/runs && tar -czf $OUT/clora_ckpt.tgz --exclude='clora_composition/v2_*' clora_composition \
         && tar -czf $OUT/clora_v2_ckpt.tgz clora_composition/stages.json clora_composition/classifier.safetensors \
-            $(ls -d clora_composition/v2_* 2>/dev/null))
+            $(ls -d clora_composition/v2_* 2>/dev/null | grep -v '^clora_composition/v2_lora_') \
+        && if compgen -G 'clora_composition/v2_lora_*' >/dev/null; then tar -czf $OUT/clora_v2_loras.tgz \
+            clora_composition/stages.json clora_composition/v2_lora_*; fi)
 }
 
 case "${1:-}" in
@@ -57,7 +61,7 @@ start)
         mkdir -p $W && tar -c --exclude=./.carry --exclude='./.whl*' --exclude=./.git . | tar -x -C $W
     else
         # a later group gets the code as it is now (results and raw files in $W stay as the jobs left them)
-        tar -c benchmarks/*.py benchmarks/lncrna_peers lightning_lora lncrna/*.py | tar -x -C $W
+        tar -c benchmarks/*.py benchmarks/*.sh benchmarks/lncrna_peers lightning_lora lncrna/*.py | tar -x -C $W
     fi
     mkdir -p $LOGS
     export PYTHONPATH=/tmp/site OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -107,6 +111,11 @@ start)
             --base-arch v2 --ckpt-dir runs/clora_composition --stop-after base && for r in 16 32; do \
             $PY benchmarks/clora_mask_diagnosis.py --ckpt-dir runs/clora_composition --base-arch v2 --device cuda \
             --runs real base --samples 64 --attention-res \$r --gate --out logs/clora_gate\$r; echo gate\$r rc=\$?; done"
+        # CLoRA v2 with 8x8 maps (session 10: the r16 / r32 gates failed, the 8x8 maps separate; readable 0.234
+        # < 0.25): gate at r8 on the carried base, LoRAs + comparison on a pass; CLORA_V2_CONTINUE_TO=10000
+        # continues the base (warm restart) and gates again when only readable failed; CLORA_V2_BASE,
+        # CLORA_V2_ARGS, CLORA_V2_RES: see benchmarks/clora_v2_r8.sh
+        launch clora_v2_r8 env PYTHONPATH=/tmp/site:/tmp/site_diff PY=$PY bash benchmarks/clora_v2_r8.sh
         launch ffa env PYTHONPATH=/tmp/site:/tmp/site_fed $PY benchmarks/ffa_federated.py --workers 3 --seeds ${FFA_SEEDS:-0,1,2}
         [[ ${LNCRNA:-0} == 1 ]] && launch lncrna $PY benchmarks/lncrna_gpu_run.py --out runs/lncrna3 --mlm-init ${LNCRNA_MLM:-.carry/mlm2} \
             --pretrain-minutes ${LNCRNA_PRETRAIN_MIN:-10} --finetune-minutes 2.0 --finetune-epochs 20 \
