@@ -2,6 +2,7 @@
 # The GPU benchmark queue, run in the background on the lent H200 while weights are still being
 # staged (see benchmarks/README.md, "Getting model weights onto the GPU machine").
 #
+#   bash benchmarks/gpu_queue.sh start ddp     DEADLINE   # 2 GPUs only: DDP scaling (#2), before the rest
 #   bash benchmarks/gpu_queue.sh start quiet   DEADLINE   # step-time benchmarks (#2, #5): alone, first
 #   bash benchmarks/gpu_queue.sh start minilm  DEADLINE   # MiniLM benchmarks (#4, #5, #6, #7)
 #   bash benchmarks/gpu_queue.sh start smollm2 DEADLINE   # SmolLM2, diffusion, federated, lncRNA
@@ -129,10 +130,18 @@ start)
         [[ -f .carry/lnc_model/model.safetensors ]] && cp .carry/lnc_model/model.safetensors $W/lncrna/weights/default/
         launch quiet bash -c "$PY benchmarks/lora_vs_peft.py --rounds ${LVP_ROUNDS:-3} ${LVP_ARGS:-} && $PY benchmarks/method_overhead.py \
             && $PY benchmarks/lncrna_throughput.py --device cuda"
+    elif [[ $group == ddp ]]; then
+        # both GPUs, before anything else runs on them (random weights: needs nothing staged, so it can
+        # start in the first call and run while the staging calls copy files). ddp_scaling.py writes
+        # benchmarks/results/ddp_scaling.json in $W, which every snapshot brings back. DDP_PROFILE=1: then
+        # the profiled run (ddp_scaling_profiled.json and runs/ddp_profile/*.txt, copied to the results)
+        launch ddp bash -c "$PY benchmarks/ddp_scaling.py ${DDP_ARGS:-}; if [[ ${DDP_PROFILE:-0} == 1 ]]; then \
+            $PY benchmarks/ddp_scaling.py --profile runs/ddp_profile --repeats 1 && mkdir -p benchmarks/results/raw/ddp_profile \
+            && cp runs/ddp_profile/*.txt benchmarks/results/raw/ddp_profile/; fi"
     elif [[ $group == probe ]]; then
         launch probe sleep 3600  # does a background job outlive the device call that started it?
     else
-        echo "unknown group '$group' (quiet | minilm | smollm2 | probe)" >&2; exit 2
+        echo "unknown group '$group' (ddp | quiet | minilm | smollm2 | probe)" >&2; exit 2
     fi
     ;;
 status)
@@ -175,6 +184,6 @@ snapshot)
     ls -la $OUT
     ;;
 *)
-    echo "usage: $0 start quiet|minilm|smollm2|probe DEADLINE | status | watch SECONDS | snapshot | collect" >&2; exit 2
+    echo "usage: $0 start ddp|quiet|minilm|smollm2|probe DEADLINE | status | watch SECONDS | snapshot | collect" >&2; exit 2
     ;;
 esac
