@@ -30,6 +30,7 @@ OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::add", "aten::mul", "ate
 METHODS: dict[str, tuple[str, dict[str, object]]] = {
     "lora": ("lora", {"alpha": 32}),
     "dylora": ("dylora", {"alpha": 32}),
+    "dora": ("lora", {"alpha": 32, "use_dora": True}),
     "lora_xs": ("lora_xs", {}),
     "inttune": ("inttune", {}),
     "nlora": ("nlora", {}),

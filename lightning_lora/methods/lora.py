@@ -4,7 +4,9 @@
 (rsLoRA: ``α/√r``). B starts at zero, so the adapted model equals the base model at init.
 
 DoRA (``use_dora=True``): ``W' = m ⊙ (W0 + sBA) / ‖W0 + sBA‖_row`` with a trainable magnitude
-``m`` (one entry per output row) initialised to ``‖W0‖_row``.
+``m`` (one entry per output row) initialised to ``‖W0‖_row``. With the norm detached (the default)
+it runs the fused LoRA function below and rescales its output per row
+(:meth:`LoRALinear._dora_rescale`).
 
 Speed: the plain LoRA path is one autograd function (:class:`_FusedLoRA`) that
 
@@ -64,7 +66,9 @@ class LoRAConfig(AdapterConfig):
         use_dora: weight-decomposed LoRA.
         dora_detach_norm: DoRA's ``‖W0 + sBA‖_row`` treated as a constant in backward (paper §4.3,
             official default); ``False`` back-propagates through it.
-        fused: use the fused autograd path (plain LoRA only; DoRA always takes the plain path).
+        fused: use the fused autograd path (LoRA, and DoRA with ``dora_detach_norm``, as the fused
+            LoRA output rescaled per row: :meth:`LoRALinear._dora_rescale`; DoRA with a gradient
+            through the norm takes the plain formula).
         fuse_siblings: with ``fused``, run the adapters of layers of one parent module that read the
             same input tensor (q/k/v, gate/up) in one autograd function (see :class:`_SiblingGroup`).
         adapter_dtype: dtype of the adapter parameters (fp32 keeps optimizer state in fp32).
@@ -890,7 +894,8 @@ class LoRALinear(AdapterLayer):
             return self.base_layer(x, *args, **kwargs)
         # functorch transforms (torch.func.grad, vmap, ...) wrap the parameters: no storage for the
         # cast cache's key, and the fused functions' hand-written backward is not what they trace
-        if self.use_dora or not self.fused or args or kwargs or torch._C._are_functorch_transforms_active():
+        if ((self.use_dora and not self.dora_detach_norm) or not self.fused or args or kwargs
+                or torch._C._are_functorch_transforms_active()):
             return self.reference_forward(x, *args, **kwargs)
         if self._siblings is not None:
             out = self._siblings.forward(self, x)
@@ -902,8 +907,27 @@ class LoRALinear(AdapterLayer):
         dtype = _autocast_dtype(x)
         if dtype is not None:
             with torch.autocast(x.device.type, enabled=False):
-                return self._fused(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-        return self._fused(x, weight, bias)
+                x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+                out = self._fused(x, weight, bias)
+                return self._dora_rescale(out, bias) if self.use_dora else out
+        out = self._fused(x, weight, bias)
+        return self._dora_rescale(out, bias) if self.use_dora else out
+
+    def _dora_rescale(self, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """DoRA (detached norm) on the fused LoRA output ``out = W0x + b + sBAx``, shape (..., m).
+
+        The reference formula ``W0x + b + (m/ν − 1)⊙W0x + (m/ν)⊙sBAx`` (``ν = ‖W0 + sBA‖_row``,
+        a constant in backward) regrouped as ``out + (m/ν − 1)⊙(out − b)``: one activation-sized
+        tensor is saved for backward (``out − b``, for the magnitude's gradient) where the
+        reference saves two (``W0x`` and ``BAx``) beside ``x``, and the adapter term rides in the
+        base GEMM as in LoRA. At init (``m = ν`` exactly, ``B = 0``) the output is the base's,
+        bit for bit; the gradient reaching ``out`` is ``(m/ν)⊙g``, as in the reference.
+        """
+        with torch.no_grad():
+            norm = (self.base_weight.float() + self._scaled_ba()).norm(dim=1)  # fp32 (m,)
+        mag_scale = (self.lora_magnitude.float() / norm).to(out.dtype)
+        centred = out - bias if bias is not None else out
+        return out + (mag_scale - 1) * centred
 
     def _cast_key_for(self, dtype: torch.dtype) -> tuple[Any, ...] | None:
         """This layer's :func:`_cast_key` for ``dtype``."""
