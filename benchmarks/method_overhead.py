@@ -13,6 +13,10 @@ and is skipped: its step is that of LoRA-XS with a different init.
 Keys: ``<method>_ms``, ``<method>_peak_gib``, ``<method>_trainable``, ``<method>_time_ratio_vs_lora``,
 ``<method>_mem_ratio_vs_lora``, and ``frozen_ms`` / ``frozen_peak_gib`` (no adapter: the floor).
 
+DoRA is also timed through Hugging Face PEFT in the same process (``peft_dora``: its defaults, fp32
+adapters; ``peft_dora_bf16``: ``autocast_adapter_dtype=False``), same targets, rank and scale:
+``dora_time_ratio_vs_peft`` and ``dora_mem_ratio_vs_peft`` are ours over the faster of the two.
+
     python benchmarks/method_overhead.py               # H200
     python benchmarks/method_overhead.py --tiny        # CPU check of the script, writes nothing
 """
@@ -52,6 +56,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "smora": {"r": R, "top_k": 4},
 }
 TARGETS = ["query", "key", "value", "dense"]
+#: DoRA through PEFT -> its ``autocast_adapter_dtype`` (True: PEFT's default, fp32 adapters)
+PEFT_VARIANTS: dict[str, bool] = {"peft_dora": True, "peft_dora_bf16": False}
 
 
 def bert(tiny: bool) -> nn.Module:
@@ -73,6 +79,14 @@ def measure(name: str, device: str, tiny: bool, batch: int, seq: int, warmup: in
     params: list[nn.Parameter] = []
     if name == "frozen":
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    elif name in PEFT_VARIANTS:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = CONFIGS["dora"]
+        model = get_peft_model(model, LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], target_modules=TARGETS,
+                                                 use_dora=True, lora_dropout=0.0),
+                               autocast_adapter_dtype=PEFT_VARIANTS[name])
+        params = [p for p in model.parameters() if p.requires_grad]
     else:
         method = "lora" if name == "dora" else name
         ll.inject_adapter(model, method, target_modules=TARGETS, **CONFIGS[name])
@@ -93,7 +107,7 @@ def measure(name: str, device: str, tiny: bool, batch: int, seq: int, warmup: in
     cuda = device == "cuda"
     ms, peak = timed_steps(step, warmup, steps, cuda)
     out = {"ms": ms, "peak_gib": peak, "trainable": sum(p.numel() for p in params)}
-    print(f"{name:9s} {out['ms']:8.2f} ms {out['peak_gib']:6.2f} GiB trainable {out['trainable']:,}", flush=True)
+    print(f"{name:14s} {out['ms']:8.2f} ms {out['peak_gib']:6.2f} GiB trainable {out['trainable']:,}", flush=True)
     del model, params, opt
     gc.collect()
     if cuda:
@@ -115,12 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.seq, args.warmup, args.steps = 2, 16, 1, 2
     m: dict[str, float] = {"rank": R, "batch": args.batch, "seq": args.seq}
     res = {name: measure(name, device, args.tiny, args.batch, args.seq, args.warmup, args.steps)
-           for name in ["frozen", *CONFIGS]}
+           for name in ["frozen", *CONFIGS, *PEFT_VARIANTS]}
     for name, r in res.items():
         m.update({f"{name}_{k}": v for k, v in r.items()})
-        if name not in ("frozen", "lora"):
+        if name not in ("frozen", "lora", *PEFT_VARIANTS):
             m[f"{name}_time_ratio_vs_lora"] = r["ms"] / res["lora"]["ms"]
             m[f"{name}_mem_ratio_vs_lora"] = r["peak_gib"] / res["lora"]["peak_gib"] if res["lora"]["peak_gib"] else 0.0
+    best = min(PEFT_VARIANTS, key=lambda n: res[n]["ms"])  # the faster PEFT DoRA
+    m["dora_time_ratio_vs_peft"] = res["dora"]["ms"] / res[best]["ms"]
+    m["dora_mem_ratio_vs_peft"] = res["dora"]["peak_gib"] / res[best]["peak_gib"] if res[best]["peak_gib"] else 0.0
     if not args.tiny:
         print("wrote", write_result("method_overhead", m, command=current_command(), kind="benchmark",
                                     directory=args.out))
