@@ -75,7 +75,7 @@ mismatch would also fail the strict state-dict load). v2's result and figure are
 ``clora_composition_v2[_g<guidance>]``. CLoRA's maps stay at ``--attention-res 16`` unless the gate
 says 32 is better. ``--stop-after base`` trains / loads the base and the classifier only.
 
-Session 10 (one H200): the 6000-step v2 base (596 s, loss 0.0045) failed the gate at 16×16 and 32×32
+Session 10 (one H200 of a two-GPU machine): the 6000-step v2 base (596 s, loss 0.0045) failed the gate at 16×16 and 32×32
 (maps of "3" and "7" alike: cos 0.91 / 0.996, own-half shares 0.50, masks = the whole canvas), while
 its 8×8 maps separate (own-half shares 0.80 / 0.78, cos 0.20, mask IoU 0.04); readable 0.234 < 0.25.
 ``--attention-res 8`` runs the whole path on 8×8 maps (masks nearest-upsampled to 32×32);

@@ -27,6 +27,7 @@ check); :func:`uninstall_async_sigterm_check` restores the loop in ``on_train_en
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -73,10 +74,8 @@ class AsyncSigtermCheck:
         if prev_event is not None:
             prev_event.synchronize()
         if int(self.host[prev_slot][0]) == 1:
-            try:
-                dist.barrier()  # as Lightning: every rank reaches this in the same step
-            except Exception:  # noqa: BLE001 - Lightning suppresses it too
-                pass
+            with contextlib.suppress(Exception):  # as Lightning's check
+                dist.barrier()  # every rank reaches this in the same step
             raise SIGTERMException()
 
 

@@ -923,11 +923,22 @@ class LoRALinear(AdapterLayer):
         base GEMM as in LoRA. At init (``m = ν`` exactly, ``B = 0``) the output is the base's,
         bit for bit; the gradient reaching ``out`` is ``(m/ν)⊙g``, as in the reference.
         """
-        with torch.no_grad():
-            norm = (self.base_weight.float() + self._scaled_ba()).norm(dim=1)  # fp32 (m,)
-        mag_scale = (self.lora_magnitude.float() / norm).to(out.dtype)
+        mag_scale = self._dora_mag_scale(out.dtype)
         centred = out - bias if bias is not None else out
         return out + (mag_scale - 1) * centred
+
+    def _dora_norm(self) -> torch.Tensor:
+        """DoRA's ``ν = ‖W0 + sBA‖_row`` in fp32, shape (m,), also under autocast."""
+        return (self.base_weight.float() + self._scaled_ba()).norm(dim=1)
+
+    def _dora_mag_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """``m/ν`` in ``dtype``, shape (m,); ν a constant in backward with ``dora_detach_norm``."""
+        if self.dora_detach_norm:
+            with torch.no_grad():
+                norm = self._dora_norm()
+        else:
+            norm = self._dora_norm()
+        return (self.lora_magnitude.float() / norm).to(dtype)
 
     def _cast_key_for(self, dtype: torch.dtype) -> tuple[Any, ...] | None:
         """This layer's :func:`_cast_key` for ``dtype``."""
@@ -984,11 +995,7 @@ class LoRALinear(AdapterLayer):
         if not self.use_dora:
             return base_out + self.scaling * lora_out
         # DoRA: y = W0x + (m/ν − 1)⊙(W0x) + (m/ν)⊙(s·BAx) + b, ν = ‖W0 + sBA‖_row
-        w0 = self.base_weight.float()
-        norm = (w0 + self._scaled_ba()).norm(dim=1)  # fp32 row norm, also under autocast
-        if self.dora_detach_norm:
-            norm = norm.detach()
-        mag_scale = (self.lora_magnitude.float() / norm).to(dtype)
+        mag_scale = self._dora_mag_scale(dtype)
         bias = self.base_layer.bias
         base_no_bias = base_out - bias.to(dtype) if bias is not None else base_out
         return base_out + (mag_scale - 1) * base_no_bias + mag_scale * self.scaling * lora_out
@@ -997,8 +1004,7 @@ class LoRALinear(AdapterLayer):
     def merge(self) -> None:
         if self.use_dora and not self.merged:
             # cache ν so unmerge can recover W0 exactly: W0 = W'·ν/m − sBA
-            w0 = self.base_weight.float()
-            self._merged_norm = (w0 + self._scaled_ba()).norm(dim=1, keepdim=True)
+            self._merged_norm = self._dora_norm().unsqueeze(1)
         super().merge()
 
     @torch.no_grad()
