@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CLoRA on the v2 base with 8×8 maps (issue #7), as one job of benchmarks/gpu_queue.sh (`clora_v2_r8`):
 #
-#   1. the v2 base + classifier: loaded from --ckpt-dir (.carry/clora_ckpt holds the 6000-step base
-#      of session 10), trained only if absent;
+#   1. the v2 base + classifier: loaded from --ckpt-dir (gpu_queue.sh copies benchmarks/checkpoints/clora_v2
+#      there: session 11's 6000-step base, classifier and four LoRAs), trained only if absent;
 #   2. the gate at --attention-res $CLORA_V2_RES (default 8; session 10: r8 maps separate, r16 / r32
 #      do not), clora_mask_diagnosis.py --gate, thresholds unchanged: exit 0 pass, 3 fail;
 #   3. gate failed on readable ONLY (maps separate, the base draws "3 | 7" too rarely; with

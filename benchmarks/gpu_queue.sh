@@ -86,8 +86,12 @@ start)
         # the lncRNA FASTA files may travel in .carry/lnc_* (the checkout slimmed to make room for weights)
         if compgen -G ".carry/lnc_*/*.fa.gz" >/dev/null; then mkdir -p $W/data/lncrna && cp .carry/lnc_*/*.fa.gz $W/data/lncrna/; fi
         for m in .carry/mlm*; do [[ -d $m ]] && mkdir -p $W/.carry && cp -r $m $W/.carry/; done
-        # CLoRA's finished stages from an earlier session (clora_ckpt.tgz unpacked into .carry/clora_ckpt)
-        [[ -d .carry/clora_ckpt && ! -d $W/runs/clora_composition ]] && mkdir -p $W/runs && cp -r .carry/clora_ckpt $W/runs/clora_composition
+        # CLoRA's finished stages from an earlier session: committed in benchmarks/checkpoints/clora_v2
+        # (session 11's v2 base, classifier and LoRAs), which benchmarks/slim_tree.sh moves to
+        # .carry/clora_ckpt to make room; or a clora_ckpt.tgz of this session unpacked there
+        for ck in .carry/clora_ckpt benchmarks/checkpoints/clora_v2; do
+            [[ -d $ck && ! -d $W/runs/clora_composition ]] && mkdir -p $W/runs && cp -r $ck $W/runs/clora_composition
+        done
         # the shipped classifier (ffa_federated's lncRNA base) when the slimmed checkout carried it apart
         [[ -f .carry/lnc_model/model.safetensors ]] && cp .carry/lnc_model/model.safetensors $W/lncrna/weights/default/
         # LQ-LoRA cost tables built on a CPU machine (--tables-only) after $W was copied for the quiet group

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Make room in the working tree for weights before device calls (benchmarks/README.md, "Running the
+# whole queue in one GPU session"): a call carries the tree plus its `carry` paths, 64 MiB in all.
+#
+#   bash benchmarks/slim_tree.sh slim      # move what no GPU job reads out of the tree, and the
+#                                          # lncRNA FASTA, the shipped classifier and the committed
+#                                          # CLoRA stages into ignored .carry/ folders
+#   bash benchmarks/slim_tree.sh restore   # put everything back (git status is clean again)
+#
+# After `slim` the tracked tree is about 16 MB. Carry .carry/lnc_a, lnc_b, lnc_c and lnc_model with
+# the wheels in call 1 (about 42 MB), and .carry/clora_ckpt (17 MB, read by gpu_queue.sh's smollm2
+# group) with SmolLM2's last parts. Files held out of the tree wait in .carry/held.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HELD=.carry/held
+case "${1:-}" in
+slim)
+    [[ -d $HELD ]] && { echo "slim_tree: $HELD exists: already slimmed (run restore first)" >&2; exit 1; }
+    mkdir -p $HELD/gsm8k $HELD/rte $HELD/cola .carry/lnc_a .carry/lnc_b .carry/lnc_c .carry/lnc_model
+    mv data/nlp/gsm8k/*.jsonl $HELD/gsm8k/
+    mv data/nlp/rte/test_unlabeled.tsv $HELD/rte/
+    mv data/nlp/cola/test_unlabeled.tsv $HELD/cola/
+    mv data/lncrna/train.fa.gz .carry/lnc_a/
+    mv data/lncrna/test_human.fa.gz data/lncrna/val.fa.gz .carry/lnc_b/
+    mv data/lncrna/test_mouse.fa.gz .carry/lnc_c/
+    mv lncrna/weights/default/model.safetensors .carry/lnc_model/
+    if [[ -d benchmarks/checkpoints/clora_v2 ]]; then rm -rf .carry/clora_ckpt; mv benchmarks/checkpoints/clora_v2 .carry/clora_ckpt; fi
+    ;;
+restore)
+    [[ -d $HELD ]] || { echo "slim_tree: nothing to restore ($HELD missing)" >&2; exit 1; }
+    mv $HELD/gsm8k/*.jsonl data/nlp/gsm8k/
+    mv $HELD/rte/test_unlabeled.tsv data/nlp/rte/
+    mv $HELD/cola/test_unlabeled.tsv data/nlp/cola/
+    mv .carry/lnc_a/*.fa.gz .carry/lnc_b/*.fa.gz .carry/lnc_c/*.fa.gz data/lncrna/
+    mv .carry/lnc_model/model.safetensors lncrna/weights/default/
+    if [[ -d .carry/clora_ckpt && ! -e benchmarks/checkpoints/clora_v2 ]]; then mv .carry/clora_ckpt benchmarks/checkpoints/clora_v2; fi
+    rm -r $HELD
+    ;;
+*) echo "usage: bash benchmarks/slim_tree.sh slim|restore" >&2; exit 2 ;;
+esac
+git status --short
