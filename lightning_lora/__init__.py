@@ -37,14 +37,14 @@ from .core.multi import (
     set_adapter,
     use_adapter,
 )
-from .methods.lora import LoRAConfig
+from .methods.lora import LoRAConfig, invalidate_cast_caches
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCallback", "AdapterConfig", "AdapterFormatError", "AdapterLayer", "LoRAConfig", "Method",
     "adapter_layers", "adapter_state_dict", "available_methods", "disable_adapter", "get_adapter_method",
-    "get_method", "inject_adapter", "load_adapter", "load_adapter_checkpoint", "make_config", "merge_adapter",
+    "get_method", "inject_adapter", "invalidate_cast_caches", "load_adapter", "load_adapter_checkpoint", "make_config", "merge_adapter",
     "register", "save_adapter", "set_adapter_enabled", "trainable_parameters", "unload", "unmerge_adapter",
     # several named adapters on one model (core.multi)
     "active_adapters", "add_adapter", "delete_adapter", "load_adapters", "route_adapters", "save_adapters",

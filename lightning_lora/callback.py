@@ -63,6 +63,7 @@ from .core.ddp_sync import install_async_sigterm_check, uninstall_async_sigterm_
 from .core.inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, merge_adapter
 from .core.layer import AdapterLayer
 from .core.state import AdapterFormatError, injected_for_loading, save_adapter
+from .methods.lora import invalidate_cast_caches
 
 _WRAPPED = "_lightning_lora_ckpt_wrapped"
 _VAL_WRAPPED = "_lightning_lora_val_wrapped"
@@ -273,6 +274,9 @@ class AdapterCallback(pl.Callback):
 
     # ---- training ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the strategy may have written into the parameters around autograd (DDP broadcasts rank 0's
+        # values into every rank's), and the process may have run the model before fit
+        invalidate_cast_caches()
         frozen = 0
         for opt in trainer.optimizers:
             for group in opt.param_groups:
@@ -285,7 +289,19 @@ class AdapterCallback(pl.Callback):
             )
         self.method.on_fit_start(trainer, pl_module, self.layers)
 
+    # a loop starting (also validation inside fit): casts made before it may predate writes the
+    # cache cannot see (.data, torch.distributed); see lightning_lora.invalidate_cast_caches
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        invalidate_cast_caches()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        invalidate_cast_caches()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        invalidate_cast_caches()
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        invalidate_cast_caches()
         if self.async_sigterm_check:  # after the strategy set up the process group and DDP
             install_async_sigterm_check(trainer)
 

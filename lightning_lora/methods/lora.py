@@ -455,13 +455,13 @@ _apply_siblings = super(torch.autograd.Function, _FusedLoRASiblings).apply  # ty
 
 
 def _cast_key(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple[Any, ...] | None:
-    """What a layer's cached casts of ``A`` and ``B`` in ``dtype`` depend on: optimizer steps taken
-    (fused optimizers leave version counters alone), the parameters' versions (other in-place
-    writes: init, loading) and storages; ``None`` (never cached) for inference tensors, which (made
-    under torch.inference_mode) have no version counter."""
+    """What a layer's cached casts of ``A`` and ``B`` in ``dtype`` depend on: the cast epoch (optimizer
+    steps taken, since fused optimizers leave version counters alone, and explicit invalidations),
+    the parameters' versions (other in-place writes: init, loading) and storages; ``None`` (never
+    cached) for inference tensors, which (made under torch.inference_mode) have no version counter."""
     if A.is_inference() or B.is_inference():
         return None
-    return (_OPTIMIZER_STEPS, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
+    return (_CAST_EPOCH, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
 
 
 def _casts_current(key: tuple[Any, ...] | None, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -469,7 +469,7 @@ def _casts_current(key: tuple[Any, ...] | None, A: torch.Tensor, B: torch.Tensor
     B, dtype)`` without building the tuple (checked per layer per forward). Storages are compared before
     versions: an inference tensor, which has no version counter, never sits in a storage a cached key
     was taken from."""
-    return (key is not None and key[0] == _OPTIMIZER_STEPS and key[5] == dtype and key[3] == A.data_ptr()
+    return (key is not None and key[0] == _CAST_EPOCH and key[5] == dtype and key[3] == A.data_ptr()
             and key[4] == B.data_ptr() and key[1] == A._version and key[2] == B._version)
 
 
@@ -727,15 +727,36 @@ class _SiblingGroup:
 
 #: live LoRA layers, so a stale cast cache refreshes every stale layer's casts in one multi-tensor copy
 _CAST_LAYERS: weakref.WeakSet[LoRALinear] = weakref.WeakSet()
-#: optimizer steps taken in this process. Part of the cast-cache key because fused optimizers
-#: (``torch.optim.AdamW(fused=True)``'s ``_fused_adamw_``) update parameters in place without bumping
-#: their version counter: keyed on versions alone, the casts went stale after the first step.
-_OPTIMIZER_STEPS = 0
+#: optimizer steps taken in this process plus calls of :func:`invalidate_cast_caches`. Part of the
+#: cast-cache key because fused optimizers (``torch.optim.AdamW(fused=True)``'s ``_fused_adamw_``)
+#: update parameters in place without bumping their version counter: keyed on versions alone, the
+#: casts went stale after the first step.
+_CAST_EPOCH = 0
+#: calls of :func:`invalidate_cast_caches` alone: the key of casts that optimizer steps do not touch
+#: (frozen buffers, ``CoreLoRALinear._frozen_cast``)
+_CAST_INVALIDATIONS = 0
+
+
+def invalidate_cast_caches() -> None:
+    """Make every LoRA layer cast its A and B again at its next forward.
+
+    The fused path keeps A and B converted to the activation dtype (bf16 / fp16 autocast) between
+    optimizer steps, once a ``torch.optim`` optimizer holding them has stepped; before that, and for
+    adapters trained by hand, it converts them at every forward. Writes that go around autograd's
+    version counter are invisible to that cache: ``p.data.copy_(...)``, ``p.data.mul_(...)`` and
+    ``torch.distributed`` collectives into a parameter (``dist.broadcast``, ``all_reduce``), e.g.
+    model averaging between optimizer steps. Call this after such a write. ``AdapterCallback``
+    calls it at the start of fit, validation, test and predict; ``with torch.no_grad():
+    p.copy_(...)`` and ``load_state_dict`` need nothing (they move the version counter).
+    """
+    global _CAST_EPOCH, _CAST_INVALIDATIONS
+    _CAST_EPOCH += 1
+    _CAST_INVALIDATIONS += 1
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    global _OPTIMIZER_STEPS
-    _OPTIMIZER_STEPS += 1
+    global _CAST_EPOCH
+    _CAST_EPOCH += 1
     _refresh_after_step(optimizer)
 
 
@@ -753,12 +774,17 @@ def _refresh_after_step(optimizer: torch.optim.Optimizer) -> None:
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     by_dtype: dict[torch.dtype, list[LoRALinear]] = {}
     for layer in list(_CAST_LAYERS):
-        key = layer._cast_key
-        if key is None or layer.use_dora:
+        state = layer.__dict__
+        dtype = state.get("_cast_dtype")
+        if dtype is None or layer.use_dora:  # never cast (not run yet, inference tensors, DoRA)
             continue
         A, B = _lora_ab(layer)
         if id(A) in held or id(B) in held:
-            by_dtype.setdefault(key[5], []).append(layer)
+            # from now on this optimizer's steps are known to move A and B: casts may be kept
+            # between them (LoRALinear._cast_key_for). Marked by the parameters' identities, so a
+            # copy of the layer (new A and B) starts unmarked
+            state["_cast_managed"] = (id(A), id(B))
+            by_dtype.setdefault(dtype, []).append(layer)
     for dtype, layers in by_dtype.items():
         _refresh_casts(layers, dtype)
 
@@ -825,7 +851,10 @@ def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
         # plain attributes, written past nn.Module.__setattr__'s parameter/buffer/module checks
         state = layer.__dict__
         state["_casts"] = (casts[0], casts[1])
-        state["_cast_key"] = _cast_key(A, B, dtype)
+        key = _cast_key(A, B, dtype)
+        state["_cast_dtype"] = None if key is None else dtype  # what the step hook refreshes in
+        # (None for a layer no optimizer has stepped yet: its casts serve this forward only)
+        state["_cast_key"] = key if state.get("_cast_managed") == (id(A), id(B)) else None
 
 
 class LoRALinear(AdapterLayer):
@@ -941,8 +970,14 @@ class LoRALinear(AdapterLayer):
         return (self.lora_magnitude.float() / norm).to(dtype)
 
     def _cast_key_for(self, dtype: torch.dtype) -> tuple[Any, ...] | None:
-        """This layer's :func:`_cast_key` for ``dtype``."""
-        return _cast_key(*_lora_ab(self), dtype)
+        """This layer's :func:`_cast_key` for ``dtype``; None (cast at every forward, never reused)
+        until a ``torch.optim`` optimizer holding A or B has stepped. Before that, nothing says how
+        the parameters will change: a loop that updates them by hand through ``.data`` moves no
+        version counter, and kept casts would go stale without a sign."""
+        A, B = _lora_ab(self)
+        if self.__dict__.get("_cast_managed") != (id(A), id(B)):
+            return None
+        return _cast_key(A, B, dtype)
 
     def _adapter_casts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` in ``dtype``, recomputed only when A or B changed (optimizer step). Parameters

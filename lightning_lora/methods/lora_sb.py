@@ -49,6 +49,7 @@ from torch.autograd.function import once_differentiable
 from ..core.config import AdapterConfig, Method, register
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
+from . import lora as _lora
 from .lora import _autocast_dtype, _mm_scaled, _mm_to, _plain_linear_base, _weight_bias
 
 
@@ -198,7 +199,7 @@ class CoreLoRALinear(AdapterLayer):
         self.dropout_p = dropout
         self.fused = True
         #: frozen-factor casts: name -> (source tensor, its version, data pointer, dtype, cast)
-        self._cast_cache: dict[str, tuple[torch.Tensor, int, int, torch.dtype, torch.Tensor]] = {}
+        self._cast_cache: dict[str, tuple[torch.Tensor, int, int, torch.dtype, torch.Tensor, int]] = {}
         device = base_layer.weight.device
         shapes = {"lora_A": (r, self.in_features), "lora_core": (r, r), "lora_B": (self.out_features, r)}
         self.adapter_param_names = tuple(n for n in self.factor_names if n in trainable)
@@ -244,6 +245,8 @@ class CoreLoRALinear(AdapterLayer):
         Only buffers are cached: they change through in-place writes (``set_factors``,
         ``load_state_dict``: the version counter moves) or replacement (``.to()``: another tensor,
         compared by identity; the entry holds it, so its storage cannot be reused meanwhile).
+        Writes that move no version counter (``.data``, ``torch.distributed``) need
+        :func:`lightning_lora.invalidate_cast_caches`, which the key includes.
         Parameters are cast per call: fused optimizers update them without moving the version
         counter. A replaced cast is not written: a graph still waiting for backward keeps the values
         its forward used."""
@@ -256,11 +259,11 @@ class CoreLoRALinear(AdapterLayer):
             cache = self.__dict__["_cast_cache"] = {}
         entry = cache.get(name)
         if (entry is not None and entry[0] is t and entry[1] == t._version and entry[3] == dtype
-                and entry[2] == t.data_ptr()):
+                and entry[2] == t.data_ptr() and entry[5] == _lora._CAST_INVALIDATIONS):
             return entry[4]
         with torch.no_grad():
             cast = t.to(dtype)
-        cache[name] = (t, t._version, t.data_ptr(), dtype, cast)
+        cache[name] = (t, t._version, t.data_ptr(), dtype, cast, _lora._CAST_INVALIDATIONS)
         return cast
 
     def _apply(self, fn: Any, recurse: bool = True) -> "CoreLoRALinear":

@@ -280,3 +280,87 @@ def test_unfrozen_base_weight_gets_its_gradient(targets):
     for name, g in grads[True].items():
         assert g is not None, name
         torch.testing.assert_close(g, grads[False][name])
+
+
+def _fresh_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s output from a deep copy, which shares no cast with it (new parameters: nothing
+    cached) and runs the same fused path (its second pass, once the sibling plan is learned)."""
+    fresh = copy.deepcopy(model)
+    fresh(x)
+    return fresh(x)
+
+
+@pytest.mark.parametrize("siblings", [True, False])
+def test_hand_written_training_loop_through_data(siblings):
+    """A loop that updates the adapter by hand through ``.data`` (no torch.optim optimizer, no version
+    counter moved) gets the current parameters at every forward: casts are kept between forwards only
+    once an optimizer holding them has stepped. Outputs equal those of a copy with nothing cached."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), _Block()).to(torch.bfloat16)
+    layers = ll.inject_adapter(model, "lora", r=4, alpha=8, target_modules=["q", "k", "v", "o", "up", "down"],
+                               adapter_dtype="float32", fuse_siblings=siblings)
+    x = _x(torch.bfloat16)
+    params = ll.trainable_parameters(model)
+    prev = None
+    for step in range(4):
+        y = model(x)
+        _assert_casts_current(layers, torch.bfloat16)
+        if step:  # (the first pass learns the sibling plan: every layer alone)
+            assert torch.equal(y, _fresh_output(model, x))
+        if prev is not None:
+            assert not torch.equal(y, prev)  # the hand-made update reached the output
+        prev = y.detach()
+        y.float().pow(2).sum().backward()
+        for p in params:
+            p.data.add_(p.grad, alpha=-0.5)  # a hand-written SGD step: no version counter moves
+            p.grad = None
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", CASES)
+def test_invalidate_after_writes_around_autograd(dtype, adapter_dtype):
+    """After an optimizer has stepped, casts are kept between forwards; a write that moves no version
+    counter (``.data``, as model averaging or a ``torch.distributed`` collective into a parameter does)
+    is picked up after ``invalidate_cast_caches()``."""
+    model, layers = _model(dtype, adapter_dtype)
+    opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=1e-3)
+    x = _x(dtype)
+    for _ in range(2):
+        model(x).float().pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model(x)
+    for p in ll.trainable_parameters(model):
+        p.data.mul_(0.5)  # e.g. all_reduce(p.data) then p.data /= world_size
+    ll.invalidate_cast_caches()
+    y = model(x)
+    _assert_casts_current(layers, dtype)
+    assert torch.equal(y, _fresh_output(model, x))
+
+
+def test_core_frozen_casts_follow_invalidation():
+    """LoRA-SB's cached casts of its frozen factors (buffers) are made again after
+    ``invalidate_cast_caches()``, e.g. after ``set_factors``-like writes through ``.data``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
+    layers = ll.inject_adapter(model, "lora_sb", dict(r=4, svd="exact"), target_modules=["0", "2"])
+    layer = layers["0"]
+    buffers = [n for n in ("lora_A", "lora_B") if n in layer._buffers]
+    assert buffers, "LoRA-SB's frozen factors are buffers"
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    name = buffers[0]
+    layer._buffers[name].data.mul_(2.0)
+    ll.invalidate_cast_caches()
+    cast = layer._frozen_cast(name, layer._buffers[name], torch.bfloat16)
+    assert torch.equal(cast, layer._buffers[name].to(torch.bfloat16))
+
+
+def test_callback_invalidates_at_loop_starts():
+    """``AdapterCallback`` invalidates the casts at the start of fit (after the strategy's broadcast of
+    rank 0's parameters), training, validation, test and predict."""
+    cb = ll.AdapterCallback("lora", r=4, target_modules=["0"])
+    for hook in ("on_validation_start", "on_test_start", "on_predict_start"):
+        before = lora_mod._CAST_EPOCH
+        getattr(cb, hook)(None, None)
+        assert lora_mod._CAST_EPOCH == before + 1, hook

@@ -89,6 +89,12 @@ def _ours(adapter_dtype, replay_inputs="products", **kw):
     return model
 
 
+def _optimizer_holds(model: nn.Module) -> None:
+    """One step of an optimizer holding the adapter, as in a training loop: only then are the casts
+    (and sibling sets' stacked A) kept between forwards (lr 0: the weights stay as they are)."""
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0).step()
+
+
 def _step(model, ids, hooks=False):
     """Loss, held bytes and adapter gradients of one forward + backward (``hooks``: inside identity
     saved-tensor hooks, which switch the input replay off: the path that saves ``x``)."""
@@ -118,6 +124,7 @@ def test_llama_step_holds_less_than_peft_bf16(adapter_dtype, replay):
     ids = torch.randint(0, 100, (batch, seq), generator=torch.Generator().manual_seed(1))
     ours = _ours(adapter_dtype, replay, hidden=hidden, inter=inter)
     _step(ours, ids)  # first pass: the sibling sets are learned
+    _optimizer_holds(ours)
     _, ours_held, _ = _step(ours, ids)
     copies = sum(_weight_copies(ours).values())
     assert copies > 0  # fp32: the bf16 casts; bf16: the stacked A of each sibling set
@@ -143,6 +150,7 @@ def test_replay_off_saves_the_inputs_like_peft():
     for replay in ("all", "products", "none", True, False):
         model = _ours("bfloat16", replay_inputs=replay, hidden=hidden, inter=inter)
         _step(model, ids)
+        _optimizer_holds(model)
         runs[replay] = _step(model, ids)
     theirs = peft.get_peft_model(_llama(hidden=hidden, inter=inter),
                                  peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0),
