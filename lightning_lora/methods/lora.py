@@ -766,8 +766,9 @@ def _refresh_after_step(optimizer: torch.optim.Optimizer) -> None:
     After ``step()`` the host is usually ahead of the GPU (the step's kernels are still queued), so
     the Python work of a refresh (a few microseconds per layer, one multi-tensor copy) hides behind
     GPU work here; at the start of the next forward it would delay the first launches while the
-    GPU waits. Layers that never cached a cast (not run yet, DoRA) or that this optimizer does not
-    hold keep refreshing lazily in their forward.
+    GPU waits. Layers that never cast (not run yet), DoRA layers and layers this optimizer does not
+    hold refresh lazily in their forward. The layers it holds are also marked as managed: only
+    theirs are kept from one forward to the next (``LoRALinear._cast_key_for``).
     """
     if not _CAST_LAYERS:
         return
@@ -776,7 +777,7 @@ def _refresh_after_step(optimizer: torch.optim.Optimizer) -> None:
     for layer in list(_CAST_LAYERS):
         state = layer.__dict__
         dtype = state.get("_cast_dtype")
-        if dtype is None or layer.use_dora:  # never cast (not run yet, inference tensors, DoRA)
+        if dtype is None:  # never cast (not run yet, inference tensors)
             continue
         A, B = _lora_ab(layer)
         if id(A) in held or id(B) in held:
@@ -784,7 +785,8 @@ def _refresh_after_step(optimizer: torch.optim.Optimizer) -> None:
             # between them (LoRALinear._cast_key_for). Marked by the parameters' identities, so a
             # copy of the layer (new A and B) starts unmarked
             state["_cast_managed"] = (id(A), id(B))
-            by_dtype.setdefault(dtype, []).append(layer)
+            if not layer.use_dora:  # DoRA's casts refresh in its forward, as they always did
+                by_dtype.setdefault(dtype, []).append(layer)
     for dtype, layers in by_dtype.items():
         _refresh_casts(layers, dtype)
 

@@ -364,3 +364,27 @@ def test_callback_invalidates_at_loop_starts():
         before = lora_mod._CAST_EPOCH
         getattr(cb, hook)(None, None)
         assert lora_mod._CAST_EPOCH == before + 1, hook
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_casts_kept_between_forwards_once_an_optimizer_steps(use_dora):
+    """Before any optimizer step every forward casts afresh; after a step of an optimizer holding the
+    adapter, forwards with unchanged parameters reuse the very same cast tensors (LoRA and DoRA,
+    whose fused path reads the same cache)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16)).to(torch.bfloat16)
+    layers = ll.inject_adapter(model, "lora", r=4, target_modules=["0", "2"], use_dora=use_dora,
+                               adapter_dtype="float32")
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    model(x)
+    first = [layer._casts for layer in layers.values()]
+    model(x)
+    assert all(a[0] is not b[0] for a, b in zip(first, (layer._casts for layer in layers.values())))
+    opt = torch.optim.SGD(ll.trainable_parameters(model), lr=1e-2)
+    model(x).float().pow(2).sum().backward()
+    opt.step()
+    model(x)
+    kept = [layer._casts for layer in layers.values()]
+    model(x)
+    assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(kept, (layer._casts for layer in layers.values())))
+    _assert_casts_current(layers, torch.bfloat16)
