@@ -31,8 +31,10 @@ diagnostic run never overwrites the bar's file.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,9 +98,21 @@ def run_one(args: argparse.Namespace) -> None:
             self.times.append(time.perf_counter())
             if getattr(self, "prof", None) is not None and batch_idx == args.warmup + 5:
                 self.prof.stop()
-                table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-                Path(args.profile).mkdir(parents=True, exist_ok=True)
-                (Path(args.profile) / f"ddp_profile_{args.devices}gpu_{args.adapter}.txt").write_text(table)
+                out = Path(args.profile)
+                out.mkdir(parents=True, exist_ok=True)
+                stem = f"ddp_profile_{args.devices}gpu_{args.adapter}"
+                averages = self.prof.key_averages()
+                tables = [averages.table(sort_by="self_cpu_time_total", row_limit=40)]
+                if self.device.type == "cuda":  # what the GPU spends its time on (NCCL, the bucket copies)
+                    tables.append(averages.table(sort_by="self_device_time_total", row_limit=40))
+                (out / f"{stem}.txt").write_text("\n\n".join(tables))
+                # the timeline (5 steps: where the GPU idles, waiting for the host or for the other rank),
+                # gzipped for the 16 MiB a returned file may have
+                trace = out / f"{stem}.json"
+                self.prof.export_chrome_trace(str(trace))
+                with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                trace.unlink()
                 self.prof = None
 
         def configure_optimizers(self):

@@ -141,7 +141,7 @@ start)
         # the profiled run (ddp_scaling_profiled.json and runs/ddp_profile/*.txt, copied to the results)
         launch ddp bash -c "$PY benchmarks/ddp_scaling.py ${DDP_ARGS:-}; if [[ ${DDP_PROFILE:-0} == 1 ]]; then \
             $PY benchmarks/ddp_scaling.py --profile runs/ddp_profile --repeats 1 && mkdir -p benchmarks/results/raw/ddp_profile \
-            && cp runs/ddp_profile/*.txt benchmarks/results/raw/ddp_profile/; fi"
+            && cp runs/ddp_profile/*.txt runs/ddp_profile/*.json.gz benchmarks/results/raw/ddp_profile/; fi"
     elif [[ $group == probe ]]; then
         launch probe sleep 3600  # does a background job outlive the device call that started it?
     else
