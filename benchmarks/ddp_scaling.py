@@ -196,8 +196,6 @@ def main() -> None:
     import torch
 
     device = f"2 x {torch.cuda.get_device_name()}" if args.accelerator == "gpu" else "cpu (gloo)"
-    result = {"name": "ddp_scaling", "command": "python benchmarks/ddp_scaling.py " + " ".join(sys.argv[1:]),
-              "device": device, "date": time.strftime("%Y-%m-%d"), "metrics": metrics}
     # the bar's file only from the default configuration; diagnostic flags get their own file
     flags = [f for f in ("static_graph", "bucket_view", "no_broadcast_buffers") if getattr(args, f)]
     flags += [f"adapter_{args.adapter}"] if args.adapter != "lora" else []
@@ -207,7 +205,8 @@ def main() -> None:
     flags += ["tiny"] if args.tiny else []
     flags += [f"steps{args.steps}"] if args.steps != 60 else []
     name = "ddp_scaling" + "".join(f"_{f}" for f in flags)
-    result["name"] = name
+    result = {"name": name, "command": "python benchmarks/ddp_scaling.py " + " ".join(sys.argv[1:]),
+              "device": device, "date": time.strftime("%Y-%m-%d"), "metrics": metrics}
     out = ROOT / "benchmarks/results" / (f"{name}.json" if args.accelerator == "gpu" else "ddp_scaling_cpu_check.json")
     if args.accelerator == "gpu":
         out.write_text(json.dumps(result, indent=2) + "\n")

@@ -10,7 +10,6 @@
 #                python3 -m pip install -q --no-index --no-deps --target /tmp/site_diff .whl/diffusion/*.whl
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl_gguf/' .git/info/exclude 2>/dev/null || echo '/.whl_gguf/' >> .git/info/exclude
 P=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 python3 -m pip download -q "${P[@]}" -d .whl biopython==1.88 hydra-core==1.3.8 omegaconf==2.3.0

@@ -138,7 +138,8 @@ start)
         # both GPUs, before anything else runs on them (random weights: needs nothing staged, so it can
         # start in the first call and run while the staging calls copy files). ddp_scaling.py writes
         # benchmarks/results/ddp_scaling.json in $W, which every snapshot brings back. DDP_PROFILE=1: then
-        # the profiled run (ddp_scaling_profiled.json and runs/ddp_profile/*.txt, copied to the results)
+        # the profiled run (ddp_scaling_profiled.json; runs/ddp_profile/*.txt and the gzipped timelines
+        # *.json.gz, copied to the results)
         launch ddp bash -c "$PY benchmarks/ddp_scaling.py ${DDP_ARGS:-}; if [[ ${DDP_PROFILE:-0} == 1 ]]; then \
             $PY benchmarks/ddp_scaling.py --profile runs/ddp_profile --repeats 1 && mkdir -p benchmarks/results/raw/ddp_profile \
             && cp runs/ddp_profile/*.txt runs/ddp_profile/*.json.gz benchmarks/results/raw/ddp_profile/; fi"

@@ -274,9 +274,6 @@ class AdapterCallback(pl.Callback):
 
     # ---- training ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the strategy may have written into the parameters around autograd (DDP broadcasts rank 0's
-        # values into every rank's), and the process may have run the model before fit
-        invalidate_cast_caches()
         frozen = 0
         for opt in trainer.optimizers:
             for group in opt.param_groups:
@@ -289,8 +286,9 @@ class AdapterCallback(pl.Callback):
             )
         self.method.on_fit_start(trainer, pl_module, self.layers)
 
-    # a loop starting (also validation inside fit): casts made before it may predate writes the
-    # cache cannot see (.data, torch.distributed); see lightning_lora.invalidate_cast_caches
+    # a loop starting (also validation inside fit, and training after DDP broadcast rank 0's values
+    # into every rank's parameters): casts made before it may predate writes the cache cannot see
+    # (.data, torch.distributed); see lightning_lora.invalidate_cast_caches
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         invalidate_cast_caches()
 

@@ -746,7 +746,7 @@ def invalidate_cast_caches() -> None:
     version counter are invisible to that cache: ``p.data.copy_(...)``, ``p.data.mul_(...)`` and
     ``torch.distributed`` collectives into a parameter (``dist.broadcast``, ``all_reduce``), e.g.
     model averaging between optimizer steps. Call this after such a write. ``AdapterCallback``
-    calls it at the start of fit, validation, test and predict; ``with torch.no_grad():
+    calls it at the start of training, validation, test and predict; ``with torch.no_grad():
     p.copy_(...)`` and ``load_state_dict`` need nothing (they move the version counter).
     """
     global _CAST_EPOCH, _CAST_INVALIDATIONS
@@ -898,6 +898,10 @@ class LoRALinear(AdapterLayer):
             self.register_parameter("lora_magnitude", None)
         self._merged_norm: torch.Tensor | None = None
         self._cast_key: tuple[Any, ...] | None = None
+        #: the dtype the casts were last made in (what the optimizer step hook refreshes them in)
+        self._cast_dtype: torch.dtype | None = None
+        #: ``(id(A), id(B))`` once an optimizer holding them has stepped: casts are kept from then on
+        self._cast_managed: tuple[int, int] | None = None
         self._casts: tuple[torch.Tensor, ...] = ()
         #: the sibling group (same parent, same in_features) set by LoRA.on_inject; None: runs alone
         self._siblings: _SiblingGroup | None = None

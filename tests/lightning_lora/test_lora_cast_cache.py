@@ -357,10 +357,10 @@ def test_core_frozen_casts_follow_invalidation():
 
 
 def test_callback_invalidates_at_loop_starts():
-    """``AdapterCallback`` invalidates the casts at the start of fit (after the strategy's broadcast of
-    rank 0's parameters), training, validation, test and predict."""
+    """``AdapterCallback`` invalidates the casts at the start of training (after the strategy's
+    broadcast of rank 0's parameters), validation, test and predict."""
     cb = ll.AdapterCallback("lora", r=4, target_modules=["0"])
-    for hook in ("on_validation_start", "on_test_start", "on_predict_start"):
+    for hook in ("on_train_start", "on_validation_start", "on_test_start", "on_predict_start"):
         before = lora_mod._CAST_EPOCH
         getattr(cb, hook)(None, None)
         assert lora_mod._CAST_EPOCH == before + 1, hook
