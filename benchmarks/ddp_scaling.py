@@ -1,7 +1,7 @@
 """Training throughput with Lightning's DDP on 2 GPUs over 1 GPU, LoRA through AdapterCallback.
 
     python benchmarks/ddp_scaling.py                      # needs 2 GPUs; writes benchmarks/results/ddp_scaling.json
-    python benchmarks/ddp_scaling.py --accelerator cpu --tiny --steps 6   # checks the script on a CPU (gloo)
+    python benchmarks/ddp_scaling.py --accelerator cpu --tiny --steps 8 --warmup 2   # checks the script on a CPU (gloo)
 
 Model: BERT-base (random weights, bf16-mixed), LoRA r = 16 on query/key/value/dense, batch
 32 × 512 tokens per device, synthetic tokens (the input pipeline is not what is measured).
@@ -21,11 +21,19 @@ Lightning's per-step SIGTERM broadcast: Lightning 2.5+ broadcasts a flag from ra
 with ``.item()`` at the start of every batch when there is more than one rank, so the host waits for
 the GPU to drain before it launches the next step (a one-GPU run skips it). ``AdapterCallback``
 replaces it by the same check read one step later without that wait
-(``lightning_lora.core.ddp_sync``). With LoRA, every repeat runs three configurations in turn: one
-GPU, two GPUs (the callback's default: ``scaling_2gpu``, the bar's key) and two GPUs with Lightning's
-own check (``AdapterCallback(async_sigterm_check=False)``: ``scaling_2gpu_lightning_sigterm``).
-The DDP flags above change every configuration and write ``ddp_scaling_<flags>.json``, so a
-diagnostic run never overwrites the bar's file.
+(``lightning_lora.core.ddp_sync``). ``--with-lightning-sigterm`` adds two GPUs with Lightning's own
+check (``AdapterCallback(async_sigterm_check=False)``: ``scaling_2gpu_lightning_sigterm``; sessions
+10-12 timed it in every run).
+
+DDP's arguments: ``AdapterCallback`` fills those the user left unset (``lightning_lora.core.ddp_defaults``:
+``gradient_as_bucket_view=True``, and ``broadcast_buffers=False`` when no buffer changes in
+training, as here). With LoRA every repeat runs three configurations in turn: one GPU, two GPUs
+(the callback's defaults: ``scaling_2gpu``, the bar's key) and two GPUs with DDP's own defaults
+(``AdapterCallback(ddp_defaults=False)``: ``scaling_2gpu_ddp_defaults_off``). The flags
+``--static-graph``, ``--bucket-view`` and ``--no-broadcast-buffers`` pass those values to
+``DDPStrategy`` in every two-GPU configuration and write ``ddp_scaling_<flags>.json``, so a
+diagnostic run never overwrites the bar's file (session 12 ran all three before the callback set any
+of them: ``ddp_scaling_static_graph_bucket_view_no_broadcast_buffers*.json``).
 """
 
 from __future__ import annotations
@@ -122,14 +130,17 @@ def run_one(args: argparse.Namespace) -> None:
     module = Module()
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices,
-        strategy=DDPStrategy(static_graph=args.static_graph, gradient_as_bucket_view=args.bucket_view,
-                             broadcast_buffers=not args.no_broadcast_buffers)
+        # only the flags given reach DDPStrategy: what is left unset, AdapterCallback's DDP defaults fill
+        strategy=DDPStrategy(**({"static_graph": True} if args.static_graph else {}),
+                             **({"gradient_as_bucket_view": True} if args.bucket_view else {}),
+                             **({"broadcast_buffers": False} if args.no_broadcast_buffers else {}))
         if args.devices > 1 else "auto",
         precision="bf16-mixed" if args.accelerator == "gpu" else "32-true", max_steps=args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False,
         callbacks=[ll.AdapterCallback("lora", r=16, alpha=32, target_modules=["query", "key", "value", "dense"],
                                       modules_to_save=["classifier"],
-                                      async_sigterm_check=not args.lightning_sigterm_sync)]
+                                      async_sigterm_check=not args.lightning_sigterm_sync,
+                                      ddp_defaults=not args.no_ddp_defaults)]
         if args.adapter == "lora" else [],
     )
     trainer.fit(module, DataLoader(Tokens(), batch_size=args.batch, num_workers=2))
@@ -164,13 +175,20 @@ def main() -> None:
                     help="directory: rank 0 profiles 5 steps after warm-up, a table per device count")
     ap.add_argument("--lightning-sigterm-sync", action="store_true",
                     help="internal (one run): AdapterCallback(async_sigterm_check=False)")
+    ap.add_argument("--no-ddp-defaults", action="store_true",
+                    help="internal (one run): AdapterCallback(ddp_defaults=False), DDP's own defaults")
+    ap.add_argument("--with-lightning-sigterm", action="store_true",
+                    help="also time 2 GPUs with Lightning's own per-step SIGTERM check (sessions 10-12)")
     args = ap.parse_args()
     if args.devices:
         return run_one(args)
-    # label -> (devices, extra flags); the LoRA runs also time Lightning's own per-step SIGTERM check
+    # label -> (devices, extra flags); the LoRA runs also time DDP's own defaults (AdapterCallback's
+    # off) and, on request, Lightning's own per-step SIGTERM check
     configs = {"1gpu": (1, []), "2gpu": (2, [])}
     if args.adapter == "lora":
-        configs["2gpu_lightning_sigterm"] = (2, ["--lightning-sigterm-sync"])
+        configs["2gpu_ddp_defaults_off"] = (2, ["--no-ddp-defaults"])
+        if args.with_lightning_sigterm:
+            configs["2gpu_lightning_sigterm"] = (2, ["--lightning-sigterm-sync"])
     runs: dict[str, list[dict]] = {label: [] for label in configs}
     for _ in range(args.repeats):
         for label, (n, extra) in configs.items():
@@ -185,11 +203,12 @@ def main() -> None:
                "scaling_2gpu": med["2gpu"]["samples_per_s"] / med["1gpu"]["samples_per_s"],
                "median_step_ms_1gpu": med["1gpu"]["median_step_ms"], "median_step_ms_2gpu": med["2gpu"]["median_step_ms"],
                "repeats": args.repeats}
-    if "2gpu_lightning_sigterm" in med:
-        lsync = med["2gpu_lightning_sigterm"]
-        metrics.update({"samples_per_s_2gpu_lightning_sigterm": lsync["samples_per_s"],
-                        "scaling_2gpu_lightning_sigterm": lsync["samples_per_s"] / med["1gpu"]["samples_per_s"],
-                        "median_step_ms_2gpu_lightning_sigterm": lsync["median_step_ms"]})
+    for label in ("2gpu_ddp_defaults_off", "2gpu_lightning_sigterm"):
+        if label in med:
+            suffix = label.removeprefix("2gpu")
+            metrics.update({f"samples_per_s_2gpu{suffix}": med[label]["samples_per_s"],
+                            f"scaling_2gpu{suffix}": med[label]["samples_per_s"] / med["1gpu"]["samples_per_s"],
+                            f"median_step_ms_2gpu{suffix}": med[label]["median_step_ms"]})
     for label in runs:  # every run, in order, so the drift is visible
         for i, r in enumerate(runs[label]):
             metrics[f"samples_per_s_{label}_run{i}"] = r["samples_per_s"]

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from .core.config import AdapterConfig, get_method, make_config
+from .core.ddp_defaults import apply_ddp_defaults
 from .core.ddp_sync import install_async_sigterm_check, uninstall_async_sigterm_check
 from .core.inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, merge_adapter
 from .core.layer import AdapterLayer
@@ -140,6 +141,12 @@ class AdapterCallback(pl.Callback):
             (which waits for the GPU to drain at the start of every batch) by the same check read
             one step later without that wait (:mod:`lightning_lora.core.ddp_sync`). False keeps
             Lightning's own check. No effect on one device, on CPUs or without a process group.
+        ddp_defaults: under Lightning's ``DDPStrategy``, fill the DDP arguments the user left unset
+            with adapter-friendly values before the model is wrapped: ``gradient_as_bucket_view=True``,
+            and ``broadcast_buffers=False`` when no buffer changes in training (no BatchNorm-style
+            running statistics, no adapter layer holding buffers). Values passed to
+            ``DDPStrategy(...)`` are kept. What was set is in ``self.ddp_defaults_applied``
+            (:mod:`lightning_lora.core.ddp_defaults`).
         **kwargs: config fields, e.g. ``r=16, alpha=32, target_modules=["query", "value"]``.
     """
 
@@ -153,6 +160,7 @@ class AdapterCallback(pl.Callback):
         export_dir: str | Path | None = None,
         eval_ranks: list[int] | str | None = None,
         async_sigterm_check: bool = True,
+        ddp_defaults: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -165,6 +173,8 @@ class AdapterCallback(pl.Callback):
         self.layers: dict[str, AdapterLayer] = {}
         self.eval_ranks = eval_ranks
         self.async_sigterm_check = async_sigterm_check
+        self.ddp_defaults = ddp_defaults
+        self.ddp_defaults_applied: dict[str, Any] = {}
         if eval_ranks is not None and not callable(getattr(self.method, "validation_variants", None)):
             raise ValueError(f"eval_ranks: method {method!r} has no ranks to validate at")
 
@@ -192,6 +202,8 @@ class AdapterCallback(pl.Callback):
             self.layers = adapter_layers(module)
         self._wrap_checkpoint_hooks(pl_module)
         self._wrap_validation_step(pl_module)
+        if self.ddp_defaults:  # setup runs before the strategy wraps the model in DDP
+            self.ddp_defaults_applied |= apply_ddp_defaults(getattr(trainer, "strategy", None), pl_module)
 
     def _wrap_validation_step(self, pl_module: pl.LightningModule) -> None:
         """Run each validation batch at every rank the method names (``validation_variants``)."""

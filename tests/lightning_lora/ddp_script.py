@@ -67,6 +67,12 @@ class Record(pl.Callback):
         self.out = out
         self.init: dict[str, torch.Tensor] = {}
         self.base: dict[str, torch.Tensor] = {}
+        self.ddp_flags: dict[str, bool] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        ddp = trainer.strategy.model  # the DistributedDataParallel wrapper AdapterCallback's defaults reached
+        self.ddp_flags = {"broadcast_buffers": bool(getattr(ddp, "broadcast_buffers", True)),
+                          "gradient_as_bucket_view": bool(getattr(ddp, "gradient_as_bucket_view", False))}
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.init = {k: v.detach().clone() for k, v in ll.adapter_state_dict(pl_module.net).items()}
@@ -83,6 +89,7 @@ class Record(pl.Callback):
                 "base_moved": any(not torch.equal(params[n], v) for n, v in self.base.items()),
                 "optimizer_params": sum(len(g["params"]) for g in trainer.optimizers[0].param_groups),
                 "steps": trainer.global_step,
+                "ddp_flags": self.ddp_flags,
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )

@@ -1,0 +1,73 @@
+"""AdapterCallback's DDP defaults (lightning_lora.core.ddp_defaults): which arguments it fills, and
+that it never overrides the user's. The two-process run in test_ddp.py checks they reach the wrapper."""
+
+from __future__ import annotations
+
+import types
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from torch import nn
+
+import lightning_lora as ll
+from lightning_lora.core.ddp_defaults import apply_ddp_defaults, has_changing_buffers
+
+
+class Module(pl.LightningModule):
+    def __init__(self, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.norm = norm if norm is not None else nn.Identity()
+        self.register_buffer("position_ids", torch.arange(8))  # constant, as in transformers
+
+
+def _setup(cb: ll.AdapterCallback, module: pl.LightningModule, strategy) -> dict:
+    cb.setup(types.SimpleNamespace(strategy=strategy), module, "fit")
+    return strategy._ddp_kwargs if isinstance(strategy, DDPStrategy) else {}
+
+
+def test_fills_unset_arguments_for_a_model_with_constant_buffers():
+    strategy = DDPStrategy()
+    cb = ll.AdapterCallback("lora", r=2, target_modules=["fc"])
+    kwargs = _setup(cb, Module(), strategy)
+    assert kwargs == {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+    assert cb.ddp_defaults_applied == kwargs
+
+
+def test_keeps_what_the_user_passed():
+    strategy = DDPStrategy(broadcast_buffers=True, gradient_as_bucket_view=False, static_graph=True)
+    cb = ll.AdapterCallback("lora", r=2, target_modules=["fc"])
+    kwargs = _setup(cb, Module(), strategy)
+    assert kwargs == {"broadcast_buffers": True, "gradient_as_bucket_view": False, "static_graph": True}
+    assert cb.ddp_defaults_applied == {}
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d(8), nn.InstanceNorm1d(8, track_running_stats=True)])
+def test_running_statistics_keep_the_buffer_broadcast(norm):
+    strategy = DDPStrategy()
+    kwargs = _setup(ll.AdapterCallback("lora", r=2, target_modules=["fc"]), Module(norm), strategy)
+    assert kwargs == {"gradient_as_bucket_view": True}
+
+
+def test_norm_without_running_statistics_does_not_count():
+    assert not has_changing_buffers(Module(nn.BatchNorm1d(8, track_running_stats=False)))
+
+
+def test_adapter_layers_with_buffers_keep_the_broadcast():
+    # SMoRA keeps its router bias and load counts in buffers, which training changes
+    module = Module()
+    ll.inject_adapter(module, "smora", ll.make_config("smora", r=4, top_k=2, target_modules=["fc"]))
+    assert has_changing_buffers(module)
+    plain = Module()
+    ll.inject_adapter(plain, "lora", ll.make_config("lora", r=4, target_modules=["fc"]))
+    assert not has_changing_buffers(plain)
+
+
+def test_other_strategies_and_opt_out_are_left_alone():
+    assert apply_ddp_defaults(SingleDeviceStrategy(device="cpu"), Module()) == {}
+    assert apply_ddp_defaults(None, Module()) == {}
+    strategy = DDPStrategy()
+    kwargs = _setup(ll.AdapterCallback("lora", r=2, target_modules=["fc"], ddp_defaults=False), Module(), strategy)
+    assert kwargs == {}
