@@ -15,7 +15,7 @@ Diagnosis (session 8 measured 1.37, bar 1.8; docs/benchmarks.md, "DDP scaling"):
 
     python benchmarks/ddp_scaling.py --adapter none           # full fine-tuning: DDP's own scaling
     python benchmarks/ddp_scaling.py --static-graph --bucket-view --no-broadcast-buffers
-    python benchmarks/ddp_scaling.py --profile runs/ddp_profile --repeats 1   # op tables, rank 0
+    python benchmarks/ddp_scaling.py --profile runs/ddp_profile --repeats 1   # op tables and timelines of 6 steps, rank 0
 
 Lightning's per-step SIGTERM broadcast: Lightning 2.5+ broadcasts a flag from rank 0 and reads it
 with ``.item()`` at the start of every batch when there is more than one rank, so the host waits for
@@ -114,7 +114,7 @@ def run_one(args: argparse.Namespace) -> None:
                 if self.device.type == "cuda":  # what the GPU spends its time on (NCCL, the bucket copies)
                     tables.append(averages.table(sort_by="self_device_time_total", row_limit=40))
                 (out / f"{stem}.txt").write_text("\n\n".join(tables))
-                # the timeline (5 steps: where the GPU idles, waiting for the host or for the other rank),
+                # the timeline (6 steps: where the GPU idles, waiting for the host or for the other rank),
                 # gzipped for the 16 MiB a returned file may have
                 trace = out / f"{stem}.json"
                 self.prof.export_chrome_trace(str(trace))
@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--no-broadcast-buffers", action="store_true",
                     help="DDP broadcast_buffers=False (no collective at the start of every forward)")
     ap.add_argument("--profile", default=None,
-                    help="directory: rank 0 profiles 5 steps after warm-up, a table per device count")
+                    help="directory: rank 0 profiles 6 steps after warm-up, a table per device count")
     ap.add_argument("--lightning-sigterm-sync", action="store_true",
                     help="internal (one run): AdapterCallback(async_sigterm_check=False)")
     ap.add_argument("--no-ddp-defaults", action="store_true",
