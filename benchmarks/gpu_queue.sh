@@ -139,8 +139,11 @@ start)
         # start in the first call and run while the staging calls copy files). ddp_scaling.py writes
         # benchmarks/results/ddp_scaling.json in $W, which every snapshot brings back. DDP_PROFILE=1: then
         # the profiled run (ddp_scaling_profiled.json; runs/ddp_profile/*.txt and the gzipped timelines
-        # *.json.gz, copied to the results)
-        launch ddp bash -c "$PY benchmarks/ddp_scaling.py ${DDP_ARGS:-}; if [[ ${DDP_PROFILE:-0} == 1 ]]; then \
+        # *.json.gz, copied to the results). DDP_ARGS_NEXT="...": a second run right after the first (a
+        # diagnostic flag set; it writes its own file), so the GPUs never idle between the two
+        launch ddp bash -c "$PY benchmarks/ddp_scaling.py ${DDP_ARGS:-}; \
+            if [[ -n '${DDP_ARGS_NEXT:-}' ]]; then $PY benchmarks/ddp_scaling.py ${DDP_ARGS_NEXT:-}; fi; \
+            if [[ ${DDP_PROFILE:-0} == 1 ]]; then \
             $PY benchmarks/ddp_scaling.py --profile runs/ddp_profile --repeats 1 && mkdir -p benchmarks/results/raw/ddp_profile \
             && cp runs/ddp_profile/*.txt runs/ddp_profile/*.json.gz benchmarks/results/raw/ddp_profile/; fi"
     elif [[ $group == probe ]]; then
