@@ -312,9 +312,31 @@ def run_many(runs: list[GlueRun], out_jsonl: str | os.PathLike, workers: int = 4
     keys = [r.key for r in runs]
     if len(set(keys)) != len(keys):
         raise ValueError("runs must have distinct keys (tag/task/seed)")
+    check_stored_budgets(runs, out_jsonl)
     ordered = sorted(runs, key=lambda r: -(r.steps or (r.epochs or 1) * _TRAIN_SIZE.get(r.task, 1) / r.batch_size))
     results = run_pool({r.key: dataclasses.asdict(r) for r in ordered}, _glue_job, out_jsonl, workers, device, threads)
     return [results[k] for k in keys]
+
+
+#: what a stored run must share with a requested run of the same key to count as that run (the key
+#: names tag, task and seed only; session 10's IncreLoRA run at 3,000 SST-2 steps reused LoRA's
+#: 1,000-step rows this way, so its comparison was not at the same budget)
+BUDGET_FIELDS = ("method", "steps", "epochs", "lr", "batch_size", "max_length", "holdout", "max_samples")
+
+
+def check_stored_budgets(runs: Iterable[GlueRun], out_jsonl: str | os.PathLike) -> None:
+    """Raise ``ValueError`` when ``out_jsonl`` holds a finished run under the key of one of ``runs`` but
+    with another training budget or rate (:data:`BUDGET_FIELDS`): that row would be reused silently."""
+    stored = {r["key"]: r for r in read_jsonl(str(out_jsonl)) if "error" not in r}
+    for run in runs:
+        row = stored.get(run.key)
+        if row is None:
+            continue
+        asked = dataclasses.asdict(run)
+        diff = [f"{f}={row.get(f)!r} stored, {asked[f]!r} asked" for f in BUDGET_FIELDS if row.get(f) != asked[f]]
+        if diff:
+            raise ValueError(f"{out_jsonl}: run {run.key!r} is stored with another budget ({'; '.join(diff)}); "
+                             "give the new run its own tag or remove the stored row")
 
 
 #: training examples per task (orders the queue: long runs first)

@@ -74,3 +74,18 @@ def test_run_pool_records_failures_resumes_and_skips_done_runs(tmp_path):
     jobs["bad"]["fail"] = False  # a failed run is retried on the next call
     results = gh.run_pool(jobs, _job, raw, workers=1, threads=1)
     assert {k: r["value"] for k, r in results.items()} == {"done": 99, "new": 42, "bad": 2}
+
+
+def test_run_many_refuses_a_stored_run_of_the_same_key_at_another_budget(tmp_path, monkeypatch):
+    """Session 10's IncreLoRA run at 3,000 SST-2 steps reused LoRA's stored 1,000-step rows (the key
+    names tag, task and seed only): a stored row must match the budget and rate to count as done."""
+    raw = tmp_path / "runs.jsonl"
+    stored = gh.GlueRun("lora", "sst2", 0, lr=2e-3, steps=1000)
+    raw.write_text(json.dumps({**vars(stored), "key": stored.key, "accuracy": 0.87}) + "\n")
+    monkeypatch.setattr(gh, "run_pool", lambda jobs, *a, **k: {key: {"key": key} for key in jobs})
+    for changed in (dict(steps=3000), dict(lr=1e-3), dict(epochs=1.0, steps=None)):
+        asked = gh.GlueRun("lora", "sst2", 0, **{"lr": 2e-3, "steps": 1000, **changed})
+        with pytest.raises(ValueError, match="lora/sst2/seed0.*another budget"):
+            gh.run_many([asked], raw)
+    gh.run_many([gh.GlueRun("lora", "sst2", 0, lr=2e-3, steps=1000)], raw)  # the same budget: reused
+    gh.run_many([gh.GlueRun("lora", "sst2", 0, lr=2e-3, steps=3000, tag="lora/s3000")], raw)  # its own tag

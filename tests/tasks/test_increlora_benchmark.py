@@ -30,3 +30,29 @@ def test_code_default_rank_num_and_dropout_variant():
     runs = g.make_runs(args, {"rte": 1400, "sst2": 1000}, {}, {"lora": 2e-3, "increlora": 1e-2})
     tags = {r.tag for r in runs}
     assert tags == {"lora", "increlora/lr0.01/k4/do0.3"}  # never counted as done by default runs
+
+
+def test_other_step_budgets_get_their_own_tags_for_both_methods():
+    args = g.parse_args(["--incre-rank-num", "4", "--increlora-dropout", "0.3"])
+    runs = g.make_runs(args, {"rte": 1400, "sst2": 3000}, {}, {"lora": 2e-3, "increlora": 1e-2})
+    tags = {(r.task, r.tag) for r in runs}
+    assert tags == {("rte", "lora"), ("rte", "increlora/lr0.01/k4/do0.3"),
+                    ("sst2", "lora/s3000"), ("sst2", "increlora/lr0.01/k4/do0.3/s3000")}
+    assert {r.steps for r in runs if r.task == "sst2"} == {3000}
+
+
+def test_committed_runs_are_reused_only_at_their_own_budget():
+    """The recorded commands find their stored rows (no conflict); the 3,000-step command trains only
+    LoRA at 3,000 steps, which session 10 never ran."""
+    from benchmarks.glue_harness import check_stored_budgets, read_jsonl
+
+    raw = "benchmarks/results/increlora_glue_runs.jsonl"
+    stored = {r["key"] for r in read_jsonl(raw) if "error" not in r}
+    lrs = {"lora": 2e-3, "increlora": 1e-2}
+    runs = g.make_runs(g.parse_args(["--sst2-steps", "1000"]), {"rte": 1400, "sst2": 1000}, {}, lrs)
+    check_stored_budgets(runs, raw)
+    assert all(r.key in stored for r in runs)
+    args = g.parse_args(["--sst2-steps", "3000", "--incre-rank-num", "4", "--increlora-dropout", "0.3"])
+    runs = g.make_runs(args, {"rte": 1400, "sst2": 3000}, {}, lrs)
+    check_stored_budgets(runs, raw)
+    assert sorted(r.key for r in runs if r.key not in stored) == [f"lora/s3000/sst2/seed{s}" for s in range(3)]
