@@ -41,8 +41,16 @@ method, mean/std over seeds of accuracy (points), trainable parameters and layer
 bar's keys ``rte_gain_vs_lora`` and ``sst2_gain_vs_lora`` (Flexora minus LoRA mean accuracy, points)
 and ``trainable_params_ratio_vs_lora`` (mean Flexora trainable parameters over LoRA's, head and
 pooler included, both tasks pooled; ``adapter_params_ratio_vs_lora`` counts the LoRA factors only).
-Per-run rows go to ``<out>/flexora_glue_runs.jsonl`` (resumable; keyed by tag/task/seed, not by the
-step counts, so a run with other ``--*-steps`` needs another ``--out``).
+Per-run rows go to ``<out>/flexora_glue_runs.jsonl`` (resumable; keyed by tag/task/seed: runs at a
+step budget other than the stored untagged ones' are tagged ``/s<steps>``, and ``glue_harness``
+refuses to reuse a stored run of the same key at another budget).
+
+``--retrain-budget full`` (session 12, after an audit of the official code, kithib/Flexora): there the
+search is a run of its own and the retraining a fresh run with exactly the LoRA baseline's recipe;
+here by default (``shared``) the search's steps come out of LoRA's budget, so the retraining gets
+80% of LoRA's steps. ``full`` gives the retraining LoRA's whole budget and runs the search on top
+(Flexora's runs tagged ``/full``; ``flexora_glue_retrain_full.json``). The learning rates still come
+from the ``shared`` sweep.
 
     python benchmarks/flexora_glue.py                 # full run on a GPU (~4-6 min on one H200, plus the sweep)
     python benchmarks/flexora_glue.py --smoke         # CPU smoke: tiny subsets, a few steps, temp dir
@@ -82,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rte-steps", type=int, default=1400, help="optimizer steps on RTE (~20 epochs of the 90%% train)")
     p.add_argument("--sst2-steps", type=int, default=2000, help="optimizer steps on SST-2 (~1 epoch)")
     p.add_argument("--search-fraction", type=float, default=0.2, help="share of the steps Flexora searches")
+    p.add_argument("--retrain-budget", choices=["shared", "full"], default="shared",
+                   help="shared: Flexora's search comes out of LoRA's step budget (sessions 3-11); full: "
+                        "the search comes on top and the retraining gets LoRA's full budget, as in the "
+                        "official code (search and retraining are separate runs there); writes "
+                        "flexora_glue_retrain_full.json")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--lr", type=float, default=None,
@@ -128,16 +141,27 @@ def choose_lrs(args: argparse.Namespace, extra: dict[str, Any], out_dir: Path, w
         threads=1 if args.smoke else 2, extend=not args.smoke)
 
 
+#: the step budgets the raw file's runs without a step tag were trained at
+UNTAGGED_STEPS = {"rte": 1400, "sst2": 1000}
+
+
 def make_runs(args: argparse.Namespace, steps: dict[str, int], extra: dict[str, Any],
               lrs: dict[str, float]) -> list[GlueRun]:
+    """Both methods' runs. A budget other than the untagged runs' is tagged ``/s<steps>`` for both
+    methods, and ``--retrain-budget full`` tags Flexora's ``/full``: the raw file keys runs by tag, task
+    and seed, and ``glue_harness`` refuses a key stored at another budget."""
     runs: list[GlueRun] = []
     for task in TASKS:
+        budget = "" if steps[task] == UNTAGGED_STEPS[task] else f"/s{steps[task]}"
         for seed in args.seeds:
-            common = dict(task=task, seed=seed, steps=steps[task], holdout=True, **extra)
             for m in METHODS:
+                kwargs = method_kwargs(args, m, steps[task])
+                run_steps, suffix = steps[task], budget
+                if m == "flexora" and args.retrain_budget == "full":  # the search on top of LoRA's budget
+                    run_steps, suffix = steps[task] + kwargs["search_steps"], budget + "/full"
                 # plain tag only at FIXED_LR: the raw file's runs from before the sweep are at that rate
-                runs.append(GlueRun(m, method_kwargs=method_kwargs(args, m, steps[task]), lr=lrs[m],
-                                    tag=rate_tag(m, lrs[m], [FIXED_LR]), **common))
+                runs.append(GlueRun(m, method_kwargs=kwargs, lr=lrs[m], tag=rate_tag(m, lrs[m], [FIXED_LR]) + suffix,
+                                    task=task, seed=seed, steps=run_steps, holdout=True, **extra))
     return runs
 
 
@@ -203,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                        threads=1 if args.smoke else 2)
     metrics = summarise(results)
     metrics.update(rte_steps=steps["rte"], sst2_steps=steps["sst2"], search_fraction=args.search_fraction,
+                   retrain_full_budget=int(args.retrain_budget == "full"),
                    r=args.r, alpha=args.alpha, gate_lr=args.gate_lr, gate_batches=args.gate_batches,
                    gate_batch_size=args.gate_batch_size, lr_swept=int(args.lr is None),
                    wall_seconds=time.perf_counter() - start)
@@ -224,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print(f"smoke run: no result file written (runs in {out_dir})")
         return 0
-    path = write_result(NAME, metrics, command=command, directory=out_dir)
+    name = NAME + ("_retrain_full" if args.retrain_budget == "full" else "")
+    path = write_result(name, metrics, command=command, directory=out_dir)
     print(f"wrote {path}")
     return 0
 

@@ -81,7 +81,8 @@ start)
         # per-method rate grids extended past their edges (#4 bars 2 and 3)
         # INCRE_STEPS/INCRE_ARGS: e.g. 3000 and "--incre-rank-num 4 --increlora-dropout 0.3" (session 7 review)
         launch increlora $PY benchmarks/increlora_glue.py --sst2-steps ${INCRE_STEPS:-1000} ${INCRE_ARGS:-} --workers ${GLUE_WORKERS:-3}
-        launch flexora $PY benchmarks/flexora_glue.py --sst2-steps 1000 --workers ${GLUE_WORKERS:-3}
+        # FLEXORA_ARGS: e.g. "--retrain-budget full" (session 12: the official code's budget)
+        launch flexora $PY benchmarks/flexora_glue.py --sst2-steps 1000 ${FLEXORA_ARGS:-} --workers ${GLUE_WORKERS:-3}
     elif [[ $group == smollm2 ]]; then
         # the lncRNA FASTA files may travel in .carry/lnc_* (the checkout slimmed to make room for weights)
         if compgen -G ".carry/lnc_*/*.fa.gz" >/dev/null; then mkdir -p $W/data/lncrna && cp .carry/lnc_*/*.fa.gz $W/data/lncrna/; fi
