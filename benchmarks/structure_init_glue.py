@@ -18,6 +18,8 @@ Ranks (MiniLM: hidden 384, intermediate 1536; every Linear of the encoder adapte
   r = 21 (``lora_sb_r21``: 20.9 times fewer, the largest core the bar's 20-times budget allows).
 - SMoRA: 64 rank-1 experts, top-8 active per token (the FLOPs of a rank-8 LoRA).
 - ALLoRA: η = 1 (the paper's value is not public; METHODS.md §5); no dropout, s = 1 (forced).
+  ``allora_update``: η = 10 with ``apply_to="update"`` (the optimizer's update scaled, not the
+  gradient: under AdamW only this form changes B's first steps; ``allora_update_gain_vs_lora_rte``).
 
 Keys (points, mean over tasks and seeds, method minus LoRA): ``lora_sb_gain_vs_lora``,
 ``allora_gain_vs_lora_rte`` (RTE only, the short run), ``nlora_gain_vs_lora``, and
@@ -72,12 +74,18 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "nlora_rtol03": ("nlora", {"r": 8, "dropout": 0.05, "pinv_rtol": 0.3}),
     "inttune": ("inttune", {"r": 8, "dropout": 0.05}),
     "allora": ("allora", {"r": 8, "eta": 1.0}),
+    # the update form (session 12): under AdamW a gradient scaled by c is divided by c again, so at η = 1
+    # the gradient form above is LoRA at s = 1 with a mild per-row slowdown; scaling the update gives B at
+    # zero its η-times larger step. η = 10 fixed beforehand (METHODS.md §5 leaves η open), not swept
+    "allora_update": ("allora", {"r": 8, "eta": 10.0, "apply_to": "update"}),
     "ffa_lora": ("ffa_lora", {"r": 8, "dropout": 0.05}),
     "smora": ("smora", {"r": 64, "top_k": 8, "dropout": 0.05}),
 }
 LR_GRID = (5e-4, 1e-3, 2e-3, 5e-3)
 #: methods swept over another grid (chosen the same way, on the carved slice)
 LR_GRIDS: dict[str, tuple[float, ...]] = {"nlora_small_lr": (1e-5, 3e-5, 1e-4, 2e-4),
+                                          # B's first steps are up to η = 10 times the optimizer's: lower rates too
+                                          "allora_update": (1e-4, 3e-4, 1e-3, 2e-3),
                                           "nlora_rtol01": (3e-5, 1e-4, 3e-4, 1e-3),
                                           "nlora_rtol03": (1e-4, 3e-4, 1e-3, 2e-3)}
 #: swept too when a method's best rate is the top of its grid (session 5: LoRA-SB, FFA-LoRA, IntTune
@@ -136,8 +144,9 @@ def summarise(results: list[dict[str, Any]], tags: list[str], lrs: dict[str, flo
     for t in tags:
         if t != "lora":
             m[f"{t}_gain_vs_lora"] = gain(t)
-    if "allora" in tags:  # (--only / --smoke run a subset)
-        m["allora_gain_vs_lora_rte"] = gain("allora", ("rte",))
+    for t in ("allora", "allora_update"):  # (--only / --smoke run a subset)
+        if t in tags:
+            m[f"{t}_gain_vs_lora_rte"] = gain(t, ("rte",))
     for t in ("lora_sb", "lora_sb_r21"):
         if t in tags:
             m[f"{t}_param_reduction"] = m["lora_adapter_params"] / m[f"{t}_adapter_params"]

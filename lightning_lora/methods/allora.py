@@ -14,6 +14,8 @@ last backward of an accumulation window only (so accumulated gradients are scale
 AMP unscaling (the scaling is linear, so the order does not matter) and before gradient clipping,
 as METHODS §5's algorithm asks. With manual optimisation the hook scales after every
 ``manual_backward``; use :class:`lightning_lora.optim.ALLoRAOptimizer` there when accumulating.
+With ``apply_to="update"`` the optimizer's update is scaled instead (``θ_pre + c(θ_pre)(θ_post −
+θ_pre)``): :meth:`ALLoRA.on_fit_start` hooks it into the step of each of the fit's optimizers.
 
 [unconfirmed] in METHODS §5, with the choices made here: the coefficient form (above) and η (no
 default: ``eta`` is required); granularity (``"row"`` default, ``"tensor"``, ``"element"``);
@@ -29,7 +31,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig, Method, register
 from ..core.layer import AdapterLayer
-from ..optim.allora import GRANULARITIES, scale_gradients
+from ..optim.allora import GRANULARITIES, install_update_scaling, scale_gradients
 from .lora import LoRA, LoRAConfig, LoRALinear
 
 
@@ -41,6 +43,11 @@ class ALLoRAConfig(AdapterConfig):
         r: rank.
         eta: η of ``c(θ) = 1/sqrt(‖θ‖² + 1/η²)``; required (the paper's value is unconfirmed).
         granularity: ``"row"`` (default), ``"tensor"`` or ``"element"``.
+        apply_to: ``"grad"`` (default, the paper's wording) scales the gradients before the step;
+            ``"update"`` scales the optimizer's update instead, ``θ ← θ_pre + c(θ_pre)(θ_post − θ_pre)``
+            (:class:`lightning_lora.optim.UpdateScaling`). Under Adam a gradient scaled by ``c`` is
+            divided by ``c`` again, so only ``"update"`` gives B at zero its η-times larger step
+            (METHODS.md §5, "Interaction with Adam").
         init: A's init, as :class:`LoRAConfig` (``"kaiming"`` default, or ``"gaussian"``).
         fused, adapter_dtype: as :class:`LoRAConfig`.
     """
@@ -48,6 +55,7 @@ class ALLoRAConfig(AdapterConfig):
     r: int = 8
     eta: float | None = None
     granularity: str = "row"
+    apply_to: str = "grad"
     init: str = "kaiming"
     fused: bool = True
     adapter_dtype: str = "float32"
@@ -60,6 +68,8 @@ class ALLoRAConfig(AdapterConfig):
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not self.eta > 0:
             raise ValueError(f"ALLoRA needs eta > 0, got {self.eta!r}")
+        if self.apply_to not in ("grad", "update"):
+            raise ValueError(f"apply_to must be 'grad' or 'update', got {self.apply_to!r}")
         self.lora_config()  # validates r and init
 
     def lora_config(self) -> LoRAConfig:
@@ -89,15 +99,41 @@ class ALLoRA(Method):
     def to_peft_config(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
         return LoRA(self.config.lora_config()).to_peft_config(layers)  # type: ignore[attr-defined]
 
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__(config)
+        self._update_hooks: list[Any] = []  # step-hook handles of apply_to="update"
+
+    @staticmethod
+    def _params(layers: dict[str, AdapterLayer]) -> list[nn.Parameter]:
+        return [
+            p for layer in layers.values() for n in layer.adapter_param_names
+            if isinstance(p := getattr(layer, n, None), nn.Parameter) and p.requires_grad
+        ]
+
+    def on_fit_start(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
+        """``apply_to="update"``: hook the update rule into the step of every optimizer of the fit that
+        holds adapter parameters (Lightning's optimizers are plain torch optimizers)."""
+        for handle in self._update_hooks:  # a second fit: the previous fit's optimizers are done
+            handle.remove()
+        self._update_hooks = []
+        if self.config.apply_to != "update":  # type: ignore[attr-defined]
+            return
+        params = self._params(layers)
+        for opt in getattr(trainer, "optimizers", []):
+            held = {id(p) for group in opt.param_groups for p in group["params"]}
+            mine = [p for p in params if id(p) in held]
+            if mine:
+                self._update_hooks += install_update_scaling(
+                    opt, mine, self.config.eta, self.config.granularity)  # type: ignore[attr-defined]
+
     def on_after_backward(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
-        """Scale the adapter gradients once per optimizer step (see the module docstring)."""
+        """Scale the adapter gradients once per optimizer step (see the module docstring); nothing with
+        ``apply_to="update"`` (the optimizer's step hooks do the work)."""
+        if self.config.apply_to != "grad":  # type: ignore[attr-defined]
+            return
         if getattr(pl_module, "automatic_optimization", True):
             fit_loop = getattr(trainer, "fit_loop", None)
             if fit_loop is not None and fit_loop._should_accumulate():
                 return  # not the last micro-batch: scale the accumulated gradient once, later
-        params = [
-            p for layer in layers.values() for n in layer.adapter_param_names
-            if isinstance(p := getattr(layer, n, None), nn.Parameter) and p.requires_grad
-        ]
-        scale_gradients(params, self.config.eta, self.config.granularity)  # type: ignore[attr-defined]
+        scale_gradients(self._params(layers), self.config.eta, self.config.granularity)  # type: ignore[attr-defined]
 

@@ -21,6 +21,7 @@ Entry points (all agree bit for bit; tested):
   optimizer's step instead of the gradient (METHODS §5 open choice: Adam's per-coordinate
   normalisation cancels a constant gradient rescale, so under Adam only the change of c over time
   matters; default ``"grad"``, the paper's wording);
+- :func:`install_update_scaling` — the update form on an unwrapped optimizer, through its step hooks;
 - the ``allora`` method's ``on_after_backward`` hook, driven by :class:`lightning_lora.AdapterCallback`.
 """
 
@@ -127,6 +128,56 @@ def scale_gradients(
             torch._foreach_copy_(grads, list(scaled.unbind(0)))
 
 
+class UpdateScaling:
+    """ALLoRA on the optimizer's update (``apply_to="update"``): ``θ ← θ_pre + c(θ_pre)·(θ_post − θ_pre)``.
+
+    :meth:`before` keeps the pre-step values and their coefficients, :meth:`after` rescales what the
+    step changed. Under Adam this is the form that keeps ALLoRA's mechanism: Adam divides a gradient
+    scaled by a constant ``c`` by the same ``c`` again, so scaling the gradient only matters through
+    the change of ``c`` over time (METHODS.md §5, "Interaction with Adam"), while scaling the update
+    gives a zero-norm unit (B at init) an η times larger step. Parameters of one shape, dtype and
+    device are handled together (a handful of kernels per group, not per tensor). Every parameter is
+    kept, with or without a gradient: under Lightning the step's closure (forward and backward) runs
+    inside ``step()``, after the step's pre-hooks, so gradients do not exist yet in :meth:`before`; a
+    parameter the step does not move comes out unchanged (``θ_post = θ_pre``).
+    """
+
+    def __init__(self, eta: float, granularity: str = "row") -> None:
+        _check(eta, granularity)
+        self.eta, self.granularity = eta, granularity
+        self._saved: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def before(self, params: Iterable[torch.Tensor]) -> None:
+        groups: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        for p in params:
+            groups.setdefault((p.shape, p.dtype, p.device), []).append(p)
+        # (stack copies: the pre-step values survive the optimizer's in-place step)
+        self._saved = [(group, old := torch.stack([p.detach() for p in group]),
+                        _coefficients(old.float(), self.eta, self.granularity, 1))  # type: ignore[arg-type]
+                       for group in groups.values()]
+
+    @torch.no_grad()
+    def after(self) -> None:
+        for group, old, c in self._saved:
+            new = torch.stack([p.detach() for p in group])
+            scaled = (old.float() + c * (new.float() - old.float())).to(old.dtype)
+            torch._foreach_copy_(group, list(scaled.unbind(0)))
+        self._saved = []
+
+
+def install_update_scaling(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], eta: float,
+                           granularity: str = "row") -> tuple[Any, Any]:
+    """Scale every ``step()`` of ``optimizer`` on ``params`` by ALLoRA's update rule (:class:`UpdateScaling`),
+    through the optimizer's step pre- and post-hooks, so any torch optimizer works unwrapped (the
+    ``allora`` method installs it on Lightning's optimizers when ``apply_to="update"``). Returns the two
+    hook handles (``.remove()`` them to stop)."""
+    scaling, params = UpdateScaling(eta, granularity), list(params)
+    pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: scaling.before(params))
+    post = optimizer.register_step_post_hook(lambda opt, args, kwargs: scaling.after())
+    return pre, post
+
+
 class ALLoRAOptimizer(torch.optim.Optimizer):
     """Wraps any torch optimizer: ``step()`` applies ALLoRA scaling, then the inner step.
 
@@ -212,12 +263,10 @@ class ALLoRAOptimizer(torch.optim.Optimizer):
             scale_gradients(params, self.eta, self.granularity)
             self.optimizer.step()
             return loss
-        with torch.no_grad():
-            before = [(p, p.detach().clone(), allora_coefficient(p, self.eta, self.granularity)) for p in params]
+        scaling = UpdateScaling(self.eta, self.granularity)
+        scaling.before(params)
         self.optimizer.step()
-        with torch.no_grad():
-            for p, old, c in before:
-                p.copy_((old.float() + c * (p.float() - old.float())).to(p.dtype))
+        scaling.after()
         return loss
 
     def __repr__(self) -> str:

@@ -14,7 +14,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lora as ll
-from lightning_lora.optim import ALLoRAOptimizer, adapter_parameters, allora_coefficient, scale_gradients
+from lightning_lora.optim import (
+    ALLoRAOptimizer,
+    adapter_parameters,
+    allora_coefficient,
+    install_update_scaling,
+    scale_gradients,
+)
 
 ETA = 4.0
 
@@ -262,3 +268,81 @@ def test_grouped_scaling_equals_one_tensor_at_a_time(granularity, dtype):
         assert (p.grad is None) == (q.grad is None)
         if p.grad is not None:
             assert p.grad.dtype == dtype and torch.equal(p.grad, q.grad)
+
+
+# ---- apply_to="update": the update form, through the config and Lightning ------------------------
+def test_update_form_config_is_validated():
+    with pytest.raises(ValueError, match="apply_to"):
+        ll.make_config("allora", r=2, eta=ETA, apply_to="gradient")
+    assert ll.make_config("allora", r=2, eta=ETA, apply_to="update").apply_to == "update"
+
+
+class _AdamModule(_Module):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(ll.trainable_parameters(self), lr=1e-3, weight_decay=0.0)
+
+
+def _fit_one_step(tmp_path, apply_to: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    x, y = _data()
+    module = _AdamModule()
+    cb = ll.AdapterCallback("allora", r=2, eta=10.0, apply_to=apply_to, target="net", target_modules=["0", "2"])
+    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=tmp_path)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        ll.inject_adapter(module.net, "allora", cb.config)  # the same init in both runs, before fit
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    after = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return before, after
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_update_form_under_adam_gives_b_at_zero_an_eta_times_larger_step(tmp_path):
+    """Adam's first step is ±lr per coordinate whatever the gradient's scale, so scaling B's gradient
+    by c(0) = η changes nothing (apply_to="grad") while scaling the update moves B by η·lr."""
+    steps = {}
+    for apply_to in ("grad", "update"):
+        before, after = _fit_one_step(tmp_path / apply_to, apply_to)
+        steps[apply_to] = {n: after[n] - before[n] for n in before if n.endswith("lora_B")}
+    for n, grad_step in steps["grad"].items():
+        moved = grad_step.abs() > 0
+        assert moved.any()
+        torch.testing.assert_close(grad_step.abs()[moved], torch.full_like(grad_step[moved], 1e-3), rtol=1e-3, atol=0)
+        torch.testing.assert_close(steps["update"][n], 10.0 * grad_step, rtol=1e-4, atol=1e-9)
+
+
+def test_hooks_and_wrapper_agree_bitwise_and_use_pre_step_coefficients():
+    x, y = _data()
+    results = []
+    for mechanism in ("wrapper", "hooks"):
+        model = _perturbed()
+        inner = torch.optim.AdamW(ll.trainable_parameters(model), lr=1e-2)
+        if mechanism == "wrapper":
+            opt = ALLoRAOptimizer(inner, eta=ETA, apply_to="update", params=adapter_parameters(model))
+        else:
+            opt = inner
+            handles = install_update_scaling(inner, adapter_parameters(model), ETA)
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for handle in handles:
+        handle.remove()
+    for n, p in results[0].items():
+        assert torch.equal(p, results[1][n]), n
+    # by hand, one step: θ_pre + c(θ_pre)·(θ_post − θ_pre) with the plain AdamW step
+    model, plain = _perturbed(), _perturbed()
+    for m in (model, plain):
+        opt = torch.optim.AdamW(ll.trainable_parameters(m), lr=1e-2)
+        if m is model:
+            install_update_scaling(opt, adapter_parameters(m), ETA)
+        pre = {n: p.detach().clone() for n, p in m.named_parameters()}
+        _loss(m, x, y).backward()
+        opt.step()
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        if any(p is a for a in adapter_parameters(model)):
+            expected = pre[n] + allora_coefficient(pre[n], ETA) * (q.detach() - pre[n])
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7, msg=n)
