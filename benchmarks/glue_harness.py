@@ -333,7 +333,9 @@ def check_stored_budgets(runs: Iterable[GlueRun], out_jsonl: str | os.PathLike) 
         if row is None:
             continue
         asked = dataclasses.asdict(run)
-        diff = [f"{f}={row.get(f)!r} stored, {asked[f]!r} asked" for f in BUDGET_FIELDS if row.get(f) != asked[f]]
+        # an epoch-budget run (steps None) is stored with the step count its epochs came to
+        fields = [f for f in BUDGET_FIELDS if not (f == "steps" and asked["steps"] is None)]
+        diff = [f"{f}={row.get(f)!r} stored, {asked[f]!r} asked" for f in fields if row.get(f) != asked[f]]
         if diff:
             raise ValueError(f"{out_jsonl}: run {run.key!r} is stored with another budget ({'; '.join(diff)}); "
                              "give the new run its own tag or remove the stored row")

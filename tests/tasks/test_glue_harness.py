@@ -89,3 +89,10 @@ def test_run_many_refuses_a_stored_run_of_the_same_key_at_another_budget(tmp_pat
             gh.run_many([asked], raw)
     gh.run_many([gh.GlueRun("lora", "sst2", 0, lr=2e-3, steps=1000)], raw)  # the same budget: reused
     gh.run_many([gh.GlueRun("lora", "sst2", 0, lr=2e-3, steps=3000, tag="lora/s3000")], raw)  # its own tag
+    # an epoch-budget run is stored with the step count its epochs came to: still the same run
+    epochs = gh.GlueRun("lora", "rte", 0, lr=2e-3, epochs=3.0)
+    with raw.open("a") as fh:
+        fh.write(json.dumps({**vars(epochs), "steps": 234, "key": epochs.key}) + "\n")
+    gh.run_many([epochs], raw)
+    with pytest.raises(ValueError, match="epochs=3.0 stored, 2.0 asked"):
+        gh.run_many([gh.GlueRun("lora", "rte", 0, lr=2e-3, epochs=2.0)], raw)
