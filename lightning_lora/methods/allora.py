@@ -31,7 +31,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig, Method, register
 from ..core.layer import AdapterLayer
-from ..optim.allora import GRANULARITIES, install_update_scaling, scale_gradients
+from ..optim.allora import GRANULARITIES, ALLoRAOptimizer, install_update_scaling, scale_gradients
 from .lora import LoRA, LoRAConfig, LoRALinear
 
 
@@ -116,6 +116,11 @@ class ALLoRA(Method):
         for handle in self._update_hooks:  # a second fit: the previous fit's optimizers are done
             handle.remove()
         self._update_hooks = []
+        for opt in getattr(trainer, "optimizers", []):
+            if isinstance(opt, ALLoRAOptimizer):
+                raise ValueError("configure_optimizers returned an ALLoRAOptimizer, but the allora method under "
+                                 "AdapterCallback already scales (apply_to=%r): the scaling would apply twice; "
+                                 "return the plain optimizer" % self.config.apply_to)  # type: ignore[attr-defined]
         if self.config.apply_to != "update":  # type: ignore[attr-defined]
             return
         params = self._params(layers)

@@ -346,3 +346,18 @@ def test_hooks_and_wrapper_agree_bitwise_and_use_pre_step_coefficients():
         if any(p is a for a in adapter_parameters(model)):
             expected = pre[n] + allora_coefficient(pre[n], ETA) * (q.detach() - pre[n])
             torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7, msg=n)
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_callback_refuses_a_wrapped_optimizer_that_would_scale_twice(tmp_path):
+    class Wrapped(_Module):
+        def configure_optimizers(self):
+            return ALLoRAOptimizer(torch.optim.SGD(ll.trainable_parameters(self), lr=0.2), eta=ETA)
+
+    x, y = _data()
+    cb = ll.AdapterCallback("allora", r=2, eta=ETA, target="net", target_modules=["0", "2"])
+    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="scaling would apply twice"):
+        trainer.fit(Wrapped(), DataLoader(TensorDataset(x, y), batch_size=8))
