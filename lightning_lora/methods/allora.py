@@ -13,7 +13,9 @@ Lightning the :meth:`ALLoRA.on_after_backward` hook does it (AdapterCallback cal
 last backward of an accumulation window only (so accumulated gradients are scaled once), before
 AMP unscaling (the scaling is linear, so the order does not matter) and before gradient clipping,
 as METHODS §5's algorithm asks. With manual optimisation the hook scales after every
-``manual_backward``; use :class:`lightning_lora.optim.ALLoRAOptimizer` there when accumulating.
+``manual_backward``; to accumulate gradients there, inject with :func:`lightning_lora.inject_adapter`
+and wrap the optimizer in :class:`lightning_lora.optim.ALLoRAOptimizer` instead of using the callback
+(with the callback too, the scaling would apply twice: ``on_fit_start`` refuses that).
 With ``apply_to="update"`` the optimizer's update is scaled instead (``θ_pre + c(θ_pre)(θ_post −
 θ_pre)``): :meth:`ALLoRA.on_fit_start` hooks it into the step of each of the fit's optimizers.
 
