@@ -69,11 +69,18 @@ LR = 1e-3
 BASELINES = ("ta_sum", "ta_mean", "ties")
 
 
-def make_runs(smoke: bool, seeds: tuple[int, ...]) -> list[GlueRun]:
-    if smoke:
-        return [GlueRun("lora", t, s, LORA, lr=LR, steps=3, max_samples=64, max_eval_samples=32, tag="lego_src")
-                for t in TASKS for s in seeds]
-    return [GlueRun("lora", t, s, LORA, lr=LR, epochs=EPOCHS[t], tag="lego_src") for t in TASKS for s in seeds]
+#: ``--init-per-task``: task i of seed s trains with seed ``s + INIT_STRIDE * i`` (its own LoRA init)
+INIT_STRIDE = 1000
+
+
+def make_runs(smoke: bool, seeds: tuple[int, ...], init_per_task: bool = False) -> list[GlueRun]:
+    """The 12 source runs. By default the four LoRAs of a seed share that seed, so they start from the
+    same A (``seed_everything`` before injection); ``init_per_task`` gives each task its own seed."""
+    tag = "lego_src_it" if init_per_task else "lego_src"
+    size = dict(steps=3, max_samples=64, max_eval_samples=32) if smoke else {}
+    return [GlueRun("lora", t, s + (INIT_STRIDE * i if init_per_task else 0), LORA, lr=LR, tag=tag,
+                    **(size or {"epochs": EPOCHS[t]}))
+            for i, t in enumerate(TASKS) for s in seeds]
 
 
 def _train_one(run: dict[str, Any], adapter_dir: str, out_jsonl: str, threads: int) -> dict[str, Any]:
@@ -114,8 +121,9 @@ def train_all(runs: list[GlueRun], root: Path, workers: int, threads: int) -> di
 
 def merge_and_score(runs: list[GlueRun], root: Path, seed: int, device: torch.device, k_all: int
                     ) -> dict[str, dict[str, dict[str, float]]]:
-    """merge -> task -> scores, for the four LoRAs of ``seed``."""
-    mine = {r.task: r for r in runs if r.seed == seed}
+    """merge -> task -> scores, for the four LoRAs of ``seed`` (with ``--init-per-task``: of seeds
+    ``seed + INIT_STRIDE * i``)."""
+    mine = {r.task: r for r in runs if r.seed % INIT_STRIDE == seed}
     model, tokenizer = load_minilm(num_labels=2)
     for task, run in mine.items():
         multi.load_adapter_as(model, adapter_path(root, run), task)
@@ -185,12 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter-dir", default=None,
                    help="where the 12 source LoRAs are saved (resumable; default: <tmp>/lego_glue_adapters)")
     p.add_argument("--smoke", action="store_true", help="tiny subsets, a few steps, one seed, on CPU; writes nothing")
+    p.add_argument("--init-per-task", action="store_true",
+                   help="each task's LoRA from its own seed (by default the four LoRAs of a seed start from the "
+                        "same A, which keeps their sum close to rank 8 and favours the SVD-of-the-sum baselines); "
+                        "writes lego_glue_init_per_task.json")
     args = p.parse_args(argv)
     seeds = (0,) if args.smoke else SEEDS
     out_dir = Path(tempfile.mkdtemp(prefix="lego_glue_smoke_")) if args.smoke else Path(args.out or "benchmarks/results")
     default_root = out_dir / "lego_glue_adapters" if args.smoke else Path(tempfile.gettempdir()) / "lego_glue_adapters"
     root = Path(args.adapter_dir) if args.adapter_dir else default_root
-    runs = make_runs(args.smoke, seeds)
+    runs = make_runs(args.smoke, seeds, args.init_per_task)
     start = time.perf_counter()
     trained = train_all(runs, root, 1 if args.smoke else args.workers, args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -199,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     with _quiet():
         per_seed = [merge_and_score(runs, root, s, device, k_all) for s in seeds]
     for s, scores in zip(seeds, per_seed):  # loaded adapters score as they did right after training
-        for task in TASKS:
-            got, want = scores["single"][task]["accuracy"], trained[f"lego_src/{task}/seed{s}"]["accuracy"]
+        for run in (r for r in runs if r.seed % INIT_STRIDE == s):
+            task = run.task
+            got, want = scores["single"][task]["accuracy"], trained[run.key]["accuracy"]
             if abs(got - want) > 1e-6:
                 print(f"WARNING: {task} seed {s}: reloaded adapter scores {got:.4f}, after training {want:.4f}")
     metrics = summarise(per_seed)
@@ -209,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print(f"smoke run: nothing written (adapters in {root})")
         return 0
-    path = write_result("lego_glue", metrics, command=current_command(), directory=out_dir)
+    metrics["init_per_task"] = int(args.init_per_task)
+    name = "lego_glue_init_per_task" if args.init_per_task else "lego_glue"
+    path = write_result(name, metrics, command=current_command(), directory=out_dir)
     print(f"wrote {path}")
     return 0
 

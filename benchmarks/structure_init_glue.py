@@ -15,7 +15,9 @@ Ranks (MiniLM: hidden 384, intermediate 1536; every Linear of the encoder adapte
 - LoRA, SLoRA, NLoRA, IntTune, ALLoRA, FFA-LoRA: r = 8.
 - Bone / Bat: block width 16 (r·out parameters per matrix: about LoRA r = 8's budget).
 - LoRA-XS / LoRA-SB: r = 16 (r² per matrix: 36 times fewer than LoRA r = 8); LoRA-SB also at
-  r = 21 (``lora_sb_r21``: 20.9 times fewer, the largest core the bar's 20-times budget allows).
+  r = 21 (``lora_sb_r21``: 20.9 times fewer, the largest core the bar's 20-times budget allows), and
+  ``lora_sb_sched`` (session 12): r = 16 with η₁'s ``warmup_ratio`` set to the harness's schedule
+  (0.06, not the config's 0.02) and no dropout, as the official GLUE code.
 - SMoRA: 64 rank-1 experts, top-8 active per token (the FLOPs of a rank-8 LoRA).
 - ALLoRA: η = 1 (the paper's value is not public; METHODS.md §5); no dropout, s = 1 (forced).
   ``allora_update``: η = 10 with ``apply_to="update"`` (the optimizer's update scaled, not the
@@ -59,6 +61,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # the largest r×r core within the bar's budget (20 times fewer than LoRA r = 8's 331,776:
     # 36 × 21² = 15,876, 20.9 times fewer); r = 16 above is 36 times fewer
     "lora_sb_r21": ("lora_sb", {"r": 21, "dropout": 0.05}),
+    # LoRA-SB with η₁'s warmup fraction equal to the harness's schedule (0.06; the config's 0.02 made the
+    # init's jump 3 times the first warmup step's size) and no dropout, as the official GLUE code
+    # (session 12 audit; η₁ = lr / (warmup_ratio · T) sets only R's starting size)
+    "lora_sb_sched": ("lora_sb", {"r": 16, "dropout": 0.0, "warmup_ratio": 0.06}),
     "slora": ("slora", {"r": 8, "dropout": 0.05}),
     "nlora": ("nlora", {"r": 8, "dropout": 0.05}),
     # the official code's init (first r rows/columns, no pseudo-inverse): the paper's random-index
@@ -147,7 +153,7 @@ def summarise(results: list[dict[str, Any]], tags: list[str], lrs: dict[str, flo
     for t in ("allora", "allora_update"):  # (--only / --smoke run a subset)
         if t in tags:
             m[f"{t}_gain_vs_lora_rte"] = gain(t, ("rte",))
-    for t in ("lora_sb", "lora_sb_r21"):
+    for t in ("lora_sb", "lora_sb_r21", "lora_sb_sched"):
         if t in tags:
             m[f"{t}_param_reduction"] = m["lora_adapter_params"] / m[f"{t}_adapter_params"]
     m["seeds"] = len(SEEDS)
