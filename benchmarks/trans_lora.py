@@ -32,6 +32,7 @@ a folder written by ``export_smollm2`` (``--smollm2 DIR``).
     python benchmarks/trans_lora.py --balance      # ablation -> trans_lora_balanced.json
     python benchmarks/trans_lora.py --demos any    # sessions 3-6's prompts -> trans_lora_anydemos.json
     python benchmarks/trans_lora.py --max-rounds 10  # more candidates before distilling -> trans_lora_rounds10.json
+    python benchmarks/trans_lora.py --target verbalizer  # target starts from SmolLM2's zero-shot answer -> trans_lora_verbalizer.json
 
 ``--balance`` distils on the same number of inputs per teacher class (``transfer(balance=True)``,
 not in the paper): session 4's SST-2 transfer kept a set 77% positive by the source's labels and
@@ -124,8 +125,27 @@ def minilm_classifier(args, seed: int, num_labels: int = 2) -> TextClassifier:
     return TextClassifier(model, hf_text_encoder(tok, max_length=66))
 
 
-def llama_classifier(causal, tokenizer, seed: int) -> TextClassifier:
-    """``LlamaForSequenceClassification`` with the causal LM's body (copied), a fresh head, LoRA."""
+#: ``--target verbalizer``: the prompt the target reads and the words its two classes answer with
+SST2_PROMPT = "Movie review: {text}\nSentiment (positive or negative):"
+SST2_WORDS = (" negative", " positive")  # SST-2 label 0, 1
+
+
+def verbalizer_rows(causal, tokenizer, words: tuple[str, ...]) -> torch.Tensor:
+    """The LM head's rows (C, hidden) of each word's first token: a 2-way head that starts as the
+    causal LM's own next-token preference between the two answers."""
+    ids = [tokenizer.encode(w, add_special_tokens=False)[0] for w in words]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"verbalizer words {words} share their first token")
+    return causal.get_output_embeddings().weight[ids].detach().float().clone()
+
+
+def llama_classifier(causal, tokenizer, seed: int, verbalizer: bool = False) -> TextClassifier:
+    """``LlamaForSequenceClassification`` with the causal LM's body (copied), a fresh head, LoRA.
+
+    ``verbalizer`` (``--target verbalizer``): the input is wrapped in :data:`SST2_PROMPT` and the head
+    starts as the LM head's rows of :data:`SST2_WORDS`, so the classifier starts from SmolLM2's
+    zero-shot answer instead of chance, as a LoRA on the causal LM answering in tokens does (the
+    paper's targets are causal LMs)."""
     from transformers import LlamaForSequenceClassification
 
     config = copy.deepcopy(causal.config)
@@ -133,8 +153,13 @@ def llama_classifier(causal, tokenizer, seed: int) -> TextClassifier:
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(config).to(device=causal.device, dtype=torch.float32)
     model.model.load_state_dict(causal.model.state_dict())
+    if verbalizer:
+        with torch.no_grad():
+            model.score.weight.copy_(verbalizer_rows(causal, tokenizer, SST2_WORDS))
     inject_adapter(model, "lora", r=8, alpha=16, target_modules=LLAMA_TARGETS, modules_to_save=["score"])
-    return TextClassifier(model, hf_text_encoder(tokenizer, max_length=64))
+    encode = hf_text_encoder(tokenizer, max_length=80, template=SST2_PROMPT) if verbalizer else \
+        hf_text_encoder(tokenizer, max_length=64)
+    return TextClassifier(model, encode)
 
 
 def run_sst2(args, device: torch.device, metrics: dict) -> None:
@@ -170,7 +195,7 @@ def run_sst2(args, device: torch.device, metrics: dict) -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     causal = causal.to(device)
-    target_real = llama_classifier(causal, tok, args.seed + 1)
+    target_real = llama_classifier(causal, tok, args.seed + 1, verbalizer=args.target == "verbalizer")
     ce_fit(target_real, train_texts, train_labels, steps=S["sst2_steps"], seed=args.seed, **fit)
     metrics["sst2_target_real_accuracy"] = accuracy(target_real, val_texts, val_labels)
     log(f"sst2 target (SmolLM2 + LoRA) on real data: accuracy {metrics['sst2_target_real_accuracy']:.4f}")
@@ -206,7 +231,7 @@ def run_sst2(args, device: torch.device, metrics: dict) -> None:
 
     # phase B (transfer): 5 seeds only
     seeds = [train_texts[i] for i in seed_idx]
-    student = llama_classifier(causal, tok, args.seed + 3)
+    student = llama_classifier(causal, tok, args.seed + 3, verbalizer=args.target == "verbalizer")
     t2 = time.time()
     result = transfer(source, student, seeds, generate=generate, discriminator=disc, n_samples=S["n_samples"],
                       threshold=S["filter_threshold"],
@@ -400,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="SST-2 prompts: 'class' shows each sentiment's instruction only seeds of that sentiment "
                         "(default since session 7); 'any' draws demos from every seed (sessions 3-6): "
                         "trans_lora_anydemos.json")
+    p.add_argument("--target", choices=["head", "verbalizer"], default="head",
+                   help="SST-2 target (and the target trained on real data): 'head' = a fresh 2-way head on "
+                        "SmolLM2's last token (sessions 3-12); 'verbalizer' = the review in a prompt and the head "
+                        "started from the LM head's rows of ' negative' / ' positive', so the target starts from "
+                        "SmolLM2's zero-shot answer, as a LoRA on the causal LM does: trans_lora_verbalizer.json")
     p.add_argument("--max-rounds", type=int, default=None,
                    help=f"generation rounds before distilling on what was kept (default {FULL['max_rounds']}); "
                         "every SST-2 run so far hit the cap with fewer than n_samples kept")
@@ -416,12 +446,14 @@ def main(argv: list[str] | None = None) -> int:
     raw = None if (args.smoke or args.random_init) else Path(args.raw)
     done = {row["key"]: row["metrics"] for row in read_jsonl(raw)} if raw is not None else {}
     metrics: dict[str, float] = {"seed": args.seed, "balanced": float(args.balance),
-                                 "class_demos": float(args.demos == "class")}
+                                 "class_demos": float(args.demos == "class"),
+                                 "verbalizer_target": float(args.target == "verbalizer")}
     suffix = "_balanced" if args.balance else ""
+    target = "_verbalizer" if args.target == "verbalizer" else ""  # SST-2 only: the lncRNA part has no prompt
     # raw keys: the SST-2 part names the demo choice (the lncRNA part has no sentiment prompts); a
     # non-default round cap is its own variant of both parts and of the result's name
     rounds = f"_rounds{args.max_rounds}" if args.max_rounds not in (None, FULL["max_rounds"]) else ""
-    keys = {"sst2": f"sst2{'_classdemos' if args.demos == 'class' else ''}{suffix}{rounds}/seed{args.seed}",
+    keys = {"sst2": f"sst2{'_classdemos' if args.demos == 'class' else ''}{suffix}{rounds}{target}/seed{args.seed}",
             "lncrna": f"lncrna{suffix}{rounds}/seed{args.seed}"}
     t0 = time.time()
     for part, run in (("sst2", run_sst2), ("lncrna", run_lncrna)):
@@ -445,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = current_command() if argv is None else " ".join(["python", "benchmarks/trans_lora.py", *argv])
     # seed 0 keeps the recorded names; other seeds get their own file instead of overwriting it
-    name = ("trans_lora" + suffix + ("_anydemos" if args.demos == "any" else "") + rounds
+    name = ("trans_lora" + suffix + ("_anydemos" if args.demos == "any" else "") + rounds + target
             + (f"_seed{args.seed}" if args.seed != 0 else ""))
     path = write_result(name, metrics, command=command, directory=args.out)
     log(f"wrote {path}")

@@ -46,11 +46,23 @@ class TextClassifier(nn.Module):
         return getattr(out, "logits", out)
 
 
-def hf_text_encoder(tokenizer, max_length: int = 128) -> Encode:
-    """``encode`` for a Hugging Face tokenizer: padded, truncated to ``max_length`` tokens."""
+def hf_text_encoder(tokenizer, max_length: int = 128, template: str | None = None) -> Encode:
+    """``encode`` for a Hugging Face tokenizer: padded, truncated to ``max_length`` tokens.
+
+    ``template``: a prompt around each text (``"Review: {text}\nSentiment:"``), for a causal LM read
+    at its last token; over-long inputs then lose tokens from the left, so the prompt's end, where
+    the answer is read, always survives."""
 
     def encode(texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+        if template is None:
+            return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+        side = tokenizer.truncation_side
+        tokenizer.truncation_side = "left"
+        try:
+            return dict(tokenizer([template.format(text=t) for t in texts], padding=True, truncation=True,
+                                  max_length=max_length, return_tensors="pt"))
+        finally:
+            tokenizer.truncation_side = side
 
     return encode
 
