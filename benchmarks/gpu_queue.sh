@@ -83,6 +83,8 @@ start)
         launch increlora $PY benchmarks/increlora_glue.py --sst2-steps ${INCRE_STEPS:-1000} ${INCRE_ARGS:-} --workers ${GLUE_WORKERS:-3}
         # FLEXORA_ARGS: e.g. "--retrain-budget full" (session 12: the official code's budget)
         launch flexora $PY benchmarks/flexora_glue.py --sst2-steps 1000 ${FLEXORA_ARGS:-} --workers ${GLUE_WORKERS:-3}
+        # LEGO_ARGS: e.g. "--init-per-task" (session 12: each task's LoRA from its own seed)
+        launch lego $PY benchmarks/lego_glue.py --workers ${GLUE_WORKERS:-3} --threads 1 --adapter-dir runs/lego_adapters ${LEGO_ARGS:-}
     elif [[ $group == smollm2 ]]; then
         # the lncRNA FASTA files may travel in .carry/lnc_* (the checkout slimmed to make room for weights)
         if compgen -G ".carry/lnc_*/*.fa.gz" >/dev/null; then mkdir -p $W/data/lncrna && cp .carry/lnc_*/*.fa.gz $W/data/lncrna/; fi

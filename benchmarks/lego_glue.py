@@ -95,7 +95,10 @@ def _train_one(run: dict[str, Any], adapter_dir: str, out_jsonl: str, threads: i
 
 
 def adapter_path(root: Path, run: GlueRun) -> Path:
-    return root / f"{run.task}_seed{run.seed}"
+    """Where a source LoRA is saved; ``--init-per-task``'s in a folder of their own (its SST-2 runs share
+    the default runs' seeds)."""
+    name = f"{run.task}_seed{run.seed}"
+    return root / name if run.tag == "lego_src" else root / run.tag / name
 
 
 def train_all(runs: list[GlueRun], root: Path, workers: int, threads: int) -> dict[str, dict[str, Any]]:

@@ -20,4 +20,6 @@ def test_init_per_task_gives_each_task_its_own_seed_and_groups_by_base_seed():
         assert sorted(r.task for r in group) == sorted(g.TASKS)
         assert len({r.seed for r in group}) == len(g.TASKS)  # four different inits
         assert len({g.adapter_path(g.Path("x"), r) for r in group}) == len(g.TASKS)
+    default = {g.adapter_path(g.Path("x"), r) for r in g.make_runs(False, g.SEEDS)}
+    assert not default & {g.adapter_path(g.Path("x"), r) for r in runs}  # never the default runs' folders
     assert all(r.epochs == g.EPOCHS[r.task] and r.steps is None for r in runs)
