@@ -57,6 +57,8 @@ def run_one(args: argparse.Namespace) -> None:
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_lora.core.ddp_defaults import buffer_sync_argument
     from torch.utils.data import DataLoader, Dataset
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -133,7 +135,7 @@ def run_one(args: argparse.Namespace) -> None:
         # only the flags given reach DDPStrategy: what is left unset, AdapterCallback's DDP defaults fill
         strategy=DDPStrategy(**({"static_graph": True} if args.static_graph else {}),
                              **({"gradient_as_bucket_view": True} if args.bucket_view else {}),
-                             **({"broadcast_buffers": False} if args.no_broadcast_buffers else {}))
+                             **({buffer_sync_argument(): False} if args.no_broadcast_buffers else {}))
         if args.devices > 1 else "auto",
         precision="bf16-mixed" if args.accelerator == "gpu" else "32-true", max_steps=args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False,
@@ -170,7 +172,8 @@ def main() -> None:
     ap.add_argument("--static-graph", action="store_true", help="DDP static_graph=True")
     ap.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view=True")
     ap.add_argument("--no-broadcast-buffers", action="store_true",
-                    help="DDP broadcast_buffers=False (no collective at the start of every forward)")
+                    help="no buffer sync at the start of every forward (DDP forward_sync_buffers=False; "
+                         "broadcast_buffers=False on a torch without it)")
     ap.add_argument("--profile", default=None,
                     help="directory: rank 0 profiles 6 steps after warm-up, a table per device count")
     ap.add_argument("--lightning-sigterm-sync", action="store_true",

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from .core.config import AdapterConfig, get_method, make_config
-from .core.ddp_defaults import apply_ddp_defaults
+from .core.ddp_defaults import apply_ddp_defaults, sync_buffers_once
 from .core.ddp_sync import install_async_sigterm_check, uninstall_async_sigterm_check
 from .core.inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, merge_adapter
 from .core.layer import AdapterLayer
@@ -143,10 +143,11 @@ class AdapterCallback(pl.Callback):
             Lightning's own check. No effect on one device, on CPUs or without a process group.
         ddp_defaults: under Lightning's ``DDPStrategy``, fill the DDP arguments the user left unset
             with adapter-friendly values before the model is wrapped: ``gradient_as_bucket_view=True``,
-            and ``broadcast_buffers=False`` when no buffer changes in training (no BatchNorm-style
-            running statistics, no adapter layer holding buffers). Values passed to
-            ``DDPStrategy(...)`` are kept. What was set is in ``self.ddp_defaults_applied``
-            (:mod:`lightning_lora.core.ddp_defaults`).
+            and no buffer sync at every forward (``forward_sync_buffers=False``; older torch:
+            ``broadcast_buffers=False`` and one broadcast of the buffers when training starts) when no
+            buffer changes in training (no BatchNorm-style running statistics, no adapter layer
+            holding buffers). Values passed to ``DDPStrategy(...)`` are kept. What this fit's setup
+            filled is in ``self.ddp_defaults_applied`` (:mod:`lightning_lora.core.ddp_defaults`).
         **kwargs: config fields, e.g. ``r=16, alpha=32, target_modules=["query", "value"]``.
     """
 
@@ -202,8 +203,9 @@ class AdapterCallback(pl.Callback):
             self.layers = adapter_layers(module)
         self._wrap_checkpoint_hooks(pl_module)
         self._wrap_validation_step(pl_module)
-        if self.ddp_defaults:  # setup runs before the strategy wraps the model in DDP
-            self.ddp_defaults_applied |= apply_ddp_defaults(getattr(trainer, "strategy", None), pl_module)
+        if self.ddp_defaults and stage == "fit":  # setup runs before the strategy wraps the model in DDP
+            # (DDP wraps only to fit); what this fit's setup filled, decided for this model
+            self.ddp_defaults_applied = apply_ddp_defaults(getattr(trainer, "strategy", None), pl_module)
 
     def _wrap_validation_step(self, pl_module: pl.LightningModule) -> None:
         """Run each validation batch at every rank the method names (``validation_variants``)."""
@@ -311,6 +313,8 @@ class AdapterCallback(pl.Callback):
         invalidate_cast_caches()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.ddp_defaults_applied.get("broadcast_buffers") is False:
+            sync_buffers_once(pl_module)  # older torch: broadcast_buffers=False skipped DDP's sync at wrap
         invalidate_cast_caches()
         if self.async_sigterm_check:  # after the strategy set up the process group and DDP
             install_async_sigterm_check(trainer)

@@ -1,6 +1,6 @@
 """Two-process CPU (gloo) DDP run of AdapterCallback, driven by test_ddp.py as a subprocess.
 
-    python tests/lightning_lora/ddp_script.py OUT_DIR [ddp|ddp_spawn] [--pre-inject]
+    python tests/lightning_lora/ddp_script.py OUT_DIR [ddp|ddp_spawn] [--pre-inject] [--old-torch-buffers]
 
 Each rank writes ``OUT_DIR/rank{r}.pt``: world size, adapter tensors at fit start and at the end,
 whether the frozen base moved, and the optimizer's parameter count. The launching process (which
@@ -39,6 +39,9 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc1 = nn.Linear(8, 16)
+        # a constant buffer that starts different on each rank: DDP (or the callback, on older torch)
+        # must make it rank 0's before training, as with DDP's own defaults
+        self.register_buffer("marker", torch.full((3,), float(os.environ.get("LOCAL_RANK", "0"))))
         self.fc2 = nn.Linear(16, 16)
         self.head = nn.Linear(16, 3)
 
@@ -71,8 +74,11 @@ class Record(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         ddp = trainer.strategy.model  # the DistributedDataParallel wrapper AdapterCallback's defaults reached
-        self.ddp_flags = {"broadcast_buffers": bool(getattr(ddp, "broadcast_buffers", True)),
+        # the per-forward buffer sync: forward_sync_buffers in torch >= 2.13, broadcast_buffers before
+        sync = getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", True))
+        self.ddp_flags = {"forward_buffer_sync": bool(sync),
                           "gradient_as_bucket_view": bool(getattr(ddp, "gradient_as_bucket_view", False))}
+        self.buffer = pl_module.net.marker.detach().clone()
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.init = {k: v.detach().clone() for k, v in ll.adapter_state_dict(pl_module.net).items()}
@@ -90,6 +96,7 @@ class Record(pl.Callback):
                 "optimizer_params": sum(len(g["params"]) for g in trainer.optimizers[0].param_groups),
                 "steps": trainer.global_step,
                 "ddp_flags": self.ddp_flags,
+                "buffer_at_start": self.buffer,
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
@@ -99,6 +106,11 @@ def main() -> None:
     out = Path(sys.argv[1])
     strategy = sys.argv[2] if len(sys.argv) > 2 else "ddp"
     pre_inject = "--pre-inject" in sys.argv
+    if "--old-torch-buffers" in sys.argv:  # the path for a torch without forward_sync_buffers
+        import lightning_lora.core.ddp_defaults as ddp_defaults
+
+        ddp_defaults.buffer_sync_argument = lambda: "broadcast_buffers"
+        warnings.filterwarnings("ignore", ".*broadcast_buffers.*is deprecated.*")
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g))

@@ -45,7 +45,9 @@ def _check_ranks(out: Path) -> dict:
     assert r0["optimizer_params"] == r1["optimizer_params"] == 4
     # AdapterCallback's DDP defaults reached the wrapper (the net has no buffers; the ranks' equal
     # adapters above hold with gradients as bucket views)
-    assert r0["ddp_flags"] == r1["ddp_flags"] == {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+    assert r0["ddp_flags"] == r1["ddp_flags"] == {"forward_buffer_sync": False, "gradient_as_bucket_view": True}
+    # the buffer each rank built differently is rank 0's on both when training starts
+    assert torch.equal(r0["buffer_at_start"], torch.zeros(3)) and torch.equal(r1["buffer_at_start"], torch.zeros(3))
     return r0
 
 
@@ -53,9 +55,17 @@ def test_ddp_two_cpu_processes(tmp_path):
     _run(tmp_path, "ddp")
     r0 = _check_ranks(tmp_path)
     ckpt = _load(tmp_path / "last.ckpt")
-    assert set(ckpt["state_dict"]) == {f"net.{k}" for k in r0["final"]}
+    # the adapter, and the net's own buffer (non-parameter state of the user's model is kept)
+    assert set(ckpt["state_dict"]) == {f"net.{k}" for k in r0["final"]} | {"net.marker"}
     main = _load(tmp_path / "main.pt")
     assert all(torch.equal(main[k], r0["final"][k]) for k in r0["final"])
+
+
+def test_ddp_older_torch_path_broadcasts_the_buffers_once(tmp_path):
+    """Without forward_sync_buffers the callback fills broadcast_buffers=False, which also skips DDP's
+    sync at wrap; the callback then broadcasts the buffers from rank 0 when training starts."""
+    _run(tmp_path, "ddp", "--old-torch-buffers")
+    _check_ranks(tmp_path)
 
 
 @pytest.mark.slow

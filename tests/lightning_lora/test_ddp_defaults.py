@@ -12,7 +12,9 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 
 import lightning_lora as ll
-from lightning_lora.core.ddp_defaults import apply_ddp_defaults, has_changing_buffers
+from lightning_lora.core.ddp_defaults import apply_ddp_defaults, buffer_sync_argument, has_changing_buffers
+
+SYNC = buffer_sync_argument()  # forward_sync_buffers (torch >= 2.13) or broadcast_buffers
 
 
 class Module(pl.LightningModule):
@@ -32,16 +34,38 @@ def test_fills_unset_arguments_for_a_model_with_constant_buffers():
     strategy = DDPStrategy()
     cb = ll.AdapterCallback("lora", r=2, target_modules=["fc"])
     kwargs = _setup(cb, Module(), strategy)
-    assert kwargs == {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+    assert kwargs == {"gradient_as_bucket_view": True, SYNC: False}
     assert cb.ddp_defaults_applied == kwargs
 
 
-def test_keeps_what_the_user_passed():
-    strategy = DDPStrategy(broadcast_buffers=True, gradient_as_bucket_view=False, static_graph=True)
+@pytest.mark.parametrize("buffers", ["broadcast_buffers", "forward_sync_buffers"])
+def test_keeps_what_the_user_passed(buffers):
+    strategy = DDPStrategy(**{buffers: True}, gradient_as_bucket_view=False, static_graph=True)
     cb = ll.AdapterCallback("lora", r=2, target_modules=["fc"])
     kwargs = _setup(cb, Module(), strategy)
-    assert kwargs == {"broadcast_buffers": True, "gradient_as_bucket_view": False, "static_graph": True}
+    assert kwargs == {buffers: True, "gradient_as_bucket_view": False, "static_graph": True}
     assert cb.ddp_defaults_applied == {}
+
+
+def test_a_second_fit_decides_again_for_its_model():
+    strategy = DDPStrategy()
+    cb = ll.AdapterCallback("lora", r=2, target_modules=["fc"])
+    assert _setup(cb, Module(), strategy) == {"gradient_as_bucket_view": True, SYNC: False}
+    # the same trainer fits a model with BatchNorm next: its running statistics need the sync
+    cb2 = ll.AdapterCallback("lora", r=2, target_modules=["fc"])
+    assert _setup(cb2, Module(nn.BatchNorm1d(8)), strategy) == {"gradient_as_bucket_view": True}
+
+
+def test_only_fit_fills_and_deepspeed_is_left_alone():
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = DDPStrategy()
+    cb = ll.AdapterCallback("lora", r=2, target_modules=["fc"])
+    cb.setup(types.SimpleNamespace(strategy=strategy), Module(), "validate")  # DDP wraps only to fit
+    assert strategy._ddp_kwargs == {} and cb.ddp_defaults_applied == {}
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # (deepspeed itself need not be installed)
+    deepspeed._ddp_kwargs = {}
+    assert apply_ddp_defaults(deepspeed, Module()) == {} and deepspeed._ddp_kwargs == {}
 
 
 @pytest.mark.parametrize("norm", [nn.BatchNorm1d(8), nn.InstanceNorm1d(8, track_running_stats=True)])
