@@ -26,8 +26,8 @@ check (``AdapterCallback(async_sigterm_check=False)``: ``scaling_2gpu_lightning_
 10-12 timed it in every run).
 
 DDP's arguments: ``AdapterCallback`` fills those the user left unset (``lightning_lora.core.ddp_defaults``:
-``gradient_as_bucket_view=True``, and ``broadcast_buffers=False`` when no buffer changes in
-training, as here). With LoRA every repeat runs three configurations in turn: one GPU, two GPUs
+``gradient_as_bucket_view=True``, and no per-forward buffer sync (``forward_sync_buffers=False``)
+when no buffer changes in training, as here). With LoRA every repeat runs three configurations in turn: one GPU, two GPUs
 (the callback's defaults: ``scaling_2gpu``, the bar's key) and two GPUs with DDP's own defaults
 (``AdapterCallback(ddp_defaults=False)``: ``scaling_2gpu_ddp_defaults_off``). The flags
 ``--static-graph``, ``--bucket-view`` and ``--no-broadcast-buffers`` pass those values to
