@@ -321,7 +321,8 @@ def run_many(runs: list[GlueRun], out_jsonl: str | os.PathLike, workers: int = 4
 #: what a stored run must share with a requested run of the same key to count as that run (the key
 #: names tag, task and seed only; session 10's IncreLoRA run at 3,000 SST-2 steps reused LoRA's
 #: 1,000-step rows this way, so its comparison was not at the same budget)
-BUDGET_FIELDS = ("method", "steps", "epochs", "lr", "batch_size", "max_length", "holdout", "max_samples")
+BUDGET_FIELDS = ("method", "steps", "epochs", "lr", "batch_size", "max_length", "warmup_ratio", "weight_decay",
+                 "holdout", "max_samples", "max_eval_samples")
 
 
 def check_stored_budgets(runs: Iterable[GlueRun], out_jsonl: str | os.PathLike) -> None:

@@ -28,8 +28,9 @@ code's default mapping) and ``--increlora-dropout 0.3`` (rank=8 SST-2 script) gi
 variants, tagged ``increlora/.../k4``, ``.../do0.3``; the interval then grows so growth still ends by
 ``growth_end``.
 
-Writes ``<out>/increlora_glue.json`` with per task and method mean/std accuracy (points, 3 seeds),
-trainable and adapter parameter counts, and the bar's keys ``rte_gain_vs_lora`` and
+Writes ``<out>/increlora_glue.json`` (at the stored untagged runs' budgets, RTE 1,400 and SST-2 1,000
+steps; other budgets write ``increlora_glue_sst2_steps<steps>.json`` and so on) with per task and
+method mean/std accuracy (points, 3 seeds), trainable and adapter parameter counts, and the bar's keys ``rte_gain_vs_lora`` and
 ``sst2_gain_vs_lora`` (IncreLoRA minus LoRA mean accuracy, points). Per-run rows:
 ``<out>/increlora_glue_runs.jsonl`` (resumable).
 
@@ -128,6 +129,12 @@ def step_tag(task: str, steps: int) -> str:
     the raw file keys runs by tag, task and seed, and ``glue_harness`` refuses a key stored at another
     budget, so each budget needs its own tag for LoRA as for IncreLoRA."""
     return "" if steps == UNTAGGED_STEPS[task] else f"/s{steps}"
+
+
+def result_name(steps: dict[str, int]) -> str:
+    """``increlora_glue`` at the untagged runs' budgets (the bar's file); another budget gets its own
+    name, ``increlora_glue_sst2_steps3000`` (session 10's 3,000-step run had overwritten the 1,000-step result)."""
+    return NAME + "".join(f"_{task}_steps{steps[task]}" for task in TASKS if steps[task] != UNTAGGED_STEPS[task])
 
 
 def variant(args: argparse.Namespace) -> str:
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print(f"smoke run: no result file written (runs in {out_dir})")
         return 0
-    path = write_result(NAME, metrics, command=command, directory=out_dir)
+    path = write_result(result_name(steps), metrics, command=command, directory=out_dir)
     print(f"wrote {path}")
     return 0
 

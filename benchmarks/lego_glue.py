@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the 12 source LoRAs are saved (resumable; default: <tmp>/lego_glue_adapters)")
     p.add_argument("--smoke", action="store_true", help="tiny subsets, a few steps, one seed, on CPU; writes nothing")
     p.add_argument("--init-per-task", action="store_true",
-                   help="each task's LoRA from its own seed (by default the four LoRAs of a seed start from the "
+                   help="each task's run from its own seed (LoRA init, head init and data order; by default the "
+                        "four LoRAs of a seed start from the "
                         "same A, which keeps their sum close to rank 8 and favours the SVD-of-the-sum baselines); "
                         "writes lego_glue_init_per_task.json")
     args = p.parse_args(argv)

@@ -337,6 +337,7 @@ class AdapterCallback(pl.Callback):
         self.method.on_train_batch_end(trainer, pl_module, self.layers)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.method.on_fit_end(trainer, pl_module, self.layers)
         module = self.target_module(pl_module)
         if self.export_dir is not None and trainer.is_global_zero:
             save_adapter(module, self.export_dir)

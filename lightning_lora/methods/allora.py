@@ -132,6 +132,15 @@ class ALLoRA(Method):
             if mine:
                 self._update_hooks += install_update_scaling(
                     opt, mine, self.config.eta, self.config.granularity)  # type: ignore[attr-defined]
+        if params and not self._update_hooks:
+            raise ValueError("ALLoRA apply_to='update': no optimizer of this fit holds the adapter parameters "
+                             "(a strategy that flattens them, FSDP or DeepSpeed?); use apply_to='grad'")
+
+    def on_fit_end(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
+        """Take the update rule off the fit's optimizers (an optimizer stepped after ``fit`` is the user's)."""
+        for handle in self._update_hooks:
+            handle.remove()
+        self._update_hooks = []
 
     def on_after_backward(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
         """Scale the adapter gradients once per optimizer step (see the module docstring); nothing with

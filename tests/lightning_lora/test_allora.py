@@ -361,3 +361,27 @@ def test_callback_refuses_a_wrapped_optimizer_that_would_scale_twice(tmp_path):
                          default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="scaling would apply twice"):
         trainer.fit(Wrapped(), DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_update_form_leaves_the_optimizer_after_fit_and_refuses_when_it_cannot_apply(tmp_path):
+    x, y = _data()
+    module = _AdamModule()
+    cb = ll.AdapterCallback("allora", r=2, eta=10.0, apply_to="update", target="net", target_modules=["0", "2"])
+    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    opt = trainer.optimizers[0]
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks  # taken off at fit end
+
+    class HeadOnly(_Module):  # an optimizer that holds none of the adapter parameters
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.net[2].base_layer.parameters(), lr=1e-3)
+
+    cb = ll.AdapterCallback("allora", r=2, eta=10.0, apply_to="update", target="net", target_modules=["0", "2"])
+    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="no optimizer of this fit holds the adapter parameters"):
+        trainer.fit(HeadOnly(), DataLoader(TensorDataset(x, y), batch_size=8))

@@ -56,3 +56,8 @@ def test_committed_runs_are_reused_only_at_their_own_budget():
     runs = g.make_runs(args, {"rte": 1400, "sst2": 3000}, {}, lrs)
     check_stored_budgets(runs, raw)
     assert sorted(r.key for r in runs if r.key not in stored) == [f"lora/s3000/sst2/seed{s}" for s in range(3)]
+
+
+def test_other_budgets_write_their_own_result_file():
+    assert g.result_name({"rte": 1400, "sst2": 1000}) == "increlora_glue"
+    assert g.result_name({"rte": 1400, "sst2": 3000}) == "increlora_glue_sst2_steps3000"
