@@ -249,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print(f"smoke run: no result file written (runs in {out_dir})")
         return 0
-    name = NAME + ("_retrain_full" if args.retrain_budget == "full" else "")
+    # the bar's file at the untagged runs' budgets; another budget or the full retraining its own file
+    name = NAME + "".join(f"_{task}_steps{steps[task]}" for task in TASKS if steps[task] != UNTAGGED_STEPS[task])
+    name += "_retrain_full" if args.retrain_budget == "full" else ""
     path = write_result(name, metrics, command=command, directory=out_dir)
     print(f"wrote {path}")
     return 0
