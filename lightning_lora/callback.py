@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from .core.config import AdapterConfig, get_method, make_config
-from .core.ddp_defaults import apply_ddp_defaults, sync_buffers_once
+from .core.ddp_defaults import BufferWatch, apply_ddp_defaults, buffer_sync_argument, sync_buffers_once
 from .core.ddp_sync import install_async_sigterm_check, uninstall_async_sigterm_check
 from .core.inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, merge_adapter
 from .core.layer import AdapterLayer
@@ -176,6 +176,7 @@ class AdapterCallback(pl.Callback):
         self.async_sigterm_check = async_sigterm_check
         self.ddp_defaults = ddp_defaults
         self.ddp_defaults_applied: dict[str, Any] = {}
+        self._buffer_watch: BufferWatch | None = None
         if eval_ranks is not None and not callable(getattr(self.method, "validation_variants", None)):
             raise ValueError(f"eval_ranks: method {method!r} has no ranks to validate at")
 
@@ -315,12 +316,16 @@ class AdapterCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.ddp_defaults_applied.get("broadcast_buffers") is False:
             sync_buffers_once(pl_module)  # older torch: broadcast_buffers=False skipped DDP's sync at wrap
+        # the per-forward sync is off: warn if training turns out to change a buffer after all
+        off = self.ddp_defaults_applied.get(buffer_sync_argument()) is False
+        self._buffer_watch = BufferWatch(pl_module) if off else None
         invalidate_cast_caches()
         if self.async_sigterm_check:  # after the strategy set up the process group and DDP
             install_async_sigterm_check(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         uninstall_async_sigterm_check(trainer)
+        self._buffer_watch = None  # (its copies of the buffers)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         uninstall_async_sigterm_check(trainer)
@@ -335,6 +340,8 @@ class AdapterCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.method.on_train_batch_end(trainer, pl_module, self.layers)
+        if self._buffer_watch is not None and batch_idx < 2:  # the first optimizer steps show it
+            self._buffer_watch.check()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.method.on_fit_end(trainer, pl_module, self.layers)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .layer import AdapterLayer
@@ -102,3 +103,34 @@ def sync_buffers_once(module: nn.Module) -> None:
         return
     for buf in module.buffers():
         dist.broadcast(buf, src=0)
+
+
+class BufferWatch:
+    """Warns once when a buffer changes in training after the per-forward buffer sync was switched off.
+
+    :func:`has_changing_buffers` decides before the model is wrapped and knows only BatchNorm-style
+    statistics and adapter layers; a buffer training writes otherwise (an EMA, a counter, a module
+    built in ``configure_model``) would drift apart across ranks unnoticed. ``AdapterCallback``
+    copies every buffer when training starts and compares after the first batches (values, not
+    version counters: BatchNorm's kernels update ``running_mean`` without moving its version).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.start = {name: buf.detach().clone() for name, buf in module.named_buffers()}
+        self.warned = False
+
+    def check(self) -> None:
+        if self.warned:
+            return
+        changed = [name for name, buf in self.module.named_buffers()
+                   if name not in self.start or not torch.equal(self.start[name], buf)]
+        if changed:
+            import warnings
+
+            self.warned = True
+            warnings.warn(
+                f"AdapterCallback switched off DDP's buffer sync at every forward, but training changes the "
+                f"buffer(s) {changed[:5]}: they may drift apart across ranks. Pass DDPStrategy("
+                f"{buffer_sync_argument()}=True) or AdapterCallback(ddp_defaults=False).", stacklevel=2)
+

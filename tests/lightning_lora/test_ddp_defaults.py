@@ -95,3 +95,21 @@ def test_other_strategies_and_opt_out_are_left_alone():
     strategy = DDPStrategy()
     kwargs = _setup(ll.AdapterCallback("lora", r=2, target_modules=["fc"], ddp_defaults=False), Module(), strategy)
     assert kwargs == {}
+
+
+def test_buffer_watch_warns_once_when_training_changes_a_buffer():
+    from lightning_lora.core.ddp_defaults import BufferWatch
+
+    module = Module()
+    watch = BufferWatch(module)
+    watch.check()  # nothing changed
+    module.position_ids.add_(1)  # e.g. a counter the heuristic could not know about
+    with pytest.warns(UserWarning, match="position_ids"):
+        watch.check()
+    watch.check()  # once only
+    # a BatchNorm built after the decision (configure_model) updates its statistics in a forward
+    bn = nn.BatchNorm1d(4)
+    watch = BufferWatch(bn)
+    bn.train()(torch.randn(8, 4))
+    with pytest.warns(UserWarning, match="running_mean"):
+        watch.check()
