@@ -385,3 +385,36 @@ def test_update_form_leaves_the_optimizer_after_fit_and_refuses_when_it_cannot_a
                          default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="no optimizer of this fit holds the adapter parameters"):
         trainer.fit(HeadOnly(), DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_update_form_with_accumulation_matches_the_wrapper_by_hand(tmp_path):
+    """Two optimizer steps of two micro-batches each, AdamW: the callback's hooks give what
+    ALLoRAOptimizer(apply_to="update") gives around a hand-written loop."""
+    x, y = _data()
+    module = _AdamModule()
+    cb = ll.AdapterCallback("allora", r=2, eta=ETA, apply_to="update", target="net", target_modules=["0", "2"])
+    trainer = pl.Trainer(
+        max_steps=2, accumulate_grad_batches=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        ll.inject_adapter(ref, "allora", dict(r=2, eta=ETA, apply_to="update"), target_modules=["0", "2"])
+    inner = torch.optim.AdamW(ll.trainable_parameters(ref), lr=1e-3, weight_decay=0.0)
+    opt = ALLoRAOptimizer(inner, eta=ETA, apply_to="update", params=adapter_parameters(ref))
+    for _ in range(2):
+        opt.zero_grad()
+        for xb, yb in ((x[:4], y[:4]), (x[4:], y[4:])):
+            (_loss(ref, xb, yb) / 2).backward()
+        opt.step()
+    got = dict(module.net.named_parameters())
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p, atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
