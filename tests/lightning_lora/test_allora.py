@@ -230,12 +230,19 @@ def test_callback_scales_accumulated_gradients_once(tmp_path):
     assert all(p.grad is None for n, p in module.named_parameters() if not p.requires_grad)  # invariant 7
 
     # the same run by hand: 2 optimizer steps, each over 2 micro-batches (loss / 2), scaled once
+    _assert_matches_hand_loop(module, x, y, {}, lambda ref: ALLoRAOptimizer(
+        torch.optim.SGD(ll.trainable_parameters(ref), lr=0.2), eta=ETA))
+
+
+def _assert_matches_hand_loop(module, x, y, config: dict, make_opt) -> None:
+    """``module`` (trained by the callback: seed 3 for the adapter, 2 steps of 2 micro-batches) equals
+    the same model trained by a hand-written loop with ``make_opt(ref)``."""
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     with torch.random.fork_rng():
         torch.manual_seed(3)
-        ll.inject_adapter(ref, "allora", dict(r=2, eta=ETA), target_modules=["0", "2"])
-    opt = ALLoRAOptimizer(torch.optim.SGD(ll.trainable_parameters(ref), lr=0.2), eta=ETA)
+        ll.inject_adapter(ref, "allora", dict(r=2, eta=ETA, **config), target_modules=["0", "2"])
+    opt = make_opt(ref)
     for _ in range(2):
         opt.zero_grad()
         for xb, yb in ((x[:4], y[:4]), (x[4:], y[4:])):
@@ -277,6 +284,12 @@ def test_update_form_config_is_validated():
     assert ll.make_config("allora", r=2, eta=ETA, apply_to="update").apply_to == "update"
 
 
+def _trainer(cb: ll.AdapterCallback, root, **kw) -> pl.Trainer:
+    """A quiet CPU trainer with ``cb``: one step unless ``kw`` says otherwise."""
+    return pl.Trainer(**{"max_steps": 1, **kw}, callbacks=[cb], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", default_root_dir=root)
+
+
 class _AdamModule(_Module):
     def configure_optimizers(self):
         return torch.optim.AdamW(ll.trainable_parameters(self), lr=1e-3, weight_decay=0.0)
@@ -286,9 +299,7 @@ def _fit_one_step(tmp_path, apply_to: str) -> tuple[dict[str, torch.Tensor], dic
     x, y = _data()
     module = _AdamModule()
     cb = ll.AdapterCallback("allora", r=2, eta=10.0, apply_to=apply_to, target="net", target_modules=["0", "2"])
-    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                         default_root_dir=tmp_path)
+    trainer = _trainer(cb, tmp_path)
     with torch.random.fork_rng():
         torch.manual_seed(3)
         ll.inject_adapter(module.net, "allora", cb.config)  # the same init in both runs, before fit
@@ -356,9 +367,7 @@ def test_callback_refuses_a_wrapped_optimizer_that_would_scale_twice(tmp_path):
 
     x, y = _data()
     cb = ll.AdapterCallback("allora", r=2, eta=ETA, target="net", target_modules=["0", "2"])
-    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                         default_root_dir=tmp_path)
+    trainer = _trainer(cb, tmp_path)
     with pytest.raises(ValueError, match="scaling would apply twice"):
         trainer.fit(Wrapped(), DataLoader(TensorDataset(x, y), batch_size=8))
 
@@ -368,9 +377,7 @@ def test_update_form_leaves_the_optimizer_after_fit_and_refuses_when_it_cannot_a
     x, y = _data()
     module = _AdamModule()
     cb = ll.AdapterCallback("allora", r=2, eta=10.0, apply_to="update", target="net", target_modules=["0", "2"])
-    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                         default_root_dir=tmp_path)
+    trainer = _trainer(cb, tmp_path)
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
     opt = trainer.optimizers[0]
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks  # taken off at fit end
@@ -380,9 +387,7 @@ def test_update_form_leaves_the_optimizer_after_fit_and_refuses_when_it_cannot_a
             return torch.optim.AdamW(self.net[2].base_layer.parameters(), lr=1e-3)
 
     cb = ll.AdapterCallback("allora", r=2, eta=10.0, apply_to="update", target="net", target_modules=["0", "2"])
-    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                         default_root_dir=tmp_path)
+    trainer = _trainer(cb, tmp_path)
     with pytest.raises(ValueError, match="no optimizer of this fit holds the adapter parameters"):
         trainer.fit(HeadOnly(), DataLoader(TensorDataset(x, y), batch_size=8))
 
@@ -394,27 +399,10 @@ def test_update_form_with_accumulation_matches_the_wrapper_by_hand(tmp_path):
     x, y = _data()
     module = _AdamModule()
     cb = ll.AdapterCallback("allora", r=2, eta=ETA, apply_to="update", target="net", target_modules=["0", "2"])
-    trainer = pl.Trainer(
-        max_steps=2, accumulate_grad_batches=2, callbacks=[cb], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
-    )
+    trainer = _trainer(cb, tmp_path, max_steps=2, accumulate_grad_batches=2)
     with torch.random.fork_rng():
         torch.manual_seed(3)
         trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
-
-    torch.manual_seed(0)
-    ref = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        ll.inject_adapter(ref, "allora", dict(r=2, eta=ETA, apply_to="update"), target_modules=["0", "2"])
-    inner = torch.optim.AdamW(ll.trainable_parameters(ref), lr=1e-3, weight_decay=0.0)
-    opt = ALLoRAOptimizer(inner, eta=ETA, apply_to="update", params=adapter_parameters(ref))
-    for _ in range(2):
-        opt.zero_grad()
-        for xb, yb in ((x[:4], y[:4]), (x[4:], y[4:])):
-            (_loss(ref, xb, yb) / 2).backward()
-        opt.step()
-    got = dict(module.net.named_parameters())
-    for n, p in ref.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(got[n], p, atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    _assert_matches_hand_loop(module, x, y, {"apply_to": "update"}, lambda ref: ALLoRAOptimizer(
+        torch.optim.AdamW(ll.trainable_parameters(ref), lr=1e-3, weight_decay=0.0), eta=ETA, apply_to="update",
+        params=adapter_parameters(ref)))
