@@ -70,7 +70,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue_harness import GlueRun, mean_std, rate_tag, run_many, run_stats, sweep_rates  # noqa: E402
+from glue_harness import GlueRun, budget_name, budget_tag, mean_std, rate_tag, run_many, run_stats, sweep_rates  # noqa: E402
 
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
@@ -152,7 +152,7 @@ def make_runs(args: argparse.Namespace, steps: dict[str, int], extra: dict[str, 
     and seed, and ``glue_harness`` refuses a key stored at another budget."""
     runs: list[GlueRun] = []
     for task in TASKS:
-        budget = "" if steps[task] == UNTAGGED_STEPS[task] else f"/s{steps[task]}"
+        budget = budget_tag(steps[task], UNTAGGED_STEPS[task])
         for seed in args.seeds:
             for m in METHODS:
                 kwargs = method_kwargs(args, m, steps[task])
@@ -250,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smoke run: no result file written (runs in {out_dir})")
         return 0
     # the bar's file at the untagged runs' budgets; another budget or the full retraining its own file
-    name = NAME + "".join(f"_{task}_steps{steps[task]}" for task in TASKS if steps[task] != UNTAGGED_STEPS[task])
-    name += "_retrain_full" if args.retrain_budget == "full" else ""
+    name = NAME + budget_name(steps, UNTAGGED_STEPS) + ("_retrain_full" if args.retrain_budget == "full" else "")
     path = write_result(name, metrics, command=command, directory=out_dir)
     print(f"wrote {path}")
     return 0

@@ -342,6 +342,18 @@ def check_stored_budgets(runs: Iterable[GlueRun], out_jsonl: str | os.PathLike) 
                              "give the new run its own tag or remove the stored row")
 
 
+def budget_tag(steps: int, untagged: int) -> str:
+    """Tag suffix of runs at a step budget other than ``untagged`` (the one a raw file's runs without a
+    step tag were trained at): ``/s<steps>``, so :func:`check_stored_budgets` never meets them."""
+    return "" if steps == untagged else f"/s{steps}"
+
+
+def budget_name(steps: dict[str, int], untagged: dict[str, int]) -> str:
+    """Result-name suffix of a run at other budgets than ``untagged``, per task: ``_sst2_steps3000``
+    (the bar's file keeps the untagged budgets; another budget must not overwrite it)."""
+    return "".join(f"_{task}_steps{n}" for task, n in steps.items() if n != untagged[task])
+
+
 #: training examples per task (orders the queue: long runs first)
 _TRAIN_SIZE = {"sst2": 67349, "cola": 8551, "mrpc": 3668, "rte": 2490}
 

@@ -30,8 +30,8 @@ variants, tagged ``increlora/.../k4``, ``.../do0.3``; the interval then grows so
 
 Writes ``<out>/increlora_glue.json`` (at the stored untagged runs' budgets, RTE 1,400 and SST-2 1,000
 steps; other budgets write ``increlora_glue_sst2_steps<steps>.json`` and so on) with per task and
-method mean/std accuracy (points, 3 seeds), trainable and adapter parameter counts, and the bar's keys ``rte_gain_vs_lora`` and
-``sst2_gain_vs_lora`` (IncreLoRA minus LoRA mean accuracy, points). Per-run rows:
+method mean/std accuracy (points, 3 seeds), trainable and adapter parameter counts, and the bar's
+keys ``rte_gain_vs_lora`` and ``sst2_gain_vs_lora`` (IncreLoRA minus LoRA mean accuracy, points). Per-run rows:
 ``<out>/increlora_glue_runs.jsonl`` (resumable).
 
     python benchmarks/increlora_glue.py            # full run on a GPU (~5-7 min on one H200)
@@ -51,7 +51,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue_harness import GlueRun, rate_tag, run_many, run_stats, sweep_rates  # noqa: E402
+from glue_harness import GlueRun, budget_name, budget_tag, rate_tag, run_many, run_stats, sweep_rates  # noqa: E402
 
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
@@ -124,17 +124,11 @@ def increlora_kwargs(args: argparse.Namespace, task: str, steps: int) -> dict[st
 UNTAGGED_STEPS = {"rte": 1400, "sst2": 1000}
 
 
-def step_tag(task: str, steps: int) -> str:
-    """Tag suffix of both methods' runs at a step budget other than the stored untagged runs' (``/s<steps>``):
-    the raw file keys runs by tag, task and seed, and ``glue_harness`` refuses a key stored at another
-    budget, so each budget needs its own tag for LoRA as for IncreLoRA."""
-    return "" if steps == UNTAGGED_STEPS[task] else f"/s{steps}"
-
-
 def result_name(steps: dict[str, int]) -> str:
     """``increlora_glue`` at the untagged runs' budgets (the bar's file); another budget gets its own
-    name, ``increlora_glue_sst2_steps3000`` (session 10's 3,000-step run had overwritten the 1,000-step result)."""
-    return NAME + "".join(f"_{task}_steps{steps[task]}" for task in TASKS if steps[task] != UNTAGGED_STEPS[task])
+    name, ``increlora_glue_sst2_steps3000`` (session 10's 3,000-step run had overwritten the 1,000-step
+    result)."""
+    return NAME + budget_name(steps, UNTAGGED_STEPS)
 
 
 def variant(args: argparse.Namespace) -> str:
@@ -173,7 +167,7 @@ def make_runs(args: argparse.Namespace, steps: dict[str, int], extra: dict[str, 
     for task in TASKS:
         incre = increlora_kwargs(args, task, steps[task])
         incre_lr = PAPER[task]["lr"] if args.increlora_lr == "paper" else lrs["increlora"]
-        budget = step_tag(task, steps[task])
+        budget = budget_tag(steps[task], UNTAGGED_STEPS[task])  # for LoRA as for IncreLoRA
         for seed in args.seeds:
             common = dict(task=task, seed=seed, steps=steps[task], **extra)
             runs.append(GlueRun("lora", method_kwargs=lora, tag=rate_tag("lora", lrs["lora"], args.lr_grid) + budget,

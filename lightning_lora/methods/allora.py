@@ -33,7 +33,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig, Method, register
 from ..core.layer import AdapterLayer
-from ..optim.allora import GRANULARITIES, ALLoRAOptimizer, install_update_scaling, scale_gradients
+from ..optim.allora import GRANULARITIES, ALLoRAOptimizer, install_update_scaling, layer_parameters, scale_gradients
 from .lora import LoRA, LoRAConfig, LoRALinear
 
 
@@ -105,19 +105,10 @@ class ALLoRA(Method):
         super().__init__(config)
         self._update_hooks: list[Any] = []  # step-hook handles of apply_to="update"
 
-    @staticmethod
-    def _params(layers: dict[str, AdapterLayer]) -> list[nn.Parameter]:
-        return [
-            p for layer in layers.values() for n in layer.adapter_param_names
-            if isinstance(p := getattr(layer, n, None), nn.Parameter) and p.requires_grad
-        ]
-
     def on_fit_start(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
         """``apply_to="update"``: hook the update rule into the step of every optimizer of the fit that
         holds adapter parameters (Lightning's optimizers are plain torch optimizers)."""
-        for handle in self._update_hooks:  # a second fit: the previous fit's optimizers are done
-            handle.remove()
-        self._update_hooks = []
+        self.on_fit_end(trainer, pl_module, layers)  # a fit that ended in an exception left its hooks
         for opt in getattr(trainer, "optimizers", []):
             if isinstance(opt, ALLoRAOptimizer):
                 raise ValueError("configure_optimizers returned an ALLoRAOptimizer, but the allora method under "
@@ -125,7 +116,7 @@ class ALLoRA(Method):
                                  "return the plain optimizer" % self.config.apply_to)  # type: ignore[attr-defined]
         if self.config.apply_to != "update":  # type: ignore[attr-defined]
             return
-        params = self._params(layers)
+        params = layer_parameters(layers.values())
         for opt in getattr(trainer, "optimizers", []):
             held = {id(p) for group in opt.param_groups for p in group["params"]}
             mine = [p for p in params if id(p) in held]
@@ -151,5 +142,5 @@ class ALLoRA(Method):
             fit_loop = getattr(trainer, "fit_loop", None)
             if fit_loop is not None and fit_loop._should_accumulate():
                 return  # not the last micro-batch: scale the accumulated gradient once, later
-        scale_gradients(self._params(layers), self.config.eta, self.config.granularity)  # type: ignore[attr-defined]
+        scale_gradients(layer_parameters(layers.values()), self.config.eta, self.config.granularity)  # type: ignore[attr-defined]
 

@@ -72,13 +72,13 @@ def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Trainable adapter parameters of every adapter layer in ``module`` (not heads or biases)."""
     from ..core.inject import adapter_layers
 
-    params: list[nn.Parameter] = []
-    for layer in adapter_layers(module).values():
-        for name in layer.adapter_param_names:
-            p = getattr(layer, name, None)
-            if isinstance(p, nn.Parameter) and p.requires_grad:
-                params.append(p)
-    return params
+    return layer_parameters(adapter_layers(module).values())
+
+
+def layer_parameters(layers: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """Trainable adapter parameters (``adapter_param_names``) of the given adapter layers."""
+    return [p for layer in layers for name in layer.adapter_param_names  # type: ignore[attr-defined]
+            if isinstance(p := getattr(layer, name, None), nn.Parameter) and p.requires_grad]
 
 
 def _resolve(target: nn.Module | Iterable[torch.Tensor], eta: float | None, granularity: str | None):
