@@ -71,6 +71,8 @@ class GlueRun:
         holdout: carve the Trainer's validation set from train (see the module docstring).
         tag: free label that distinguishes otherwise equal runs in a results file.
         max_samples / max_eval_samples: seeded subsets of train / the evaluated sets (smoke runs).
+        grad_clip: clip the gradients' global norm to this (Lightning's ``gradient_clip_val``); None,
+            the default and every run before session 14, clips nothing.
     """
 
     method: str
@@ -89,6 +91,7 @@ class GlueRun:
     tag: str = ""
     max_samples: int | None = None
     max_eval_samples: int | None = None
+    grad_clip: float | None = None
 
     @property
     def key(self) -> str:
@@ -192,7 +195,8 @@ def train_glue(run: GlueRun, device: str | None = None, adapter_dir: str | os.Pa
     trainer = pl.Trainer(
         accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, max_epochs=-1,
         callbacks=[adapter, *(callbacks or [])], num_sanity_val_steps=0, enable_model_summary=False,
-        enable_progress_bar=progress, limit_val_batches=1.0 if run.holdout else 0, **length,
+        enable_progress_bar=progress, limit_val_batches=1.0 if run.holdout else 0,
+        gradient_clip_val=run.grad_clip, **length,
     )
     dev = torch.device("cuda:0" if accelerator == "cuda" else "cpu")
     if dev.type == "cuda":
@@ -322,7 +326,7 @@ def run_many(runs: list[GlueRun], out_jsonl: str | os.PathLike, workers: int = 4
 #: names tag, task and seed only; session 10's IncreLoRA run at 3,000 SST-2 steps reused LoRA's
 #: 1,000-step rows this way, so its comparison was not at the same budget)
 BUDGET_FIELDS = ("method", "steps", "epochs", "lr", "batch_size", "max_length", "warmup_ratio", "weight_decay",
-                 "holdout", "max_samples", "max_eval_samples")
+                 "holdout", "max_samples", "max_eval_samples", "grad_clip")
 
 
 def check_stored_budgets(runs: Iterable[GlueRun], out_jsonl: str | os.PathLike) -> None:
@@ -346,6 +350,12 @@ def budget_tag(steps: int, untagged: int) -> str:
     """Tag suffix of runs at a step budget other than ``untagged`` (the one a raw file's runs without a
     step tag were trained at): ``/s<steps>``, so :func:`check_stored_budgets` never meets them."""
     return "" if steps == untagged else f"/s{steps}"
+
+
+def clip_tag(grad_clip: float | None) -> str:
+    """Tag suffix of runs with gradient clipping, ``/c<norm>`` (none without): stored unclipped runs of
+    the same tag must not count as done for them."""
+    return "" if grad_clip is None else f"/c{grad_clip:g}"
 
 
 def budget_name(steps: dict[str, int], untagged: dict[str, int]) -> str:

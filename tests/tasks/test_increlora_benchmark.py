@@ -42,8 +42,9 @@ def test_other_step_budgets_get_their_own_tags_for_both_methods():
 
 
 def test_committed_runs_are_reused_only_at_their_own_budget():
-    """The recorded commands find their stored rows (no conflict); the 3,000-step command trains only
-    LoRA at 3,000 steps, which session 10 never ran."""
+    """The recorded commands find their stored rows (no conflict) and every row they ask for is stored
+    (session 13 trained the 3,000-step LoRA runs session 10 had taken from the 1,000-step rows); the
+    clipped variant of the same command reuses none of them."""
     from benchmarks.glue_harness import check_stored_budgets, read_jsonl
 
     raw = "benchmarks/results/increlora_glue_runs.jsonl"
@@ -55,9 +56,59 @@ def test_committed_runs_are_reused_only_at_their_own_budget():
     args = g.parse_args(["--sst2-steps", "3000", "--incre-rank-num", "4", "--increlora-dropout", "0.3"])
     runs = g.make_runs(args, {"rte": 1400, "sst2": 3000}, {}, lrs)
     check_stored_budgets(runs, raw)
-    assert sorted(r.key for r in runs if r.key not in stored) == [f"lora/s3000/sst2/seed{s}" for s in range(3)]
+    assert all(r.key in stored for r in runs)
+    clipped = g.make_runs(args, {"rte": 1400, "sst2": 3000}, {"grad_clip": 1.0}, lrs)
+    check_stored_budgets(clipped, raw)
+    assert not any(r.key in stored for r in clipped)
+    assert {r.grad_clip for r in clipped} == {1.0}
+
+
+def test_grad_clip_tags_every_run_and_names_the_result():
+    args = g.parse_args(["--sst2-steps", "6000", "--incre-rank-num", "4", "--increlora-dropout", "0.3",
+                         "--grad-clip", "1.0"])
+    runs = g.make_runs(args, {"rte": 1400, "sst2": 6000}, {"grad_clip": 1.0}, {"lora": 2e-3, "increlora": 1e-2})
+    assert {(r.task, r.tag) for r in runs} == {("rte", "lora/c1"), ("rte", "increlora/lr0.01/k4/do0.3/c1"),
+                                              ("sst2", "lora/s6000/c1"), ("sst2", "increlora/lr0.01/k4/do0.3/s6000/c1")}
+    assert g.result_name({"rte": 1400, "sst2": 6000}, 1.0) == "increlora_glue_sst2_steps6000_clip1"
+    assert g.result_name({"rte": 1400, "sst2": 1000}) == "increlora_glue"
+
+
+def test_stored_unclipped_row_is_not_reused_for_a_clipped_run(tmp_path):
+    """Even under the same key, a stored row without clipping conflicts with a clipped request."""
+    import dataclasses
+    import json
+
+    import pytest
+
+    from benchmarks.glue_harness import GlueRun, check_stored_budgets
+
+    run = GlueRun("lora", "sst2", 0, steps=10, lr=2e-3, tag="lora")
+    raw = tmp_path / "runs.jsonl"
+    raw.write_text(json.dumps({**{k: v for k, v in dataclasses.asdict(run).items() if k != "grad_clip"},
+                               "key": run.key}) + "\n")
+    check_stored_budgets([run], raw)  # rows from before the field existed count as unclipped
+    with pytest.raises(ValueError, match="grad_clip"):
+        check_stored_budgets([dataclasses.replace(run, grad_clip=1.0)], raw)
 
 
 def test_other_budgets_write_their_own_result_file():
     assert g.result_name({"rte": 1400, "sst2": 1000}) == "increlora_glue"
     assert g.result_name({"rte": 1400, "sst2": 3000}) == "increlora_glue_sst2_steps3000"
+
+
+def test_grad_clip_reaches_the_trainer():
+    """``GlueRun.grad_clip`` becomes Lightning's ``gradient_clip_val`` (one step on 16 SST-2 examples)."""
+    import lightning.pytorch as pl
+
+    from benchmarks.glue_harness import GlueRun, train_glue
+
+    seen: dict[str, object] = {}
+
+    class Watch(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            seen["clip"] = trainer.gradient_clip_val
+
+    run = GlueRun("lora", "sst2", 0, {"r": 2}, lr=1e-3, steps=1, batch_size=8, max_length=32,
+                  max_samples=16, max_eval_samples=8, grad_clip=0.5)
+    out = train_glue(run, device="cpu", callbacks=[Watch()])
+    assert seen["clip"] == 0.5 and out["grad_clip"] == 0.5
