@@ -71,6 +71,7 @@ from lightning_lora.transfer import (  # noqa: E402
     generate_synthetic,
     generate_synthetic_mlm,
     hf_text_encoder,
+    init_verbalizer_head,
     predict_logits,
     score_real,
     stitch_overlapping_tokens,
@@ -130,15 +131,6 @@ SST2_PROMPT = "Movie review: {text}\nSentiment (positive or negative):"
 SST2_WORDS = (" negative", " positive")  # SST-2 label 0, 1
 
 
-def verbalizer_rows(causal, tokenizer, words: tuple[str, ...]) -> torch.Tensor:
-    """The LM head's rows (C, hidden) of each word's first token: a 2-way head that starts as the
-    causal LM's own next-token preference between the two answers."""
-    ids = [tokenizer.encode(w, add_special_tokens=False)[0] for w in words]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"verbalizer words {words} share their first token")
-    return causal.get_output_embeddings().weight[ids].detach().float().clone()
-
-
 def llama_classifier(causal, tokenizer, seed: int, verbalizer: bool = False) -> TextClassifier:
     """``LlamaForSequenceClassification`` with the causal LM's body (copied), a fresh head, LoRA.
 
@@ -155,7 +147,7 @@ def llama_classifier(causal, tokenizer, seed: int, verbalizer: bool = False) -> 
     model.model.load_state_dict(causal.model.state_dict())
     if verbalizer:
         with torch.no_grad():
-            model.score.weight.copy_(verbalizer_rows(causal, tokenizer, SST2_WORDS))
+            init_verbalizer_head(model.score, causal, tokenizer, SST2_WORDS)
     inject_adapter(model, "lora", r=8, alpha=16, target_modules=LLAMA_TARGETS, modules_to_save=["score"])
     encode = hf_text_encoder(tokenizer, max_length=80, template=SST2_PROMPT) if verbalizer else \
         hf_text_encoder(tokenizer, max_length=64)

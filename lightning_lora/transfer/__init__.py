@@ -24,9 +24,19 @@ Choices where METHODS.md leaves the detail open or the setting differs from the 
 - Distillation loss: ``"kl"`` on class logits by default, ``"nll"`` on the teacher's argmax offered
   (see :mod:`.distill`).
 - Candidates are de-duplicated before filtering in both the filtered and the unfiltered path.
+- A classification target built on a causal LM can start from the LM's zero-shot answer
+  (:func:`init_verbalizer_head`): in ``benchmarks/trans_lora.py`` that took SST-2 transfer from
+  0.914 ± 0.030 of the source (fresh head) to 0.990 ± 0.005 over three seeds (docs/results.md).
 """
 
-from .classifier import TextClassifier, fit_text_classifier, hf_text_encoder, predict_logits
+from .classifier import (
+    TextClassifier,
+    fit_text_classifier,
+    hf_text_encoder,
+    init_verbalizer_head,
+    predict_logits,
+    verbalizer_weights,
+)
 from .discriminator import (
     REAL,
     SYNTHETIC,
@@ -50,7 +60,7 @@ __all__ = [
     "KD_LOSSES", "REAL", "SYNTHETIC", "FilterResult", "Generate", "TextClassifier", "TransferResult",
     "balance_by_teacher_class", "build_prompt",
     "discriminator_dataset", "distill", "filter_synthetic", "fit_text_classifier", "generate_synthetic",
-    "generate_synthetic_mlm", "hf_text_encoder", "kd_loss", "label_with_teacher", "predict_logits",
+    "generate_synthetic_mlm", "hf_text_encoder", "init_verbalizer_head", "kd_loss", "label_with_teacher", "predict_logits",
     "sample_masked_lm", "score_real", "stitch_overlapping_tokens", "synthesize_and_filter", "train_discriminator",
-    "transfer",
+    "transfer", "verbalizer_weights",
 ]

@@ -67,6 +67,46 @@ def hf_text_encoder(tokenizer, max_length: int = 128, template: str | None = Non
     return encode
 
 
+def verbalizer_weights(causal_lm: nn.Module, tokenizer, words: Sequence[str]) -> torch.Tensor:
+    """Rows (C, hidden) of ``causal_lm``'s LM head for the first token of each of ``words`` (class
+    order), in fp32.
+
+    A C-way head on the LM's last hidden state that starts from these rows gives, before any
+    training, the LM's own next-token logits of the C answers: the classifier starts from the
+    base model's zero-shot answer instead of chance, as a LoRA on the causal LM answering in tokens
+    does (Trans-LoRA's targets are causal LMs). Words usually start with a space (``" positive"``).
+
+    Raises ``ValueError`` when a word encodes to no token or two words share their first token.
+    """
+    ids = []
+    for word in words:
+        tokens = tokenizer.encode(word, add_special_tokens=False)
+        if not tokens:
+            raise ValueError(f"verbalizer word {word!r} encodes to no token")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"verbalizer words {tuple(words)} share their first token: the classes would start equal")
+    head = causal_lm.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(causal_lm).__name__} has no LM head (get_output_embeddings() is None)")
+    return head.weight[ids].detach().float().clone()
+
+
+@torch.no_grad()
+def init_verbalizer_head(head: nn.Linear, causal_lm: nn.Module, tokenizer, words: Sequence[str]) -> None:
+    """Set ``head`` (a ``Linear(hidden, C)`` on the LM's last hidden state, e.g. the ``score`` of a
+    ``*ForSequenceClassification`` built on ``causal_lm``'s body) to :func:`verbalizer_weights`, bias
+    to zero. Read the classifier at the token where the LM would answer: wrap inputs in a prompt that
+    ends before the answer (``hf_text_encoder(tokenizer, template=...)``)."""
+    rows = verbalizer_weights(causal_lm, tokenizer, words)
+    if tuple(head.weight.shape) != tuple(rows.shape):
+        raise ValueError(f"head weight {tuple(head.weight.shape)} does not match {len(words)} verbalizer words "
+                         f"of hidden size {rows.shape[1]}")
+    head.weight.copy_(rows)
+    if head.bias is not None:
+        head.bias.zero_()
+
+
 @torch.no_grad()
 def predict_logits(classifier: TextClassifier, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """Logits (N, C), fp32 on the CPU, in eval mode (bf16 autocast on CUDA); the mode is restored."""

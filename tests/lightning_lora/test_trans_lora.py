@@ -477,3 +477,48 @@ def test_export_smollm2_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(**x).logits, reference(**x).logits)
     assert tok2.pad_token is not None
+
+
+def test_verbalizer_head_gives_the_causal_lms_answer_logits():
+    """A sequence-classification head started from the LM head's answer rows reproduces the causal
+    LM's next-token logits of those answers at the last token, before any training."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    from lightning_lora.tasks import load_tiny_llama
+    from lightning_lora.transfer import init_verbalizer_head, verbalizer_weights
+
+    causal, tok = load_tiny_llama(seed=0)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    words = (" no", " yes")
+    ids = [tok.encode(w, add_special_tokens=False)[0] for w in words]
+    torch.testing.assert_close(verbalizer_weights(causal, tok, words), causal.lm_head.weight[ids].float())
+    config = causal.config
+    config.num_labels, config.pad_token_id = 2, tok.pad_token_id
+    clf = LlamaForSequenceClassification(config).float()
+    clf.model.load_state_dict(causal.model.state_dict())
+    init_verbalizer_head(clf.score, causal, tok, words)
+    enc = tok(["is it good", "a much longer question here"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        lm = causal(**enc).logits
+        last = enc["attention_mask"].sum(1) - 1
+        want = lm[torch.arange(2), last][:, ids]
+        got = clf(**enc).logits
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_verbalizer_rejects_words_that_cannot_separate_the_classes():
+    import pytest
+    from torch import nn
+
+    from lightning_lora.tasks import load_tiny_llama
+    from lightning_lora.transfer import init_verbalizer_head, verbalizer_weights
+
+    causal, tok = load_tiny_llama(seed=0)
+    with pytest.raises(ValueError, match="share their first token"):
+        verbalizer_weights(causal, tok, (" yes", " yes"))
+    with pytest.raises(ValueError, match="encodes to no token"):
+        verbalizer_weights(causal, tok, ("", " yes"))
+    with pytest.raises(ValueError, match="does not match 2 verbalizer words"):
+        init_verbalizer_head(nn.Linear(causal.config.hidden_size, 3), causal, tok, (" no", " yes"))

@@ -81,7 +81,7 @@ def test_verbalizer_head_starts_as_the_lm_heads_answer_rows():
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     clf = trans_lora.llama_classifier(causal, tok, seed=1, verbalizer=True)
-    ids = [tok.encode(w, add_special_tokens=False)[0] for w in trans_lora.SST2_WORDS]
+    ids = [tok.encode(w, add_special_tokens=False)[0] for w in trans_lora.SST2_WORDS]  # as the LM answers
     score = clf.model.score
     weight = getattr(score, "modules_to_save", None)
     weight = (weight["default"] if weight is not None else score).weight
