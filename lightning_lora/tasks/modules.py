@@ -10,7 +10,6 @@ warmup / linear decay schedule, stepped every optimizer step, over
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,7 +24,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from ..core import get_adapter_method, trainable_parameters
+from ..core import adapter_layers, get_adapter_method, trainable_parameters
 
 
 def linear_warmup_decay(
@@ -53,19 +52,36 @@ def _method_optimizer(module: nn.Module, **kwargs: Any) -> torch.optim.Optimizer
     return None
 
 
+def head_and_adapter_groups(module: nn.Module, head_lr: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the trainable parameters inside adapter layers at the optimizer's lr,
+    every other trainable parameter (``modules_to_save``: a classifier head, a pooler) at ``head_lr``.
+    Empty groups are left out."""
+    inside = {id(p) for layer in adapter_layers(module).values() for p in layer.parameters()}
+    params = trainable_parameters(module)
+    groups = [{"params": [p for p in params if id(p) in inside]},
+              {"params": [p for p in params if id(p) not in inside], "lr": head_lr}]
+    return [g for g in groups if g["params"]]
+
+
 class _AdamWLinearSchedule(pl.LightningModule):
     lr: float
     weight_decay: float
     warmup_ratio: float
     warmup_steps: int | None
+    #: lr of the trainable parameters outside adapter layers (the head); None: ``lr`` for all
+    head_lr: float | None = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = trainable_parameters(self)
         if not params:
             raise RuntimeError("no trainable parameters: was the adapter injected (AdapterCallback) before fit?")
         optimizer = _method_optimizer(self, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas))
+        if optimizer is not None and self.head_lr is not None:
+            raise ValueError(f"head_lr={self.head_lr}: the adapter method brings its own optimizer "
+                             f"({type(optimizer).__name__}), which takes one lr; leave head_lr unset")
         if optimizer is None:
-            optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas))
+            groups = params if self.head_lr is None else head_and_adapter_groups(self, self.head_lr)
+            optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total)
         scheduler = linear_warmup_decay(optimizer, total, warmup)
@@ -92,18 +108,25 @@ class SequenceClassifier(_AdamWLinearSchedule):
     Logs ``train_loss``; ``val_loss`` and ``val_<metric>`` per validation run; ``test_*`` likewise.
     A batch is the output of :func:`lightning_lora.tasks.glue.pad_batch`: ``input_ids``,
     ``attention_mask`` (and ``token_type_ids``) of shape (batch, length), ``labels`` (batch,).
+
+    ``head_lr``: the peak lr of every trainable parameter outside the adapter layers (the
+    ``modules_to_save``: classifier, pooler), under the same schedule; the adapter keeps ``lr``.
+    Methods that train only a tiny core at a high rate (LoRA-SB, LoRA-XS) otherwise train a fresh
+    head at that rate too; LoRA-XS's official GLUE code sets the head's rate apart. Adapter
+    parameters are the optimizer's first group, the head the second.
     """
 
     def __init__(self, model: nn.Module, num_labels: int = 2, metrics: tuple[str, ...] | list[str] = ("accuracy",),
                  lr: float = 5e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.06,
-                 warmup_steps: int | None = None, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+                 warmup_steps: int | None = None, betas: tuple[float, float] = (0.9, 0.999),
+                 head_lr: float | None = None) -> None:
         super().__init__()
         self.model = model
         # transformers' from_pretrained returns eval mode; Lightning keeps each module's mode at fit
         # start, so without this dropout would be off during training
         self.model.train()
         self.num_labels = num_labels
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
+        self.lr, self.weight_decay, self.betas, self.head_lr = lr, weight_decay, betas, head_lr
         self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
         self.save_hyperparameters(ignore=["model"])
         self.val_metrics = classification_metrics(tuple(metrics), num_labels).clone(prefix="val_")

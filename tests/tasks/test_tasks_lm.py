@@ -112,3 +112,52 @@ def test_sequence_classifier_metrics_and_train_mode():
     assert set(module.val_metrics.keys()) == {"val_accuracy", "val_f1", "val_mcc"}
     with pytest.raises(ValueError, match="unknown metric"):
         SequenceClassifier(model, metrics=("bleu",))
+
+
+def _tiny_bert_classifier(**kwargs):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32))
+    return SequenceClassifier(model, num_labels=2, **kwargs)
+
+
+def _fit_steps(module, steps, tmp_path, method="lora", **method_kwargs):
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 50, (16, 6), generator=g), torch.randint(0, 2, (16,), generator=g)
+    data = DataLoader(list(range(16)), batch_size=4,
+                      collate_fn=lambda i: {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]),
+                                            "labels": labels[i]})
+    cb = AdapterCallback(method, r=2, target="model", target_modules=["query", "value"],
+                         modules_to_save=["classifier", "pooler"], **method_kwargs)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                         callbacks=[cb])
+    trainer.fit(module, data)
+    return trainer
+
+
+def test_head_lr_puts_the_head_in_its_own_group_under_the_same_schedule(tmp_path):
+    module = _tiny_bert_classifier(lr=1e-2, head_lr=1e-3, warmup_ratio=0.5)
+    trainer = _fit_steps(module, 4, tmp_path)
+    adapter_group, head_group = trainer.optimizers[0].param_groups
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert all("lora_" in names[id(p)] for p in adapter_group["params"])
+    head_names = [names[id(p)] for p in head_group["params"]]
+    assert all(".pooler." in n or ".classifier." in n for n in head_names)
+    assert any(".pooler." in n for n in head_names) and any(".classifier." in n for n in head_names)
+    # both groups follow one schedule: after warm-up (2 steps) and two decay steps, the same factor
+    factor = adapter_group["lr"] / 1e-2
+    assert head_group["lr"] == pytest.approx(1e-3 * factor) and 0 <= factor < 1
+    # the default is unchanged: one group at lr
+    module = _tiny_bert_classifier(lr=1e-2)
+    assert len(_fit_steps(module, 1, tmp_path).optimizers[0].param_groups) == 1
+
+
+def test_head_lr_is_refused_with_a_methods_own_optimizer(tmp_path):
+    module = _tiny_bert_classifier(lr=1e-2, head_lr=1e-3)
+    with pytest.raises(ValueError, match="brings its own optimizer"):
+        _fit_steps(module, 1, tmp_path, method="gradnorm_lorp", proj_rank=2, update_proj_gap=2)
