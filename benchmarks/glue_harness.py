@@ -73,6 +73,8 @@ class GlueRun:
         max_samples / max_eval_samples: seeded subsets of train / the evaluated sets (smoke runs).
         grad_clip: clip the gradients' global norm to this (Lightning's ``gradient_clip_val``); None,
             the default and every run before session 14, clips nothing.
+        head_lr: peak lr of the head and pooler (``SequenceClassifier(head_lr=)``); None: ``lr``, as
+            every run before session 14.
     """
 
     method: str
@@ -92,6 +94,7 @@ class GlueRun:
     max_samples: int | None = None
     max_eval_samples: int | None = None
     grad_clip: float | None = None
+    head_lr: float | None = None
 
     @property
     def key(self) -> str:
@@ -183,7 +186,7 @@ def train_glue(run: GlueRun, device: str | None = None, adapter_dir: str | os.Pa
     adapter = AdapterCallback(run.method, target="model", target_modules=TARGETS, modules_to_save=MODULES_TO_SAVE,
                               **run.method_kwargs)
     module = SequenceClassifier(model, num_labels=dm.num_labels, metrics=dm.metrics, lr=run.lr,
-                                weight_decay=run.weight_decay, warmup_ratio=run.warmup_ratio)
+                                weight_decay=run.weight_decay, warmup_ratio=run.warmup_ratio, head_lr=run.head_lr)
     if run.steps is None and run.epochs is None:
         raise ValueError(f"{run.key}: give epochs or steps")
     if run.steps is not None:
@@ -326,7 +329,7 @@ def run_many(runs: list[GlueRun], out_jsonl: str | os.PathLike, workers: int = 4
 #: names tag, task and seed only; session 10's IncreLoRA run at 3,000 SST-2 steps reused LoRA's
 #: 1,000-step rows this way, so its comparison was not at the same budget)
 BUDGET_FIELDS = ("method", "steps", "epochs", "lr", "batch_size", "max_length", "warmup_ratio", "weight_decay",
-                 "holdout", "max_samples", "max_eval_samples", "grad_clip")
+                 "holdout", "max_samples", "max_eval_samples", "grad_clip", "head_lr")
 
 
 def check_stored_budgets(runs: Iterable[GlueRun], out_jsonl: str | os.PathLike) -> None:

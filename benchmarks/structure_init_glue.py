@@ -17,7 +17,9 @@ Ranks (MiniLM: hidden 384, intermediate 1536; every Linear of the encoder adapte
 - LoRA-XS / LoRA-SB: r = 16 (r² per matrix: 36 times fewer than LoRA r = 8); LoRA-SB also at
   r = 21 (``lora_sb_r21``: 20.9 times fewer, the largest core the bar's 20-times budget allows), and
   ``lora_sb_sched`` (session 12): r = 16 with η₁'s ``warmup_ratio`` set to the harness's schedule
-  (0.06, not the config's 0.02) and no dropout, as the official GLUE code.
+  (0.06, not the config's 0.02) and no dropout, as the official GLUE code. ``lora_sb_headlr`` and
+  ``lora_xs_headlr`` (session 13): the head and pooler at LoRA's rate, 2e-3 (``GlueRun.head_lr``),
+  the core's rate swept over {5e-3, 1e-2, 2e-2, 5e-2}.
 - SMoRA: 64 rank-1 experts, top-8 active per token (the FLOPs of a rank-8 LoRA).
 - ALLoRA: η = 1 (the paper's value is not public; METHODS.md §5); no dropout, s = 1 (forced).
   ``allora_update``: η = 10 with ``apply_to="update"`` (the optimizer's update scaled, not the
@@ -65,6 +67,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # init's jump 3 times the first warmup step's size) and no dropout, as the official GLUE code
     # (session 12 audit; η₁ = lr / (warmup_ratio · T) sets only R's starting size)
     "lora_sb_sched": ("lora_sb", {"r": 16, "dropout": 0.0, "warmup_ratio": 0.06}),
+    # the head and pooler at LoRA's rate (2e-3) while the r×r core takes its own, higher rate (session 13,
+    # from session 12's LoRA-SB audit: at R's best rate, 1e-2, the fresh head trains at 1e-2 too; the
+    # official LoRA-XS GLUE code gives the head its own rate, `cls_learning_rate`)
+    "lora_sb_headlr": ("lora_sb", {"r": 16, "dropout": 0.05}),
+    "lora_xs_headlr": ("lora_xs", {"r": 16, "alpha": 16, "dropout": 0.05}),
     "slora": ("slora", {"r": 8, "dropout": 0.05}),
     "nlora": ("nlora", {"r": 8, "dropout": 0.05}),
     # the official code's init (first r rows/columns, no pseudo-inverse): the paper's random-index
@@ -88,8 +95,14 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "smora": ("smora", {"r": 64, "top_k": 8, "dropout": 0.05}),
 }
 LR_GRID = (5e-4, 1e-3, 2e-3, 5e-3)
+#: GlueRun fields other than the method config, per tag (run and sweep alike)
+RUN_FIELDS: dict[str, dict[str, Any]] = {"lora_sb_headlr": {"head_lr": 2e-3}, "lora_xs_headlr": {"head_lr": 2e-3}}
 #: methods swept over another grid (chosen the same way, on the carved slice)
 LR_GRIDS: dict[str, tuple[float, ...]] = {"nlora_small_lr": (1e-5, 3e-5, 1e-4, 2e-4),
+                                          # the core's rate only (the head stays at 2e-3): around
+                                          # LoRA-SB's 1e-2, where the plain rows peaked
+                                          "lora_sb_headlr": (5e-3, 1e-2, 2e-2, 5e-2),
+                                          "lora_xs_headlr": (5e-3, 1e-2, 2e-2, 5e-2),
                                           # B's first steps are up to η = 10 times the optimizer's: lower rates too
                                           "allora_update": (1e-4, 3e-4, 1e-3, 2e-3),
                                           "nlora_rtol01": (3e-5, 1e-4, 3e-4, 1e-3),
@@ -107,7 +120,7 @@ def sweep_runs(tags: list[str], steps: int, smoke: bool, grid: dict[str, tuple[f
     sub = {"max_samples": 256, "max_eval_samples": 64} if smoke else {}
     grids = grid or {t: LR_GRIDS.get(t, LR_GRID) for t in tags}
     return [GlueRun(METHODS[t][0], "sst2", 0, METHODS[t][1], lr=lr, steps=steps, holdout=True,
-                    tag=f"sweep/{t}/lr{lr:g}", **sub) for t in tags for lr in grids[t]]
+                    tag=f"sweep/{t}/lr{lr:g}", **RUN_FIELDS.get(t, {}), **sub) for t in tags for lr in grids[t]]
 
 
 def at_top_edge(results: list[dict[str, Any]], tags: list[str]) -> list[str]:
@@ -123,7 +136,8 @@ def run_tag(tag: str, lr: float) -> str:
 def main_runs(tags: list[str], lrs: dict[str, float], smoke: bool) -> list[GlueRun]:
     sub = {"max_samples": 128, "max_eval_samples": 64} if smoke else {}
     length = (lambda task: {"steps": 4}) if smoke else (lambda task: TASK_LENGTH[task])
-    return [GlueRun(METHODS[t][0], task, seed, METHODS[t][1], lr=lrs[t], tag=run_tag(t, lrs[t]), **length(task), **sub)
+    return [GlueRun(METHODS[t][0], task, seed, METHODS[t][1], lr=lrs[t], tag=run_tag(t, lrs[t]), **length(task),
+                    **RUN_FIELDS.get(t, {}), **sub)
             for t in tags for task in TASK_LENGTH for seed in SEEDS]
 
 
@@ -153,7 +167,7 @@ def summarise(results: list[dict[str, Any]], tags: list[str], lrs: dict[str, flo
     for t in ("allora", "allora_update"):  # (--only / --smoke run a subset)
         if t in tags:
             m[f"{t}_gain_vs_lora_rte"] = gain(t, ("rte",))
-    for t in ("lora_sb", "lora_sb_r21", "lora_sb_sched"):
+    for t in ("lora_sb", "lora_sb_r21", "lora_sb_sched", "lora_sb_headlr"):
         if t in tags:
             m[f"{t}_param_reduction"] = m["lora_adapter_params"] / m[f"{t}_adapter_params"]
     m["seeds"] = len(SEEDS)
