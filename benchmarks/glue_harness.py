@@ -334,7 +334,8 @@ BUDGET_FIELDS = ("method", "steps", "epochs", "lr", "batch_size", "max_length", 
 
 def check_stored_budgets(runs: Iterable[GlueRun], out_jsonl: str | os.PathLike) -> None:
     """Raise ``ValueError`` when ``out_jsonl`` holds a finished run under the key of one of ``runs`` but
-    with another training budget or rate (:data:`BUDGET_FIELDS`): that row would be reused silently."""
+    with another training budget or rate (:data:`BUDGET_FIELDS`) or another method config
+    (``method_kwargs``): that row would be reused silently."""
     stored = {r["key"]: r for r in read_jsonl(str(out_jsonl)) if "error" not in r}
     for run in runs:
         row = stored.get(run.key)
@@ -344,9 +345,24 @@ def check_stored_budgets(runs: Iterable[GlueRun], out_jsonl: str | os.PathLike) 
         # an epoch-budget run (steps None) is stored with the step count its epochs came to
         fields = [f for f in BUDGET_FIELDS if not (f == "steps" and asked["steps"] is None)]
         diff = [f"{f}={row.get(f)!r} stored, {asked[f]!r} asked" for f in fields if row.get(f) != asked[f]]
+        stored_kwargs = json.loads(row.get("method_kwargs") or "{}")  # train_glue stores it as JSON
+        if _config_of(row.get("method"), stored_kwargs) != _config_of(run.method, run.method_kwargs):
+            diff.append(f"method_kwargs={stored_kwargs} stored, {run.method_kwargs} asked")
         if diff:
             raise ValueError(f"{out_jsonl}: run {run.key!r} is stored with another budget ({'; '.join(diff)}); "
                              "give the new run its own tag or remove the stored row")
+
+
+def _config_of(method: str | None, kwargs: dict[str, Any]) -> Any:
+    """The method's full config (defaults filled in), so ``{"r": 8}`` and ``{"r": 8, "mode": "frozen"}``
+    match where ``frozen`` is the default (session 4's DyLoRA rows left it out); the kwargs themselves
+    for a method no longer registered."""
+    from lightning_lora import make_config
+
+    try:
+        return make_config(method, **kwargs)
+    except (KeyError, ValueError, TypeError):
+        return (method, json.dumps(kwargs, sort_keys=True))
 
 
 def budget_tag(steps: int, untagged: int) -> str:

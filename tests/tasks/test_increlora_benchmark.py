@@ -74,7 +74,8 @@ def test_grad_clip_tags_every_run_and_names_the_result():
 
 
 def test_stored_unclipped_row_is_not_reused_for_a_clipped_run(tmp_path):
-    """Even under the same key, a stored row without clipping conflicts with a clipped request."""
+    """Even under the same key, a stored row conflicts with a request at another clipping, head rate or
+    method config."""
     import dataclasses
     import json
 
@@ -84,11 +85,17 @@ def test_stored_unclipped_row_is_not_reused_for_a_clipped_run(tmp_path):
 
     run = GlueRun("lora", "sst2", 0, steps=10, lr=2e-3, tag="lora")
     raw = tmp_path / "runs.jsonl"
-    raw.write_text(json.dumps({**{k: v for k, v in dataclasses.asdict(run).items() if k != "grad_clip"},
-                               "key": run.key}) + "\n")
-    check_stored_budgets([run], raw)  # rows from before the field existed count as unclipped
+    row = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("grad_clip", "head_lr")}
+    row.update(key=run.key, method_kwargs=json.dumps(run.method_kwargs, sort_keys=True))  # as train_glue writes it
+    raw.write_text(json.dumps(row) + "\n")
+    check_stored_budgets([run], raw)  # rows from before the fields existed count as unclipped, one lr
     with pytest.raises(ValueError, match="grad_clip"):
         check_stored_budgets([dataclasses.replace(run, grad_clip=1.0)], raw)
+    with pytest.raises(ValueError, match="head_lr"):
+        check_stored_budgets([dataclasses.replace(run, head_lr=2e-3)], raw)
+    # nor at another method config under the same tag
+    with pytest.raises(ValueError, match="method_kwargs"):
+        check_stored_budgets([dataclasses.replace(run, method_kwargs={"r": 4})], raw)
 
 
 def test_other_budgets_write_their_own_result_file():

@@ -22,3 +22,24 @@ def test_stored_sweeps_replay_without_conflict_and_head_lr_variants_are_new():
     mains = s.main_runs(["lora_sb_headlr"], {"lora_sb_headlr": 1e-2}, smoke=False)
     assert {r.head_lr for r in mains} == {2e-3} and len(mains) == 9
 
+
+
+def test_method_configs_compare_with_defaults_filled_in():
+    """A stored DyLoRA row without ``mode`` (session 4, when ``frozen`` was implied) matches a request
+    that names the default; another rank does not."""
+    import dataclasses
+    import json
+
+    import pytest
+
+    from benchmarks.glue_harness import GlueRun
+
+    rows = [json.loads(line) for line in open("benchmarks/results/raw/dylora_sst2.jsonl")]
+    row = next(r for r in rows if r["tag"] == "dylora" and "error" not in r)
+    assert "mode" not in json.loads(row["method_kwargs"])
+    run = GlueRun("dylora", "sst2", row["seed"], {"r": 8, "alpha": 16, "dropout": 0.05, "mode": "frozen"},
+                  lr=row["lr"], steps=row["steps"], eval_ranks=row["eval_ranks"], tag="dylora")
+    check_stored_budgets([run], "benchmarks/results/raw/dylora_sst2.jsonl")
+    with pytest.raises(ValueError, match="method_kwargs"):
+        check_stored_budgets([dataclasses.replace(run, method_kwargs={**run.method_kwargs, "r": 4})],
+                             "benchmarks/results/raw/dylora_sst2.jsonl")
