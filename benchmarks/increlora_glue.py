@@ -53,7 +53,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue_harness import GlueRun, budget_name, budget_tag, clip_tag, rate_tag, run_many, run_stats, sweep_rates  # noqa: E402
+from glue_harness import (  # noqa: E402
+    GlueRun, budget_name, budget_tag, clip_tag, rate_tag, run_many, run_stats, sweep_rates,
+)
 
 from lightning_lora.results import current_command, write_result  # noqa: E402
 

@@ -60,7 +60,8 @@ __all__ = [
     "KD_LOSSES", "REAL", "SYNTHETIC", "FilterResult", "Generate", "TextClassifier", "TransferResult",
     "balance_by_teacher_class", "build_prompt",
     "discriminator_dataset", "distill", "filter_synthetic", "fit_text_classifier", "generate_synthetic",
-    "generate_synthetic_mlm", "hf_text_encoder", "init_verbalizer_head", "kd_loss", "label_with_teacher", "predict_logits",
+    "generate_synthetic_mlm", "hf_text_encoder", "init_verbalizer_head", "kd_loss", "label_with_teacher",
+    "predict_logits",
     "sample_masked_lm", "score_real", "stitch_overlapping_tokens", "synthesize_and_filter", "train_discriminator",
     "transfer", "verbalizer_weights",
 ]
