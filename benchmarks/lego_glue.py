@@ -53,7 +53,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
-from benchmarks.glue_harness import GlueRun, _quiet, eval_loader, evaluate, make_datamodule, read_jsonl, train_glue  # noqa: E402
+from benchmarks.glue_harness import (  # noqa: E402
+    GlueRun, _quiet, check_stored_budgets, eval_loader, evaluate, make_datamodule, read_jsonl, train_glue,
+)
 from lightning_lora.core import multi  # noqa: E402
 from lightning_lora.merge import baselines as mb  # noqa: E402
 from lightning_lora.merge import lego  # noqa: E402
@@ -107,6 +109,7 @@ def train_all(runs: list[GlueRun], root: Path, workers: int, threads: int) -> di
 
     out_jsonl = root / "train.jsonl"
     root.mkdir(parents=True, exist_ok=True)
+    check_stored_budgets(runs, out_jsonl)  # a stored LoRA at another budget, rate or config is not this run
     done = {r["key"]: r for r in read_jsonl(out_jsonl)}
     todo = [r for r in runs if not (r.key in done and (adapter_path(root, r) / "adapter_model.safetensors").is_file())]
     todo.sort(key=lambda r: -EPOCHS[r.task] * {"sst2": 67349, "cola": 8551, "mrpc": 3668, "rte": 2490}[r.task])
