@@ -8,6 +8,7 @@ from .inject import (
     get_adapter_method,
     inject_adapter,
     merge_adapter,
+    modules_to_save_parameters,
     named_trainable_parameters,
     set_adapter_enabled,
     trainable_parameters,
@@ -20,6 +21,6 @@ from .state import AdapterFormatError, adapter_state_dict, load_adapter, read_ad
 __all__ = [
     "AdapterConfig", "AdapterFormatError", "AdapterLayer", "Method", "adapter_layers", "adapter_state_dict",
     "available_methods", "disable_adapter", "find_targets", "get_adapter_method", "get_method", "inject_adapter",
-    "load_adapter", "make_config", "merge_adapter", "named_trainable_parameters", "read_adapter_config",
+    "load_adapter", "make_config", "merge_adapter", "modules_to_save_parameters", "named_trainable_parameters", "read_adapter_config",
     "register", "save_adapter", "set_adapter_enabled", "trainable_parameters", "unload", "unmerge_adapter",
 ]

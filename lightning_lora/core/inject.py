@@ -184,6 +184,22 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     return out
 
 
+def modules_to_save_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters of the modules an injected config trains in full (``modules_to_save``: a
+    classifier head, a pooler), wherever in ``model`` the adapter was injected (a LightningModule's
+    ``self.model``, say), in model order."""
+    out: dict[int, nn.Parameter] = {}
+    for root in model.modules():
+        method = get_adapter_method(root)
+        keys = list(method.config.modules_to_save or []) if method is not None else []
+        if not keys:
+            continue
+        for name, module in root.named_modules():
+            if _name_matches(name, keys):
+                out.update((id(p), p) for p in module.parameters() if p.requires_grad)
+    return list(out.values())
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters with ``requires_grad``: what ``configure_optimizers`` should hand the optimizer."""
     return [p for p in model.parameters() if p.requires_grad]

@@ -24,7 +24,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from ..core import adapter_layers, get_adapter_method, trainable_parameters
+from ..core import get_adapter_method, modules_to_save_parameters, trainable_parameters
 
 
 def linear_warmup_decay(
@@ -53,14 +53,21 @@ def _method_optimizer(module: nn.Module, **kwargs: Any) -> torch.optim.Optimizer
 
 
 def head_and_adapter_groups(module: nn.Module, head_lr: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: the trainable parameters inside adapter layers at the optimizer's lr,
-    every other trainable parameter (``modules_to_save``: a classifier head, a pooler) at ``head_lr``.
-    Empty groups are left out."""
-    inside = {id(p) for layer in adapter_layers(module).values() for p in layer.parameters()}
+    """AdamW parameter groups: first every trainable parameter but the head's at the optimizer's lr
+    (the adapter, and biases a ``bias="all"`` config trains), then the injected config's
+    ``modules_to_save`` (a classifier head, a pooler) at ``head_lr``.
+
+    Raises ``ValueError`` when either group would be empty: without ``modules_to_save`` there is no
+    head to give a rate, and methods read the adapter's rate from the first group (LoRA-SB's init,
+    IncreLoRA's new ranks)."""
+    head = {id(p) for p in modules_to_save_parameters(module)}
     params = trainable_parameters(module)
-    groups = [{"params": [p for p in params if id(p) in inside]},
-              {"params": [p for p in params if id(p) not in inside], "lr": head_lr}]
-    return [g for g in groups if g["params"]]
+    rest, mine = [p for p in params if id(p) not in head], [p for p in params if id(p) in head]
+    if not mine:
+        raise ValueError("head_lr is set but the adapter config has no trainable modules_to_save (the head)")
+    if not rest:
+        raise ValueError("head_lr is set but every trainable parameter is in modules_to_save: no adapter group")
+    return [{"params": rest}, {"params": mine, "lr": head_lr}]
 
 
 class _AdamWLinearSchedule(pl.LightningModule):
@@ -68,7 +75,7 @@ class _AdamWLinearSchedule(pl.LightningModule):
     weight_decay: float
     warmup_ratio: float
     warmup_steps: int | None
-    #: lr of the trainable parameters outside adapter layers (the head); None: ``lr`` for all
+    #: lr of the adapter config's ``modules_to_save`` (the head); None: ``lr`` for all
     head_lr: float | None = None
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -109,11 +116,11 @@ class SequenceClassifier(_AdamWLinearSchedule):
     A batch is the output of :func:`lightning_lora.tasks.glue.pad_batch`: ``input_ids``,
     ``attention_mask`` (and ``token_type_ids``) of shape (batch, length), ``labels`` (batch,).
 
-    ``head_lr``: the peak lr of every trainable parameter outside the adapter layers (the
-    ``modules_to_save``: classifier, pooler), under the same schedule; the adapter keeps ``lr``.
-    Methods that train only a tiny core at a high rate (LoRA-SB, LoRA-XS) otherwise train a fresh
-    head at that rate too; LoRA-XS's official GLUE code sets the head's rate apart. Adapter
-    parameters are the optimizer's first group, the head the second.
+    ``head_lr``: the peak lr of the adapter config's ``modules_to_save`` (classifier, pooler), under
+    the same schedule; the adapter (and any trained bias) keeps ``lr``. Methods that train only a
+    tiny core at a high rate (LoRA-SB, LoRA-XS) otherwise train a fresh head at that rate too;
+    LoRA-XS's official GLUE code sets the head's rate apart. The adapter is the optimizer's first
+    group, the head the second (:func:`head_and_adapter_groups`).
     """
 
     def __init__(self, model: nn.Module, num_labels: int = 2, metrics: tuple[str, ...] | list[str] = ("accuracy",),

@@ -123,7 +123,7 @@ def _tiny_bert_classifier(**kwargs):
     return SequenceClassifier(model, num_labels=2, **kwargs)
 
 
-def _fit_steps(module, steps, tmp_path, method="lora", **method_kwargs):
+def _fit_steps(module, steps, tmp_path, method="lora", callbacks=(), **method_kwargs):
     from torch.utils.data import DataLoader
 
     g = torch.Generator().manual_seed(0)
@@ -131,30 +131,55 @@ def _fit_steps(module, steps, tmp_path, method="lora", **method_kwargs):
     data = DataLoader(list(range(16)), batch_size=4,
                       collate_fn=lambda i: {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]),
                                             "labels": labels[i]})
-    cb = AdapterCallback(method, r=2, target="model", target_modules=["query", "value"],
-                         modules_to_save=["classifier", "pooler"], **method_kwargs)
+    kwargs = {"modules_to_save": ["classifier", "pooler"], **method_kwargs}
+    cb = AdapterCallback(method, r=2, target="model", target_modules=["query", "value"], **kwargs)
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
-                         callbacks=[cb])
+                         callbacks=[cb, *callbacks])
     trainer.fit(module, data)
     return trainer
 
 
+class _GroupRates(pl.Callback):
+    """Each optimizer group's lr before every step."""
+
+    def __init__(self) -> None:
+        self.rates: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rates.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+
 def test_head_lr_puts_the_head_in_its_own_group_under_the_same_schedule(tmp_path):
     module = _tiny_bert_classifier(lr=1e-2, head_lr=1e-3, warmup_ratio=0.5)
-    trainer = _fit_steps(module, 4, tmp_path)
+    rates = _GroupRates()
+    trainer = _fit_steps(module, 6, tmp_path, callbacks=[rates])
     adapter_group, head_group = trainer.optimizers[0].param_groups
+    assert (adapter_group["initial_lr"], head_group["initial_lr"]) == (1e-2, 1e-3)
     names = {id(p): n for n, p in module.named_parameters()}
     assert all("lora_" in names[id(p)] for p in adapter_group["params"])
     head_names = [names[id(p)] for p in head_group["params"]]
     assert all(".pooler." in n or ".classifier." in n for n in head_names)
     assert any(".pooler." in n for n in head_names) and any(".classifier." in n for n in head_names)
-    # both groups follow one schedule: after warm-up (2 steps) and two decay steps, the same factor
-    factor = adapter_group["lr"] / 1e-2
-    assert head_group["lr"] == pytest.approx(1e-3 * factor) and 0 <= factor < 1
+    # one schedule for both: warm-up over 3 steps, then decay; the head always at a tenth of the adapter
+    adapter_rates = [a for a, _ in rates.rates]
+    assert max(adapter_rates) == pytest.approx(1e-2) and len(set(adapter_rates)) > 2
+    for a, h in rates.rates:
+        assert h == pytest.approx(a / 10)
     # the default is unchanged: one group at lr
     module = _tiny_bert_classifier(lr=1e-2)
     assert len(_fit_steps(module, 1, tmp_path).optimizers[0].param_groups) == 1
+
+
+def test_head_lr_keeps_trained_biases_with_the_adapter_and_needs_a_head(tmp_path):
+    module = _tiny_bert_classifier(lr=1e-2, head_lr=1e-3)
+    adapter_group, head_group = _fit_steps(module, 1, tmp_path, bias="all").optimizers[0].param_groups
+    names = {id(p): n for n, p in module.named_parameters()}
+    biases = [names[id(p)] for p in adapter_group["params"] if names[id(p)].endswith("bias")]
+    assert any(".key." in n for n in biases) and any("LayerNorm" in n for n in biases)  # not adapted, not head
+    assert all(".pooler." in names[id(p)] or ".classifier." in names[id(p)] for p in head_group["params"])
+    with pytest.raises(ValueError, match="no trainable modules_to_save"):
+        _fit_steps(_tiny_bert_classifier(lr=1e-2, head_lr=1e-3), 1, tmp_path, modules_to_save=[])
 
 
 def test_head_lr_is_refused_with_a_methods_own_optimizer(tmp_path):
