@@ -46,7 +46,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_lora import AdapterCallback  # noqa: E402
+from lightning_lora import AdapterCallback, make_config  # noqa: E402
 from lightning_lora.tasks import SequenceClassifier, load_minilm  # noqa: E402
 from lightning_lora.tasks.glue import GLUEDataModule, get_task, read_split, split_dev, subsample  # noqa: E402
 from lightning_lora.tasks.modules import classification_metrics  # noqa: E402
@@ -346,7 +346,7 @@ def check_stored_budgets(runs: Iterable[GlueRun], out_jsonl: str | os.PathLike) 
         fields = [f for f in BUDGET_FIELDS if not (f == "steps" and asked["steps"] is None)]
         diff = [f"{f}={row.get(f)!r} stored, {asked[f]!r} asked" for f in fields if row.get(f) != asked[f]]
         stored_kwargs = json.loads(row.get("method_kwargs") or "{}")  # train_glue stores it as JSON
-        if _config_of(row.get("method"), stored_kwargs) != _config_of(run.method, run.method_kwargs):
+        if _config_of(row.get("method"), stored_kwargs) != make_config(run.method, **run.method_kwargs):
             diff.append(f"method_kwargs={stored_kwargs} stored, {run.method_kwargs} asked")
         if diff:
             raise ValueError(f"{out_jsonl}: run {run.key!r} is stored with another budget ({'; '.join(diff)}); "
@@ -354,11 +354,10 @@ def check_stored_budgets(runs: Iterable[GlueRun], out_jsonl: str | os.PathLike) 
 
 
 def _config_of(method: str | None, kwargs: dict[str, Any]) -> Any:
-    """The method's full config (defaults filled in), so ``{"r": 8}`` and ``{"r": 8, "mode": "frozen"}``
+    """A stored row's full config (defaults filled in), so ``{"r": 8}`` and ``{"r": 8, "mode": "frozen"}``
     match where ``frozen`` is the default (session 4's DyLoRA rows left it out); the kwargs themselves
-    for a method no longer registered."""
-    from lightning_lora import make_config
-
+    where the stored config no longer builds (a method or option since removed): then it matches no
+    requested config. (A requested config is built with ``make_config`` directly: its errors raise.)"""
     try:
         return make_config(method, **kwargs)
     except (KeyError, ValueError, TypeError):
