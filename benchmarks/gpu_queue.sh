@@ -104,11 +104,12 @@ start)
         # TRANS_LORA_ARGS: e.g. "--max-rounds 10 --seed 1" (each variant keeps its own parts and result)
         launch trans_lora $PY benchmarks/trans_lora.py ${TRANS_LORA_ARGS:-}
         launch trans_lora_bal $PY benchmarks/trans_lora.py --balance ${TRANS_LORA_ARGS:-}  # class-balanced distillation (ablation)
-        # seeds 1 and 2 of the same recipe (TRANS_LORA_ARGS without --seed; both parts: a result file is
-        # written only then): trans_lora_seed1.json, trans_lora_seed2.json, or with "--target verbalizer"
-        # trans_lora_verbalizer_seed1.json...; about 12-20 minutes side by side on one H200
-        launch trans_lora_seeds bash -c "$PY benchmarks/trans_lora.py --seed 1 ${TRANS_LORA_ARGS:-} & \
-            $PY benchmarks/trans_lora.py --seed 2 ${TRANS_LORA_ARGS:-}; wait"
+        # seeds 1 and 2 of the same recipe (TRANS_LORA_ARGS with any --seed taken out; both parts: a result
+        # file is written only then): trans_lora_seed1.json, trans_lora_seed2.json, or with "--target
+        # verbalizer" trans_lora_verbalizer_seed1.json...; about 12-20 minutes side by side on one H200
+        recipe=$(sed -E 's/--seed[= ]+[0-9]+//g' <<<"${TRANS_LORA_ARGS:-}")
+        launch trans_lora_seeds bash -c "$PY benchmarks/trans_lora.py $recipe --seed 1 & \
+            $PY benchmarks/trans_lora.py $recipe --seed 2; wait"
         # CLORA_ARGS: the LoRA recipe (e.g. --lora-steps 1500 --lora-lr 3e-4 1e-3 2e-3); then the same stages
         # sampled at a second guidance scale (its own result and figure, clora_composition_g<scale>)
         launch clora env PYTHONPATH=/tmp/site:/tmp/site_diff bash -c "$PY benchmarks/clora_composition.py \
