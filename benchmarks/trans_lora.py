@@ -146,8 +146,7 @@ def llama_classifier(causal, tokenizer, seed: int, verbalizer: bool = False) -> 
     model = LlamaForSequenceClassification(config).to(device=causal.device, dtype=torch.float32)
     model.model.load_state_dict(causal.model.state_dict())
     if verbalizer:
-        with torch.no_grad():
-            init_verbalizer_head(model.score, causal, tokenizer, SST2_WORDS)
+        init_verbalizer_head(model.score, causal, tokenizer, SST2_WORDS)
     inject_adapter(model, "lora", r=8, alpha=16, target_modules=LLAMA_TARGETS, modules_to_save=["score"])
     encode = hf_text_encoder(tokenizer, max_length=80, template=SST2_PROMPT) if verbalizer else \
         hf_text_encoder(tokenizer, max_length=64)

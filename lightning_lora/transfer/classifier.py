@@ -83,6 +83,9 @@ def verbalizer_weights(causal_lm: nn.Module, tokenizer, words: Sequence[str]) ->
         tokens = tokenizer.encode(word, add_special_tokens=False)
         if not tokens:
             raise ValueError(f"verbalizer word {word!r} encodes to no token")
+        if not tokenizer.decode(tokens[:1]).strip():  # SentencePiece may split " positive" as " " + "positive"
+            raise ValueError(f"verbalizer word {word!r} starts with a bare-space token in this tokenizer: "
+                             "give the word without its leading space")
         ids.append(tokens[0])
     if len(set(ids)) != len(ids):
         raise ValueError(f"verbalizer words {tuple(words)} share their first token: the classes would start equal")

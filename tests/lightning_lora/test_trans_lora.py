@@ -522,3 +522,13 @@ def test_verbalizer_rejects_words_that_cannot_separate_the_classes():
         verbalizer_weights(causal, tok, ("", " yes"))
     with pytest.raises(ValueError, match="does not match 2 verbalizer words"):
         init_verbalizer_head(nn.Linear(causal.config.hidden_size, 3), causal, tok, (" no", " yes"))
+
+    class SplitsSpace:  # as SentencePiece tokenizers may encode " positive": "▁" + "positive"
+        def encode(self, word, add_special_tokens=False):
+            return [7, 8] if word.startswith(" ") else [8]
+
+        def decode(self, ids):
+            return " " if ids == [7] else "word"
+
+    with pytest.raises(ValueError, match="bare-space token"):
+        verbalizer_weights(causal, SplitsSpace(), (" no", " yes"))
