@@ -96,6 +96,13 @@ class GlueRun:
     grad_clip: float | None = None
     head_lr: float | None = None
 
+    def __post_init__(self) -> None:
+        # Lightning skips clipping at 0 and below, silently: a run tagged as clipped would not be
+        for name in ("grad_clip", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{self.key}: {name} must be > 0 (or None), got {value}")
+
     @property
     def key(self) -> str:
         """Identity of the run in a results file: tag (or method), task, seed. Not the config or the

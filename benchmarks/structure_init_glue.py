@@ -164,11 +164,10 @@ def summarise(results: list[dict[str, Any]], tags: list[str], lrs: dict[str, flo
     for t in tags:
         if t != "lora":
             m[f"{t}_gain_vs_lora"] = gain(t)
-    for t in ("allora", "allora_update"):  # (--only / --smoke run a subset)
-        if t in tags:
+    for t in tags:  # every ALLoRA and LoRA-SB variant gets its bar's own key
+        if METHODS[t][0] == "allora":
             m[f"{t}_gain_vs_lora_rte"] = gain(t, ("rte",))
-    for t in ("lora_sb", "lora_sb_r21", "lora_sb_sched", "lora_sb_headlr"):
-        if t in tags:
+        elif METHODS[t][0] == "lora_sb":
             m[f"{t}_param_reduction"] = m["lora_adapter_params"] / m[f"{t}_adapter_params"]
     m["seeds"] = len(SEEDS)
     return m

@@ -96,3 +96,11 @@ def test_run_many_refuses_a_stored_run_of_the_same_key_at_another_budget(tmp_pat
     gh.run_many([epochs], raw)
     with pytest.raises(ValueError, match="epochs=3.0 stored, 2.0 asked"):
         gh.run_many([gh.GlueRun("lora", "rte", 0, lr=2e-3, epochs=2.0)], raw)
+
+
+def test_clipping_and_head_rate_must_be_positive():
+    """Lightning skips clipping at 0 without a word: a run tagged as clipped would train unclipped."""
+    for field in ("grad_clip", "head_lr"):
+        with pytest.raises(ValueError, match=f"{field} must be > 0"):
+            gh.GlueRun("lora", "sst2", 0, steps=1, **{field: 0.0})
+    assert gh.GlueRun("lora", "sst2", 0, steps=1, grad_clip=1.0, head_lr=2e-3).grad_clip == 1.0
