@@ -17,6 +17,12 @@ Measured per model (same random weights, same batch, bf16 base, rank 16, same ta
   backward, as PEFT does), and ``ours_replay_all`` with ``replay_inputs="all"`` (RMSNorm outputs
   replayed too): the A/B of the input replay, its memory against its extra backward kernels
   (``ours`` is the default, ``"products"``; session 7 measured ``ours`` when the default was ``"all"``);
+- ``<variant>_compiled`` (extra, any variant above): the same model under ``torch.compile`` (mode from
+  ``--compile-mode``; compiled in the warm-up steps). Under compile our LoRA layers run the plain
+  formula and the compiler fuses it (``LoRALinear.forward``), as it does PEFT's; ``reduce-overhead``
+  also captures CUDA graphs, which removes the host time that bounds BERT's eager step.
+  ``step_time_ratio_<model>_compiled`` = ``ours_compiled`` / the faster compiled PEFT variant measured
+  (a diagnostic beside the bar's eager ratio, not a replacement for it);
 
 A step is forward + backward + AdamW step (fused AdamW for every variant). Reported: median
 step time over ``--steps`` timed steps after ``--warmup`` steps, and peak allocated memory.
@@ -71,12 +77,26 @@ def bert_model() -> nn.Module:
 REPLAY = {"ours_noreplay": "none", "ours_replay_all": "all"}
 
 SPECS = {
-    "llama": dict(make=llama_model, batch=4, seq=2048, targets="all-linear", vocab=32000),
-    "bert": dict(make=bert_model, batch=32, seq=512, targets=["query", "key", "value", "dense"], vocab=30522),
+    "llama": dict(make=llama_model, batch=4, seq=2048, targets="all-linear", vocab=32000, lm=True),
+    "bert": dict(make=bert_model, batch=32, seq=512, targets=["query", "key", "value", "dense"], vocab=30522, lm=False),
 }
+
+#: suffix of a variant run under torch.compile; --compile-mode sets the mode
+COMPILED = "_compiled"
+COMPILE_MODE = "default"
 
 
 def build(spec: dict, variant: str, r: int) -> tuple[nn.Module, list[nn.Parameter]]:
+    """The model of ``variant`` and its trainable parameters; ``<variant>_compiled`` wraps it in
+    ``torch.compile`` (the parameters are the same objects)."""
+    plain = variant.removesuffix(COMPILED)
+    model, params = _build(spec, plain, r)
+    if plain != variant:
+        model = torch.compile(model, mode=COMPILE_MODE)
+    return model, params
+
+
+def _build(spec: dict, variant: str, r: int) -> tuple[nn.Module, list[nn.Parameter]]:
     torch.manual_seed(0)
     with torch.device(DEVICE):  # initialise on the GPU: a 1.1B random init on the CPU takes long
         model = spec["make"]()
@@ -103,8 +123,7 @@ def step_fn(model: nn.Module, params: list[nn.Parameter], spec: dict) -> Callabl
     g = torch.Generator(device=DEVICE).manual_seed(1)
     ids = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), device=DEVICE, generator=g)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
-    is_lm = "llama" in type(getattr(model, "base_model", model)).__name__.lower() or hasattr(model, "lm_head")
-    labels = ids if is_lm else torch.randint(0, 2, (spec["batch"],), device=DEVICE, generator=g)
+    labels = ids if spec["lm"] else torch.randint(0, 2, (spec["batch"],), device=DEVICE, generator=g)
 
     def step() -> None:
         out = model(input_ids=ids, labels=labels)
@@ -222,8 +241,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lora_vs_peft.json"))
     ap.add_argument("--profile-dir", default=None, help="also write kernel profiles of every variant but peft_default here")
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script, no figures)")
+    ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
+                                                                   "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode of the <variant>_compiled variants")
     args = ap.parse_args()
-    global TINY, DEVICE
+    global TINY, DEVICE, COMPILE_MODE
+    COMPILE_MODE = args.compile_mode
+    known = {"frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib", *REPLAY}
+    unknown = [v for v in args.variants if v.removesuffix(COMPILED) not in known]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(sorted(known))} "
+                 f"(each also as <variant>{COMPILED})")
     if args.tiny:
         TINY, DEVICE = True, "cpu"
         for s in SPECS.values():
@@ -258,6 +286,12 @@ def main() -> None:
             metrics[f"{name}_peft_trainable_params"] = res["peft_bf16"]["trainable"]
         if {"ours", "frozen"} <= set(res):
             metrics[f"overhead_vs_frozen_{name}"] = round(res["ours"]["ms"] / res["frozen"]["ms"], 4)
+        peft_compiled = [v for v in ("peft_default" + COMPILED, "peft_bf16" + COMPILED) if v in res]
+        if "ours" + COMPILED in res and peft_compiled:
+            best = min(peft_compiled, key=lambda v: res[v]["ms"])
+            metrics[f"step_time_ratio_{name}{COMPILED}"] = round(res["ours" + COMPILED]["ms"] / res[best]["ms"], 4)
+            metrics[f"peak_mem_ratio_{name}{COMPILED}"] = round(res["ours" + COMPILED]["peak_gib"] / res[best]["peak_gib"], 4) \
+                if res[best]["peak_gib"] else 0.0
     if args.profile_dir:
         for name in args.models:
             # every variant but PEFT's fp32-adapter default (the slowest): wall time minus kernel time is

@@ -928,9 +928,11 @@ class LoRALinear(AdapterLayer):
         if self.disabled or self.merged:
             return self.base_layer(x, *args, **kwargs)
         # functorch transforms (torch.func.grad, vmap, ...) wrap the parameters: no storage for the
-        # cast cache's key, and the fused functions' hand-written backward is not what they trace
+        # cast cache's key, and the fused functions' hand-written backward is not what they trace.
+        # torch.compile gets the plain formula too: the compiler fuses it itself, while the fused
+        # path's caches, version checks and autograd.Function break its graph at every layer
         if ((self.use_dora and not self.dora_detach_norm) or not self.fused or args or kwargs
-                or torch._C._are_functorch_transforms_active()):
+                or torch._C._are_functorch_transforms_active() or _is_compiling()):
             return self.reference_forward(x, *args, **kwargs)
         if self._siblings is not None:
             out = self._siblings.forward(self, x)
