@@ -61,7 +61,15 @@ from torch import nn
 from .core.config import AdapterConfig, get_method, make_config
 from .core.ddp_defaults import BufferWatch, apply_ddp_defaults, buffer_sync_argument, sync_buffers_once
 from .core.ddp_sync import install_async_sigterm_check, uninstall_async_sigterm_check
-from .core.inject import _name_matches, adapter_layers, get_adapter_method, inject_adapter, merge_adapter
+from .core.inject import (
+    _name_matches,
+    adapter_layers,
+    adapter_writes,
+    get_adapter_method,
+    inject_adapter,
+    merge_adapter,
+    unmerge_merged,
+)
 from .core.layer import AdapterLayer
 from .core.state import AdapterFormatError, injected_for_loading, save_adapter
 from .methods.lora import invalidate_cast_caches
@@ -177,6 +185,8 @@ class AdapterCallback(pl.Callback):
         self.ddp_defaults = ddp_defaults
         self.ddp_defaults_applied: dict[str, Any] = {}
         self._buffer_watch: BufferWatch | None = None
+        if merge_on_fit_end and not self.method.mergeable:
+            raise ValueError(f"merge_on_fit_end: method {method!r} cannot merge its update into the base weights")
         if eval_ranks is not None and not callable(getattr(self.method, "validation_variants", None)):
             raise ValueError(f"eval_ranks: method {method!r} has no ranks to validate at")
 
@@ -266,6 +276,12 @@ class AdapterCallback(pl.Callback):
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             user_load(checkpoint)
+            # Lightning copies the checkpoint's tensors in after this hook: into merged layers they
+            # would leave the old update in the base weights (and an unmerge would then subtract the
+            # new one), so the adapter goes back to running unmerged, as it trained
+            if unmerge_merged(self.target_module(pl_module)):
+                warnings.warn("AdapterCallback: the adapter was merged; it was unmerged before loading the "
+                              "checkpoint, and the loaded adapter runs unmerged", stacklevel=2)
             meta = (checkpoint.get("lightning_lora") or {}).get("layer_metadata")
             apply = getattr(self.method, "apply_layer_metadata", None)
             if meta is not None and callable(apply):  # structure changed in training (IncreLoRA ranks,
@@ -289,6 +305,8 @@ class AdapterCallback(pl.Callback):
 
     # ---- training ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if unmerge_merged(self.target_module(pl_module)):  # e.g. a second fit after merge_on_fit_end
+            warnings.warn("AdapterCallback: the adapter was merged; it was unmerged to train", stacklevel=2)
         frozen = 0
         for opt in trainer.optimizers:
             for group in opt.param_groups:
@@ -471,4 +489,5 @@ def _load_checkpoint_state(module: nn.Module, state: dict[str, Any], path: Path,
     if bad:
         raise AdapterFormatError(f"{path}: shape mismatch, checkpoint written for another model? {_short(bad)}")
     # base keys absent from the file stay as they are (non-strict); the check above covered the adapter
-    module.load_state_dict({k: state[k] for k in common}, strict=False)
+    with adapter_writes(module):
+        module.load_state_dict({k: state[k] for k in common}, strict=False)

@@ -85,6 +85,9 @@ class Method:
     Config: ClassVar[type[AdapterConfig]] = AdapterConfig
     #: module types this method can wrap (checked at injection time for a clear error)
     supported_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: whether the update folds into the base weight (``merge``); False where it depends on the
+    #: input or the base is not dense. ``AdapterCallback(merge_on_fit_end=True)`` checks it up front
+    mergeable: ClassVar[bool] = True
 
     def __init__(self, config: AdapterConfig) -> None:
         self.config = config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from collections.abc import Iterator
 from typing import Any
 
@@ -220,9 +221,36 @@ def unmerge_adapter(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def unmerge_merged(model: nn.Module) -> list[AdapterLayer]:
+    """Unmerge the layers of ``model`` that are merged; returns them."""
+    merged = [layer for layer in adapter_layers(model).values() if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    return merged
+
+
+@contextmanager
+def adapter_writes(model: nn.Module) -> Iterator[None]:
+    """Around code that writes adapter tensors: merged layers are unmerged for it and merged again
+    after it, with the new tensors. Written into a merged layer, new tensors would not change the
+    output (the old update stays in the base weight), and a later unmerge would subtract the new
+    update from a weight that holds the old one: the base would be lost."""
+    merged = unmerge_merged(model)
+    try:
+        yield
+    finally:
+        for layer in merged:
+            layer.merge()
+
+
 def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
-    """Enable or disable every adapter layer (disabled = exact base model)."""
-    for layer in adapter_layers(model).values():
+    """Enable or disable every adapter layer (disabled = exact base model). Disabling is refused,
+    before any layer changes, while adapters are merged: ``unmerge_adapter(model)`` first."""
+    layers = adapter_layers(model).values()
+    if not enabled and any(layer.merged for layer in layers):
+        raise RuntimeError("cannot disable merged adapters (their update is in the base weights); "
+                           "unmerge_adapter(model) first")
+    for layer in layers:
         layer.enable_adapter() if enabled else layer.disable_adapter()
 
 

@@ -92,6 +92,7 @@ class AdapterLayer(nn.Module):
         """Fold the update into the base weight (computed in fp32, stored in the base dtype)."""
         if self.merged:
             raise RuntimeError("adapter is already merged; call unmerge() first")
+        _refuse_merge_while_disabled(self)
         w = self.base_weight
         with no_autocast(w.device):
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
@@ -111,6 +112,11 @@ class AdapterLayer(nn.Module):
         self.disabled = False
 
     def disable_adapter(self) -> None:
+        """Run as the base layer. Refused while merged: the update is inside the base weight then,
+        so "disabled" could not mean the base model."""
+        if self.merged:
+            raise RuntimeError("cannot disable a merged adapter (its update is in the base weight); "
+                               "unmerge it first")
         self.disabled = True
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -123,3 +129,9 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
+
+
+def _refuse_merge_while_disabled(layer: AdapterLayer) -> None:
+    """A disabled layer runs its base weight; merging into it would change the "disabled" output."""
+    if layer.disabled:
+        raise RuntimeError("cannot merge a disabled adapter; enable it first")

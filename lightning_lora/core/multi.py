@@ -52,7 +52,7 @@ from torch import nn
 
 from .config import AdapterConfig, Method, get_method, make_config
 from .inject import _METHOD_ATTR, _MULTI_ATTR, _name_matches, _set_submodule, adapter_layers, find_targets
-from .layer import AdapterLayer, _is_conv1d
+from .layer import AdapterLayer, _is_conv1d, _refuse_merge_while_disabled
 from .state import PREFIX, WEIGHTS_NAME, AdapterFormatError, read_adapter_config, write_adapter
 
 DEFAULT_NAME = "default"  # PEFT's name for the adapter saved at the root of a directory
@@ -139,6 +139,7 @@ class MultiAdapterLayer(AdapterLayer):
             raise RuntimeError("adapter is already merged; call unmerge() first")
         if self.routing is not None:
             raise RuntimeError("cannot merge while routing adapters per example")
+        _refuse_merge_while_disabled(self)
         names = tuple(n for n in self.active if n in self.adapters)
         for n in names:
             self.adapters[n].merge()

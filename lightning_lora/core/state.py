@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import AdapterConfig, Method, available_methods, get_method, make_config
-from .inject import _inside, adapter_layers, get_adapter_method, inject_adapter, unload
+from .inject import _inside, adapter_layers, adapter_writes, get_adapter_method, inject_adapter, unload
 from .layer import AdapterLayer
 
 CONFIG_NAME = "adapter_config.json"
@@ -234,7 +234,7 @@ def _copy_adapter_tensors(model: nn.Module, weights: Path, strict: bool) -> None
                 raise AdapterFormatError(
                     f"{weights}: tensor {fkey} has shape {src_shape}, the model expects {dst_shape}"
                 )
-        with torch.no_grad():
+        with torch.no_grad(), adapter_writes(model):
             for fkey in common:
                 dst = state[file_to_model[fkey]]
                 dst.copy_(f.get_tensor(fkey).to(dst.dtype))

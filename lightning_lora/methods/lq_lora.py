@@ -189,6 +189,7 @@ class LQLoRA(Method):
 
     Config = LQLoRAConfig
     supported_types = (nn.Linear,)
+    mergeable = False  # the base is quantized
 
     def __init__(self, config: AdapterConfig, decompositions: dict[str, Decomposition] | None = None,
                  fisher: dict[str, torch.Tensor] | None = None) -> None:

@@ -269,6 +269,7 @@ class SMoRA(Method):
 
     Config = SMoRAConfig
     supported_types = (nn.Linear,)
+    mergeable = False  # the gates depend on the input
 
     def __init__(self, config: SMoRAConfig) -> None:  # type: ignore[override]
         super().__init__(config)
