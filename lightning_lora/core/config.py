@@ -29,8 +29,12 @@ class AdapterConfig:
             default when neither names nor types are given) targets every ``nn.Linear`` /
             transformers ``Conv1D`` except the model's output head.
         target_types: optional module classes (or class names) to target in addition to names.
-        exclude_modules: names (same suffix rule) that are never targeted.
-        modules_to_save: modules trained in full and saved with the adapter (a new classifier head).
+        exclude_modules: names (same suffix rule) that are never targeted; a single name may be
+            given as a string. A name that matches no module is warned about at injection.
+        modules_to_save: modules trained in full and saved with the adapter (a new classifier head);
+            a single name may be given as a string. When no name matches a module, injection
+            fails (the head would otherwise stay frozen without a word); a name that matches nothing
+            while others match is warned about.
         bias: ``"none"`` (all biases frozen), ``"lora_only"`` (biases of adapted layers train) or
             ``"all"`` (every bias in the model trains).
     """
@@ -48,6 +52,13 @@ class AdapterConfig:
             raise ValueError(f"bias must be 'none', 'lora_only' or 'all', got {self.bias!r}")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        for attr in ("exclude_modules", "modules_to_save"):  # a bare string would be read per character
+            value = getattr(self, attr)
+            value = [] if value is None else [value] if isinstance(value, str) else list(value)
+            bad = [v for v in value if not isinstance(v, str) or not v]
+            if bad:
+                raise ValueError(f"{attr} must be module names (strings), got {bad!r}")
+            setattr(self, attr, value)
         if self.target_modules is None and not self.target_types:
             self.target_modules = "all-linear"  # every method adapts linear layers
         dropout = getattr(self, "dropout", 0.0)  # methods with an adapter-branch dropout

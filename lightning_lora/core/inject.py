@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import contextmanager
 from collections.abc import Iterator
 from typing import Any
@@ -45,11 +46,36 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
+#: PEFT's sequence-classification task lists both head names in ``modules_to_save``; a model has one
+_PEFT_HEAD_NAMES = frozenset({"classifier", "score"})
+
+
+def _check_named_modules(model: nn.Module, config: AdapterConfig) -> None:
+    """``modules_to_save`` must match a module (a typo would leave the head frozen and unsaved);
+    names of it that match nothing when others do, and ``exclude_modules`` names that match nothing
+    (a typo adapts the module it meant to exclude), are warned about. PEFT ignores unmatched names,
+    and its sequence-classification configs list both ``classifier`` and ``score``: the one of those
+    two that a model lacks is not warned about."""
+    names = [n for n, _ in model.named_modules() if n and ".base_layer" not in n]
+    unmatched_save = [k for k in config.modules_to_save if not any(_name_matches(n, [k]) for n in names)]
+    if unmatched_save and len(unmatched_save) == len(config.modules_to_save):
+        children = [n for n, _ in model.named_children()]
+        raise ValueError(f"modules_to_save={unmatched_save!r} matched no module (a name matches a module whose "
+                         f"qualified name equals it or ends with '.' + name); top-level modules: {children}")
+    unmatched_save = [k for k in unmatched_save if k not in _PEFT_HEAD_NAMES]
+    if unmatched_save:
+        warnings.warn(f"modules_to_save={unmatched_save!r} matched no module", stacklevel=3)
+    unmatched_exclude = [k for k in config.exclude_modules if not any(_name_matches(n, [k]) for n in names)]
+    if unmatched_exclude:
+        warnings.warn(f"exclude_modules={unmatched_exclude!r} matched no module", stacklevel=3)
+
+
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Qualified names of the modules ``config`` targets, in model order.
 
     Raises ``ValueError`` when nothing matches, listing some module names to help fix the pattern.
     """
+    _check_named_modules(model, config)
     targets = config.target_modules
     type_keys = tuple(config.target_types)
     heads = _output_head_names(model) if targets == "all-linear" else set()
@@ -124,16 +150,18 @@ def inject_adapter(
                 f"supported: {[t.__name__ for t in supported]}"
             )
     requires_grad = {p: p.requires_grad for p in model.parameters()}
+    # the modules themselves: a layer may replace its base (LQ-LoRA: by the quantized weight)
+    originals = {name: model.get_submodule(name) for name in names}
     layers: dict[str, AdapterLayer] = {}
     try:
         for name in names:
-            layer = method_obj.make_layer(model.get_submodule(name), name)
+            layer = method_obj.make_layer(originals[name], name)
             _set_submodule(model, name, layer)
             layers[name] = layer
     except BaseException:
         # a layer that cannot be built (shape constraint, ...) leaves the model as it was
-        for name, layer in layers.items():
-            _set_submodule(model, name, layer.base_layer)
+        for name in layers:
+            _set_submodule(model, name, originals[name])
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
         raise
@@ -245,13 +273,23 @@ def adapter_writes(model: nn.Module) -> Iterator[None]:
 
 def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
     """Enable or disable every adapter layer (disabled = exact base model). Disabling is refused,
-    before any layer changes, while adapters are merged: ``unmerge_adapter(model)`` first."""
+    before any layer changes, while adapters are merged: ``unmerge_adapter(model)`` first.
+
+    Modules trained in full (``modules_to_save``, a new classifier head) are not adapter layers: with
+    one injected adapter they are the model's own modules, trained in place, and keep their trained
+    weights when the adapter is disabled. Named adapters (:mod:`lightning_lora.core.multi`) keep the
+    original module beside each adapter's copy, and disabling there runs the original, as in PEFT."""
+    from .multi import ModulesToSaveWrapper  # multi imports this module
+
     layers = adapter_layers(model).values()
     if not enabled and any(layer.merged for layer in layers):
         raise RuntimeError("cannot disable merged adapters (their update is in the base weights); "
                            "unmerge_adapter(model) first")
     for layer in layers:
         layer.enable_adapter() if enabled else layer.disable_adapter()
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.disabled = not enabled
 
 
 class disable_adapter:

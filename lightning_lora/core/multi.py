@@ -175,8 +175,12 @@ class ModulesToSaveWrapper(nn.Module):
         self.copies = nn.ModuleDict()
         self.active: str | None = None
         self.routing: tuple[tuple[str, ...], torch.Tensor] | None = None
+        #: set by ``set_adapter_enabled`` / ``disable_adapter``: the original runs, as in PEFT
+        self.disabled = False
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled:
+            return self.original_module(x, *args, **kwargs)
         if self.routing is None:
             module = self.copies[self.active] if self.active in self.copies else self.original_module
             return module(x, *args, **kwargs)
@@ -320,6 +324,22 @@ def _convert_single(model: nn.Module) -> None:
     object.__setattr__(model, _MULTI_ATTR, AdapterSet({DEFAULT_NAME: method}, [DEFAULT_NAME]))
 
 
+def _revert_to_single(model: nn.Module) -> None:
+    """Undo :func:`_convert_single` on a model whose only adapter is ``"default"``: a failed add or
+    load must leave a single-adapter model as it was (``get_adapter_method``, ``save_adapter``)."""
+    reg = _registry(model)
+    assert reg is not None and list(reg.methods) == [DEFAULT_NAME]
+    for name, multi in multi_layers(model).items():
+        layer = multi.adapters[DEFAULT_NAME]
+        base = layer.__dict__.pop("base_layer")  # MultiAdapterLayer.add kept it as a plain attribute
+        layer._modules["base_layer"] = base
+        _set_submodule(model, name, layer)
+    for name, wrapper in _wrappers(model).items():
+        _set_submodule(model, name, wrapper.original_module)  # the model's own trained head
+    object.__delattr__(model, _MULTI_ATTR)
+    object.__setattr__(model, _METHOD_ATTR, reg.methods[DEFAULT_NAME])
+
+
 def add_adapter(
     model: nn.Module,
     name: str,
@@ -333,8 +353,23 @@ def add_adapter(
     (as in PEFT). Returns qualified module name -> the new adapter's layers.
     """
     _check_name(name)
-    if getattr(model, _METHOD_ATTR, None) is not None:
-        _convert_single(model)
+    if getattr(model, _METHOD_ATTR, None) is None:
+        return _add_adapter(model, name, method, config, **kwargs)
+    _convert_single(model)
+    try:
+        return _add_adapter(model, name, method, config, **kwargs)
+    except BaseException:
+        _revert_to_single(model)
+        raise
+
+
+def _add_adapter(
+    model: nn.Module,
+    name: str,
+    method: str | Method,
+    config: AdapterConfig | dict[str, Any] | None,
+    **kwargs: Any,
+) -> dict[str, AdapterLayer]:
     reg = _registry(model)
     if reg is not None and name in reg.methods:
         raise ValueError(f"adapter {name!r} already exists; delete_adapter() it first")
@@ -533,6 +568,8 @@ def load_adapter_as(model: nn.Module, directory: str | os.PathLike[str], name: s
     restore = getattr(method, "restore_layer_metadata", None)
     if raw_meta and callable(restore):
         restore(json.loads(raw_meta))
+    was_single = getattr(model, _METHOD_ATTR, None) is not None
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
     try:
         add_adapter(model, name, method)
     except (ValueError, TypeError) as exc:
@@ -556,6 +593,10 @@ def load_adapter_as(model: nn.Module, directory: str | os.PathLike[str], name: s
                     dst_t.copy_(f.get_tensor(k).to(dst_t.dtype))
     except BaseException:
         delete_adapter(model, name)
+        if was_single:
+            _revert_to_single(model)
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
         raise
     return model
 

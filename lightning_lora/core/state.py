@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import AdapterConfig, Method, available_methods, get_method, make_config
-from .inject import _inside, adapter_layers, adapter_writes, get_adapter_method, inject_adapter, unload
+from .inject import _inside, _set_submodule, adapter_layers, adapter_writes, get_adapter_method, inject_adapter, unload
 from .layer import AdapterLayer
 
 CONFIG_NAME = "adapter_config.json"
@@ -99,7 +99,7 @@ def write_adapter(
     """Write one adapter (``method``'s ``layers``, ``tensors`` keyed by file key) in the format above."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = _unshared({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     metadata = {
         "format": "pt",
         "lightning_lora_method": method.config.method,
@@ -115,6 +115,19 @@ def write_adapter(
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config_json, indent=2, sort_keys=True)))
     return directory
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every tensor that shares memory with an earlier one cloned: safetensors refuses
+    shared storage, which tied weights give (a tied output head in ``modules_to_save`` is also the
+    input embedding). Loading writes the same values into both names, so the tie holds."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        key = (v.untyped_storage().data_ptr(), v.untyped_storage().nbytes()) if v.numel() else (id(v), 0)
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -173,6 +186,9 @@ def injected_for_loading(
     """
     existing = get_adapter_method(model)
     requires_grad = {p: p.requires_grad for p in model.parameters()}
+    # the modules themselves: unload() puts back each layer's base, which a method may have replaced
+    # (LQ-LoRA: by the quantized weight)
+    originals = dict(model.named_modules())
     if existing is None:
         method = get_method(name)(cfg)
         restore = getattr(method, "restore_layer_metadata", None)
@@ -191,7 +207,10 @@ def injected_for_loading(
         yield
     except BaseException:
         if existing is None:  # undo our own injection
+            injected = list(adapter_layers(model))
             unload(model)
+            for layer_name in injected:
+                _set_submodule(model, layer_name, originals[layer_name])
             for p, flag in requires_grad.items():
                 p.requires_grad_(flag)
         raise

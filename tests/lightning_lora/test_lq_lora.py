@@ -174,3 +174,20 @@ def test_trains_through_adapter_callback_and_checkpoint_carries_q(tmp_path):
     fresh = ll.load_adapter_checkpoint(Module(), tmp_path / "x.ckpt", target="net")
     x = torch.randn(3, 32)
     assert torch.equal(fresh.net(x), module.net(x))
+
+
+def test_failed_load_leaves_the_dense_model(tmp_path):
+    """A load that fails (an adapter of other widths) puts back the dense ``nn.Linear`` modules and their
+    weights: unloading the half-made LQ-LoRA layers alone would leave their quantized bases in place."""
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))
+    ll.inject_adapter(src, "lq_lora", r=4, max_iters=2, target_modules=["0", "2"])
+    ll.save_adapter(src, tmp_path)
+    dst = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32))
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ll.AdapterFormatError):
+        ll.load_adapter(dst, tmp_path)
+    assert [type(m) for m in dst] == [nn.Linear, nn.Tanh, nn.Linear]
+    after = dst.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(p.requires_grad for p in dst.parameters())

@@ -376,3 +376,46 @@ def test_unload_removes_every_named_adapter_and_keeps_the_active_head(three, mod
         torch.testing.assert_close(_logits(m, x), _logits(plain, x), atol=0, rtol=0)
     multi.add_adapter(m, "d", "lora", r=2, target_modules=["query"])  # a clean registry again
     assert multi.adapter_names(m) == ["d"]
+
+
+@pytest.mark.parametrize("how", ["add", "load"])
+def test_failed_named_adapter_leaves_a_single_adapter_model_as_it_was(model_builders, tmp_path, how):
+    """A model with one injected adapter is turned into a named-adapter model by ``add_adapter``; when the
+    add (or ``load_adapter_as``) fails, it must be given back as it was: same modules, same method, and
+    ``save_adapter`` still works."""
+    other = model_builders["linear"](0)
+    ll.inject_adapter(other, "lora", r=2, target_modules=["fc1"])
+    ll.save_adapter(other, tmp_path / "linear")
+    m = model_builders["bert"](0)
+    ll.inject_adapter(m, "lora", r=4, target_modules=["query"], modules_to_save=["pooler"])
+    modules = [(n, type(x)) for n, x in m.named_modules()]
+    grads = {n: p.requires_grad for n, p in m.named_parameters()}
+    method = ll.get_adapter_method(m)
+    with pytest.raises((ValueError, ll.AdapterFormatError)):
+        if how == "add":
+            multi.add_adapter(m, "x", "lora", dict(r=2, target_modules=["nope"]))
+        else:
+            multi.load_adapter_as(m, tmp_path / "linear", "x")
+    assert [(n, type(x)) for n, x in m.named_modules()] == modules
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == grads
+    assert ll.get_adapter_method(m) is method and not multi.adapter_names(m)
+    ll.save_adapter(m, tmp_path / "again")
+
+
+def test_disabling_named_adapters_runs_the_original_saved_modules(model_builders):
+    """Disabled = the base model, heads included: the per-adapter copy of a module trained in full
+    (``modules_to_save``) steps aside for the original, as in PEFT."""
+    from test_invariants import make_inputs  # the test directory is on sys.path
+
+    base = model_builders["bert"](0)
+    m = model_builders["bert"](0)
+    multi.add_adapter(m, "a", "lora", dict(r=2, target_modules=["query"], modules_to_save=["pooler"]))
+    with torch.no_grad():
+        for p in ll.trainable_parameters(m):
+            p.add_(0.3)
+        x = make_inputs("bert")
+        want = base(**x).pooler_output
+        assert not torch.allclose(m(**x).pooler_output, want)
+        with ll.disable_adapter(m):
+            torch.testing.assert_close(m(**x).pooler_output, want, rtol=0, atol=0)
+        assert not torch.allclose(m(**x).pooler_output, want)
