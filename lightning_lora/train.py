@@ -103,6 +103,32 @@ def build_adapter_callback(cfg: Any, export_dir: str | None = None):
         raise ConfigError(f"adapter: {e}") from None
 
 
+class _InjectionErrorsAsConfigErrors:
+    """``AdapterCallback.setup`` for the CLI: a ``ValueError`` / ``TypeError`` that leaves the model
+    without an adapter (the injection refused it: no module matches ``target_modules``, a rank the
+    layer shapes do not allow, a module type the method cannot adapt) becomes a :class:`ConfigError`,
+    so it is reported as one line, exit status 2, like the config errors found before the model loads.
+    The injection itself runs where it always did (in ``trainer.fit``'s setup, same RNG state); errors
+    raised after a successful injection pass through unchanged. A module-level class, not a closure,
+    so the callback still pickles (``ddp_spawn``)."""
+
+    def __init__(self, callback: Any) -> None:
+        self.callback = callback
+
+    def __call__(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from .core import get_adapter_method
+
+        cb = self.callback
+        module = cb.target_module(pl_module)
+        fresh = get_adapter_method(module) is None
+        try:
+            type(cb).setup(cb, trainer, pl_module, stage)
+        except (ValueError, TypeError) as e:
+            if fresh and get_adapter_method(module) is None:  # not injected: the adapter config's fault
+                raise ConfigError(f"adapter: {e}") from None
+            raise
+
+
 def build_datamodule(data_cfg: dict[str, Any], tokenizer: Any, seed: int):
     from .tasks import DATAMODULES
 
@@ -150,6 +176,8 @@ def run(cfg: Any, command: str | None = None) -> dict[str, float]:
 
     # 1. config-only checks first: nothing heavy has happened if these fail
     callback = build_adapter_callback(cfg, export_dir=cfg.get("export_adapter"))
+    # errors the injection finds (it needs the model) are config errors too: one line, exit 2
+    callback.setup = _InjectionErrorsAsConfigErrors(callback)
     optim = dict(_container(cfg.optim))
     trainer_kwargs = dict(_container(cfg.trainer))
 

@@ -6,7 +6,9 @@
 DoRA (``use_dora=True``): ``W' = m ⊙ (W0 + sBA) / ‖W0 + sBA‖_row`` with a trainable magnitude
 ``m`` (one entry per output row) initialised to ``‖W0‖_row``. With the norm detached (the default)
 it runs the fused LoRA function below and rescales its output per row
-(:meth:`LoRALinear._dora_rescale`).
+(:meth:`LoRALinear._dora_rescale`). A row with ``‖W0 + sBA‖_row = 0`` (an all-zero row of W0, a
+pruned unit, at init: ``m = 0`` too) takes the scale ``m/ν := 1``, so it runs as the base instead of
+``0/0`` (:func:`_safe_mag_scale`).
 
 Speed: the plain LoRA path is one autograd function (:class:`_FusedLoRA`) that
 
@@ -859,6 +861,14 @@ def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
         state["_cast_key"] = key if state.get("_cast_managed") == (id(A), id(B)) else None
 
 
+def _safe_mag_scale(mag: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """DoRA's ``m/ν``, and 1 where ``ν = 0`` (an all-zero row of ``W0 + sBA``, e.g. a pruned unit at
+    init, where ``m = ‖W0‖ = 0``): that row then runs as the base, instead of ``0/0 = NaN``. Rows with
+    ``ν ≠ 0`` are ``m/ν`` bit for bit; the gradients of ``m`` and ``ν`` stay finite (zero) at ``ν = 0``."""
+    zero = norm == 0
+    return torch.where(zero, torch.ones_like(mag), mag / torch.where(zero, torch.ones_like(norm), norm))
+
+
 class LoRALinear(AdapterLayer):
     """LoRA on an ``nn.Linear`` or transformers ``Conv1D``.
 
@@ -897,6 +907,9 @@ class LoRALinear(AdapterLayer):
         else:
             self.register_parameter("lora_magnitude", None)
         self._merged_norm: torch.Tensor | None = None
+        #: DoRA rows with m = 0 at merge time, ``(indices, W0 rows)``: the merged row is 0 whatever
+        #: W0 was, so unmerge restores them from here; None when there are none
+        self._merged_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cast_key: tuple[Any, ...] | None = None
         #: the dtype the casts were last made in (what the optimizer step hook refreshes them in)
         self._cast_dtype: torch.dtype | None = None
@@ -918,8 +931,12 @@ class LoRALinear(AdapterLayer):
         if not self.use_dora:
             return dw
         w0 = self.base_weight.float()
-        norm = (w0 + dw).norm(dim=1, keepdim=True)
-        return self.lora_magnitude.float().unsqueeze(1) * (w0 + dw) / norm - w0
+        v = w0 + dw
+        norm = v.norm(dim=1, keepdim=True)
+        # a zero row (ν = 0: a pruned unit at init) has scale 1, as in the forward: W' = W0 + sBA there
+        zero = norm == 0
+        w_new = self.lora_magnitude.float().unsqueeze(1) * v / torch.where(zero, 1.0, norm)
+        return torch.where(zero, v, w_new) - w0
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
@@ -975,7 +992,7 @@ class LoRALinear(AdapterLayer):
                 norm = self._dora_norm()
         else:
             norm = self._dora_norm()
-        return (self.lora_magnitude.float() / norm).to(dtype)
+        return _safe_mag_scale(self.lora_magnitude.float(), norm).to(dtype)
 
     def _cast_key_for(self, dtype: torch.dtype) -> tuple[Any, ...] | None:
         """This layer's :func:`_cast_key` for ``dtype``; None (cast at every forward, never reused)
@@ -1048,6 +1065,11 @@ class LoRALinear(AdapterLayer):
         if self.use_dora and not self.merged:
             # cache ν so unmerge can recover W0 exactly: W0 = W'·ν/m − sBA
             self._merged_norm = self._dora_norm().unsqueeze(1)
+            # rows with m = 0 merge to 0 whatever W0 was (or to W0 + sBA = 0 where ν = 0 too):
+            # keep their W0 rows, W'·ν/m cannot give them back
+            idx = (self.lora_magnitude == 0).nonzero().squeeze(1)
+            w = self.base_weight
+            self._merged_rows = (idx.to(w.device), w[idx.to(w.device)].clone()) if idx.numel() else None
         super().merge()
 
     @torch.no_grad()
@@ -1059,9 +1081,16 @@ class LoRALinear(AdapterLayer):
         w = self.base_weight
         assert self._merged_norm is not None
         dw = self._scaled_ba()
-        w0 = w.float() * self._merged_norm / self.lora_magnitude.float().unsqueeze(1) - dw
+        norm, mag = self._merged_norm, self.lora_magnitude.float().unsqueeze(1)
+        # ν = 0: the row merged with scale 1 (W' = W0 + sBA); m = 0: restored from _merged_rows below
+        zero = norm == 0
+        w0 = w.float() * torch.where(zero, 1.0, norm) / torch.where(zero | (mag == 0), 1.0, mag) - dw
         w.copy_(w0.to(w.dtype))
+        rows = getattr(self, "_merged_rows", None)
+        if rows is not None:
+            w.index_copy_(0, rows[0], rows[1])
         self._merged_norm = None
+        self._merged_rows = None
         self.merged = False
 
     def extra_repr(self) -> str:
