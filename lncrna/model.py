@@ -48,6 +48,26 @@ class ModelConfig:
     pool: str = "max"
     dropout: float = 0.1
 
+    def __post_init__(self) -> None:
+        """Check every field up front: a bad value in a shipped or user ``config.json`` must fail when
+        the model loads, not at the first transcript that reaches the transformer."""
+        ints = ("k", "stride", "hidden_size", "num_layers", "num_heads", "intermediate_size", "window_tokens",
+                "max_windows")
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 1 <= self.k <= 6:
+            raise ValueError(f"k must be in 1..6, got {self.k}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        if self.window_tokens < 3:
+            raise ValueError(f"window_tokens must be at least 3 ([CLS], one k-mer, [SEP]), got {self.window_tokens}")
+        if self.pool not in ("max", "mean", "first"):
+            raise ValueError(f"pool must be 'max', 'mean' or 'first', got {self.pool!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+
     def bert_config(self, vocab_size: int) -> BertConfig:
         cfg = BertConfig(
             vocab_size=vocab_size,

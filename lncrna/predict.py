@@ -48,6 +48,7 @@ import multiprocessing as mp
 import os
 import time
 import weakref
+import zipfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -308,7 +309,8 @@ class Predictor:
             self.baseline = FeatureBaseline.load(baseline_dir)
         except FileNotFoundError as e:
             raise ModelError(f"{e.filename or baseline_dir}: missing baseline file") from None
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+            # a truncated .npz, a JSON of the wrong shape: the files are not a baseline this code wrote
             raise ModelError(f"{baseline_dir}: unreadable feature baseline ({' '.join(str(e).split())})") from None
         try:
             cfg_raw = json.loads((self.model_dir / CONFIG_FILE).read_text())
@@ -319,10 +321,14 @@ class Predictor:
 
         from .model import ModelConfig, make_tokenizer
 
+        if not isinstance(cfg_raw, dict):
+            raise ModelError(f"{self.model_dir / CONFIG_FILE}: not a lncrna model config (expected a JSON object)")
         try:
             self.model_cfg = ModelConfig(**cfg_raw)
         except TypeError as e:
             raise ModelError(f"{self.model_dir / CONFIG_FILE}: not a lncrna model config ({e})") from None
+        except ValueError as e:
+            raise ModelError(f"{self.model_dir / CONFIG_FILE}: {e}") from None
         self.device = self._pick_device(device, torch)
         self.batch_tokens = int(batch_tokens) if batch_tokens else BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cpu"])
         self.workers = default_workers(self.device.type) if workers is None else int(workers)
