@@ -9,16 +9,20 @@
 ``predict`` and ``evaluate`` are argparse commands; ``train`` and ``pretrain`` hand the rest of
 the command line to Hydra (so ``-m`` sweeps, ``--cfg job`` and every override work).
 
-Errors a user can fix (bad input, missing model, unknown adapter) are one line on stderr, prefixed
-``lncrna COMMAND: error:``, exit status 2, no traceback; per-record problems in an input FASTA are
-one-line warnings and the record is skipped. Exit 1 is an internal error (set ``LNCRNA_DEBUG=1``
-for its traceback), 130 an interrupt (Ctrl-C).
+Errors a user can fix (bad input, unreadable input, unwritable output, missing model, unknown
+adapter) are one line on stderr, prefixed ``lncrna COMMAND: error:``, exit status 2, no traceback;
+per-record problems in an input FASTA (protein, non-nucleotide characters, empty record, duplicate
+id) are one-line warnings and the record is skipped. Records shorter than 200 nt or more than half
+N are predicted as usual and named in one summary warning per file. Exit 1 is an internal error
+(set ``LNCRNA_DEBUG=1`` for its traceback), 130 an interrupt (Ctrl-C).
 
-Output of ``predict`` (TSV ``id length lncRNA_probability label`` with a header): rows are written
-to the final path directly and flushed after every chunk of records, so an interrupted run keeps
-every finished row (and says how many). The file is created only when the first chunk is done:
-input that fails before any prediction (missing or empty file, not FASTA, broken gzip, no valid
-record) and a missing model leave no output file behind.
+Output of ``predict`` (TSV ``id length lncRNA_probability label`` with a header), ``-o OUT``: rows
+are written to ``OUT.partial`` in OUT's folder and flushed after every chunk of records; the file
+is created (and its folder checked) before the model loads. When the run succeeds, ``OUT.partial``
+is renamed to OUT. On Ctrl-C the finished rows are renamed to OUT too (an interrupted run keeps
+every finished row, and says how many). On any error (exit 2 or 1) ``OUT.partial`` is deleted and
+an existing OUT is left as it was, so a failed run never leaves a complete-looking partial TSV.
+Standard output and devices are written directly.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ import argparse
 import contextlib
 import os
 import shlex
+import stat
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TextIO
+from typing import Any, Iterable, Iterator
 
 PROG = "lncrna"
 HYDRA_COMMANDS = {
@@ -39,6 +44,9 @@ HYDRA_COMMANDS = {
     "pretrain": "masked-LM pretraining of the encoder (Hydra; lncrna pretrain --help)",
 }
 MAX_WARNINGS = 20  # per-record warnings printed; the rest are counted
+MIN_RELIABLE_LENGTH = 200  # nt; the training data has no shorter record (data/PROVENANCE.md)
+MAX_N_SHARE = 0.5  # records with a larger share of N (unknown bases) get a warning
+SHOW_IDS = 5  # ids named per low-signal warning line
 
 
 class UserError(Exception):
@@ -123,14 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="lncRNA probability of every sequence of a FASTA file",
         description="Predict the lncRNA probability of every sequence of a FASTA / FASTA.gz file. Output: TSV "
                     "with header 'id length lncRNA_probability label', in input order.",
-        epilog="Rows are written to OUT (or stdout) directly and flushed after every chunk: an interrupted run "
-               "keeps its finished rows. OUT is created only once the first chunk is predicted, so input "
-               "that fails before any prediction leaves no file. Invalid records (protein, non-nucleotide "
-               "characters, duplicate id, ...) are skipped with a one-line warning; a file that cannot be "
-               "used at all (missing, empty, not FASTA, broken gzip, no valid record) is an error, exit 2.")
+        epilog="Invalid records (protein, non-nucleotide characters, empty sequence, duplicate id: the first "
+               "record with an id is kept) are skipped with a one-line warning each; a file that cannot be "
+               "used at all (missing, unreadable, a directory, empty, not FASTA, broken gzip, no valid record) "
+               "and an output that cannot be written are errors, exit 2. Records shorter than "
+               f"{MIN_RELIABLE_LENGTH} nt (the training data's minimum) or with more than {MAX_N_SHARE:.0%} N "
+               "are predicted as usual, but their probability has little signal behind it: they are counted "
+               "and named (first few ids) in one warning line per file.")
     p.add_argument("input", metavar="INPUT", type=Path, help="FASTA or FASTA.gz file (gzip detected from the content)")
     p.add_argument("-o", "--output", metavar="OUT", type=Path, default=None,
-                   help="output TSV (default: standard output)")
+                   help="output TSV (default: standard output). Rows are written to OUT.partial (same folder) "
+                        "and flushed after every chunk; OUT.partial is renamed to OUT when the run succeeds, "
+                        "and also on Ctrl-C (exit 130: OUT then holds the finished rows, and the message says "
+                        "how many). On an error (exit 2 or 1) OUT.partial is deleted and an existing OUT is "
+                        "left untouched. An OUT that cannot be written is an error before the model loads.")
     _add_model_options(p)
 
     e = sub.add_parser(
@@ -139,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(then give truth with --truth or --lnc/--mrna) or a FASTA file, which is predicted first "
                     "(truth from its headers' label=lncRNA|mRNA unless --truth or --lnc/--mrna is given). "
                     "Without INPUT, --lnc and --mrna are both predicted and scored.",
-        epilog="Writes OUTDIR/metrics.json, metrics.tsv, roc.png, pr.png (and predictions.tsv when it predicts) "
-               "and prints the metrics table. Records missing from either side are counted and left out.")
+        epilog="Writes OUTDIR/metrics.json, metrics.tsv, roc.png, pr.png (and predictions.tsv when it predicts, "
+               "written like predict's -o OUT: via predictions.tsv.partial) and prints the metrics table. "
+               "Records missing from either side are counted and left out. Predicted records shorter than "
+               f"{MIN_RELIABLE_LENGTH} nt or with more than {MAX_N_SHARE:.0%} N get one summary warning per file "
+               "(their probability has little signal behind it); they are still scored.")
     e.add_argument("input", metavar="INPUT", type=Path, nargs="?", default=None,
                    help="predictions TSV, or FASTA(.gz) to predict and score")
     t = e.add_argument_group("truth")
@@ -158,23 +175,70 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- output helpers ----------------------------------------------------------------------------
+_WARNING_KINDS = ("duplicate id", "looks like a protein", "non-nucleotide characters", "empty sequence",
+                  "missing record id", "too long", "very long sequence")
+
+
 class _Warnings:
-    """Print per-record FastaWarnings as ``lncrna CMD: warning: ...`` lines (at most MAX_WARNINGS)."""
+    """Print per-record FastaWarnings as ``lncrna CMD: warning: ...`` lines (at most MAX_WARNINGS); the
+    rest are counted by kind (duplicate id, protein, ...) and named in :meth:`summary`."""
 
     def __init__(self, cmd: str, write) -> None:
         self.cmd, self.write, self.count = cmd, write, 0
+        self.hidden: dict[str, int] = {}
 
     def show(self, message, category, filename, lineno, file=None, line=None) -> None:
         self.count += 1
         if self.count <= MAX_WARNINGS:
             self.write(f"{PROG} {self.cmd}: warning: {message}")
-        elif self.count == MAX_WARNINGS + 1:
+            return
+        if self.count == MAX_WARNINGS + 1:
             self.write(f"{PROG} {self.cmd}: warning: more warnings follow; only their number is reported")
+        text = str(message)
+        kind = next((k for k in _WARNING_KINDS if k in text), "other")
+        self.hidden[kind] = self.hidden.get(kind, 0) + 1
 
     def summary(self) -> str | None:
         if self.count > MAX_WARNINGS:
-            return f"{PROG} {self.cmd}: {self.count} warnings in total ({self.count - MAX_WARNINGS} not shown)"
+            kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.hidden.items(), key=lambda kv: -kv[1]))
+            return (f"{PROG} {self.cmd}: {self.count} warnings in total ({self.count - MAX_WARNINGS} not shown: "
+                    f"{kinds})")
         return None
+
+
+class _LowSignal:
+    """Counts the records predicted with little signal (shorter than MIN_RELIABLE_LENGTH, or more
+    than MAX_N_SHARE N); they are predicted as usual and reported as one summary line per file and
+    kind (count and the first SHOW_IDS ids), not one line per record."""
+
+    def __init__(self) -> None:
+        self.found: dict[tuple[str, str], list[Any]] = {}  # (file, kind) -> [count, first ids]
+
+    def _add(self, path: Path, kind: str, rid: str) -> None:
+        entry = self.found.setdefault((str(path), kind), [0, []])
+        entry[0] += 1
+        if len(entry[1]) < SHOW_IDS:
+            entry[1].append(rid)
+
+    def wrap(self, path: Path, records: Iterable[Any]) -> Iterator[Any]:
+        for rec in records:
+            n = len(rec.seq)
+            if n < MIN_RELIABLE_LENGTH:
+                self._add(path, "short", rec.id)
+            if rec.seq.count("N") > MAX_N_SHARE * n:
+                self._add(path, "N", rec.id)
+            yield rec
+
+    def lines(self, cmd: str) -> list[str]:
+        out = []
+        for (path, kind), (count, ids) in self.found.items():
+            what = (f"shorter than {MIN_RELIABLE_LENGTH} nt (the training data's minimum)" if kind == "short"
+                    else f"more than {MAX_N_SHARE:.0%} N (unknown bases)")
+            named = ", ".join(repr(i) for i in ids) + (f" and {count - len(ids)} more" if count > len(ids) else "")
+            noun = "record" if count == 1 else "records"
+            out.append(f"{PROG} {cmd}: warning: {path}: {count} {noun} {what}; predicted as usual, but the "
+                       f"probability has little signal behind it: {named}")
+        return out
 
 
 @contextlib.contextmanager
@@ -209,30 +273,125 @@ def _count_records(path: Path) -> int | None:
 
 
 class _RowWriter:
-    """Writes the TSV: header + rows, flushed per chunk; the file is opened on the first write."""
+    """Writes the TSV: header + rows, flushed per chunk.
+
+    A regular-file OUT is written as ``OUT.partial`` (same folder) and renamed to OUT by
+    :meth:`finish` when the run succeeds, or when it is interrupted (Ctrl-C) after some rows were
+    written; on any error ``OUT.partial`` is deleted and an existing OUT is left as it was. Standard
+    output and devices (``/dev/stdout``, a FIFO) are written directly. :meth:`open` creates the file
+    (and a missing folder) up front, so an output that cannot be written fails before any
+    prediction; OSErrors while writing become one-line UserErrors naming the file.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path, self.fh, self.rows = path, None, 0
+        self.partial: Path | None = None  # the file being written when OUT is replaced at the end
+        self.final: Path | None = None  # what the partial file is renamed to (a symlink's target)
+        self.header_written = False
+        self.done = False
+        self.outcome = ""  # " (3 finished rows kept in OUT)" etc., for the error / interrupt line
+        self._made_dirs: list[Path] = []
+        self._old_mode: int | None = None
 
-    def _open(self) -> TextIO:
-        if self.fh is None:
-            from .predict import TSV_COLUMNS
+    def _cannot(self, e: OSError, what: str = "cannot write") -> UserError:
+        return UserError(f"{self.where()}: {what} ({e.strerror or type(e).__name__})")
 
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = sys.stdout if self.path is None else open(self.path, "w", encoding="utf-8", newline="\n")
-            self.fh.write("\t".join(TSV_COLUMNS) + "\n")
-        return self.fh
+    def open(self) -> None:
+        if self.fh is not None or self.done:
+            return
+        if self.path is None:
+            self.fh = sys.stdout
+            return
+        path = self.path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise self._cannot(e) from None
+        try:
+            if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                self.fh = open(path, "w", encoding="utf-8", newline="\n")  # a device or FIFO: direct
+                return
+            if st is not None:
+                with open(path, "ab"):  # an existing OUT we may not replace (read-only, immutable)
+                    pass
+                self._old_mode = stat.S_IMODE(st.st_mode)
+            self.final = Path(os.path.realpath(path)) if path.is_symlink() else path
+            missing, parent = [], self.final.parent
+            while not parent.exists() and parent != parent.parent:
+                missing.append(parent)
+                parent = parent.parent
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs = missing
+            self.partial = self.final.with_name(self.final.name + ".partial")
+            self.fh = open(self.partial, "w", encoding="utf-8", newline="\n")
+            self._write_header()
+        except OSError as e:
+            self.finish(keep=False)
+            raise self._cannot(e) from None
+
+    def _write_header(self) -> None:
+        from .predict import TSV_COLUMNS
+
+        assert self.fh is not None
+        self.fh.write("\t".join(TSV_COLUMNS) + "\n")
+        self.fh.flush()
+        self.header_written = True
 
     def write_chunk(self, lines: list[str]) -> None:
-        fh = self._open()
-        fh.write("".join(lines))
-        fh.flush()
+        self.open()
+        assert self.fh is not None
+        try:
+            if not self.header_written:
+                self._write_header()
+            self.fh.write("".join(lines))
+            self.fh.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise self._cannot(e) from None
         self.rows += len(lines)
 
-    def close(self) -> None:
-        if self.fh is not None and self.fh is not sys.stdout:
-            self.fh.close()
+    def finish(self, keep: bool) -> None:
+        """Close the output. ``keep``: rename ``OUT.partial`` to OUT (if it holds rows, or the run
+        succeeded); otherwise delete it. Sets :attr:`outcome`. Idempotent."""
+        if self.done:
+            return
+        self.done = True
+        fh, self.fh = self.fh, None
+        rows, where = self.rows, self.where()
+        if fh is not None and fh is not sys.stdout:
+            with contextlib.suppress(OSError):
+                fh.close()
+        if self.partial is None:  # standard output or a device: the rows are already there
+            self.outcome = f" ({rows} finished rows kept in {where})" if rows else " (no rows written)"
+            return
+        if keep:
+            try:
+                if self._old_mode is not None:
+                    with contextlib.suppress(OSError):
+                        os.chmod(self.partial, self._old_mode)
+                os.replace(self.partial, self.final)  # type: ignore[arg-type]
+                self.outcome = f" ({rows} finished rows kept in {where})" if rows else " (no rows written)"
+                return
+            except OSError as e:
+                self._discard()
+                raise self._cannot(e, f"cannot replace it with {self.partial}") from None
+        self._discard()
+        if rows:
+            old = "left as it was" if self._old_mode is not None else "not written"
+            self.outcome = f" ({rows} finished rows discarded; {where} {old})"
+        else:
+            self.outcome = " (no rows written)"
+
+    def _discard(self) -> None:
+        if self.partial is not None:
+            with contextlib.suppress(OSError):
+                self.partial.unlink()
+        for d in self._made_dirs:  # deepest first; only if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
     def where(self) -> str:
         return "standard output" if self.path is None else str(self.path)
@@ -246,24 +405,30 @@ def _predictor(args: argparse.Namespace):
                      chunk_size=args.chunk_size)
 
 
-def _check_output_path(out: Path | None, inputs: Iterable[Path]) -> None:
+def _check_output_path(out: Path | None, inputs: Iterable[Path | None], *, parent_may_be_missing: bool = False) -> None:
     if out is None:
         return
     if out.is_dir():
         raise UserError(f"{out}: is a directory; give a file name for the output TSV")
-    if not out.parent.is_dir():
+    if not parent_may_be_missing and not out.parent.is_dir():
         raise UserError(f"{out}: output folder {out.parent} does not exist")
+    partial = out.with_name(out.name + ".partial")
     for i in inputs:
-        with contextlib.suppress(OSError):
-            if out.exists() and out.resolve() == i.resolve():
-                raise UserError(f"{out}: the output would overwrite the input")
+        if i is None:
+            continue
+        for o in (out, partial):
+            with contextlib.suppress(OSError):  # samefile: also hard links and bind mounts
+                if o.exists() and i.exists() and (os.path.samefile(o, i) or o.resolve() == i.resolve()):
+                    raise UserError(f"{out}: the output would overwrite the input {i}")
 
 
 def _stream_predictions(cmd: str, args: argparse.Namespace, records: Iterable[Any], total: int | None,
-                        writer: _RowWriter, predictor) -> dict[str, Any]:
+                        writer: _RowWriter, predictor, low_signal: _LowSignal | None = None) -> dict[str, Any]:
     """Run the predictor over ``records`` into ``writer`` with a progress bar; returns a summary.
 
-    Re-raises any error after noting how many rows were kept (``exc.rows_kept``).
+    Finishes ``writer``: on success and on Ctrl-C the rows go to OUT, on any error they are
+    discarded (see :class:`_RowWriter`). Re-raises any error with ``exc.output_note`` saying what
+    became of the rows.
     """
     from tqdm import tqdm
 
@@ -276,6 +441,7 @@ def _stream_predictions(cmd: str, args: argparse.Namespace, records: Iterable[An
     handler = _Warnings(cmd, emit)
     t0 = time.perf_counter()
     n_transformer = 0
+    low_lines: list[str] = []
     try:
         with _warnings_to(handler):
             chunk: list[str] = []
@@ -289,17 +455,29 @@ def _stream_predictions(cmd: str, args: argparse.Namespace, records: Iterable[An
             if chunk:
                 writer.write_chunk(chunk)
                 bar.update(len(chunk))
+        writer.finish(keep=True)
+        low_lines = low_signal.lines(cmd) if low_signal is not None else []
+    except KeyboardInterrupt as exc:
+        with contextlib.suppress(Exception):
+            writer.finish(keep=writer.rows > 0)  # Ctrl-C: the finished rows go to OUT
+        exc.output_note = writer.outcome  # type: ignore[attr-defined]
+        low_lines = low_signal.lines(cmd) if low_signal is not None and writer.rows else []
+        raise
     except BaseException as exc:
-        exc.rows_kept = (writer.rows, writer.where())  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            writer.finish(keep=False)  # an error: OUT.partial is deleted, an old OUT stays
+        exc.output_note = writer.outcome  # type: ignore[attr-defined]
         raise
     finally:
         bar.close()
-        writer.close()
+        for line in low_lines:
+            print(line, file=sys.stderr)
         if (s := handler.summary()) is not None:
             print(s, file=sys.stderr)
     seconds = time.perf_counter() - t0
     return {"sequences": writer.rows, "transformer": n_transformer, "seconds": seconds,
-            "seq_per_s": writer.rows / seconds if seconds > 0 else float("nan"), "warnings": handler.count,
+            "seq_per_s": writer.rows / seconds if seconds > 0 else float("nan"),
+            "warnings": handler.count + len(low_lines),
             "device": str(predictor.device), "cascade": predictor.cascade, "workers": predictor.workers}
 
 
@@ -315,11 +493,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     _check_output_path(args.output, [args.input])
     records = read_fasta(args.input)  # missing / empty / not FASTA / broken gzip header: raises here
-    predictor = _predictor(args)  # missing model: raises here; nothing written yet
-    total = _count_records(args.input) if (not args.quiet and sys.stderr.isatty()) else None
+    low_signal = _LowSignal()
     writer = _RowWriter(args.output)
-    with predictor:
-        summary = _stream_predictions("predict", args, records, total, writer, predictor)
+    try:
+        writer.open()  # an output that cannot be written fails here, before the model loads
+        predictor = _predictor(args)  # missing model: raises here; OUT.partial is removed
+        total = _count_records(args.input) if (not args.quiet and sys.stderr.isatty()) else None
+        with predictor:
+            summary = _stream_predictions("predict", args, low_signal.wrap(args.input, records), total, writer,
+                                          predictor, low_signal)
+    finally:
+        writer.finish(keep=False)  # no-op after _stream_predictions; cleans up when it never ran
     if not args.quiet:
         print(_summary_line("predict", summary, writer.where()), file=sys.stderr)
     return 0
@@ -368,18 +552,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         extra["predictions"] = str(args.input)
     else:
         inputs = [args.input] if args.input is not None else [args.lnc, args.mrna]
-        streams = [read_fasta(p) for p in inputs]  # file-level problems raise before anything is written
-        predictor = _predictor(args)
         pred_path = out_dir / "predictions.tsv"
-        total = None
-        if not args.quiet and sys.stderr.isatty():
-            counts = [_count_records(p) for p in inputs]
-            total = None if None in counts else sum(counts)  # type: ignore[arg-type]
+        _check_output_path(pred_path, [*inputs, args.truth], parent_may_be_missing=True)
+        low_signal = _LowSignal()
+        streams = [low_signal.wrap(p, read_fasta(p)) for p in inputs]  # file-level problems raise here
         import itertools
 
-        with predictor:
-            summary = _stream_predictions("evaluate", args, itertools.chain.from_iterable(streams), total,
-                                          _RowWriter(pred_path), predictor)
+        writer = _RowWriter(pred_path)
+        try:
+            writer.open()  # an output folder that cannot be written fails here, before the model loads
+            predictor = _predictor(args)
+            total = None
+            if not args.quiet and sys.stderr.isatty():
+                counts = [_count_records(p) for p in inputs]
+                total = None if None in counts else sum(counts)  # type: ignore[arg-type]
+            with predictor:
+                summary = _stream_predictions("evaluate", args, itertools.chain.from_iterable(streams), total,
+                                              writer, predictor, low_signal)
+        finally:
+            writer.finish(keep=False)  # no-op after _stream_predictions; cleans up when it never ran
         if not args.quiet:
             print(_summary_line("evaluate", summary, str(pred_path)), file=sys.stderr)
         pred = read_predictions(pred_path)
@@ -387,7 +578,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         extra["prediction_run"] = summary
     result = evaluate(pred, truth, threshold=args.threshold)
     title = _eval_name(args.input) if args.input is not None else f"{_eval_name(args.lnc)} + {_eval_name(args.mrna)}"
-    paths = write_report(result, out_dir, title=title, extra=extra)
+    try:
+        paths = write_report(result, out_dir, title=title, extra=extra)
+    except OSError as e:  # a folder we may not write to, a full disk
+        raise UserError(f"{e.filename or out_dir}: cannot write ({e.strerror or type(e).__name__})") from None
     info = result.info
     if info["predicted_without_truth"] or info["truth_without_prediction"]:
         print(f"{PROG} evaluate: warning: scored {info['n_scored']} records; {info['predicted_without_truth']} "
@@ -523,9 +717,9 @@ def run_train(cfg: Any) -> Path:
     import json
 
     import lightning_lora
-    from lightning_lora.train import check_required
+    from lightning_lora.train import ConfigError, check_required
 
-    from .train import finetune
+    from .train import PretrainedDirError, finetune
 
     try:
         check_required(cfg.adapter, "adapter")
@@ -548,6 +742,7 @@ def run_train(cfg: Any) -> Path:
     trainer_kwargs = _trainer_kwargs(cfg)
     data_root = _data_root(cfg)
     out = _out_dir(cfg)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
@@ -556,8 +751,12 @@ def run_train(cfg: Any) -> Path:
                          lr=float(cfg.lr), train_windows=int(cfg.train_windows),
                          max_minutes=cfg.get("max_minutes"), trainer_kwargs=trainer_kwargs, data_root=data_root,
                          seed=int(cfg.seed))
-    except TypeError as e:  # e.g. an adapter option the method does not have
-        raise UserError(f"adapter={method}: {e}") from None
+    except (TypeError, ConfigError) as e:  # e.g. an adapter option the method does not have, no target matches
+        _remove_if_empty(out, created)
+        raise UserError(f"adapter={method}: {str(e).removeprefix('adapter: ')}") from None
+    except PretrainedDirError as e:
+        _remove_if_empty(out, created)
+        raise UserError(f"mlm_dir={e}") from None
     summary = {"command": "lncrna train", "config": _container(cfg), "seconds": time.time() - t0,
                "classifier": str(out / "classifier"),
                "adapter": str(out / "adapter") if method != "full" else None,
@@ -568,18 +767,29 @@ def run_train(cfg: Any) -> Path:
     return out
 
 
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """A run that failed before writing anything leaves no empty output folder of its own making."""
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
 def run_pretrain(cfg: Any) -> Path:
     """One ``lncrna pretrain`` run from a composed config; returns the MLM folder."""
-    from .train import pretrain
+    from .train import PretrainedDirError, pretrain
 
     init_dir = cfg.get("init_dir")
     if init_dir and not Path(init_dir).is_dir():
         raise UserError(f"init_dir={init_dir}: no such folder")
     out = _out_dir(cfg)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    path = pretrain(out, cfg=_model_config(cfg), epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
-                    lr=float(cfg.lr), max_minutes=cfg.get("max_minutes"), trainer_kwargs=_trainer_kwargs(cfg),
-                    data_root=_data_root(cfg), seed=int(cfg.seed), init_dir=init_dir)
+    try:
+        path = pretrain(out, cfg=_model_config(cfg), epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
+                        lr=float(cfg.lr), max_minutes=cfg.get("max_minutes"), trainer_kwargs=_trainer_kwargs(cfg),
+                        data_root=_data_root(cfg), seed=int(cfg.seed), init_dir=init_dir)
+    except PretrainedDirError as e:
+        _remove_if_empty(out, created)
+        raise UserError(f"init_dir={e}") from None
     print(f"{PROG} pretrain: wrote {path} (use it with `lncrna train mlm_dir={path}`)", flush=True)
     return path
 
@@ -674,11 +884,8 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def _kept(e: BaseException) -> str:
-    kept = getattr(e, "rows_kept", None)
-    if kept is None:
-        return ""
-    rows, where = kept
-    return f" ({rows} finished rows kept in {where})" if rows else " (no rows written)"
+    """What became of the output rows, for the error / interrupt line ('' before any output)."""
+    return getattr(e, "output_note", "") or ""
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import gzip
 import json
 import math
 import os
+import stat
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,12 +53,38 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8", errors="replace")
 
 
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)  # as lncrna.fasta
+
+
+def _check_readable(path: Path) -> None:
+    """EvaluationError (one line) if ``path`` is missing, a folder or not a regular file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: no such file") from None
+    except OSError as e:
+        raise EvaluationError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise EvaluationError(f"{path}: is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise EvaluationError(f"{path}: not a regular file (standard input, pipes and devices are not "
+                              f"supported; save it to a file first)")
+
+
+def _read_error(path: Path, e: BaseException) -> EvaluationError:
+    """One-line EvaluationError for an exception raised while reading ``path``."""
+    if isinstance(e, _GZIP_ERRORS):
+        return EvaluationError(f"{path}: broken gzip file ({type(e).__name__}: {' '.join(str(e).split())})")
+    if isinstance(e, OSError):
+        return EvaluationError(f"{path}: cannot read ({e.strerror or type(e).__name__})")
+    return EvaluationError(f"{path}: unreadable ({type(e).__name__}: {e})")
+
+
 def sniff_kind(path: str | os.PathLike[str]) -> str:
     """``"fasta"`` (first non-blank line starts with ``>``), ``"predictions"`` (our TSV header) or
     ``"unknown"``. Missing / unreadable files raise :class:`EvaluationError`."""
     path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"{path}: no such file")
+    _check_readable(path)
     try:
         with _open_text(path) as fh:
             for line in fh:
@@ -67,39 +95,43 @@ def sniff_kind(path: str | os.PathLike[str]) -> str:
                 if tuple(line.rstrip("\r\n").split("\t")) == TSV_COLUMNS:
                     return "predictions"
                 return "unknown"
-    except (OSError, EOFError) as e:
-        raise EvaluationError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    except (OSError, *_GZIP_ERRORS) as e:
+        raise _read_error(path, e) from None
     raise EvaluationError(f"{path}: empty file")
 
 
 def read_predictions(path: str | os.PathLike[str]) -> dict[str, float]:
     """``id -> lncRNA probability`` from a ``lncrna predict`` TSV (header ``id length lncRNA_probability label``)."""
     path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"{path}: no such file")
+    _check_readable(path)
     out: dict[str, float] = {}
-    with _open_text(path) as fh:
-        reader = csv.reader(fh, delimiter="\t")
-        header = next(reader, None)
-        if header is None:
-            raise EvaluationError(f"{path}: empty file")
-        if tuple(header) != TSV_COLUMNS:
-            raise EvaluationError(f"{path}: not a predictions TSV: header must be "
-                                  f"{' '.join(TSV_COLUMNS)!r} (tab-separated), got {' '.join(header)[:80]!r}")
-        for line_no, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(TSV_COLUMNS):
-                raise EvaluationError(f"{path}: line {line_no}: expected {len(TSV_COLUMNS)} columns, got {len(row)}")
-            try:
-                p = float(row[2])
-            except ValueError:
-                raise EvaluationError(f"{path}: line {line_no} {row[0]!r}: probability {row[2]!r} is not a number") from None
-            if not 0.0 <= p <= 1.0:
-                raise EvaluationError(f"{path}: line {line_no} {row[0]!r}: probability {p} outside [0, 1]")
-            if row[0] in out:
-                raise EvaluationError(f"{path}: line {line_no}: duplicate id {row[0]!r}")
-            out[row[0]] = p
+    try:
+        with _open_text(path) as fh:
+            reader = csv.reader(fh, delimiter="\t")
+            header = next(reader, None)
+            if header is None:
+                raise EvaluationError(f"{path}: empty file")
+            if tuple(header) != TSV_COLUMNS:
+                raise EvaluationError(f"{path}: not a predictions TSV: header must be "
+                                      f"{' '.join(TSV_COLUMNS)!r} (tab-separated), got {' '.join(header)[:80]!r}")
+            for line_no, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != len(TSV_COLUMNS):
+                    raise EvaluationError(f"{path}: line {line_no}: expected {len(TSV_COLUMNS)} columns, "
+                                          f"got {len(row)}")
+                try:
+                    p = float(row[2])
+                except ValueError:
+                    raise EvaluationError(f"{path}: line {line_no} {row[0]!r}: probability {row[2]!r} "
+                                          f"is not a number") from None
+                if not 0.0 <= p <= 1.0:
+                    raise EvaluationError(f"{path}: line {line_no} {row[0]!r}: probability {p} outside [0, 1]")
+                if row[0] in out:
+                    raise EvaluationError(f"{path}: line {line_no}: duplicate id {row[0]!r}")
+                out[row[0]] = p
+    except (OSError, csv.Error, *_GZIP_ERRORS) as e:
+        raise _read_error(path, e) from None
     if not out:
         raise EvaluationError(f"{path}: no predictions (header only)")
     return out
@@ -107,8 +139,7 @@ def read_predictions(path: str | os.PathLike[str]) -> dict[str, float]:
 
 def _scan_headers(path: Path) -> list[tuple[str, str]]:
     """``(id, rest of header)`` of every record; FastaError-like one-line errors for non-FASTA files."""
-    if not path.is_file():
-        raise EvaluationError(f"{path}: no such file")
+    _check_readable(path)
     heads: list[tuple[str, str]] = []
     try:
         with _open_text(path) as fh:
@@ -118,8 +149,8 @@ def _scan_headers(path: Path) -> list[tuple[str, str]]:
                     heads.append((words[0] if words else "", words[1] if len(words) > 1 else ""))
                 elif not heads and line.strip():
                     raise EvaluationError(f"{path}: not FASTA: line {line_no} does not start with '>'")
-    except (OSError, EOFError) as e:
-        raise EvaluationError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    except (OSError, *_GZIP_ERRORS) as e:
+        raise _read_error(path, e) from None
     if not heads:
         raise EvaluationError(f"{path}: no FASTA records")
     return heads

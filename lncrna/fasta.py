@@ -7,14 +7,17 @@ as ``R`` (A or G) carries too little signal to be worth its own vocabulary.
 
 Error policy (every message is one line naming the file, and the record by 1-based index and id):
 
-- The whole file is unusable -> :class:`FastaError` (a ``ValueError``): empty file, text before the
-  first ``>`` (not FASTA), broken gzip, every record invalid. Empty / not-FASTA / unreadable gzip
-  header are raised by :func:`read_fasta` itself, before any record is read; a gzip stream that is
-  truncated or corrupt further in can only be noticed when the reader gets there, so that error is
-  raised during iteration.
+- The whole file is unusable -> :class:`FastaError` (a ``ValueError``): missing, a directory or
+  not a regular file (stdin, a pipe), unreadable (permission, I/O error), empty file, text before
+  the first ``>`` (not FASTA), broken gzip, every record invalid. Missing / unreadable / empty /
+  not-FASTA / unreadable gzip header are raised by :func:`read_fasta` itself, before any record is
+  read; a gzip stream that is truncated or corrupt further in can only be noticed when the reader
+  gets there, so that error is raised during iteration. Blank lines before the first header (and
+  whitespace before its ``>``) are allowed.
 - Only some records are bad (missing id, duplicate id, empty sequence, protein-like, invalid
   characters, longer than ``max_length``) -> a :class:`FastaWarning` naming file and record, and the
-  record is skipped; with ``strict=True`` the first bad record raises :class:`FastaError` instead.
+  record is skipped (for a duplicate id: the later record; the warning names the first one); with
+  ``strict=True`` the first bad record raises :class:`FastaError` instead.
 - Very long sequences: above ``warn_length`` (500 kb; the longest transcript in the project's data
   is 205 kb) a warning is emitted and the record is kept (prediction handles long input);
   above ``max_length`` (2 Mb) the record is skipped as "too long".
@@ -24,7 +27,10 @@ Error policy (every message is one line naming the file, and the record by 1-bas
 from __future__ import annotations
 
 import gzip
+import io
+import itertools
 import os
+import stat
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
@@ -129,10 +135,30 @@ def _open_text(path: Path) -> TextIO:
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
+def _cannot_read(path: Path, e: OSError) -> FastaError:
+    return FastaError(f"{path}: cannot read ({e.strerror or type(e).__name__})")
+
+
+def _not_a_file(path: Path) -> FastaError | None:
+    """Why ``path`` cannot be read as a FASTA file by name (missing, a folder, not a regular file)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return FastaError(f"{path}: no such file")
+    except OSError as e:
+        return _cannot_read(path, e)
+    if stat.S_ISDIR(st.st_mode):
+        return FastaError(f"{path}: is a directory, not a FASTA file")
+    if not stat.S_ISREG(st.st_mode):
+        return FastaError(f"{path}: not a regular file (standard input, pipes and devices are not supported: "
+                          f"the file is read more than once; save it to a file first)")
+    return None
+
+
 def _check_file_start(path: Path) -> None:
-    """Raise FastaError if the file is missing, empty, not FASTA, or an unreadable gzip."""
-    if not path.is_file():
-        raise FastaError(f"{path}: no such file")
+    """Raise FastaError if the file is missing, unreadable, empty, not FASTA, or an unreadable gzip."""
+    if (problem := _not_a_file(path)) is not None:
+        raise problem
     if path.stat().st_size == 0:
         raise FastaError(f"{path}: empty file")
     try:
@@ -146,9 +172,43 @@ def _check_file_start(path: Path) -> None:
                         f"starts with {line.strip()[:40]!r}"
                     )
                 return
+            gz = _is_gzip(path)
     except _GZIP_ERRORS as e:
         raise FastaError(f"{path}: broken gzip file ({type(e).__name__}: {e})") from e
-    raise FastaError(f"{path}: empty file (no content{' after decompression' if _is_gzip(path) else ''})")
+    except OSError as e:  # PermissionError, EIO, ...
+        raise _cannot_read(path, e) from e
+    raise FastaError(f"{path}: empty file (no content{' after decompression' if gz else ''})")
+
+
+class _FromFirstHeader:
+    """A text stream that starts at the first header line: leading blank lines are skipped and the
+    header's leading whitespace is dropped (Biopython >= 1.85's ``"fasta"`` parser refuses anything
+    before the first ``>``; :func:`_check_file_start` has already rejected real text there)."""
+
+    def __init__(self, fh: TextIO) -> None:
+        self._fh = fh
+        self._first: str | None = None
+        for line in iter(fh.readline, ""):
+            if line.strip():
+                self._first = line.lstrip()
+                break
+
+    def read(self, size: int = -1) -> str:  # Biopython probes the mode with read(0)
+        if size == 0:
+            return ""
+        raise io.UnsupportedOperation("read")
+
+    def readline(self) -> str:
+        first, self._first = self._first, None
+        return first if first is not None else self._fh.readline()
+
+    def __iter__(self) -> Iterator[str]:
+        # Biopython calls iter() on the stream for every record: hand out the file itself (a
+        # generator with ``yield from`` would close the file when it is dropped)
+        if self._first is not None:
+            first, self._first = self._first, None
+            return itertools.chain([first], self._fh)
+        return iter(self._fh)
 
 
 def read_fasta(
@@ -173,23 +233,23 @@ def read_fasta(
 def _iter_records(
     path: Path, strict: bool, min_length: int, max_length: int, warn_length: int
 ) -> Iterator[FastaRecord]:
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # id -> index of its first record
     n_yielded = n_bad = 0
     first_problem = ""
     try:
         with _open_text(path) as handle:
-            for index, rec in enumerate(SeqIO.parse(handle, "fasta"), start=1):
+            for index, rec in enumerate(SeqIO.parse(_FromFirstHeader(handle), "fasta"), start=1):
                 raw = str(rec.seq)
                 where = f"{path}: record {index} {rec.id!r}"
                 if not rec.id:
                     problem: str | None = "missing record id (empty header line)"
                 elif rec.id in seen:
-                    problem = "duplicate id"
+                    problem = f"duplicate id (record {seen[rec.id]} has the same id)"
                 else:
                     problem = check_sequence(raw)
                     if problem is None and len(raw) > max_length:
                         problem = f"too long ({len(raw):,} nt > max_length {max_length:,})"
-                seen.add(rec.id)
+                seen.setdefault(rec.id, index)
                 if problem is not None:
                     if strict:
                         raise FastaError(f"{where}: {problem}")
@@ -211,6 +271,8 @@ def _iter_records(
         raise
     except _GZIP_ERRORS as e:
         raise FastaError(f"{path}: broken gzip file ({type(e).__name__}: {e})") from e
+    except OSError as e:  # PermissionError, EIO, ... (the start was readable: rare)
+        raise _cannot_read(path, e) from e
     except ValueError as e:  # Biopython parse errors
         raise FastaError(f"{path}: unreadable FASTA: {' '.join(str(e).split())[:200]}") from e
     if n_yielded == 0 and n_bad > 0:

@@ -112,6 +112,62 @@ def _pad_collate(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
     return batch
 
 
+class PretrainedDirError(ValueError):
+    """A folder given as a pretrained MLM (``mlm_dir``, ``init_dir``) that cannot be used; the message
+    names the folder and the problem, in one line."""
+
+
+#: ModelConfig fields the MLM's weights depend on (the rest: dropout, pooling, windows at inference)
+_MLM_SHAPE_FIELDS = ("k", "stride", "hidden_size", "num_layers", "num_heads", "intermediate_size", "window_tokens")
+
+
+def load_mlm(directory: str | Path, expect: ModelConfig | None = None) -> tuple[ModelConfig, Any]:
+    """The MLM that :func:`pretrain` wrote to ``directory`` and its :class:`ModelConfig`.
+
+    Everything is checked before the weights load: the three files, that both configs parse and
+    agree, that the folder holds a ``BertForMaskedLM`` (not a classifier), and, with ``expect``
+    (the config a run builds its model and tokenizer from), that the weights have that config's
+    shapes and k-mers. Raises :class:`PretrainedDirError`.
+    """
+    from transformers import BertForMaskedLM
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise PretrainedDirError(f"{d}: no such folder")
+    missing = [n for n in ("lncrna_config.json", "config.json", "model.safetensors") if not (d / n).is_file()]
+    if missing:
+        raise PretrainedDirError(f"{d}: not a pretrained MLM folder (missing {', '.join(missing)}; "
+                                 "`lncrna pretrain` writes one)")
+    try:
+        raw = json.loads((d / "lncrna_config.json").read_text())
+        bert = json.loads((d / "config.json").read_text())
+        if not isinstance(raw, dict) or not isinstance(bert, dict):
+            raise ValueError("expected JSON objects")
+        cfg = ModelConfig(**raw)
+    except (OSError, ValueError, TypeError) as e:
+        raise PretrainedDirError(f"{d}: unreadable config ({' '.join(str(e).split())})") from None
+    arch = bert.get("architectures") or []
+    if arch and "BertForMaskedLM" not in arch:
+        raise PretrainedDirError(f"{d}: holds a {', '.join(arch)}, not a pretrained MLM (BertForMaskedLM)")
+    pairs = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "intermediate_size": "intermediate_size", "window_tokens": "max_position_embeddings"}
+    differ = [f"{ours} {getattr(cfg, ours)} against {theirs} {bert.get(theirs)}" for ours, theirs in pairs.items()
+              if bert.get(theirs) != getattr(cfg, ours)]
+    if differ:
+        raise PretrainedDirError(f"{d}: lncrna_config.json and config.json disagree ({'; '.join(differ)})")
+    if expect is not None:
+        differ = [f"{f} {getattr(cfg, f)} (run: {getattr(expect, f)})" for f in _MLM_SHAPE_FIELDS
+                  if getattr(cfg, f) != getattr(expect, f)]
+        if differ:
+            raise PretrainedDirError(f"{d}: the MLM does not match this run's model config: {'; '.join(differ)}")
+    try:
+        mlm = BertForMaskedLM.from_pretrained(d).float()
+    except Exception as e:  # truncated or foreign weights: safetensors, torch and transformers raise their own
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PretrainedDirError(f"{d}: cannot load the MLM weights ({first})") from None
+    return cfg, mlm
+
+
 def pretrain(
     out_dir: str | Path, *, cfg: ModelConfig | None = None, epochs: int = 10, batch_size: int = 256,
     lr: float = 1e-3, max_minutes: float | None = None, trainer_kwargs: dict[str, Any] | None = None,
@@ -133,9 +189,7 @@ def pretrain(
     steps = epochs * math.ceil(len(train_ds) / batch_size)
     module = MLMModule(cfg, lr=lr, warmup=min(500, steps // 10), total_steps=steps)
     if init_dir is not None:
-        from transformers import BertForMaskedLM
-
-        module.model = BertForMaskedLM.from_pretrained(init_dir).float()
+        module.model = load_mlm(init_dir, expect=cfg)[1]
     trainer = pl.Trainer(
         max_epochs=epochs, max_time={"minutes": max_minutes} if max_minutes else None, logger=False,
         enable_checkpointing=False, **(trainer_kwargs or {}),
@@ -234,14 +288,12 @@ def finetune(
     adapter; at the end the adapter is merged so the saved model is a plain BERT (no inference cost).
     Writes ``out_dir/classifier`` and ``out_dir/adapter`` (the adapter alone, PEFT format for LoRA).
     """
-    from transformers import BertForMaskedLM
-
     from .data import load_split
 
     pl.seed_everything(seed)
     if mlm_dir is not None:
-        cfg = ModelConfig(**json.loads((Path(mlm_dir) / "lncrna_config.json").read_text()))
-        model = classifier_from_mlm(cfg, BertForMaskedLM.from_pretrained(mlm_dir).float())
+        cfg, mlm = load_mlm(mlm_dir)
+        model = classifier_from_mlm(cfg, mlm)
     else:
         cfg = cfg or ModelConfig()
         model = NucleotideClassifier(cfg)
@@ -257,7 +309,13 @@ def finetune(
     if method == "full":
         callbacks = []
     else:
-        callbacks = [ll.AdapterCallback(method, target="model.bert", export_dir=Path(out_dir) / "adapter", **adapter_kwargs)]
+        from lightning_lora.train import _InjectionErrorsAsConfigErrors
+
+        callback = ll.AdapterCallback(method, target="model.bert", export_dir=Path(out_dir) / "adapter", **adapter_kwargs)
+        # what the injection refuses (no target matches, a rank the shapes forbid) is the adapter
+        # config's fault: lightning_lora.train.ConfigError, one line from the CLI
+        callback.setup = _InjectionErrorsAsConfigErrors(callback)
+        callbacks = [callback]
     trainer = pl.Trainer(
         max_epochs=epochs, max_time={"minutes": max_minutes} if max_minutes else None, logger=False,
         enable_checkpointing=False, callbacks=callbacks, **(trainer_kwargs or {}),

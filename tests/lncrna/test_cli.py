@@ -191,22 +191,23 @@ def test_rows_are_flushed_per_chunk(tmp_path, model_dir, capsys, monkeypatch):
     fa = tmp_path / "in.fa"
     fa.write_text(fasta_text(GOOD))
     out = tmp_path / "out.tsv"
+    partial = out.with_name(out.name + ".partial")
     seen: list[list[str]] = []
     original = lncrna.predict._Stage1.__call__
 
     def spy(self, seqs):
-        seen.append(out.read_text().splitlines() if out.exists() else [])
+        seen.append(partial.read_text().splitlines() if partial.exists() else [])
         return original(self, seqs)
 
     monkeypatch.setattr(lncrna.predict._Stage1, "__call__", spy)
     rc, _, err = run(["predict", fa, "-o", out, "--model", model_dir, "--chunk-size", "4", "-q"], capsys)
     assert rc == 0, err
-    # when stage 1 of chunk k starts, the file holds the header and the rows of chunks 1..k-1
-    assert [len(s) for s in seen] == [0, 1 + 4, 1 + 8]
+    # when stage 1 of chunk k starts, OUT.partial holds the header and the rows of chunks 1..k-1
+    assert [len(s) for s in seen] == [1, 1 + 4, 1 + 8]
+    assert len(out.read_text().splitlines()) == 11 and not partial.exists()
 
 
-@pytest.mark.parametrize("exc, code, text", [(RuntimeError("boom"), 1, "internal error: RuntimeError: boom"),
-                                             (KeyboardInterrupt(), 130, "interrupted")])
+@pytest.mark.parametrize("exc, code, text", [(KeyboardInterrupt(), 130, "interrupted")])
 def test_interrupted_run_keeps_finished_rows(tmp_path, model_dir, capsys, monkeypatch, exc, code, text):
     import lncrna.predict
 
@@ -231,14 +232,13 @@ def test_interrupted_run_keeps_finished_rows(tmp_path, model_dir, capsys, monkey
     assert lines[0] == HEADER and [line.split("\t")[0] for line in lines[1:]] == ["tx0", "tx1", "tx2"]
 
 
-def test_gzip_broken_after_first_chunk_keeps_rows(tmp_path, model_dir, capsys):
+def test_gzip_broken_after_first_chunk_discards_rows(tmp_path, model_dir, capsys):
     fa = tmp_path / "in.fa.gz"
     _truncated_gzip(fa)
     out = tmp_path / "out.tsv"
     rc, _, err = run(["predict", fa, "-o", out, "--model", model_dir, "--chunk-size", "2", "-q"], capsys)
-    assert rc == 2 and "broken gzip" in err and str(fa) in err and "finished rows kept" in err
-    lines = out.read_text().splitlines()
-    assert lines[0] == HEADER and len(lines) >= 3
+    assert rc == 2 and "broken gzip" in err and str(fa) in err and "finished rows discarded" in err
+    assert not out.exists() and not out.with_name("out.tsv.partial").exists()
 
 
 def test_help_lists_every_option(capsys):
