@@ -16,6 +16,7 @@ Diagnosis (session 8 measured 1.37, bar 1.8; docs/benchmarks.md, "DDP scaling"):
     python benchmarks/ddp_scaling.py --adapter none           # full fine-tuning: DDP's own scaling
     python benchmarks/ddp_scaling.py --static-graph --bucket-view --no-broadcast-buffers
     python benchmarks/ddp_scaling.py --profile runs/ddp_profile --repeats 1   # op tables and timelines of 6 steps, rank 0
+    python benchmarks/ddp_scaling.py --compile --repeats 3   # torch.compile'd model: ddp_scaling_compiled.json
 
 Lightning's per-step SIGTERM broadcast: Lightning 2.5+ broadcasts a flag from rank 0 and reads it
 with ``.item()`` at the start of every batch when there is more than one rank, so the host waits for
@@ -130,6 +131,8 @@ def run_one(args: argparse.Namespace) -> None:
             return torch.optim.AdamW(params, lr=1e-4)
 
     module = Module()
+    if args.compile:  # compiled at the first forward, after AdapterCallback injected (LoRA's plain formula)
+        module.model = torch.compile(module.model)
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices,
         # only the flags given reach DDPStrategy: what is left unset, AdapterCallback's DDP defaults fill
@@ -180,6 +183,9 @@ def main() -> None:
                     help="internal (one run): AdapterCallback(async_sigterm_check=False)")
     ap.add_argument("--no-ddp-defaults", action="store_true",
                     help="internal (one run): AdapterCallback(ddp_defaults=False), DDP's own defaults")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the model in every configuration (fewer, fused kernels: less host time "
+                         "per step, which is what bounds this step); writes ddp_scaling_compiled.json")
     ap.add_argument("--with-lightning-sigterm", action="store_true",
                     help="also time 2 GPUs with Lightning's own per-step SIGTERM check (sessions 10-12)")
     args = ap.parse_args()
@@ -224,6 +230,7 @@ def main() -> None:
     flags += [f"batch{args.batch}"] if args.batch != 32 else []
     flags += [f"seq{args.seq}"] if args.seq != 512 else []
     flags += ["profiled"] if args.profile else []
+    flags += ["compiled"] if args.compile else []
     flags += ["tiny"] if args.tiny else []
     flags += [f"steps{args.steps}"] if args.steps != 60 else []
     name = "ddp_scaling" + "".join(f"_{f}" for f in flags)
