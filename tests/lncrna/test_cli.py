@@ -2,7 +2,7 @@
 
 Most cases call ``lncrna.cli.main([...])`` in this process (a subprocess costs a torch import);
 the Hydra training run and one predict run go through a real subprocess. Models are tiny random
-ones saved to tmp dirs (see test_predict.py); the baseline is the shipped one.
+ones saved to tmp dirs (``model_dir`` in conftest.py); the baseline is the shipped one.
 """
 
 from __future__ import annotations
@@ -19,27 +19,12 @@ import pytest
 
 import lightning_lora as ll
 
-import torch
-
 from lncrna import cli
 from lncrna.fasta import FastaRecord, read_fasta, write_fasta
-from lncrna.model import ModelConfig, NucleotideClassifier
-from lncrna.predict import EXAMPLE_FASTA, TSV_COLUMNS, StackParams
+from lncrna.predict import EXAMPLE_FASTA, TSV_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = "\t".join(TSV_COLUMNS)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny random classifier with a stack.json (stands in for lncrna/weights/default)."""
-    directory = tmp_path_factory.mktemp("cli_model")
-    torch.manual_seed(0)
-    cfg = ModelConfig(k=3, stride=3, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                      window_tokens=64, max_windows=4, dropout=0.0)
-    NucleotideClassifier(cfg).save_pretrained(directory)
-    StackParams(0.2, 0.8, 1.0, 1.0, 0.0).save(directory / "stack.json")
-    return directory
 
 
 def run(argv, capsys) -> tuple[int, str, str]:

@@ -18,42 +18,11 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from lncrna import cli
-from lncrna.model import ModelConfig, NucleotideClassifier
-from lncrna.predict import EXAMPLE_FASTA, TSV_COLUMNS, StackParams
+from lncrna.predict import EXAMPLE_FASTA
 
-HEADER = "\t".join(TSV_COLUMNS)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("review_model")
-    torch.manual_seed(0)
-    cfg = ModelConfig(k=3, stride=3, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                      window_tokens=64, max_windows=4, dropout=0.0)
-    NucleotideClassifier(cfg).save_pretrained(directory)
-    StackParams(0.2, 0.8, 1.0, 1.0, 0.0).save(directory / "stack.json")
-    return directory
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def seq(n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return "".join(rng.choice("ACGT") for _ in range(n))
-
-
-def fasta_text(records) -> str:
-    return "".join(f">{rid}\n{s}\n" for rid, s in records)
-
-
-GOOD = [(f"tx{i}", seq(300 + 37 * i, i)) for i in range(10)]
+from test_cli import GOOD, HEADER, fasta_text, run, seq  # the test directory is on sys.path; model_dir: conftest.py
 
 
 def error_lines(err: str) -> list[str]:
