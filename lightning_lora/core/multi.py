@@ -52,7 +52,7 @@ from torch import nn
 
 from .config import AdapterConfig, Method, get_method, make_config
 from .inject import _METHOD_ATTR, _MULTI_ATTR, _name_matches, _set_submodule, adapter_layers, find_targets
-from .layer import AdapterLayer, _is_conv1d, _refuse_merge_while_disabled
+from .layer import AdapterLayer, _is_conv1d, _refuse_merge_while_disabled, no_autocast
 from .state import PREFIX, WEIGHTS_NAME, AdapterFormatError, read_adapter_config, write_adapter
 
 DEFAULT_NAME = "default"  # PEFT's name for the adapter saved at the root of a directory
@@ -86,6 +86,8 @@ class MultiAdapterLayer(AdapterLayer):
         self.active: tuple[str, ...] = ()
         self.routing: tuple[tuple[str, ...], torch.Tensor] | None = None
         self._merged_names: tuple[str, ...] = ()
+        #: the summed update folded in when several adapters were merged together (for unmerge)
+        self._merged_delta: torch.Tensor | None = None
 
     def add(self, name: str, layer: AdapterLayer) -> None:
         """Carry ``layer`` (built on ``self.base_layer``) under ``name``."""
@@ -134,15 +136,26 @@ class MultiAdapterLayer(AdapterLayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Merge the active adapters one after another (each with its own exact merge)."""
+        """Fold the active adapters into the base weight. One adapter merges with its own exact
+        merge. Several add the sum of their updates, each computed against the unmerged base, as the
+        forward combines them (``W0 x + Σ (layer_i(x) − W0 x)``): merging one after another would
+        compute the second update on a base that already holds the first, which is wrong for every
+        method whose update depends on the base (DoRA, Bat). The sum is kept for :meth:`unmerge`."""
         if self.merged:
             raise RuntimeError("adapter is already merged; call unmerge() first")
         if self.routing is not None:
             raise RuntimeError("cannot merge while routing adapters per example")
         _refuse_merge_while_disabled(self)
         names = tuple(n for n in self.active if n in self.adapters)
-        for n in names:
-            self.adapters[n].merge()
+        if len(names) > 1:
+            total = self.delta_weight()  # every update from the unmerged base, before any write
+            w = self.base_weight
+            with no_autocast(w.device):
+                w.copy_((w.float() + total).to(w.dtype))
+            self._merged_delta = total
+        else:
+            for n in names:
+                self.adapters[n].merge()
         self._merged_names = names
         self.merged = True
 
@@ -150,8 +163,14 @@ class MultiAdapterLayer(AdapterLayer):
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("adapter is not merged")
-        for n in reversed(self._merged_names):
-            self.adapters[n].unmerge()
+        if self._merged_delta is not None:
+            w = self.base_weight
+            with no_autocast(w.device):
+                w.copy_((w.float() - self._merged_delta).to(w.dtype))
+            self._merged_delta = None
+        else:
+            for n in reversed(self._merged_names):
+                self.adapters[n].unmerge()
         self._merged_names = ()
         self.merged = False
 
@@ -257,7 +276,10 @@ def named_adapter_layers(model: nn.Module, name: str) -> dict[str, AdapterLayer]
 
 
 def adapter_delta_weights(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Qualified module name -> ``ΔW`` of adapter ``name``, shape ``(out_features, in_features)``, fp32."""
+    """Qualified module name -> ``ΔW`` of adapter ``name``, shape ``(out_features, in_features)``, fp32.
+    Refused while adapters are merged: an update that depends on the base (DoRA, Bat) would be read
+    from a base that already holds it."""
+    _check_unmerged(model, "read an adapter's delta weights")
     with torch.no_grad():
         return {t: layer.delta_weight() for t, layer in named_adapter_layers(model, name).items()}
 
@@ -353,6 +375,8 @@ def add_adapter(
     (as in PEFT). Returns qualified module name -> the new adapter's layers.
     """
     _check_name(name)
+    if any(layer.merged for layer in adapter_layers(model).values()):
+        raise RuntimeError("cannot add an adapter while adapters are merged; unmerge_adapter(model) first")
     if getattr(model, _METHOD_ATTR, None) is None:
         return _add_adapter(model, name, method, config, **kwargs)
     _convert_single(model)

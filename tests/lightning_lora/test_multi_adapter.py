@@ -419,3 +419,37 @@ def test_disabling_named_adapters_runs_the_original_saved_modules(model_builders
         with ll.disable_adapter(m):
             torch.testing.assert_close(m(**x).pooler_output, want, rtol=0, atol=0)
         assert not torch.allclose(m(**x).pooler_output, want)
+
+
+@pytest.mark.parametrize("method,kw", [("lora", {"use_dora": True}), ("bat", {}), ("bone", {}), ("lora", {})],
+                         ids=["dora", "bat", "bone", "lora"])
+def test_merging_several_active_adapters_matches_their_forward(method, kw):
+    """Two active adapters merge to what the unmerged model computes, also for updates that depend on
+    the base (DoRA, Bat: merged one after another, the second update was computed from a base that
+    already held the first), and unmerging gives the base back."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    for name, seed in (("a", 1), ("b", 2)):
+        multi.add_adapter(m, name, method, dict(r=2, target_modules=["0", "2"], **kw))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in multi.named_adapter_layers(m, name).values():
+                for pname, p in layer.named_parameters():
+                    if not pname.startswith("base_layer"):
+                        p.add_(0.5 * torch.randn(p.shape, generator=g))
+    multi.set_adapter(m, ["a", "b"])
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        want = m(x)
+        ll.merge_adapter(m)
+        torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4)
+        with pytest.raises(RuntimeError, match="merged"):
+            multi.adapter_delta_weights(m, "a")
+        with pytest.raises(RuntimeError, match="merged"):
+            multi.add_adapter(m, "c", method, dict(r=2, target_modules=["0"], **kw))
+        ll.unmerge_adapter(m)
+        for k, v in ll.unload(m).state_dict().items():
+            torch.testing.assert_close(v, base[k], rtol=0, atol=1e-5, msg=k)
