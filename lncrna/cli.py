@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                "and named (first few ids) in one warning line per file.")
     p.add_argument("input", metavar="INPUT", type=Path, help="FASTA or FASTA.gz file (gzip detected from the content)")
     p.add_argument("-o", "--output", metavar="OUT", type=Path, default=None,
-                   help="output TSV (default: standard output). Rows are written to OUT.partial (same folder) "
+                   help="output TSV (default, or '-': standard output). Rows are written to OUT.partial (same folder) "
                         "and flushed after every chunk; OUT.partial is renamed to OUT when the run succeeds, "
                         "and also on Ctrl-C (exit 130: OUT then holds the finished rows, and the message says "
                         "how many). On an error (exit 2 or 1) OUT.partial is deleted and an existing OUT is "
@@ -491,6 +491,8 @@ def _summary_line(cmd: str, s: dict[str, Any], where: str) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .fasta import read_fasta
 
+    if args.output == Path("-"):  # the usual spelling of standard output
+        args.output = None
     _check_output_path(args.output, [args.input])
     records = read_fasta(args.input)  # missing / empty / not FASTA / broken gzip header: raises here
     low_signal = _LowSignal()

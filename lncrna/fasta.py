@@ -125,11 +125,12 @@ def _open_text(path: Path) -> TextIO:
     """Open plain or gzip FASTA as text; gzip is detected by its magic bytes, not by the name.
 
     Undecodable bytes are replaced rather than raised: such a file then fails the header or the
-    sequence checks with a message that says where.
+    sequence checks with a message that says where. A UTF-8 byte-order mark (some Windows editors
+    write one) is dropped (``utf-8-sig``).
     """
     if _is_gzip(path):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")
 
 
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)

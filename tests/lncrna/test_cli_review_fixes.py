@@ -403,3 +403,25 @@ def test_evaluate_report_that_cannot_be_written_is_exit_2(tmp_path, capsys, monk
     monkeypatch.setattr(lncrna.evaluate, "plot_curves", denied)
     rc, _, err = run(["evaluate", pred, "--truth", truth, "-o", out_dir, "-q"], capsys)
     assert rc == 2 and err.strip() == f"lncrna evaluate: error: {out_dir / 'roc.png'}: cannot write (Permission denied)"
+
+
+def test_utf8_bom_at_the_start_is_accepted(tmp_path, model_dir, capsys):
+    plain, bom = tmp_path / "plain.fa", tmp_path / "bom.fa"
+    plain.write_text(fasta_text(GOOD[:3]))
+    bom.write_bytes(b"\xef\xbb\xbf" + fasta_text(GOOD[:3]).encode())
+    outs = []
+    for fa in (plain, bom):
+        rc, out, err = run(["predict", fa, "--model", model_dir, "-q"], capsys)
+        assert rc == 0, err
+        outs.append(out)
+    assert outs[0] == outs[1]
+
+
+def test_dash_output_is_standard_output(tmp_path, model_dir, capsys, monkeypatch):
+    fa = tmp_path / "in.fa"
+    fa.write_text(fasta_text(GOOD[:3]))
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(["predict", fa, "-o", "-", "--model", model_dir, "-q"], capsys)
+    assert rc == 0, err
+    assert out.splitlines()[0] == HEADER and len(out.splitlines()) == 4
+    assert not (tmp_path / "-").exists()
