@@ -97,8 +97,11 @@ class AdapterClient(fl.client.NumPyClient):
                                 drop_last=True)
         else:
             sample_rate = min(1.0, train.batch_size / self.num_examples)
+            # Opacus's DPOptimizer divides the clipped, noised gradient sum by the *expected* batch
+            # size (loss_reduction="mean"): that is q·n_k = min(batch_size, n_k), not batch_size; a
+            # client with n_k < batch_size (q capped at 1) would otherwise step n_k / batch_size short
             self.private = PrivateTrainer(model, dp, sample_rate=sample_rate, total_steps=num_rounds * train.local_steps,
-                                          batch_size=train.batch_size, seed=seed)
+                                          batch_size=min(train.batch_size, self.num_examples), seed=seed)
             dpl = require("opacus.data_loader")
             loader = dpl.DPDataLoader(data, sample_rate=sample_rate, generator=g)
         self.loader = loader
@@ -114,15 +117,17 @@ class AdapterClient(fl.client.NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         set_arrays(self.model, parameters)
+        server_round = int(config.get("server_round", 1))
+        # the frozen model this client starts the round from (before local training touches any buffer)
+        digest = frozen_digest(self.model) if server_round == 1 else None
         loss = self.train_round()
         metrics: dict[str, Any] = {"train_loss": loss}
-        server_round = int(config.get("server_round", 1))
         if self.private is not None:
             metrics["noise_multiplier"] = self.private.noise_multiplier
             if server_round >= self.num_rounds or config.get("report_epsilon"):
                 metrics["epsilon"] = self.private.epsilon()  # an accountant query costs ~0.1 s: last round only
-        if server_round == 1:
-            metrics["frozen_digest"] = frozen_digest(self.model)
+        if digest is not None:
+            metrics["frozen_digest"] = digest
         return get_arrays(self.model), self.num_examples, metrics
 
     # ---- local training ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import hashlib
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 
 def exchanged_names(model: nn.Module) -> list[str]:
@@ -43,16 +44,32 @@ def set_arrays(model: nn.Module, arrays: list[np.ndarray]) -> None:
         p.copy_(torch.from_numpy(np.ascontiguousarray(a)).to(p.dtype))
 
 
+# buffers that a forward pass in train mode updates (running statistics): they differ between
+# clients after local training by design and are not exchanged, so they are no frozen tensor
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def running_stat_names(model: nn.Module) -> set[str]:
+    """``state_dict`` names of the running statistics of normalisation layers (BatchNorm, InstanceNorm, ...)."""
+    out = set()
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, _NormBase):
+            out.update(f"{mname}.{b}" if mname else b for b in _RUNNING_STATS)
+    return out
+
+
 @torch.no_grad()
 def frozen_digest(model: nn.Module) -> str:
     """BLAKE2b hex digest of every frozen tensor of ``model`` (base weights, FFA-LoRA's A0, ...).
 
     Two clients with the same digest hold the same frozen model, so averaging their trainable
-    tensors is meaningful (for FFA-LoRA, ``mean_k(B_k A0) = B̄ A0`` needs the same A0)."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    tensors is meaningful (for FFA-LoRA, ``mean_k(B_k A0) = B̄ A0`` needs the same A0).
+    Hashed: frozen parameters and persistent buffers, except the running statistics of
+    normalisation layers (:func:`running_stat_names`), which training updates on each client."""
+    skip = {n for n, p in model.named_parameters() if p.requires_grad} | running_stat_names(model)
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(model.state_dict().items()):
-        if name in trainable:
+        if name in skip:
             continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -13,12 +13,17 @@
   ``round_bytes`` holds one dict per round.
 - round 1: every client reports a digest of its frozen tensors; different digests raise, since
   then the clients do not share A0 (or the base model) and FedAvg would mix different models.
+- a client whose tensors are not all finite (it diverged) is a failure: a logged warning, a
+  :class:`NonFiniteClientError` in ``failures`` and no part in the mean (with ``accept_failures=False``
+  the round then keeps the old parameters, as for any failure). Tensor counts and shapes must agree
+  across clients (:func:`weighted_mean` raises otherwise).
 
 Centralised evaluation is FedAvg's ``evaluate_fn``; client-side evaluation is off by default.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -29,6 +34,8 @@ fl = require("flwr")
 from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 from flwr.common import serde  # noqa: E402
 from flwr.proto.transport_pb2 import ClientMessage, ServerMessage  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def parameters_bytes(parameters: Parameters) -> int:
@@ -47,10 +54,26 @@ def fit_res_bytes(res: FitRes) -> int:
 
 
 def weighted_mean(arrays: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
-    """Per-tensor ``Σ_k w_k a_k / Σ_k w_k`` accumulated in float64, returned in each tensor's dtype."""
+    """Per-tensor ``Σ_k w_k a_k / Σ_k w_k`` accumulated in float64, returned in each tensor's dtype.
+
+    Every client must send as many tensors as client 0, each of the same shape (``ValueError``
+    otherwise: NumPy would broadcast a ``(1,)`` tensor into a ``(2, 2)`` one)."""
+    if len(arrays) != len(weights):
+        raise ValueError(f"weighted_mean got {len(arrays)} clients' tensors but {len(weights)} weights")
+    if any(not np.isfinite(float(w)) or float(w) < 0 for w in weights):
+        raise ValueError(f"weighted_mean needs finite, non-negative weights, got {list(weights)}")
     total = float(sum(weights))
     if not arrays or total <= 0:
         raise ValueError("weighted_mean needs at least one client with a positive weight")
+    ref = [np.shape(a) for a in arrays[0]]
+    for k, client in enumerate(arrays[1:], start=1):
+        if len(client) != len(ref):
+            raise ValueError(f"client {k} sent {len(client)} tensors, client 0 sent {len(ref)}: "
+                             "method or adapter targets differ")
+        for i, (a, shape) in enumerate(zip(client, ref)):
+            if np.shape(a) != shape:
+                raise ValueError(f"tensor {i}: client {k} sent shape {np.shape(a)}, client 0 sent {shape}: "
+                                 "method, rank or adapter targets differ")
     out = []
     for i, first in enumerate(arrays[0]):
         acc = np.zeros(first.shape, dtype=np.float64)
@@ -58,6 +81,26 @@ def weighted_mean(arrays: list[list[np.ndarray]], weights: list[float]) -> list[
             acc += float(w) * a[i].astype(np.float64)
         out.append((acc / total).astype(first.dtype))
     return out
+
+
+def all_finite(arrays: list[np.ndarray]) -> bool:
+    """Whether every floating-point entry of ``arrays`` is finite (no NaN, no ±inf)."""
+    return all(np.isfinite(a).all() for a in arrays if np.issubdtype(np.asarray(a).dtype, np.inexact))
+
+
+class NonFiniteClientError(ValueError):
+    """A client returned NaN or infinite tensors (it diverged); recorded in ``AdapterFedAvg.failures``
+    instead of being averaged into the global adapter. ``client`` is its Flower ``ClientProxy``
+    (``None`` where none was given), ``result`` its ``FitRes``."""
+
+    def __init__(self, message: str, client: Any = None, result: FitRes | None = None) -> None:
+        super().__init__(message)
+        self.client, self.result = client, result
+
+
+def _client_name(proxy: Any, index: int) -> str:
+    cid = getattr(proxy, "cid", None)
+    return f"client {cid!r}" if cid is not None else f"client #{index} of the round's results"
 
 
 class AdapterFedAvg(fl.server.strategy.FedAvg):
@@ -103,6 +146,25 @@ class AdapterFedAvg(fl.server.strategy.FedAvg):
             raise RuntimeError(f"round {server_round}: clients hold different frozen tensors (base model or FFA-LoRA A0); "
                                "build them from the same seeds (a0_seed) before federating")
         arrays = [parameters_to_ndarrays(res.parameters) for _, res in results]
+        # a client that diverged (NaN / inf tensors) would make the weighted mean non-finite: it is a
+        # failure (recorded, warned about) and left out of the mean, as Flower does with clients that raise
+        finite = [all_finite(a) for a in arrays]
+        if not all(finite):
+            for k, ((proxy, res), ok) in enumerate(zip(results, finite)):
+                if ok:
+                    continue
+                name = _client_name(proxy, k)
+                msg = (f"round {server_round}: {name} (n={res.num_examples}) returned non-finite parameters "
+                       "(NaN or inf); left out of the aggregate")
+                log.warning(msg)
+                self.failures.append((server_round, NonFiniteClientError(msg, proxy, res)))
+            if not self.accept_failures:
+                return None, {}
+            results = [r for r, ok in zip(results, finite) if ok]
+            metrics = [m for m, ok in zip(metrics, finite) if ok]
+            arrays = [a for a, ok in zip(arrays, finite) if ok]
+            if not results:
+                return None, {}
         weights = [float(res.num_examples) for _, res in results]
         self.latest = weighted_mean(arrays, weights)
         self.last_client_arrays = [(res.num_examples, a) for (_, res), a in zip(results, arrays)]
