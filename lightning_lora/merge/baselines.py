@@ -16,11 +16,13 @@ matrix (PEFT; the paper trims the whole flattened task vector) and applies the w
 trimming, before the sign election (PEFT). SVDs run in fp32 (the factored one in fp64 on CPU).
 
 A module targeted by only some sources gets the others' ``ΔW = 0``. Merged adapters are LoRA with
-``alpha = r`` (scale 1); a layer whose merged rank is below ``r`` is padded with zero units.
+``alpha = r`` (scale 1); a layer whose merged rank is below ``r`` is padded with zero units. A merged
+adapter adapts exactly the modules its sources adapt (full qualified names, see :func:`exact_targets`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -31,8 +33,8 @@ from ..core.multi import add_adapter, adapter_method, copy_saved_modules, delete
 from ..methods.lora import LoRALinear
 
 __all__ = [
-    "add_lora_from_factors", "concat_factors", "lora_factors", "low_rank_factors", "low_rank_factors_of_product",
-    "merge_concat",
+    "add_lora_from_factors", "concat_factors", "exact_targets", "lora_factors", "low_rank_factors",
+    "low_rank_factors_of_product", "merge_concat",
     "merge_task_arithmetic", "merge_ties", "task_arithmetic", "ties",
 ]
 
@@ -147,19 +149,35 @@ def _layers_by_target(model: nn.Module, sources: Sequence[str]) -> dict[str, dic
     return targets
 
 
+def exact_targets(names: Sequence[str]) -> str:
+    """``target_modules`` that matches exactly the qualified module names ``names`` and nothing else.
+
+    A list of names would follow PEFT's suffix rule (``"0"`` also matches ``"1.0"``); a single string
+    is a regular expression matched against the whole qualified name, so an escaped alternation is exact.
+    """
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
 def add_lora_from_factors(model: nn.Module, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
                           modules_to_save_from: str | None = None) -> None:
     """Add a LoRA adapter ``name`` with ``ΔW_t = B_t A_t`` (scale 1) at each target ``t`` of ``factors``.
 
-    ``factors``: qualified module name -> ``(B (m, r_t), A (r_t, n))``; the adapter's rank is
+    ``factors``: qualified module name -> ``(B (m, r_t), A (r_t, n))``; exactly these modules are
+    adapted (names are matched whole, not by PEFT's suffix rule); the adapter's rank is
     ``max r_t`` (smaller layers padded with zero units). ``modules_to_save_from``: also give the new
     adapter a copy of that adapter's ``modules_to_save`` (its head).
     """
+    if not factors:
+        raise ValueError("nothing to merge: no adapted modules")
     rank = max(b.shape[1] for b, _ in factors.values())
     saved = list(adapter_method(model, modules_to_save_from).config.modules_to_save) if modules_to_save_from else []
-    add_adapter(model, name, "lora", r=rank, alpha=float(rank), target_modules=list(factors), modules_to_save=saved)
+    add_adapter(model, name, "lora", r=rank, alpha=float(rank), target_modules=exact_targets(factors),
+                modules_to_save=saved)
     try:
         layers = named_adapter_layers(model, name)
+        if set(layers) != set(factors):  # never re-target: exactly the given modules
+            raise RuntimeError(f"merged adapter {name!r} adapts {sorted(set(layers) ^ set(factors))[:5]} "
+                               "differently from its sources")
         with torch.no_grad():
             for t, (b, a) in factors.items():
                 layer = layers[t]

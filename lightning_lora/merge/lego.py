@@ -9,7 +9,11 @@ unit" (MSU): ``ΔW = Σ_k b_k a_kᵀ``. Per adapted layer, independently (METHOD
    sign to make the largest-``|·|`` entry of b positive and balance ``‖a‖ = ‖b‖``; without it
    k-means separates identical units;
 3. k-means (Lloyd, k-means++ init, fixed seed; fp64 on the CPU, so it is deterministic) over the
-   feature ``concat(a, b)`` (default) or ``a`` / ``b`` alone, into ``k`` clusters (the merged rank);
+   feature ``concat(a, b)`` (default) or ``a`` / ``b`` alone, into ``k`` clusters (the merged rank).
+   The pooled units are first put in a canonical order (lexicographic in ``concat(a, b)``, see
+   :func:`canonical_order`), so the merge does not depend on the order of the sources (the paper
+   treats the pool as a set; k-means++ seeding would otherwise follow the pooling order);
+   ``n_init > 1`` keeps the lowest-inertia of that many seeded k-means++ starts;
 4. centroids ``ā_c``, ``b̄_c`` = member means; merged LoRA ``B' = [b̄_1 … b̄_k]``, ``A' = [ā_1; …; ā_k]``;
 5. dual reweighting (the paper names the two steps; its formulas are unconfirmed, these are
    METHODS.md's [design] defaults):
@@ -23,8 +27,14 @@ unit" (MSU): ``ΔW = Σ_k b_k a_kᵀ``. Per adapted layer, independently (METHOD
 
 ``k`` equal to the number of units and no reweighting reproduces the concatenation ``Σ_j ΔW_j``;
 one LoRA with ``k = r`` comes back unchanged (up to the canonical sign and scale of each unit).
-An empty cluster (only possible with duplicate units) contributes a zero unit. ``k`` larger than
-the number of units at a layer raises.
+An empty cluster (only possible with duplicate units) contributes a zero unit. In :func:`lego_merge`
+``k`` larger than the number of units raises; :func:`lego_merge_adapters` caps ``k`` per layer at the
+units there.
+
+Changed behaviour: since the canonical ordering (review 2, item 6) the clusters, and so the merged
+weights, differ from those of the earlier code for the same seed whenever the pooled order was not
+already canonical; results computed before it (``benchmarks/results/lego_glue.json``) are not
+reproduced bit for bit.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,8 +52,8 @@ from ..core.multi import active_adapters, adapter_method, multi_layers, set_adap
 from .baselines import _layers_by_target, add_lora_from_factors, lora_factors
 
 __all__ = [
-    "LegoResult", "canonicalize_units", "collect_layer_inputs", "kmeans", "lego_merge", "lego_merge_adapters",
-    "minimal_semantic_units",
+    "LegoResult", "canonical_order", "canonicalize_units", "collect_layer_inputs", "kmeans", "lego_merge",
+    "lego_merge_adapters", "minimal_semantic_units",
 ]
 
 FOLDINGS = ("sqrt", "b")
@@ -82,21 +93,58 @@ def canonicalize_units(units_a: torch.Tensor, units_b: torch.Tensor) -> tuple[to
     return a * ratio, torch.where(live, b / torch.where(live, ratio, one), torch.zeros_like(b))
 
 
-def kmeans(x: torch.Tensor, k: int, seed: int = 0, max_iter: int = 100, tol: float = 1e-10
+def canonical_order(x: torch.Tensor) -> torch.Tensor:
+    """Permutation that sorts the rows of ``x`` (U, d) lexicographically (column 0 first, ascending).
+
+    A total order of the rows that does not depend on their input order: rows that tie on every
+    column are equal, so their relative order cannot change anything computed from them. Runs in
+    fp64 on the CPU (-0.0 ties with 0.0). Returns a (U,) long tensor on ``x``'s device.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"expected (U, d) rows, got shape {tuple(x.shape)}")
+    if x.shape[0] <= 1:
+        return torch.arange(x.shape[0], device=x.device)
+    rows = x.detach().to("cpu", torch.float64).numpy()
+    lead = rows[:, : min(rows.shape[1], 8)]
+    perm = np.lexsort(lead.T[::-1])  # lexsort's last key is the primary one
+    if (lead[perm[1:]] == lead[perm[:-1]]).all(axis=1).any():  # ties on the leading columns: all of them
+        perm = np.lexsort(rows.T[::-1])
+    return torch.from_numpy(np.ascontiguousarray(perm)).long().to(x.device)
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int = 0, max_iter: int = 100, tol: float = 1e-10, n_init: int = 1
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ seeding: ``(centroids (k, d), labels (U,))`` for ``x`` (U, d).
 
     Runs in fp64 on the CPU with a seeded generator: the same input and seed give the same result
     on every device. Stops when the squared centroid shift falls below ``tol`` times the data's
     mean squared norm. A cluster left empty takes the point farthest from its centroid; with
-    only duplicates left it stays empty (centroid kept, no members).
+    only duplicates left it stays empty (centroid kept, no members). ``n_init``: number of
+    k-means++ starts drawn one after another from the seeded generator; the run with the lowest
+    inertia (sum of squared distances to the assigned centroids) is kept, the first on ties.
+    The result depends on the order of the rows of ``x``; see :func:`canonical_order`.
     """
     n_points = x.shape[0]
     if not 1 <= k <= n_points:
         raise ValueError(f"k must be in [1, {n_points}] (the number of units), got {k}")
+    if n_init < 1:
+        raise ValueError(f"n_init must be >= 1, got {n_init}")
     device, dtype = x.device, x.dtype
     x = x.detach().to("cpu", torch.float64)
     g = torch.Generator().manual_seed(seed)
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    for _ in range(n_init):
+        centroids, labels, inertia = _lloyd(x, k, g, max_iter, tol)
+        if best is None or inertia < best[0]:
+            best = (inertia, centroids, labels)
+    assert best is not None
+    return best[1].to(device, dtype), best[2].to(device)
+
+
+def _lloyd(x: torch.Tensor, k: int, g: torch.Generator, max_iter: int, tol: float
+           ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One k-means++ start and Lloyd's iterations on fp64 CPU ``x``: ``(centroids, labels, inertia)``."""
+    n_points = x.shape[0]
     sq = (x * x).sum(1)
 
     def sqdist(c: torch.Tensor) -> torch.Tensor:  # (U, k), clamped against rounding below 0
@@ -136,8 +184,10 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, max_iter: int = 100, tol: flo
         centroids = new
         if shift <= tol * scale:
             break
-    labels = sqdist(centroids).argmin(1)
-    return centroids.to(device, dtype), labels.to(device)
+    dist = sqdist(centroids)
+    labels = dist.argmin(1)
+    inertia = float(dist.gather(1, labels[:, None]).sum())
+    return centroids, labels, inertia
 
 
 @dataclass
@@ -167,13 +217,20 @@ def lego_merge(
     calibration_inputs: torch.Tensor | None = None,
     max_iter: int = 100,
     tol: float = 1e-10,
+    n_init: int = 1,
 ) -> LegoResult:
     """Merge the LoRAs of one layer into one rank-``k`` LoRA.
+
+    The result does not depend on the order of ``loras`` (up to float rounding of the output
+    reweighting's sums): the pooled units are sorted by :func:`canonical_order` of
+    ``concat(a, b)`` before k-means, and ``labels`` are mapped back to the pooled (source) order.
+    This changed the clusters for a given seed relative to the code before the fix.
 
     Args:
         loras: ``[(B_j (m, r_j), A_j (r_j, n), s_j)]`` with ``ΔW_j = s_j B_j A_j``.
         k: merged rank (number of clusters); at most ``Σ_j r_j``.
         calibration_inputs: X (N, n), needed for ``output_reweight="calibration"``.
+        n_init: seeded k-means++ starts; the lowest-inertia one is kept (default 1, one start).
     """
     if feature not in FEATURES:
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
@@ -191,12 +248,18 @@ def lego_merge(
     ub = torch.cat([u[1] for u in units])  # (U, m)
     if canonicalize:
         ua, ub = canonicalize_units(ua, ub)
+    # canonical order of the pooled units: everything below sees the same rows in the same order
+    # whatever the order of the sources; labels are mapped back to the pooled order at the end
+    order = canonical_order(torch.cat([ua, ub], dim=1))
+    ua, ub = ua[order], ub[order]
     feats = {"concat": torch.cat([ua, ub], dim=1), "a": ua, "b": ub}[feature]
-    _, labels = kmeans(feats, k, seed=seed, max_iter=max_iter, tol=tol)
+    _, sorted_labels = kmeans(feats, k, seed=seed, max_iter=max_iter, tol=tol, n_init=n_init)
+    labels = torch.empty_like(sorted_labels)
+    labels[order] = sorted_labels
     a_bar = torch.zeros(k, ua.shape[1], device=ua.device)
     b_bar = torch.zeros(k, ub.shape[1], device=ub.device)
     for c in range(k):
-        members = labels == c
+        members = sorted_labels == c
         if not members.any():
             continue  # empty cluster: a zero unit
         a_bar[c], b_bar[c] = ua[members].mean(0), ub[members].mean(0)
@@ -210,11 +273,11 @@ def lego_merge(
     if output_reweight != "none":
         deltas = [s * b.float() @ a.float() for b, a, s in loras]
         if output_reweight == "norm":
-            target = sum(float(d.pow(2).sum()) for d in deltas) / len(deltas)
+            target = math.fsum(sorted(float(d.pow(2).sum()) for d in deltas)) / len(deltas)
             current = float(merged.pow(2).sum())
         else:
             x = calibration_inputs.float().to(merged.device)  # type: ignore[union-attr]
-            target = sum(float((x @ d.t()).pow(2).sum()) for d in deltas) / len(deltas)
+            target = math.fsum(sorted(float((x @ d.t()).pow(2).sum()) for d in deltas)) / len(deltas)
             current = float((x @ merged.t()).pow(2).sum())
         lam = math.sqrt(target / current) if current > 0 else 1.0
     root = math.sqrt(lam)
@@ -263,17 +326,29 @@ def lego_merge_adapters(
     calibration: Callable[[nn.Module], Any] | None = None,
     modules_to_save_from: str | None = None,
     max_iter: int = 100,
+    n_init: int = 1,
 ) -> dict[str, LegoResult]:
     """LoRA-LEGO over the named LoRA adapters ``sources`` of ``model``; adds LoRA adapter ``name``.
 
-    ``k`` defaults to the largest source rank. ``calibration``: for ``output_reweight="calibration"``,
+    ``k`` (the merged adapter's rank) defaults to the largest source rank. At each layer the number
+    of clusters is ``min(k, U_t)``, with ``U_t`` the rank-1 units the sources have there (the sum of
+    the ranks of the sources that adapt it): a layer adapted only by smaller-rank sources keeps all
+    its units (their concatenation, then the reweighting) and is padded with zero units up to ``k``.
+    A ``k`` above the largest number of units at any layer raises. The result does not depend on the order of
+    ``sources`` (see :func:`lego_merge`). ``calibration``: for ``output_reweight="calibration"``,
     a function that runs the model on a calibration batch (``lambda m: m(**batch)``); the inputs
     of each layer are recorded with no adapter active (the base model's activations).
     Returns target -> :class:`LegoResult`.
     """
+    by_target = _layers_by_target(model, sources)
     if k is None:
         k = max(int(adapter_method(model, s).config.r) for s in sources)  # type: ignore[attr-defined]
-    by_target = _layers_by_target(model, sources)
+    factors = {t: [lora_factors(layer) for layer in layers.values()] for t, layers in by_target.items()}
+    units = {t: sum(b.shape[1] for b, _, _ in fs) for t, fs in factors.items()}
+    most = max(units.values())
+    if not 1 <= k <= most:
+        t = next(t for t, u in units.items() if u == most)
+        raise ValueError(f"layer {t}: k must be in [1, {most}] (the most units at any layer), got {k}")
     inputs: dict[str, torch.Tensor] = {}
     if output_reweight == "calibration":
         if calibration is None:
@@ -285,12 +360,12 @@ def lego_merge_adapters(
         finally:
             set_adapter(model, before)
     results: dict[str, LegoResult] = {}
-    for t, layers in by_target.items():
+    for t in by_target:
         try:
-            results[t] = lego_merge([lora_factors(layer) for layer in layers.values()], k, seed=seed,
+            results[t] = lego_merge(factors[t], min(k, units[t]), seed=seed,
                                     canonicalize=canonicalize, folding=folding, feature=feature,
                                     parameter_reweight=parameter_reweight, output_reweight=output_reweight,
-                                    calibration_inputs=inputs.get(t), max_iter=max_iter)
+                                    calibration_inputs=inputs.get(t), max_iter=max_iter, n_init=n_init)
         except ValueError as exc:
             raise ValueError(f"layer {t}: {exc}") from None
     add_lora_from_factors(model, name, {t: (r.B, r.A) for t, r in results.items()}, modules_to_save_from)
