@@ -126,6 +126,8 @@ class LQLoRALinear(AdapterLayer):
         self.quant_config = quant_config
         bias = getattr(base_layer, "bias", None)
         device = base_layer.weight.device
+        #: the dense weight's dtype, which ``unload_dense`` gives back (Q itself keeps no float dtype)
+        self.dense_dtype = base_layer.weight.dtype
         dtype = getattr(torch, config.adapter_dtype)
         if decomposition is None:  # loading: storage of the right size, filled by load_adapter
             qlinear = QuantizedLinear(self.in_features, self.out_features, quant_config, bias=bias is not None,
@@ -304,18 +306,27 @@ def save_fisher(fisher: dict[str, torch.Tensor], path: str) -> None:
 
 
 @torch.no_grad()
-def unload_dense(model: nn.Module) -> nn.Module:
-    """Replace every LQ-LoRA layer by an ``nn.Linear`` with the dense ``Q + s·BA`` (fp32); returns ``model``."""
+def unload_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every LQ-LoRA layer by an ``nn.Linear`` with the dense ``Q + s·BA``; returns ``model``.
+
+    The sum is computed in fp32 and stored in ``dtype``; ``dtype=None`` (default) gives back the dtype
+    the dense layer had before quantization, so a bf16 model stays runnable on its bf16 inputs. The
+    new layer lives on the quantized layer's device.
+    """
     from ..core.inject import _METHOD_ATTR
 
-    for name, layer in adapter_layers(model).items():
+    layers = adapter_layers(model)
+    for name, layer in layers.items():  # check all first: no half-unloaded model on error
         if not isinstance(layer, LQLoRALinear):
             raise TypeError(f"{name} is a {type(layer).__name__}, not an LQ-LoRA layer")
+    for name, layer in layers.items():
         q = layer.base_layer
-        dense = nn.Linear(layer.in_features, layer.out_features, bias=q.bias is not None, device=q.codes.device)
+        out_dtype = dtype if dtype is not None else layer.dense_dtype
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=q.bias is not None,
+                          device=q.codes.device, dtype=out_dtype)
         dense.weight.copy_(layer.merged_weight())
         if q.bias is not None:
-            dense.bias.copy_(q.bias.float())
+            dense.bias.copy_(q.bias)
         dense.requires_grad_(False)
         _set_submodule(model, name, dense)
     if hasattr(model, _METHOD_ATTR):

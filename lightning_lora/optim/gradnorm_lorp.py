@@ -150,6 +150,30 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 if group["proj_type"] not in PROJ_TYPES:
                     raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {group['proj_type']!r}")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, then every state tensor gets back its saved dtype.
+
+        torch casts each floating state tensor (nested dicts included) to its parameter's dtype, and the
+        8-bit codes too: bf16 parameters would come back with bf16 moments, projectors and weight-norm
+        vectors, which ``step()`` cannot mix with its fp32 arithmetic (and which lost precision), and
+        int8/uint8 codes would become floats. The saved tensors themselves are restored instead (moved
+        to the loaded state's device), so a resumed run equals an uninterrupted one."""
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        super().load_state_dict(state_dict)
+
+        def restore(loaded: Any, saved: Any) -> Any:
+            if torch.is_tensor(loaded) and torch.is_tensor(saved) and loaded.dtype != saved.dtype:
+                return saved.to(device=loaded.device)
+            if isinstance(loaded, dict) and isinstance(saved, dict):
+                return {k: restore(v, saved[k]) if k in saved else v for k, v in loaded.items()}
+            return loaded
+
+        for i, p in zip(saved_ids, params):
+            if i in saved_state and p in self.state:
+                self.state[p] = restore(self.state[p], saved_state[i])
+
     # moments: fp32 tensors or 8-bit (codes, scales)
     def _load_moments(self, state: dict[str, Any], shape: torch.Size, device: torch.device, group: dict[str, Any]):
         if "exp_avg" not in state and "exp_avg_q" not in state:

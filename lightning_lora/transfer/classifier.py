@@ -76,7 +76,9 @@ def verbalizer_weights(causal_lm: nn.Module, tokenizer, words: Sequence[str]) ->
     base model's zero-shot answer instead of chance, as a LoRA on the causal LM answering in tokens
     does (Trans-LoRA's targets are causal LMs). Words usually start with a space (``" positive"``).
 
-    Raises ``ValueError`` when a word encodes to no token or two words share their first token.
+    Raises ``ValueError`` when a word encodes to no token, starts with a bare-space token, starts with
+    the tokenizer's unknown token (a word the tokenizer does not know) or two words share their first
+    token.
     """
     ids = []
     for word in words:
@@ -86,6 +88,13 @@ def verbalizer_weights(causal_lm: nn.Module, tokenizer, words: Sequence[str]) ->
         if not tokenizer.decode(tokens[:1]).strip():  # SentencePiece may split " positive" as " " + "positive"
             raise ValueError(f"verbalizer word {word!r} starts with a bare-space token in this tokenizer: "
                              "give the word without its leading space")
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is not None and tokens[0] == unk:
+            path = getattr(tokenizer, "name_or_path", "")
+            name = type(tokenizer).__name__ + (f" ({path})" if path else "")
+            raise ValueError(f"verbalizer word {word!r} is unknown to the tokenizer {name}: its first token is the "
+                             f"unknown token {getattr(tokenizer, 'unk_token', None)!r} (id {unk}), whose LM-head "
+                             "row answers no class")
         ids.append(tokens[0])
     if len(set(ids)) != len(ids):
         raise ValueError(f"verbalizer words {tuple(words)} share their first token: the classes would start equal")
