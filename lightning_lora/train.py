@@ -270,8 +270,29 @@ def main(argv: list[str] | None = None) -> int:
         spec = TASKS.get(cfg.data.get("name"))
         return metrics.get(f"val_{spec.monitor}") if spec is not None else metrics.get("val_loss")
 
-    run_hydra(task, conf, "config", sys.argv[0] if sys.argv else "lightning-lora", args[1:])
+    try:
+        run_hydra(task, conf, "config", sys.argv[0] if sys.argv else "lightning-lora", args[1:])
+    except ConfigError as e:
+        print(f"lightning-lora: error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _check_composes(conf: Path, config_name: str, overrides: list[str]) -> None:
+    """Compose the config once before the run, so that an override Hydra cannot apply (an unknown
+    key, a missing group option) is a :class:`ConfigError` (one line, exit status 2) rather than
+    Hydra's report and exit status 1. Runs with Hydra's own flags (``-m``, ``--cfg``, ``--help``)
+    are left to Hydra: sweeps are not single configs."""
+    if any(o.startswith("-") for o in overrides):
+        return
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    except Exception as e:  # Hydra's composition and override-parsing errors, OmegaConf's
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ConfigError(" ".join(lines[:2]) or type(e).__name__) from None
 
 
 def run_hydra(task: Any, conf: Path, config_name: str, prog: str, overrides: list[str]) -> None:
@@ -280,6 +301,7 @@ def run_hydra(task: Any, conf: Path, config_name: str, prog: str, overrides: lis
     call and restored after. Used by ``lightning-lora``, ``lncrna`` and ``lightning_lora.federated``."""
     import hydra
 
+    _check_composes(conf, config_name, overrides)
     saved = sys.argv
     sys.argv = [prog, *overrides]
     try:

@@ -878,11 +878,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(e: BaseException) -> bool:
+    from lightning_lora.train import ConfigError
+
     from .evaluate import EvaluationError
     from .fasta import FastaError
     from .predict import ModelError
 
-    return isinstance(e, (UserError, FastaError, ModelError, EvaluationError))
+    return isinstance(e, (UserError, FastaError, ModelError, EvaluationError, ConfigError))
 
 
 def _kept(e: BaseException) -> str:

@@ -102,3 +102,21 @@ def test_setup_guard_keeps_the_callback_picklable_and_passes_other_errors():
     late._wrap_checkpoint_hooks = broken  # fails after the injection succeeded
     with pytest.raises(ValueError, match="not the config's fault"):
         late.setup(trainer, Module(), "fit")
+
+
+def test_an_override_hydra_cannot_apply_is_one_line_exit_2(tmp_path):
+    """An unknown key is found by composing the config before the run: one line, exit 2 (Hydra's own
+    report exits 1 over several lines)."""
+    r = cli(tmp_path, "train", "nonexistent_key=3", timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == ("lightning-lora: error: Could not override 'nonexistent_key'. "
+                                "To append to your config use +nonexistent_key=3")
+
+
+def test_lncrna_train_with_an_unknown_key_is_one_line_exit_2(capsys):
+    from lncrna import cli as lncrna_cli
+
+    rc = lncrna_cli.main(["train", "nonexistent_key=3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == ("lncrna train: error: Could not override 'nonexistent_key'. "
+                                       "To append to your config use +nonexistent_key=3")
