@@ -76,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
             Path(cfg.output).write_text(text + "\n")
 
-    run_hydra(task, conf, "config", f"python -m lightning_lora.federated {role}", args[1:])
+    from ..train import ConfigError
+
+    try:
+        run_hydra(task, conf, "config", f"python -m lightning_lora.federated {role}", args[1:])
+    except ConfigError as e:  # an override Hydra cannot apply
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
