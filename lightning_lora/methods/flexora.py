@@ -316,7 +316,8 @@ class Flexora(Method):
         self._gate_iter: Iterator[Any] | None = None
         self._pending: list[Any] = []  # micro-batches of a split batch not used yet
         self._gate_loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
-        self._last_step = 0
+        #: the trainer's global_step when the current batch started (see on_train_batch_start)
+        self._step_at_batch_start: int | None = None
         self._restored_keys: list[str] = []
         self._restored_logits: list[float] | None = None
         #: gate micro-batches drawn so far, and how many a resumed fit skips before its first gate step
@@ -523,19 +524,21 @@ class Flexora(Method):
                 self._rebuild_optimizers(trainer, step=self.selected_at_step, fast_forward=False)
         if self.phase == "search":
             self._gates(next(iter(_flexora_layers(layers).values())).lora_A.device)
-            self._last_step = int(trainer.global_step)
             total = getattr(trainer, "estimated_stepping_batches", math.inf)
             if total <= self.cfg.search_steps:
                 warnings.warn(f"Flexora: the fit has {total} optimizer steps, search_steps={self.cfg.search_steps}: "
                               "it ends before any layer is selected or retrained", stacklevel=2)
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
+        # read here, not at fit start: Lightning restores global_step on resume only after on_fit_start
+        self._step_at_batch_start = int(trainer.global_step)
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
         if self.phase != "search":
             return
         step = int(trainer.global_step)
-        if step == self._last_step:
-            return  # gradient accumulation: the optimizer did not step
-        self._last_step = step
+        if step == self._step_at_batch_start:
+            return  # gradient accumulation: the optimizer did not step in this batch
         if step % self.cfg.gate_every == 0 or step >= self.cfg.search_steps:
             loss = self.gate_step(trainer, pl_module, layers)
             log = getattr(pl_module, "log", None)

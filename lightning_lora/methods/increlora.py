@@ -420,7 +420,10 @@ class IncreLoRA(Method):
         #: modules chosen in each round
         self.allocations: list[list[str]] = []
         self.finished = False
-        self._seen_step: int | None = None
+        #: the trainer's global_step when the current batch started: unchanged at its end means the
+        #: optimizer did not step (gradient accumulation). Read at batch start, not at fit start:
+        #: Lightning restores global_step on resume only after on_fit_start
+        self._step_at_batch_start: int | None = None
         self._total_steps: int | None = None
         self._base_lr: float | None = None
 
@@ -621,7 +624,6 @@ class IncreLoRA(Method):
         opt, sched = self._optimizer_and_scheduler(trainer)
         g0 = opt.param_groups[0]
         self._base_lr = float(g0.get("initial_lr", g0["lr"]))
-        self._seen_step = None
         pb = self.param_budget(ilayers)
         if pb is not None and active_param_count(ilayers) > pb:
             raise ValueError(
@@ -682,12 +684,14 @@ class IncreLoRA(Method):
                     p.grad.add_(g)
         return reg.detach()
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
+        self._step_at_batch_start = int(trainer.global_step)
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
         """After each optimizer step t: update scores and, at allocation steps, add ranks."""
         step = int(trainer.global_step)
-        if step == self._seen_step:
-            return  # accumulating: no optimizer step yet
-        self._seen_step = step
+        if step == self._step_at_batch_start:
+            return  # accumulating: no optimizer step in this batch
         t = step - 1  # index of the optimizer step just done (the code's global_step)
         ilayers = _increlora_layers(layers)
         opt, sched = self._optimizer_and_scheduler(trainer)

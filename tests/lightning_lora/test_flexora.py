@@ -503,14 +503,15 @@ class StopAfterEpoch(pl.Callback):
 
 
 def _fit_epochs(stop_after: int | None = None, ckpt: str | None = None, save: str | None = None,
+                max_epochs: int = 4, accumulate: int = 1, search_steps: int = 3,
                 **kw) -> tuple[SequenceClassifier, ll.AdapterCallback]:
-    """4 epochs of 2 steps (or the first ``stop_after`` epochs of them)."""
+    """``max_epochs`` epochs of 2 batches (or the first ``stop_after`` epochs of them)."""
     pl.seed_everything(0, verbose=False)
     module = SequenceClassifier(bert_cls(0), lr=1e-2, warmup_ratio=0.25)
-    cb = flexora_callback(search_steps=3, gate_batch_size=4, **kw)
-    t = pl.Trainer(max_epochs=4, callbacks=[cb, StopAfterEpoch(stop_after)], logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                   limit_val_batches=0, accelerator="cpu")
+    cb = flexora_callback(search_steps=search_steps, gate_batch_size=4, **kw)
+    t = pl.Trainer(max_epochs=max_epochs, callbacks=[cb, StopAfterEpoch(stop_after)], logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu", accumulate_grad_batches=accumulate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t.fit(module, datamodule=OrderedGlue(), ckpt_path=ckpt, weights_only=True)
@@ -543,6 +544,20 @@ def test_a_fit_resumed_mid_search_equals_the_uninterrupted_fit(tmp_path):
     assert meta["gate_optimizer"]["step"] == 2.0 and meta["gate_micro_batches_used"] == 4  # gate_batches=2
     resumed = _fit_epochs(ckpt=ckpt, reinit=False)
     assert resumed[1].method.phase == "retrain" and resumed[1].method.selected_at_step == 3
+    _assert_same_fit(full, resumed)
+
+
+def test_a_fit_resumed_mid_search_with_gradient_accumulation_equals_the_uninterrupted_fit(tmp_path):
+    """``accumulate_grad_batches=2``: Lightning restores ``global_step`` after ``on_fit_start``, so a step
+    remembered there made the resumed fit take a gate step after its first micro-batch (4 gate steps
+    where the uninterrupted fit took 3)."""
+    kw = dict(max_epochs=4, accumulate=2, search_steps=3, reinit=False)
+    full = _fit_epochs(**kw)  # 4 optimizer steps: gates at 1-3, selection at 3
+    ckpt = str(tmp_path / "mid_search_accum.ckpt")
+    _, cb_part = _fit_epochs(2, save=ckpt, **kw)  # optimizer step 2: mid-search
+    assert cb_part.method.phase == "search" and cb_part.method.gate_steps == 2
+    resumed = _fit_epochs(ckpt=ckpt, **kw)
+    assert resumed[1].method.gate_steps == full[1].method.gate_steps == 3
     _assert_same_fit(full, resumed)
 
 

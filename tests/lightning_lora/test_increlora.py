@@ -330,3 +330,41 @@ def test_unsupported_scheduler_is_refused(tmp_path):
 
     with pytest.raises(TypeError, match="LambdaLR"):
         _fit(tmp_path, 4, module=StepNet())
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_gradient_accumulation_scores_once_per_step_and_resumes_exactly(tmp_path, monkeypatch):
+    """With ``accumulate_grad_batches=2`` the scores update once per optimizer step, also on the first
+    step (a fit-start sentinel took the first micro-batch for a step), and a checkpoint taken between
+    steps resumes to the uninterrupted run (Lightning restores ``global_step`` after ``on_fit_start``,
+    so the step is read at batch start)."""
+    from lightning_lora.methods.increlora import IncreLoRA
+
+    calls: list[int] = []
+    original = IncreLoRA.update_scores
+
+    def spy(self, layers, trainer=None):
+        calls.append(int(trainer.global_step))
+        return original(self, layers, trainer)
+
+    monkeypatch.setattr(IncreLoRA, "update_scores", spy)
+
+    def fit(root, epochs, ckpt=None):
+        pl.seed_everything(0, verbose=False)
+        module = Net(True)
+        cb = ll.AdapterCallback("increlora", target="net", target_modules=TARGETS, **KW)
+        t = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, accumulate_grad_batches=2, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                       default_root_dir=str(root), callbacks=[cb])
+        t.fit(module, _loader(), ckpt_path=ckpt)
+        return t, module
+
+    t, full = fit(tmp_path / "a", 8)
+    assert t.global_step == 16 and calls == sorted(set(calls)) and 0 not in calls
+    t1, _ = fit(tmp_path / "b", 4)
+    t1.save_checkpoint(tmp_path / "mid.ckpt")
+    _, resumed = fit(tmp_path / "c", 8, ckpt=str(tmp_path / "mid.ckpt"))
+    sf, sr = ll.adapter_state_dict(full.net), ll.adapter_state_dict(resumed.net)
+    assert sf and sf.keys() == sr.keys()
+    for k in sf:
+        torch.testing.assert_close(sr[k], sf[k], rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
