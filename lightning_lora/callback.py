@@ -189,6 +189,9 @@ class AdapterCallback(pl.Callback):
             raise ValueError(f"merge_on_fit_end: method {method!r} cannot merge its update into the base weights")
         if eval_ranks is not None and not callable(getattr(self.method, "validation_variants", None)):
             raise ValueError(f"eval_ranks: method {method!r} has no ranks to validate at")
+        resolve = getattr(self.config, "resolve_eval_ranks", None)
+        if eval_ranks is not None and callable(resolve):  # a bad value fails here, not after an epoch
+            resolve(eval_ranks)
 
     # ---- injection --------------------------------------------------------------------------
     def target_module(self, pl_module: nn.Module) -> nn.Module:

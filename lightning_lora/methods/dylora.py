@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 import json
 import math
 import os
@@ -119,9 +120,11 @@ class DyLoRAConfig(AdapterConfig):
             return []
         if spec == "all":
             return list(range(1, self.r + 1))
-        if isinstance(spec, str):
+        if isinstance(spec, str) or not isinstance(spec, (list, tuple, set, range)):
             raise ValueError(f"eval_ranks must be a list of ranks, 'all' or 'none', got {spec!r}")
-        ranks = sorted({int(b) for b in spec})
+        if not all(isinstance(b, int) and not isinstance(b, bool) for b in spec):
+            raise ValueError(f"eval_ranks must be whole numbers in [1, r={self.r}], got {list(spec)}")
+        ranks = sorted(set(spec))
         if ranks and not (1 <= ranks[0] and ranks[-1] <= self.r):
             raise ValueError(f"eval_ranks must lie in [1, r={self.r}], got {list(spec)}")
         return ranks
@@ -352,6 +355,7 @@ class DyLoRA(Method):
     def __init__(self, config: DyLoRAConfig) -> None:  # type: ignore[override]
         super().__init__(config)
         self._restored_ranks: dict[str, int] = {}
+        self._warned_merged_validation = False
         #: rank drawn for the latest training step (None before the first)
         self.last_rank: int | None = None
 
@@ -393,7 +397,16 @@ class DyLoRA(Method):
         """
         c: DyLoRAConfig = self.config  # type: ignore[assignment]
         ranks = c.resolve_eval_ranks(self.default_eval_ranks if spec is None else spec)
-        current = get_rank(layers)
+        dy = _dylora_layers(layers)
+        deployed = {layer.rank for layer in dy.values()}
+        current = deployed.pop() if len(deployed) == 1 else None  # layers at different ranks: none is "current"
+        if any(layer.merged for layer in dy.values()):
+            # merged (merge_on_fit_end, say): the rank is fixed in the weights until unmerged
+            if not self._warned_merged_validation:
+                warnings.warn(f"DyLoRA: the adapter is merged at rank {current}; validating at that rank only "
+                              "(unmerge it to validate at the others)", stacklevel=2)
+                self._warned_merged_validation = True
+            return [(f"_rank{current}", None)] if current in ranks else []
         return [(f"_rank{b}", None if b == current else functools.partial(rank_context, layers, b)) for b in ranks]
 
     # ---- save / load (S4) -------------------------------------------------------------------
@@ -406,6 +419,16 @@ class DyLoRA(Method):
         if int(meta.get("r_max", self.config.r)) != self.config.r:  # type: ignore[attr-defined]
             raise ValueError(f"saved r_max {meta['r_max']} != config r {self.config.r}")  # type: ignore[attr-defined]
         self._restored_ranks = {n: int(b) for n, b in meta.get("ranks", {}).items()}
+
+    def apply_layer_metadata(self, meta: dict[str, Any], layers: dict[str, AdapterLayer], root: Any = None) -> None:
+        """The same for layers that already exist: ``AdapterCallback`` calls it when a checkpoint
+        loads into an injected module (``trainer.fit(ckpt_path=...)``), so the deployment ranks the
+        checkpoint was saved at come back."""
+        self.restore_layer_metadata(meta)
+        ranks, self._restored_ranks = self._restored_ranks, {}
+        for name, layer in _dylora_layers(layers).items():
+            if name in ranks:
+                layer.set_rank(ranks[name], train=False)
 
     # convenience forms of the module functions
     set_rank = staticmethod(set_rank)

@@ -330,3 +330,43 @@ def test_callback_samples_rank_per_step_and_validates_each_rank(tmp_path):
 def test_callback_eval_ranks_needs_a_method_with_ranks():
     with pytest.raises(ValueError, match="eval_ranks"):
         ll.AdapterCallback("lora", r=2, eval_ranks=[1, 2])
+
+
+@pytest.mark.parametrize("bad", [[R + 1], [0], "al", 3, [1.5]])
+def test_callback_checks_eval_ranks_up_front(bad):
+    """A bad ``eval_ranks`` fails when the callback is built, not at the first validation batch after an epoch."""
+    with pytest.raises(ValueError, match="eval_ranks"):
+        ll.AdapterCallback("dylora", r=R, alpha=ALPHA, target_modules=["0", "2"], target="net", eval_ranks=bad)
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_validate_after_merge_on_fit_end_runs_at_the_merged_rank(tmp_path):
+    """Merged at the end of fit, the adapter's rank is fixed in the weights: validation runs at that rank
+    (with a warning) instead of failing on set_rank for the others."""
+    module = Net()
+    cb = ll.AdapterCallback("dylora", r=R, alpha=ALPHA, target_modules=["0", "2"], target="net", merge_on_fit_end=True)
+    t = _fit(tmp_path, module, cb)
+    assert all(layer.merged for layer in cb.layers.values())
+    module.val_ranks.clear()
+    with pytest.warns(UserWarning, match="merged at rank"):
+        out = t.validate(module, _loader(), verbose=False)
+    assert set(module.val_ranks) == {R} and out[0][f"val_loss_rank{R}"] == out[0]["val_loss"]
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_fit_resumed_from_a_checkpoint_keeps_the_deployment_rank(tmp_path):
+    """``trainer.fit(ckpt_path=...)`` into an injected module brings back the ranks the checkpoint was
+    saved at, as ``load_adapter_checkpoint`` does."""
+    module = Net()
+    cb = ll.AdapterCallback("dylora", r=R, alpha=ALPHA, target_modules=["0", "2"], target="net", eval_ranks="none")
+    t = _fit(tmp_path, module, cb, steps=2)
+    set_rank(module.net, 2)
+    ckpt = tmp_path / "rank2.ckpt"
+    t.save_checkpoint(ckpt)
+    resumed = Net()
+    cb2 = ll.AdapterCallback("dylora", r=R, alpha=ALPHA, target_modules=["0", "2"], target="net", eval_ranks="none")
+    t2 = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                    callbacks=[cb2], num_sanity_val_steps=0, limit_val_batches=0)
+    t2.fit(resumed, _loader(), ckpt_path=str(ckpt))  # already at max_steps: restores and ends
+    assert get_rank(resumed.net) == 2
