@@ -18,6 +18,9 @@ and wrap the optimizer in :class:`lightning_lora.optim.ALLoRAOptimizer` instead 
 (with the callback too, the scaling would apply twice: ``on_fit_start`` refuses that).
 With ``apply_to="update"`` the optimizer's update is scaled instead (``θ_pre + c(θ_pre)(θ_post −
 θ_pre)``): :meth:`ALLoRA.on_fit_start` hooks it into the step of each of the fit's optimizers.
+Gradient clipping (Lightning's ``gradient_clip_val``) then acts on the unscaled gradient, before
+the step, and the update is scaled after it; with ``apply_to="grad"`` the gradient is scaled first
+and clipping sees the scaled gradient, as METHODS.md §5 orders them.
 
 [unconfirmed] in METHODS §5, with the choices made here: the coefficient form (above) and η (no
 default: ``eta`` is required); granularity (``"row"`` default, ``"tensor"``, ``"element"``);
