@@ -293,13 +293,15 @@ def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 class disable_adapter:
-    """Context manager: ``with disable_adapter(model): base_out = model(x)``."""
+    """Disable every adapter of ``model`` now; as a context manager, enable them again on exit:
+    ``with disable_adapter(model): base_out = model(x)``. A bare ``disable_adapter(model)`` leaves
+    them disabled (``set_adapter_enabled(model, True)`` enables them)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        set_adapter_enabled(model, False)
 
     def __enter__(self) -> nn.Module:
-        set_adapter_enabled(self.model, False)
         return self.model
 
     def __exit__(self, *exc: Any) -> None:

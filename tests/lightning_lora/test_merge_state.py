@@ -151,3 +151,16 @@ def test_load_adapter_checkpoint_into_a_merged_module(tmp_path):
     x = torch.randn(5, 8)
     with torch.no_grad():
         torch.testing.assert_close(module(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_disable_adapter_acts_when_called_and_a_with_block_restores(model_builders):
+    m, x = _adapted(model_builders, "lora")
+    base = model_builders["linear"](0)
+    with torch.no_grad():
+        y0, y = out_of(base, x), out_of(m, x)
+        ll.disable_adapter(m)  # a bare call: disabled from here on (it used to do nothing)
+        assert torch.equal(out_of(m, x), y0)
+        ll.set_adapter_enabled(m, True)
+        with ll.disable_adapter(m):
+            assert torch.equal(out_of(m, x), y0)
+        assert torch.equal(out_of(m, x), y)
