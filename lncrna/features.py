@@ -1363,11 +1363,21 @@ class FeatureBaseline:
     @classmethod
     def load(cls, path: str | Path = DEFAULT_BASELINE_DIR) -> "FeatureBaseline":
         path = Path(path)
-        cfg = json.loads((path / "baseline.json").read_text())
+        try:
+            cfg = json.loads((path / "baseline.json").read_text())
+            if not isinstance(cfg, dict):
+                raise ValueError("expected a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:  # the file's name in the message: which one is broken
+            raise ValueError(f"{path / 'baseline.json'}: {' '.join(str(e).split())}") from None
         if cfg.get("format") != cls.FORMAT:
             raise ValueError(f"unknown baseline format {cfg.get('format')!r} in {path}")
-        with np.load(path / "baseline.npz", allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
+        try:
+            with np.load(path / "baseline.npz", allow_pickle=False) as z:
+                d = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # a truncated or foreign .npz: zipfile, numpy and OS errors
+            raise ValueError(f"{path / 'baseline.npz'}: {' '.join(str(e).split())}") from None
         hexamer = HexamerTable(d["hexamer_coding"], d["hexamer_noncoding"])
         hexamer._counted &= d["hexamer_counted"].astype(bool)
         hexamer._pairs = None

@@ -66,11 +66,13 @@ def _json_as_list(d: Path) -> None:
     js.write_text("[]")
 
 
-@pytest.mark.parametrize("damage", [_truncate_npz, _json_as_list], ids=["truncated_npz", "json_list"])
-def test_broken_baseline_files_fail_at_load(tmp_path, capsys, damage):
+@pytest.mark.parametrize("damage,broken", [(_truncate_npz, "baseline.npz"), (_json_as_list, "baseline.json")],
+                         ids=["truncated_npz", "json_list"])
+def test_broken_baseline_files_fail_at_load(tmp_path, capsys, damage, broken):
     baseline = tmp_path / "baseline"
     shutil.copytree(DEFAULT_BASELINE_DIR, baseline)
     damage(baseline)
     rc, err = run(["predict", EXAMPLE_FASTA, "--baseline", baseline, "-o", tmp_path / "o.tsv"], capsys)
     assert rc == 2, err
-    assert len(err.strip().splitlines()) == 1 and "unreadable feature baseline" in err and str(baseline) in err
+    assert len(err.strip().splitlines()) == 1 and "unreadable feature baseline" in err
+    assert str(baseline / broken) in err  # the broken file is named
