@@ -14,7 +14,6 @@ mRNAs give that rate a binomial spread of about ±0.017, about ±0.003 on the ac
 from __future__ import annotations
 
 import gzip
-import json
 import re
 import sys
 import time
@@ -83,11 +82,11 @@ def main() -> None:
         "mouse_accuracy_if_seen_at_unseen_rate": (lnc_correct + rate_unseen * len(seen)) / len(test),
         "seconds": time.time() - t0,
     })
-    result = {"name": "lncrna_gene_overlap", "command": "python benchmarks/lncrna_gene_overlap.py",
-              "device": "cpu", "date": time.strftime("%Y-%m-%d"), "metrics": metrics}
-    out = ROOT / "benchmarks/results/lncrna_gene_overlap.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    from lightning_lora.results import write_result
+
+    out = write_result("lncrna_gene_overlap", metrics, "python benchmarks/lncrna_gene_overlap.py", device="cpu",
+                       directory=ROOT / "benchmarks/results")
+    print(out.read_text())
 
 
 if __name__ == "__main__":
