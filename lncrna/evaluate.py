@@ -20,18 +20,16 @@ plus ``auprc`` (average precision).
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import math
 import os
-import stat
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .fasta import _GZIP_ERRORS, _not_a_file, _open_text
 from .metrics import classification_metrics
 from .predict import TSV_COLUMNS
 
@@ -45,30 +43,11 @@ class EvaluationError(ValueError):
     """Predictions or truth cannot be used. One-line message naming the file."""
 
 
-def _open_text(path: Path):
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
-    if magic == b"\x1f\x8b":
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
-    return open(path, encoding="utf-8-sig", errors="replace")
-
-
-_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)  # as lncrna.fasta
-
-
 def _check_readable(path: Path) -> None:
     """EvaluationError (one line) if ``path`` is missing, a folder or not a regular file."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise EvaluationError(f"{path}: no such file") from None
-    except OSError as e:
-        raise EvaluationError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise EvaluationError(f"{path}: is a directory, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise EvaluationError(f"{path}: not a regular file (standard input, pipes and devices are not "
-                              f"supported; save it to a file first)")
+    problem = _not_a_file(path, what="a file")
+    if problem is not None:
+        raise EvaluationError(str(problem))
 
 
 def _read_error(path: Path, e: BaseException) -> EvaluationError:

@@ -140,8 +140,8 @@ def _cannot_read(path: Path, e: OSError) -> FastaError:
     return FastaError(f"{path}: cannot read ({e.strerror or type(e).__name__})")
 
 
-def _not_a_file(path: Path) -> FastaError | None:
-    """Why ``path`` cannot be read as a FASTA file by name (missing, a folder, not a regular file)."""
+def _not_a_file(path: Path, what: str = "a FASTA file") -> FastaError | None:
+    """Why ``path`` cannot be read as ``what`` by name (missing, a folder, not a regular file)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -149,7 +149,7 @@ def _not_a_file(path: Path) -> FastaError | None:
     except OSError as e:
         return _cannot_read(path, e)
     if stat.S_ISDIR(st.st_mode):
-        return FastaError(f"{path}: is a directory, not a FASTA file")
+        return FastaError(f"{path}: is a directory, not {what}")
     if not stat.S_ISREG(st.st_mode):
         return FastaError(f"{path}: not a regular file (standard input, pipes and devices are not supported: "
                           f"the file is read more than once; save it to a file first)")

@@ -284,16 +284,16 @@ def test_directory_input_says_is_a_directory(tmp_path, model_dir, capsys):
 
 
 def test_evaluate_unreadable_inputs_are_exit_2(tmp_path, model_dir, capsys, monkeypatch):
-    import lncrna.evaluate
+    import lncrna.fasta  # evaluate opens files through lncrna.fasta._open_text
 
     pred = tmp_path / "pred.tsv"
     assert run(["predict", EXAMPLE_FASTA, "-o", pred, "--model", model_dir, "-q"], capsys)[0] == 0
     truth = tmp_path / "truth.fa"
     truth.write_bytes(Path(EXAMPLE_FASTA).read_bytes())
-    _deny_reading(monkeypatch, lncrna.evaluate, truth)
+    _deny_reading(monkeypatch, lncrna.fasta, truth)
     rc, _, err = run(["evaluate", pred, "--truth", truth, "-o", tmp_path / "ev", "-q"], capsys)
     assert rc == 2 and err.strip() == f"lncrna evaluate: error: {truth}: cannot read (Permission denied)"
-    _deny_reading(monkeypatch, lncrna.evaluate, pred)
+    _deny_reading(monkeypatch, lncrna.fasta, pred)
     rc, _, err = run(["evaluate", pred, "--truth", EXAMPLE_FASTA, "-o", tmp_path / "ev", "-q"], capsys)
     assert rc == 2 and err.strip() == f"lncrna evaluate: error: {pred}: cannot read (Permission denied)"
 
