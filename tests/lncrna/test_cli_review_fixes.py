@@ -196,7 +196,8 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path, capsys, monkey
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.skipif(not os.path.exists("/dev/full"),
+                    reason="/dev/full, the device whose every write fails with ENOSPC, exists on Linux only")
 def test_output_dev_full_is_exit_2(tmp_path, model_dir, capsys):
     fa = tmp_path / "in.fa"
     fa.write_text(fasta_text(GOOD))
