@@ -103,7 +103,7 @@ def build_adapter_callback(cfg: Any, export_dir: str | None = None):
         raise ConfigError(f"adapter: {e}") from None
 
 
-class _InjectionErrorsAsConfigErrors:
+class InjectionErrorsAsConfigErrors:
     """``AdapterCallback.setup`` for the CLI: a ``ValueError`` / ``TypeError`` that leaves the model
     without an adapter (the injection refused it: no module matches ``target_modules``, a rank the
     layer shapes do not allow, a module type the method cannot adapt) becomes a :class:`ConfigError`,
@@ -177,7 +177,7 @@ def run(cfg: Any, command: str | None = None) -> dict[str, float]:
     # 1. config-only checks first: nothing heavy has happened if these fail
     callback = build_adapter_callback(cfg, export_dir=cfg.get("export_adapter"))
     # errors the injection finds (it needs the model) are config errors too: one line, exit 2
-    callback.setup = _InjectionErrorsAsConfigErrors(callback)
+    callback.setup = InjectionErrorsAsConfigErrors(callback)
     optim = dict(_container(cfg.optim))
     trainer_kwargs = dict(_container(cfg.trainer))
 

@@ -309,12 +309,12 @@ def finetune(
     if method == "full":
         callbacks = []
     else:
-        from lightning_lora.train import _InjectionErrorsAsConfigErrors
+        from lightning_lora.train import InjectionErrorsAsConfigErrors
 
         callback = ll.AdapterCallback(method, target="model.bert", export_dir=Path(out_dir) / "adapter", **adapter_kwargs)
         # what the injection refuses (no target matches, a rank the shapes forbid) is the adapter
         # config's fault: lightning_lora.train.ConfigError, one line from the CLI
-        callback.setup = _InjectionErrorsAsConfigErrors(callback)
+        callback.setup = InjectionErrorsAsConfigErrors(callback)
         callbacks = [callback]
     trainer = pl.Trainer(
         max_epochs=epochs, max_time={"minutes": max_minutes} if max_minutes else None, logger=False,

@@ -60,12 +60,12 @@ def test_setup_guard_keeps_the_callback_picklable_and_passes_other_errors():
     from torch import nn
 
     from lightning_lora import AdapterCallback, adapter_layers
-    from lightning_lora.train import ConfigError, _InjectionErrorsAsConfigErrors
+    from lightning_lora.train import ConfigError, InjectionErrorsAsConfigErrors
 
     cb = AdapterCallback("lora", r=2, target_modules=["0"])
-    cb.setup = _InjectionErrorsAsConfigErrors(cb)
+    cb.setup = InjectionErrorsAsConfigErrors(cb)
     clone = pickle.loads(pickle.dumps(cb))
-    assert isinstance(clone.setup, _InjectionErrorsAsConfigErrors) and clone.setup.callback is clone
+    assert isinstance(clone.setup, InjectionErrorsAsConfigErrors) and clone.setup.callback is clone
 
     class Module(nn.Module):  # enough of a LightningModule for setup's wrapping
         def __init__(self):
@@ -83,7 +83,7 @@ def test_setup_guard_keeps_the_callback_picklable_and_passes_other_errors():
 
     trainer = SimpleNamespace(strategy=None, is_global_zero=True)
     bad = AdapterCallback("lora", r=2, target_modules=["nope"])
-    bad.setup = _InjectionErrorsAsConfigErrors(bad)
+    bad.setup = InjectionErrorsAsConfigErrors(bad)
     with pytest.raises(ConfigError, match=r"^adapter: target_modules=\['nope'\].*matched no module"):
         bad.setup(trainer, Module(), "fit")
 
@@ -98,7 +98,7 @@ def test_setup_guard_keeps_the_callback_picklable_and_passes_other_errors():
         raise ValueError("not the config's fault")
 
     late = AdapterCallback("lora", r=2, target_modules=["0"])
-    late.setup = _InjectionErrorsAsConfigErrors(late)
+    late.setup = InjectionErrorsAsConfigErrors(late)
     late._wrap_checkpoint_hooks = broken  # fails after the injection succeeded
     with pytest.raises(ValueError, match="not the config's fault"):
         late.setup(trainer, Module(), "fit")
