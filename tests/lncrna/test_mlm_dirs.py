@@ -88,10 +88,11 @@ def test_an_mlm_of_another_shape_than_the_run(mlm_dir):
 
 
 def _cli(argv, capsys) -> tuple[int, str]:
-    from lncrna import cli
+    """Exit status and stderr of ``lncrna`` (test_cli.run, the test directory is on sys.path)."""
+    from test_cli import run
 
-    rc = cli.main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
+    rc, _, err = run(argv, capsys)
+    return rc, err
 
 
 def test_train_with_an_unusable_mlm_dir_is_one_line_and_leaves_no_output(mlm_dir, tmp_path, capsys):
