@@ -191,7 +191,8 @@ class BoneLinear(AdapterLayer):
 @register("bone")
 class Bone(Method):
     """Bone (and Bat via ``variant="bat"``). Saves in PEFT's MiSS format (``peft_type = "MISS"``,
-    keys ``<module>.miss_block``); PEFT MiSS directories (default and ``"bat"``) load here."""
+    keys ``<module>.miss_block``); PEFT MiSS directories (``init_weights`` True, False and ``"bat"``;
+    not ``"mini"``) load here."""
 
     Config = BoneConfig
     supported_types = (nn.Linear,)
@@ -222,16 +223,21 @@ class Bone(Method):
     @classmethod
     def from_peft_config(cls, cfg: dict[str, Any]) -> BoneConfig:
         init = cfg.get("init_weights", True)
-        if init not in (True, "bat"):
-            raise ValueError(f"PEFT MiSS init_weights={init!r} is not supported (only the default and 'bat')")
+        # False is PEFT's random init of the default (Bone) block, same shape and forward as True;
+        # the weights come from the file, so it loads as Bone ("mini" has another shape: refused)
+        if init not in (True, False, "bat"):
+            raise ValueError(f"PEFT MiSS init_weights={init!r} is not supported (only True / False and 'bat')")
         if cfg.get("layers_to_transform") is not None:
             raise ValueError("PEFT adapters with layers_to_transform are not supported yet")
         exclude = cfg.get("exclude_modules") or []
         if isinstance(exclude, str):
             raise ValueError("PEFT adapters with a regex exclude_modules are not supported yet")
         bias = {"MiSS_only": "lora_only"}.get(cfg.get("bias", "none"), cfg.get("bias", "none"))
+        # PEFT's bat forward never applies miss_dropout (a dense linear with W'), so it is dropped
+        # here rather than refused by BatConfig
+        dropout = 0.0 if init == "bat" else float(cfg.get("miss_dropout", 0.0))
         return BoneConfig(
-            r=int(cfg["r"]), variant="bat" if init == "bat" else "bone", dropout=float(cfg.get("miss_dropout", 0.0)),
+            r=int(cfg["r"]), variant="bat" if init == "bat" else "bone", dropout=dropout,
             target_modules=cfg.get("target_modules"), exclude_modules=list(exclude),
             modules_to_save=list(cfg.get("modules_to_save") or []), bias=bias,
         )

@@ -56,6 +56,12 @@ from .lora import _mm_scaled, _mm_to
 from .lora_sb import CoreLoRALinear
 
 
+def _check_dtype_name(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise a one-line ValueError unless ``value`` is one of the torch dtype names ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{option} must be one of {allowed}, got {value!r}")
+
+
 @dataclass
 class _CoreConfig(AdapterConfig):
     """Options shared by SLoRA, NLoRA and IntTune.
@@ -97,6 +103,10 @@ class _CoreConfig(AdapterConfig):
             self.residual = self.init == "nystrom"
         if self.residual and self.init == "slora":
             raise ValueError("residual=True needs a non-zero init (nystrom or reference); SLoRA starts at ΔW = 0")
+        # checked here, not at injection: getattr(torch, "fp64") raised a bare AttributeError there, and
+        # a half-precision pinv an obscure linalg error
+        _check_dtype_name("pinv_dtype", self.pinv_dtype, ("float32", "float64"))
+        _check_dtype_name("adapter_dtype", self.adapter_dtype, ("float32", "float64", "bfloat16", "float16"))
 
     @property
     def scaling(self) -> float:

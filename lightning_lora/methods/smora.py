@@ -60,6 +60,7 @@ from torch import nn
 from ..core.config import AdapterConfig, Method, register
 from ..core.inject import adapter_layers
 from ..core.layer import AdapterLayer, no_autocast
+from ..core.multi import MultiAdapterLayer
 
 
 @dataclass
@@ -111,6 +112,11 @@ class SMoRAConfig(AdapterConfig):
             raise ValueError(f"count_scope must be 'batch' or 'step', got {self.count_scope!r}")
         if self.router_init not in ("normal", "zeros"):
             raise ValueError(f"router_init must be 'normal' or 'zeros', got {self.router_init!r}")
+        # gate_scale <= 0 would zero (or flip) every gate: the adapter then silently never learns
+        if not self.gate_scale > 0:
+            raise ValueError(f"gate_scale must be > 0, got {self.gate_scale}")
+        if not self.router_std >= 0:  # nn.init.normal_ would fail later, at injection, less clearly
+            raise ValueError(f"router_std must be >= 0, got {self.router_std}")
 
     @property
     def scaling(self) -> float:
@@ -142,22 +148,36 @@ class SMoRALinear(AdapterLayer):
         self.router_weight = nn.Parameter(torch.zeros(self.r, self.in_features, device=device))
         if config.router_init == "normal":
             nn.init.normal_(self.router_weight, std=config.router_std)
-        self.register_buffer("router_bias", torch.zeros(self.r, device=device))
+        # β is fp32 whatever the default dtype: a 1e-3 step is below bf16's resolution past |β| = 0.5
+        self.register_buffer("router_bias", torch.zeros(self.r, dtype=torch.float32, device=device))
         self.register_buffer("load_counts", torch.zeros(self.r, dtype=torch.long, device=device))
         #: tokens routed to each rank since the last β update (transient; see the module docstring)
         self.pending_counts: torch.Tensor | None = None
         #: load fractions of the window consumed by the last β update (None before the first)
         self.last_load_fraction: torch.Tensor | None = None
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "SMoRALinear":
+        """``.to(bfloat16)`` / ``.half()`` (and Lightning's ``"bf16-true"`` / ``"16-true"``, which call
+        ``module.to(dtype)``) would cast β like any float buffer; keep it fp32 (float64 is left as
+        is): in bf16, ``β + u`` with u = 1e-3 rounds back to β once |β| ≥ 0.5, so balancing stalls."""
+        super()._apply(fn, recurse)
+        beta = self._buffers.get("router_bias")
+        if beta is not None and beta.dtype not in (torch.float32, torch.float64):
+            self._buffers["router_bias"] = beta.float()
+        return self
+
     # ---- routing ------------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. (3). ``x`` (N, in) -> ``(gates (N, r) fp32, top-k indices (N, k))``.
+        """Eq. (3). ``x`` (N, in) -> ``(gates (N, r) fp32, top-k indices (N, k), ascending per row)``.
 
         Logits, selection and softmax in fp32 with autocast off (S5)."""
         with no_autocast(x.device):
             z = F.linear(x.float(), self.router_weight.float())  # (N, r)
             scores = z + self.router_bias.float()
-            idx = torch.topk(scores, self.top_k, dim=-1).indices  # (N, k)
+            # rank order, not score order: the softmax sums its k terms in index order, so a β change
+            # that reorders but keeps a token's selected set leaves its gates bit-identical (§7
+            # invariant 8; in score order the sum order moved and k >= 3 gates differed by an ulp)
+            idx = torch.topk(scores, self.top_k, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, k)
             logits = (scores if self.bias_in_gate else z).gather(-1, idx)
             g = torch.softmax(logits, dim=-1)
             if self.gate_scale != 1.0:
@@ -218,8 +238,15 @@ class SMoRALinear(AdapterLayer):
 
 
 def _smora_layers(model_or_layers: nn.Module | dict[str, AdapterLayer]) -> dict[str, SMoRALinear]:
+    """SMoRA layers by name; those inside a multi-adapter layer (``add_adapter``) as
+    ``"<module>[<adapter name>]"`` (``adapter_layers`` lists only the outer multi-adapter layer)."""
     layers = model_or_layers if isinstance(model_or_layers, dict) else adapter_layers(model_or_layers)
-    out = {n: layer for n, layer in layers.items() if isinstance(layer, SMoRALinear)}
+    out: dict[str, SMoRALinear] = {}
+    for n, layer in layers.items():
+        if isinstance(layer, SMoRALinear):
+            out[n] = layer
+        elif isinstance(layer, MultiAdapterLayer):
+            out.update({f"{n}[{a}]": sub for a, sub in layer.adapters.items() if isinstance(sub, SMoRALinear)})
     if not out:
         raise ValueError("no SMoRA layers found; inject_adapter(model, 'smora', ...) first")
     return out
@@ -232,13 +259,18 @@ def update_bias(model_or_layers: nn.Module | dict[str, AdapterLayer], u: float |
     Lightning hook does it for you). Under ``torch.distributed`` the counts are summed over all
     processes first (one ``all_reduce``), so every process applies the same β."""
     layers = _smora_layers(model_or_layers)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        # each layer from its own counts, on its own device: a model split over devices
+        # (``device_map="auto"``) cannot stack them as they are
+        return {n: layer.update_bias(None, u) for n, layer in layers.items()}
+    # one (L, r) tensor on one device for a single all_reduce; each layer moves its row back
+    device = next(iter(layers.values())).load_counts.device
     counts = torch.stack([
-        layer.pending_counts.to(layer.load_counts.device)
-        if layer.pending_counts is not None else torch.zeros_like(layer.load_counts)
+        layer.pending_counts.to(device)
+        if layer.pending_counts is not None else torch.zeros_like(layer.load_counts, device=device)
         for layer in layers.values()
     ])  # (L, r)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
+    torch.distributed.all_reduce(counts)
     return {n: layer.update_bias(counts[i], u) for i, (n, layer) in enumerate(layers.items())}
 
 

@@ -181,3 +181,25 @@ def test_peft_miss_directory_loads_here(model_builders, variant, r, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(**_x()).last_hidden_state, theirs(**_x()).last_hidden_state, atol=1e-5, rtol=0)
     assert (tmp_path / "p" / WEIGHTS_NAME).is_file()
+
+
+@pytest.mark.parametrize("init_weights,dropout,variant", [(False, 0.0, "bone"), ("bat", 0.1, "bat"), (True, 0.1, "bone")],
+                         ids=["random_init", "bat_with_dropout", "bone_with_dropout"])
+def test_peft_miss_options_peft_accepts_load_here(model_builders, init_weights, dropout, variant, tmp_path):
+    """PEFT's init_weights=False (random init of the default block) is the Bone layer with other
+    starting values, and PEFT's bat forward ignores miss_dropout: both directories must load."""
+    cfg = peft.MissConfig(r=4, target_modules=["query", "value"], init_weights=init_weights, miss_dropout=dropout)
+    theirs = peft.get_peft_model(model_builders["bert"](0), cfg).eval()
+    if init_weights is not False:
+        with torch.no_grad():
+            for n, p in theirs.named_parameters():
+                if "miss_block" in n:
+                    p.normal_(std=0.05)
+    theirs.save_pretrained(str(tmp_path / "p"))
+    ours = ll.load_adapter(model_builders["bert"](0), tmp_path / "p").eval()
+    c = ll.get_adapter_method(ours).config
+    assert c.variant == variant and c.dropout == (0.0 if variant == "bat" else dropout)
+    with torch.no_grad():
+        y = ours(**_x()).last_hidden_state
+        assert (y - model_builders["bert"](0)(**_x()).last_hidden_state).abs().max() > 1e-3
+        torch.testing.assert_close(y, theirs(**_x()).last_hidden_state, atol=1e-5, rtol=0)

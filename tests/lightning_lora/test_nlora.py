@@ -123,3 +123,17 @@ def test_llama2_7b_counts_on_meta():
         counts[method] = sum(p.numel() for p in ll.trainable_parameters(model))
     assert counts["inttune"] == 3_670_016
     assert counts["nlora"] == 319_815_680 + 3_670_016
+
+
+@pytest.mark.parametrize("method", ["slora", "nlora", "inttune"])
+@pytest.mark.parametrize("bad", [dict(pinv_dtype="fp64"), dict(pinv_dtype="float16"), dict(adapter_dtype="bf16"),
+                                 dict(adapter_dtype="int32")])
+def test_bad_dtype_names_fail_in_the_config_with_a_clear_error(method, bad):
+    """A typo'd dtype used to pass the config and fail at injection with ``AttributeError: module
+    'torch' has no attribute 'fp64'`` (or a linalg error for a half-precision pinv)."""
+    option = next(iter(bad))
+    with pytest.raises(ValueError, match=rf"{option} must be one of .*got '{bad[option]}'"):
+        ll.make_config(method, r=4, **bad)
+    for good in ("float32", "float64"):  # both valid names still build a working layer
+        _, layers = _model(method, **{option: good})
+        assert torch.isfinite(layers["0"].delta_weight()).all()

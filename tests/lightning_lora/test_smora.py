@@ -317,3 +317,93 @@ def test_callback_updates_bias_per_step_and_logs_routing(tmp_path, scope, accumu
     assert {"smora/load_max_over_mean", "smora/load_max_over_mean_worst", "smora/0/load_max_over_mean"} <= keys
     assert 1.0 <= float(t.callback_metrics["smora/load_max_over_mean"]) <= 2.0  # at most r / k
     assert set(cb.method.last_stats) == {"0", "2"}
+
+
+# ---- review fixes --------------------------------------------------------------------------------
+def test_beta_stays_fp32_when_the_model_is_cast_to_bf16():
+    """``model.to(bfloat16)`` (what Lightning's "bf16-true" does) must not cast β: in bf16 a u = 1e-3
+    step rounds away once |β| >= 0.5, so balancing would stall at ±0.5."""
+    m = nn.Sequential(nn.Linear(N_IN, N_OUT))
+    ll.inject_adapter(m, "smora", r=6, top_k=2, target_modules=["0"])
+    m.to(torch.bfloat16)
+    lyr = m[0]
+    assert lyr.router_bias.dtype == torch.float32 and "router_bias" in dict(lyr.named_buffers())
+    assert lyr.lora_A.dtype == torch.bfloat16  # the rest follows the requested dtype
+    assert m(X().bfloat16()).dtype == torch.bfloat16
+    for _ in range(600):  # rank 0 always over-loaded: β_0 walks down, the others up, 1e-3 per step
+        lyr.update_bias(torch.tensor([10, 0, 0, 0, 0, 0]), u=1e-3)
+    torch.testing.assert_close(lyr.router_bias, torch.tensor([-0.6, 0.6, 0.6, 0.6, 0.6, 0.6]), atol=1e-4, rtol=0)
+    m.double()  # a wider dtype is kept
+    assert lyr.router_bias.dtype == torch.float64
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_callback_with_bf16_true_precision_keeps_beta_fp32(tmp_path):
+    cb = ll.AdapterCallback("smora", r=4, top_k=2, bias_update_rate=0.01, target_modules=["0", "2"], target="net")
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)), batch_size=4)
+    t = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                   callbacks=[cb], precision="bf16-true")
+    t.fit(Net(), data)
+    for layer in cb.layers.values():
+        assert layer.lora_B.dtype == torch.bfloat16  # bf16-true did convert the module
+        assert layer.router_bias.dtype == torch.float32 and layer.router_bias.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", [dict(gate_scale=0.0), dict(gate_scale=-1.0), dict(router_std=-0.1)])
+def test_config_rejects_dead_gates_and_negative_router_std(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SMoRAConfig(r=4, top_k=2, **bad)
+
+
+def test_model_level_update_with_layers_on_different_devices():
+    """A model split over devices (``device_map="auto"``) keeps each layer's counts on its own device;
+    ``update_bias`` stacked them as they were and raised. The meta device stands in for a second GPU."""
+    m = nn.Sequential(nn.Linear(N_IN, 8), nn.Tanh(), nn.Linear(8, 4)).train()
+    ll.inject_adapter(m, "smora", r=4, top_k=2, target_modules=["0", "2"])
+    m(X()).sum().backward()
+    expected = m[0].pending_counts.clone()
+    m[2].to("meta")
+    m[2].pending_counts = torch.zeros(4, dtype=torch.long, device="meta")
+    stats = update_bias(m, u=0.1)
+    assert stats["2"].device.type == "meta" and m[2].router_bias.device.type == "meta"
+    torch.testing.assert_close(stats["0"], expected.float() / expected.sum())
+    torch.testing.assert_close(m[0].router_bias, 0.1 * torch.sign(expected.float().mean() - expected.float()))
+    assert torch.equal(m[0].load_counts, expected)
+
+
+def test_model_level_update_finds_smora_adapters_added_by_name():
+    """``add_adapter`` wraps each target in a multi-adapter layer; ``update_bias(model)`` used to
+    raise "no SMoRA layers found" there. Only the adapter that ran has counts, so only its β moves."""
+    m = nn.Sequential(nn.Linear(N_IN, 8), nn.Tanh(), nn.Linear(8, 4)).train()
+    ll.add_adapter(m, "a", "smora", r=4, top_k=2, target_modules=["0", "2"])
+    ll.add_adapter(m, "b", "smora", r=4, top_k=2, target_modules=["0"])
+    ll.set_adapter(m, "a")
+    m(X()).sum().backward()
+    stats = update_bias(m, u=0.1)
+    assert set(stats) == {"0[a]", "2[a]", "0[b]"}
+    a0, b0 = m[0].adapters["a"], m[0].adapters["b"]
+    assert int(a0.load_counts.sum()) == 9 * 2 and a0.router_bias.abs().sum() > 0
+    assert int(b0.load_counts.sum()) == 0 and torch.equal(b0.router_bias, torch.zeros(4))
+    assert set(routing_stats(m)) == {"0[a]", "2[a]"}  # b routed nothing: left out
+
+
+@pytest.mark.parametrize("r,k", [(8, 3), (64, 8)])
+def test_gates_bit_identical_for_an_unchanged_selection_with_k_at_least_3(r, k):
+    """Invariant 8 for k >= 3 (k = 2 sums two terms, which commute): the selected set's softmax
+    used to be summed in score order, so a β change that only reordered the set moved gates by an
+    ulp. Thousands of tokens make a reordering with an unchanged set certain."""
+    torch.manual_seed(0)
+    lyr = SMoRALinear(nn.Linear(32, 16), SMoRAConfig(r=r, top_k=k, target_modules=["x"]))
+    with torch.no_grad():
+        lyr.router_weight.normal_()
+    x = torch.randn(4000, 32, generator=torch.Generator().manual_seed(1))
+    g0, i0 = lyr.route(x)
+    with torch.no_grad():
+        lyr.router_bias.copy_(0.5 * torch.randn(r, generator=torch.Generator().manual_seed(2)))
+    g1, i1 = lyr.route(x)
+    same = (torch.sort(i0, -1).values == torch.sort(i1, -1).values).all(-1)
+    assert 100 < int(same.sum()) < 4000
+    assert torch.equal(g0[same], g1[same])
+    assert torch.equal(i0, torch.sort(i0, -1).values)  # indices come in rank order
