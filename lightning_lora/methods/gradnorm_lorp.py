@@ -59,6 +59,12 @@ class GradNormLoRPConfig(LoRAConfig):
             raise ValueError(f"proj_type must be 'std', 'full' or 'identity', got {self.proj_type!r}")
         if self.optim_bits not in (8, 32):
             raise ValueError(f"optim_bits must be 8 or 32, got {self.optim_bits}")
+        # checked at config time: the optimizer would refuse them only in configure_optimizers, after
+        # the adapter was injected and the Trainer started
+        if self.proj_rank < 1 or self.update_proj_gap < 1:
+            raise ValueError(f"proj_rank and update_proj_gap must be >= 1, got {self.proj_rank}, {self.update_proj_gap}")
+        if self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
 
 
 class GradNormLoRPLinear(LoRALinear):

@@ -47,6 +47,8 @@ from ..quant.linear import QuantizedLinear
 from ..quant.nf import QuantConfig, parse_config
 
 _QUANT_BUFFERS = ("codes", "scale_codes", "scale_absmax", "scale_offset")
+#: ``LQLoRAConfig.adapter_dtype`` values (names of torch floating dtypes)
+_ADAPTER_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 @dataclass
@@ -85,6 +87,8 @@ class LQLoRAConfig(AdapterConfig):
         super().__post_init__()
         if self.r < 1:
             raise ValueError(f"LQ-LoRA rank r must be >= 1, got {self.r}")
+        if self.max_iters < 1:  # else lq_decompose refuses it only at injection
+            raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
         parse_config(self.quant)
         for name, spec in self.matrix_configs.items():
             try:
@@ -95,6 +99,10 @@ class LQLoRAConfig(AdapterConfig):
             raise ValueError(f"svd must be 'lowrank' or 'exact', got {self.svd!r}")
         if self.fisher_mode not in ("two_sided", "row", "col"):
             raise ValueError(f"fisher_mode must be 'two_sided', 'row' or 'col', got {self.fisher_mode!r}")
+        # checked here: otherwise a typo ("fp16") fails only at injection, as getattr(torch, ...)'s
+        # AttributeError, and a non-float name ("int8") would build integer A and B
+        if self.adapter_dtype not in _ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {_ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
 
     @property
     def scaling(self) -> float:
@@ -137,7 +145,10 @@ class LQLoRALinear(AdapterLayer):
             L1 = torch.zeros(self.out_features, self.r, device=device)
             L2 = torch.zeros(self.r, self.in_features, device=device)
         else:
-            qlinear = QuantizedLinear.from_float(decomposition.q_dense, bias, quant_config, decomposition.quantized)
+            # on the base layer's device: a decomposition precomputed elsewhere (GPU decomposition, CPU
+            # model, or the reverse) would otherwise leave Q on its device and A, B on the base's
+            qlinear = QuantizedLinear.from_float(decomposition.q_dense.to(device), bias, quant_config,
+                                                 decomposition.quantized)
             L1, L2 = decomposition.L1, decomposition.L2
         self.base_layer = qlinear  # the dense original is dropped here: its memory is freed
         self.fan_in_fan_out = False  # the quantized base is stored (out, in)
@@ -224,7 +235,17 @@ class LQLoRA(Method):
         qcfg = self.quant_config_for(name)
         if self._loading_configs is not None:
             return LQLoRALinear(base, c, qcfg, None)
+        in_f, out_f, _ = linear_shape(base)
+        # name the module: lq_decompose's own rank error names only the matrix shape
+        if c.r > min(in_f, out_f):
+            raise ValueError(f"LQ-LoRA rank r={c.r} exceeds min(out, in) = {min(in_f, out_f)} of module {name!r} "
+                             f"({out_f}x{in_f}); lower r or exclude the module")
         dec = self.decompositions.pop(name, None)
+        # a precomputed decomposition of another shape (another model, a transposed Conv1D weight) would
+        # build a layer of the wrong size that fails only in forward, with a bare shape error
+        if dec is not None and tuple(dec.q_dense.shape) != (out_f, in_f):
+            raise ValueError(f"decompositions[{name!r}] is for a {tuple(dec.q_dense.shape)} matrix, but module "
+                             f"{name!r} has an (out, in) = {(out_f, in_f)} weight")
         if dec is None or dec.quantized.config != qcfg or dec.L1.shape[1] != c.r:
             start = time.perf_counter()
             w = _dense_weight(base)

@@ -20,12 +20,15 @@ Weight normalisation (``weight_norm=True`` in a group; the full-parameter path i
 ``p = g · v/‖v‖_row``. The direction gradient is the textbook
 ``∇v = (g/‖v‖)(I − v̂v̂ᵀ)∇p`` (default; ``repo_parity=True``: ``∇v = ∇p`` as in the repository's
 ``LowRankWeightNormAdamW``), ``∇g = Σ_row(∇p ⊙ v̂)``. ∇v is projected; g (a vector) is not. Since
-``v̂ = p̂``, only ``g`` and ``‖v‖_row`` are stored (two m-vectors), not a second copy of the weight:
-``v = p̂ · ‖v‖`` is exact. Decoupled weight decay acts on v and g.
+``v̂ = sign(g)·p̂`` (g is a free parameter and Adam can push a row's g below 0), only ``g`` and
+``‖v‖_row`` are stored (two m-vectors), not a second copy of the weight: ``v = sign(g)·p̂·‖v‖`` is exact.
+Decoupled weight decay acts on v and g.
 
 8-bit state (``optim_bits=8``): each moment is stored blockwise (``block_size`` = 256): the first
 moment as signed int8 with a per-block fp32 absmax, the second as uint8 codes of ``√v`` with a per-block
-fp32 max (quantizing √v halves the dynamic range that 8 bits must cover). bitsandbytes' dynamic
+fp32 max (quantizing √v halves the dynamic range that 8 bits must cover); a √v code 0 reads back as
+a quarter step (its bin's middle), not 0, so a small nonzero ``v`` rounded to 0 cannot turn the next
+``m̂/(√v̂ + ε)`` into ``m̂/ε``. bitsandbytes' dynamic
 (non-linear) 8-bit map is not used: this is a self-contained torch implementation, so it runs wherever
 torch runs. Dequantized to fp32 for the step, re-quantized after. Weight decay is applied to the weight
 after projecting back, as in GaLore-8bit.
@@ -41,6 +44,7 @@ of :mod:`lightning_lora.tasks` call automatically when the injected method is ``
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -79,7 +83,10 @@ class Blockwise8bit:
 
     @staticmethod
     def dequantize_sqrt(codes: torch.Tensor, mx: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
-        root = codes.view(-1, block).float() * (mx.unsqueeze(1) / 255)
+        # code 0 stands for √v in [0, step/2): read it as step/4, the bin's middle (same error bound as
+        # rounding). Reading 0 would make the next Adam step m̂/ε for every small v next to a large one
+        # (×10⁴ too large with ε = 1e-8); a block whose max is 0 still reads back 0.
+        root = codes.view(-1, block).float().clamp_min(0.25) * (mx.unsqueeze(1) / 255)
         return root.square().reshape(-1)[: math.prod(shape)].view(shape)
 
 
@@ -137,18 +144,24 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits,
                         block_size=block_size)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            if "rank" in group:
-                group.setdefault("update_proj_gap", 200)
-                group.setdefault("scale", 1.0)
-                group.setdefault("proj_type", "std")
-                group.setdefault("weight_norm", False)
-                group.setdefault("repo_parity", False)
-                if group["rank"] < 1 or group["update_proj_gap"] < 1:
-                    raise ValueError(f"rank and update_proj_gap must be >= 1, got {group['rank']}, {group['update_proj_gap']}")
-                if group["proj_type"] not in PROJ_TYPES:
-                    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {group['proj_type']!r}")
+        super().__init__(params, defaults)  # calls add_param_group for every group
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group`` plus the projection defaults and checks of a
+        ``"rank"`` group. Done here rather than in ``__init__`` so groups added later (IncreLoRA-style
+        growth, Lightning's ``BaseFinetuning``) get them too: ``step()`` reads every key."""
+        if "rank" in param_group:
+            param_group.setdefault("update_proj_gap", 200)
+            param_group.setdefault("scale", 1.0)
+            param_group.setdefault("proj_type", "std")
+            param_group.setdefault("weight_norm", False)
+            param_group.setdefault("repo_parity", False)
+            if param_group["rank"] < 1 or param_group["update_proj_gap"] < 1:
+                raise ValueError(f"rank and update_proj_gap must be >= 1, got {param_group['rank']}, "
+                                 f"{param_group['update_proj_gap']}")
+            if param_group["proj_type"] not in PROJ_TYPES:
+                raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {param_group['proj_type']!r}")
+        super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, then every state tensor gets back its saved dtype.
@@ -253,8 +266,17 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             if "wn_g" not in state:
                 state["wn_g"] = w.norm(dim=1)
                 state["wn_vnorm"] = state["wn_g"].clone()
+                zero_rows = int((state["wn_g"] == 0).sum())
+                if zero_rows:  # g = 0 and v̂ undefined: ∇v = (g/‖v‖)(...) = 0 and ∇g = 0, so such a row never moves
+                    warnings.warn(f"GradNormLoRPAdamW: weight_norm=True on a {tuple(p.shape)} parameter with "
+                                  f"{zero_rows} all-zero row(s): weight normalisation keeps them at 0 for good "
+                                  "(a zero-initialised LoRA B would never train); use weight_norm=False for it",
+                                  stacklevel=3)
             g, vnorm = state["wn_g"], state["wn_vnorm"]
-            v_hat = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            # p = g·v/‖v‖, so v̂ = sign(g)·p̂: once Adam drives a row's g below 0, taking v̂ = p̂ would flip
+            # ∇g's sign (ascent on g) and the rebuilt row of p
+            sign = torch.ones_like(g).masked_fill_(g < 0, -1.0).unsqueeze(1)  # g's dtype and device
+            v_hat = sign * w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
             grad_g = (grad * v_hat).sum(dim=1)
             if group["repo_parity"]:
                 grad_dir = grad

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nf import QuantConfig, QuantizedTensor, dequantize_parts, parse_config, quantize, storage_bits
+from .nf import QuantConfig, QuantizedTensor, dequantize_parts, empty_quantized, parse_config, quantize, storage_bits
 
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 
@@ -70,8 +70,9 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.config = parse_config(config)
-        # empty storage of the right sizes (filled by from_float or load_state_dict)
-        q = quantize(torch.zeros(out_features, in_features, device=device), self.config)
+        # empty storage of the right sizes (filled by from_float or load_state_dict); sized from the
+        # layout, not by quantizing a dense zero matrix (a full quantization per layer on every load)
+        q = empty_quantized((out_features, in_features), self.config, device)
         for name, t in q.tensors().items():
             self.register_buffer(name, t)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None

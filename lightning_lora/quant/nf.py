@@ -55,9 +55,13 @@ def _nf_levels_cpu(bits: int) -> torch.Tensor:
 
 
 def nf_levels(bits: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The ``2^bits`` sorted NF levels in ``[-1, 1]`` (fp32): one 0, ``2^(b-1) - 1`` negative levels."""
+    """The ``2^bits`` sorted NF levels in ``[-1, 1]`` (fp32): one 0, ``2^(b-1) - 1`` negative levels.
+
+    A fresh tensor on every call: the cached code book is never handed out, so an in-place edit of the
+    result cannot change every later quantization and dequantization."""
     levels = _nf_levels_cpu(bits)
-    return levels if device is None else levels.to(device)
+    # copy=True: ``.to`` returns the cached tensor itself when it is already on ``device`` (CPU)
+    return levels.clone() if device is None else levels.to(device, copy=True)
 
 
 @dataclass(frozen=True)
@@ -191,8 +195,12 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 # ---- float <-> bit pattern ---------------------------------------------------------------------
 def float_to_bits(x: torch.Tensor, dtype_name: str) -> torch.Tensor:
-    """``x`` rounded to ``dtype_name`` and reinterpreted as same-width integers."""
-    return x.to(SCALE_DTYPES[dtype_name]).view(_BITS_INT[dtype_name])
+    """``x`` rounded to ``dtype_name`` and reinterpreted as same-width integers. Saturates at the dtype's
+    largest finite value: an fp16 scale above 65504 would otherwise become inf and dequantize to NaN
+    (0·inf), silently, for the whole block or group (and NaN costs in the ILP table)."""
+    dtype = SCALE_DTYPES[dtype_name]
+    big = torch.finfo(dtype).max
+    return x.clamp(-big, big).to(dtype).view(_BITS_INT[dtype_name])
 
 
 def bits_to_float(x: torch.Tensor, dtype_name: str) -> torch.Tensor:
@@ -231,6 +239,24 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self, dtype)
+
+
+def empty_quantized(shape: tuple[int, ...], cfg: QuantConfig | str,
+                    device: torch.device | str | None = None) -> QuantizedTensor:
+    """Zero-filled packed storage of the sizes and dtypes :func:`quantize` gives a ``shape`` matrix under
+    ``cfg`` (all scales 0, so it dequantizes to zeros), without quantizing anything: sizing a layer to
+    load into then costs no dense ``shape`` temporary (1 s per 4096 x 11008 matrix on a CPU)."""
+    cfg = parse_config(cfg)
+    lay = layout(math.prod(shape), cfg)
+    codes = torch.zeros(lay.padded_numel * cfg.bits // 8, dtype=torch.uint8, device=device)
+    int_t = _BITS_INT[cfg.scale_dtype]
+    if cfg.scale_bits is None:  # raw scales as b1 bit patterns; no group absmax, no offset
+        return QuantizedTensor(codes, torch.zeros(lay.n_blocks, dtype=int_t, device=device),
+                               torch.zeros(0, dtype=int_t, device=device), torch.zeros(0, dtype=torch.int32, device=device),
+                               tuple(shape), cfg)
+    return QuantizedTensor(codes, torch.zeros(lay.padded_blocks * cfg.scale_bits // 8, dtype=torch.uint8, device=device),
+                           torch.zeros(lay.n_groups, dtype=int_t, device=device),
+                           torch.zeros(1, dtype=torch.int32, device=device), tuple(shape), cfg)
 
 
 def _quantize_scales(scales: torch.Tensor, cfg: QuantConfig, lay: QuantLayout):
