@@ -204,3 +204,104 @@ def test_provenance_section_keeps_other_datasets(tmp_path: Path) -> None:
     text = path.read_text()
     assert "## NLP\n\nglue stuff" in text and "v2" in text and "v1" not in text
     assert text.count(data._BEGIN) == 1 and text.count(data._END) == 1
+
+
+# --- gene hold-out (build --mouse-holdout gene) -------------------------------------------------
+@pytest.fixture(scope="module")
+def synthetic_genes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Mouse pc: 10 genes of 3 isoforms each; one mouse lnc train transcript belongs to pc gene G0
+    (a gene with coding and noncoding transcripts); the rest have genes of their own or none."""
+    raw = tmp_path_factory.mktemp("raw_genes")
+    s = iter(_seqs(200, seed=11))
+    headers: dict[str, list[tuple[str, str]]] = {rel: [] for rel in RAW_FILES}
+    for g in range(10):
+        headers["prelncdata/mouse_pc_train.fa.gz"] += [
+            (f"pc_{g}_{i} cdna chromosome:GRCm38 gene:ENSMUSG{g:011d}.{i + 1}", next(s)) for i in range(3)]
+    headers["prelncdata/mouse_lnc_train.fa.gz"] = [
+        ("lnc_G0 ncrna gene:ENSMUSG00000000000.2", next(s))] + [
+        (f"lnc_{i} ncrna gene:ENSMUSGL{i:010d}.1", next(s)) for i in range(6)]
+    headers["prelncdata/mouse_lnc_test.fa.gz"] = [(f"lnct_{i} gene:ENSMUSGT{i:010d}.1", next(s)) for i in range(3)]
+    for rel in ("cpat/Human_test_coding_mRNA.fa.gz", "cpat/Human_test_noncoding_RNA.fa.gz",
+                "cpat/Human_noncoding_transcripts_RNA.fa.gz", "prelncdata/human_lnc_train.fa.gz"):
+        stem = Path(rel).name.split(".")[0]
+        headers[rel] = [(f"{stem}_{i}", next(s)) for i in range(4)]  # no gene ids (CPAT-like)
+    for rel, recs in headers.items():
+        (raw / rel).parent.mkdir(exist_ok=True)
+        text = "".join(f">{h}\n{q}\n" for h, q in recs)
+        (raw / rel).write_bytes(gzip.compress(text.encode(), mtime=0))
+    out = raw.parent / "built_genes" / "lncrna_gene"
+    counts = build(raw, out, holdout="gene")
+    splits = {name: load_split(name, out) for name in SPLITS}
+    genes = {}
+    for name in SPLITS:
+        with gzip.open(out / f"{name}.fa.gz", "rt") as fh:
+            genes[name] = {line.split()[0][1:]: line.split("gene=")[1].split()[0]
+                           for line in fh if line.startswith(">")}
+    return dict(raw=raw, out=out, counts=counts, splits=splits, genes=genes, headers=headers)
+
+
+def test_gene_holdout_takes_whole_genes(synthetic_genes: dict) -> None:
+    tm, genes = synthetic_genes["splits"]["test_mouse"], synthetic_genes["genes"]
+    held = tm[tm.label == 0]
+    held_genes = {genes["test_mouse"][i] for i in held.id}
+    assert len(held_genes) == 2  # 20 % of 10 genes
+    assert len(held) == 3 * len(held_genes)  # every isoform of a held-out gene
+    others = {g for name in ("train", "val") for g in genes[name].values() if g != "-"}
+    assert not held_genes & others
+    assert not set(genes["train"].values()) - {"-"} & set(genes["val"].values())  # train / val by gene too
+    # the lncRNA transcript of pc gene G0 follows its gene: removed from the pool if G0 is a test gene
+    g0_in_pool = any(g == "ENSMUSG00000000000" for name in ("train", "val") for g in genes[name].values())
+    assert g0_in_pool == ("ENSMUSG00000000000" not in held_genes)
+
+
+def test_gene_holdout_val_keeps_genes_together_across_strata(synthetic_genes: dict) -> None:
+    genes = synthetic_genes["genes"]
+    val_genes = {g for g in genes["val"].values() if g != "-"}
+    train_genes = {g for g in genes["train"].values() if g != "-"}
+    assert val_genes and not val_genes & train_genes
+    # CPAT-like records without a gene id are each their own group and still split 10 % / 90 %
+    assert set(genes["test_human"].values()) == {"-"}
+
+
+def test_gene_holdout_differs_from_transcript_holdout_only_where_it_should(synthetic_genes: dict,
+                                                                           tmp_path: Path) -> None:
+    counts = build(synthetic_genes["raw"], tmp_path / "tx")
+    tx = load_split("test_mouse", tmp_path / "tx")
+    assert len(tx[tx.label == 0]) == 6  # 20 % of 30 transcripts, drawn one by one
+    with gzip.open(tmp_path / "tx" / "train.fa.gz", "rt") as fh:
+        assert "gene=" not in fh.read()  # the transcript build's headers are unchanged
+    assert counts["test_human"] == synthetic_genes["counts"]["test_human"]
+    again = build(synthetic_genes["raw"], tmp_path / "again", holdout="gene")
+    assert again == synthetic_genes["counts"]
+    for name in SPLITS:
+        assert (tmp_path / "again" / f"{name}.fa.gz").read_bytes() == \
+            (synthetic_genes["out"] / f"{name}.fa.gz").read_bytes(), name
+
+
+def test_unknown_holdout_is_rejected(synthetic_genes: dict) -> None:
+    with pytest.raises(ValueError, match="holdout must be one of"):
+        data.make_splits(synthetic_genes["raw"], holdout="isoform")
+
+
+def test_committed_gene_split_shares_no_gene(provenance: str) -> None:
+    out = DATA / "lncrna_gene"
+    genes = {}
+    for name in SPLITS:
+        with gzip.open(out / f"{name}.fa.gz", "rt") as fh:
+            genes[name] = {line.split("gene=")[1].split()[0] for line in fh if line.startswith(">")} - {"-"}
+    test = genes["test_human"] | genes["test_mouse"]
+    assert genes["test_mouse"] and not genes["train"] & test and not genes["val"] & test
+    assert not genes["train"] & genes["val"]
+    section = provenance.split("--mouse-holdout gene: begin", 1)[1]
+    for name, *_, file_sha, content_sha in _table(section, "| split | sequences |"):
+        raw = (out / f"{name}.fa.gz").read_bytes()
+        assert hashlib.sha256(raw).hexdigest().startswith(file_sha), name
+        assert hashlib.sha256(gzip.decompress(raw)).hexdigest().startswith(content_sha), name
+
+
+@pytest.mark.slow  # needs ../shared/data/raw beside the checkout (CI has it)
+def test_rebuild_gene_split_gives_committed_bytes(tmp_path: Path) -> None:
+    build(data.DEFAULT_RAW, tmp_path / "lncrna_gene", tmp_path / "P.md", holdout="gene")
+    for name in SPLITS:
+        rebuilt = (tmp_path / "lncrna_gene" / f"{name}.fa.gz").read_bytes()
+        assert rebuilt == (DATA / "lncrna_gene" / f"{name}.fa.gz").read_bytes(), name
