@@ -3,8 +3,12 @@
     python benchmarks/lncrna_gpu_run.py --out runs/lncrna --pretrain-minutes 6
 
 Resumable across GPU sessions: ``--mlm-init DIR`` starts pretraining from an earlier run's MLM
-(fp16 safetensors, small enough to come back from the lent GPU). Every figure goes to
-``<out>/lncrna_gpu_run.json`` and the chosen classifier to ``<out>/classifier``.
+(fp16 safetensors, small enough to come back from the lent GPU); ``--save-mlm DIR`` copies the MLM
+this run ends with there (``benchmarks/checkpoints/...``: into git, since ignored files do not
+survive from one session's checkout to the next). Every figure goes to
+``<out>/lncrna_gpu_run.json`` and the chosen classifier to ``<out>/classifier``. ``--data`` picks
+the built splits (``data/lncrna``, or ``data/lncrna_gene`` for the gene hold-out); pretraining and
+fine-tuning read only its ``train`` and ``val``.
 
 Choice of training set (species shortcut, see docs/results.md): fine-tuning on mouse only and on
 mixed species (mouse + human lncRNA) are both run; the choice is made on the validation split
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lncrna.data import load_split  # noqa: E402
+from lncrna.data import DEFAULT_OUT  # noqa: E402
+from lncrna.data import load_split as _load_split  # noqa: E402
 from lncrna.metrics import classification_metrics  # noqa: E402
 from lncrna.model import ModelConfig  # noqa: E402
 from lncrna.train import finetune, pretrain  # noqa: E402
@@ -59,15 +65,19 @@ def main() -> None:
     ap.add_argument("--species", nargs="+", default=["mouse", "mixed"])
     ap.add_argument("--variants", nargs="+", default=["lora:16"],
                     help="fine-tuning variants, each METHOD:RANK or 'full'; species x variants are all run")
+    ap.add_argument("--data", type=Path, default=DEFAULT_OUT, help=f"built splits (default {DEFAULT_OUT})")
+    ap.add_argument("--save-mlm", type=Path, default=None, help="copy the final MLM folder here")
     ap.add_argument("--smoke", action="store_true", help="tiny model, data slices, CPU: checks the script only")
     args = ap.parse_args()
-    global DEVICE, load_split
+    data_root = args.data
+    load_split = lambda name: _load_split(name, data_root)  # noqa: E731
+    global DEVICE
     model_cfg = ModelConfig()
     tk = {"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed", "enable_progress_bar": False}
     if args.smoke:
         DEVICE = "cpu"
-        full = load_split
-        load_split = lambda name: full(name).groupby(["species", "label"]).head(10)  # noqa: E731
+        full = _load_split
+        load_split = lambda name, root=data_root: full(name, root).groupby(["species", "label"]).head(10)  # noqa: E731
         import lncrna.data
         lncrna.data.load_split = load_split
         model_cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, window_tokens=64)
@@ -79,10 +89,13 @@ def main() -> None:
     t0 = time.time()
     if args.pretrain_minutes > 0:
         mlm = pretrain(out, cfg=model_cfg, epochs=args.pretrain_epochs, max_minutes=args.pretrain_minutes,
-                       trainer_kwargs=tk, init_dir=args.mlm_init)
+                       trainer_kwargs=tk, init_dir=args.mlm_init, data_root=data_root)
     else:
         mlm = Path(args.mlm_init)
     metrics["pretrain_seconds"] = time.time() - t0
+    if args.save_mlm is not None and args.pretrain_minutes > 0:
+        shutil.copytree(mlm, args.save_mlm, dirs_exist_ok=True)
+        print(f"MLM copied to {args.save_mlm}", flush=True)
 
     val = load_split("val")
     val_mouse = val[val.species == "mouse"]
@@ -97,7 +110,8 @@ def main() -> None:
             t1 = time.time()
             lr = 3e-4 if method == "full" else 1e-3
             model = finetune(out / f"ft_{key}", mlm_dir=mlm, method=method, adapter=adapter, species=species, lr=lr,
-                             epochs=args.finetune_epochs, max_minutes=args.finetune_minutes, trainer_kwargs=tk)
+                             epochs=args.finetune_epochs, max_minutes=args.finetune_minutes, trainer_kwargs=tk,
+                             data_root=data_root)
             metrics[f"{key}_finetune_seconds"] = time.time() - t1
             model = model.to(DEVICE)
             val_probs[key] = evaluate(model, "val", val, metrics, f"{key}_")
@@ -126,6 +140,7 @@ def main() -> None:
         "name": "lncrna_gpu_run",
         "command": "python benchmarks/lncrna_gpu_run.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        "data": f"data/{Path(data_root).name}",
         "date": time.strftime("%Y-%m-%d"),
         "metrics": metrics,
     }

@@ -16,13 +16,15 @@ HELD=.carry/held
 case "${1:-}" in
 slim)
     [[ -d $HELD ]] && { echo "slim_tree: $HELD exists: already slimmed (run restore first)" >&2; exit 1; }
-    mkdir -p $HELD/gsm8k $HELD/rte $HELD/cola .carry/lnc_a .carry/lnc_b .carry/lnc_c .carry/lnc_model
+    mkdir -p $HELD/gsm8k $HELD/rte $HELD/cola .carry/lnc_a .carry/lnc_b .carry/lnc_c .carry/lnc_model .carry/gene_lnc
     mv data/nlp/gsm8k/*.jsonl $HELD/gsm8k/
     mv data/nlp/rte/test_unlabeled.tsv $HELD/rte/
     mv data/nlp/cola/test_unlabeled.tsv $HELD/cola/
     mv data/lncrna/train.fa.gz .carry/lnc_a/
     mv data/lncrna/test_human.fa.gz data/lncrna/val.fa.gz .carry/lnc_b/
     mv data/lncrna/test_mouse.fa.gz .carry/lnc_c/
+    # the gene hold-out's splits (19 MB): carried in a call of their own, for gpu_queue.sh's lncgene group
+    mv data/lncrna_gene/*.fa.gz .carry/gene_lnc/
     mv lncrna/weights/default/model.safetensors .carry/lnc_model/
     if [[ -d benchmarks/checkpoints/clora_v2 ]]; then rm -rf .carry/clora_ckpt; mv benchmarks/checkpoints/clora_v2 .carry/clora_ckpt; fi
     ;;
@@ -32,6 +34,7 @@ restore)
     mv $HELD/rte/test_unlabeled.tsv data/nlp/rte/
     mv $HELD/cola/test_unlabeled.tsv data/nlp/cola/
     mv .carry/lnc_a/*.fa.gz .carry/lnc_b/*.fa.gz .carry/lnc_c/*.fa.gz data/lncrna/
+    mv .carry/gene_lnc/*.fa.gz data/lncrna_gene/
     mv .carry/lnc_model/model.safetensors lncrna/weights/default/
     if [[ -d .carry/clora_ckpt && ! -e benchmarks/checkpoints/clora_v2 ]]; then mv .carry/clora_ckpt benchmarks/checkpoints/clora_v2; fi
     rm -r $HELD

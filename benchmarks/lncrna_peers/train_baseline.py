@@ -145,19 +145,29 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--test", action="store_true", help="after selection, also report test figures of every candidate")
     ap.add_argument("--out", type=Path, default=DEFAULT_BASELINE_DIR)
+    ap.add_argument("--data", type=Path, default=None,
+                    help="built splits to use (default data/lncrna; data/lncrna_gene: the gene hold-out)")
+    ap.add_argument("--result", default=None, help="result name (default lncrna_baseline_selection, "
+                    "with _<data folder> appended when --data is not the default)")
     args = ap.parse_args(argv)
-    from lncrna.data import load_split
+    from lncrna.data import DEFAULT_OUT
+    from lncrna.data import load_split as _load_split
+
+    data_root = args.data if args.data is not None else DEFAULT_OUT
+    load_split = lambda name: _load_split(name, data_root)  # noqa: E731
+    result = args.result or ("lncrna_baseline_selection" if Path(data_root).resolve() == DEFAULT_OUT.resolve()
+                             else f"lncrna_baseline_selection_{Path(data_root).name}")
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     train, val = load_split("train"), load_split("val")
-    metrics = {"n_train": len(train), "n_val": len(val)}
+    metrics = {"n_train": len(train), "n_val": len(val)}  # the splits: --data in the command
     metrics.update(species_probe(train, val, log))
     figs, models = {}, {}
     for name, c in CANDIDATES.items():
         rows = train[train.species.isin(c["species"])]
         t0 = time.perf_counter()
         m = FeatureBaseline(kmax=KMAX, use_kmers=c["use_kmers"], extra=EXTRA)
-        m.metadata.update(candidate=name, train_split="train", train_species=list(c["species"]))
+        m.metadata.update(candidate=name, train_split=f"data/{Path(data_root).name}/train", train_species=list(c["species"]))
         m.fit(rows.seq.tolist(), rows.label.to_numpy())
         figs[name] = val_figures(m, val)
         figs[name]["n_train_rows"] = len(rows)
@@ -189,7 +199,7 @@ def main(argv=None) -> int:
         metrics["saved_bytes"] = size
     cmd = "python -m benchmarks.lncrna_peers.train_baseline " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    print(write_result("lncrna_baseline_selection", cmd.strip(), metrics))
+    print(write_result(result, cmd.strip(), metrics))
     print(f"chosen: {chosen}")
     return 0
 
