@@ -12,7 +12,9 @@ sequence is looked at. Writes ``lncrna/weights/default/stack.json`` and
 ``benchmarks/results/lncrna_stack.json``.
 
 ``--probs`` holds the transformer's validation probabilities from the GPU run
-(benchmarks/lncrna_gpu_run.py); without it they are computed here (slow on a CPU).
+(benchmarks/lncrna_gpu_run.py); without it they are computed here (slow on a CPU). ``--data`` and
+``--baseline`` pick another split and its baseline (the gene hold-out: ``--data data/lncrna_gene``);
+the result is then ``lncrna_stack_<data folder>.json``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from sklearn.model_selection import cross_val_predict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lncrna.data import load_split  # noqa: E402
+from lncrna.data import DEFAULT_OUT, load_split  # noqa: E402
+from lncrna.features import DEFAULT_BASELINE_DIR  # noqa: E402
 from lncrna.features import FeatureBaseline  # noqa: E402
 from lncrna.metrics import classification_metrics  # noqa: E402
 
@@ -47,11 +50,13 @@ def main() -> None:
     ap.add_argument("--probs", default=None, help="npz with the transformer's validation probabilities")
     ap.add_argument("--key", default="val_mouse_full", help="array name in --probs")
     ap.add_argument("--model", default=str(ROOT / "lncrna/weights/default"))
+    ap.add_argument("--data", type=Path, default=DEFAULT_OUT, help=f"built splits (default {DEFAULT_OUT})")
+    ap.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE_DIR, help="feature baseline folder")
     args = ap.parse_args()
-    val = load_split("val")
+    val = load_split("val", args.data)
     mouse = (val.species == "mouse").to_numpy()
     y = val.label.to_numpy()[mouse]
-    p_b = FeatureBaseline.load().predict_proba(list(val.seq))[mouse]
+    p_b = FeatureBaseline.load(args.baseline).predict_proba(list(val.seq))[mouse]
     if args.probs:
         p_t = np.load(args.probs)[args.key][mouse]
     else:
@@ -76,12 +81,15 @@ def main() -> None:
             break
     params = {"low": chosen[0], "high": chosen[1], "w_baseline": float(stack.coef_[0, 0]),
               "w_transformer": float(stack.coef_[0, 1]), "bias": float(stack.intercept_[0]),
-              "fitted_on": "mouse part of the validation split (data/lncrna/val.fa.gz)"}
+              "fitted_on": f"mouse part of the validation split (data/{args.data.name}/val.fa.gz)"}
     (Path(args.model) / "stack.json").write_text(json.dumps(params, indent=2) + "\n")
     metrics.update({k: v for k, v in params.items() if isinstance(v, float)})
     result = {"name": "lncrna_stack", "command": "python benchmarks/lncrna_stack.py " + " ".join(sys.argv[1:]),
               "device": "cpu", "date": time.strftime("%Y-%m-%d"), "metrics": metrics}
-    out = ROOT / "benchmarks/results/lncrna_stack.json"
+    default_data = args.data.resolve() == DEFAULT_OUT.resolve()
+    name = "lncrna_stack" if default_data else f"lncrna_stack_{args.data.name}"
+    result["name"] = name
+    out = ROOT / f"benchmarks/results/{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
