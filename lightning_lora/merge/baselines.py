@@ -207,6 +207,8 @@ def merge_concat(model: nn.Module, sources: Sequence[str], name: str, weights: S
 
 
 def _default_rank(model: nn.Module, sources: Sequence[str]) -> int:
+    if not sources:  # else max([]) below fails with an obscure "max() arg is an empty sequence"
+        raise ValueError("nothing to merge: no sources")
     ranks = [getattr(adapter_method(model, s).config, "r", None) for s in sources]
     if any(r is None for r in ranks):
         raise ValueError("give rank: some sources have no rank r in their config")

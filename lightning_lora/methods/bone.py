@@ -191,8 +191,9 @@ class BoneLinear(AdapterLayer):
 @register("bone")
 class Bone(Method):
     """Bone (and Bat via ``variant="bat"``). Saves in PEFT's MiSS format (``peft_type = "MISS"``,
-    keys ``<module>.miss_block``); PEFT MiSS directories (``init_weights`` True, False and ``"bat"``;
-    not ``"mini"``) load here."""
+    keys ``<module>.miss_block``) on ``nn.Linear`` layers (on transformers ``Conv1D``, which PEFT's
+    MiSS does not adapt, the config is this library's own: see :meth:`to_peft_config`); PEFT MiSS
+    directories (``init_weights`` True, False and ``"bat"``; not ``"mini"``) load here."""
 
     Config = BoneConfig
     supported_types = (nn.Linear,)
@@ -201,8 +202,24 @@ class Bone(Method):
     def make_layer(self, base: nn.Module, name: str) -> BoneLinear:
         return BoneLinear(base, self.config, name)  # type: ignore[arg-type]
 
-    def to_peft_config(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
-        """PEFT ``MissConfig`` fields (PEFT's MiSS adapts ``nn.Linear`` only, not GPT-2's Conv1D)."""
+    @staticmethod
+    def _peft_blocker(layers: dict[str, AdapterLayer]) -> str | None:
+        """Why these layers cannot be a PEFT MiSS adapter, naming the module; None if they can.
+        PEFT's MiSS adapts ``torch.nn.Linear`` only and refuses a transformers ``Conv1D`` (GPT-2)
+        at load ("Target module Conv1D(...) is not supported")."""
+        conv1d = sorted(n for n, layer in layers.items() if layer.fan_in_fan_out)
+        if not conv1d:
+            return None
+        more = f" (as are {len(conv1d) - 1} more adapted modules)" if len(conv1d) > 1 else ""
+        return (f"cannot export Bone/Bat as a PEFT MiSS adapter: module {conv1d[0]!r} is a transformers "
+                f"Conv1D{more}, and PEFT's MiSS adapts torch.nn.Linear only")
+
+    def peft_config(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+        """PEFT ``MissConfig`` fields; ``ValueError`` naming the module if PEFT could not load them
+        (a layer on a transformers ``Conv1D``)."""
+        blocker = self._peft_blocker(layers)
+        if blocker is not None:
+            raise ValueError(blocker)
         c: BoneConfig = self.config  # type: ignore[assignment]
         return {
             "peft_type": "MISS",
@@ -219,6 +236,18 @@ class Bone(Method):
             "layers_to_transform": None,
             "layers_pattern": None,
         }
+
+    def to_peft_config(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+        """``adapter_config.json`` of :func:`lightning_lora.save_adapter`: PEFT MiSS (:meth:`peft_config`)
+        when PEFT can load it; with Conv1D layers, this library's own config instead (what methods
+        PEFT lacks write), with a warning: a MiSS config there would claim a PEFT directory that PEFT
+        cannot load. Our own loader reads the safetensors metadata, so the directory loads here either way."""
+        blocker = self._peft_blocker(layers)
+        if blocker is None:
+            return self.peft_config(layers)
+        warnings.warn(f"{blocker}; adapter_config.json is written in lightning_lora's own format "
+                      "(loads with lightning_lora.load_adapter, not with PEFT)", stacklevel=4)
+        return {"lightning_lora": self.config.to_dict()}
 
     @classmethod
     def from_peft_config(cls, cfg: dict[str, Any]) -> BoneConfig:

@@ -114,8 +114,14 @@ def fedavg(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float] |
     if not states:
         raise ValueError("fedavg needs at least one client state")
     w = [1.0] * len(states) if weights is None else [float(v) for v in weights]
-    if len(w) != len(states) or sum(w) <= 0:
-        raise ValueError("weights must be one non-negative number per client with a positive sum")
+    if len(w) != len(states):
+        raise ValueError(f"fedavg got {len(w)} weights for {len(states)} client states")
+    # each weight must be valid on its own: a positive sum alone let e.g. [2, -1] extrapolate
+    # (2 B_0 - B_1) and NaN slip through (NaN <= 0 is False)
+    if any(not math.isfinite(v) or v < 0 for v in w):
+        raise ValueError(f"fedavg weights must be finite and non-negative (client sample counts), got {w}")
+    if sum(w) <= 0:
+        raise ValueError(f"fedavg weights are all zero ({w}): at least one client needs a positive weight")
     keys = states[0].keys()
     for k, s in enumerate(states[1:], 1):
         if s.keys() != keys:

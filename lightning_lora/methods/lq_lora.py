@@ -283,6 +283,10 @@ def plan_lq_lora(
     time_limit: float = 60.0,
     mip_rel_gap: float = DEFAULT_MIP_REL_GAP,
     table: CostTable | None = None,
+    fisher_mode: str = "two_sided",
+    svd: str = "lowrank",
+    seed: int = 0,
+    return_last: bool = False,
     **target_kwargs: Any,
 ) -> tuple[ILPSolution, CostTable]:
     """Cost table (every targeted matrix × every config) and the ILP's choice at ``budget`` bits/param.
@@ -290,10 +294,13 @@ def plan_lq_lora(
     Pass ``table`` to re-solve at another budget without recomputing costs. Returns
     ``(solution, table)``; ``solution.choice`` maps module names to configs (use
     ``{n: c.name for n, c in solution.choice.items()}`` as ``matrix_configs``).
+    ``fisher_mode``, ``svd``, ``seed``, ``return_last``: the decomposition settings of the costs
+    (:class:`LQLoRAConfig`'s fields of the same names; give the ones the injection will use).
     """
     if table is None:
         weights = target_weights(model, **target_kwargs)
-        table = build_cost_table(weights, r, configs, max_iters=max_iters, fisher=fisher)
+        table = build_cost_table(weights, r, configs, max_iters=max_iters, fisher=fisher, fisher_mode=fisher_mode,
+                                 svd=svd, seed=seed, return_last=return_last)
     return solve_ilp(table, budget, time_limit=time_limit, mip_rel_gap=mip_rel_gap), table
 
 
@@ -313,7 +320,18 @@ def quantize_model(
                  if k in config_kwargs}
     matrix_configs: dict[str, str] = {}
     if budget is not None:
-        solution, _ = plan_lq_lora(model, budget, r, configs, fisher, max_iters, **targeting)
+        # plan under the injection's own decomposition settings (validated config): the same
+        # Fisher (``fisher``, else the file ``fisher_path``), fisher_mode, svd, seed and return_last;
+        # the plan used to cost every matrix with the defaults, unweighted when only fisher_path was given
+        plan_cfg = make_config("lq_lora", r=r, quant=quant, max_iters=max_iters, **config_kwargs)
+        assert isinstance(plan_cfg, LQLoRAConfig)
+        if fisher is None and plan_cfg.fisher_path:
+            from safetensors.torch import load_file
+
+            fisher = load_file(plan_cfg.fisher_path)  # also handed to the injection below: read once
+        solution, _ = plan_lq_lora(model, budget, r, configs, fisher, max_iters, fisher_mode=plan_cfg.fisher_mode,
+                                   svd=plan_cfg.svd, seed=plan_cfg.seed, return_last=plan_cfg.return_last,
+                                   **targeting)
         matrix_configs = {n: c.name for n, c in solution.choice.items()}
     cfg = make_config("lq_lora", r=r, quant=quant, matrix_configs=matrix_configs, max_iters=max_iters, **config_kwargs)
     return inject_adapter(model, LQLoRA(cfg, fisher=fisher))

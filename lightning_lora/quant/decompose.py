@@ -17,8 +17,9 @@ The weighted SVD is approximated by a rank-1 row × column weighting ``ρ_i = �
 ``L2 = L̃2 diag(γ)⁻¹`` (``fisher_mode="row"`` / ``"col"`` keep one side; ``"two_sided"`` default).
 Quantization stays unweighted; the stopping test and the returned error use the full elementwise √F.
 
-Everything runs in fp32. The randomized SVD (``torch.svd_lowrank``, oversampling ``q = r + 10``,
-as in the code) is seeded per call, so a decomposition is reproducible on one device.
+Everything runs in fp32. The randomized SVD (``torch.svd_lowrank``'s algorithm, oversampling
+``q = r + 10``, as in the code) draws from its own generator seeded per call, so a decomposition is
+reproducible on one device and leaves the global RNG states untouched.
 """
 
 from __future__ import annotations
@@ -54,6 +55,24 @@ class Decomposition:
     iterations: int = 0
 
 
+def _svd_lowrank(a: torch.Tensor, q: int, niter: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.svd_lowrank(a, q, niter)`` (Halko et al. 2009, Alg. 4.4 + 5.1; the same operations in
+    the same order) for a real 2-D ``a``, with its Gaussian test matrix drawn from ``generator``
+    (``torch.svd_lowrank`` takes no generator, only the global RNG). Returns ``U (m, q), S (q,), V (n, q)``."""
+    wide = a.shape[0] < a.shape[1]
+    if wide:  # work on the tall orientation, as torch does
+        a = a.t()
+    omega = torch.randn(a.shape[1], q, dtype=a.dtype, device=a.device, generator=generator)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):  # subspace (power) iterations
+        basis = torch.linalg.qr(a.t() @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    U, S, Vh = torch.linalg.svd(basis.t() @ a, full_matrices=False)
+    U, V = basis @ U, Vh.t()
+    return (V, S, U) if wide else (U, S, V)
+
+
 def balanced_svd(m: torch.Tensor, r: int, method: str = "lowrank", seed: int = 0, oversample: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r factors of ``m`` (out, in): ``L1 = U_r √Σ_r`` (out, r), ``L2 = √Σ_r V_rᵀ`` (r, in)."""
     m = m.float()
@@ -62,10 +81,10 @@ def balanced_svd(m: torch.Tensor, r: int, method: str = "lowrank", seed: int = 0
         U, S, V = U[:, :r], S[:r], Vh[:r].t()
     elif method == "lowrank":
         q = min(r + oversample, *m.shape)
-        devices = [m.device] if m.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            U, S, V = torch.svd_lowrank(m, q=q, niter=2)
+        # a dedicated generator on m's device: no global RNG state is read or changed (seeding the
+        # global RNG inside fork_rng reseeded every CUDA device but restored only the forked ones)
+        generator = torch.Generator(device=m.device).manual_seed(seed)
+        U, S, V = _svd_lowrank(m, q, niter=2, generator=generator)
         U, S, V = U[:, :r], S[:r], V[:, :r]
     else:
         raise ValueError(f"svd must be 'lowrank' or 'exact', got {method!r}")

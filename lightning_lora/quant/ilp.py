@@ -89,11 +89,30 @@ def build_cost_table(
     """Decompose every matrix under every config; ``cost = error²`` (Fisher-weighted when given)."""
     cfgs = [parse_config(c) for c in configs]
     names = list(weights)
+    # check every matrix before decomposing any (a bad one late in the list would otherwise fail
+    # only after minutes of work), naming it: lq_decompose's own errors do not know the name
+    for name in names:
+        shape = tuple(weights[name].shape)
+        if len(shape) != 2:
+            raise ValueError(f"matrix {name!r} has shape {shape}: not a 2-D matrix")
+        if not 0 <= rank <= min(shape):
+            raise ValueError(f"matrix {name!r} of shape {shape}: rank must be in [0, {min(shape)}], got {rank}")
+        if fisher is not None and name not in fisher:
+            raise ValueError(f"no Fisher tensor given for matrix {name!r}")
+        if fisher is not None and tuple(fisher[name].shape) != shape:
+            raise ValueError(f"matrix {name!r}: Fisher has shape {tuple(fisher[name].shape)}, weight has {shape}")
     cost = np.zeros((len(names), len(cfgs)))
     for i, name in enumerate(names):
         f = None if fisher is None else fisher[name]
         for j, cfg in enumerate(cfgs):
-            cost[i, j] = lq_decompose(weights[name], rank, cfg, max_iters, fisher=f, **decompose_kwargs).error ** 2
+            try:
+                cost[i, j] = lq_decompose(weights[name], rank, cfg, max_iters, fisher=f, **decompose_kwargs).error ** 2
+            except ValueError as e:  # e.g. NaN entries that cannot be quantized: say which matrix and config
+                raise ValueError(f"matrix {name!r}, config {cfg.name}: {e}") from e
+            except Exception as e:  # other types (e.g. torch.linalg.LinAlgError) are kept; a note names it
+                if hasattr(e, "add_note"):  # Python >= 3.11 (the project supports 3.10)
+                    e.add_note(f"while decomposing matrix {name!r} under config {cfg.name}")
+                raise
         if progress is not None:
             progress(name)
     numels = [int(weights[n].numel()) for n in names]
