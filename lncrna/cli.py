@@ -14,14 +14,17 @@ adapter) are one line on stderr, prefixed ``lncrna COMMAND: error:``, exit statu
 per-record problems in an input FASTA (protein, non-nucleotide characters, empty record, duplicate
 id) are one-line warnings and the record is skipped. Records shorter than 200 nt or more than half
 N are predicted as usual and named in one summary warning per file. Exit 1 is an internal error
-(set ``LNCRNA_DEBUG=1`` for its traceback), 130 an interrupt (Ctrl-C).
+(set ``LNCRNA_DEBUG=1`` for its traceback), 130 an interrupt (Ctrl-C), 143 SIGTERM.
 
 Output of ``predict`` (TSV ``id length lncRNA_probability label`` with a header), ``-o OUT``: rows
 are written to ``OUT.partial`` in OUT's folder and flushed after every chunk of records; the file
 is created (and its folder checked) before the model loads. When the run succeeds, ``OUT.partial``
 is renamed to OUT. On Ctrl-C the finished rows are renamed to OUT too (an interrupted run keeps
-every finished row, and says how many). On any error (exit 2 or 1) ``OUT.partial`` is deleted and
-an existing OUT is left as it was, so a failed run never leaves a complete-looking partial TSV.
+every finished row, and says how many). On any error (exit 2 or 1) and on SIGTERM (exit 143)
+``OUT.partial`` is deleted and an existing OUT is left as it was, so a failed run never leaves a
+complete-looking partial TSV. SIGTERM is treated like an error, not like Ctrl-C, because it comes
+from schedulers, timeouts and ``kill``, where no one reads the message and OUT's existence is
+what a pipeline takes as "done".
 Standard output and devices are written directly.
 """
 
@@ -51,6 +54,51 @@ SHOW_IDS = 5  # ids named per low-signal warning line
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while ``predict`` / ``evaluate`` ran (raised by :func:`_sigterm_raises`).
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so that no ``except Exception`` on the way (model
+    loading, the progress-bar count) turns it into an ordinary error; the output clean-up in
+    ``finally`` / ``except BaseException`` blocks runs, and :func:`main` returns 143 (128 + 15)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in this process while the block runs.
+
+    Python's default for SIGTERM kills the process on the spot, so no ``finally`` ran and
+    ``OUT.partial`` was left behind. Only in the main thread (elsewhere a handler cannot be set).
+    A forked pool worker inherits the handler; there it dies as by default (``Pool.terminate``
+    sends SIGTERM on every normal exit: a raise would print a traceback per worker). Later SIGTERMs
+    are ignored while the first one is being cleaned up. The previous handler is restored on exit;
+    a SIGTERM that was set to be ignored (``SIG_IGN``) stays ignored.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield  # no handler possible here, or SIGTERM is deliberately ignored (left so)
+        return
+    owner = os.getpid()
+    raised = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal raised
+        if os.getpid() != owner:  # a forked worker: the default action (terminate)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if not raised:
+            raised = True
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # ---- argument parsing -------------------------------------------------------------------------
@@ -120,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tell long non-coding RNA (lncRNA) from mRNA: a small nucleotide BERT behind a fast "
                     "CPAT-like feature baseline.",
         epilog="Exit status: 0 ok, 2 user error (bad input, missing model, bad option), 1 internal error, "
-               "130 interrupted. 'lncrna COMMAND --help' shows the options of a command.",
+               "130 interrupted (Ctrl-C), 143 terminated (SIGTERM). 'lncrna COMMAND --help' shows the options "
+               "of a command.",
     )
     from . import __version__
 
@@ -133,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "with header 'id length lncRNA_probability label', in input order.",
         epilog="Invalid records (protein, non-nucleotide characters, empty sequence, duplicate id: the first "
                "record with an id is kept) are skipped with a one-line warning each; a file that cannot be "
-               "used at all (missing, unreadable, a directory, empty, not FASTA, broken gzip, no valid record) "
+               "used at all (missing, unreadable, a directory, empty, not FASTA, broken gzip, a header line "
+               "indented by whitespace, no valid record) "
                "and an output that cannot be written are errors, exit 2. Records shorter than "
                f"{MIN_RELIABLE_LENGTH} nt (the training data's minimum) or with more than {MAX_N_SHARE:.0%} N "
                "are predicted as usual, but their probability has little signal behind it: they are counted "
@@ -143,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output TSV (default, or '-': standard output). Rows are written to OUT.partial (same folder) "
                         "and flushed after every chunk; OUT.partial is renamed to OUT when the run succeeds, "
                         "and also on Ctrl-C (exit 130: OUT then holds the finished rows, and the message says "
-                        "how many). On an error (exit 2 or 1) OUT.partial is deleted and an existing OUT is "
-                        "left untouched. An OUT that cannot be written is an error before the model loads.")
+                        "how many). On an error (exit 2 or 1) or SIGTERM (exit 143) OUT.partial is deleted "
+                        "and an existing OUT is left untouched. An OUT that cannot be written is an error before "
+                        "the model loads.")
     _add_model_options(p)
 
     e = sub.add_parser(
@@ -411,7 +462,8 @@ def _check_output_path(out: Path | None, inputs: Iterable[Path | None], *, paren
     if out.is_dir():
         raise UserError(f"{out}: is a directory; give a file name for the output TSV")
     if not parent_may_be_missing and not out.parent.is_dir():
-        raise UserError(f"{out}: output folder {out.parent} does not exist")
+        problem = "is not a folder" if out.parent.exists() else "does not exist"  # e.g. -o input.fa/out.tsv
+        raise UserError(f"{out}: output folder {out.parent} {problem}")
     partial = out.with_name(out.name + ".partial")
     for i in inputs:
         if i is None:
@@ -426,9 +478,9 @@ def _stream_predictions(cmd: str, args: argparse.Namespace, records: Iterable[An
                         writer: _RowWriter, predictor, low_signal: _LowSignal | None = None) -> dict[str, Any]:
     """Run the predictor over ``records`` into ``writer`` with a progress bar; returns a summary.
 
-    Finishes ``writer``: on success and on Ctrl-C the rows go to OUT, on any error they are
-    discarded (see :class:`_RowWriter`). Re-raises any error with ``exc.output_note`` saying what
-    became of the rows.
+    Finishes ``writer``: on success and on Ctrl-C the rows go to OUT, on any error (and on
+    SIGTERM, :class:`Terminated`) they are discarded (see :class:`_RowWriter`). Re-raises any error
+    with ``exc.output_note`` saying what became of the rows.
     """
     from tqdm import tqdm
 
@@ -851,12 +903,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
-        return {"predict": cmd_predict, "evaluate": cmd_evaluate}[args.command](args)
+        with _sigterm_raises():  # SIGTERM -> Terminated: OUT.partial is deleted, exit 143
+            return {"predict": cmd_predict, "evaluate": cmd_evaluate}[args.command](args)
     except SystemExit as e:  # argparse (--help: 0, bad option: 2) and Hydra
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt as e:
         print(f"{PROG} {cmd}: interrupted{_kept(e)}", file=sys.stderr)
         return 130
+    except Terminated as e:  # unlike Ctrl-C, the finished rows are discarded (see the module docstring)
+        print(f"{PROG} {cmd}: terminated by SIGTERM{_kept(e)}", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # e.g. `lncrna predict x.fa | head`
         with contextlib.suppress(Exception):
             devnull = os.open(os.devnull, os.O_WRONLY)

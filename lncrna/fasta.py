@@ -9,11 +9,14 @@ Error policy (every message is one line naming the file, and the record by 1-bas
 
 - The whole file is unusable -> :class:`FastaError` (a ``ValueError``): missing, a directory or
   not a regular file (stdin, a pipe), unreadable (permission, I/O error), empty file, text before
-  the first ``>`` (not FASTA), broken gzip, every record invalid. Missing / unreadable / empty /
-  not-FASTA / unreadable gzip header are raised by :func:`read_fasta` itself, before any record is
-  read; a gzip stream that is truncated or corrupt further in can only be noticed when the reader
-  gets there, so that error is raised during iteration. Blank lines before the first header (and
-  whitespace before its ``>``) are allowed.
+  the first ``>`` (not FASTA), broken gzip, every record invalid, a later header line indented by
+  whitespace (``"  >id2"``: the message names the line and the record it follows; Biopython only
+  takes ``>`` in column 1 as a header and would glue the line onto that record's sequence).
+  Missing / unreadable / empty / not-FASTA / unreadable gzip header are raised by
+  :func:`read_fasta` itself, before any record is read; a gzip stream that is truncated or corrupt
+  further in, and an indented header, can only be noticed when the reader gets there, so those
+  errors are raised during iteration. Blank lines before the first header (and whitespace before
+  its ``>``) are allowed.
 - Only some records are bad (missing id, duplicate id, empty sequence, protein-like, invalid
   characters, longer than ``max_length``) -> a :class:`FastaWarning` naming file and record, and the
   record is skipped (for a duplicate id: the later record; the warning names the first one); with
@@ -184,15 +187,43 @@ def _check_file_start(path: Path) -> None:
 class _FromFirstHeader:
     """A text stream that starts at the first header line: leading blank lines are skipped and the
     header's leading whitespace is dropped (Biopython >= 1.85's ``"fasta"`` parser refuses anything
-    before the first ``>``; :func:`_check_file_start` has already rejected real text there)."""
+    before the first ``>``; :func:`_check_file_start` has already rejected real text there).
 
-    def __init__(self, fh: TextIO) -> None:
-        self._fh = fh
+    Every later line is counted and checked: a header indented by whitespace (``"  >id2"``) raises
+    :class:`FastaError` naming the file, the line and the record it would otherwise be glued onto.
+    Biopython only takes a ``>`` in column 1 as a header, so it would read such a line as sequence
+    of the record before (both records lost behind a misleading "non-nucleotide '>'" warning).
+    """
+
+    def __init__(self, fh: TextIO, path: Path) -> None:
+        self._fh, self._path = fh, path
         self._first: str | None = None
+        line_no = 0
         for line in iter(fh.readline, ""):
+            line_no += 1
             if line.strip():
                 self._first = line.lstrip()
                 break
+        self._lines = self._checked_lines(line_no, self._first or "")
+
+    def _checked_lines(self, line_no: int, header: str) -> Iterator[str]:
+        """The lines after the first header; ``line_no`` is that header's 1-based line number."""
+        record, header_line = 1, header  # the record (1-based) and its header, for the error message
+        # a plain loop, not ``yield from self._fh``: that would close the file when the generator is dropped
+        for line in self._fh:
+            line_no += 1
+            first = line[:1]
+            if first == ">":
+                record, header_line = record + 1, line
+            elif first.isspace() and line.lstrip()[:1] == ">":
+                rid = (header_line[1:].split(maxsplit=1) or [""])[0]
+                indent = len(line) - len(line.lstrip())  # a count: the CLI collapses runs of spaces
+                raise FastaError(
+                    f"{self._path}: line {line_no}: header line {line.strip()[:40]!r} is indented by "
+                    f"{indent} whitespace character{'s' if indent > 1 else ''} (inside record {record} "
+                    f"{rid!r}); '>' must be the first character of a header line"
+                )
+            yield line
 
     def read(self, size: int = -1) -> str:  # Biopython probes the mode with read(0)
         if size == 0:
@@ -201,15 +232,14 @@ class _FromFirstHeader:
 
     def readline(self) -> str:
         first, self._first = self._first, None
-        return first if first is not None else self._fh.readline()
+        return first if first is not None else next(self._lines, "")
 
     def __iter__(self) -> Iterator[str]:
-        # Biopython calls iter() on the stream for every record: hand out the file itself (a
-        # generator with ``yield from`` would close the file when it is dropped)
+        # Biopython calls iter() on the stream for every record: hand out the same line iterator
         if self._first is not None:
             first, self._first = self._first, None
-            return itertools.chain([first], self._fh)
-        return iter(self._fh)
+            return itertools.chain([first], self._lines)
+        return self._lines
 
 
 def read_fasta(
@@ -239,7 +269,7 @@ def _iter_records(
     first_problem = ""
     try:
         with _open_text(path) as handle:
-            for index, rec in enumerate(SeqIO.parse(_FromFirstHeader(handle), "fasta"), start=1):
+            for index, rec in enumerate(SeqIO.parse(_FromFirstHeader(handle, path), "fasta"), start=1):
                 raw = str(rec.seq)
                 where = f"{path}: record {index} {rec.id!r}"
                 if not rec.id:
