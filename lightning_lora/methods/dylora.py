@@ -96,6 +96,11 @@ class DyLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # ranks are counts: 2.5 passed the range checks below and failed later inside a slice
+        for key in ("r", "r_min", "eval_rank"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"DyLoRA {key} must be a whole number, got {value!r}")
         if self.r < 1:
             raise ValueError(f"DyLoRA maximum rank r must be >= 1, got {self.r}")
         if not 1 <= self.r_min <= self.r:
@@ -130,6 +135,18 @@ class DyLoRAConfig(AdapterConfig):
         return ranks
 
 
+def _as_rank(b: Any, r_max: int) -> int:
+    """``b`` as a rank in [1, r_max], or a one-line ValueError. ``int(b)`` alone turned 3.5 (say
+    ``r_max / 2`` for an odd r_max) into 3 and True into 1 without a word."""
+    try:
+        whole = not isinstance(b, bool) and bool(int(b) == b)
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or not 1 <= int(b) <= r_max:
+        raise ValueError(f"rank must be a whole number in [1, r_max={r_max}], got {b!r}")
+    return int(b)
+
+
 class DyLoRALinear(AdapterLayer):
     """DyLoRA on an ``nn.Linear`` or transformers ``Conv1D``.
 
@@ -161,9 +178,7 @@ class DyLoRALinear(AdapterLayer):
     # ---- rank ---------------------------------------------------------------------------------
     def set_rank(self, b: int, train: bool = True) -> None:
         """Deployment rank ``b`` (and, with ``train``, the train-mode rank too)."""
-        b = int(b)
-        if not 1 <= b <= self.r_max:
-            raise ValueError(f"rank must be in [1, r_max={self.r_max}], got {b}")
+        b = _as_rank(b, self.r_max)
         if self.merged and b != self.rank:
             raise RuntimeError(f"adapter is merged at rank {self.rank}; unmerge() before set_rank({b})")
         self.rank = b
@@ -264,8 +279,11 @@ def _dylora_layers(model_or_layers: nn.Module | dict[str, AdapterLayer]) -> dict
 
 def set_rank(model_or_layers: nn.Module | dict[str, AdapterLayer], b: int, train: bool = True) -> None:
     """Put every DyLoRA layer at rank ``b`` (evaluation, merge, export; with ``train`` also the
-    train-mode forward until the sampler sets another rank). Raises on a merged layer."""
+    train-mode forward until the sampler sets another rank). Raises, changing nothing, on a rank that
+    is not a whole number in [1, r_max] (ValueError) and on a layer merged at another rank
+    (RuntimeError)."""
     layers = _dylora_layers(model_or_layers)
+    b = _as_rank(b, min(layer.r_max for layer in layers.values()))  # a bad rank is a ValueError, merged or not
     for layer in layers.values():  # check all before changing any
         if layer.merged and layer.rank != b:
             raise RuntimeError(f"adapter is merged at rank {layer.rank}; unmerge before set_rank({b})")
@@ -311,10 +329,8 @@ def export_lora(
     if not isinstance(method, DyLoRA):
         raise ValueError("model carries no DyLoRA adapter")
     layers = _dylora_layers(model)
-    b = get_rank(layers) if rank is None else int(rank)
     cfg: DyLoRAConfig = method.config  # type: ignore[assignment]
-    if not 1 <= b <= cfg.r:
-        raise ValueError(f"rank must be in [1, r_max={cfg.r}], got {b}")
+    b = get_rank(layers) if rank is None else _as_rank(rank, cfg.r)
     tensors: dict[str, torch.Tensor] = {}
     for key, t in adapter_state_dict(model).items():
         module_name, _, local = key.rpartition(".")
@@ -418,7 +434,13 @@ class DyLoRA(Method):
         """Inverse of :meth:`layer_metadata`, called by ``load_adapter`` before injection."""
         if int(meta.get("r_max", self.config.r)) != self.config.r:  # type: ignore[attr-defined]
             raise ValueError(f"saved r_max {meta['r_max']} != config r {self.config.r}")  # type: ignore[attr-defined]
-        self._restored_ranks = {n: int(b) for n, b in meta.get("ranks", {}).items()}
+        ranks = {n: int(b) for n, b in meta.get("ranks", {}).items()}
+        # checked here: make_layer passes them to DyLoRALinear unchecked, where rank 0 divides by zero
+        # and a rank > r_max silently truncates to r_max rows while scaling by α/rank
+        bad = {n: b for n, b in ranks.items() if not 1 <= b <= self.config.r}  # type: ignore[attr-defined]
+        if bad:
+            raise ValueError(f"saved DyLoRA ranks must be in [1, r_max={self.config.r}], got {bad}")  # type: ignore[attr-defined]
+        self._restored_ranks = ranks
 
     def apply_layer_metadata(self, meta: dict[str, Any], layers: dict[str, AdapterLayer], root: Any = None) -> None:
         """The same for layers that already exist: ``AdapterCallback`` calls it when a checkpoint

@@ -27,11 +27,13 @@ Two phases inside ONE ``pl.Trainer.fit``, driven by ``AdapterCallback("flexora",
    (DARTS' first-order approximation). No second-order or multi-step unrolled term is computed.
 
 2. Selection and retraining (at ``global_step == search_steps``): the selected set is
-   ``S = {l : α̂_l > 0}`` (the paper's / code's rule: gate above the mean, ``w_l > 1``;
+   ``S = {l : α̂_l > 0}`` (the code's rule, METHODS §13; note it is not ``w_l > 1``: that holds iff
+   ``α̂_l > log mean_k exp(α̂_k)``, which is 0 only while α̂ sums to ~0, and Adam's per-coordinate steps
+   do not keep the sum at 0; the logged ``flexora/layers_above_mean`` counts ``α̂_l > 0`` too;
    ``selection="top_k"`` keeps the ``top_k`` largest α̂ instead). An empty set (e.g. α̂ never moved)
    falls back to all layers [design]. Then, as a fresh LoRA run (the code's stage 2 is a new SFT
    run): α̂ is discarded (gates of kept layers set to 1), the LoRA factors of the selected layers are
-   re-initialised (A Kaiming-uniform, B = 0; ``reinit=False`` keeps the searched factors; modules
+   re-initialised (A drawn as LoRA's ``init`` says, B = 0; ``reinit=False`` keeps the searched factors; modules
    trained in full, ``modules_to_save`` such as a new classifier head, keep their weights: the
    paper's LLMs have no new head to restart [design]), the
    unselected adapters are REMOVED (their modules get their base layer back: no parameters, no
@@ -71,7 +73,8 @@ removes (or zeroes) the unselected adapters without re-initialising the kept one
 ``on_fit_start`` rebuilds the optimizer and its "fresh" schedule from the selection step before
 Lightning loads their states. A resumed fit equals the uninterrupted one (tested on both sides of
 the selection). Limits: under DDP the gate gradient
-is averaged over processes, so every process selects the same layers; the removed/frozen adapters
+is averaged over processes, so every process selects the same layers, and the re-initialised
+factors are broadcast from rank 0, so every process retrains the same adapter; the removed/frozen adapters
 stay registered with DDP's reducer, so use ``strategy="ddp_find_unused_parameters_true"``.
 """
 
@@ -233,6 +236,8 @@ class FlexoraLinear(LoRALinear):
         super().__init__(base_layer, config)
         self.lora_scaling = self.scaling  # s = α/r (or α/√r), without the gate
         self.gate_power = config.gate_power
+        #: LoRA's ``init`` ("kaiming" / "gaussian"): :meth:`reset_lora` re-initialises A the same way
+        self.lora_init: str = config.init
         self.gate = 1.0
         self.hyper_gate: torch.Tensor | None = None
         self.excluded = False
@@ -247,8 +252,13 @@ class FlexoraLinear(LoRALinear):
 
     @torch.no_grad()
     def reset_lora(self) -> None:
-        """Fresh LoRA init (A Kaiming-uniform a = √5, B = 0), as a new run."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        """Fresh LoRA init, as a new run: A as :class:`LoRALinear` initialises it (``init="kaiming"``:
+        Kaiming-uniform a = √5; ``"gaussian"``: N(0, 1/r²)), B = 0."""
+        # the config's init, not always Kaiming: a "gaussian" run must retrain from a gaussian A
+        if self.lora_init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B.zero_()
 
     @torch.no_grad()
@@ -449,6 +459,12 @@ class Flexora(Method):
     def _loss(self, pl_module: Any, batch: Any) -> torch.Tensor:
         if self._gate_loss_fn is not None:
             return self._gate_loss_fn(pl_module, batch)
+        if getattr(pl_module, "automatic_optimization", True) is False:
+            # a manual-optimisation training_step runs backward and optimizer.step() itself: called
+            # here it trained θ on the validation batch (and advanced global_step), then autograd.grad
+            # failed on the graph that backward had freed
+            raise RuntimeError("Flexora: the module uses manual optimization, so its training_step cannot give the "
+                               "gate loss; call callback.method.set_gate_loss(lambda module, batch: loss)")
         # the module's training_step gives the loss; its log calls would record validation batches
         # as training metrics, so they are muted for this call
         muted = ("log", "log_dict")
@@ -575,6 +591,8 @@ class Flexora(Method):
             flex[name].set_gate(1.0)
             if self.cfg.reinit:
                 flex[name].reset_lora()
+        if self.cfg.reinit:
+            _broadcast_lora_A([flex[n] for n in self.selected_modules])
         if self.cfg.exclusion == "zero":
             for name in dropped:
                 flex[name].set_gate(1.0)
@@ -658,7 +676,11 @@ class Flexora(Method):
             self.excluded_modules = list(meta.get("excluded_modules", []))
             self.gate_logits = torch.tensor(logits)
             if not self.excluded_modules:  # removed: inject exactly the selected modules
-                self.config = dataclasses.replace(self.cfg, target_modules=list(self.selected_modules), target_types=())
+                # a regex of the full names (matched whole), not a list: a list entry also matches every
+                # module whose name ends with "." + it, so a selected "fc" would re-adapt an unselected
+                # "blk.fc", whose tensors the file does not hold
+                exact = "|".join(f"(?:{re.escape(n)})" for n in self.selected_modules)
+                self.config = dataclasses.replace(self.cfg, target_modules=exact, target_types=())
 
     def apply_layer_metadata(self, meta: dict[str, Any], layers: dict[str, AdapterLayer],
                              root: nn.Module | None = None) -> None:
@@ -711,6 +733,24 @@ def _remove_adapters(layers: dict[str, AdapterLayer], names: Sequence[str], root
         parent_name, _, child = full.rpartition(".")
         setattr(root.get_submodule(parent_name) if parent_name else root, child, layers[name].base_layer)
         del layers[name]
+
+
+def _broadcast_lora_A(layers: Sequence[FlexoraLinear]) -> None:
+    """Under ``torch.distributed``, give every process rank 0's freshly drawn ``lora_A``.
+
+    The re-initialisation draws from each process's own RNG, whose state differs across processes
+    unless every random draw so far was identical (unseeded runs, dropout on unevenly padded
+    batches): DDP broadcasts parameters only when it wraps the model, so without this the processes
+    would retrain different adapters (their averaged gradients never bring them back together).
+    Every process reaches the selection at the same optimizer step, so the collectives line up.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for layer in layers:
+        with torch.no_grad():
+            buf = layer.lora_A.detach().clone()
+            torch.distributed.broadcast(buf, src=0)
+            layer.lora_A.copy_(buf)  # an in-place write: bumps the version the fused casts are keyed on
 
 
 def _adam_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> dict[str, Any]:
