@@ -30,7 +30,9 @@ without one is a gene of its own.
     half up) of its genes, in first-appearance order permuted by ``default_rng(SEED)``.
 4g. Training pool as rule 4, with one more removal checked after the test-sequence one: a transcript
     of a gene that has a test transcript (any file).
-5g. Validation: 10 % of the *genes* of each (species, label) stratum, drawn as in rule 5.
+5g. Validation: 10 % of the *genes* of each (species, label) stratum, drawn as in rule 5; a gene
+    drawn in one stratum takes its transcripts in the other strata along (a gene can have both
+    coding and non-coding transcripts).
 
 Headers then also carry ``gene=<id>`` (``-`` when the raw header has none).
 
