@@ -1,4 +1,4 @@
-"""Fixes of API review 2, items 7-9 (notes/s14/api_review2/REPORT.md).
+"""Fixes of the session-14 API review, items 7-9.
 
 7: ``unload_dense`` builds the dense layers in the model's dtype (a bf16 model stays runnable).
 8: ``GradNormLoRPAdamW.load_state_dict`` keeps the saved state dtypes (bf16 parameters resume).

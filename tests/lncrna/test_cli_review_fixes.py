@@ -1,4 +1,4 @@
-"""Fixes from the session-14 review of the ``lncrna`` CLI (notes/s14/lncrna_review/REPORT.md).
+"""Fixes from the session-14 review of the ``lncrna`` CLI.
 
 Numbers follow the report's "Real defects": 1 duplicate ids are named (also past the warning cap),
 2 OUT is written as OUT.partial and renamed on success / Ctrl-C, removed on error, 3 a hard link
@@ -15,6 +15,7 @@ import errno
 import gzip
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,21 +34,11 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial"))
 
 
-def fail_on_chunk(monkeypatch, n: int, exc: BaseException) -> None:
-    """Make stage 1 of the n-th chunk raise ``exc`` (chunks before it are predicted and written)."""
-    import lncrna.predict
-
-    calls = 0
-    original = lncrna.predict._Stage1.__call__
-
-    def patched(self, seqs):
-        nonlocal calls
-        calls += 1
-        if calls == n:
-            raise exc
-        return original(self, seqs)
-
-    monkeypatch.setattr(lncrna.predict._Stage1, "__call__", patched)
+def raising(exc: BaseException) -> Callable[[], None]:
+    """An ``on_chunk`` action that raises ``exc``."""
+    def act() -> None:
+        raise exc
+    return act
 
 
 # ---- 1. duplicate ids -------------------------------------------------------------------------------
@@ -103,22 +94,22 @@ def test_error_after_first_chunk_leaves_no_new_output(tmp_path, model_dir, capsy
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_internal_error_mid_run_removes_partial_output(tmp_path, model_dir, capsys, monkeypatch):
+def test_internal_error_mid_run_removes_partial_output(tmp_path, model_dir, capsys, on_chunk):
     fa = tmp_path / "in.fa"
     fa.write_text(fasta_text(GOOD))
     out = tmp_path / "out.tsv"
-    fail_on_chunk(monkeypatch, 2, RuntimeError("boom"))
+    on_chunk(2, raising(RuntimeError("boom")))
     rc, _, err = run(["predict", fa, "-o", out, "--model", model_dir, "--chunk-size", "3", "-q"], capsys)
     assert rc == 1 and "internal error: RuntimeError: boom (3 finished rows discarded" in err
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_ctrl_c_renames_finished_rows_into_place(tmp_path, model_dir, capsys, monkeypatch):
+def test_ctrl_c_renames_finished_rows_into_place(tmp_path, model_dir, capsys, on_chunk):
     fa = tmp_path / "in.fa"
     fa.write_text(fasta_text(GOOD))
     out = tmp_path / "out.tsv"
     out.write_text("OLD\n")
-    fail_on_chunk(monkeypatch, 2, KeyboardInterrupt())
+    on_chunk(2, raising(KeyboardInterrupt()))
     rc, _, err = run(["predict", fa, "-o", out, "--model", model_dir, "--chunk-size", "3", "-q"], capsys)
     assert rc == 130 and err.strip() == f"lncrna predict: interrupted (3 finished rows kept in {out})"
     lines = out.read_text().splitlines()
@@ -126,12 +117,12 @@ def test_ctrl_c_renames_finished_rows_into_place(tmp_path, model_dir, capsys, mo
     assert leftovers(tmp_path) == []
 
 
-def test_ctrl_c_before_any_row_keeps_old_output(tmp_path, model_dir, capsys, monkeypatch):
+def test_ctrl_c_before_any_row_keeps_old_output(tmp_path, model_dir, capsys, on_chunk):
     fa = tmp_path / "in.fa"
     fa.write_text(fasta_text(GOOD))
     out = tmp_path / "out.tsv"
     out.write_text("OLD\n")
-    fail_on_chunk(monkeypatch, 1, KeyboardInterrupt())
+    on_chunk(1, raising(KeyboardInterrupt()))
     rc, _, err = run(["predict", fa, "-o", out, "--model", model_dir, "--chunk-size", "3", "-q"], capsys)
     assert rc == 130 and "(no rows written)" in err
     assert out.read_text() == "OLD\n" and leftovers(tmp_path) == []

@@ -1,4 +1,4 @@
-"""Robustness of ``lncrna predict`` (notes/s15/predict_robustness.md).
+"""Robustness of ``lncrna predict``: interruption by SIGTERM, indented headers, unusual input.
 
 1. SIGTERM while predicting: ``OUT.partial`` is deleted (an old OUT stays as it was), exit 143,
    one line on stderr; in process (deterministic) and through a real subprocess.
@@ -59,31 +59,19 @@ def sigterm_guard() -> Iterator[Any]:
     signal.signal(signal.SIGTERM, previous)
 
 
-def sigterm_on_chunk(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    """Send this process SIGTERM when stage 1 of the n-th chunk starts (chunks before it are written)."""
-    import lncrna.predict
-
-    calls = 0
-    original = lncrna.predict._Stage1.__call__
-
-    def patched(self, seqs):
-        nonlocal calls
-        calls += 1
-        if calls == n:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, seqs)
-
-    monkeypatch.setattr(lncrna.predict._Stage1, "__call__", patched)
+def send_sigterm() -> None:
+    """An ``on_chunk`` action: SIGTERM to this process."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.parametrize("old", [True, False], ids=["old_out", "no_old_out"])
-def test_sigterm_mid_run_deletes_partial_and_exits_143(tmp_path, model_dir, capsys, monkeypatch, sigterm_guard, old):
+def test_sigterm_mid_run_deletes_partial_and_exits_143(tmp_path, model_dir, capsys, on_chunk, sigterm_guard, old):
     fa = tmp_path / "in.fa"
     fa.write_text(fasta_text(GOOD))
     out = tmp_path / "out.tsv"
     if old:
         out.write_text("OLD\n")
-    sigterm_on_chunk(monkeypatch, 2)
+    on_chunk(2, send_sigterm)
     rc, stdout, err = run(["predict", fa, "-o", out, "--model", model_dir, "--chunk-size", "3", "-q"], capsys)
     assert rc == 143 and stdout == ""
     fate = "left as it was" if old else "not written"
@@ -111,8 +99,8 @@ def test_sigterm_while_the_model_loads_is_exit_143_not_a_model_error(tmp_path, m
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_sigterm_during_evaluate_leaves_no_predictions(tmp_path, model_dir, capsys, monkeypatch, sigterm_guard):
-    sigterm_on_chunk(monkeypatch, 2)
+def test_sigterm_during_evaluate_leaves_no_predictions(tmp_path, model_dir, capsys, on_chunk, sigterm_guard):
+    on_chunk(2, send_sigterm)
     out_dir = tmp_path / "ev"
     rc, _, err = run(["evaluate", EXAMPLE_FASTA, "-o", out_dir, "--model", model_dir, "--chunk-size", "4", "-q"],
                      capsys)

@@ -44,7 +44,8 @@ def test_other_step_budgets_get_their_own_tags_for_both_methods():
 def test_committed_runs_are_reused_only_at_their_own_budget():
     """The recorded commands find their stored rows (no conflict) and every row they ask for is stored
     (session 13 trained the 3,000-step LoRA runs session 10 had taken from the 1,000-step rows); the
-    clipped variant of the same command reuses none of them."""
+    clipped variant of the same command has keys of its own, and what is stored under them was trained
+    clipped."""
     from benchmarks.glue_harness import check_stored_budgets, read_jsonl
 
     raw = "benchmarks/results/increlora_glue_runs.jsonl"
@@ -59,7 +60,10 @@ def test_committed_runs_are_reused_only_at_their_own_budget():
     assert all(r.key in stored for r in runs)
     clipped = g.make_runs(args, {"rte": 1400, "sst2": 3000}, {"grad_clip": 1.0}, lrs)
     check_stored_budgets(clipped, raw)
-    assert not any(r.key in stored for r in clipped)
+    assert not {r.key for r in clipped} & {r.key for r in runs}  # no unclipped row is reused
+    rows = {r["key"]: r for r in read_jsonl(raw) if "error" not in r}
+    reused = [rows[r.key] for r in clipped if r.key in rows]  # session 15 trained some clipped runs
+    assert all(row["grad_clip"] == 1.0 for row in reused)
     assert {r.grad_clip for r in clipped} == {1.0}
 
 
