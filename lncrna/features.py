@@ -71,6 +71,10 @@ for _i, _c in enumerate(_NT):
     _LUT[ord(_c.lower())] = _i
 _LUT[ord("U")] = 3
 _LUT[ord("u")] = 3
+# whitespace bytes (a sequence pasted with its line breaks): dropped by :func:`encode`, as the
+# tokenizer drops them, instead of being read as N
+_IS_WS = np.zeros(256, dtype=bool)
+_IS_WS[[ord(c) for c in " \t\r\n\v\f"]] = True
 
 # codon codes in base 5 (so that codons containing N never collide with real ones)
 _ATG = 0 * 25 + 3 * 5 + 2
@@ -84,12 +88,20 @@ _CODON4_5 = np.where(_CODON_OK_5, (_C5_ALL // 25) * 16 + ((_C5_ALL // 5) % 5) * 
 
 
 def encode(seq: str | bytes | np.ndarray) -> np.ndarray:
-    """Map a nucleotide string to uint8 codes A=0 C=1 G=2 T/U=3, anything else=4."""
+    """Map a nucleotide string to uint8 codes A=0 C=1 G=2 T/U=3, anything else=4; whitespace is
+    removed (an already-encoded array is returned as is)."""
     if isinstance(seq, np.ndarray):
         return seq.astype(np.uint8, copy=False)
     if isinstance(seq, str):
         seq = seq.encode("ascii", "replace")
-    return _LUT[np.frombuffer(seq, dtype=np.uint8)]
+    raw = np.frombuffer(seq, dtype=np.uint8)
+    # Why: a newline or space used to become an N that counted in the length and shifted every
+    # downstream codon (a different ORF and Fickett score than the tokenizer's view of the same
+    # string). FASTA records from lncrna.fasta never contain whitespace, so their codes are unchanged.
+    ws = _IS_WS[raw]
+    if ws.any():
+        raw = raw[~ws]
+    return _LUT[raw]
 
 
 def _revcomp(b: np.ndarray) -> np.ndarray:
@@ -282,8 +294,16 @@ class HexamerTable:
     _codon_contrib: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.coding = np.asarray(self.coding, dtype=np.float64).reshape(4096)
-        self.noncoding = np.asarray(self.noncoding, dtype=np.float64).reshape(4096)
+        # Why: a negative or NaN frequency (a hand-edited or foreign *_Hexamer.tsv) used to be
+        # "counted" with contribution 0 (or +-1 with inf), silently biasing hexamer scores toward 0;
+        # a wrong size failed in numpy's reshape without saying which table.
+        for name in ("coding", "noncoding"):
+            arr = np.asarray(getattr(self, name), dtype=np.float64)
+            if arr.size != 4096:
+                raise ValueError(f"HexamerTable: {name} must hold 4096 hexamer frequencies, got {arr.size}")
+            if not (np.isfinite(arr).all() and (arr >= 0).all()):
+                raise ValueError(f"HexamerTable: {name} frequencies must be finite and >= 0")
+            setattr(self, name, arr.reshape(4096))
         c, nc = self.coding, self.noncoding
         both = (c > 0) & (nc > 0)
         contrib = np.zeros(4096)
@@ -362,7 +382,7 @@ class HexamerTable:
         non = np.zeros(4096)
         seen = np.zeros(4096, dtype=bool)
         with open(path) as fh:
-            for line in fh:
+            for lineno, line in enumerate(fh, 1):
                 f = line.split()
                 if not f or f[0] == "hexamer":
                     continue
@@ -370,8 +390,17 @@ class HexamerTable:
                 if len(kmer) != 6 or any(ch not in _NT for ch in kmer):
                     continue
                 i = _kmer_to_code(kmer)
-                cod[i], non[i], seen[i] = float(f[1]), float(f[2]), True
-        tab = cls(cod, non)
+                # Why: a short or non-numeric row used to raise a bare IndexError / ValueError
+                # naming neither the file nor the line.
+                try:
+                    cod[i], non[i], seen[i] = float(f[1]), float(f[2]), True
+                except (IndexError, ValueError):
+                    raise ValueError(f"{path}:{lineno}: expected 'hexamer<TAB>coding<TAB>noncoding', "
+                                     f"got {line.strip()[:80]!r}") from None
+        try:
+            tab = cls(cod, non)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         tab._counted &= seen
         tab._pairs = None
         return tab
@@ -794,7 +823,10 @@ def _concat(seqs: Sequence) -> tuple[np.ndarray, np.ndarray]:
     :func:`encode` per string: ``encode('ascii', 'replace')`` maps each character to one byte)."""
     if all(isinstance(s, str) for s in seqs):
         n = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-        return encode("".join(seqs)), n
+        b = encode("".join(seqs))
+        if b.shape[0] == int(n.sum()):
+            return b, n
+        # whitespace was dropped by encode: the per-string lengths are wrong, encode one by one
     parts = [encode(s) for s in seqs]
     n = np.array([p.shape[0] for p in parts], dtype=np.int64)
     b = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
@@ -1077,6 +1109,10 @@ class FeatureExtractor:
     def __init__(self, hexamer: HexamerTable | None = None, kmax: int = 4, both_strands: bool = False,
                  use_kmers: bool = True, extra: bool = False):
         self.hexamer = hexamer
+        # Why: int() used to truncate 2.5 to 2 and accept negatives (silently no k-mer columns); a
+        # large kmax (4**kmax columns, 4**12 names built here) ran out of memory instead of failing.
+        if isinstance(kmax, bool) or not isinstance(kmax, (int, np.integer)) or not 0 <= kmax <= 8:
+            raise ValueError(f"kmax must be an integer in 0..8, got {kmax!r}")
         self.kmax = int(kmax)
         self.both_strands = bool(both_strands)
         self.use_kmers = bool(use_kmers)
@@ -1105,6 +1141,10 @@ class FeatureExtractor:
         """(n, n_features) float64. Sequences go through the batched code path in batches of at most
         ``_BATCH_BASES`` nucleotides (one longer sequence forms its own batch), so memory stays
         bounded whatever the input size; the result does not depend on the batching."""
+        # Why: a bare string is a sequence of 1-nt "transcripts": it used to give one row per
+        # nucleotide instead of failing (FeatureBaseline.predict_proba(seq) returned len(seq) values).
+        if isinstance(seqs, (str, bytes)):
+            raise TypeError("transform expects a list of sequences, got a single string; wrap it: [seq]")
         seqs = list(seqs)
         X = np.empty((len(seqs), len(self._names)), dtype=np.float64)
         i = 0

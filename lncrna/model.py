@@ -27,7 +27,10 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
-from .tokenization import KmerTokenizer
+from .tokenization import SPECIAL_TOKENS, KmerTokenizer
+
+# id of ``[NKMER]`` (a k-mer holding N or another ambiguity code), fixed by the vocabulary layout
+NKMER_ID = len(SPECIAL_TOKENS)
 
 CONFIG_FILE = "lncrna_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -95,13 +98,27 @@ def window_ids(
 ) -> list[np.ndarray]:
     """Split one transcript's token ids (T,) into windows of ``window_tokens`` (specials included).
 
-    Windows tile the transcript without overlap. When there are more than ``max_windows``, an
-    evenly spaced subset is kept (or a random subset when ``rng`` is given, for training).
+    Windows tile the transcript without overlap. ``[NKMER]`` tokens (k-mers holding N or another
+    ambiguity code) are left out unless the transcript has nothing else. When there are more than
+    ``max_windows``, an evenly spaced subset is kept (or a random subset when ``rng`` is given, for
+    training).
     """
+    # Why drop [NKMER]: no training or evaluation record holds an N (checked on every split), so its
+    # embedding is untrained; 30 N inserted into val lncRNAs flipped 8 of 20 to mRNA and 300 N 18 of
+    # 20. Masking the tokens is not enough: real k-mers pushed behind a masked run sit at positions
+    # the model never saw. Leaving them out (N = missing data) makes an N run of any length a no-op.
+    # N-free input: ids unchanged.
+    is_n = ids == NKMER_ID
+    if is_n.any() and not is_n.all():
+        ids = ids[~is_n]
     body = cfg.window_tokens - 2
     n = max(1, math.ceil(len(ids) / body))
     starts = np.arange(n) * body
     limit = max_windows if max_windows is not None else cfg.max_windows
+    # Why: max_windows=0 (or a negative/non-int value) used to return no window at all, and the
+    # transcript then crashed collate_windows or pooled to NaN far from the call that caused it.
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise ValueError(f"max_windows must be a positive integer, got {limit!r}")
     if cfg.pool == "first":
         starts = starts[:1]
     elif n > limit:
@@ -160,6 +177,10 @@ class NucleotideClassifier(nn.Module):
     @torch.no_grad()
     def predict_proba(self, seqs: Sequence[str], batch_tokens: int = 65536, device: str | torch.device | None = None) -> np.ndarray:
         """lncRNA probability of each sequence, (len(seqs),). Batches are built by length."""
+        # Why: a bare string is a Sequence[str] of 1-nt "transcripts"; it used to return one
+        # meaningless probability per nucleotide instead of failing.
+        if isinstance(seqs, (str, bytes)):
+            raise TypeError("predict_proba expects a list of sequences, got a single string; wrap it: [seq]")
         device = torch.device(device) if device is not None else next(self.parameters()).device
         self.eval()
         out = np.zeros(len(seqs), dtype=np.float64)
@@ -178,6 +199,12 @@ class NucleotideClassifier(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.bert.state_dict().items()}
+        # Why: fp16 tops out at 65504; a larger weight used to be written as inf without a word, and
+        # the re-loaded model then predicted NaN for every transcript.
+        for k, v in self.bert.state_dict().items():
+            if v.is_floating_point() and not torch.isfinite(state[k]).all() and torch.isfinite(v).all():
+                raise ValueError(f"weight {k} does not fit in {dtype} (max |w| = {v.abs().max().item():.3g}); "
+                                 "save with dtype=torch.float32 or torch.bfloat16")
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         return directory
@@ -192,10 +219,25 @@ class NucleotideClassifier(nn.Module):
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: missing model file (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-        cfg = ModelConfig(**json.loads(cfg_path.read_text()))
+        raw = json.loads(cfg_path.read_text())
+        # Why: a JSON list or an unknown key used to surface as a bare TypeError from the dataclass
+        # ("argument after ** must be a mapping", "unexpected keyword argument") naming no file.
+        if not isinstance(raw, dict):
+            raise ValueError(f"{cfg_path}: not a lncrna model config (expected a JSON object)")
+        unknown = sorted(set(raw) - set(ModelConfig.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{cfg_path}: unknown model config key(s) {unknown}")
+        try:
+            cfg = ModelConfig(**raw)
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
         model = cls(cfg)
         state = {k: v.float() for k, v in load_file(str(w_path)).items()}
-        missing, unexpected = model.bert.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.bert.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # Why: shape mismatches raise even with strict=False; name the files
+            first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise ValueError(f"{w_path}: weights do not fit {CONFIG_FILE}: {first}") from None
         missing = [m for m in missing if not m.endswith("position_ids")]
         if missing or unexpected:
             raise ValueError(f"{w_path}: weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -231,5 +273,11 @@ def classifier_from_mlm(cfg: ModelConfig, mlm: BertForMaskedLM) -> NucleotideCla
     """A classifier whose BERT encoder is copied from a pretrained MLM (head and pooler new)."""
     model = NucleotideClassifier(cfg)
     missing, unexpected = model.bert.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
-    assert not unexpected, unexpected
+    # Why: only the pooler is new (BertForMaskedLM has none). Any other missing key (an MLM with
+    # fewer layers than ``cfg``) used to leave those encoder layers silently random, and the old
+    # ``assert`` on unexpected keys vanished under ``python -O``.
+    missing = [m for m in missing if not m.startswith("pooler.") and not m.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"the MLM's encoder does not fit the classifier config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     return model

@@ -83,9 +83,11 @@ class KmerTokenizer(PreTrainedTokenizer):
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str | None = None, k: int = 3, stride: int = 1, **kwargs):
-        if not (isinstance(k, int) and 1 <= k <= 6):
+        # Why `bool` is excluded: True is an int, so k=True built a 1-mer tokenizer (ModelConfig
+        # already rejects booleans for k and stride).
+        if isinstance(k, bool) or not (isinstance(k, int) and 1 <= k <= 6):
             raise ValueError(f"k must be an int in 1..6, got {k!r}")
-        if not (isinstance(stride, int) and stride >= 1):
+        if isinstance(stride, bool) or not (isinstance(stride, int) and stride >= 1):
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
         self.k, self.stride = k, stride
         kmer_tokens = ["".join(p) for p in itertools.product("ACGT", repeat=k)]
@@ -147,6 +149,10 @@ class KmerTokenizer(PreTrainedTokenizer):
         return self.vocab.get(token, self.vocab["[UNK]"])
 
     def _convert_id_to_token(self, index: int) -> str:
+        # Why: a negative id used to wrap around Python-style (-1 -> the last k-mer, 'TTTTTT'), and
+        # a too-large one raised a bare "list index out of range".
+        if not 0 <= index < len(self._id_to_token):
+            raise ValueError(f"token id {index} is outside the vocabulary (0..{len(self._id_to_token) - 1})")
         return self._id_to_token[index]
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
