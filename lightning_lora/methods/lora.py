@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..core.config import AdapterConfig, Method, register
@@ -325,6 +326,17 @@ class _FusedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
+        # Why: the hand-written backward is not differentiable (it computes with
+        # detached casts of A, B and with W): under create_graph=True (gradient penalties, double
+        # backward) its results carried a partial graph and second-order gradients came out silently
+        # wrong. Then it runs as @once_differentiable: a second backward through it raises. One grad-mode
+        # test per call otherwise (the engine runs a plain backward with grad mode off)
+        if torch.is_grad_enabled():
+            return _once_differentiable_fused(ctx, g)
+        return _FusedLoRA._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):  # type: ignore[no-untyped-def]
         xd, xa_s, _, _ = ctx.saved_tensors  # unpacking checks the aliases' versions
         need_x, need_xd, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
         Bc = ctx.Bc
@@ -408,6 +420,12 @@ class _FusedLoRASiblings(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gs):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: see _FusedLoRA.backward
+            return _once_differentiable_siblings(ctx, *gs)
+        return _FusedLoRASiblings._backward(ctx, *gs)
+
+    @staticmethod
+    def _backward(ctx, *gs):  # type: ignore[no-untyped-def]
         x, xa_s = ctx.saved_tensors[:2]  # unpacking checks the B aliases' versions
         ranks, scaling, b_casts, replay, fifo = ctx.meta
         k = len(ranks)
@@ -453,6 +471,10 @@ class _FusedLoRASiblings(torch.autograd.Function):
 #: microseconds less per call. Used when no functorch transform is active and nothing is compiling;
 #: otherwise ``apply`` itself (see :func:`_plain_apply`).
 _apply_fused = super(torch.autograd.Function, _FusedLoRA).apply  # type: ignore[misc]
+#: the backward functions as ``@once_differentiable`` (run under ``create_graph=True`` only): results
+#: that raise when differentiated again, instead of a graph that misses A, B and W
+_once_differentiable_fused = once_differentiable(_FusedLoRA._backward)
+_once_differentiable_siblings = once_differentiable(_FusedLoRASiblings._backward)
 _apply_siblings = super(torch.autograd.Function, _FusedLoRASiblings).apply  # type: ignore[misc]
 
 
@@ -501,10 +523,15 @@ def _weight_bias(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _plain_linear_base(layer: nn.Module) -> bool:
     """Whether ``layer``'s base computes ``x W^T + b`` as the fused functions do: a transformers
     ``Conv1D`` (``fan_in_fan_out``) or a module whose ``forward`` is ``nn.Linear``'s (a subclass may
-    compute otherwise)."""
+    compute otherwise), with no hooks of its own (the fused paths never call the base module, so its
+    forward / pre-forward / backward hooks would not run)."""
     base = layer._modules.get("base_layer")
     if base is None:  # a named adapter's layer holds its shared base unregistered (core.multi)
         base = layer.base_layer
+    # Why: hooks on the base were skipped by the fused paths (a forward hook that
+    # rescales the base output changed nothing). Four dict truth tests per call (host time: ~0.1 µs)
+    if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+        return False
     return bool(layer.fan_in_fan_out) or type(base).forward is nn.Linear.forward
 
 
@@ -550,14 +577,15 @@ class _SiblingSet:
 
     def can_fuse(self, x: torch.Tensor) -> bool:
         """Whether this call can take the fused path for every member (no dropout in train mode, no
-        DoRA, enabled, not merged, one scale, one device, one adapter dtype, frozen base weights)."""
+        DoRA, enabled, not merged, one scale, one device, one adapter dtype, frozen base weights, plain
+        ``nn.Linear`` / ``Conv1D`` bases without hooks)."""
         first = self.members[0]
         scaling = first.scaling
         device = x.device
         dtype = None
         for m in self.members:
             if (m.disabled or m.merged or m.use_dora or not m.fused or (m.dropout_p > 0 and m.training)
-                    or m.scaling != scaling):
+                    or m.scaling != scaling or not _plain_linear_base(m)):  # (see LoRALinear.forward)
                 return False
             A = _lora_ab(m)[0]
             if dtype is None:
@@ -567,10 +595,19 @@ class _SiblingSet:
                 return False
         return True
 
-    def a_cat(self, casts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def a_cat(self, casts: list[tuple[torch.Tensor, torch.Tensor]], aliases: bool = False) -> torch.Tensor:
         """``[A_1; ...; A_k]`` in the activation dtype: the buffer the casts were written into, or one
-        concatenation per optimizer step (bf16 parameters, partial refresh)."""
-        key = tuple(m._cast_key for m in self.members)
+        concatenation per optimizer step (partial refresh); one per forward where the A "casts" are the
+        parameters themselves (``aliases``: A already in the activation dtype, e.g. fp32 training)."""
+        key: tuple[Any, ...] = tuple(m._cast_key for m in self.members)
+        # Why: with ``aliases`` the per-layer path reads A itself, so a write that
+        # moves no version counter (``p.data.copy_``, a collective) shows at once there; a cached
+        # concatenation (a copy) went stale instead, silently (fp32 q/k/v outputs 36 % off after
+        # ``A.data.mul_(0.5)``). Such a concatenation is still kept for inspection, under a None key:
+        # never reused. (A real cast, fp32 A under bf16 autocast, is a copy on both paths:
+        # ``invalidate_cast_caches`` documents those writes.)
+        if aliases:
+            key = (None,)
         if None not in key and self._a_cat is not None and self._a_cat[0] == key:
             return self._a_cat[1]
         dtype = casts[0][0].dtype
@@ -582,7 +619,7 @@ class _SiblingSet:
             out = buf
         else:
             out = torch.cat([c[0] for c in casts])
-        self._a_cat = (key, out) if None not in key else None
+        self._a_cat = (key, out) if None not in key or aliases else None
         return out
 
     def run(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -617,7 +654,7 @@ class _SiblingSet:
         if stale:  # together, so the A casts land in one stacked buffer
             _refresh_casts(stale, xdtype)
         casts = [m._casts for m in members]
-        a_cat = self.a_cat(casts)
+        a_cat = self.a_cat(casts, aliases=As[0].dtype == xdtype)
         first = members[0]
         mode = first.replay_inputs
         recipe = None
@@ -948,8 +985,12 @@ class LoRALinear(AdapterLayer):
         # cast cache's key, and the fused functions' hand-written backward is not what they trace.
         # torch.compile gets the plain formula too: the compiler fuses it itself, while the fused
         # path's caches, version checks and autograd.Function break its graph at every layer
+        # Why: a base whose forward is not nn.Linear's (a subclass overriding it)
+        # or that has hooks also gets the plain formula; the fused functions compute x W^T + b
+        # themselves and silently dropped what the base's own forward or hooks add
         if ((self.use_dora and not self.dora_detach_norm) or not self.fused or args or kwargs
-                or torch._C._are_functorch_transforms_active() or _is_compiling()):
+                or torch._C._are_functorch_transforms_active() or _is_compiling()
+                or not _plain_linear_base(self)):
             return self.reference_forward(x, *args, **kwargs)
         if self._siblings is not None:
             out = self._siblings.forward(self, x)
