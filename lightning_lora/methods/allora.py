@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig, Method, register
 from ..core.layer import AdapterLayer
-from ..optim.allora import GRANULARITIES, ALLoRAOptimizer, install_update_scaling, layer_parameters, scale_gradients
+from ..optim.allora import GRANULARITIES, ALLoRAOptimizer, _check, install_update_scaling, layer_parameters, scale_gradients
 from .lora import LoRA, LoRAConfig, LoRALinear
 
 
@@ -71,8 +71,7 @@ class ALLoRAConfig(AdapterConfig):
             raise ValueError("ALLoRA needs eta (no default: the paper's value is unconfirmed, METHODS.md §5)")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if not self.eta > 0:
-            raise ValueError(f"ALLoRA needs eta > 0, got {self.eta!r}")
+        _check(self.eta, self.granularity)  # a finite number > 0 (an infinite eta gives NaN gradients)
         if self.apply_to not in ("grad", "update"):
             raise ValueError(f"apply_to must be 'grad' or 'update', got {self.apply_to!r}")
         self.lora_config()  # validates r and init

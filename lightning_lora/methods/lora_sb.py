@@ -36,6 +36,8 @@ own code uses sklearn's randomized TruncatedSVD (random_state 42); the seed defa
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -372,6 +374,14 @@ class LoRAXSConfig(AdapterConfig):
             raise ValueError(f"core_init must be 'gaussian' or 'zeros', got {self.core_init!r}")
         if self.svd not in ("lowrank", "exact"):
             raise ValueError(f"svd must be 'lowrank' or 'exact', got {self.svd!r}")
+        # s = alpha / r: alpha = 0 gives a zero scale (R gets no gradient, the adapter never trains);
+        # a negative std fails only inside normal_() at injection
+        if not (isinstance(self.alpha, numbers.Real) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0 (s = alpha / r), got {self.alpha!r}")
+        if not self.core_std >= 0:
+            raise ValueError(f"core_std must be >= 0, got {self.core_std!r}")
+        if self.svd_niter < 0:
+            raise ValueError(f"svd_niter must be >= 0, got {self.svd_niter}")
 
 
 @torch.no_grad()
@@ -450,6 +460,14 @@ class LoRASBConfig(AdapterConfig):
             raise ValueError(f"svd must be 'lowrank' or 'exact', got {self.svd!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        # η₁ = η / (warmup_ratio · T): a negative η or T flips the sign of ΔW̃ = −η₁ sign(G) (the
+        # factors then point up the gradient) and η = 0 makes ΔW̃ = 0 (arbitrary SVD factors), silently
+        if self.init_lr is not None and not (math.isfinite(self.init_lr) and self.init_lr > 0):
+            raise ValueError(f"init_lr must be None or a finite number > 0, got {self.init_lr!r}")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"total_steps must be None or >= 1, got {self.total_steps!r}")
+        if self.svd_niter < 0:
+            raise ValueError(f"svd_niter must be >= 0, got {self.svd_niter}")
 
 
 class LoRASBLinear(CoreLoRALinear):
@@ -586,6 +604,11 @@ def init_lora_sb(
     cfg: LoRASBConfig = config  # type: ignore[assignment]
     warmup_ratio = cfg.warmup_ratio if warmup_ratio is None else warmup_ratio
     total_steps = cfg.total_steps if total_steps is None else total_steps
+    # same checks as LoRASBConfig for the explicit arguments (and an optimizer lr read at fit start)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"LoRA-SB init: lr must be a finite number > 0, got {lr!r}")
+    if total_steps is not None and total_steps < 1:
+        raise ValueError(f"LoRA-SB init: total_steps must be >= 1, got {total_steps!r}")
     lr1 = lr / (warmup_ratio * total_steps) if warmup_ratio and total_steps else lr
     grads = estimate_gradients(model, batches, loss_fn, n_batches or cfg.n_init_batches, layers, reduce)
     for name, layer in layers.items():
@@ -635,6 +658,10 @@ class LoRASB(Method):
             total = trainer.estimated_stepping_batches
             if c.t_unit == "batches":
                 total = total * trainer.accumulate_grad_batches
+            if c.warmup_ratio and not math.isfinite(total):
+                # an unsized train loader with max_steps=-1: int(inf) would raise an OverflowError
+                raise ValueError("LoRA-SB: the trainer's step count is unknown (unsized loader, no max_steps); "
+                                 "set total_steps (or warmup_ratio=0) for η₁ = η / (warmup_ratio · T)")
         loss_fn = self.init_loss_fn or _training_step_loss
         strategy = trainer.strategy
 
@@ -646,7 +673,8 @@ class LoRASB(Method):
                 yield strategy.batch_to_device(batch) if self.init_batches is None else batch
 
         with _no_logging(pl_module):
-            init_lora_sb(pl_module, step_batches(), loss_fn, lr, c.warmup_ratio, int(total), c.n_init_batches, reduce, c)
+            init_lora_sb(pl_module, step_batches(), loss_fn, lr, c.warmup_ratio,
+                         int(total) if math.isfinite(total) else None, c.n_init_batches, reduce, c)
 
 
 def _training_step_loss(pl_module: nn.Module, batch: Any) -> torch.Tensor:

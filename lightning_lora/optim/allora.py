@@ -27,6 +27,9 @@ Entry points (all agree bit for bit; tested):
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, Callable
 
@@ -37,8 +40,10 @@ GRANULARITIES = ("row", "tensor", "element")
 
 
 def _check(eta: float | None, granularity: str) -> None:
-    if eta is None or not eta > 0:
-        raise ValueError(f"ALLoRA needs eta > 0 (no default: METHODS.md §5), got {eta!r}")
+    # a string (YAML reads ``1e-3`` as one) would fail later in an obscure comparison, and an
+    # infinite eta turns c(0) = eta / sqrt(1 + (eta * 0)**2) into inf / nan: NaN gradients, silently
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or not eta > 0:
+        raise ValueError(f"ALLoRA needs a finite number eta > 0 (no default: METHODS.md §5), got {eta!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
@@ -210,6 +215,31 @@ class ALLoRAOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.eta, self.granularity, self.apply_to = eta, granularity, apply_to
         self._params = None if params is None else list(params)
+        self._init_hooks()
+
+    def _init_hooks(self) -> None:
+        # the hook tables ``Optimizer.__init__`` would create: without them ``register_step_pre_hook``
+        # (``install_update_scaling`` on this wrapper) raises, and once anything patches the class's
+        # ``step`` with torch's hook-running wrapper (``Optimizer.__setstate__`` does, e.g. on a
+        # deepcopy) every instance's ``step`` reads them
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            if name not in self.__dict__:
+                setattr(self, name, OrderedDict())
+        # route step() through torch's wrapper, as every torch optimizer: step hooks (this wrapper's
+        # and the global ones) and profiler records then apply to it too
+        self._patch_step_function()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ``Optimizer.__getstate__`` keeps only defaults / state / param_groups, which here are
+        # properties of the inner optimizer: a copy or pickle lost ``optimizer`` and eta and raised.
+        # Hooks and a scheduler's patched ``step`` (closures, not picklable) are left out, as torch does
+        return {k: self.__dict__[k] for k in ("optimizer", "eta", "granularity", "apply_to", "_params")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_hooks()
 
     # delegate the state torch / Lightning / schedulers read
     @property
