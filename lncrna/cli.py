@@ -41,6 +41,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .errors import UserError
+
 PROG = "lncrna"
 HYDRA_COMMANDS = {
     "train": "fine-tune the classifier with an adapter (Hydra; lncrna train --help)",
@@ -50,10 +52,6 @@ MAX_WARNINGS = 20  # per-record warnings printed; the rest are counted
 MIN_RELIABLE_LENGTH = 200  # nt; the training data has no shorter record (data/PROVENANCE.md)
 MAX_N_SHARE = 0.5  # records with a larger share of N (unknown bases) get a warning
 SHOW_IDS = 5  # ids named per low-signal warning line
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
 
 
 class Terminated(BaseException):

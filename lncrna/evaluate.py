@@ -157,6 +157,11 @@ def read_truth(fasta: str | os.PathLike[str] | None = None, *, lnc: str | os.Pat
             if y == -1:
                 raise EvaluationError(f"{path}: record {i} {rid!r}: label must be lncRNA or mRNA ({rest[:60]!r})")
             if y is not None:
+                # Why: a repeated id with the other label used to be dropped silently (first one won),
+                # so the score depended on record order; the --lnc/--mrna path already refuses this.
+                if truth.get(rid, y) != y:
+                    raise EvaluationError(f"{path}: record {i} {rid!r}: id already labelled "
+                                          f"{'lncRNA' if truth[rid] else 'mRNA'} by an earlier record")
                 truth.setdefault(rid, y)
         if not truth:
             raise EvaluationError(f"{path}: no truth labels: headers need label=lncRNA or label=mRNA "

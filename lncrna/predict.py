@@ -123,7 +123,9 @@ class StackParams:
         if not isinstance(raw, dict):
             raise ModelError(f"{path}: expected a JSON object with keys {', '.join(cls.KEYS)}")
         missing = [k for k in cls.KEYS if k not in raw]
-        bad = [k for k in cls.KEYS if k in raw and not (isinstance(raw[k], (int, float)) and math.isfinite(raw[k]))]
+        # bool is an int subclass: "low": true used to load as 1.0 (an empty band) without a word
+        bad = [k for k in cls.KEYS if k in raw and (isinstance(raw[k], bool) or not (
+            isinstance(raw[k], (int, float)) and math.isfinite(raw[k])))]
         if missing or bad:
             raise ModelError(f"{path}: " + "; ".join(
                 ([f"missing keys {', '.join(missing)}"] if missing else []) + ([f"not a finite number: {', '.join(bad)}"] if bad else [])))
@@ -249,6 +251,9 @@ def _as_record(item: Any, index: int) -> FastaRecord:
     if isinstance(item, FastaRecord):
         return item
     rid, seq = (item.id, item.seq) if hasattr(item, "seq") else item
+    rid = str(rid)
+    if any(c in rid for c in "\t\r\n"):  # would split or shift the row in the TSV output (format_row)
+        raise ValueError(f"record {index} {rid!r}: id contains a tab or line break")
     try:
         seq = normalise_sequence(str(seq))
     except ValueError as e:
@@ -291,6 +296,8 @@ class Predictor:
     ) -> None:
         self.model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
         self.cascade, self.threshold = bool(cascade), float(threshold)
+        if not math.isfinite(self.threshold):  # NaN compared False everywhere: every record became mRNA
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if batch_tokens is not None and batch_tokens < 1:

@@ -27,6 +27,7 @@ from .model import (
     make_tokenizer,
     mlm_model,
 )
+from .errors import UserError
 from .tokenization import KmerTokenizer
 
 
@@ -106,6 +107,26 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def _reseed_worker_rng(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a fresh numpy generator per worker and per epoch.
+
+    Why: ``MLMWindows`` / ``TranscriptWindows`` draw their random windows from ``self.rng``. With
+    ``num_workers > 0`` every worker gets a copy of the parent's generator, and the parent never
+    draws from it, so each worker replayed the same draws and every epoch replayed the first one:
+    "one random window per epoch" was the same window every epoch. ``info.seed`` (torch's base seed
+    for this iterator + worker id) differs per worker and per epoch and follows ``seed_everything``.
+    """
+    info = torch.utils.data.get_worker_info()
+    if info is not None and getattr(info.dataset, "rng", None) is not None:
+        info.dataset.rng = np.random.default_rng(info.seed)
+
+
+def _train_loader(ds: Dataset, batch_size: int, collate_fn: Any, num_workers: int = 2) -> DataLoader:
+    """Shuffled training loader whose workers draw independent random windows (see above)."""
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, collate_fn=collate_fn, num_workers=num_workers,
+                      worker_init_fn=_reseed_worker_rng)
+
+
 def _pad_collate(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
     batch = collate_windows([[w] for w in windows])
     batch.pop("window_owner")
@@ -180,6 +201,7 @@ def pretrain(
     """
     from .data import load_split
 
+    _check_run_args(epochs=epochs, batch_size=batch_size, lr=lr, max_minutes=max_minutes)
     pl.seed_everything(seed)
     cfg = cfg or ModelConfig()
     kw = {"root": data_root} if data_root else {}
@@ -196,7 +218,7 @@ def pretrain(
     )
     trainer.fit(
         module,
-        DataLoader(train_ds, batch_size=batch_size, shuffle=True, collate_fn=_pad_collate, num_workers=2),
+        _train_loader(train_ds, batch_size, _pad_collate),
         DataLoader(val_ds, batch_size=batch_size, collate_fn=_pad_collate),
     )
     path = Path(out_dir) / "mlm"
@@ -267,6 +289,38 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class RunConfigError(UserError, ValueError):
+    """A run setting (epochs, batch size, species, data root ...) that cannot train; one line.
+
+    A :class:`lncrna.errors.UserError` so that ``lncrna train`` / ``lncrna pretrain`` print it as one
+    ``error:`` line (exit 2) without an unrelated ``adapter=`` / ``init_dir=`` prefix."""
+
+
+def _check_run_args(*, epochs: Any, batch_size: Any, lr: Any, max_minutes: Any,
+                    train_windows: Any = 1) -> None:
+    """One-line :class:`RunConfigError` for run settings that cannot train, before any data or model loads.
+
+    Why: ``epochs=0`` used to "succeed" and save the untrained (or merely re-saved) model as if it
+    were trained, and ``batch_size=0`` / ``train_windows=0`` / ``lr<=0`` failed deep inside the
+    DataLoader or its worker processes with a traceback that did not name the setting.
+    """
+    def whole(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+    problems = [f"{name} must be an integer >= 1, got {v!r}"
+                for name, v in (("epochs", epochs), ("batch_size", batch_size), ("train_windows", train_windows))
+                if not (whole(v) and v >= 1)]
+    if not (number(lr) and lr > 0):
+        problems.append(f"lr must be a finite number > 0, got {lr!r}")
+    if max_minutes is not None and not (number(max_minutes) and max_minutes > 0):
+        problems.append(f"max_minutes must be a number > 0 or null, got {max_minutes!r}")
+    if problems:
+        raise RunConfigError("; ".join(problems))
+
+
 def select_training_rows(df, species: str):
     """Rows of a split for a training-set choice: ``"mouse"`` (both classes from mouse) or ``"mixed"``."""
     if species == "mouse":
@@ -290,6 +344,9 @@ def finetune(
     """
     from .data import load_split
 
+    _check_run_args(epochs=epochs, batch_size=batch_size, lr=lr, max_minutes=max_minutes, train_windows=train_windows)
+    if species not in ("mouse", "mixed"):  # before the MLM and the data load, not after
+        raise RunConfigError(f"unknown training species {species!r}; expected 'mouse' or 'mixed'")
     pl.seed_everything(seed)
     if mlm_dir is not None:
         cfg, mlm = load_mlm(mlm_dir)
@@ -299,6 +356,11 @@ def finetune(
         model = NucleotideClassifier(cfg)
     kw = {"root": data_root} if data_root else {}
     train = select_training_rows(load_split("train", **kw), species)
+    if len(train) == 0 or train.label.nunique() < 2:
+        # Why: an empty or one-class training set failed inside Lightning (empty loader) or trained a
+        # classifier that can only answer one class; say which data root and species did it.
+        raise RunConfigError(f"training split under {data_root or 'the default data root'} has "
+                          f"{len(train)} {species} row(s) with labels {sorted(set(train.label))}; need both classes")
     val = load_split("val", **kw)
     train_ds = TranscriptWindows(model, list(train.seq), list(train.label), train_windows, seed)
     val_ds = TranscriptWindows(model, list(val.seq), list(val.label), None)
@@ -323,7 +385,7 @@ def finetune(
     t0 = time.time()
     trainer.fit(
         module,
-        DataLoader(train_ds, batch_size=batch_size, shuffle=True, collate_fn=_transcript_collate, num_workers=2),
+        _train_loader(train_ds, batch_size, _transcript_collate),
         DataLoader(val_ds, batch_size=batch_size, collate_fn=_transcript_collate),
     )
     model.train_seconds = time.time() - t0  # type: ignore[attr-defined]
