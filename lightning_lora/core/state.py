@@ -109,8 +109,10 @@ def write_adapter(
     extra = getattr(method, "layer_metadata", None)
     if callable(extra):
         metadata["lightning_lora_layer_metadata"] = json.dumps(extra(layers))
+    # PEFT's format where the method has one and PEFT could load these layers (``to_peft_config``
+    # returns None where it could not); this library's own config otherwise
     peft = getattr(method, "to_peft_config", None)
-    config_json: dict[str, Any] = peft(layers) if callable(peft) else {"lightning_lora": method.config.to_dict()}
+    config_json: dict[str, Any] = (peft(layers) if callable(peft) else None) or {"lightning_lora": method.config.to_dict()}
     config_json["base_model_name_or_path"] = base_model_name_or_path
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config_json, indent=2, sort_keys=True)))

@@ -237,17 +237,17 @@ class Bone(Method):
             "layers_pattern": None,
         }
 
-    def to_peft_config(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+    def to_peft_config(self, layers: dict[str, AdapterLayer]) -> dict[str, Any] | None:
         """``adapter_config.json`` of :func:`lightning_lora.save_adapter`: PEFT MiSS (:meth:`peft_config`)
-        when PEFT can load it; with Conv1D layers, this library's own config instead (what methods
-        PEFT lacks write), with a warning: a MiSS config there would claim a PEFT directory that PEFT
-        cannot load. Our own loader reads the safetensors metadata, so the directory loads here either way."""
+        when PEFT can load it; None with Conv1D layers, with a warning (``save_adapter`` then writes
+        this library's own config, as for methods PEFT lacks): a MiSS config there would claim a PEFT
+        directory that PEFT cannot load. Our loader reads the safetensors metadata either way."""
         blocker = self._peft_blocker(layers)
         if blocker is None:
             return self.peft_config(layers)
         warnings.warn(f"{blocker}; adapter_config.json is written in lightning_lora's own format "
                       "(loads with lightning_lora.load_adapter, not with PEFT)", stacklevel=4)
-        return {"lightning_lora": self.config.to_dict()}
+        return None
 
     @classmethod
     def from_peft_config(cls, cfg: dict[str, Any]) -> BoneConfig:

@@ -110,7 +110,7 @@ def test_allora_eta_must_be_a_finite_positive_number(eta):
 
 
 def test_allora_eta_accepts_numpy_and_int_scalars():
-    np = pytest.importorskip("numpy")
+    import numpy as np
     assert ALLoRAConfig(r=2, eta=np.float32(2.0)).eta == 2.0 and ALLoRAConfig(r=2, eta=3).eta == 3
     assert LoRAXSConfig(r=2, alpha=np.float64(4.0)).alpha == 4.0
 

@@ -168,7 +168,6 @@ def _reinit_worker(rank: int, world: int, store: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_flexora_reinit_is_identical_on_every_process(tmp_path):
     """DDP broadcasts parameters only when it wraps the model; the selection's re-initialisation drew
     A from each process's own RNG, so processes whose RNG states had drifted retrained different
@@ -176,7 +175,7 @@ def test_flexora_reinit_is_identical_on_every_process(tmp_path):
     world = 2
     out = str(tmp_path / "A")
     mp.spawn(_reinit_worker, args=(world, str(tmp_path / "store"), out), nprocs=world, join=True)
-    a0, a1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    a0, a1 = torch.load(f"{out}.0", weights_only=True), torch.load(f"{out}.1", weights_only=True)
     assert a0.keys() == a1.keys() == {"0", "4"}
     for name in a0:
         assert torch.equal(a0[name], a1[name]), name

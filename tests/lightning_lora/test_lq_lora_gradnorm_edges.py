@@ -214,7 +214,7 @@ def test_lq_lora_precomputed_decomposition_lands_on_the_base_device(device):
                                    atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tests the CUDA device path; CI has no GPU")
 @pytest.mark.parametrize("compile_dequant", [False, True])
 def test_lq_lora_on_cuda_bf16_trains_and_round_trips(tmp_path, monkeypatch, compile_dequant):
     """Device and dtype on a GPU: decomposition on the GPU, bf16 forward and backward finite with
@@ -242,7 +242,7 @@ def test_lq_lora_on_cuda_bf16_trains_and_round_trips(tmp_path, monkeypatch, comp
     assert torch.equal(fresh(x), net(x))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tests the CUDA device path; CI has no GPU")
 @pytest.mark.parametrize("bits", [32, 8])
 def test_gradnorm_optimizer_on_cuda_resumes_bit_exact(bits):
     def run(p: nn.Parameter, opt: GradNormLoRPAdamW, steps: range) -> None:

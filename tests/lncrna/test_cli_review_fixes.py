@@ -15,7 +15,6 @@ import errno
 import gzip
 import os
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,11 +33,22 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial"))
 
 
-def raising(exc: BaseException) -> Callable[[], None]:
-    """An ``on_chunk`` action that raises ``exc``."""
+def predict_raising_at(chunk: int, exc: BaseException, tmp_path: Path, model_dir: Path, capsys, on_chunk,
+                       old: str | None = None) -> tuple[int, str, Path]:
+    """``lncrna predict`` of GOOD in chunks of 3 into ``out.tsv`` (holding ``old`` first, if given),
+    with stage 1 of chunk ``chunk`` raising ``exc``; returns (exit status, stderr, out)."""
+    fa = tmp_path / "in.fa"
+    fa.write_text(fasta_text(GOOD))
+    out = tmp_path / "out.tsv"
+    if old is not None:
+        out.write_text(old)
+
     def act() -> None:
         raise exc
-    return act
+
+    on_chunk(chunk, act)
+    rc, _, err = run(["predict", fa, "-o", out, "--model", model_dir, "--chunk-size", "3", "-q"], capsys)
+    return rc, err, out
 
 
 # ---- 1. duplicate ids -------------------------------------------------------------------------------
@@ -95,22 +105,13 @@ def test_error_after_first_chunk_leaves_no_new_output(tmp_path, model_dir, capsy
 
 
 def test_internal_error_mid_run_removes_partial_output(tmp_path, model_dir, capsys, on_chunk):
-    fa = tmp_path / "in.fa"
-    fa.write_text(fasta_text(GOOD))
-    out = tmp_path / "out.tsv"
-    on_chunk(2, raising(RuntimeError("boom")))
-    rc, _, err = run(["predict", fa, "-o", out, "--model", model_dir, "--chunk-size", "3", "-q"], capsys)
+    rc, err, out = predict_raising_at(2, RuntimeError("boom"), tmp_path, model_dir, capsys, on_chunk)
     assert rc == 1 and "internal error: RuntimeError: boom (3 finished rows discarded" in err
     assert not out.exists() and leftovers(tmp_path) == []
 
 
 def test_ctrl_c_renames_finished_rows_into_place(tmp_path, model_dir, capsys, on_chunk):
-    fa = tmp_path / "in.fa"
-    fa.write_text(fasta_text(GOOD))
-    out = tmp_path / "out.tsv"
-    out.write_text("OLD\n")
-    on_chunk(2, raising(KeyboardInterrupt()))
-    rc, _, err = run(["predict", fa, "-o", out, "--model", model_dir, "--chunk-size", "3", "-q"], capsys)
+    rc, err, out = predict_raising_at(2, KeyboardInterrupt(), tmp_path, model_dir, capsys, on_chunk, old="OLD\n")
     assert rc == 130 and err.strip() == f"lncrna predict: interrupted (3 finished rows kept in {out})"
     lines = out.read_text().splitlines()
     assert lines[0] == HEADER and [line.split("\t")[0] for line in lines[1:]] == ["tx0", "tx1", "tx2"]
@@ -118,12 +119,7 @@ def test_ctrl_c_renames_finished_rows_into_place(tmp_path, model_dir, capsys, on
 
 
 def test_ctrl_c_before_any_row_keeps_old_output(tmp_path, model_dir, capsys, on_chunk):
-    fa = tmp_path / "in.fa"
-    fa.write_text(fasta_text(GOOD))
-    out = tmp_path / "out.tsv"
-    out.write_text("OLD\n")
-    on_chunk(1, raising(KeyboardInterrupt()))
-    rc, _, err = run(["predict", fa, "-o", out, "--model", model_dir, "--chunk-size", "3", "-q"], capsys)
+    rc, err, out = predict_raising_at(1, KeyboardInterrupt(), tmp_path, model_dir, capsys, on_chunk, old="OLD\n")
     assert rc == 130 and "(no rows written)" in err
     assert out.read_text() == "OLD\n" and leftovers(tmp_path) == []
 
