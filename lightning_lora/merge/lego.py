@@ -33,7 +33,7 @@ units there.
 
 Changed behaviour: since the canonical ordering (review 2, item 6) the clusters, and so the merged
 weights, differ from those of the earlier code for the same seed whenever the pooled order was not
-already canonical; results computed before it (``benchmarks/results/lego_glue.json``) are not
+already canonical; results computed before it (``benchmarks/results/lego_glue_session13.json``) are not
 reproduced bit for bit.
 """
 
