@@ -27,6 +27,9 @@ slim)
     mv data/lncrna_gene/*.fa.gz .carry/gene_lnc/
     mv lncrna/weights/default/model.safetensors .carry/lnc_model/
     if [[ -d benchmarks/checkpoints/clora_v2 ]]; then rm -rf .carry/clora_ckpt; mv benchmarks/checkpoints/clora_v2 .carry/clora_ckpt; fi
+    # the gene hold-out's lncRNA MLM, classifier and baseline (24 MB): carry .carry/lnc_gene_ckpt when a
+    # job continues that MLM (benchmarks/checkpoints/README.md)
+    if [[ -d benchmarks/checkpoints/lncrna_gene ]]; then rm -rf .carry/lnc_gene_ckpt; mv benchmarks/checkpoints/lncrna_gene .carry/lnc_gene_ckpt; fi
     ;;
 restore)
     [[ -d $HELD ]] || { echo "slim_tree: nothing to restore ($HELD missing)" >&2; exit 1; }
@@ -37,6 +40,7 @@ restore)
     mv .carry/gene_lnc/*.fa.gz data/lncrna_gene/
     mv .carry/lnc_model/model.safetensors lncrna/weights/default/
     if [[ -d .carry/clora_ckpt && ! -e benchmarks/checkpoints/clora_v2 ]]; then mv .carry/clora_ckpt benchmarks/checkpoints/clora_v2; fi
+    if [[ -d .carry/lnc_gene_ckpt && ! -e benchmarks/checkpoints/lncrna_gene ]]; then mv .carry/lnc_gene_ckpt benchmarks/checkpoints/lncrna_gene; fi
     rm -r $HELD
     ;;
 *) echo "usage: bash benchmarks/slim_tree.sh slim|restore" >&2; exit 2 ;;

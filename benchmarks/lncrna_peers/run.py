@@ -17,6 +17,11 @@ lncRNA is the positive class everywhere; peers' coding probability p gives P(lnc
 
 Output files: ``lncrna_peers_{human,mouse}.json`` while no main model is plugged in;
 ``lncrna_human_cpat_test.json`` / ``lncrna_mouse_test.json`` once one is (see ``main_model``).
+With ``--data`` naming another split folder the names end in ``_<folder>`` (the gene hold-out:
+``lncrna_mouse_test_lncrna_gene.json``). ``--model-dir`` and ``--baseline-dir`` score a model
+trained on that split instead of the shipped one:
+
+    python -m benchmarks.lncrna_peers.run --data data/lncrna_gene --model-dir DIR --baseline-dir DIR
 """
 
 from __future__ import annotations
@@ -155,13 +160,23 @@ def baseline_predictor(path: str | Path | None = None) -> Predictor:
     return predict
 
 
-def main_model() -> Predictor | None:
+def main_model(model_dir: str | Path | None = None, baseline_dir: str | Path | None = None) -> Predictor | None:
     """THE hook for our main model: return a predictor ``(ids, seqs, fasta, test_key) ->
     Prediction | P(lncRNA) array`` or None while it does not exist. Its metrics are written under
     unprefixed keys and the results go to the final files (``lncrna_human_cpat_test.json``,
     ``lncrna_mouse_test.json``). ``--model module:function`` overrides this with any callable
-    ``function(seqs: list[str]) -> P(lncRNA) array``.
+    ``function(seqs: list[str]) -> P(lncRNA) array``. ``model_dir`` / ``baseline_dir``: the
+    cascade from these folders instead of the shipped ones (loaded inside the timed call, as the
+    shipped model's lazy load is).
     """
+    if model_dir is not None or baseline_dir is not None:
+        from lncrna.predict import Predictor as CascadePredictor
+
+        def predict(ids, seqs, fasta, test_key):
+            with CascadePredictor(model_dir, baseline_dir=baseline_dir) as cascade:
+                return np.asarray(cascade.predict_sequences(list(seqs)), dtype=np.float64)
+
+        return predict
     try:
         mod = importlib.import_module("lncrna.predict")
     except ImportError:
@@ -178,9 +193,9 @@ def _model_from_spec(spec: str) -> Predictor:
     return lambda ids, seqs, fasta, test_key: np.asarray(fn(list(seqs)), dtype=np.float64)
 
 
-PEERS: dict[str, Callable[[], Predictor]] = {
-    "cpat": lambda: cpat_predictor,
-    "cpc2": lambda: cpc2_predictor,
+PEERS: dict[str, Callable[..., Predictor]] = {
+    "cpat": lambda baseline_dir=None: cpat_predictor,
+    "cpc2": lambda baseline_dir=None: cpc2_predictor,
     "baseline": baseline_predictor,
 }
 
@@ -242,11 +257,12 @@ def run_one(pred_fn: Predictor, ids, seqs, y, fasta: Path, test_key: str) -> dic
     return res
 
 
-def evaluate(test_key: str, predictors: dict[str, Predictor], log=print) -> dict:
-    """Run every predictor (key = metric prefix, '' for our main model) on one test split."""
-    from lncrna.data import load_split
+def evaluate(test_key: str, predictors: dict[str, Predictor], log=print, data: Path | None = None) -> dict:
+    """Run every predictor (key = metric prefix, '' for our main model) on one test split of the
+    built splits in ``data`` (default ``data/lncrna``)."""
+    from lncrna.data import DEFAULT_OUT, load_split
 
-    df = load_split(TESTS[test_key]["split"])
+    df = load_split(TESTS[test_key]["split"], data if data is not None else DEFAULT_OUT)
     ids = [f"s{i}" for i in range(len(df))]
     seqs = df["seq"].tolist()
     y = df["label"].to_numpy()
@@ -280,19 +296,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "default: main_model() (lncrna.predict.predict_proba if it exists)")
     ap.add_argument("--no-model", action="store_true", help="peers only, even if our model exists")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--data", type=Path, default=None,
+                    help="built splits to test on (default data/lncrna; the gene hold-out: data/lncrna_gene); "
+                         "result names then end in _<folder>")
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="our cascade's transformer folder (lncrna_config.json, model.safetensors, stack.json) "
+                         "instead of the shipped lncrna/weights/default")
+    ap.add_argument("--baseline-dir", type=Path, default=None,
+                    help="feature baseline folder (baseline.json, baseline.npz) for the cascade and the "
+                         "baseline peer, instead of the shipped lncrna/weights/baseline")
     args = ap.parse_args(argv)
+    if args.model and (args.model_dir or args.baseline_dir):
+        ap.error("--model replaces the cascade; give either it or --model-dir/--baseline-dir")
 
     skip = {s for s in args.skip.split(",") if s}
-    predictors: dict[str, Predictor] = {k: make() for k, make in PEERS.items() if k not in skip}
-    ours = None if args.no_model else (_model_from_spec(args.model) if args.model else main_model())
+    predictors: dict[str, Predictor] = {k: make(args.baseline_dir) for k, make in PEERS.items() if k not in skip}
+    ours = None if args.no_model else (
+        _model_from_spec(args.model) if args.model else main_model(args.model_dir, args.baseline_dir))
+    from lncrna.data import DEFAULT_OUT
+
+    suffix = "" if args.data is None or args.data.resolve() == Path(DEFAULT_OUT).resolve() else f"_{args.data.name}"
     if ours is not None:
         predictors[""] = ours
     command = "python -m benchmarks.lncrna_peers.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if os.environ.get("LNCRNA_PEER_BIN") and {"cpat", "cpc2"} - skip:
         command = f"LNCRNA_PEER_BIN={shlex.quote(os.environ['LNCRNA_PEER_BIN'])} " + command
     for key in (["human", "mouse"] if args.test == "both" else [args.test]):
-        metrics = evaluate(key, predictors, log=lambda s: print(s, file=sys.stderr, flush=True))
-        name = TESTS[key]["final_name"] if ours is not None else TESTS[key]["peers_name"]
+        metrics = evaluate(key, predictors, log=lambda s: print(s, file=sys.stderr, flush=True), data=args.data)
+        name = (TESTS[key]["final_name"] if ours is not None else TESTS[key]["peers_name"]) + suffix
         print(write_result(name, command.strip(), metrics, args.out_dir))
     return 0
 
