@@ -139,9 +139,17 @@ start)
         if compgen -G ".carry/gene_lnc/*.fa.gz" >/dev/null; then
             mkdir -p $W/data/lncrna_gene && cp .carry/gene_lnc/*.fa.gz $W/data/lncrna_gene/
         fi
-        launch lncrna $PY benchmarks/lncrna_gpu_run.py --data data/lncrna_gene --out runs/lncrna3 \
-            --pretrain-minutes ${LNCRNA_PRETRAIN_MIN:-12} --finetune-minutes 2.0 --finetune-epochs 20 \
-            --species mouse --variants lora:32 full
+        # LNCRNA_MLM_INIT=.carry/lnc_gene_ckpt/mlm continues the gene MLM committed in
+        # benchmarks/checkpoints/lncrna_gene (slim_tree.sh moves it there; carry it in a call of its own).
+        # The epochs size the LR schedule and the minutes only cut it: session 16 stopped at the default 40
+        # epochs after 318 s of the 12 minutes asked (about 8 s an epoch), so 85 epochs fill about 11.5 of 12
+        init=()
+        if [[ -n ${LNCRNA_MLM_INIT:-} ]]; then
+            mkdir -p $W/.carry && cp -r "$LNCRNA_MLM_INIT" $W/.carry/mlm_init && init=(--mlm-init .carry/mlm_init)
+        fi
+        launch lncrna $PY benchmarks/lncrna_gpu_run.py --data data/lncrna_gene --out runs/lncrna3 "${init[@]}" \
+            --pretrain-minutes ${LNCRNA_PRETRAIN_MIN:-12} --pretrain-epochs ${LNCRNA_PRETRAIN_EPOCHS:-85} \
+            --finetune-minutes 2.0 --finetune-epochs 20 --species mouse --variants lora:32 full
     elif [[ $group == quiet ]]; then
         # timings: alone on the GPU (random weights, nothing to stage); start the others after it ends
         # three rounds of every variant in turn (~8 min): session 4's single rounds moved by up to 20 ms with the host

@@ -28,7 +28,10 @@ code's default mapping) and ``--increlora-dropout 0.3`` (rank=8 SST-2 script) gi
 variants, tagged ``increlora/.../k4``, ``.../do0.3``; the interval then grows so growth still ends by
 ``growth_end``. ``--grad-clip 1.0`` clips the gradient norm in every run of both methods, the rate
 sweep's included (tags ``.../c1``, result ``..._clip1.json``): session 13's LoRA at 2e-3 diverged over
-6,000 SST-2 steps without clipping (``increlora_glue_sst2_steps6000.json``).
+6,000 SST-2 steps without clipping (``increlora_glue_sst2_steps6000.json``). ``--rate-per-task``
+chooses each method's rate per task on a slice carved from that task's own train set (RTE's sweep
+rows ``sweep/<method>/rte/...``; main runs tagged with their rate, result ``..._ratepertask.json``):
+at the SST-2-chosen 2e-3, LoRA predicts RTE's majority class on every seed.
 
 Writes ``<out>/increlora_glue.json`` (at the stored untagged runs' budgets, RTE 1,400 and SST-2 1,000
 steps; other budgets write ``increlora_glue_sst2_steps<steps>.json`` and so on) with per task and
@@ -98,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="clip the gradient norm to this in every run, the sweep's too, both methods (default: "
                         "none, as every stored run; session 13's LoRA diverged at 2e-3 over 6,000 steps without it); "
                         "runs get a /c<norm> tag and the result file a _clip<norm> suffix")
+    p.add_argument("--rate-per-task", action="store_true",
+                   help="choose each method's rate per task, on a slice carved from that task's own train set "
+                        "(default: one rate per method from SST-2, as every stored run; at that rate LoRA predicts "
+                        "RTE's majority class on every seed); main runs are tagged with their rate and the result "
+                        "file gets a _ratepertask suffix")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     return p.parse_args(argv)
@@ -132,11 +140,12 @@ def increlora_kwargs(args: argparse.Namespace, task: str, steps: int) -> dict[st
 UNTAGGED_STEPS = {"rte": 1400, "sst2": 1000}
 
 
-def result_name(steps: dict[str, int], grad_clip: float | None = None) -> str:
+def result_name(steps: dict[str, int], grad_clip: float | None = None, rate_per_task: bool = False) -> str:
     """``increlora_glue`` at the untagged runs' budgets (the bar's file); another budget gets its own
     name, ``increlora_glue_sst2_steps3000`` (session 10's 3,000-step run had overwritten the 1,000-step
-    result), and clipped runs ``..._clip1``."""
-    return NAME + budget_name(steps, UNTAGGED_STEPS) + ("" if grad_clip is None else f"_clip{grad_clip:g}")
+    result), clipped runs ``..._clip1`` and rates chosen per task ``..._ratepertask``."""
+    return (NAME + budget_name(steps, UNTAGGED_STEPS) + ("" if grad_clip is None else f"_clip{grad_clip:g}")
+            + ("_ratepertask" if rate_per_task else ""))
 
 
 def variant(args: argparse.Namespace) -> str:
@@ -147,17 +156,19 @@ def variant(args: argparse.Namespace) -> str:
 
 
 def choose_lrs(args: argparse.Namespace, extra: dict[str, Any], out_dir: Path, workers: int,
-               device: str | None) -> dict[str, float]:
-    """Each method's lr from ``--lr-grid`` by accuracy on a 10% slice carved from SST-2 train (seed 0,
-    ``--sweep-steps``); the reported GLUE dev sets are never read for this."""
+               device: str | None, task: str = "sst2") -> dict[str, float]:
+    """Each method's lr from ``--lr-grid`` by accuracy on a 10% slice carved from ``task``'s train set
+    (seed 0, ``--sweep-steps``); the reported GLUE dev sets are never read for this. SST-2's sweep rows
+    keep their stored tags (``sweep/<method>/lr<rate>...``); another task's are ``sweep/<method>/<task>/...``."""
     steps = 4 if args.smoke else args.sweep_steps
     kwargs = {"lora": ("lora", dict(r=args.r, alpha=args.alpha)),
-              "increlora": ("increlora", increlora_kwargs(args, "sst2", steps))}
+              "increlora": ("increlora", increlora_kwargs(args, task, steps))}
+    where = "" if task == "sst2" else f"{task}/"
     # a method whose best rate is the grid's top may peak above it (session 5: IncreLoRA, which starts
     # at rank 1, still gained 1.2 points from 1e-3 to 2e-3): try EXTENDED_GRID too, once
     lrs, _ = sweep_rates(
-        lambda t, lr: GlueRun(kwargs[t][0], "sst2", 0, kwargs[t][1], lr=lr, steps=steps, holdout=True,
-                              tag=f"sweep/{t}/lr{lr:g}" + (variant(args) if t == "increlora" else "")
+        lambda t, lr: GlueRun(kwargs[t][0], task, 0, kwargs[t][1], lr=lr, steps=steps, holdout=True,
+                              tag=f"sweep/{t}/{where}lr{lr:g}" + (variant(args) if t == "increlora" else "")
                               + clip_tag(extra.get("grad_clip")), **extra),
         args.lr_grid, lambda best, grid: list(EXTENDED_GRID) if best == max(grid) else [], kwargs,
         out_dir / f"{NAME}_runs.jsonl", workers=workers, device=device, threads=1 if args.smoke else 2,
@@ -170,21 +181,27 @@ EXTENDED_GRID = (5e-3, 1e-2)
 
 
 def make_runs(args: argparse.Namespace, steps: dict[str, int], extra: dict[str, Any],
-              lrs: dict[str, float]) -> list[GlueRun]:
+              lrs: dict[str, float] | dict[str, dict[str, float]]) -> list[GlueRun]:
+    """The main runs. ``lrs``: ``{method: rate}`` for every task, or ``{task: {method: rate}}`` with
+    ``--rate-per-task``, whose runs always carry their rate in the tag (``lora/lr0.0005``): a stored
+    run at the shared rate must not count as done."""
     runs: list[GlueRun] = []
     lora = dict(r=args.r, alpha=args.alpha)
+    per_task = getattr(args, "rate_per_task", False)
     for task in TASKS:
+        task_lrs = lrs[task] if per_task else lrs
         incre = increlora_kwargs(args, task, steps[task])
-        incre_lr = PAPER[task]["lr"] if args.increlora_lr == "paper" else lrs["increlora"]
+        incre_lr = PAPER[task]["lr"] if args.increlora_lr == "paper" else task_lrs["increlora"]
         # for LoRA as for IncreLoRA
         budget = budget_tag(steps[task], UNTAGGED_STEPS[task]) + clip_tag(extra.get("grad_clip"))
+        lora_grid = () if per_task else args.lr_grid
+        incre_grid = () if per_task else [*args.lr_grid, *(p["lr"] for p in PAPER.values())]
         for seed in args.seeds:
             common = dict(task=task, seed=seed, steps=steps[task], **extra)
-            runs.append(GlueRun("lora", method_kwargs=lora, tag=rate_tag("lora", lrs["lora"], args.lr_grid) + budget,
-                                lr=lrs["lora"], **common))
+            runs.append(GlueRun("lora", method_kwargs=lora, tag=rate_tag("lora", task_lrs["lora"], lora_grid) + budget,
+                                lr=task_lrs["lora"], **common))
             runs.append(GlueRun("increlora", method_kwargs=incre, lr=incre_lr,
-                                tag=rate_tag("increlora", incre_lr, [*args.lr_grid, *(p["lr"] for p in PAPER.values())])
-                                + variant(args) + budget,
+                                tag=rate_tag("increlora", incre_lr, incre_grid) + variant(args) + budget,
                                 **common))
     return runs
 
@@ -226,11 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.grad_clip is not None:
         extra["grad_clip"] = args.grad_clip
     start = time.perf_counter()
-    lrs = choose_lrs(args, extra, out_dir, workers, device)
-    if args.lr is not None:
-        lrs["lora"] = args.lr
-    if args.increlora_lr not in (None, "paper"):
-        lrs["increlora"] = float(args.increlora_lr)
+    if args.rate_per_task:
+        lrs: Any = {task: choose_lrs(args, extra, out_dir, workers, device, task=task) for task in TASKS}
+        chosen = list(lrs.values())
+    else:
+        lrs = choose_lrs(args, extra, out_dir, workers, device)
+        chosen = [lrs]
+    for task_lrs in chosen:
+        if args.lr is not None:
+            task_lrs["lora"] = args.lr
+        if args.increlora_lr not in (None, "paper"):
+            task_lrs["increlora"] = float(args.increlora_lr)
     print("learning rates:", lrs, flush=True)
     runs = make_runs(args, steps, extra, lrs)
     results = run_many(runs, out_dir / f"{NAME}_runs.jsonl", workers=workers, device=device,
@@ -250,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print(f"smoke run: no result file written (runs in {out_dir})")
         return 0
-    path = write_result(result_name(steps, args.grad_clip), metrics, command=command, directory=out_dir)
+    if args.rate_per_task:
+        metrics.update({f"{task}_{m}_chosen_lr": lr for task in TASKS for m, lr in lrs[task].items()})
+    path = write_result(result_name(steps, args.grad_clip, args.rate_per_task), metrics, command=command,
+                        directory=out_dir)
     print(f"wrote {path}")
     return 0
 

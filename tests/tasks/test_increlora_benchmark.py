@@ -123,3 +123,42 @@ def test_grad_clip_reaches_the_trainer():
                   max_samples=16, max_eval_samples=8, grad_clip=0.5)
     out = train_glue(run, device="cpu", callbacks=[Watch()])
     assert seen["clip"] == 0.5 and out["grad_clip"] == 0.5
+
+
+def test_rate_per_task_tags_runs_with_their_rates_and_names_the_result():
+    """``--rate-per-task``: each task's runs train at that task's rates and carry them in the tag, so a
+    stored run counts as done only at the same rate; the result file is named apart."""
+    args = g.parse_args(["--rate-per-task", "--incre-rank-num", "4", "--increlora-dropout", "0.3",
+                         "--grad-clip", "1.0", "--sst2-steps", "6000"])
+    lrs = {"rte": {"lora": 5e-4, "increlora": 2e-3}, "sst2": {"lora": 2e-3, "increlora": 5e-3}}
+    runs = g.make_runs(args, {"rte": 1400, "sst2": 6000}, {"grad_clip": 1.0}, lrs)
+    assert {(r.task, r.method, r.lr) for r in runs} == {
+        ("rte", "lora", 5e-4), ("rte", "increlora", 2e-3), ("sst2", "lora", 2e-3), ("sst2", "increlora", 5e-3)}
+    assert {(r.task, r.tag) for r in runs} == {
+        ("rte", "lora/lr0.0005/c1"), ("rte", "increlora/lr0.002/k4/do0.3/c1"),
+        ("sst2", "lora/lr0.002/s6000/c1"), ("sst2", "increlora/lr0.005/k4/do0.3/s6000/c1")}
+    shared = g.make_runs(g.parse_args(["--incre-rank-num", "4", "--increlora-dropout", "0.3"]),
+                         {"rte": 1400, "sst2": 6000}, {"grad_clip": 1.0}, {"lora": 2e-3, "increlora": 5e-3})
+    by_key = {r.key: r for r in shared}
+    reused = [r for r in runs if r.key in by_key]
+    assert reused and all(r.lr == by_key[r.key].lr for r in reused)  # only a run at the very same rate is reused
+    assert not any(r.task == "rte" and r.method == "lora" for r in reused)  # LoRA's RTE runs train anew
+    assert g.result_name({"rte": 1400, "sst2": 6000}, 1.0, True) == "increlora_glue_sst2_steps6000_clip1_ratepertask"
+
+
+def test_rate_sweep_on_another_task_carves_its_own_train_set(monkeypatch, tmp_path):
+    """The RTE sweep trains and scores on RTE (a held-out slice of its train set), under tags of its own."""
+    seen = []
+
+    def fake_sweep(sweep_run, grid, extension, tags, out_jsonl, **kw):
+        seen.extend(sweep_run(t, lr) for t in tags for lr in grid)
+        return {t: min(grid) for t in tags}, []
+
+    monkeypatch.setattr(g, "sweep_rates", fake_sweep)
+    args = g.parse_args(["--rate-per-task", "--grad-clip", "1.0"])
+    assert g.choose_lrs(args, {"grad_clip": 1.0}, tmp_path, 1, "cpu", task="rte") == {"lora": 5e-4, "increlora": 5e-4}
+    assert {(r.task, r.holdout) for r in seen} == {("rte", True)}
+    assert {r.tag for r in seen} >= {"sweep/lora/rte/lr0.0005/c1", "sweep/increlora/rte/lr0.002/c1"}
+    seen.clear()
+    g.choose_lrs(args, {"grad_clip": 1.0}, tmp_path, 1, "cpu")  # SST-2 keeps the stored rows' tags
+    assert {r.task for r in seen} == {"sst2"} and "sweep/lora/lr0.002/c1" in {r.tag for r in seen}
