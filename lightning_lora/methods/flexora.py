@@ -27,11 +27,19 @@ Two phases inside ONE ``pl.Trainer.fit``, driven by ``AdapterCallback("flexora",
    (DARTS' first-order approximation). No second-order or multi-step unrolled term is computed.
 
 2. Selection and retraining (at ``global_step == search_steps``): the selected set is
-   ``S = {l : α̂_l > 0}`` (the code's rule, METHODS §13; note it is not ``w_l > 1``: that holds iff
-   ``α̂_l > log mean_k exp(α̂_k)``, which is 0 only while α̂ sums to ~0, and Adam's per-coordinate steps
-   do not keep the sum at 0; the logged ``flexora/layers_above_mean`` counts ``α̂_l > 0`` too;
-   ``selection="top_k"`` keeps the ``top_k`` largest α̂ instead). An empty set (e.g. α̂ never moved)
-   falls back to all layers [design]. Then, as a fresh LoRA run (the code's stage 2 is a new SFT
+   ``S = {l : α̂_l > 0}`` (``selection="positive"``; the official code's rule and METHODS §13's
+   equation and invariant 4): a fixed threshold at α̂'s initial value 0, not a comparison with any
+   mean. METHODS §13 glosses the rule as "gate above the mean, ``w_l > 1``"; that is a different
+   rule, which this code does not apply. As ``mean_l w_l = 1``, ``w_l > 1`` iff ``α̂_l > m`` with
+   ``m = log mean_k exp(α̂_k) ≥ mean(α̂)`` (Jensen; equality only when all α̂ are equal), so
+   ``{α̂_l > 0}``, ``{w_l > 1}`` and ``{α̂_l > mean(α̂)}`` agree at α̂ = 0 but not in general: with
+   α̂ = (0.05, 0.5, −0.55) (Σ α̂ = 0) layer 0 has α̂ > 0 and α̂ > mean(α̂) yet ``w_0 ≈ 0.96 < 1``;
+   with α̂ = (−0.1, −0.2, −0.3) no α̂ is > 0 yet ``w_0 > 1``. (w ignores a constant added to α̂, so
+   the gate gradient sums to 0, but Adam's per-coordinate steps do not keep Σ α̂ at 0.) The logged
+   ``flexora/layers_above_mean`` is, despite its name, the count of ``α̂_l > 0`` (before the
+   empty-set fallback). ``selection="top_k"`` keeps the ``top_k`` largest α̂ instead. An empty set
+   (e.g. α̂ never moved) falls back to all layers [design]; a non-finite α̂ (a diverged gate step)
+   raises, naming the layers and the step. Then, as a fresh LoRA run (the code's stage 2 is a new SFT
    run): α̂ is discarded (gates of kept layers set to 1), the LoRA factors of the selected layers are
    re-initialised (A drawn as LoRA's ``init`` says, B = 0; ``reinit=False`` keeps the searched factors; modules
    trained in full, ``modules_to_save`` such as a new classifier head, keep their weights: the
@@ -121,9 +129,12 @@ class FlexoraConfig(LoRAConfig):
         granularity: ``"block"`` (one gate per transformer block, paper) or ``"module"``.
         block_pattern: regex whose first match in a module's qualified name (up to its end) names
             the module's block.
-        selection: ``"positive"`` (α̂_l > 0, paper/code) or ``"top_k"``.
+        selection: ``"positive"`` (keep ``{l : α̂_l > 0}``, official code and METHODS §13's
+            equation; not ``w_l > 1``, the "above the mean" gloss of METHODS: see the module
+            docstring) or ``"top_k"`` (the ``top_k`` largest α̂).
         top_k: layers kept by ``selection="top_k"``.
-        empty_selection: ``"all"`` (keep every layer when none is selected) or ``"error"``.
+        empty_selection: ``"all"`` (keep every layer when none is selected, e.g. no α̂_l > 0) or
+            ``"error"``.
         exclusion: ``"remove"`` (unselected modules get their base layer back) or ``"zero"``
             (B = 0 and frozen: inert, the code's way; still computed).
         reinit: re-initialise the selected LoRA factors at the switch (paper: retrain from scratch).
@@ -202,15 +213,28 @@ def group_layers(names: Iterable[str], config: FlexoraConfig) -> dict[str, list[
     return groups
 
 
-def select_layers(logits: Sequence[float] | torch.Tensor, keys: Sequence[str], config: FlexoraConfig) -> list[str]:
+def select_layers(logits: Sequence[float] | torch.Tensor, keys: Sequence[str], config: FlexoraConfig,
+                  step: int | None = None) -> list[str]:
     """The layers kept after the search, in model order.
 
-    ``selection="positive"``: exactly ``{l : α̂_l > 0}``; ``"top_k"``: the ``top_k`` largest α̂ (ties
-    to the earlier layer). Empty result: every layer (``empty_selection="all"``) or a RuntimeError.
+    ``selection="positive"``: exactly ``{l : α̂_l > 0}``, a fixed threshold at α̂'s initial value 0
+    (not ``w_l > 1``, not ``α̂_l > mean(α̂)``: see the module docstring); ``"top_k"``: the ``top_k``
+    largest α̂ (ties to the earlier layer). Empty result: every layer (``empty_selection="all"``) or a
+    RuntimeError. A non-finite α̂ raises a ValueError naming its layers (and ``step``, the optimizer
+    step of the selection, when given).
     """
     a = [float(v) for v in (logits.tolist() if isinstance(logits, torch.Tensor) else logits)]
     if len(a) != len(keys):
         raise ValueError(f"{len(a)} gate logits for {len(keys)} layers")
+    # NaN compares False with everything: "NaN > 0" would silently drop the layer, and top_k's sort
+    # order would be arbitrary. A non-finite α̂ means the gate step diverged, so stop loudly instead.
+    # Checking α̂ suffices: finite α̂ always gives finite gates (gate_values subtracts max α̂).
+    bad = {k: v for k, v in zip(keys, a) if not math.isfinite(v)}
+    if bad:
+        at = f" at optimizer step {step}" if step is not None else ""
+        raise ValueError(f"Flexora: non-finite gate logit for layer(s) {list(bad)}{at} (α̂ = {list(bad.values())}): "
+                         "the gate step diverged; lower gate_lr, or clip gradients (Trainer(gradient_clip_val=...)) "
+                         "if the LoRA weights diverged first")
     if config.selection == "positive":
         keep = {i for i, v in enumerate(a) if v > 0}
     else:
@@ -286,15 +310,54 @@ class FlexoraLinear(LoRALinear):
 
 
 def _split_batch(batch: Any, size: int) -> list[Any]:
-    """Micro-batches of ``size`` rows of a tensor / mapping / sequence of tensors (dim 0)."""
+    """Micro-batches of ``size`` rows of a tensor / mapping / sequence of tensors (dim 0).
+
+    A list or tuple holding no tensor (raw texts, ids, per-row metadata) whose length is the batch's
+    row count (dim 0 of its first tensor) is a per-row field and is split with the tensors, so its
+    entries stay aligned with the tensor rows. A list or tuple that holds tensors is a structure
+    (``(x, y)``) and is split field by field. Anything else (scalars, strings, 0-d tensors, lists of
+    another length) is shared by every micro-batch.
+    """
+    return _split_fields(batch, size, _batch_rows(batch))
+
+
+def _batch_rows(batch: Any) -> int | None:
+    """dim 0 of the first tensor (with at least one dim) in ``batch``, depth first; None if none."""
     if isinstance(batch, torch.Tensor):
-        return list(batch.split(size))
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for v in values:
+        rows = _batch_rows(v)
+        if rows is not None:
+            return rows
+    return None
+
+
+def _holds_tensor(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, Mapping):
+        return any(_holds_tensor(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return any(_holds_tensor(v) for v in x)
+    return False
+
+
+def _split_fields(batch: Any, size: int, rows: int | None) -> list[Any]:
+    if isinstance(batch, torch.Tensor):
+        # a 0-d tensor (e.g. a per-batch scalar) has no rows; ``split`` would raise on it
+        return list(batch.split(size)) if batch.dim() > 0 else [batch]
     if isinstance(batch, Mapping):
-        parts = {k: _split_batch(v, size) for k, v in batch.items()}
-        n = max(len(p) for p in parts.values())
+        parts = {k: _split_fields(v, size, rows) for k, v in batch.items()}
+        n = max((len(p) for p in parts.values()), default=1)
         return [{k: p[i] if len(p) == n else p[0] for k, p in parts.items()} for i in range(n)]
     if isinstance(batch, (list, tuple)):
-        parts = [_split_batch(v, size) for v in batch]
+        if not _holds_tensor(batch):
+            # per-row values (texts next to input_ids): slicing keeps them aligned with the tensor rows
+            if rows is not None and len(batch) == rows:
+                return [batch[i : i + size] for i in range(0, rows, size)]
+            return [batch]
+        parts = [_split_fields(v, size, rows) for v in batch]
         n = max(len(p) for p in parts)
         return [type(batch)(p[i] if len(p) == n else p[0] for p in parts) for i in range(n)]
     return [batch]  # not splittable (a scalar, a string): shared by every micro-batch
@@ -561,6 +624,7 @@ class Flexora(Method):
             if callable(log):
                 kw = dict(on_step=True, on_epoch=False, batch_size=1)
                 log("flexora/gate_loss", loss, **kw)
+                # the key's name is historical: it counts α̂_l > 0 (the selection rule), not w_l > 1
                 log("flexora/layers_above_mean", float((self._gates() > 0).sum()), **kw)
         if step >= self.cfg.search_steps:
             self.finish_search(layers, root=pl_module, trainer=trainer)
@@ -577,14 +641,15 @@ class Flexora(Method):
             raise RuntimeError("the search phase is already over")
         flex = _flexora_layers(layers)
         alpha = self._gates().detach()
-        self.selected = select_layers(alpha, self.layer_keys, self.cfg)
+        step = int(trainer.global_step) if trainer is not None else None
+        self.selected = select_layers(alpha, self.layer_keys, self.cfg, step=step)  # raises on a NaN gate
         self._restored_logits = alpha.tolist()  # α̂ at selection, saved with the adapter
         self._restored_keys = list(self.layer_keys)
         keep = set(self.selected)
         self.selected_modules = [n for n in flex if layer_key(n, self.cfg) in keep]
         dropped = [n for n in flex if layer_key(n, self.cfg) not in keep]
         self.phase = "retrain"
-        self.selected_at_step = int(trainer.global_step) if trainer is not None else None
+        self.selected_at_step = step
         self.gate_optimizer = None
         self.gate_logits = alpha  # kept for reading; no longer trained
         for name in self.selected_modules:
