@@ -9,6 +9,8 @@ Everything that is not method-specific (which modules to target, what else to tr
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,6 +18,57 @@ from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import AdapterLayer
+
+
+_MISSING: Any = dataclasses.MISSING
+
+
+def _declared_default(f: dataclasses.Field) -> Any:
+    """The value a field takes when the caller leaves it out (``_MISSING`` for a required field)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return _MISSING
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # an ambiguous comparison (array-like) is not "the same"
+        return False
+
+
+def _records_derived_defaults(post_init: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Wrap a config's ``__post_init__`` so that the outermost call records, in
+    ``_derived_defaults`` (name -> derived value), the fields left at their declared default that
+    ``__post_init__`` then replaced (``alpha=None`` -> r). :func:`make_config` resets those to
+    re-derive them. The record is an instance attribute, not a dataclass field: equality, ``repr``,
+    ``to_dict`` and every export ignore it. The wrapper is one more frame between a warning in
+    ``__post_init__`` and the caller (``stacklevel`` counts it)."""
+    if getattr(post_init, "_records_derived_defaults", False):
+        return post_init
+
+    @functools.wraps(post_init)
+    def wrapper(self: Any) -> None:
+        state = self.__dict__
+        if state.get("_in_post_init"):  # a super().__post_init__() inside the outer call
+            post_init(self)
+            return
+        given = {}
+        for f in dataclasses.fields(self):
+            default = _declared_default(f) if f.init else _MISSING
+            if default is not _MISSING and _same(getattr(self, f.name), default):
+                given[f.name] = default
+        state["_in_post_init"] = True
+        try:
+            post_init(self)
+        finally:
+            del state["_in_post_init"]
+        state["_derived_defaults"] = {n: getattr(self, n) for n, v in given.items() if not _same(getattr(self, n), v)}
+
+    wrapper._records_derived_defaults = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 @dataclass
@@ -37,6 +90,10 @@ class AdapterConfig:
             while others match is warned about.
         bias: ``"none"`` (all biases frozen), ``"lora_only"`` (biases of adapted layers train) or
             ``"all"`` (every bias in the model trains).
+
+    A field left at its default that ``__post_init__`` resolves from others (``alpha=None`` -> a
+    multiple of r, ``target_modules=None`` -> ``"all-linear"``) is remembered as such, so
+    :func:`make_config` re-derives it when it changes the fields it came from.
     """
 
     target_modules: list[str] | str | None = None
@@ -47,6 +104,13 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None:  # every level records, whichever one the dataclass __init__ reaches first
+            cls.__post_init__ = _records_derived_defaults(own)  # type: ignore[method-assign]
+
+    @_records_derived_defaults
     def __post_init__(self) -> None:
         if self.bias not in ("none", "lora_only", "all"):
             raise ValueError(f"bias must be 'none', 'lora_only' or 'all', got {self.bias!r}")
@@ -149,12 +213,24 @@ def get_method(name: str) -> type[Method]:
 
 
 def make_config(method: str, config: AdapterConfig | dict[str, Any] | None = None, **kwargs: Any) -> AdapterConfig:
-    """Build the config of ``method`` from a config object, a dict and/or keyword arguments."""
+    """Build the config of ``method`` from a config object, a dict and/or keyword arguments.
+
+    Keyword arguments on a config object replace its fields; a field the object's ``__post_init__``
+    derived from a default (``alpha=None`` -> r) is derived again from the new values, while a field
+    its creator set is kept.
+    """
     cls = get_method(method).Config
     if isinstance(config, AdapterConfig):
         if not isinstance(config, cls):
             raise TypeError(f"config is a {type(config).__name__}, method {method!r} needs a {cls.__name__}")
-        return dataclasses.replace(config, **kwargs) if kwargs else config
+        if not kwargs:
+            return config
+        # dataclasses.replace alone would pass the value derived for the old fields as if set by the
+        # user; a derived field assigned since (cfg.alpha = 4.0) is the user's and stays
+        derived = getattr(config, "_derived_defaults", {})
+        reset = {f.name: _declared_default(f) for f in dataclasses.fields(config)
+                 if f.init and f.name in derived and f.name not in kwargs and _same(getattr(config, f.name), derived[f.name])}
+        return dataclasses.replace(config, **reset, **kwargs)
     return cls.from_dict({**(config or {}), **kwargs})
 
 

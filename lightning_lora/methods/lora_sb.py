@@ -39,7 +39,7 @@ import contextlib
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,6 +339,16 @@ def truncated_svd(w: torch.Tensor, r: int, method: str = "exact", niter: int = 1
 
 
 # ---- LoRA-XS ---------------------------------------------------------------------------------
+def _whole_rank(r: Any) -> int:
+    """``r`` as an int >= 1; a one-line ValueError otherwise (2.5 used to fail late, inside
+    ``torch.zeros``; a bool is not a rank)."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise ValueError(f"rank r must be a whole number, got {r!r}")
+    if r < 1:
+        raise ValueError(f"rank r must be >= 1, got {r}")
+    return int(r)
+
+
 @dataclass
 class LoRAXSConfig(AdapterConfig):
     """LoRA-XS options.
@@ -366,8 +376,7 @@ class LoRAXSConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r < 1:
-            raise ValueError(f"rank r must be >= 1, got {self.r}")
+        self.r = _whole_rank(self.r)
         if self.alpha is None:
             self.alpha = float(self.r)
         if self.core_init not in ("gaussian", "zeros"):
@@ -448,10 +457,9 @@ class LoRASBConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r < 1:
-            raise ValueError(f"rank r must be >= 1, got {self.r}")
+        self.r = _whole_rank(self.r)
         if self.alpha is not None and float(self.alpha) != float(self.r):
-            warnings.warn(f"LoRA-SB fixes the scale s = 1 (alpha = r); alpha={self.alpha} is ignored", stacklevel=3)
+            warnings.warn(f"LoRA-SB fixes the scale s = 1 (alpha = r); alpha={self.alpha} is ignored", stacklevel=4)
         if self.n_init_batches < 1:
             raise ValueError(f"n_init_batches must be >= 1, got {self.n_init_batches}")
         if self.t_unit not in ("batches", "steps"):
@@ -484,42 +492,82 @@ class LoRASBLinear(CoreLoRALinear):
 
 
 def _batch_size(batch: Any) -> int:
+    """|b| of ``L_b / |b|``: the first dimension of the batch's first tensor leaf with one (depth
+    first through mappings, lists and tuples), else the length of its first list / tuple of
+    non-tensors (a list of strings), else 1. A dict whose first value is a list of strings is sized
+    by its tensors, not taken as one sample."""
+    found = _first_tensor_rows(batch)
+    if found is not None:
+        return found
+    found = _first_list_length(batch)
+    return 1 if found is None else found
+
+
+def _children(batch: Any) -> Iterable[Any] | None:
+    if isinstance(batch, Mapping):  # also transformers' BatchEncoding, a UserDict, not a dict
+        return batch.values()
+    if isinstance(batch, (list, tuple)):
+        return batch
+    return None
+
+
+def _first_tensor_rows(batch: Any) -> int | None:
     if torch.is_tensor(batch):
-        return batch.shape[0] if batch.dim() else 1
-    if isinstance(batch, dict):
-        return _batch_size(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    return 1
+        return int(batch.shape[0]) if batch.dim() else None  # a 0-dim leaf has no batch dimension
+    for child in _children(batch) or ():
+        found = _first_tensor_rows(child)
+        if found is not None:
+            return found
+    return None
+
+
+def _first_list_length(batch: Any) -> int | None:
+    children = _children(batch)
+    if children is None:
+        return None
+    if isinstance(batch, (list, tuple)) and batch and all(_children(c) is None for c in batch):
+        return len(batch)  # a list of plain values (strings, numbers): one per sample
+    for child in children:
+        found = _first_list_length(child)
+        if found is not None:
+            return found
+    return None
 
 
 @contextlib.contextmanager
 def _full_weight_grads(model: nn.Module, layers: dict[str, AdapterLayer]):
     """Inside: adapters disabled (the model is W0), every parameter frozen except the base weights
-    of ``layers``, whose gradients a post-accumulate hook adds into fp32 ``(out, in)`` accumulators
-    and then frees. Yields the accumulator dict; restores flags, modes and adapters on exit."""
+    of ``layers``, whose gradients a post-accumulate hook adds into fp32 accumulators (one per weight
+    tensor, in its stored layout) and then frees. Yields ``(acc, by_layer)``: ``acc`` maps ``id(w)`` to
+    its accumulator, ``by_layer`` maps a layer name to ``(id(w), fan_in_fan_out)``. A weight tied
+    across layers has one hook and one accumulator: its gradient is that of the full (shared) weight,
+    all uses summed, and each layer sharing it reads it (a second hook would find ``grad`` freed).
+    Restores flags, modes and adapters on exit."""
     flags = {p: p.requires_grad for p in model.parameters()}
     states = {name: (layer.disabled, layer.training) for name, layer in layers.items()}
     was_training = model.training
-    acc: dict[str, torch.Tensor] = {}
+    acc: dict[int, torch.Tensor] = {}
+    by_layer: dict[str, tuple[int, bool]] = {}
     handles = []
     for p in model.parameters():
         p.requires_grad_(False)
+
+    def hook(p: torch.Tensor) -> None:
+        acc[id(p)].add_(p.grad)
+        p.grad = None
+
     for name, layer in layers.items():
         w = layer.base_layer.weight
-        acc[name] = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32, device=w.device)
-
-        def hook(p: torch.Tensor, name: str = name, t: bool = layer.fan_in_fan_out) -> None:
-            g = p.grad.float()
-            acc[name].add_(g.t() if t else g)
-            p.grad = None
-
+        by_layer[name] = (id(w), bool(layer.fan_in_fan_out))
+        layer.disabled = True
+        if id(w) in acc:
+            continue
+        acc[id(w)] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         w.requires_grad_(True)
         handles.append(w.register_post_accumulate_grad_hook(hook))
-        layer.disabled = True
     model.train()  # the official estimate runs in train mode
     try:
-        yield acc
+        yield acc, by_layer
     finally:
         for h in handles:
             h.remove()
@@ -549,7 +597,7 @@ def estimate_gradients(
     """
     layers = adapter_layers(model) if layers is None else layers
     seen = 0
-    with _full_weight_grads(model, layers) as acc:
+    with _full_weight_grads(model, layers) as (acc, by_layer):
         for batch in batches:
             if seen >= n_batches:
                 break
@@ -558,9 +606,9 @@ def estimate_gradients(
             seen += 1
     if seen == 0:
         raise ValueError("LoRA-SB init: no batch to estimate the gradient from")
-    if reduce is not None:
+    if reduce is not None:  # once per weight: a tied weight's sum must not be reduced twice
         acc = {k: reduce(v) for k, v in acc.items()}
-    return acc
+    return {name: acc[key].t() if fifo else acc[key] for name, (key, fifo) in by_layer.items()}
 
 
 @torch.no_grad()

@@ -219,17 +219,12 @@ class ALLoRAOptimizer(torch.optim.Optimizer):
 
     def _init_hooks(self) -> None:
         # the hook tables ``Optimizer.__init__`` would create: without them ``register_step_pre_hook``
-        # (``install_update_scaling`` on this wrapper) raises, and once anything patches the class's
-        # ``step`` with torch's hook-running wrapper (``Optimizer.__setstate__`` does, e.g. on a
-        # deepcopy) every instance's ``step`` reads them
+        # (``install_update_scaling`` on this wrapper) raises, and :meth:`step` reads the step ones
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                      "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
             if name not in self.__dict__:
                 setattr(self, name, OrderedDict())
-        # route step() through torch's wrapper, as every torch optimizer: step hooks (this wrapper's
-        # and the global ones) and profiler records then apply to it too
-        self._patch_step_function()
 
     def __getstate__(self) -> dict[str, Any]:
         # ``Optimizer.__getstate__`` keeps only defaults / state / param_groups, which here are
@@ -283,7 +278,32 @@ class ALLoRAOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Run this wrapper's step pre-hooks, :meth:`_step` (the scaling and the inner step), then its
+        post-hooks, with torch's hook protocol (a pre-hook may return new ``(args, kwargs)``).
+
+        Not torch's hook-running wrapper: that would fire the process-wide hooks
+        (``torch.optim.optimizer.register_optimizer_step_pre_hook`` / post) a second time, since the
+        inner optimizer's own ``step`` fires them (with the inner optimizer as argument) once per step.
+        """
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            args = (self, *args)  # torch passes the bound instance in ``args``
+            for hook in list(self._optimizer_step_pre_hooks.values()):
+                result = hook(self, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(f"a step pre-hook must return None or (new_args, new_kwargs), got {result}")
+                    args, kwargs = result
+            out = self._step(*args[1:], **kwargs)
+            for hook in list(self._optimizer_step_post_hooks.values()):
+                hook(self, args, kwargs)
+            return out
+
+    # torch's ``_patch_step_function`` (``Optimizer.__init__`` / ``__setstate__``) skips a step marked
+    # hooked: wrapping it again would fire the global hooks twice per step
+    step.hooked = True  # type: ignore[attr-defined]
+
+    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
