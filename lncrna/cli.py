@@ -14,17 +14,18 @@ adapter) are one line on stderr, prefixed ``lncrna COMMAND: error:``, exit statu
 per-record problems in an input FASTA (protein, non-nucleotide characters, empty record, duplicate
 id) are one-line warnings and the record is skipped. Records shorter than 200 nt or more than half
 N are predicted as usual and named in one summary warning per file. Exit 1 is an internal error
-(set ``LNCRNA_DEBUG=1`` for its traceback), 130 an interrupt (Ctrl-C), 143 SIGTERM.
+(set ``LNCRNA_DEBUG=1`` for its traceback), 130 an interrupt (Ctrl-C), 143 SIGTERM, 129 SIGHUP (the
+terminal was closed; under ``nohup`` SIGHUP is ignored and the run goes on).
 
 Output of ``predict`` (TSV ``id length lncRNA_probability label`` with a header), ``-o OUT``: rows
 are written to ``OUT.partial`` in OUT's folder and flushed after every chunk of records; the file
 is created (and its folder checked) before the model loads. When the run succeeds, ``OUT.partial``
 is renamed to OUT. On Ctrl-C the finished rows are renamed to OUT too (an interrupted run keeps
-every finished row, and says how many). On any error (exit 2 or 1) and on SIGTERM (exit 143)
-``OUT.partial`` is deleted and an existing OUT is left as it was, so a failed run never leaves a
-complete-looking partial TSV. SIGTERM is treated like an error, not like Ctrl-C, because it comes
-from schedulers, timeouts and ``kill``, where no one reads the message and OUT's existence is
-what a pipeline takes as "done".
+every finished row, and says how many). On any error (exit 2 or 1), on SIGTERM (exit 143) and on
+SIGHUP (exit 129) ``OUT.partial`` is deleted and an existing OUT is left as it was, so a failed run
+never leaves a complete-looking partial TSV. SIGTERM and SIGHUP are treated like an error, not like
+Ctrl-C, because they come from schedulers, timeouts, ``kill`` and closed terminals, where no one
+reads the message and OUT's existence is what a pipeline takes as "done".
 Standard output and devices are written directly.
 """
 
@@ -46,57 +47,90 @@ from .errors import UserError
 PROG = "lncrna"
 HYDRA_COMMANDS = {
     "train": "fine-tune the classifier with an adapter (Hydra; lncrna train --help)",
-    "pretrain": "masked-LM pretraining of the encoder (Hydra; lncrna pretrain --help)",
+    "pretrain": "masked-LM pretraining of the encoder (Hydra; lncrna pretrain --help); init_dir=MLM is a warm "
+                "start, not a resume: weights only, the optimizer and the LR schedule (with its warmup) "
+                "restart, the data order gets a new seed",
 }
 MAX_WARNINGS = 20  # per-record warnings printed; the rest are counted
 MIN_RELIABLE_LENGTH = 200  # nt; the training data has no shorter record (data/PROVENANCE.md)
 MAX_N_SHARE = 0.5  # records with a larger share of N (unknown bases) get a warning
 SHOW_IDS = 5  # ids named per low-signal warning line
+DEFAULT_THRESHOLD = 0.5  # --threshold when none is given
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived while ``predict`` / ``evaluate`` ran (raised by :func:`_sigterm_raises`).
+    """SIGTERM or SIGHUP arrived while ``predict`` / ``evaluate`` ran (raised by :func:`_termination_raises`).
 
     A ``BaseException`` like ``KeyboardInterrupt``, so that no ``except Exception`` on the way (model
     loading, the progress-bar count) turns it into an ordinary error; the output clean-up in
-    ``finally`` / ``except BaseException`` blocks runs, and :func:`main` returns 143 (128 + 15)."""
+    ``finally`` / ``except BaseException`` blocks runs, and :func:`main` returns 128 + the signal
+    number (143 for SIGTERM, 129 for SIGHUP, the shell's convention)."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(signum)
+        self.signum: int = signum
+
+    @property
+    def signal_name(self) -> str:
+        """``"SIGTERM"``, ``"SIGHUP"``."""
+        import signal
+
+        return signal.Signals(self.signum).name
+
+
+def _termination_signals() -> list[int]:
+    """The signals turned into :class:`Terminated`: SIGTERM, and SIGHUP where the platform has it."""
+    import signal
+
+    return [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` in this process while the block runs.
+def _termination_raises() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` in this process while the block runs.
 
-    Python's default for SIGTERM kills the process on the spot, so no ``finally`` ran and
-    ``OUT.partial`` was left behind. Only in the main thread (elsewhere a handler cannot be set).
-    A forked pool worker inherits the handler; there it dies as by default (``Pool.terminate``
-    sends SIGTERM on every normal exit: a raise would print a traceback per worker). Later SIGTERMs
-    are ignored while the first one is being cleaned up. The previous handler is restored on exit;
-    a SIGTERM that was set to be ignored (``SIG_IGN``) stays ignored.
+    Python's default for both kills the process on the spot, so no ``finally`` ran and
+    ``OUT.partial`` was left behind (SIGHUP: the terminal was closed). Only in the main thread
+    (elsewhere a handler cannot be set). A forked pool worker inherits the handler; there SIGTERM
+    kills it as by default (``Pool.terminate`` sends it on every normal exit: a raise would print a
+    traceback per worker) and SIGHUP is ignored (a closed terminal hangs up the whole process group;
+    the parent ends the pool). Later signals are ignored while the first one is being cleaned up.
+    The previous handlers are restored on exit; a signal that was set to be ignored (``SIG_IGN``,
+    e.g. SIGHUP under ``nohup``) stays ignored.
     """
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
-        yield  # no handler possible here, or SIGTERM is deliberately ignored (left so)
+    if threading.current_thread() is not threading.main_thread():
+        yield  # no handler possible here
         return
+    # a deliberately ignored signal is left so: nohup's promise is that a hangup does not stop the run
+    signums = [s for s in _termination_signals() if signal.getsignal(s) != signal.SIG_IGN]
     owner = os.getpid()
     raised = False
 
     def handler(signum: int, frame: Any) -> None:
         nonlocal raised
-        if os.getpid() != owner:  # a forked worker: the default action (terminate)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        if os.getpid() != owner:  # a forked worker
+            if signum == signal.SIGTERM:  # Pool.terminate: the default action (terminate)
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            else:
+                # Why ignore: a hangup reaches the whole process group. A worker dying of it while it
+                # waits for a task holds the task queue's lock, and the parent's Pool.terminate then
+                # waits for that lock forever; the parent, hung up too, ends the pool itself
+                signal.signal(signum, signal.SIG_IGN)
             return
         if not raised:
             raised = True
-            raise Terminated()
+            raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
 
 
 # ---- argument parsing -------------------------------------------------------------------------
@@ -132,7 +166,7 @@ def _probability(text: str) -> float:
     return v
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, threshold_help: str | None = None) -> None:
     g = p.add_argument_group("model and speed")
     g.add_argument("--model", metavar="DIR", type=Path, default=None,
                    help="model directory with lncrna_config.json, model.safetensors and stack.json "
@@ -153,8 +187,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "CPU, min(16, cores - 1) on CUDA) or a number; 0 = in this process")
     g.add_argument("--chunk-size", metavar="N", type=_positive_int, default=4096,
                    help="sequences per chunk; rows are written and flushed after each chunk (default 4096)")
-    g.add_argument("--threshold", metavar="P", type=_probability, default=0.5,
-                   help="label = lncRNA when lncRNA_probability >= P, else mRNA (default 0.5)")
+    # default None, not 0.5: evaluate must tell an explicit --threshold from none (see cmd_evaluate)
+    g.add_argument("--threshold", metavar="P", type=_probability, default=None,
+                   help=threshold_help or f"label = lncRNA when lncRNA_probability >= P, else mRNA "
+                                          f"(default {DEFAULT_THRESHOLD})")
     g.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no summary line (warnings and errors are still printed); "
                         "the progress bar is also off when stderr is not a terminal")
@@ -166,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tell long non-coding RNA (lncRNA) from mRNA: a small nucleotide BERT behind a fast "
                     "CPAT-like feature baseline.",
         epilog="Exit status: 0 ok, 2 user error (bad input, missing model, bad option), 1 internal error, "
-               "130 interrupted (Ctrl-C), 143 terminated (SIGTERM). 'lncrna COMMAND --help' shows the options "
-               "of a command.",
+               "130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 129 hangup (SIGHUP: the terminal was "
+               "closed). 'lncrna COMMAND --help' shows the options of a command.",
     )
     from . import __version__
 
@@ -191,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output TSV (default, or '-': standard output). Rows are written to OUT.partial (same folder) "
                         "and flushed after every chunk; OUT.partial is renamed to OUT when the run succeeds, "
                         "and also on Ctrl-C (exit 130: OUT then holds the finished rows, and the message says "
-                        "how many). On an error (exit 2 or 1) or SIGTERM (exit 143) OUT.partial is deleted "
+                        "how many). On an error (exit 2 or 1), SIGHUP (exit 129) or SIGTERM (exit 143) "
+                        "OUT.partial is deleted "
                         "and an existing OUT is left untouched. An OUT that cannot be written is an error before "
                         "the model loads.")
     _add_model_options(p)
@@ -216,7 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mrna", metavar="FASTA", type=Path, default=None, help="FASTA of the true mRNAs")
     e.add_argument("-o", "--out-dir", metavar="OUTDIR", type=Path, default=None,
                    help="output folder (default: <INPUT name>_eval, or lncrna_eval)")
-    _add_model_options(e)
+    _add_model_options(e, threshold_help=(
+        f"for a FASTA INPUT (predicted here): label = lncRNA when lncRNA_probability >= P, else mRNA "
+        f"(default {DEFAULT_THRESHOLD}). For a predictions TSV the thresholded metrics (accuracy, precision, "
+        f"recall, specificity, F1, MCC, tp/fp/tn/fn) use the TSV's own label column, i.e. the calls predict "
+        f"wrote with its --threshold; give --threshold P to recompute the calls as lncRNA_probability >= P "
+        f"instead (the table's 'calls' row and metrics.json say which). AUROC and AUPRC always use the "
+        f"probabilities."))
 
     for name, text in HYDRA_COMMANDS.items():  # listed here for --help; dispatched to Hydra in main()
         sub.add_parser(name, help=text, add_help=False)
@@ -450,7 +493,8 @@ def _predictor(args: argparse.Namespace):
     from .predict import Predictor
 
     return Predictor(model_dir=args.model, device=args.device, cascade=args.cascade, batch_tokens=args.batch_tokens,
-                     workers=args.workers, baseline_dir=args.baseline, threshold=args.threshold,
+                     workers=args.workers, baseline_dir=args.baseline,
+                     threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
                      chunk_size=args.chunk_size)
 
 
@@ -477,7 +521,7 @@ def _stream_predictions(cmd: str, args: argparse.Namespace, records: Iterable[An
     """Run the predictor over ``records`` into ``writer`` with a progress bar; returns a summary.
 
     Finishes ``writer``: on success and on Ctrl-C the rows go to OUT, on any error (and on
-    SIGTERM, :class:`Terminated`) they are discarded (see :class:`_RowWriter`). Re-raises any error
+    SIGTERM or SIGHUP, :class:`Terminated`) they are discarded (see :class:`_RowWriter`). Re-raises any error
     with ``exc.output_note`` saying what became of the rows.
     """
     from tqdm import tqdm
@@ -571,7 +615,15 @@ def _eval_name(path: Path | None) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_table, read_predictions, read_truth, sniff_kind, write_report
+    from .evaluate import (
+        evaluate,
+        format_table,
+        read_predictions,
+        read_predictions_with_labels,
+        read_truth,
+        sniff_kind,
+        write_report,
+    )
     from .fasta import read_fasta
 
     if args.truth is not None and (args.lnc is not None or args.mrna is not None):
@@ -599,8 +651,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"{args.input}: predictions need truth labels: --truth FASTA, or --lnc FASTA --mrna FASTA")
 
     extra: dict[str, Any] = {"command": shlex.join([PROG, *sys.argv[2:]]) if sys.argv[1:2] == ["evaluate"] else None}
+    labels: dict[str, int] | None = None
+    calls = ""
     if kind == "predictions":
-        pred = read_predictions(args.input)
+        # Why the label column: predict may have run with another --threshold; recomputing with
+        # 0.5 gave confusion counts that did not match the labels it wrote
+        if args.threshold is None:
+            pred, labels = read_predictions_with_labels(args.input)
+        else:
+            pred = read_predictions(args.input)
+            calls = (f"lncRNA_probability >= {args.threshold:g} (recomputed: --threshold given; the TSV's label "
+                     f"column is not used)")
+            if not args.quiet:
+                print(f"{PROG} evaluate: note: calls recomputed as lncRNA_probability >= {args.threshold:g} "
+                      f"(--threshold given); the label column of {args.input} is not used", file=sys.stderr)
         extra["predictions"] = str(args.input)
     else:
         inputs = [args.input] if args.input is not None else [args.lnc, args.mrna]
@@ -628,7 +692,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         pred = read_predictions(pred_path)
         extra["predictions"] = str(pred_path)
         extra["prediction_run"] = summary
-    result = evaluate(pred, truth, threshold=args.threshold)
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    result = evaluate(pred, truth, threshold=threshold, labels=labels, labels_from=f"label column of {args.input}")
+    if calls:
+        result.calls = calls
     title = _eval_name(args.input) if args.input is not None else f"{_eval_name(args.lnc)} + {_eval_name(args.mrna)}"
     try:
         paths = write_report(result, out_dir, title=title, extra=extra)
@@ -639,7 +706,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{PROG} evaluate: warning: scored {info['n_scored']} records; {info['predicted_without_truth']} "
               f"predictions have no truth label, {info['truth_without_prediction']} truth records have no "
               f"prediction", file=sys.stderr)
-    sys.stdout.write(format_table(result.metrics))
+    sys.stdout.write(format_table(result.metrics, result.calls))
     if not args.quiet:
         print(f"{PROG} evaluate: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
@@ -842,6 +909,15 @@ def run_pretrain(cfg: Any) -> Path:
     except PretrainedDirError as e:
         _remove_if_empty(out, created)
         raise UserError(f"init_dir={e}") from None
+    if init_dir:
+        import json
+
+        run = json.loads((path / "pretrain_log.json").read_text()).get("run", {})
+        before = run.get("epochs_before")
+        before_text = f"{before} epochs before" if before is not None else "epochs before unknown: fixed offset"
+        print(f"{PROG} pretrain: warm start from {init_dir}: its weights only; the optimizer and the LR schedule "
+              f"(with its warmup) restarted; data order seed {run.get('data_seed')} (seed {run.get('seed')}, "
+              f"{before_text})", flush=True)
     print(f"{PROG} pretrain: wrote {path} (use it with `lncrna train mlm_dir={path}`)", flush=True)
     return path
 
@@ -901,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
-        with _sigterm_raises():  # SIGTERM -> Terminated: OUT.partial is deleted, exit 143
+        with _termination_raises():  # SIGTERM / SIGHUP -> Terminated: OUT.partial is deleted, exit 143 / 129
             return {"predict": cmd_predict, "evaluate": cmd_evaluate}[args.command](args)
     except SystemExit as e:  # argparse (--help: 0, bad option: 2) and Hydra
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -909,8 +985,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG} {cmd}: interrupted{_kept(e)}", file=sys.stderr)
         return 130
     except Terminated as e:  # unlike Ctrl-C, the finished rows are discarded (see the module docstring)
-        print(f"{PROG} {cmd}: terminated by SIGTERM{_kept(e)}", file=sys.stderr)
-        return 143
+        print(f"{PROG} {cmd}: terminated by {e.signal_name}{_kept(e)}", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:  # e.g. `lncrna predict x.fa | head`
         with contextlib.suppress(Exception):
             devnull = os.open(os.devnull, os.O_WRONLY)

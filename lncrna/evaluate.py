@@ -15,6 +15,11 @@ Predictions and truth are joined by id. Predicted ids without truth and truth id
 prediction (e.g. records skipped as invalid) are counted and reported, and the metrics use the
 records that have both. Metrics are :func:`lncrna.metrics.classification_metrics` (lncRNA = 1)
 plus ``auprc`` (average precision).
+
+The thresholded metrics (accuracy ... MCC, tp/fp/tn/fn) come from the calls: ``evaluate(...,
+labels=...)`` takes them as given (``lncrna evaluate`` passes a predictions TSV's own ``label``
+column, so the counts match the labels ``predict`` wrote with whatever ``--threshold`` it had);
+without ``labels`` they are ``probability >= threshold``. AUROC and AUPRC always use the probabilities.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from .fasta import _GZIP_ERRORS, _not_a_file, _open_text
 from .metrics import classification_metrics
 from .predict import TSV_COLUMNS
 
-__all__ = ["EvaluationError", "EvalResult", "read_predictions", "read_truth", "evaluate", "write_report",
+__all__ = ["EvaluationError", "EvalResult", "read_predictions", "read_predictions_with_labels", "read_truth",
+           "evaluate", "write_report",
            "plot_curves", "format_table", "sniff_kind", "LABEL_VALUES"]
 
 LABEL_VALUES = {"lncrna": 1, "mrna": 0}
@@ -81,9 +87,20 @@ def sniff_kind(path: str | os.PathLike[str]) -> str:
 
 def read_predictions(path: str | os.PathLike[str]) -> dict[str, float]:
     """``id -> lncRNA probability`` from a ``lncrna predict`` TSV (header ``id length lncRNA_probability label``)."""
-    path = Path(path)
+    return _read_predictions_tsv(Path(path), with_labels=False)[0]
+
+
+def read_predictions_with_labels(path: str | os.PathLike[str]) -> tuple[dict[str, float], dict[str, int]]:
+    """``(id -> lncRNA probability, id -> label)`` from a ``lncrna predict`` TSV; label 1 = lncRNA, 0 = mRNA.
+
+    A ``label`` other than ``lncRNA`` / ``mRNA`` (any case) is an :class:`EvaluationError` naming the line."""
+    return _read_predictions_tsv(Path(path), with_labels=True)
+
+
+def _read_predictions_tsv(path: Path, with_labels: bool) -> tuple[dict[str, float], dict[str, int]]:
     _check_readable(path)
     out: dict[str, float] = {}
+    labels: dict[str, int] = {}
     try:
         with _open_text(path) as fh:
             reader = csv.reader(fh, delimiter="\t")
@@ -109,11 +126,17 @@ def read_predictions(path: str | os.PathLike[str]) -> dict[str, float]:
                 if row[0] in out:
                     raise EvaluationError(f"{path}: line {line_no}: duplicate id {row[0]!r}")
                 out[row[0]] = p
+                if with_labels:
+                    y = LABEL_VALUES.get(row[3].strip().lower())
+                    if y is None:
+                        raise EvaluationError(f"{path}: line {line_no} {row[0]!r}: label {row[3]!r} is not "
+                                              f"lncRNA or mRNA")
+                    labels[row[0]] = y
     except (OSError, csv.Error, *_GZIP_ERRORS) as e:
         raise _read_error(path, e) from None
     if not out:
         raise EvaluationError(f"{path}: no predictions (header only)")
-    return out
+    return out, labels
 
 
 def _scan_headers(path: Path) -> list[tuple[str, str]]:
@@ -179,24 +202,50 @@ def read_truth(fasta: str | os.PathLike[str] | None = None, *, lnc: str | os.Pat
 
 @dataclass
 class EvalResult:
-    """Joined labels and scores with their metrics."""
+    """Joined labels and scores with their metrics; ``calls`` says where the thresholded metrics' calls
+    came from (a label column, or ``lncRNA_probability >= threshold``)."""
 
     metrics: dict[str, Any]
     y: np.ndarray
     prob: np.ndarray
     ids: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    calls: str = ""
 
 
-def evaluate(pred: dict[str, float], truth: dict[str, int], threshold: float = 0.5) -> EvalResult:
-    """Join by id and compute the metrics. Raises :class:`EvaluationError` if no id is in both."""
+def evaluate(pred: dict[str, float], truth: dict[str, int], threshold: float = 0.5,
+             labels: dict[str, int] | None = None, labels_from: str = "label column") -> EvalResult:
+    """Join by id and compute the metrics. Raises :class:`EvaluationError` if no id is in both.
+
+    ``labels`` (id -> 1 lncRNA / 0 mRNA, e.g. a predictions TSV's label column, named by
+    ``labels_from``) are the calls of the thresholded metrics. ``metrics["threshold"]`` is then
+    ``threshold`` only if every scored call equals ``pred >= threshold``, else ``None``; ``calls``
+    says how many differ. Without ``labels`` the calls are ``pred >= threshold``. AUROC / AUPRC
+    always use ``pred``."""
     ids = [i for i in pred if i in truth]
     if not ids:
         ex_p, ex_t = next(iter(pred), ""), next(iter(truth), "")
         raise EvaluationError(f"no predicted id has a truth label (e.g. prediction {ex_p!r}, truth {ex_t!r})")
     y = np.array([truth[i] for i in ids], dtype=np.int64)
     p = np.array([pred[i] for i in ids], dtype=np.float64)
-    m = classification_metrics(y, p, threshold=threshold)
+    if labels is not None:
+        missing = [i for i in ids if i not in labels]
+        if missing:
+            raise EvaluationError(f"no predicted label for {len(missing)} scored id(s), e.g. {missing[0]!r}")
+        given = np.array([labels[i] for i in ids], dtype=np.int64)
+        m = classification_metrics(y, p, threshold=threshold, pred=given)
+        differ = int((given != (p >= threshold)).sum())
+        rule = f"lncRNA_probability >= {threshold:g}"
+        if differ:
+            # Why None: the TSV does not record the threshold its labels came from; a number here
+            # would claim a rule the calls did not follow
+            m["threshold"] = None
+            calls = f"{labels_from} (differs from {rule} on {differ} of {len(ids)} scored records)"
+        else:
+            calls = f"{labels_from} (the same calls as {rule})"
+    else:
+        m = classification_metrics(y, p, threshold=threshold)
+        calls = f"lncRNA_probability >= {threshold:g}"
     from sklearn.metrics import average_precision_score
 
     m["auprc"] = float(average_precision_score(y, p)) if 0 < y.sum() < y.size else math.nan
@@ -207,16 +256,20 @@ def evaluate(pred: dict[str, float], truth: dict[str, int], threshold: float = 0
         "predicted_without_truth": len(pred) - len(ids),
         "truth_without_prediction": sum(1 for i in truth if i not in pred),
     }
-    return EvalResult(m, y, p, ids, info)
+    return EvalResult(m, y, p, ids, info, calls)
 
 
 ORDER = ("accuracy", "precision", "recall", "specificity", "f1", "mcc", "auroc", "auprc")
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-    """Two-column text table: the headline metrics, then the counts."""
+def format_table(metrics: dict[str, Any], calls: str = "") -> str:
+    """Two-column text table: the headline metrics, then the counts, then ``calls`` (where the
+    thresholded metrics' calls came from) if given."""
     rows = [(k, f"{metrics[k]:.4f}") for k in ORDER if k in metrics]
-    rows += [(k, str(metrics[k])) for k in ("n", "n_pos", "tp", "fp", "tn", "fn", "threshold") if k in metrics]
+    rows += [(k, str(metrics[k])) for k in ("n", "n_pos", "tp", "fp", "tn", "fn", "threshold")
+             if metrics.get(k) is not None]
+    if calls:
+        rows.append(("calls", calls))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n"
 
@@ -281,9 +334,9 @@ def write_report(result: EvalResult, out_dir: str | os.PathLike[str], title: str
     paths = plot_curves(result.y, result.prob, out_dir, title)
     paths["json"] = out_dir / "metrics.json"
     paths["tsv"] = out_dir / "metrics.tsv"
-    doc = {"metrics": result.metrics, "join": result.info, **(extra or {}),
-           "files": {k: p.name for k, p in paths.items()}}
+    doc = {"metrics": result.metrics, "join": result.info, **({"calls": result.calls} if result.calls else {}),
+           **(extra or {}), "files": {k: p.name for k, p in paths.items()}}
     paths["json"].write_text(json.dumps(_json_safe(doc), indent=2) + "\n")
-    lines = ["metric\tvalue"] + [f"{k}\t{v}" for k, v in result.metrics.items()]
+    lines = ["metric\tvalue"] + [f"{k}\t{'' if v is None else v}" for k, v in result.metrics.items()]
     paths["tsv"].write_text("\n".join(lines) + "\n")
     return paths

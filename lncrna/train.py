@@ -6,6 +6,7 @@ Both are Lightning runs over :mod:`lncrna.data` splits; ``lncrna pretrain`` / ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -189,6 +190,37 @@ def load_mlm(directory: str | Path, expect: ModelConfig | None = None) -> tuple[
     return cfg, mlm
 
 
+PRETRAIN_LOG = "pretrain_log.json"
+#: stands in for the epochs already done when ``init_dir`` has no readable pretrain_log.json
+_UNKNOWN_EPOCHS_OFFSET = 1_000_003
+
+
+def continued_data_seed(seed: int, init_dir: str | Path | None) -> tuple[int, dict[str, Any]]:
+    """The seed of a pretraining run's data order (shuffling, random windows, masks) and how it was made.
+
+    Without ``init_dir`` it is ``seed``. With ``init_dir`` it is derived from ``seed``, the epochs
+    already done and the earlier run's own data seed (both from ``init_dir/pretrain_log.json`` if it
+    records them, else a fixed offset), so a continued run with the same ``seed`` does not replay
+    the earlier run's batches, and nor does a continuation of a continuation. Returns
+    ``(data_seed, record)``; ``record`` goes into the new run's pretrain_log.json."""
+    if init_dir is None:
+        return seed, {"seed": seed, "data_seed": seed, "init_dir": None, "epochs_before": 0}
+    before: int | None = None
+    previous_seed: int | None = None
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
+        run = json.loads((Path(init_dir) / PRETRAIN_LOG).read_text())["run"]
+        before, previous_seed = int(run["epochs_total"]), int(run["data_seed"])
+    if before is None or previous_seed is None:
+        before, previous_seed, source = None, seed, f"no epoch count in {PRETRAIN_LOG} of init_dir: fixed offset"
+    else:
+        source = f"seed, epochs_before and the data_seed in {PRETRAIN_LOG} of init_dir"
+    offset = _UNKNOWN_EPOCHS_OFFSET if before is None else before
+    # a hash, not seed + offset: runs of a chain, and a fresh run whose seed equals the sum, stay apart
+    data_seed = int(np.random.SeedSequence([seed, previous_seed, offset]).generate_state(1)[0] & 0x7FFFFFFF)
+    return data_seed, {"seed": seed, "data_seed": data_seed, "data_seed_from": source, "init_dir": str(init_dir),
+                       "epochs_before": before}
+
+
 def pretrain(
     out_dir: str | Path, *, cfg: ModelConfig | None = None, epochs: int = 10, batch_size: int = 256,
     lr: float = 1e-3, max_minutes: float | None = None, trainer_kwargs: dict[str, Any] | None = None,
@@ -196,22 +228,31 @@ def pretrain(
 ) -> Path:
     """MLM-pretrain a nucleotide BERT on the training split (never a test sequence).
 
-    ``init_dir`` continues from an earlier run's MLM (runs are resumable across GPU sessions).
-    Writes ``out_dir/mlm`` (transformers folder, fp16 weights: small enough to move) and returns it.
+    ``init_dir`` warm-starts from an earlier run's MLM: only its weights are loaded. It is not a
+    resume: the optimizer state (AdamW moments) starts empty and the LR schedule starts again with
+    its warmup, over this run's ``epochs``. The data order (shuffling, windows, masks) is seeded
+    by :func:`continued_data_seed`, not by ``seed`` alone, so the continued run sees new batches.
+    Writes ``out_dir/mlm`` (transformers folder, fp16 weights: small enough to move) with
+    ``pretrain_log.json`` (final metrics, and under ``"run"`` the seeds, ``init_dir`` and the
+    epochs before / in / after this run), and returns it.
     """
     from .data import load_split
 
     _check_run_args(epochs=epochs, batch_size=batch_size, lr=lr, max_minutes=max_minutes)
-    pl.seed_everything(seed)
+    data_seed, run_record = continued_data_seed(seed, init_dir)
+    pl.seed_everything(data_seed)
     cfg = cfg or ModelConfig()
     kw = {"root": data_root} if data_root else {}
     train, val = load_split("train", **kw), load_split("val", **kw)
     tok = make_tokenizer(cfg)
-    train_ds, val_ds = MLMWindows(list(train.seq), cfg, tok, seed), MLMWindows(list(val.seq), cfg, tok, seed + 1)
+    train_ds = MLMWindows(list(train.seq), cfg, tok, data_seed)
+    val_ds = MLMWindows(list(val.seq), cfg, tok, data_seed + 1)
     steps = epochs * math.ceil(len(train_ds) / batch_size)
     module = MLMModule(cfg, lr=lr, warmup=min(500, steps // 10), total_steps=steps)
     if init_dir is not None:
-        module.model = load_mlm(init_dir, expect=cfg)[1]
+        # train(): from_pretrained returns the model in eval mode, and Lightning keeps a submodule's
+        # mode, so the warm-started run trained with its dropout off
+        module.model = load_mlm(init_dir, expect=cfg)[1].train()
     trainer = pl.Trainer(
         max_epochs=epochs, max_time={"minutes": max_minutes} if max_minutes else None, logger=False,
         enable_checkpointing=False, **(trainer_kwargs or {}),
@@ -224,7 +265,12 @@ def pretrain(
     path = Path(out_dir) / "mlm"
     module.model.half().save_pretrained(path)
     (path / "lncrna_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
-    (path / "pretrain_log.json").write_text(json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()}, indent=2))
+    done = int(trainer.current_epoch)  # completed epochs (a max_minutes stop mid-epoch does not count it)
+    run_record.update(epochs_this_run=done, epochs_total=(run_record["epochs_before"] or 0) + done,
+                      warm_start=init_dir is not None, optimizer_and_lr_schedule="restarted (warmup)"
+                      if init_dir is not None else "fresh")
+    log = {**{k: float(v) for k, v in trainer.callback_metrics.items()}, "run": run_record}
+    (path / PRETRAIN_LOG).write_text(json.dumps(log, indent=2))
     return path
 
 
