@@ -269,6 +269,27 @@ def _saved_input(x: torch.Tensor, recipe: tuple[Any, ...] | None, shape: torch.S
     return full.reshape(-1, shape[-1])
 
 
+def _raise_modified(t: torch.Tensor, expected: int, what: str) -> None:
+    """Raise autograd's error for a tensor written in place between forward and backward."""
+    raise RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an inplace operation: "
+        f"[{t.type()} {list(t.shape)}], {what}, is at version {t._version}; expected version {expected} "
+        "instead. Hint: enable anomaly detection to find the operation that failed to compute its gradient, "
+        "with torch.autograd.set_detect_anomaly(True)."
+    )
+
+
+def _check_versions(ts: tuple[torch.Tensor, ...], versions: list[int | None]) -> None:
+    """Raise as autograd does if one of ``ts`` (the stacked A casts, then the base weights of a fused
+    sibling set) was written in place since ``versions`` were recorded (None: an inference tensor,
+    which has no version counter, is not checked)."""
+    for i, (t, v) in enumerate(zip(ts, versions)):
+        if v is not None and t._version != v:
+            what = "the stacked A casts of a fused LoRA sibling set" if i == 0 else (
+                f"the base weight of member {i - 1} of a fused LoRA sibling set")
+            _raise_modified(t, v, what)
+
+
 class _FusedLoRA(torch.autograd.Function):
     """``out = x W^T + b + s (xd A^T) B^T`` with a hand-written backward.
 
@@ -318,6 +339,14 @@ class _FusedLoRA(torch.autograd.Function):
         ctx.save_for_backward(xd2 if keep_xd else None, xa_s,
                               Ac if Ac.dtype == A.dtype else None, Bc if Bc.dtype == B.dtype else None)
         ctx.w, ctx.Ac, ctx.Bc = w, Ac, Bc  # w is frozen
+        # w stays off save_for_backward (saved-tensor hooks, e.g. offloading, would pack the whole
+        # weight at every call), so autograd does not check it: its version is recorded here and
+        # compared in backward, so that an in-place write to the base weight before backward raises
+        # as it does for nn.Linear instead of giving silently wrong input gradients
+        try:
+            ctx.w_version = w._version
+        except RuntimeError:  # an inference tensor has no version counter: nothing to check
+            ctx.w_version = None
         ctx.scaling = scaling
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.shapes = (shape, xd.shape)
@@ -339,10 +368,12 @@ class _FusedLoRA(torch.autograd.Function):
     def _backward(ctx, g):  # type: ignore[no-untyped-def]
         xd, xa_s, _, _ = ctx.saved_tensors  # unpacking checks the aliases' versions
         need_x, need_xd, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
+        w = ctx.w
+        if ctx.w_version is not None and w._version != ctx.w_version:
+            _raise_modified(w, ctx.w_version, "the base weight of a fused LoRA layer")
         Bc = ctx.Bc
         g = g.reshape(-1, Bc.shape[0])  # what the view node around the output did
         gb_s = _mm_scaled(g, Bc, ctx.scaling)  # (N, r) = s·g B
-        w = ctx.w
         w_b = w.t() if ctx.fan_in_fan_out else w  # (m, n)
         grad_x = grad_xd = grad_bias = grad_A = grad_B = None
         if ctx.same_input:
@@ -414,6 +445,12 @@ class _FusedLoRASiblings(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused sibling's gradient arrives as None, not zeros
         # (views of tensors ctx holds anyway: no memory beyond theirs)
         ctx.a_cat, ctx.meta, ctx.ws, ctx.bc_ts = a_cat, meta, ws, bc_ts
+        # a_cat and the base weights stay off save_for_backward (see _FusedLoRA.forward): their
+        # versions are checked in backward instead
+        try:
+            ctx.versions = [t._version for t in (a_cat, *ws)]
+        except RuntimeError:  # an inference tensor has no version counter: nothing to check for it
+            ctx.versions = [None if t.is_inference() else t._version for t in (a_cat, *ws)]
         ctx.shape = shape
         ctx.dtypes = [t.dtype for t in tensors[2 * k:]]
         return tuple(outs)
@@ -427,6 +464,13 @@ class _FusedLoRASiblings(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, *gs):  # type: ignore[no-untyped-def]
         x, xa_s = ctx.saved_tensors[:2]  # unpacking checks the B aliases' versions
+        kept = (ctx.a_cat, *ctx.ws)
+        try:  # one list compare when nothing was written (host time per call)
+            same = [t._version for t in kept] == ctx.versions
+        except RuntimeError:  # an inference tensor among them: compared one by one
+            same = False
+        if not same:
+            _check_versions(kept, ctx.versions)
         ranks, scaling, b_casts, replay, fifo = ctx.meta
         k = len(ranks)
         needs = ctx.needs_input_grad
