@@ -92,9 +92,11 @@ def _termination_raises() -> Iterator[None]:
     Python's default for both kills the process on the spot, so no ``finally`` ran and
     ``OUT.partial`` was left behind (SIGHUP: the terminal was closed). Only in the main thread
     (elsewhere a handler cannot be set). A forked pool worker inherits the handler; there SIGTERM
-    kills it as by default (``Pool.terminate`` sends it on every normal exit: a raise would print a
-    traceback per worker) and SIGHUP is ignored (a closed terminal hangs up the whole process group;
-    the parent ends the pool). Later signals are ignored while the first one is being cleaned up.
+    kills it as by default (a SIGTERM to the process group, and multiprocessing's own shutdown of
+    daemonic workers, must end it: a raise would print a traceback per worker; ``Predictor.close``
+    copes with a worker killed at any point) and SIGHUP is ignored (a closed terminal hangs up the
+    whole process group; the parent ends the pool). Later signals are ignored while the first one is
+    being cleaned up.
     The previous handlers are restored on exit; a signal that was set to be ignored (``SIG_IGN``,
     e.g. SIGHUP under ``nohup``) stays ignored.
     """
@@ -112,7 +114,7 @@ def _termination_raises() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         nonlocal raised
         if os.getpid() != owner:  # a forked worker
-            if signum == signal.SIGTERM:  # Pool.terminate: the default action (terminate)
+            if signum == signal.SIGTERM:  # the default action (terminate), without a traceback
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             else:

@@ -223,6 +223,50 @@ def _worker_stage1(seqs: list[str]):
     return _WORKER_STAGE1(seqs)
 
 
+POOL_STOP_SECONDS = 5.0  # the most _stop_pool waits for one step (a healthy pool stops in well under 0.5 s)
+
+
+def _stop_pool(pool: Any) -> None:
+    """Stop a ``multiprocessing`` pool at once, whatever state its workers were left in.
+
+    ``Pool.terminate()`` alone can block for ever. A worker waiting for its next task holds the task
+    queue's read lock; one that dies there never releases it, and terminate() waits for that lock.
+    That is what a SIGTERM to the whole process group does (systemd stop, a batch scheduler): the
+    workers must die of SIGTERM (multiprocessing stops daemonic workers with it at exit), so an idle
+    one dies holding the lock. A worker killed while it reads a task or writes a result leaves a pipe
+    mid-message, which the pool's threads can wait on for ever too. So: the thread that would start
+    replacement workers is stopped, every worker is SIGKILLed (stage 1 holds nothing that needs
+    cleaning up), the queue locks a dead worker may still hold are released (only this process uses
+    them now), and terminate() stops the pool's threads in a thread of its own, given a bounded time:
+    the workers are gone by then, so a terminate() left waiting holds up nothing.
+    """
+    import threading
+    from multiprocessing import pool as mp_pool
+
+    try:
+        handler, notifier, workers = pool._worker_handler, pool._change_notifier, pool._pool
+        locks = (pool._inqueue._rlock, pool._outqueue._wlock)  # what a dead worker may hold
+    except AttributeError:  # a Pool without the internals this relies on: its own shutdown
+        pool.terminate()
+        pool.join()
+        return
+    handler._state = mp_pool.TERMINATE  # what terminate() does first; here before any worker is killed
+    notifier.put(None)  # wakes the handler, which then leaves its loop
+    handler.join(POOL_STOP_SECONDS)
+    workers = list(workers)
+    for w in workers:
+        w.kill()
+    for w in workers:
+        w.join(POOL_STOP_SECONDS)
+    for lock in locks:
+        if lock is not None:  # the write lock is None on Windows
+            lock.acquire(False)  # a free lock is taken here, one a dead worker holds stays taken
+            lock.release()  # either way it is free now
+    stopper = threading.Thread(target=pool.terminate, name="lncrna-pool-stop", daemon=True)
+    stopper.start()
+    stopper.join(POOL_STOP_SECONDS)
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -346,7 +390,7 @@ class Predictor:
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("fork" if "fork" in methods else "spawn")
             self._pool = ctx.Pool(self.workers, initializer=_worker_init, initargs=(self._stage1,))
-            self._finalizer = weakref.finalize(self, self._pool.terminate)
+            self._finalizer = weakref.finalize(self, _stop_pool, self._pool)
 
         # 3. the transformer
         from .model import NucleotideClassifier
@@ -392,9 +436,8 @@ class Predictor:
     def close(self) -> None:
         """Stop the worker pool (if any). The predictor is unusable with workers afterwards."""
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
             self._pool = None
+            self._finalizer()  # _stop_pool, once: a second call (or the garbage collector) does nothing
 
     def __enter__(self) -> "Predictor":
         return self

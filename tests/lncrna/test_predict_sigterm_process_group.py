@@ -1,0 +1,121 @@
+"""SIGTERM to the whole process group of ``lncrna predict --workers N`` (systemd stop, a batch
+scheduler): the pool workers die of it too, and the run must still end at once with exit 143 and no
+``OUT.partial``.
+
+A worker waiting for its next task holds the pool's task-queue lock; killed there, it never releases
+it, and ``Pool.terminate()`` in ``Predictor.close()`` used to wait for that lock for ever (3 runs in
+4 hung). In process (deterministic: the worker is killed once it is known to wait on the queue) and
+through a real process group with the shipped model (slow).
+
+Tiny random model (``model_dir`` in conftest.py) for the in-process tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import wait
+
+import pytest
+
+from lncrna import cli
+from lncrna.predict import DEFAULT_MODEL_DIR, Predictor
+
+from test_cli import ROOT, fasta_text, seq  # the test directory is on sys.path
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the pool deadlock needs forked workers")
+
+RECORDS = [(f"r{i}", seq(300 + 11 * i, i)) for i in range(12)]
+CLOSE_LIMIT_S = 10.0  # close() takes about 20 ms; the old code never returned
+
+
+def _wait_until_idle_on_the_queue(pool) -> None:
+    """Until the single worker holds the task queue's read lock (it holds it while it waits for a task)."""
+    lock = pool._inqueue._rlock
+    deadline = time.monotonic() + 10
+    while lock.acquire(False):
+        lock.release()
+        assert time.monotonic() < deadline, "the worker never went back to wait for a task"
+        time.sleep(0.01)
+
+
+def _close_within(predictor: Predictor, seconds: float) -> bool:
+    """Whether ``predictor.close()`` returned in time (run in a daemon thread: a hang cannot stall pytest)."""
+    t = threading.Thread(target=predictor.close, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive()
+
+
+def test_close_returns_when_a_worker_died_of_sigterm_while_waiting_for_a_task(model_dir):
+    """The worker gets the SIGTERM that reaches the whole group (with the CLI's handler it dies as by
+    default) while it waits on the queue; close() must still stop the pool, replacement worker included."""
+    with cli._termination_raises():  # workers forked here carry the handler `lncrna predict` runs with
+        predictor = Predictor(model_dir, device="cpu", workers=1, chunk_size=4)
+        first = [p.prob for p in predictor.predict_records(RECORDS)]
+        pool = predictor._pool
+        worker = pool._pool[0]
+        _wait_until_idle_on_the_queue(pool)
+        os.kill(worker.pid, signal.SIGTERM)
+        assert wait([worker.sentinel], 10), "the worker did not die of SIGTERM"
+        assert _close_within(predictor, CLOSE_LIMIT_S), "close() hung on the task-queue lock of a dead worker"
+    assert all(w.exitcode is not None for w in pool._pool)  # the pool's replacement worker too
+    assert not any(t.is_alive() for t in (pool._worker_handler, pool._task_handler, pool._result_handler))
+    assert len(first) == len(RECORDS)
+
+
+def test_close_after_a_normal_run_stops_workers_and_threads_and_keeps_the_rows(model_dir):
+    with Predictor(model_dir, device="cpu", workers=0, chunk_size=4) as alone:
+        expected = [(p.id, p.prob) for p in alone.predict_records(RECORDS)]
+    predictor = Predictor(model_dir, device="cpu", workers=2, chunk_size=4)
+    pool = predictor._pool
+    got = [(p.id, p.prob) for p in predictor.predict_records(RECORDS)]
+    t0 = time.perf_counter()
+    predictor.close()
+    assert time.perf_counter() - t0 < 2.0  # no timeout was waited out
+    assert [i for i, _ in got] == [i for i, _ in expected]  # input order, as without workers
+    assert [p for _, p in got] == pytest.approx([p for _, p in expected], abs=1e-9)
+    assert all(w.exitcode is not None for w in pool._pool)
+    assert not any(t.is_alive() for t in (pool._worker_handler, pool._task_handler, pool._result_handler))
+    predictor.close()  # a second close does nothing
+
+
+@pytest.mark.slow  # a real process group, the shipped model: about 8 s on 2 cores; the in-process test covers the logic
+@pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(), reason="the shipped model is not installed")
+def test_sigterm_to_the_process_group_with_an_idle_worker_exits_143(tmp_path):
+    """The shipped model on CPU with --no-cascade keeps the main process in the transformer for most of
+    each chunk, so the worker is waiting for its next task when the group's SIGTERM arrives."""
+    fa = tmp_path / "big.fa"
+    fa.write_text(fasta_text((f"r{i}", seq(600, i)) for i in range(2_000)))  # minutes of work
+    out = tmp_path / "out.tsv"
+    partial = tmp_path / "out.tsv.partial"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "lncrna.cli", "predict", str(fa), "-o", str(out), "--device", "cpu",
+                          "--no-cascade", "--workers", "1", "--chunk-size", "4", "-q"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while p.poll() is None and time.monotonic() < deadline:
+            if partial.exists() and len(partial.read_text().splitlines()) > 1:  # header + a finished chunk
+                break
+            time.sleep(0.02)
+        assert p.poll() is None, f"predict ended before it could be stopped: {p.stderr.read() if p.stderr else ''}"
+        time.sleep(0.3)  # the worker has done the chunks it was given and waits on the queue
+        os.killpg(p.pid, signal.SIGTERM)
+        stdout, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("lncrna predict hung after SIGTERM to its process group")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 143, err
+    assert stdout == "" and len(err.strip().splitlines()) == 1, err
+    assert re.fullmatch(rf"lncrna predict: terminated by SIGTERM \((\d+ finished rows discarded; "
+                        rf"{re.escape(str(out))} not written|no rows written)\)", err.strip()), err
+    assert not out.exists() and not partial.exists()
