@@ -52,7 +52,7 @@ from ..core.config import AdapterConfig, Method, register
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
 from . import lora as _lora
-from .lora import _autocast_dtype, _mm_scaled, _mm_to, _plain_linear_base, _weight_bias
+from .lora import _autocast_dtype, _mm_scaled, _mm_to, _plain_linear_base, _raise_modified, _weight_bias
 
 
 # ---- the shared layer ------------------------------------------------------------------------
@@ -115,6 +115,14 @@ class _FusedCore(torch.autograd.Function):
                       Rc if Rc is not R and (need_x or need_A) else None,
                       Bc if Bc is not B and need_gb else None)
         ctx.w = w if need_x else None  # frozen (a trainable w is saved as x is: grad_w reads x only)
+        # w stays off save_for_backward (saved-tensor hooks, e.g. offloading, would pack the whole
+        # weight at every call), so autograd does not check it: its version is recorded here and
+        # compared in backward, so that an in-place write to the base weight before backward raises
+        # as it does for nn.Linear instead of giving silently wrong input gradients
+        try:
+            ctx.w_version = w._version if need_x else None
+        except RuntimeError:  # an inference tensor has no version counter: nothing to check
+            ctx.w_version = None
         ctx.scaling = scaling
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.shape = shape
@@ -141,6 +149,8 @@ class _FusedCore(torch.autograd.Function):
                 gBR_s = _mm_scaled(gB, Rc, ctx.scaling)  # (N, r) = s·gB R
                 if need_x:
                     w = ctx.w
+                    if ctx.w_version is not None and w._version != ctx.w_version:
+                        _raise_modified(w, ctx.w_version, "the base weight of a fused core LoRA layer")
                     grad_x = torch.mm(gBR_s, Ac)
                     grad_x.addmm_(g, w.t() if fifo else w)
                     grad_x = grad_x.view(ctx.shape)

@@ -52,7 +52,7 @@ from torch.autograd.function import once_differentiable
 
 from ..core.config import AdapterConfig, Method, register
 from ..core.layer import no_autocast
-from .lora import _mm_scaled, _mm_to
+from .lora import _mm_scaled, _mm_to, _raise_modified
 from .lora_sb import CoreLoRALinear
 
 
@@ -215,6 +215,12 @@ class _FusedCoreResidual(torch.autograd.Function):
         ctx.save_for_backward(x2 if need_A or need_w else None, u_s if need_N else None, v1 if need_B else None,
                               Ac, Nc, dA, dN, dB, N0, B0)
         ctx.w = w if need_x else None  # frozen
+        # w stays off save_for_backward (see _FusedCore.forward): its version is compared in backward
+        # instead, so that an in-place write to the base weight raises as it does for nn.Linear
+        try:
+            ctx.w_version = w._version if need_x else None
+        except RuntimeError:  # an inference tensor has no version counter: nothing to check
+            ctx.w_version = None
         ctx.scaling = scaling
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.shape = shape
@@ -243,6 +249,8 @@ class _FusedCoreResidual(torch.autograd.Function):
                 q = _mm_scaled(G1, Nc, s)  # (N, r)
                 q.addmm_(G2, dN, alpha=s)
                 w = ctx.w
+                if ctx.w_version is not None and w._version != ctx.w_version:
+                    _raise_modified(w, ctx.w_version, "the base weight of a fused NLoRA residual layer")
                 grad_x = torch.mm(q, Ac)
                 grad_x.addmm_(_mm_scaled(G2, N0, s), dA)
                 grad_x.addmm_(g, w.t() if fifo else w)
