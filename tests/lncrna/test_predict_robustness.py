@@ -16,10 +16,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,38 +27,19 @@ from lncrna import cli
 from lncrna.fasta import FastaError, read_fasta
 from lncrna.predict import EXAMPLE_FASTA
 
-from test_cli import GOOD, HEADER, ROOT, fasta_text, run, seq  # the test directory is on sys.path
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob("*.partial"))
-
-
-def rows(out: Path) -> list[list[str]]:
-    lines = out.read_text().splitlines()
-    assert lines[0] == HEADER
-    return [line.split("\t") for line in lines[1:]]
+from termination_helpers import assert_terminated_quietly, leftovers, sender, signal_guard, signal_running_predict
+from termination_helpers import tsv_rows as rows
+from test_cli import GOOD, fasta_text, run, seq  # the test directory is on sys.path
 
 
 # ---- 1. SIGTERM --------------------------------------------------------------------------------------
-class _SigtermReachedTest(BaseException):
-    """Raised by the test's own SIGTERM handler: without the fix the signal ends up there (a clean
-    test failure) instead of killing the pytest process."""
-
-
 @pytest.fixture
 def sigterm_guard() -> Iterator[Any]:
-    def guard(signum: int, frame: Any) -> None:
-        raise _SigtermReachedTest()
-
-    previous = signal.signal(signal.SIGTERM, guard)
-    yield guard
-    signal.signal(signal.SIGTERM, previous)
+    with signal_guard(signal.SIGTERM) as guard:
+        yield guard
 
 
-def send_sigterm() -> None:
-    """An ``on_chunk`` action: SIGTERM to this process."""
-    os.kill(os.getpid(), signal.SIGTERM)
+send_sigterm = sender(signal.SIGTERM)
 
 
 @pytest.mark.parametrize("old", [True, False], ids=["old_out", "no_old_out"])
@@ -111,8 +89,9 @@ def test_sigterm_during_evaluate_leaves_no_predictions(tmp_path, model_dir, caps
 
 
 def test_worker_pool_stays_quiet_with_the_sigterm_handler(tmp_path, model_dir, capfd, monkeypatch, sigterm_guard):
-    """Pool workers inherit the handler by fork; Pool.terminate() SIGTERMs them on every exit. They
-    must die silently (no traceback per worker), on a normal run and on a SIGTERMed one."""
+    """Pool workers inherit the handler by fork; multiprocessing stops daemonic workers with SIGTERM
+    and a SIGTERM to the process group reaches them too. They must die silently (no traceback per
+    worker), on a normal run and on a SIGTERMed one."""
     fa = tmp_path / "in.fa"
     fa.write_text(fasta_text(GOOD))
     out = tmp_path / "out.tsv"
@@ -146,31 +125,11 @@ def test_sigterm_subprocess_deletes_partial_and_exits_143(tmp_path, model_dir):
     fa.write_text(fasta_text((f"r{i}", s) for i in range(20_000)))  # minutes of work at --no-cascade
     out = tmp_path / "out.tsv"
     partial = tmp_path / "out.tsv.partial"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "lncrna.cli", "predict", str(fa), "-o", str(out), "--model",
-                          str(model_dir), "--no-cascade", "--chunk-size", "8", "-q"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while p.poll() is None and time.monotonic() < deadline:
-            if partial.exists() and len(partial.read_text().splitlines()) > 1:  # header + a finished chunk
-                break
-            time.sleep(0.02)
-        assert p.poll() is None, f"predict ended before it could be interrupted: {p.stderr.read() if p.stderr else ''}"
-        assert partial.exists()
-        p.send_signal(signal.SIGTERM)
-        stdout, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 143, err
-    assert stdout == "" and len(err.strip().splitlines()) == 1, err
+    got = signal_running_predict([fa, "-o", out, "--model", model_dir, "--no-cascade", "--chunk-size", "8"], partial,
+                                 lambda p: p.send_signal(signal.SIGTERM))
     # the row count is in the message unless the signal lands between the flush and the row counter
     # (then "(no rows written)"); the exact message is pinned by the in-process tests above
-    assert re.fullmatch(rf"lncrna predict: terminated by SIGTERM \((\d+ finished rows discarded; "
-                        rf"{re.escape(str(out))} not written|no rows written)\)", err.strip()), err
-    assert not out.exists() and not partial.exists()
+    assert_terminated_quietly(*got, out, partial, "SIGTERM")
 
 
 # ---- 2. a header line indented by whitespace --------------------------------------------------------

@@ -13,10 +13,7 @@ Tiny random model (``model_dir`` in conftest.py) for the in-process tests.
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from multiprocessing.connection import wait
@@ -24,9 +21,10 @@ from multiprocessing.connection import wait
 import pytest
 
 from lncrna import cli
-from lncrna.predict import DEFAULT_MODEL_DIR, Predictor
+from lncrna.predict import Predictor
 
-from test_cli import ROOT, fasta_text, seq  # the test directory is on sys.path
+from termination_helpers import assert_terminated_quietly, signal_running_predict
+from test_cli import fasta_text, seq  # the test directory is on sys.path
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the pool deadlock needs forked workers")
 
@@ -86,7 +84,6 @@ def test_close_after_a_normal_run_stops_workers_and_threads_and_keeps_the_rows(m
 
 
 @pytest.mark.slow  # a real process group, the shipped model: about 8 s on 2 cores; the in-process test covers the logic
-@pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(), reason="the shipped model is not installed")
 def test_sigterm_to_the_process_group_with_an_idle_worker_exits_143(tmp_path):
     """The shipped model on CPU with --no-cascade keeps the main process in the transformer for most of
     each chunk, so the worker is waiting for its next task when the group's SIGTERM arrives."""
@@ -94,28 +91,8 @@ def test_sigterm_to_the_process_group_with_an_idle_worker_exits_143(tmp_path):
     fa.write_text(fasta_text((f"r{i}", seq(600, i)) for i in range(2_000)))  # minutes of work
     out = tmp_path / "out.tsv"
     partial = tmp_path / "out.tsv.partial"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "lncrna.cli", "predict", str(fa), "-o", str(out), "--device", "cpu",
-                          "--no-cascade", "--workers", "1", "--chunk-size", "4", "-q"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while p.poll() is None and time.monotonic() < deadline:
-            if partial.exists() and len(partial.read_text().splitlines()) > 1:  # header + a finished chunk
-                break
-            time.sleep(0.02)
-        assert p.poll() is None, f"predict ended before it could be stopped: {p.stderr.read() if p.stderr else ''}"
-        time.sleep(0.3)  # the worker has done the chunks it was given and waits on the queue
-        os.killpg(p.pid, signal.SIGTERM)
-        stdout, err = p.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.fail("lncrna predict hung after SIGTERM to its process group")
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 143, err
-    assert stdout == "" and len(err.strip().splitlines()) == 1, err
-    assert re.fullmatch(rf"lncrna predict: terminated by SIGTERM \((\d+ finished rows discarded; "
-                        rf"{re.escape(str(out))} not written|no rows written)\)", err.strip()), err
-    assert not out.exists() and not partial.exists()
+    # settle: the worker has done the chunks it was given and waits on the queue
+    got = signal_running_predict([fa, "-o", out, "--device", "cpu", "--no-cascade", "--workers", "1", "--chunk-size",
+                                  "4"], partial, lambda p: os.killpg(p.pid, signal.SIGTERM), group=True, settle=0.3,
+                                 timeout=90)
+    assert_terminated_quietly(*got, out, partial, "SIGTERM")

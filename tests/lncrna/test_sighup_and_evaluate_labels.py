@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,40 +27,21 @@ from lncrna import cli
 from lncrna.evaluate import read_truth
 from lncrna.predict import EXAMPLE_FASTA
 
-from test_cli import GOOD, HEADER, ROOT, fasta_text, run, seq  # the test directory is on sys.path
+from termination_helpers import (assert_terminated_quietly, leftovers, sender, signal_guard, signal_running_predict,
+                                 tsv_rows)
+from test_cli import GOOD, HEADER, fasta_text, run, seq  # the test directory is on sys.path
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
 
 
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob("*.partial"))
-
-
-def tsv_rows(path: Path) -> list[list[str]]:
-    lines = path.read_text().splitlines()
-    assert lines[0] == HEADER
-    return [line.split("\t") for line in lines[1:]]
-
-
 # ---- 1. SIGHUP --------------------------------------------------------------------------------------
-class _SighupReachedTest(BaseException):
-    """Raised by the test's own SIGHUP handler: without the fix the signal ends up there (a clean
-    test failure) instead of killing the pytest process."""
-
-
 @pytest.fixture
 def sighup_guard() -> Iterator[Any]:
-    def guard(signum: int, frame: Any) -> None:
-        raise _SighupReachedTest()
-
-    previous = signal.signal(signal.SIGHUP, guard)
-    yield guard
-    signal.signal(signal.SIGHUP, previous)
+    with signal_guard(signal.SIGHUP) as guard:
+        yield guard
 
 
-def send_sighup() -> None:
-    """An ``on_chunk`` action: SIGHUP to this process."""
-    os.kill(os.getpid(), signal.SIGHUP)
+send_sighup = sender(signal.SIGHUP)
 
 
 def test_sighup_mid_run_deletes_partial_keeps_old_out_and_exits_129(tmp_path, model_dir, capsys, on_chunk,
@@ -143,28 +121,9 @@ def test_sighup_to_the_process_group_with_a_worker_exits_129_quietly(tmp_path, m
     fa.write_text(fasta_text((f"r{i}", s) for i in range(5_000)))  # minutes of work at --no-cascade
     out = tmp_path / "out.tsv"
     partial = tmp_path / "out.tsv.partial"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "lncrna.cli", "predict", str(fa), "-o", str(out), "--model",
-                          str(model_dir), "--no-cascade", "--workers", "1", "--chunk-size", "8", "-q"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while p.poll() is None and time.monotonic() < deadline:
-            if partial.exists() and len(partial.read_text().splitlines()) > 1:  # header + a finished chunk
-                break
-            time.sleep(0.02)
-        assert p.poll() is None, f"predict ended before it could be hung up: {p.stderr.read() if p.stderr else ''}"
-        os.killpg(p.pid, signal.SIGHUP)
-        stdout, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 129, err
-    assert stdout == "" and len(err.strip().splitlines()) == 1, err
-    assert re.fullmatch(rf"lncrna predict: terminated by SIGHUP \((\d+ finished rows discarded; "
-                        rf"{re.escape(str(out))} not written|no rows written)\)", err.strip()), err
-    assert not out.exists() and not partial.exists()
+    got = signal_running_predict([fa, "-o", out, "--model", model_dir, "--no-cascade", "--workers", "1",
+                                  "--chunk-size", "8"], partial, lambda p: os.killpg(p.pid, signal.SIGHUP), group=True)
+    assert_terminated_quietly(*got, out, partial, "SIGHUP")
 
 
 # ---- 2. evaluate: the TSV's label column ------------------------------------------------------------
