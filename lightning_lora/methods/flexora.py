@@ -229,12 +229,10 @@ def select_layers(logits: Sequence[float] | torch.Tensor, keys: Sequence[str], c
     # NaN compares False with everything: "NaN > 0" would silently drop the layer, and top_k's sort
     # order would be arbitrary. A non-finite α̂ means the gate step diverged, so stop loudly instead.
     # Checking α̂ suffices: finite α̂ always gives finite gates (gate_values subtracts max α̂).
-    bad = {k: v for k, v in zip(keys, a) if not math.isfinite(v)}
+    # The gate step already stops at the first non-finite α̂; this catches logits set by hand.
+    bad = _non_finite(keys, a)
     if bad:
-        at = f" at optimizer step {step}" if step is not None else ""
-        raise ValueError(f"Flexora: non-finite gate logit for layer(s) {list(bad)}{at} (α̂ = {list(bad.values())}): "
-                         "the gate step diverged; lower gate_lr, or clip gradients (Trainer(gradient_clip_val=...)) "
-                         "if the LoRA weights diverged first")
+        raise _diverged("gate logit", list(bad), f"α̂ = {list(bad.values())}", step)
     if config.selection == "positive":
         keep = {i for i, v in enumerate(a) if v > 0}
     else:
@@ -244,6 +242,18 @@ def select_layers(logits: Sequence[float] | torch.Tensor, keys: Sequence[str], c
             raise RuntimeError("Flexora selected no layer (no gate logit above 0)")
         keep = set(range(len(a)))
     return [k for i, k in enumerate(keys) if i in keep]
+
+
+def _non_finite(keys: Sequence[str], values: Sequence[float]) -> dict[str, float]:
+    return {k: v for k, v in zip(keys, values) if not math.isfinite(v)}
+
+
+def _diverged(what: str, layers: Sequence[str], values: Any, step: int | None) -> ValueError:
+    """The one-line error of a diverged search (gate step and selection), naming layers and step."""
+    at = f" at optimizer step {step}" if step is not None else ""
+    return ValueError(f"Flexora: non-finite {what} for layer(s) {list(layers)}{at} ({values}): "
+                      "the gate step diverged; lower gate_lr, or clip gradients (Trainer(gradient_clip_val=...)) "
+                      "if the LoRA weights diverged first")
 
 
 # ---- the layer ------------------------------------------------------------------------------------------
@@ -359,7 +369,10 @@ def _split_fields(batch: Any, size: int, rows: int | None) -> list[Any]:
             return [batch]
         parts = [_split_fields(v, size, rows) for v in batch]
         n = max(len(p) for p in parts)
-        return [type(batch)(p[i] if len(p) == n else p[0] for p in parts) for i in range(n)]
+        fields = [[p[i] if len(p) == n else p[0] for p in parts] for i in range(n)]
+        if hasattr(batch, "_fields"):  # a namedtuple's constructor takes its fields as separate arguments
+            return [type(batch)(*f) for f in fields]
+        return [type(batch)(f) for f in fields]
     return [batch]  # not splittable (a scalar, a string): shared by every micro-batch
 
 
@@ -588,11 +601,20 @@ class Flexora(Method):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(grad)  # every process must select the same layers
             grad /= torch.distributed.get_world_size()
+        # Checked here, not only at the selection: a NaN loss or α̂ would otherwise keep training with
+        # NaN gates (and NaN Adam state) for every step up to ``search_steps``.
+        step = getattr(trainer, "global_step", None)
+        loss_value = float(total)  # host sync; read before the step so a NaN loss never reaches α̂
+        if not math.isfinite(loss_value):  # stepping would only write NaN into α̂ and Adam's moments
+            raise _diverged("gate loss", self.layer_keys, f"loss = {loss_value}", step)
         alpha.grad = grad
         self.gate_optimizer.step()
         alpha.grad = None
+        bad = _non_finite(self.layer_keys, alpha.detach().tolist())
+        if bad:  # a finite loss with an infinite gradient, or an Adam step that overflowed
+            raise _diverged("gate logit", list(bad), f"α̂ = {list(bad.values())}", step)
         self.apply_gates(layers)
-        self.last_gate_loss = float(total)
+        self.last_gate_loss = loss_value
         self.gate_steps += 1
         return self.last_gate_loss
 
@@ -695,7 +717,20 @@ class Flexora(Method):
 
     # ---- save / load (S4) ---------------------------------------------------------------------------
     def layer_metadata(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
-        """Phase, gated layers, α̂ and gates (at selection once retraining), selection."""
+        """Phase, gated layers, α̂ and gates (at selection once retraining), selection.
+
+        A non-finite α̂ raises a ValueError: ``json.dumps`` would write it as ``NaN`` / ``Infinity``,
+        which strict JSON parsers reject, so the saved adapter could not be read back elsewhere.
+        """
+        meta = self._metadata()
+        bad = _non_finite(meta["layers"], meta["gate_logits"])
+        if bad:
+            raise ValueError(f"Flexora: non-finite gate logit for layer(s) {list(bad)} (α̂ = {list(bad.values())}): "
+                             "refusing to write it into the adapter metadata (not valid JSON); "
+                             "set finite logits with set_gate_logits first")
+        return meta
+
+    def _metadata(self) -> dict[str, Any]:
         if self.phase == "search":
             logits = self._gates().detach().cpu().tolist()
         else:
@@ -781,8 +816,9 @@ class Flexora(Method):
 
     def summary(self) -> dict[str, Any]:
         """What the search found: phase, layers, α̂, gates, selection (JSON-serialisable; without the
-        gate optimizer's state, which only a resumed fit needs)."""
-        meta = self.layer_metadata({})
+        gate optimizer's state, which only a resumed fit needs). Unlike :meth:`layer_metadata` it does
+        not refuse a non-finite α̂, so a diverged search can still be inspected."""
+        meta = self._metadata()
         meta.pop("gate_optimizer", None)
         return meta
 
