@@ -55,17 +55,24 @@ def _records_derived_defaults(post_init: Callable[[Any], None]) -> Callable[[Any
         if state.get("_in_post_init"):  # a super().__post_init__() inside the outer call
             post_init(self)
             return
+        sentinels = getattr(type(self), "derived_sentinels", {})
         given = {}
         for f in dataclasses.fields(self):
             default = _declared_default(f) if f.init else _MISSING
-            if default is not _MISSING and _same(getattr(self, f.name), default):
+            value = getattr(self, f.name)
+            if default is not _MISSING and _same(value, default):
                 given[f.name] = default
+            elif f.init and any(_same(value, s) for s in sentinels.get(f.name, ())):
+                given[f.name] = value
         state["_in_post_init"] = True
         try:
             post_init(self)
         finally:
             del state["_in_post_init"]
-        state["_derived_defaults"] = {n: getattr(self, n) for n, v in given.items() if not _same(getattr(self, n), v)}
+        derived = {n: getattr(self, n) for n, v in given.items() if not _same(getattr(self, n), v)}
+        state["_derived_defaults"] = derived
+        # what make_config restores to re-derive a field, where that is a sentinel and not the default
+        state["_derived_from"] = {n: given[n] for n in derived if n in sentinels}
 
     wrapper._records_derived_defaults = True  # type: ignore[attr-defined]
     return wrapper
@@ -103,6 +110,9 @@ class AdapterConfig:
     bias: str = "none"
 
     method: ClassVar[str] = ""
+    #: field -> values other than its declared default that ``__post_init__`` resolves from other
+    #: fields (IncreLoRA's ``incre_rank_num=0``); a field given one is recorded like a defaulted one
+    derived_sentinels: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -228,7 +238,8 @@ def make_config(method: str, config: AdapterConfig | dict[str, Any] | None = Non
         # dataclasses.replace alone would pass the value derived for the old fields as if set by the
         # user; a derived field assigned since (cfg.alpha = 4.0) is the user's and stays
         derived = getattr(config, "_derived_defaults", {})
-        reset = {f.name: _declared_default(f) for f in dataclasses.fields(config)
+        source = getattr(config, "_derived_from", {})
+        reset = {f.name: source.get(f.name, _declared_default(f)) for f in dataclasses.fields(config)
                  if f.init and f.name in derived and f.name not in kwargs and _same(getattr(config, f.name), derived[f.name])}
         return dataclasses.replace(config, **reset, **kwargs)
     return cls.from_dict({**(config or {}), **kwargs})

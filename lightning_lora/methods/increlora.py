@@ -71,7 +71,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,12 @@ class IncreLoRAConfig(AdapterConfig):
     rank_eps: float = 1e-5
     dropout: float = 0.0
     adapter_dtype: str = "float32"
+
+    # incre_rank_num=0 is resolved from target_rank in __post_init__ like a defaulted field, but the
+    # declared default stays 1 (the scripts' value, 0 would give 4 at the default target_rank):
+    # naming the sentinel here lets the derived-defaults record note it, so make_config restores 0
+    # and re-derives when target_rank changes instead of keeping the old target_rank's value
+    derived_sentinels: ClassVar[dict[str, tuple[Any, ...]]] = {"incre_rank_num": (0,)}
 
     def __post_init__(self) -> None:
         super().__post_init__()

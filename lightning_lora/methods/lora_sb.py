@@ -349,14 +349,18 @@ def truncated_svd(w: torch.Tensor, r: int, method: str = "exact", niter: int = 1
 
 
 # ---- LoRA-XS ---------------------------------------------------------------------------------
-def _whole_rank(r: Any) -> int:
-    """``r`` as an int >= 1; a one-line ValueError otherwise (2.5 used to fail late, inside
-    ``torch.zeros``; a bool is not a rank)."""
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise ValueError(f"rank r must be a whole number, got {r!r}")
-    if r < 1:
-        raise ValueError(f"rank r must be >= 1, got {r}")
-    return int(r)
+def _whole(value: Any, name: str, minimum: int, optional: bool = False) -> int | None:
+    """``value`` as an int >= ``minimum`` (None passes when ``optional``); a one-line ValueError
+    naming the field otherwise: a float (2.5) passed the bare ``>=`` checks and then failed late
+    (``torch.zeros``) or was silently truncated (``range``, ``int(total)``); a bool is not a count;
+    numpy integers become ints so the config stays JSON-serialisable."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}a whole number, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}>= {minimum}, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -386,7 +390,7 @@ class LoRAXSConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.r = _whole_rank(self.r)
+        self.r = _whole(self.r, "rank r", 1)
         if self.alpha is None:
             self.alpha = float(self.r)
         if self.core_init not in ("gaussian", "zeros"):
@@ -399,8 +403,7 @@ class LoRAXSConfig(AdapterConfig):
             raise ValueError(f"alpha must be a finite number > 0 (s = alpha / r), got {self.alpha!r}")
         if not self.core_std >= 0:
             raise ValueError(f"core_std must be >= 0, got {self.core_std!r}")
-        if self.svd_niter < 0:
-            raise ValueError(f"svd_niter must be >= 0, got {self.svd_niter}")
+        self.svd_niter = _whole(self.svd_niter, "svd_niter", 0)
 
 
 @torch.no_grad()
@@ -467,11 +470,10 @@ class LoRASBConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.r = _whole_rank(self.r)
+        self.r = _whole(self.r, "rank r", 1)
         if self.alpha is not None and float(self.alpha) != float(self.r):
             warnings.warn(f"LoRA-SB fixes the scale s = 1 (alpha = r); alpha={self.alpha} is ignored", stacklevel=4)
-        if self.n_init_batches < 1:
-            raise ValueError(f"n_init_batches must be >= 1, got {self.n_init_batches}")
+        self.n_init_batches = _whole(self.n_init_batches, "n_init_batches", 1)
         if self.t_unit not in ("batches", "steps"):
             raise ValueError(f"t_unit must be 'batches' or 'steps', got {self.t_unit!r}")
         if self.svd not in ("lowrank", "exact"):
@@ -482,10 +484,8 @@ class LoRASBConfig(AdapterConfig):
         # factors then point up the gradient) and η = 0 makes ΔW̃ = 0 (arbitrary SVD factors), silently
         if self.init_lr is not None and not (math.isfinite(self.init_lr) and self.init_lr > 0):
             raise ValueError(f"init_lr must be None or a finite number > 0, got {self.init_lr!r}")
-        if self.total_steps is not None and self.total_steps < 1:
-            raise ValueError(f"total_steps must be None or >= 1, got {self.total_steps!r}")
-        if self.svd_niter < 0:
-            raise ValueError(f"svd_niter must be >= 0, got {self.svd_niter}")
+        self.total_steps = _whole(self.total_steps, "total_steps", 1, optional=True)
+        self.svd_niter = _whole(self.svd_niter, "svd_niter", 0)
 
 
 class LoRASBLinear(CoreLoRALinear):
