@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -76,6 +77,20 @@ def _records_derived_defaults(post_init: Callable[[Any], None]) -> Callable[[Any
 
     wrapper._records_derived_defaults = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def whole_number(value: Any, name: str, minimum: int | None = None, optional: bool = False) -> int | None:
+    """``value`` as an int (>= ``minimum`` when given; None passes when ``optional``); a one-line
+    ValueError naming the field otherwise. A float (2.5, also 2.0) passed bare ``>=`` checks and then
+    failed late (``torch.zeros``, a slice) or was silently truncated (``range``, ``int(total)``); a bool
+    is not a count; numpy integers become ints so the config stays JSON-serialisable."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}a whole number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}>= {minimum}, got {value!r}")
+    return int(value)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.config import AdapterConfig, Method, register
+from ..core.config import AdapterConfig, Method, register, whole_number
 from ..core.layer import AdapterLayer
 from ..optim.allora import GRANULARITIES, ALLoRAOptimizer, _check, install_update_scaling, layer_parameters, scale_gradients
 from .lora import LoRA, LoRAConfig, LoRALinear
@@ -67,6 +67,7 @@ class ALLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.r = whole_number(self.r, "ALLoRA rank r")
         if self.eta is None:
             raise ValueError("ALLoRA needs eta (no default: the paper's value is unconfirmed, METHODS.md §5)")
         if self.granularity not in GRANULARITIES:

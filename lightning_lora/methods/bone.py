@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..core.config import AdapterConfig, Method, register
+from ..core.config import AdapterConfig, Method, register, whole_number
 from ..core.layer import AdapterLayer, no_autocast
 
 VARIANTS = ("bone", "bat")
@@ -62,6 +62,7 @@ class BoneConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.r = whole_number(self.r, "Bone block width r")
         if self.r < 1:
             raise ValueError(f"Bone block width r must be >= 1, got {self.r}")
         if self.variant not in VARIANTS:

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.config import AdapterConfig, Method, get_method, make_config, register
+from ..core.config import AdapterConfig, Method, get_method, make_config, register, whole_number
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
 from ..core.state import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _to_file_key, adapter_state_dict
@@ -99,8 +99,9 @@ class DyLoRAConfig(AdapterConfig):
         # ranks are counts: 2.5 passed the range checks below and failed later inside a slice
         for key in ("r", "r_min", "eval_rank"):
             value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"DyLoRA {key} must be a whole number, got {value!r}")
+            if value is not None:  # eval_rank None = the full rank
+                setattr(self, key, whole_number(value, f"DyLoRA {key}"))
+        self.seed = whole_number(self.seed, "DyLoRA seed")
         if self.r < 1:
             raise ValueError(f"DyLoRA maximum rank r must be >= 1, got {self.r}")
         if not 1 <= self.r_min <= self.r:

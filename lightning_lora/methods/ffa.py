@@ -35,7 +35,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core.config import register
+from ..core.config import register, whole_number
 from .lora import LoRA, LoRAConfig, LoRALinear
 
 
@@ -60,6 +60,7 @@ class FFALoRAConfig(LoRAConfig):
         if self.alpha is None:
             self.alpha = float(self.r)
         super().__post_init__()
+        self.a0_seed = whole_number(self.a0_seed, "a0_seed", optional=True)
         if self.use_dora:
             raise ValueError("FFA-LoRA does not support use_dora: only B trains (METHODS.md §16)")
 

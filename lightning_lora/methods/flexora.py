@@ -104,7 +104,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..core.config import Method, register
+from ..core.config import Method, register, whole_number
 from ..core.layer import AdapterLayer
 from .lora import LoRAConfig, LoRALinear
 
@@ -162,6 +162,10 @@ class FlexoraConfig(LoRAConfig):
         super().__post_init__()
         if self.use_dora:
             raise ValueError("Flexora gates a plain LoRA branch; use_dora=True is not supported")
+        for key in ("search_steps", "gate_batches", "gate_every", "gate_power"):
+            setattr(self, key, whole_number(getattr(self, key), f"Flexora: {key}"))
+        for key in ("gate_batch_size", "top_k"):
+            setattr(self, key, whole_number(getattr(self, key), f"Flexora: {key}", optional=True))
         checks = {
             "search_steps": self.search_steps >= 1, "gate_batches": self.gate_batches >= 1,
             "gate_every": self.gate_every >= 1, "gate_power": self.gate_power >= 1, "gate_lr": self.gate_lr > 0,

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.config import Method, register
+from ..core.config import Method, register, whole_number
 from ..optim.gradnorm_lorp import GradNormLoRPAdamW, gradnorm_lorp_param_groups
 from .lora import LoRAConfig, LoRALinear
 
@@ -55,6 +55,8 @@ class GradNormLoRPConfig(LoRAConfig):
         super().__post_init__()
         if not self.use_dora:
             raise ValueError("GradNormLoRP's layer is the weight-normalised (DoRA) form: use_dora must be True")
+        for key in ("proj_rank", "update_proj_gap", "optim_bits"):
+            setattr(self, key, whole_number(getattr(self, key), key))
         if self.proj_type not in ("std", "full", "identity"):
             raise ValueError(f"proj_type must be 'std', 'full' or 'identity', got {self.proj_type!r}")
         if self.optim_bits not in (8, 32):

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig, Method, register
+from ..core.config import AdapterConfig, Method, register, whole_number
 from ..core.inject import adapter_layers
 from ..core.layer import AdapterLayer, no_autocast
 
@@ -151,6 +151,10 @@ class IncreLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for key in ("r", "target_rank", "init_warmup", "interval", "top_h", "incre_rank_num"):
+            setattr(self, key, whole_number(getattr(self, key), f"IncreLoRA {key}"))
+        for key in ("target_total_rank", "budget_lora_r", "group_warmup_steps", "total_steps", "seed"):
+            setattr(self, key, whole_number(getattr(self, key), f"IncreLoRA {key}", optional=True))
         if self.r < 1:
             raise ValueError(f"IncreLoRA initial rank r must be >= 1, got {self.r}")
         if self.incre_rank_num == 0:

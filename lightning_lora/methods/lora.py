@@ -51,7 +51,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..core.config import AdapterConfig, Method, register
+from ..core.config import AdapterConfig, Method, register, whole_number
 from ..core.layer import AdapterLayer, no_autocast
 
 
@@ -100,6 +100,7 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.r = whole_number(self.r, "LoRA rank r")
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
         if isinstance(self.replay_inputs, bool):  # the session-6 switch (and configs saved with it)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..core.config import AdapterConfig, Method, register
+from ..core.config import AdapterConfig, Method, register, whole_number
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
 from . import lora as _lora
@@ -349,20 +349,6 @@ def truncated_svd(w: torch.Tensor, r: int, method: str = "exact", niter: int = 1
 
 
 # ---- LoRA-XS ---------------------------------------------------------------------------------
-def _whole(value: Any, name: str, minimum: int, optional: bool = False) -> int | None:
-    """``value`` as an int >= ``minimum`` (None passes when ``optional``); a one-line ValueError
-    naming the field otherwise: a float (2.5) passed the bare ``>=`` checks and then failed late
-    (``torch.zeros``) or was silently truncated (``range``, ``int(total)``); a bool is not a count;
-    numpy integers become ints so the config stays JSON-serialisable."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be {'None or ' if optional else ''}a whole number, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be {'None or ' if optional else ''}>= {minimum}, got {value!r}")
-    return int(value)
-
-
 @dataclass
 class LoRAXSConfig(AdapterConfig):
     """LoRA-XS options.
@@ -390,7 +376,7 @@ class LoRAXSConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.r = _whole(self.r, "rank r", 1)
+        self.r = whole_number(self.r, "rank r", 1)
         if self.alpha is None:
             self.alpha = float(self.r)
         if self.core_init not in ("gaussian", "zeros"):
@@ -403,7 +389,8 @@ class LoRAXSConfig(AdapterConfig):
             raise ValueError(f"alpha must be a finite number > 0 (s = alpha / r), got {self.alpha!r}")
         if not self.core_std >= 0:
             raise ValueError(f"core_std must be >= 0, got {self.core_std!r}")
-        self.svd_niter = _whole(self.svd_niter, "svd_niter", 0)
+        self.svd_niter = whole_number(self.svd_niter, "svd_niter", 0)
+        self.svd_seed = whole_number(self.svd_seed, "svd_seed")
 
 
 @torch.no_grad()
@@ -470,10 +457,10 @@ class LoRASBConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.r = _whole(self.r, "rank r", 1)
+        self.r = whole_number(self.r, "rank r", 1)
         if self.alpha is not None and float(self.alpha) != float(self.r):
             warnings.warn(f"LoRA-SB fixes the scale s = 1 (alpha = r); alpha={self.alpha} is ignored", stacklevel=4)
-        self.n_init_batches = _whole(self.n_init_batches, "n_init_batches", 1)
+        self.n_init_batches = whole_number(self.n_init_batches, "n_init_batches", 1)
         if self.t_unit not in ("batches", "steps"):
             raise ValueError(f"t_unit must be 'batches' or 'steps', got {self.t_unit!r}")
         if self.svd not in ("lowrank", "exact"):
@@ -484,8 +471,9 @@ class LoRASBConfig(AdapterConfig):
         # factors then point up the gradient) and η = 0 makes ΔW̃ = 0 (arbitrary SVD factors), silently
         if self.init_lr is not None and not (math.isfinite(self.init_lr) and self.init_lr > 0):
             raise ValueError(f"init_lr must be None or a finite number > 0, got {self.init_lr!r}")
-        self.total_steps = _whole(self.total_steps, "total_steps", 1, optional=True)
-        self.svd_niter = _whole(self.svd_niter, "svd_niter", 0)
+        self.total_steps = whole_number(self.total_steps, "total_steps", 1, optional=True)
+        self.svd_niter = whole_number(self.svd_niter, "svd_niter", 0)
+        self.svd_seed = whole_number(self.svd_seed, "svd_seed")
 
 
 class LoRASBLinear(CoreLoRALinear):

