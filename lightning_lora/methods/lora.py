@@ -39,6 +39,7 @@ Its output and gradients equal the plain formula (tested against :meth:`LoRALine
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from collections import defaultdict
@@ -750,6 +751,15 @@ class _SiblingGroup:
     def __reduce__(self) -> tuple[Any, ...]:
         # copies (deepcopy, pickle) start learning afresh: pending outputs belong to a live autograd graph
         return (_SiblingGroup, (self.members,))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_SiblingGroup":
+        # registered in ``memo`` before the members are copied: each member's ``_siblings`` then maps to
+        # this one copy. Through ``__reduce__`` the members were copied first, every one of them made a
+        # group of its own, and a copied model never fused its q/k/v again
+        new = _SiblingGroup([])
+        memo[id(self)] = new
+        new.members = copy.deepcopy(self.members, memo)
+        return new
 
     def _observe(self, layer: LoRALinear, x: torch.Tensor) -> None:
         if any(layer in run for run in self._runs):  # a new pass began: the plan is complete

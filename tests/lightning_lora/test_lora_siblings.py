@@ -203,8 +203,12 @@ def test_gradient_checkpointing_and_deepcopy():
     twin = copy.deepcopy(fused)
     assert twin[0].q._siblings is not fused[0].q._siblings and twin[0].q._siblings.sets is None
     assert twin[0].q._siblings.members[0] is twin[0].q
+    # one group per parent in the copy too (each member's copy used to get a group of its own, so a
+    # copied model never fused again)
+    assert twin[0].k._siblings is twin[0].q._siblings is twin[0].v._siblings
     for _ in range(2):
         _assert_same(_run(twin, x), _run(plain, x))
+    assert _sets(twin) == _sets(fused) and _sets(twin)[0]  # it relearned the same sets
 
 
 def test_dropout_and_option_off_run_per_layer():
