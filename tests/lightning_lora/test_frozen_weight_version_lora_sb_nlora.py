@@ -6,7 +6,6 @@ steps, merge / unmerge) and inference tensors (no version counter) must still wo
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 import lightning_lora as ll
 
-from step_writes import assert_input_grads_match_across_steps  # the test directory is on sys.path
+from fused_reference import assert_input_grads_match_across_steps, plain_formula_copy  # the test directory is on sys.path
 
 MODIFIED = "modified by an inplace operation"  # what nn.Linear raises (test_lora_fused_base_weight_version.py)
 
@@ -71,8 +70,7 @@ def test_writes_between_steps_do_not_raise(variant):
     """Optimizer steps and merge / unmerge (in-place on the base weight) between steps leave the fused
     path working, with the reference formula's input gradients."""
     model = _model(variant)
-    ref = copy.deepcopy(model)
-    ref[0].fused = False
+    ref = plain_formula_copy(model)
     assert_input_grads_match_across_steps(model, ref, 2, rtol=1e-4, atol=1e-5)
 
 

@@ -18,6 +18,8 @@ from torch import nn
 import lightning_lora as ll
 from lightning_lora.methods import lora as lora_mod
 
+from fused_reference import plain_formula_copy  # the test directory is on sys.path
+
 
 class _Block(nn.Module):
     """q/k/v (a sibling set), an output projection and an MLP, with 3-d activations."""
@@ -56,15 +58,6 @@ def _assert_casts_current(layers: dict[str, nn.Module], dtype: torch.dtype) -> N
         assert A.dtype == dtype and B.dtype == dtype, name
         assert torch.equal(A, layer.lora_A.detach().to(dtype)), name
         assert torch.equal(B, layer.lora_B.detach().to(dtype)), name
-
-
-def _reference(model: nn.Module) -> nn.Module:
-    """A deep copy that runs every layer's plain (unfused) formula."""
-    ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if isinstance(m, lora_mod.LoRALinear):
-            m.fused = False
-    return ref
 
 
 CASES = [(torch.float32, "float64"), (torch.bfloat16, "float32"), (torch.float32, "float32")]
@@ -173,7 +166,7 @@ def test_in_place_ops_on_fused_outputs(siblings):
     with torch.no_grad():
         for layer in layers.values():
             layer.lora_B.normal_(0, 0.1)
-    ref = _reference(model)
+    ref = plain_formula_copy(model)
     x = _x(torch.float64)
     for m in (model, model, ref):  # twice: the first pass learns the sibling plan
         blk = m[0]

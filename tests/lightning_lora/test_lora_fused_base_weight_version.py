@@ -12,7 +12,7 @@ from torch import nn
 
 import lightning_lora as ll
 
-from step_writes import assert_input_grads_match_across_steps  # the test directory is on sys.path
+from fused_reference import assert_input_grads_match_across_steps, plain_formula_copy  # the test directory is on sys.path
 from lightning_lora.methods import lora as lora_mod
 
 MODIFIED = "modified by an inplace operation"
@@ -136,11 +136,7 @@ def test_own_writes_between_steps_do_not_raise(kind):
     """Optimizer steps on the adapters, merge / unmerge (in-place on the base weight) between steps,
     and cast refreshes leave the fused paths working, with the per-layer path's gradients."""
     model = _single() if kind == "single" else _siblings()
-    ref = _single() if kind == "single" else _siblings()
-    for m in ref.modules():
-        if isinstance(m, lora_mod.LoRALinear):
-            m.fused = False
-    ref.load_state_dict(model.state_dict())
+    ref = plain_formula_copy(model)
     assert_input_grads_match_across_steps(model, ref, 3)
 
 

@@ -10,14 +10,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 import lightning_lora as ll
-from lightning_lora.methods import lora as lora_mod
+
+from fused_reference import plain_formula_copy  # the test directory is on sys.path
 
 
 class _Scaled(nn.Linear):
@@ -48,14 +47,6 @@ def _inject(model: nn.Module, **kw) -> dict[str, nn.Module]:
     return layers
 
 
-def _plain(model: nn.Module) -> nn.Module:
-    ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if isinstance(m, lora_mod.LoRALinear):
-            m.fused = False
-    return ref
-
-
 def _out_and_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
     model.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
@@ -76,7 +67,7 @@ def test_base_subclass_with_its_own_forward_is_honoured():
     torch.manual_seed(0)
     model = _Attn(linear=_Scaled).double()
     _inject(model, adapter_dtype="float64")
-    ref = _plain(model)
+    ref = plain_formula_copy(model)
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     for _ in range(3):  # the first passes learn the sibling plan, then q/k/v run as one set
         _assert_same(_out_and_grads(model, x), _out_and_grads(ref, x))
@@ -101,7 +92,7 @@ def test_hooks_on_the_base_layer_run(kind):
             base.register_forward_pre_hook(lambda m, i: (i[0] * 0.5,))
         else:
             base.register_full_backward_hook(lambda m, gi, go, n=name: calls.append(n))
-    ref = _plain(model)  # (deepcopy keeps the hooks)
+    ref = plain_formula_copy(model)  # (deepcopy keeps the hooks)
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     for _ in range(3):
         calls.clear()
@@ -129,7 +120,7 @@ def test_double_backward_raises_instead_of_giving_wrong_gradients(siblings):
     with torch.no_grad():
         for _ in range(3):  # learn the plan: q/k/v then run as one fused set
             model(x)
-    ref = _penalty_grads(_plain(model), x)
+    ref = _penalty_grads(plain_formula_copy(model), x)
     assert all(g is not None and g.abs().sum() > 0 for g in ref)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         _penalty_grads(model, x)
@@ -137,7 +128,7 @@ def test_double_backward_raises_instead_of_giving_wrong_gradients(siblings):
     xx = x.clone().requires_grad_(True)
     gx, = torch.autograd.grad(model(xx).pow(2).sum(), xx, create_graph=True)
     xr = x.clone().requires_grad_(True)
-    gr, = torch.autograd.grad(_plain(model)(xr).pow(2).sum(), xr)
+    gr, = torch.autograd.grad(plain_formula_copy(model)(xr).pow(2).sum(), xr)
     torch.testing.assert_close(gx.detach(), gr, rtol=1e-10, atol=1e-10)
 
 
@@ -164,5 +155,5 @@ def test_sibling_stacked_a_follows_data_writes_when_a_is_not_cast(dtype):
     for _ in range(2):
         with torch.no_grad():
             fused = model(x)
-            plain = _plain(model)(x)
+            plain = plain_formula_copy(model)(x)
         torch.testing.assert_close(fused, plain, **tol)
