@@ -1,5 +1,6 @@
 """Pieces shared by the tests of how ``lncrna predict`` / ``evaluate`` end on a signal
-(test_predict_robustness.py: SIGTERM; test_sighup_and_evaluate_labels.py: SIGHUP)."""
+(test_predict_robustness.py and test_predict_sigterm_process_group.py: SIGTERM; test_sighup.py: SIGHUP;
+test_evaluate_label_column.py reads TSVs with tsv_rows)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from lncrna.predict import Predictor
 from termination_helpers import assert_terminated_quietly, signal_running_predict
 from test_cli import fasta_text, seq  # the test directory is on sys.path
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the pool deadlock needs forked workers")
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only: the deadlock needs forked pool workers and process groups, which Windows does not have (CI runs Linux, where these run)")
 
 RECORDS = [(f"r{i}", seq(300 + 11 * i, i)) for i in range(12)]
 CLOSE_LIMIT_S = 10.0  # close() takes about 20 ms; the old code never returned
