@@ -30,6 +30,8 @@ slim)
     # the gene hold-out's lncRNA MLM, classifier and baseline (24 MB): carry .carry/lnc_gene_ckpt when a
     # job continues that MLM (benchmarks/checkpoints/README.md)
     if [[ -d benchmarks/checkpoints/lncrna_gene ]]; then rm -rf .carry/lnc_gene_ckpt; mv benchmarks/checkpoints/lncrna_gene .carry/lnc_gene_ckpt; fi
+    # its continuation (a longer-pretrained MLM and its classifier, 24 MB): .carry/lnc_gene2_ckpt
+    if [[ -d benchmarks/checkpoints/lncrna_gene2 ]]; then rm -rf .carry/lnc_gene2_ckpt; mv benchmarks/checkpoints/lncrna_gene2 .carry/lnc_gene2_ckpt; fi
     ;;
 restore)
     [[ -d $HELD ]] || { echo "slim_tree: nothing to restore ($HELD missing)" >&2; exit 1; }
@@ -41,6 +43,7 @@ restore)
     mv .carry/lnc_model/model.safetensors lncrna/weights/default/
     if [[ -d .carry/clora_ckpt && ! -e benchmarks/checkpoints/clora_v2 ]]; then mv .carry/clora_ckpt benchmarks/checkpoints/clora_v2; fi
     if [[ -d .carry/lnc_gene_ckpt && ! -e benchmarks/checkpoints/lncrna_gene ]]; then mv .carry/lnc_gene_ckpt benchmarks/checkpoints/lncrna_gene; fi
+    if [[ -d .carry/lnc_gene2_ckpt && ! -e benchmarks/checkpoints/lncrna_gene2 ]]; then mv .carry/lnc_gene2_ckpt benchmarks/checkpoints/lncrna_gene2; fi
     rm -r $HELD
     ;;
 *) echo "usage: bash benchmarks/slim_tree.sh slim|restore" >&2; exit 2 ;;
