@@ -16,7 +16,8 @@ Hyper-parameters: LoRA r=8, α=16. IncreLoRA from METHODS.md §15 / the official
 α = 16, β1 = β2 = 0.85, γ = 0.3 on RTE and 0.1 on SST-2, advance learning on, one rank per chosen
 module. Learning rates: each method's from ``--lr-grid`` by accuracy on a 10% slice carved from
 SST-2 train (400 steps, seed 0), as the other GLUE benchmarks do; a method whose best rate is the
-grid's top is also tried at 5e-3 and 1e-2, and its main runs at such a rate are tagged
+grid's top is also tried at 5e-3 and 1e-2, one whose best is the bottom at 2e-4 and 1e-4, and its
+main runs at such a rate are tagged
 ``<method>/lr<rate>`` (``--increlora-lr paper`` uses the
 scripts' 1.2e-3 on RTE and 8e-4 on SST-2 instead). The official runs are 24-50 epochs with allocations every 100-1000 steps; here the
 step budget is the same as LoRA's (1400 RTE steps ≈ 18 epochs, 2000 SST-2 steps ≈ 1 epoch), so the
@@ -164,20 +165,32 @@ def choose_lrs(args: argparse.Namespace, extra: dict[str, Any], out_dir: Path, w
     kwargs = {"lora": ("lora", dict(r=args.r, alpha=args.alpha)),
               "increlora": ("increlora", increlora_kwargs(args, task, steps))}
     where = "" if task == "sst2" else f"{task}/"
-    # a method whose best rate is the grid's top may peak above it (session 5: IncreLoRA, which starts
-    # at rank 1, still gained 1.2 points from 1e-3 to 2e-3): try EXTENDED_GRID too, once
+    # a best rate on an edge of the grid may have a better one beyond it: see grid_extension
     lrs, _ = sweep_rates(
         lambda t, lr: GlueRun(kwargs[t][0], task, 0, kwargs[t][1], lr=lr, steps=steps, holdout=True,
                               tag=f"sweep/{t}/{where}lr{lr:g}" + (variant(args) if t == "increlora" else "")
                               + clip_tag(extra.get("grad_clip")), **extra),
-        args.lr_grid, lambda best, grid: list(EXTENDED_GRID) if best == max(grid) else [], kwargs,
+        args.lr_grid, grid_extension, kwargs,
         out_dir / f"{NAME}_runs.jsonl", workers=workers, device=device, threads=1 if args.smoke else 2,
         extend=not args.smoke)
     return lrs
 
 
-#: tried when a method's best rate is the top of ``--lr-grid`` (see :func:`choose_lrs`)
+#: tried when a method's best rate is the top of ``--lr-grid`` (see :func:`grid_extension`)
 EXTENDED_GRID = (5e-3, 1e-2)
+#: tried when it is the bottom
+LOWER_GRID = (2e-4, 1e-4)
+
+
+def grid_extension(best: float, grid: list[float]) -> list[float]:
+    """Rates to sweep once more when ``best`` sits on an edge of ``grid``: EXTENDED_GRID above the top
+    (IncreLoRA, which starts at rank 1, still gained 1.2 points from 1e-3 to 2e-3 on SST-2), LOWER_GRID
+    below the bottom (LoRA's RTE sweep chose the grid's lowest rate, 5e-4); none otherwise."""
+    if best == max(grid):
+        return list(EXTENDED_GRID)
+    if best == min(grid):
+        return list(LOWER_GRID)
+    return []
 
 
 def make_runs(args: argparse.Namespace, steps: dict[str, int], extra: dict[str, Any],

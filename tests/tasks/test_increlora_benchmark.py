@@ -162,3 +162,20 @@ def test_rate_sweep_on_another_task_carves_its_own_train_set(monkeypatch, tmp_pa
     seen.clear()
     g.choose_lrs(args, {"grad_clip": 1.0}, tmp_path, 1, "cpu")  # SST-2 keeps the stored rows' tags
     assert {r.task for r in seen} == {"sst2"} and "sweep/lora/lr0.002/c1" in {r.tag for r in seen}
+
+
+def test_a_best_rate_on_either_edge_of_the_grid_is_swept_beyond_it(monkeypatch, tmp_path):
+    """The sweep looks past the edge its best rate sits on, below the bottom as above the top: LoRA's
+    RTE sweep chose the grid's lowest rate, and an upward-only extension could never test a lower one."""
+    seen = {}
+
+    def fake_sweep(sweep_run, grid, extension, tags, out_jsonl, **kw):
+        seen.update(top=extension(max(grid), list(grid)), bottom=extension(min(grid), list(grid)),
+                    inside=extension(sorted(grid)[1], list(grid)))
+        return {t: min(grid) for t in tags}, []
+
+    monkeypatch.setattr(g, "sweep_rates", fake_sweep)
+    g.choose_lrs(g.parse_args(["--rate-per-task"]), {}, tmp_path, 1, "cpu", task="rte")
+    assert seen["top"] == [5e-3, 1e-2]
+    assert seen["bottom"] and max(seen["bottom"]) < 5e-4
+    assert seen["inside"] == []
