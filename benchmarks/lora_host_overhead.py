@@ -18,6 +18,11 @@ revisions ``--pairs`` times and each figure is the median over them. Keys: ``<va
 (``before_<variant>_host_ms``), ``ours_vs_peft`` and ``before_ours_vs_peft`` (medians of the ratio
 inside each child), ``ours_vs_before`` (their quotient: PEFT is the yardstick in both),
 ``siblings_vs_nosib``.
+
+``--variants frozen ours ours_nosib peft ours_cpp`` also times ``ours`` with the opt-in C++ autograd
+functions (``lightning_lora.core._lora_cpp``, switched on around that variant's steps only; compiled
+once into torch's extension cache); keys ``ours_cpp_vs_ours`` and ``ours_cpp_vs_peft`` (medians of the
+per-child ratios).
 """
 
 from __future__ import annotations
@@ -63,12 +68,21 @@ def child(root: str, variants: list[str], rounds: int, steps: int) -> dict[str, 
 
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
     labels = torch.zeros(2, dtype=torch.long)
+    lora_mod, cpp = None, None
+    if "ours_cpp" in variants:  # the C++ path, on around the ours_cpp steps only
+        from lightning_lora.core import _lora_cpp
+        from lightning_lora.methods import lora as lora_mod
+
+        cpp = _lora_cpp._build()
+        assert cpp is not None, "ours_cpp: the C++ extension could not be built"
     steps_fn = {}
     for v in variants:
         model, params = build(v)
         opt = torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None
 
-        def step(model=model, opt=opt) -> None:
+        def step(model=model, opt=opt, on=cpp if v == "ours_cpp" else None) -> None:
+            if lora_mod is not None:
+                lora_mod._CPP = on
             model(input_ids=ids, labels=labels).loss.backward()
             if opt is not None:
                 opt.step()
@@ -108,6 +122,9 @@ def main() -> None:
             samples.setdefault(f"{prefix}{v}_host_ms", []).append(ms)
         # ours / PEFT inside one child: the machine's drift between children cancels
         samples.setdefault(f"{prefix}ours_vs_peft_per_child", []).append(res["ours"] / res["peft"])
+        if "ours_cpp" in res:
+            samples.setdefault(f"{prefix}ours_cpp_vs_ours_per_child", []).append(res["ours_cpp"] / res["ours"])
+            samples.setdefault(f"{prefix}ours_cpp_vs_peft_per_child", []).append(res["ours_cpp"] / res["peft"])
 
     # children alternate (now, before, now, before, ...): each figure is the median over --pairs children;
     # both revisions time every variant in their children: a child that builds fewer models runs faster
@@ -117,6 +134,9 @@ def main() -> None:
     metrics: dict[str, float] = {k: statistics.median(v) for k, v in samples.items() if not k.endswith("_per_child")}
     # the ratios are medians of the per-child ratios (each child times ours and PEFT side by side)
     metrics["ours_vs_peft"] = statistics.median(samples["ours_vs_peft_per_child"])
+    for key in ("ours_cpp_vs_ours", "ours_cpp_vs_peft"):
+        if f"{key}_per_child" in samples:
+            metrics[key] = statistics.median(samples[f"{key}_per_child"])
     metrics["siblings_vs_nosib"] = metrics["ours_host_ms"] / metrics["ours_nosib_host_ms"]
     if args.before:
         metrics["before_ours_vs_peft"] = statistics.median(samples["before_ours_vs_peft_per_child"])

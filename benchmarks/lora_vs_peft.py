@@ -11,6 +11,8 @@ Measured per model (same random weights, same batch, bf16 base, rank 16, same ta
 - ``peft_bf16``: PEFT LoRA with ``autocast_adapter_dtype=False`` (bf16 adapters);
 - ``ours_bf16`` (extra, not in the ratios): lightning_lora with bf16 adapter parameters, the
   like-for-like match of ``peft_bf16`` (optimizer state in bf16 too);
+- ``ours_cpp`` (extra): ``ours`` with the opt-in C++ autograd functions (``lightning_lora.core._lora_cpp``,
+  compiled on first use; on for this variant only): the A/B of the C++ host-time path;
 - ``ours_nosib`` (extra): ``ours`` with ``fuse_siblings=False`` (each LoRA layer alone), the A/B of
   the sibling fusion; ``<model>_<variant>_sibling_sets`` counts the sets the fused path learned;
 - ``ours_noreplay`` (extra): ``ours`` with ``replay_inputs="none"`` (every adapter input saved for
@@ -107,7 +109,7 @@ def _build(spec: dict, variant: str, r: int) -> tuple[nn.Module, list[nn.Paramet
     if variant == "frozen":
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
         return model, []
-    if variant in ("ours", "ours_bf16", "ours_nosib", *REPLAY):
+    if variant in ("ours", "ours_bf16", "ours_nosib", "ours_cpp", *REPLAY):
         dtype = "bfloat16" if variant == "ours_bf16" else "float32"
         ll.inject_adapter(model, "lora", r=r, alpha=2 * r, target_modules=spec["targets"], adapter_dtype=dtype,
                           fuse_siblings=variant != "ours_nosib", replay_inputs=REPLAY.get(variant, "products"))
@@ -159,7 +161,20 @@ def timed_steps(step: Callable[[], None], warmup: int, steps: int, cuda: bool) -
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 
 
+def cpp_switch(variant: str) -> None:
+    """``ours_cpp`` (and ``ours_cpp_compiled``): the C++ autograd functions on; every other variant: off."""
+    from lightning_lora.methods import lora as lora_mod
+
+    if variant.removesuffix(COMPILED) == "ours_cpp":
+        from lightning_lora.core import _lora_cpp
+
+        assert _lora_cpp.enable(), "ours_cpp: the C++ extension could not be built"
+    else:
+        lora_mod._CPP = None
+
+
 def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[str, float]:
+    cpp_switch(variant)
     spec = SPECS[name]
     model, params = build(spec, variant, r)
     step = step_fn(model, params, spec)
@@ -195,6 +210,7 @@ def profile(name: str, variant: str, r: int, out_dir: Path) -> float:
     kernel time per step (ms)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    cpp_switch(variant)
     spec = SPECS[name]
     model, params = build(spec, variant, r)
     step = step_fn(model, params, spec)
@@ -247,7 +263,7 @@ def main() -> None:
     args = ap.parse_args()
     global TINY, DEVICE, COMPILE_MODE
     COMPILE_MODE = args.compile_mode
-    known = {"frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib", *REPLAY}
+    known = {"frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib", "ours_cpp", *REPLAY}
     unknown = [v for v in args.variants if v.removesuffix(COMPILED) not in known]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(sorted(known))} "
@@ -284,6 +300,9 @@ def main() -> None:
             metrics[f"peak_mem_ratio_{name}"] = round(res["ours"]["peak_gib"] / best_mem, 4) if best_mem else 0.0
             metrics[f"{name}_trainable_params"] = res["ours"]["trainable"]
             metrics[f"{name}_peft_trainable_params"] = res["peft_bf16"]["trainable"]
+        if {"ours_cpp", "peft_default", "peft_bf16"} <= set(res):
+            best = min(("peft_default", "peft_bf16"), key=lambda v: res[v]["ms"])
+            metrics[f"step_time_ratio_{name}_ours_cpp"] = round(res["ours_cpp"]["ms"] / res[best]["ms"], 4)
         if {"ours", "frozen"} <= set(res):
             metrics[f"overhead_vs_frozen_{name}"] = round(res["ours"]["ms"] / res["frozen"]["ms"], 4)
         peft_compiled = [v for v in ("peft_default" + COMPILED, "peft_bf16" + COMPILED) if v in res]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..core import _lora_cpp
 from ..core.config import AdapterConfig, Method, register, whole_number
 from ..core.layer import AdapterLayer, no_autocast
 
@@ -121,6 +123,10 @@ class LoRAConfig(AdapterConfig):
 REPLAY_MODES = ("none", "products", "all")
 
 _MM_OUT_DTYPE: dict[str, bool] = {}  # whether torch.mm(..., out_dtype=) works, per device type
+
+#: the opt-in C++ autograd functions (:mod:`lightning_lora.core._lora_cpp`): None (off, the default),
+#: True (``LIGHTNING_LORA_CPP=1``: built at the first fused forward) or the compiled module
+_CPP: Any = True if os.environ.get("LIGHTNING_LORA_CPP") == "1" else None
 
 
 #: 0-dim placeholders for ``_mm_scaled``'s unused ``addmm`` input, per (dtype, device): ``beta = 0``
@@ -709,6 +715,15 @@ class _SiblingSet:
             recipe = _input_recipe(x, casts=mode == "all")
             if recipe is not None and not any(A.requires_grad for A in As):
                 recipe = None
+        cpp = _CPP
+        if cpp is not None and not _plain_apply():  # the C++ function (opt-in)
+            if cpp is True:
+                cpp = _lora_cpp.load_for_env()
+            with_bias = [b for b in biases if b is not None]
+            enc = ((), ()) if recipe is None else _lora_cpp.encode_recipe(recipe)
+            if cpp is not None and enc is not None and len(with_bias) in (0, len(biases)):
+                return cpp.siblings(x, a_cat, ws, with_bias, As, Bs, [c[1] for c in casts], first.scaling,
+                                    self.ranks, self.fifo, *enc)
         meta = (self.ranks, first.scaling, tuple([c[1] for c in casts]),
                 None if recipe is None else (recipe, x.shape), self.fifo)
         if _plain_apply():
@@ -1135,6 +1150,14 @@ class LoRALinear(AdapterLayer):
         recipe = None
         if mode != "none" and xd is x and A.requires_grad:
             recipe = _input_recipe(x, casts=mode == "all")
+        cpp = _CPP
+        # (plain LoRALinear only: subclasses keep the Python function they were written against)
+        if cpp is not None and xd is x and type(self) is LoRALinear and not _plain_apply():  # C++ (opt-in)
+            if cpp is True:
+                cpp = _lora_cpp.load_for_env()
+            enc = ((), ()) if recipe is None else _lora_cpp.encode_recipe(recipe)
+            if cpp is not None and enc is not None:
+                return cpp.fused(x, weight, bias, A, B, casts[0], casts[1], self.scaling, self.fan_in_fan_out, *enc)
         replay = None if recipe is None else (recipe, x.shape)
         if _plain_apply():
             out = _FusedLoRA.apply(x, xd, weight, bias, A, B, casts, self.scaling, replay, self.fan_in_fan_out)

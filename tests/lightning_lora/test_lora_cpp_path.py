@@ -1,0 +1,254 @@
+"""The opt-in C++ fused LoRA path (:mod:`lightning_lora.core._lora_cpp`) against the Python autograd
+functions it replaces: outputs and every gradient equal bit for bit on the CPU in fp32 and bf16, with
+and without bias, with dropout (eval: the C++ path; train: the Python path either way), sibling sets
+(q/k/v), input replay (a GELU MLP's output projection), unused sibling outputs, several optimizer
+steps (cast caching), and the version and double-backward checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_lora as ll
+from lightning_lora.core import _lora_cpp
+from lightning_lora.methods import lora as lora_mod
+
+pytestmark = pytest.mark.skipif(not _lora_cpp.available(), reason="the C++ extension cannot be built here: it needs a C++ compiler (ninja comes with the test extras)")
+
+
+class Block(nn.Module):
+    """q/k/v reading one input (a sibling set), an output projection, a GELU MLP (input replay)."""
+
+    def __init__(self, d: int = 16, bias: bool = True) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=bias) for _ in range(3))
+        self.o = nn.Linear(d, d, bias=bias)
+        self.up = nn.Linear(d, 2 * d, bias=bias)
+        self.down = nn.Linear(2 * d, d, bias=bias)
+
+    def forward(self, x: torch.Tensor, use_v: bool = True) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        h = self.o(q * k.sigmoid() + (v if use_v else 0))
+        return self.down(F.gelu(self.up(h + x)))
+
+
+def _pair(dtype: torch.dtype, bias: bool, dropout: float = 0.0, siblings: bool = True, adapter_dtype: str = "float32"):
+    torch.manual_seed(0)
+    model = Block(bias=bias).to(dtype)
+    ll.inject_adapter(model, "lora", r=4, alpha=8, target_modules=["q", "k", "v", "o", "up", "down"],
+                      dropout=dropout, fuse_siblings=siblings, adapter_dtype=adapter_dtype)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in ll.adapter_layers(model).values():
+            layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=g, dtype=layer.lora_B.dtype))
+    return model, copy.deepcopy(model)
+
+
+def _run(model: nn.Module, cpp: bool, dtype: torch.dtype, steps: int = 3, use_v: bool = True, seed: int = 7):
+    """Outputs, input gradients and parameter gradients of ``steps`` AdamW steps."""
+    mod = _lora_cpp._build() if cpp else None
+    lora_mod._CPP = mod
+    try:
+        opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=1e-2)
+        gen = torch.Generator().manual_seed(seed)
+        records = []
+        for _ in range(steps):
+            x = torch.randn(2, 5, 16, generator=gen).to(dtype).requires_grad_(True)
+            torch.manual_seed(11)  # dropout masks
+            out = model(x, use_v=use_v)
+            out.float().pow(2).sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            records.append((out.detach().clone(), x.grad.clone(), grads))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return records
+    finally:
+        lora_mod._CPP = None
+
+
+def _grad_fn_names(model: nn.Module, cpp: bool, dtype: torch.dtype) -> set[str]:
+    lora_mod._CPP = _lora_cpp._build() if cpp else None
+    names = set()
+    try:
+        hooks = [m.register_forward_hook(lambda m, i, o: names.add(o.grad_fn.name()))
+                 for m in ll.adapter_layers(model).values()]
+        model(torch.randn(2, 5, 16).to(dtype).requires_grad_(True))
+        for h in hooks:
+            h.remove()
+    finally:
+        lora_mod._CPP = None
+    return names
+
+
+def _assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for (oa, xa, ga), (ob, xb, gb) in zip(a, b):
+        assert torch.equal(oa, ob)
+        assert torch.equal(xa, xb)
+        assert ga.keys() == gb.keys() and ga
+        for n in ga:
+            assert ga[n].dtype == gb[n].dtype, n
+            assert torch.equal(ga[n], gb[n]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("siblings", [True, False])
+def test_bit_identical(dtype: torch.dtype, bias: bool, siblings: bool) -> None:
+    py, cpp = _pair(dtype, bias, siblings=siblings)
+    _assert_same(_run(py, False, dtype), _run(cpp, True, dtype))
+    names = _grad_fn_names(cpp, True, dtype)
+    assert all("CppNode" in n for n in names), names  # every layer took the C++ functions
+    if siblings:
+        assert any(m._siblings.sets for m in ll.adapter_layers(cpp).values())
+
+
+def test_fp64_adapters_on_fp32() -> None:
+    """The CPU proxy's setting: fp64 adapters cast to the fp32 activations, fp64 gradients."""
+    py, cpp = _pair(torch.float32, True, adapter_dtype="float64")
+    _assert_same(_run(py, False, torch.float32), _run(cpp, True, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout(dtype: torch.dtype) -> None:
+    """Train-mode dropout takes the Python path (same masks); eval mode the C++ one."""
+    py, cpp = _pair(dtype, True, dropout=0.1)
+    _assert_same(_run(py, False, dtype), _run(cpp, True, dtype))
+    py.eval()
+    cpp.eval()
+    _assert_same(_run(py, False, dtype, steps=1), _run(cpp, True, dtype, steps=1))
+    assert all("CppNode" in n for n in _grad_fn_names(cpp, True, dtype))
+
+
+def test_unused_sibling_output() -> None:
+    py, cpp = _pair(torch.float32, True)
+    _run(py, False, torch.float32, steps=1)  # learn the sibling sets
+    _run(cpp, True, torch.float32, steps=1)
+    a = _run(py, False, torch.float32, steps=2, use_v=False)
+    b = _run(cpp, True, torch.float32, steps=2, use_v=False)
+    _assert_same(a, b)
+    assert "lora_B" in "".join(a[0][2]) and not any(n.startswith("v.") for n in b[0][2])
+
+
+def test_autocast_bf16() -> None:
+    py, cpp = _pair(torch.float32, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = _run(py, False, torch.float32)
+        b = _run(cpp, True, torch.float32)
+    _assert_same(a, b)
+
+
+def test_base_weight_written_before_backward_raises() -> None:
+    _, model = _pair(torch.float32, True, siblings=False)
+    lora_mod._CPP = _lora_cpp._build()
+    try:
+        out = model(torch.randn(2, 5, 16, requires_grad=True))
+        with torch.no_grad():
+            model.down.base_layer.weight.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+    finally:
+        lora_mod._CPP = None
+
+
+def test_double_backward_raises() -> None:
+    _, model = _pair(torch.float32, True)
+    lora_mod._CPP = _lora_cpp._build()
+    try:
+        x = torch.randn(2, 5, 16, requires_grad=True)
+        model(x)  # learn the sibling sets
+        (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            gx.sum().backward()
+    finally:
+        lora_mod._CPP = None
+
+
+def test_off_by_default() -> None:
+    assert lora_mod._CPP is None or __import__("os").environ.get("LIGHTNING_LORA_CPP") == "1"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv1d_fan_in_fan_out(dtype: torch.dtype) -> None:
+    """transformers ``Conv1D`` bases (weight stored (in, out)), alone and as a sibling set."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = Block()
+    for name in ("q", "k", "v", "o", "up", "down"):
+        lin = getattr(model, name)
+        conv = Conv1D(lin.out_features, lin.in_features)
+        with torch.no_grad():
+            conv.weight.copy_(lin.weight.t())
+            conv.bias.copy_(lin.bias)
+        setattr(model, name, conv)
+    model = model.to(dtype)
+    ll.inject_adapter(model, "lora", r=4, alpha=8, target_modules=["q", "k", "v", "o", "up", "down"])
+    with torch.no_grad():
+        for layer in ll.adapter_layers(model).values():
+            layer.lora_B.normal_(0, 0.1)
+    cpp = copy.deepcopy(model)
+    _assert_same(_run(model, False, dtype), _run(cpp, True, dtype))
+    assert all("CppNode" in n for n in _grad_fn_names(cpp, True, dtype))
+
+
+def test_dora_detached_norm() -> None:
+    torch.manual_seed(0)
+    model = Block()
+    ll.inject_adapter(model, "lora", r=4, alpha=8, target_modules=["o", "up", "down"], use_dora=True)
+    with torch.no_grad():
+        for layer in ll.adapter_layers(model).values():
+            layer.lora_B.normal_(0, 0.1)
+    cpp = copy.deepcopy(model)
+    _assert_same(_run(model, False, torch.float32), _run(cpp, True, torch.float32))
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_grad_forward(mode: str) -> None:
+    py, cpp = _pair(torch.bfloat16, True)
+    _run(py, False, torch.bfloat16, steps=1)
+    _run(cpp, True, torch.bfloat16, steps=1)
+    x = torch.randn(2, 5, 16).bfloat16()
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with ctx():
+        a = py(x)
+        lora_mod._CPP = _lora_cpp._build()
+        try:
+            b = cpp(x)
+        finally:
+            lora_mod._CPP = None
+    assert torch.equal(a, b)
+
+
+def test_env_switch_builds_at_first_forward() -> None:
+    import subprocess
+    import sys
+
+    code = ("import torch, lightning_lora as ll; from lightning_lora.methods import lora as m\n"
+            "assert m._CPP is True\n"
+            "net = torch.nn.Sequential(torch.nn.Linear(8, 8)); ll.inject_adapter(net, 'lora', r=2, target_modules=['0'])\n"
+            "out = net(torch.randn(3, 8, requires_grad=True)); out.sum().backward()\n"
+            "assert 'CppNode' in out.grad_fn.name() and m._CPP is not True, out.grad_fn.name()\n")
+    env = {**__import__("os").environ, "LIGHTNING_LORA_CPP": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_failed_build_warns_once_and_runs_python(monkeypatch) -> None:
+    import torch.utils.cpp_extension as ext
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension: no compiler")
+
+    monkeypatch.setattr(ext, "load_inline", broken)
+    monkeypatch.setattr(_lora_cpp, "_MODULE", None)
+    monkeypatch.setattr(_lora_cpp, "_FAILED", False)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert _lora_cpp.enable() is False
+    assert lora_mod._CPP is None and _lora_cpp._build() is None  # no second attempt, no second warning
+    py, _ = _pair(torch.float32, True, siblings=False)
+    out = py(torch.randn(2, 5, 16, requires_grad=True))
+    assert out.grad_fn.name() == "_FusedLoRABackward"
