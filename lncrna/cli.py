@@ -91,12 +91,12 @@ def _termination_raises() -> Iterator[None]:
 
     Python's default for both kills the process on the spot, so no ``finally`` ran and
     ``OUT.partial`` was left behind (SIGHUP: the terminal was closed). Only in the main thread
-    (elsewhere a handler cannot be set). A forked pool worker inherits the handler; there SIGTERM
-    kills it as by default (a SIGTERM to the process group, and multiprocessing's own shutdown of
-    daemonic workers, must end it: a raise would print a traceback per worker; ``Predictor.close``
+    (elsewhere a handler cannot be set). A forked stage-1 worker inherits the handler; there SIGTERM
+    kills it as by default (a SIGTERM to the process group, and the executor's stopping of the other
+    workers when one dies, must end it: a raise would print a traceback per worker; ``Predictor.close``
     copes with a worker killed at any point) and SIGHUP is ignored (a closed terminal hangs up the
-    whole process group; the parent ends the pool). Later signals are ignored while the first one is
-    being cleaned up.
+    whole process group; the parent stops the workers). Later signals are ignored while the first one
+    is being cleaned up.
     The previous handlers are restored on exit; a signal that was set to be ignored (``SIG_IGN``,
     e.g. SIGHUP under ``nohup``) stays ignored.
     """
@@ -119,8 +119,8 @@ def _termination_raises() -> Iterator[None]:
                 os.kill(os.getpid(), signum)
             else:
                 # Why ignore: a hangup reaches the whole process group. A worker dying of it while it
-                # waits for a task holds the task queue's lock, and the parent's Pool.terminate then
-                # waits for that lock forever; the parent, hung up too, ends the pool itself
+                # waits for a task holds the task queue's lock, which the other workers then wait for
+                # forever; the parent, hung up too, stops the workers itself (Predictor.close)
                 signal.signal(signum, signal.SIG_IGN)
             return
         if not raised:
@@ -500,6 +500,22 @@ def _predictor(args: argparse.Namespace):
                      chunk_size=args.chunk_size)
 
 
+@contextlib.contextmanager
+def _naming_lost_workers(inputs: Iterable[Path | None]) -> Iterator[None]:
+    """A stage-1 worker that died (``lncrna.predict.WorkerDied``: the out-of-memory killer, a crash)
+    becomes one error line naming the input and what to do (exit 2); what became of the rows stays."""
+    from .predict import WorkerDied
+
+    try:
+        yield
+    except WorkerDied as e:
+        names = ", ".join(str(i) for i in inputs if i is not None)
+        err = UserError(f"a feature worker died ({e.reason}) while processing {names}; rerun with fewer "
+                        f"--workers or --workers 0")
+        err.output_note = _kept(e)  # type: ignore[attr-defined]
+        raise err from None
+
+
 def _check_output_path(out: Path | None, inputs: Iterable[Path | None], *, parent_may_be_missing: bool = False) -> None:
     if out is None:
         return
@@ -597,7 +613,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer.open()  # an output that cannot be written fails here, before the model loads
         predictor = _predictor(args)  # missing model: raises here; OUT.partial is removed
         total = _count_records(args.input) if (not args.quiet and sys.stderr.isatty()) else None
-        with predictor:
+        with predictor, _naming_lost_workers([args.input]):
             summary = _stream_predictions("predict", args, low_signal.wrap(args.input, records), total, writer,
                                           predictor, low_signal)
     finally:
@@ -684,7 +700,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if not args.quiet and sys.stderr.isatty():
                 counts = [_count_records(p) for p in inputs]
                 total = None if None in counts else sum(counts)  # type: ignore[arg-type]
-            with predictor:
+            with predictor, _naming_lost_workers(inputs):
                 summary = _stream_predictions("evaluate", args, itertools.chain.from_iterable(streams), total,
                                               writer, predictor, low_signal)
         finally:

@@ -24,13 +24,16 @@ transformer sorted by length, in batches of at most ``batch_tokens`` padded toke
 tokens per window).
 
 Parallelism: with ``workers > 0`` stage 1 and the tokenization of the hard records run in a
-``multiprocessing`` pool (each chunk split into ``workers`` parts, results reassembled in order),
-up to ``prefetch`` chunks ahead of the transformer stage, which runs in this process. Defaults:
+``concurrent.futures.ProcessPoolExecutor`` (each chunk split into ``workers`` parts, results
+reassembled in order), up to ``prefetch`` chunks ahead of the transformer stage, which runs in this
+process. A worker that dies (the out-of-memory killer's SIGKILL, a crash) raises :class:`WorkerDied`
+(one line, saying how it ended) instead of leaving the caller waiting for its results for ever; the
+predictor's workers are stopped then. Defaults:
 ``workers=0`` on CPU (the transformer already uses every core; a pool would compete with it) and
 ``min(16, usable cores - 1)`` on CUDA (stage 1 feeds the GPU: about 3.5k transcripts/s per core
 with the shipped ``extra`` features; each chunk goes out as one part per worker, which the batched
-feature extractor handles in one go). The pool is started with ``fork`` where the platform has it, before the transformer is
-loaded (workers only run numpy code, never torch), and with ``spawn`` elsewhere.
+feature extractor handles in one go). The workers are started with ``fork`` where the platform has it, before the transformer
+is loaded (workers only run numpy code, never torch), and with ``spawn`` elsewhere.
 
 Measured with the shipped model (6 layers, hidden 256) on human test transcripts (median 2.6 kb):
 one H200 with 16 host cores, cascade on (2-3% of records hard): 2.7k seq/s with ``workers=0``,
@@ -42,16 +45,23 @@ cascade, about 2 seq/s without it (roughly half a second of transformer per tran
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing as mp
 import os
+import signal
+import threading
 import time
 import weakref
 import zipfile
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import wait as futures_wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_handles
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,6 +75,7 @@ __all__ = [
     "Prediction",
     "StackParams",
     "ModelError",
+    "WorkerDied",
     "DEFAULT_MODEL_DIR",
     "EXAMPLE_FASTA",
     "STACK_FILE",
@@ -87,6 +98,17 @@ BATCH_TOKENS = {"cpu": 16_384, "cuda": 524_288}  # padded tokens per transformer
 
 class ModelError(Exception):
     """The model directory (or its files, or the device) cannot be used. One-line message."""
+
+
+class WorkerDied(RuntimeError):
+    """A stage-1 worker process ended while the predictor needed it (killed by a signal, e.g. the
+    out-of-memory killer's SIGKILL, or a crash). The predictor's workers are stopped: every later
+    prediction with workers raises this again (make a new :class:`Predictor`, or use ``workers=0``).
+    ``reason``: how the worker ended, e.g. ``"killed by signal 9 (SIGKILL), possibly out of memory"``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"a stage-1 worker process died ({reason}); use fewer workers, or workers=0")
+        self.reason = reason
 
 
 # ---- stacking -------------------------------------------------------------------------------------
@@ -210,6 +232,9 @@ _WORKER_STAGE1: _Stage1 | None = None
 def _worker_init(stage1: _Stage1) -> None:
     global _WORKER_STAGE1
     _WORKER_STAGE1 = stage1
+    # Ctrl-C reaches the whole foreground process group: a worker would print a KeyboardInterrupt
+    # traceback of its own. The parent handles it and stops the workers (Predictor.close).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:  # stage 1 is numpy only; keep any BLAS/OpenMP pool in a worker to one thread
         from threadpoolctl import threadpool_limits
 
@@ -223,48 +248,161 @@ def _worker_stage1(seqs: list[str]):
     return _WORKER_STAGE1(seqs)
 
 
-POOL_STOP_SECONDS = 5.0  # the most _stop_pool waits for one step (a healthy pool stops in well under 0.5 s)
+def _worker_ready() -> None:
+    """A no-op task: submitting it starts the workers (with ``fork``, every one of them at once)."""
 
 
-def _stop_pool(pool: Any) -> None:
-    """Stop a ``multiprocessing`` pool at once, whatever state its workers were left in.
+POOL_STOP_SECONDS = 5.0  # the most _stop_workers waits for one step (a healthy pool stops in well under 0.5 s)
+WATCH_SECONDS = 0.5  # while waiting for a result, how often the workers' liveness is checked
+EXIT_CODE_SECONDS = 2.0  # the most waited for a dead worker's exit status (it is reaped within milliseconds)
 
-    ``Pool.terminate()`` alone can block for ever. A worker waiting for its next task holds the task
-    queue's read lock; one that dies there never releases it, and terminate() waits for that lock.
-    That is what a SIGTERM to the whole process group does (systemd stop, a batch scheduler): the
-    workers must die of SIGTERM (multiprocessing stops daemonic workers with it at exit), so an idle
-    one dies holding the lock. A worker killed while it reads a task or writes a result leaves a pipe
-    mid-message, which the pool's threads can wait on for ever too. So: the thread that would start
-    replacement workers is stopped, every worker is SIGKILLed (stage 1 holds nothing that needs
-    cleaning up), the queue locks a dead worker may still hold are released (only this process uses
-    them now), and terminate() stops the pool's threads in a thread of its own, given a bounded time:
-    the workers are gone by then, so a terminate() left waiting holds up nothing.
+
+class _WorkerContext:
+    """The ``mp_context`` of the stage-1 executor: the start method's own context, which it delegates
+    to, keeping the worker processes it starts and the result queue it makes.
+
+    ``ProcessPoolExecutor`` documents ``mp_context`` as an object providing ``Process``, ``Queue``
+    and ``SimpleQueue``; keeping them here lets :class:`_WorkerPool` watch the workers' sentinels
+    and stop them without the executor's private attributes.
     """
-    import threading
-    from multiprocessing import pool as mp_pool
 
+    def __init__(self, method: str) -> None:
+        self._base = mp.get_context(method)
+        self._processes: list[Any] = []
+        self._result_queues: list[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - the context API's name
+        process = self._base.Process(*args, **kwargs)
+        self._processes.append(process)
+        return process
+
+    def SimpleQueue(self) -> Any:  # noqa: N802 - the context API's name
+        queue = self._base.SimpleQueue()
+        self._result_queues.append(queue)
+        return queue
+
+    def started(self) -> list[Any]:
+        """The worker processes started so far."""
+        return [p for p in self._processes if p.pid is not None]
+
+    def close_result_writers(self) -> None:
+        """Close this process's write end of the result pipe (it never writes there; the workers do).
+
+        Once every worker is dead that is the last write end, so a reader left waiting for the rest of
+        a message a killed worker had begun to write (the executor's thread, which would then never see
+        the worker die) gets end-of-file instead of waiting for ever. ``SimpleQueue`` has no public
+        way to close one end; ``_writer`` is its write end since Python 3.0."""
+        for queue in self._result_queues:
+            writer = getattr(queue, "_writer", None)
+            if writer is not None:
+                with contextlib.suppress(OSError):
+                    writer.close()
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    """How a worker ended, for :class:`WorkerDied`: ``"killed by signal 9 (SIGKILL), possibly out of memory"``."""
+    if exitcode is None:
+        return "ended for an unknown reason"
+    if exitcode >= 0:
+        return f"exited with status {exitcode}"
     try:
-        handler, notifier, workers = pool._worker_handler, pool._change_notifier, pool._pool
-        locks = (pool._inqueue._rlock, pool._outqueue._wlock)  # what a dead worker may hold
-    except AttributeError:  # a Pool without the internals this relies on: its own shutdown
-        pool.terminate()
-        pool.join()
-        return
-    handler._state = mp_pool.TERMINATE  # what terminate() does first; here before any worker is killed
-    notifier.put(None)  # wakes the handler, which then leaves its loop
-    handler.join(POOL_STOP_SECONDS)
-    workers = list(workers)
-    for w in workers:
-        w.kill()
-    for w in workers:
-        w.join(POOL_STOP_SECONDS)
-    for lock in locks:
-        if lock is not None:  # the write lock is None on Windows
-            lock.acquire(False)  # a free lock is taken here, one a dead worker holds stays taken
-            lock.release()  # either way it is free now
-    stopper = threading.Thread(target=pool.terminate, name="lncrna-pool-stop", daemon=True)
+        name = f" ({signal.Signals(-exitcode).name})"
+    except ValueError:
+        name = ""
+    oom = ", possibly out of memory" if -exitcode == getattr(signal, "SIGKILL", None) else ""
+    return f"killed by signal {-exitcode}{name}{oom}"
+
+
+def _stop_workers(executor: ProcessPoolExecutor, ctx: _WorkerContext) -> None:
+    """Stop the stage-1 executor at once, whatever state its workers were left in, in bounded time.
+
+    A graceful ``shutdown()`` can wait for ever: a worker that died waiting for its next task holds
+    the call queue's read lock, so the others never read the sentinel that tells them to exit (a
+    SIGTERM to the whole process group does that: the workers must die of it, see
+    ``lncrna.cli._termination_raises``); a worker killed while writing a result leaves the executor's
+    thread reading the rest of that message. So every worker is SIGKILLed (stage 1 holds nothing
+    that needs cleaning up), this process's end of the result pipe is closed (that reader then gets
+    end-of-file), and ``shutdown()`` runs in a thread of its own, given a bounded time: the executor's
+    thread sees the dead workers and ends, and nothing is left for the interpreter's exit to wait on.
+    """
+    workers = ctx.started()
+    try:
+        for w in workers:
+            with contextlib.suppress(Exception):  # already gone
+                w.kill()
+        for w in workers:
+            w.join(POOL_STOP_SECONDS)
+    finally:  # this runs once (see _WorkerPool.close): a signal arriving in the joins must not skip it
+        ctx.close_result_writers()
+    stopper = threading.Thread(target=executor.shutdown, name="lncrna-pool-stop", daemon=True)
     stopper.start()
     stopper.join(POOL_STOP_SECONDS)
+
+
+class _WorkerPool:
+    """Stage 1 in ``workers`` processes (``concurrent.futures.ProcessPoolExecutor``).
+
+    Results are taken in the order the tasks were submitted (:meth:`result`). A worker that dies is
+    found by the executor (``BrokenProcessPool``) or, should its thread be stuck, by this pool's own
+    watch of the workers' sentinels; either way :meth:`result` raises :class:`WorkerDied` and the
+    workers are stopped.
+    """
+
+    def __init__(self, workers: int, stage1: _Stage1) -> None:
+        methods = mp.get_all_start_methods()
+        self.ctx = _WorkerContext("fork" if "fork" in methods else "spawn")
+        self.executor = ProcessPoolExecutor(workers, mp_context=self.ctx, initializer=_worker_init,
+                                            initargs=(stage1,))
+        self.lost: str | None = None  # how the worker that broke the pool ended
+        self._stop = weakref.finalize(self, _stop_workers, self.executor, self.ctx)
+        self.executor.submit(_worker_ready)  # the workers start now (with fork: before the transformer exists)
+
+    def close(self) -> None:
+        self._stop()  # _stop_workers, once: a second call (or the garbage collector) does nothing
+
+    def submit(self, seqs: list[str]) -> Future:
+        if self.lost is not None:
+            raise WorkerDied(self.lost)
+        try:
+            return self.executor.submit(_worker_stage1, seqs)
+        except BrokenProcessPool:
+            raise self._died() from None
+
+    def result(self, future: Future):
+        """The task's result; :class:`WorkerDied` if a worker died, the task's own error if it raised."""
+        while not futures_wait([future], timeout=WATCH_SECONDS).done:
+            if self._dead():  # the executor's thread did not notice (see _stop_workers): do not wait on it
+                raise self._died()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise self._died() from None
+
+    def _dead(self) -> list[Any]:
+        """The workers that have ended."""
+        workers = {w.sentinel: w for w in self.ctx.started()}
+        return [workers[s] for s in wait_for_handles(list(workers), timeout=0)] if workers else []
+
+    def _died(self) -> WorkerDied:
+        """Stop the workers; the error naming how the first dead one ended."""
+        if self.lost is None:
+            dead = self._dead()  # before the others are stopped: these broke the pool
+            codes = [self._exitcode(w) for w in dead]
+            # when one dies the executor stops the others with SIGTERM: name the one that did not get that
+            own = [c for c in codes if c != -signal.SIGTERM] or codes or [None]
+            self.lost = _exit_reason(own[0])
+            self.close()
+        return WorkerDied(self.lost)
+
+    @staticmethod
+    def _exitcode(worker: Any) -> int | None:
+        deadline = time.monotonic() + EXIT_CODE_SECONDS
+        while (code := worker.exitcode) is None and time.monotonic() < deadline:  # the executor may be reaping it
+            time.sleep(0.01)
+        return code
 
 
 def usable_cores() -> int:
@@ -350,7 +488,7 @@ class Predictor:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.chunk_size, self.prefetch = int(chunk_size), max(1, int(prefetch))
         self.stats = PredictStats()
-        self._pool = None
+        self._pool: _WorkerPool | None = None
 
         # 1. every file check first: cheap, and nothing heavy has happened when one fails
         self._check_model_dir()
@@ -385,12 +523,9 @@ class Predictor:
         self.workers = default_workers(self.device.type) if workers is None else int(workers)
         self._stage1 = _Stage1(self.baseline, make_tokenizer(self.model_cfg), self.model_cfg, self.stack, self.cascade)
 
-        # 2. the pool before the transformer exists (fork copies a process without torch state in use)
+        # 2. the workers before the transformer exists (fork copies a process without torch state in use)
         if self.workers > 0:
-            methods = mp.get_all_start_methods()
-            ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-            self._pool = ctx.Pool(self.workers, initializer=_worker_init, initargs=(self._stage1,))
-            self._finalizer = weakref.finalize(self, _stop_pool, self._pool)
+            self._pool = _WorkerPool(self.workers, self._stage1)
 
         # 3. the transformer
         from .model import NucleotideClassifier
@@ -436,8 +571,8 @@ class Predictor:
     def close(self) -> None:
         """Stop the worker pool (if any). The predictor is unusable with workers afterwards."""
         if self._pool is not None:
-            self._pool = None
-            self._finalizer()  # _stop_pool, once: a second call (or the garbage collector) does nothing
+            pool, self._pool = self._pool, None
+            pool.close()
 
     def __enter__(self) -> "Predictor":
         return self
@@ -482,8 +617,10 @@ class Predictor:
                                  "transformer" if h else "baseline")
 
     def _stage1_stream(self, chunks: Iterator[list[FastaRecord]]):
-        """``(chunk, stage-1 result, seconds waited)`` per chunk, in order; the pool runs ahead."""
-        if self._pool is None:
+        """``(chunk, stage-1 result, seconds waited)`` per chunk, in order; the workers run ahead
+        (at most ``prefetch + 1`` chunks submitted and not yet taken). :class:`WorkerDied` if one dies."""
+        pool = self._pool
+        if pool is None:
             for chunk in chunks:
                 t0 = time.perf_counter()
                 result = self._stage1([r.seq for r in chunk])
@@ -498,16 +635,15 @@ class Predictor:
                     exhausted = True
                     break
                 part = max(64, math.ceil(len(chunk) / self.workers))
-                parts = [(lo, self._pool.apply_async(_worker_stage1, ([r.seq for r in chunk[lo : lo + part]],)))
-                         for lo in range(0, len(chunk), part)]
+                parts = [(lo, pool.submit([r.seq for r in chunk[lo : lo + part]])) for lo in range(0, len(chunk), part)]
                 pending.append((chunk, parts))
             if not pending:
                 return
             chunk, parts = pending.popleft()
             t0 = time.perf_counter()
             p_b, hard, windows = [], [], []
-            for lo, res in parts:
-                pb_i, hard_i, win_i = res.get()
+            for lo, future in parts:
+                pb_i, hard_i, win_i = pool.result(future)
                 p_b.append(pb_i)
                 hard.append(hard_i + lo)
                 windows.extend(win_i)

@@ -89,9 +89,9 @@ def test_sigterm_during_evaluate_leaves_no_predictions(tmp_path, model_dir, caps
 
 
 def test_worker_pool_stays_quiet_with_the_sigterm_handler(tmp_path, model_dir, capfd, monkeypatch, sigterm_guard):
-    """Pool workers inherit the handler by fork; multiprocessing stops daemonic workers with SIGTERM
-    and a SIGTERM to the process group reaches them too. They must die silently (no traceback per
-    worker), on a normal run and on a SIGTERMed one."""
+    """Stage-1 workers inherit the handler by fork; the executor stops the other workers with SIGTERM
+    when one dies, and a SIGTERM to the process group reaches them too. They must die silently (no
+    traceback per worker), on a normal run and on a SIGTERMed one."""
     fa = tmp_path / "in.fa"
     fa.write_text(fasta_text(GOOD))
     out = tmp_path / "out.tsv"

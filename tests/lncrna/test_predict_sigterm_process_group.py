@@ -2,10 +2,12 @@
 scheduler): the pool workers die of it too, and the run must still end at once with exit 143 and no
 ``OUT.partial``.
 
-A worker waiting for its next task holds the pool's task-queue lock; killed there, it never releases
-it, and ``Pool.terminate()`` in ``Predictor.close()`` used to wait for that lock for ever (3 runs in
-4 hung). In process (deterministic: the worker is killed once it is known to wait on the queue) and
-through a real process group with the shipped model (slow).
+A worker waiting for its next task holds the task queue's read lock; killed there, it never releases
+it. With ``multiprocessing.Pool``, ``Pool.terminate()`` in ``Predictor.close()`` used to wait for that
+lock for ever (3 runs in 4 hung); stage 1 now runs in a ``ProcessPoolExecutor``, whose graceful
+``shutdown()`` would wait just as long for the other workers, which can no longer read the sentinel
+that stops them. In process (deterministic: the worker is killed once it is known to wait on the
+queue) and through a real process group with the shipped model (slow).
 
 Tiny random model (``model_dir`` in conftest.py) for the in-process tests.
 """
@@ -33,8 +35,8 @@ CLOSE_LIMIT_S = 10.0  # close() takes about 20 ms; the old code never returned
 
 
 def _wait_until_idle_on_the_queue(pool) -> None:
-    """Until the single worker holds the task queue's read lock (it holds it while it waits for a task)."""
-    lock = pool._inqueue._rlock
+    """Until the single worker holds the call queue's read lock (it holds it while it waits for a task)."""
+    lock = pool.executor._call_queue._rlock
     deadline = time.monotonic() + 10
     while lock.acquire(False):
         lock.release()
@@ -50,20 +52,26 @@ def _close_within(predictor: Predictor, seconds: float) -> bool:
     return not t.is_alive()
 
 
+def _executor_threads() -> list[str]:
+    """The executor's manager threads and the pool's stopper thread still running."""
+    return [t.name for t in threading.enumerate()
+            if type(t).__name__ == "_ExecutorManagerThread" or t.name == "lncrna-pool-stop"]
+
+
 def test_close_returns_when_a_worker_died_of_sigterm_while_waiting_for_a_task(model_dir):
     """The worker gets the SIGTERM that reaches the whole group (with the CLI's handler it dies as by
-    default) while it waits on the queue; close() must still stop the pool, replacement worker included."""
+    default) while it waits on the queue; close() must still stop the workers and the executor's thread."""
     with cli._termination_raises():  # workers forked here carry the handler `lncrna predict` runs with
         predictor = Predictor(model_dir, device="cpu", workers=1, chunk_size=4)
         first = [p.prob for p in predictor.predict_records(RECORDS)]
         pool = predictor._pool
-        worker = pool._pool[0]
+        worker = pool.ctx.started()[0]
         _wait_until_idle_on_the_queue(pool)
         os.kill(worker.pid, signal.SIGTERM)
         assert wait([worker.sentinel], 10), "the worker did not die of SIGTERM"
         assert _close_within(predictor, CLOSE_LIMIT_S), "close() hung on the task-queue lock of a dead worker"
-    assert all(w.exitcode is not None for w in pool._pool)  # the pool's replacement worker too
-    assert not any(t.is_alive() for t in (pool._worker_handler, pool._task_handler, pool._result_handler))
+    assert all(w.exitcode is not None for w in pool.ctx.started())
+    assert _executor_threads() == []
     assert len(first) == len(RECORDS)
 
 
@@ -78,8 +86,8 @@ def test_close_after_a_normal_run_stops_workers_and_threads_and_keeps_the_rows(m
     assert time.perf_counter() - t0 < 2.0  # no timeout was waited out
     assert [i for i, _ in got] == [i for i, _ in expected]  # input order, as without workers
     assert [p for _, p in got] == pytest.approx([p for _, p in expected], abs=1e-9)
-    assert all(w.exitcode is not None for w in pool._pool)
-    assert not any(t.is_alive() for t in (pool._worker_handler, pool._task_handler, pool._result_handler))
+    assert len(pool.ctx.started()) == 2 and all(w.exitcode is not None for w in pool.ctx.started())
+    assert _executor_threads() == []
     predictor.close()  # a second close does nothing
 
 

@@ -88,8 +88,8 @@ def _forked_child_fate(signum: int) -> int:
 
 def test_a_forked_worker_ignores_sighup_and_dies_of_sigterm(sighup_guard):
     """A worker that died of the group's hangup while waiting for a task held the task queue's
-    lock, and the parent's Pool.terminate then waited for it forever; SIGTERM (what
-    Pool.terminate sends) must still end a worker at once."""
+    lock, and the parent's Pool.terminate then waited for it forever; SIGTERM (what the stage-1
+    executor sends the other workers when one dies) must still end a worker at once."""
     assert _forked_child_fate(signal.SIGHUP) == 0
     assert _forked_child_fate(signal.SIGTERM) == -signal.SIGTERM
     assert signal.getsignal(signal.SIGHUP) is sighup_guard
