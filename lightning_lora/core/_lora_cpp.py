@@ -476,31 +476,35 @@ def load_for_env() -> Any:
 _ACT = {None: 2, "none": 3, "tanh": 4}
 
 
+def _encode(r: tuple[Any, ...], ts: list[torch.Tensor], prog: list[int]) -> bool:
+    """Append recipe ``r``'s saved tensors to ``ts`` and its postfix program to ``prog``; False for an
+    op the C++ replay does not know. A module-level function, not a closure that recurses through its
+    own cell: such a closure is a reference cycle holding ``ts``, and so the replayed-from activations
+    (a BERT MLP's GELU input, one per layer), until the cyclic garbage collector happens to run."""
+    kind = r[0]
+    if kind == "saved":
+        t = getattr(r[1], r[2])
+        if t is None:
+            return False
+        ts.append(t)
+        prog.append(0)
+        return True
+    if kind == "mul":
+        if not (_encode(r[1], ts, prog) and _encode(r[2], ts, prog)):
+            return False
+        prog.append(1)
+        return True
+    if kind == "act" and r[2] in _ACT:
+        if not _encode(r[1], ts, prog):
+            return False
+        prog.append(_ACT[r[2]])
+        return True
+    return False
+
+
 def encode_recipe(recipe: tuple[Any, ...]) -> tuple[list[torch.Tensor], list[int]] | None:
     """An ``_input_recipe`` recipe as (saved tensors, postfix program) for the C++ replay, or None
     (a dtype cast or an unknown op: the Python path runs)."""
     ts: list[torch.Tensor] = []
     prog: list[int] = []
-
-    def walk(r: tuple[Any, ...]) -> bool:
-        kind = r[0]
-        if kind == "saved":
-            t = getattr(r[1], r[2])
-            if t is None:
-                return False
-            ts.append(t)
-            prog.append(0)
-            return True
-        if kind == "mul":
-            if not (walk(r[1]) and walk(r[2])):
-                return False
-            prog.append(1)
-            return True
-        if kind == "act" and r[2] in _ACT:
-            if not walk(r[1]):
-                return False
-            prog.append(_ACT[r[2]])
-            return True
-        return False
-
-    return (ts, prog) if walk(recipe) else None
+    return (ts, prog) if _encode(recipe, ts, prog) else None
