@@ -303,6 +303,8 @@ def main() -> None:
         if {"ours_cpp", "peft_default", "peft_bf16"} <= set(res):
             best = min(("peft_default", "peft_bf16"), key=lambda v: res[v]["ms"])
             metrics[f"step_time_ratio_{name}_ours_cpp"] = round(res["ours_cpp"]["ms"] / res[best]["ms"], 4)
+            best_mem = min(res["peft_default"]["peak_gib"], res["peft_bf16"]["peak_gib"])
+            metrics[f"peak_mem_ratio_{name}_ours_cpp"] = round(res["ours_cpp"]["peak_gib"] / best_mem, 4) if best_mem else 0.0
         if {"ours", "frozen"} <= set(res):
             metrics[f"overhead_vs_frozen_{name}"] = round(res["ours"]["ms"] / res["frozen"]["ms"], 4)
         peft_compiled = [v for v in ("peft_default" + COMPILED, "peft_bf16" + COMPILED) if v in res]
