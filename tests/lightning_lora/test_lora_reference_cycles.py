@@ -1,0 +1,68 @@
+"""A LoRA training step leaves no reference cycles behind: whatever the fused paths keep for backward
+(saved inputs, replay recipes, sibling outputs, cached casts) is freed by reference counting when the
+graph is, not whenever Python's cyclic collector next runs. A cycle there holds activations: the C++
+path's recipe encoding was once a recursive closure, which kept each replayed-from GELU input of a
+BERT MLP allocated after backward (1.1 GiB on BERT-base at 32 x 512 on an H200) until a collection.
+
+Tiny BERT (GELU MLP: an activation replay) and LLaMA (SiLU(gate) * up: a product replay; RMSNorm: a
+cast chain under ``replay_inputs="all"``; q/k/v and gate/up sibling sets), bf16, every replay mode,
+the Python autograd functions and the opt-in C++ ones; the collector is off during the steps and
+must then find nothing."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+import lightning_lora as ll
+from lightning_lora.core import _lora_cpp
+from lightning_lora.methods import lora as lora_mod
+
+
+def _model(kind: str):
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                         vocab_size=100)
+        return BertForSequenceClassification(cfg), ["query", "key", "value", "dense"]
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    return LlamaForCausalLM(cfg), "all-linear"
+
+
+CPP = pytest.param(True, marks=pytest.mark.skipif(
+    not _lora_cpp.available(),
+    reason="the C++ extension cannot be built here: it needs a C++ compiler (ninja comes with the test extras)"))
+
+
+@pytest.mark.parametrize("cpp", [False, CPP], ids=["python", "cpp"])
+@pytest.mark.parametrize("mode", ["products", "all", "none"])
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_training_steps_leave_no_cyclic_garbage(kind: str, mode: str, cpp: bool) -> None:
+    model, targets = _model(kind)
+    model = model.to(torch.bfloat16)
+    ll.inject_adapter(model, "lora", r=4, alpha=8, target_modules=targets, replay_inputs=mode)
+    opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=1e-3)
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    labels = ids if kind == "llama" else torch.zeros(2, dtype=torch.long)
+    lora_mod._CPP = _lora_cpp._build() if cpp else None
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        found = []
+        for _ in range(2):
+            out = model(input_ids=ids, labels=labels)
+            out.loss.backward()
+            del out
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            found.append(gc.collect())  # objects that only the cyclic collector could free
+    finally:
+        lora_mod._CPP = None
+        if enabled:
+            gc.enable()
+    assert found == [0, 0]
