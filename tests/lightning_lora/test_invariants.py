@@ -1,4 +1,5 @@
-"""The shared invariants S1-S6 of METHODS.md, and S7 (no reference cycles per training step), run for EVERY registered method.
+"""The shared invariants S1-S6 of METHODS.md, and S7 (no reference cycles per training step), run
+for EVERY registered method.
 
 The suite is parametrised over ``lightning_lora.available_methods()``: a method registered later
 joins automatically, and fails until it declares its test configs and invariants in ``SPECS``
