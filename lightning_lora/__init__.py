@@ -37,6 +37,8 @@ from .core.multi import (
     set_adapter,
     use_adapter,
 )
+from .core._lora_cpp import disable as disable_cpp_path
+from .core._lora_cpp import enable as enable_cpp_path
 from .methods.lora import LoRAConfig, invalidate_cast_caches
 
 __version__ = "0.1.0"
@@ -49,4 +51,6 @@ __all__ = [
     # several named adapters on one model (core.multi)
     "active_adapters", "add_adapter", "delete_adapter", "load_adapters", "route_adapters", "save_adapters",
     "set_adapter", "use_adapter",
+    # the opt-in C++ autograd functions of the fused LoRA paths (core._lora_cpp)
+    "enable_cpp_path", "disable_cpp_path",
 ]

@@ -9,7 +9,8 @@ in ``tests/lightning_lora/test_lora_cpp_path.py`` compare them), compiled on fir
 ``torch.utils.cpp_extension.load_inline`` into torch's extension cache (``TORCH_EXTENSIONS_DIR``).
 
 It is OFF by default. Turn it on with the environment variable ``LIGHTNING_LORA_CPP=1`` (compiled at
-the first fused forward) or :func:`enable` (compiled at once); :func:`disable` turns it off. Where
+the first fused forward) or :func:`enable` (compiled at once; ``lightning_lora.enable_cpp_path``);
+:func:`disable` (``lightning_lora.disable_cpp_path``) turns it off. Where
 the build fails (no compiler) it warns once and the Python path runs. What it covers: the common
 path only (no active dropout, input replay through products and activations but not dtype casts,
 sibling sets whose members all have a bias or all have none); everything else, functorch

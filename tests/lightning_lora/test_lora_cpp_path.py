@@ -281,3 +281,16 @@ def test_replayed_from_activation_is_freed_with_the_graph(cpp: bool) -> None:
         lora_mod._CPP = None
         if enabled:
             gc.enable()
+
+
+def test_public_switch_turns_the_cpp_path_on_and_off() -> None:
+    """``lightning_lora.enable_cpp_path()`` / ``disable_cpp_path()``: the C++ function runs, then the Python one."""
+    model, _ = _pair(torch.float32, True)
+    x = torch.randn(2, 5, 16)
+    try:
+        assert ll.enable_cpp_path() is True
+        assert "CppNode" in model.o(x).grad_fn.name()
+        ll.disable_cpp_path()
+        assert model.o(x).grad_fn.name() == "_FusedLoRABackward"
+    finally:
+        ll.disable_cpp_path()
