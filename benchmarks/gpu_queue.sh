@@ -139,8 +139,9 @@ start)
         if compgen -G ".carry/gene_lnc/*.fa.gz" >/dev/null; then
             mkdir -p $W/data/lncrna_gene && cp .carry/gene_lnc/*.fa.gz $W/data/lncrna_gene/
         fi
-        # LNCRNA_MLM_INIT=.carry/lnc_gene_ckpt/mlm continues the gene MLM committed in
-        # benchmarks/checkpoints/lncrna_gene (slim_tree.sh moves it there; carry it in a call of its own).
+        # LNCRNA_MLM_INIT=.carry/lnc_gene2_ckpt/mlm continues the latest gene MLM committed in
+        # benchmarks/checkpoints/lncrna_gene2 (lncrna_gene: the first one; slim_tree.sh moves both into
+        # .carry; carry the one needed in a call of its own).
         # The epochs size the LR schedule and the minutes only cut it: session 16 stopped at the default 40
         # epochs after 318 s of the 12 minutes asked (about 8 s an epoch), so 85 epochs fill about 11.5 of 12
         init=()
