@@ -14,7 +14,11 @@ the first fused forward) or :func:`enable` (compiled at once; ``lightning_lora.e
 the build fails (no compiler) it warns once and the Python path runs. What it covers: the common
 path only (no active dropout, input replay through products and activations but not dtype casts,
 sibling sets whose members all have a bias or all have none); everything else, functorch
-transforms and ``torch.compile`` included, takes the Python functions as before.
+transforms and ``torch.compile`` included, takes the Python functions as before. So do inputs that
+are tensor subclasses (their ``__torch_function__`` sees the Python function's ops) and inputs whose
+replay would read a saved tensor that cannot be read in forward: one packed by a saved-tensor hook
+(checkpointing, offloading: its unpack hook must not run in forward) or one written in place since
+it was saved (the Python path raises in backward, not in forward).
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ void raise_modified(const Tensor& t, int64_t expected, const std::string& what) 
   TORCH_CHECK(false,
       "one of the variables needed for gradient computation has been modified by an inplace operation: [",
       t.toString(), " ", t.sizes(), "], ", what, ", is at version ", t._version(), "; expected version ",
-      expected, " instead. Hint: the LoRA fused path checks its base weights and stacked A casts itself.");
+      expected, " instead. Hint: enable anomaly detection to find the operation that failed to compute its gradient, "
+      "with torch.autograd.set_detect_anomaly(True).");  // word for word the Python path's _raise_modified
 }
 
 int64_t version_or(const Tensor& t) { return t.is_inference() ? -1 : static_cast<int64_t>(t._version()); }
@@ -484,7 +489,18 @@ def _encode(r: tuple[Any, ...], ts: list[torch.Tensor], prog: list[int]) -> bool
     (a BERT MLP's GELU input, one per layer), until the cyclic garbage collector happens to run."""
     kind = r[0]
     if kind == "saved":
-        t = getattr(r[1], r[2])
+        node, attr = r[1], r[2]
+        # The Python path reads this tensor in backward; here it is read now, in forward. So a tensor
+        # packed by a saved-tensor hook (the producer ran under torch.utils.checkpoint, offloading: the
+        # unpack hook would run now, a checkpoint recomputing its region during forward) or one that
+        # cannot be unpacked now (written in place since it was saved: autograd raises, in backward
+        # on the Python path) keeps the Python path, which then behaves as it always did
+        if getattr(getattr(node, "_raw" + attr), "unpack_hook", True) is not None:
+            return False
+        try:
+            t = getattr(node, attr)
+        except RuntimeError:
+            return False
         if t is None:
             return False
         ts.append(t)

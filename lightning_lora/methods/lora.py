@@ -716,7 +716,10 @@ class _SiblingSet:
             if recipe is not None and not any(A.requires_grad for A in As):
                 recipe = None
         cpp = _CPP
-        if cpp is not None and not _plain_apply():  # the C++ function (opt-in)
+        # (a plain tensor only: a subclass's __torch_function__ sees the Python function's ops, not the C++ ones;
+        # not under forward-mode AD: the Python function raises NotImplementedError there, the C++ one did not)
+        if (cpp is not None and type(x) is torch.Tensor and torch.autograd.forward_ad._current_level < 0
+                and not _plain_apply()):  # the C++ function (opt-in)
             if cpp is True:
                 cpp = _lora_cpp.load_for_env()
             with_bias = [b for b in biases if b is not None]
@@ -1151,8 +1154,12 @@ class LoRALinear(AdapterLayer):
         if mode != "none" and xd is x and A.requires_grad:
             recipe = _input_recipe(x, casts=mode == "all")
         cpp = _CPP
-        # (plain LoRALinear only: subclasses keep the Python function they were written against)
-        if cpp is not None and xd is x and type(self) is LoRALinear and not _plain_apply():  # C++ (opt-in)
+        # (plain LoRALinear only: subclasses keep the Python function they were written against; and a
+        # plain tensor x only: a subclass's __torch_function__ sees the Python function's ops, and its
+        # outputs keep the subclass there, while the C++ function's ATen calls bypass it; and not under
+        # forward-mode AD, where the Python function raises NotImplementedError and the C++ one did not)
+        if (cpp is not None and xd is x and type(self) is LoRALinear and type(x) is torch.Tensor
+                and torch.autograd.forward_ad._current_level < 0 and not _plain_apply()):  # C++ (opt-in)
             if cpp is True:
                 cpp = _lora_cpp.load_for_env()
             enc = ((), ()) if recipe is None else _lora_cpp.encode_recipe(recipe)

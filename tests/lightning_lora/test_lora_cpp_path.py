@@ -294,3 +294,122 @@ def test_public_switch_turns_the_cpp_path_on_and_off() -> None:
         assert model.o(x).grad_fn.name() == "_FusedLoRABackward"
     finally:
         ll.disable_cpp_path()
+
+
+def _on(cpp: bool) -> None:
+    lora_mod._CPP = _lora_cpp._build() if cpp else None
+
+
+@pytest.mark.parametrize("cpp", [False, True])
+def test_replay_source_written_in_place_keeps_the_python_path(cpp: bool) -> None:
+    """The GELU input the down projection would replay its input from is written in place after the
+    GELU saved it. The Python path reads it in backward only (autograd raises there, as it would for
+    the GELU itself); the C++ path read it in forward and raised there, also for a forward whose
+    graph never runs backward. Now it keeps the Python function for such an input."""
+    model, _ = _pair(torch.float32, True)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    ref = model.down(F.gelu(model.up(x))).detach()
+    _on(cpp)
+    try:
+        u = model.up(x)
+        h = F.gelu(u)
+        with torch.no_grad():
+            u.mul_(1.0)  # bumps the version of the GELU's saved input, values unchanged
+        out = model.down(h)  # raised here on the C++ path
+        assert torch.equal(out, ref)
+        assert out.grad_fn.name() == "_FusedLoRABackward"
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+    finally:
+        lora_mod._CPP = None
+
+
+def test_replay_source_packed_by_a_hook_is_not_unpacked_in_forward() -> None:
+    """The GELU ran under saved-tensor hooks (torch.utils.checkpoint, offloading) and the down
+    projection outside them: the C++ path unpacked the GELU's saved input during the forward (a
+    checkpoint recomputed its region there and the activation it frees was held until backward).
+    Now such an input keeps the Python path: no unpack in forward, outputs and gradients as there."""
+    results = []
+    for cpp in (False, True):
+        model, _ = _pair(torch.float32, True)
+        unpacks: list[int] = []
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        _on(cpp)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: unpacks.append(1) or t):
+                h = F.gelu(model.up(x))
+            out = model.down(h)
+            assert not unpacks  # nothing unpacked before backward
+            out.pow(2).sum().backward()
+        finally:
+            lora_mod._CPP = None
+        results.append([out.detach(), x.grad] + [p.grad for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass whose default ``__torch_function__`` keeps the subclass on results."""
+
+
+@pytest.mark.parametrize("siblings", [True, False])
+def test_tensor_subclass_input_keeps_the_python_path(siblings: bool) -> None:
+    """A ``__torch_function__`` subclass sees the Python function's ops (its outputs keep the class);
+    the C++ function's ATen calls bypass it and gave plain tensors. It keeps the Python path."""
+    out = {}
+    for cpp in (False, True):
+        model, _ = _pair(torch.float32, True, siblings=siblings)
+        model(torch.randn(2, 5, 16))  # learn the sibling sets
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(5)).as_subclass(_Marked)
+        _on(cpp)
+        try:
+            out[cpp] = model.q(x)
+        finally:
+            lora_mod._CPP = None
+        assert type(out[cpp]) is _Marked
+    assert torch.equal(out[False].as_subclass(torch.Tensor), out[True].as_subclass(torch.Tensor))
+
+
+@pytest.mark.parametrize("siblings", [True, False])
+def test_modified_base_weight_error_is_the_python_paths(siblings: bool) -> None:
+    """The error for a base weight written before backward reads word for word as on the Python path."""
+    messages = []
+    for cpp in (False, True):
+        model, _ = _pair(torch.float32, True, siblings=siblings)
+        model(torch.randn(2, 5, 16))  # learn the sibling sets
+        _on(cpp)
+        try:
+            out = model(torch.randn(2, 5, 16, requires_grad=True))
+        finally:
+            lora_mod._CPP = None
+        with torch.no_grad():
+            model.q.base_layer.weight.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
+            out.sum().backward()
+        messages.append(str(info.value).split("\n")[0])
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("siblings", [True, False])
+@pytest.mark.parametrize("cpp", [False, True])
+def test_forward_mode_ad_raises_as_on_the_python_path(cpp: bool, siblings: bool) -> None:
+    """Forward-mode AD through a fused layer: the Python function has no jvp and raises
+    NotImplementedError; the C++ one raised other errors (an out= kernel's, or a RuntimeError for a
+    dual adapter weight). Under a dual level the Python function runs."""
+    import torch.autograd.forward_ad as fwAD
+
+    model, _ = _pair(torch.float32, True, siblings=siblings)
+    model(torch.randn(2, 5, 16))  # learn the sibling sets
+    x = torch.randn(2, 5, 16)
+    _on(cpp)
+    try:
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match="must implement the jvp function"):
+                model.q(fwAD.make_dual(x, torch.ones_like(x)))
+            A = model.o.lora_A
+            del model.o._parameters["lora_A"]
+            model.o.lora_A = fwAD.make_dual(A.detach(), torch.ones_like(A))  # a dual adapter weight only
+            with pytest.raises(NotImplementedError, match="must implement the jvp function"):
+                model.o(x)
+    finally:
+        lora_mod._CPP = None
