@@ -217,6 +217,15 @@ def _input_recipe(x: torch.Tensor, casts: bool = True) -> tuple[Any, ...] | None
         return None
 
 
+def _packed_by_hook(raw: Any) -> bool:
+    """Whether a node's saved tensor went through a saved-tensor hook (its producer ran under
+    ``torch.utils.checkpoint`` or offloading while the adapted layer did not). Such a tensor is not
+    replayed from: its owner's backward unpacks it, and a non-reentrant checkpoint refuses a second
+    unpack (``CheckpointError``: a model checkpointing an MLP's up projection but not its down one
+    failed in backward). Torch versions without ``unpack_hook`` say nothing: False."""
+    return getattr(raw, "unpack_hook", None) is not None
+
+
 def _recipe(node: Any, budget: list[int], casts: bool) -> tuple[Any, ...] | None:
     budget[0] -= 1
     if budget[0] < 0:
@@ -225,7 +234,10 @@ def _recipe(node: Any, budget: list[int], casts: bool) -> tuple[Any, ...] | None
     if name == "MulBackward0":
         parts: list[tuple[Any, ...]] = []
         for i, attr in enumerate(("_saved_self", "_saved_other")):
-            if getattr(node, "_raw" + attr).data is not None:  # saved (packed as is or by a hook)
+            raw = getattr(node, "_raw" + attr)
+            if _packed_by_hook(raw):
+                return None
+            if raw.data is not None:  # saved as is
                 parts.append(("saved", node, attr))
                 continue
             nxt, _ = node.next_functions[i]
@@ -235,7 +247,7 @@ def _recipe(node: Any, budget: list[int], casts: bool) -> tuple[Any, ...] | None
             parts.append(sub)
         return ("mul", parts[0], parts[1])
     if name in ("GeluBackward0", "SiluBackward0"):  # an activation's node saves its input
-        if node._raw_saved_self.data is None:
+        if node._raw_saved_self.data is None or _packed_by_hook(node._raw_saved_self):
             return None
         approximate = node._saved_approximate if name == "GeluBackward0" else None
         return ("act", ("saved", node, "_saved_self"), approximate)
