@@ -1,6 +1,6 @@
 """Pieces shared by the tests of how ``lncrna predict`` / ``evaluate`` end on a signal
 (test_predict_robustness.py and test_predict_sigterm_process_group.py: SIGTERM; test_sighup.py: SIGHUP;
-test_evaluate_label_column.py reads TSVs with tsv_rows)."""
+test_predict_lost_worker.py: SIGKILL; test_evaluate_label_column.py reads TSVs with tsv_rows)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import signal
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import pytest
+
 from test_cli import HEADER  # the test directory is on sys.path
+
+
+#: the signal tests' one platform condition: SIGHUP, SIGKILL, fork and process groups are POSIX
+POSIX_ONLY = pytest.mark.skipif(
+    not (hasattr(signal, "SIGHUP") and hasattr(signal, "SIGKILL") and hasattr(os, "fork")),
+    reason="POSIX only: Windows has no SIGHUP, SIGKILL, fork or process groups (CI runs Linux, where these run)")
 
 
 def leftovers(folder: Path) -> list[str]:

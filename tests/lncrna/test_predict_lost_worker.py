@@ -28,11 +28,10 @@ from typing import Any
 
 import pytest
 
-from termination_helpers import leftovers
+from termination_helpers import POSIX_ONLY, leftovers
 from test_cli import ROOT, fasta_text, seq  # the test directory is on sys.path
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL") or not hasattr(os, "fork"),
-                                reason="POSIX only: SIGKILL and forked workers (CI runs Linux, where these run)")
+pytestmark = POSIX_ONLY
 
 RECORDS = [(f"r{i}", seq(400 + 13 * i, i)) for i in range(40)]
 END_LIMIT_S = 60.0  # the runs take 3-6 s on 2 cores (model load included); the old code never ended

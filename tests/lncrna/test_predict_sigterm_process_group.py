@@ -25,10 +25,10 @@ import pytest
 from lncrna import cli
 from lncrna.predict import Predictor
 
-from termination_helpers import assert_terminated_quietly, signal_running_predict
+from termination_helpers import POSIX_ONLY, assert_terminated_quietly, signal_running_predict
 from test_cli import fasta_text, seq  # the test directory is on sys.path
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only: the deadlock needs forked pool workers and process groups, which Windows does not have (CI runs Linux, where these run)")
+pytestmark = POSIX_ONLY
 
 RECORDS = [(f"r{i}", seq(300 + 11 * i, i)) for i in range(12)]
 CLOSE_LIMIT_S = 10.0  # close() takes about 20 ms; the old code never returned

@@ -18,12 +18,11 @@ import pytest
 
 from lncrna import cli
 
-from termination_helpers import (assert_terminated_quietly, leftovers, sender, signal_guard, signal_running_predict,
+from termination_helpers import (POSIX_ONLY, assert_terminated_quietly, leftovers, sender, signal_guard, signal_running_predict,
                                  tsv_rows)
 from test_cli import GOOD, fasta_text, run, seq  # the test directory is on sys.path
 
-pytestmark = pytest.mark.skipif(not (hasattr(signal, "SIGHUP") and hasattr(os, "fork")),
-                                reason="POSIX only: Windows has neither SIGHUP nor fork (CI runs Linux, where these run)")
+pytestmark = POSIX_ONLY
 
 
 @pytest.fixture
