@@ -16,9 +16,9 @@ path only (no active dropout, input replay through products and activations but 
 sibling sets whose members all have a bias or all have none); everything else, functorch
 transforms and ``torch.compile`` included, takes the Python functions as before. So do inputs that
 are tensor subclasses (their ``__torch_function__`` sees the Python function's ops) and inputs whose
-replay would read a saved tensor that cannot be read in forward: one packed by a saved-tensor hook
-(checkpointing, offloading: its unpack hook must not run in forward) or one written in place since
-it was saved (the Python path raises in backward, not in forward).
+replay would read a saved tensor written in place since it was saved (the Python path raises in
+backward, not in forward). Tensors packed by a saved-tensor hook are never replayed from, on either
+path (``lora._recipe``).
 """
 
 from __future__ import annotations
@@ -490,13 +490,10 @@ def _encode(r: tuple[Any, ...], ts: list[torch.Tensor], prog: list[int]) -> bool
     kind = r[0]
     if kind == "saved":
         node, attr = r[1], r[2]
-        # The Python path reads this tensor in backward; here it is read now, in forward. So a tensor
-        # packed by a saved-tensor hook (the producer ran under torch.utils.checkpoint, offloading: the
-        # unpack hook would run now, a checkpoint recomputing its region during forward) or one that
-        # cannot be unpacked now (written in place since it was saved: autograd raises, in backward
-        # on the Python path) keeps the Python path, which then behaves as it always did
-        if getattr(getattr(node, "_raw" + attr), "unpack_hook", True) is not None:
-            return False
+        # The Python path reads this tensor in backward; here it is read now, in forward. One that
+        # cannot be unpacked now (written in place since it was saved: autograd raises, in backward on
+        # the Python path) keeps the Python path, which then behaves as it always did. (Tensors packed
+        # by a saved-tensor hook never get here: lora._recipe does not replay from them.)
         try:
             t = getattr(node, attr)
         except RuntimeError:
