@@ -133,6 +133,8 @@ _CPP: Any = True if os.environ.get("LIGHTNING_LORA_CPP") == "1" else None
 #: never reads or writes it, so one tensor serves every call (no allocation per GEMM)
 _PLACEHOLDERS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 _is_compiling = torch.compiler.is_compiling
+#: ``torch.jit.is_tracing()`` without its Python wrapper (asked per layer per forward: host time)
+_is_tracing = torch._C._is_tracing
 
 
 def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -204,7 +206,7 @@ def _input_recipe(x: torch.Tensor, casts: bool = True) -> tuple[Any, ...] | None
     # type before the other checks (host time: asked per layer per forward)
     if node is None or type(node).__name__ not in _RECIPE_NODES:
         return None
-    if x._base is not None or x._version != 0 or _is_compiling() or torch.jit.is_tracing():
+    if x._base is not None or x._version != 0 or _is_compiling() or _is_tracing():
         return None
     if _saved_tensor_hooks_active():
         # saved-tensor hooks (activation checkpointing, offloading) own how saved tensors come
@@ -588,7 +590,16 @@ def _plain_linear_base(layer: nn.Module) -> bool:
     """Whether ``layer``'s base computes ``x W^T + b`` as the fused functions do: a transformers
     ``Conv1D`` (``fan_in_fan_out``) or a module whose ``forward`` is ``nn.Linear``'s (a subclass may
     compute otherwise), with no hooks of its own (the fused paths never call the base module, so its
-    forward / pre-forward / backward hooks would not run)."""
+    forward / pre-forward / backward hooks would not run). Every fused path asks this before its
+    autograd function stands in for the base (LoRA and its subclasses, sibling sets, DyLoRA, the
+    LoRA-XS / LoRA-SB / nLoRA core), so it also says False while ``torch.jit.trace`` records (which
+    ``torch.onnx.export``'s TorchScript exporter runs): the tracer records such a function as one
+    opaque ``prim::PythonOp``, which ``torch.jit.save`` cannot serialize, and fails outright
+    (``unordered_map::at``) when the function's forward reads tensors passed inside a non-tensor
+    argument (the cached A/B casts, a sibling set's ``meta``). The layers' plain formulas trace as
+    ordinary ATen ops."""
+    if _is_tracing():
+        return False
     base = layer._modules.get("base_layer")
     if base is None:  # a named adapter's layer holds its shared base unregistered (core.multi)
         base = layer.base_layer
@@ -1072,7 +1083,8 @@ class LoRALinear(AdapterLayer):
         # path's caches, version checks and autograd.Function break its graph at every layer
         # Why: a base whose forward is not nn.Linear's (a subclass overriding it)
         # or that has hooks also gets the plain formula; the fused functions compute x W^T + b
-        # themselves and silently dropped what the base's own forward or hooks add
+        # themselves and silently dropped what the base's own forward or hooks add. So does a
+        # forward under torch.jit.trace (_plain_linear_base says False then)
         if ((self.use_dora and not self.dora_detach_norm) or not self.fused or args or kwargs
                 or torch._C._are_functorch_transforms_active() or _is_compiling()
                 or not _plain_linear_base(self)):
