@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_queue.sh start quiet   DEADLINE   # step-time benchmarks (#2, #5): alone, first
 #   bash benchmarks/gpu_queue.sh start minilm  DEADLINE   # MiniLM benchmarks (#4, #5, #6, #7)
 #   bash benchmarks/gpu_queue.sh start smollm2 DEADLINE   # SmolLM2, diffusion, federated, lncRNA
+#   JOB=name GPU_CMD='...' bash benchmarks/gpu_queue.sh start cmd DEADLINE  # one command line as a job
 #   bash benchmarks/gpu_queue.sh status                   # one line per job, tails of the logs
 #   bash benchmarks/gpu_queue.sh watch SECONDS            # wait (not past DEADLINE), status, snapshot
 #   bash benchmarks/gpu_queue.sh collect                  # stop everything, pack results into $OUT
@@ -172,10 +173,14 @@ start)
             if [[ ${DDP_PROFILE:-0} == 1 ]]; then \
             $PY benchmarks/ddp_scaling.py --profile runs/ddp_profile --repeats 1 && mkdir -p benchmarks/results/raw/ddp_profile \
             && cp runs/ddp_profile/*.txt runs/ddp_profile/*.json.gz benchmarks/results/raw/ddp_profile/; fi"
+    elif [[ $group == cmd ]]; then
+        # any one command line, as a job named $JOB (e.g. timings queued on one GPU while another group
+        # trains on the other): JOB=cpp GPU_CMD="python3 benchmarks/lora_vs_peft.py ..." ... start cmd DEADLINE
+        launch ${JOB:-cmd} bash -c "$GPU_CMD"
     elif [[ $group == probe ]]; then
         launch probe sleep 3600  # does a background job outlive the device call that started it?
     else
-        echo "unknown group '$group' (ddp | quiet | minilm | smollm2 | probe)" >&2; exit 2
+        echo "unknown group '$group' (ddp | quiet | minilm | smollm2 | lncgene | cmd | probe)" >&2; exit 2
     fi
     ;;
 status)
