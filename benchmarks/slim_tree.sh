@@ -30,8 +30,10 @@ slim)
     # the gene hold-out's lncRNA MLM, classifier and baseline (24 MB): carry .carry/lnc_gene_ckpt when a
     # job continues that MLM (benchmarks/checkpoints/README.md)
     if [[ -d benchmarks/checkpoints/lncrna_gene ]]; then rm -rf .carry/lnc_gene_ckpt; mv benchmarks/checkpoints/lncrna_gene .carry/lnc_gene_ckpt; fi
-    # its continuation (a longer-pretrained MLM and its classifier, 24 MB): .carry/lnc_gene2_ckpt
-    if [[ -d benchmarks/checkpoints/lncrna_gene2 ]]; then rm -rf .carry/lnc_gene2_ckpt; mv benchmarks/checkpoints/lncrna_gene2 .carry/lnc_gene2_ckpt; fi
+    # its continuations (a longer-pretrained MLM and its classifier, 24 MB each): .carry/lnc_gene<N>_ckpt
+    for n in 2 3; do
+        if [[ -d benchmarks/checkpoints/lncrna_gene$n ]]; then rm -rf .carry/lnc_gene${n}_ckpt; mv benchmarks/checkpoints/lncrna_gene$n .carry/lnc_gene${n}_ckpt; fi
+    done
     ;;
 restore)
     [[ -d $HELD ]] || { echo "slim_tree: nothing to restore ($HELD missing)" >&2; exit 1; }
@@ -43,7 +45,9 @@ restore)
     mv .carry/lnc_model/model.safetensors lncrna/weights/default/
     if [[ -d .carry/clora_ckpt && ! -e benchmarks/checkpoints/clora_v2 ]]; then mv .carry/clora_ckpt benchmarks/checkpoints/clora_v2; fi
     if [[ -d .carry/lnc_gene_ckpt && ! -e benchmarks/checkpoints/lncrna_gene ]]; then mv .carry/lnc_gene_ckpt benchmarks/checkpoints/lncrna_gene; fi
-    if [[ -d .carry/lnc_gene2_ckpt && ! -e benchmarks/checkpoints/lncrna_gene2 ]]; then mv .carry/lnc_gene2_ckpt benchmarks/checkpoints/lncrna_gene2; fi
+    for n in 2 3; do
+        if [[ -d .carry/lnc_gene${n}_ckpt && ! -e benchmarks/checkpoints/lncrna_gene$n ]]; then mv .carry/lnc_gene${n}_ckpt benchmarks/checkpoints/lncrna_gene$n; fi
+    done
     rm -r $HELD
     ;;
 *) echo "usage: bash benchmarks/slim_tree.sh slim|restore" >&2; exit 2 ;;
