@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,6 +94,20 @@ def whole_number(value: Any, name: str, minimum: int | None = None, optional: bo
     return int(value)
 
 
+def floating_dtype_name(value: Any) -> str:
+    """The name of the torch floating dtype ``value`` stands for (``torch.bfloat16``, ``"bfloat16"``,
+    ``"torch.bfloat16"``, ``"half"`` -> ``"float16"``): configs keep names, which save to JSON.
+    Anything else raises a ValueError naming the accepted values (a ``torch.dtype`` used to fail
+    deep inside layer construction with ``getattr``'s TypeError)."""
+    dtype = value
+    if isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2:
+        return str(dtype).removeprefix("torch.")
+    raise ValueError(f"adapter_dtype must be a floating torch dtype or its name (float32, bfloat16, float16, "
+                     f"float64), got {value!r}")
+
+
 @dataclass
 class AdapterConfig:
     """Options shared by every method.
@@ -153,6 +168,8 @@ class AdapterConfig:
         dropout = getattr(self, "dropout", 0.0)  # methods with an adapter-branch dropout
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if hasattr(self, "adapter_dtype"):  # methods whose adapter parameters have a chosen dtype
+            self.adapter_dtype = floating_dtype_name(self.adapter_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (types are stored by class name)."""
