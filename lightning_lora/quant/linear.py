@@ -23,6 +23,22 @@ from torch import nn
 from .nf import QuantConfig, QuantizedTensor, dequantize_parts, empty_quantized, parse_config, quantize, storage_bits
 
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+#: ``torch.jit.is_tracing()`` without its Python wrapper (asked per layer per forward: host time)
+_is_tracing = torch._C._is_tracing
+
+
+def _untraced_dequantize(layer: "QuantizedLinear", dtype: torch.dtype) -> torch.Tensor:
+    """``layer.dequantize(dtype)`` with the TorchScript tracer paused: the tracer then records the
+    result as a constant of the graph. The dequantization itself cannot be recorded: its
+    ``Tensor.view(dtype)`` (the scales' integer bit patterns read back as floats) lands in the
+    graph as ``aten::view(Tensor, int)``, which the TorchScript IR cannot tell from a shape and
+    fails on (``INTERNAL ASSERT FAILED ... We don't have an op for aten::view``, pytorch#90365)."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return layer.dequantize(dtype)
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 def _dequant_fn(device_type: str, compile_it: bool) -> Callable[..., torch.Tensor]:
@@ -33,6 +49,11 @@ def _dequant_fn(device_type: str, compile_it: bool) -> Callable[..., torch.Tenso
     return _COMPILED["cuda"]
 
 
+def _dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The forward formula of :class:`_DequantLinear` once ``w = dequant(packed)`` (in ``x.dtype``)."""
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 class _DequantLinear(torch.autograd.Function):
     """``y = x Wᵀ + b`` with ``W = dequant(packed)``; backward re-dequantizes for ``grad_x``.
 
@@ -41,9 +62,8 @@ class _DequantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, layer):  # type: ignore[override]
-        w = layer.dequantize(x.dtype)
         ctx.layer = layer
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        return _dense_linear(x, layer.dequantize(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -126,7 +146,19 @@ class QuantizedLinear(nn.Module):
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = _DequantLinear.apply(x.reshape(-1, self.in_features), self.bias, self)
+        x = x.reshape(-1, self.in_features)
+        # Why: torch.jit.trace (and the TorchScript ONNX exporter, which traces) failed with
+        # "unordered_map::at" on _DequantLinear: its forward reads the packed buffers through
+        # ``layer``, a non-tensor argument the tracer cannot map into the op's subgraph (and a
+        # custom Function would at best be an opaque prim::PythonOp that torch.jit.save cannot
+        # serialize). While tracing, the same formula runs as plain ops instead. The dequantized
+        # weight enters the traced graph as a dense constant (see _untraced_dequantize): the traced
+        # module holds W in x's dtype, not the packed codes, and later edits of the codes do not
+        # reach it. Outside a trace nothing changes: backward keeps re-dequantizing, not saving W.
+        if _is_tracing():
+            y = _dense_linear(x, _untraced_dequantize(self, x.dtype), self.bias)
+        else:
+            y = _DequantLinear.apply(x, self.bias, self)
         return y.view(*lead, self.out_features)
 
     def storage_bits(self) -> int:

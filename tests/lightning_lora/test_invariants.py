@@ -1,5 +1,5 @@
-"""The shared invariants S1-S6 of METHODS.md, and S7 (no reference cycles per training step), run
-for EVERY registered method.
+"""The shared invariants S1-S6 of METHODS.md, S7 (no reference cycles per training step) and S8
+(``torch.jit.trace`` of an adapted model equals eager), run for EVERY registered method.
 
 The suite is parametrised over ``lightning_lora.available_methods()``: a method registered later
 joins automatically, and fails until it declares its test configs and invariants in ``SPECS``
@@ -723,3 +723,38 @@ def test_s7_training_steps_leave_no_cyclic_garbage(model_builders, method, varia
         if enabled:
             gc.enable()
     assert found == [0, 0, 0]
+
+
+# ---- S8 --------------------------------------------------------------------------------------
+class _Traced(nn.Module):
+    """``out_of(model, inputs)`` with the inputs as positional tensors in ``names`` order: a plain
+    tensor in, a plain tensor out, as ``torch.jit.trace`` wants."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return out_of(self.model, dict(zip(self.names, tensors)))
+
+
+@pytest.mark.parametrize("method,variant,kw,model", CASES)
+def test_s8_traced_model_equals_eager(model_builders, method, variant, kw, model):
+    """``torch.jit.trace`` (what the TorchScript ONNX exporter runs) of an adapted model with a
+    non-trivial adapter records ordinary ops that give eager's outputs, on inputs other than the
+    ones traced with; a fused autograd function would be an opaque ``PythonOp`` (or fail to trace)."""
+    spec = _spec(method)
+    adapted, _ = adapt(model_builders, method, kw, model)
+    perturb(spec, adapted)
+    adapted.eval()
+    x, x2 = make_inputs(model), make_inputs(model, seed=2)
+    names = list(x)
+    wrapper = _Traced(adapted, names)
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, tuple(x[n] for n in names), check_trace=False)
+        kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+        assert "prim::PythonOp" not in kinds
+        for inputs in (x, x2):
+            want = out_of(adapted, inputs)
+            got = traced(*(inputs[n] for n in names))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())

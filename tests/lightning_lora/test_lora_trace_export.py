@@ -5,7 +5,9 @@ The tracer records a custom ``autograd.Function`` as one opaque ``prim::PythonOp
 ``torch.jit.save`` cannot serialize); for the fused functions it failed outright (``RuntimeError:
 unordered_map::at``: their forward reads the cached A/B casts, tensors passed inside a tuple argument,
 which the tracer's subgraph of the op cannot map). While tracing, the layers take their plain formula,
-which traces as ordinary ATen ops; outside a trace nothing changes.
+which traces as ordinary ATen ops; outside a trace nothing changes. The same holds for LQ-LoRA's
+quantized base (``QuantizedLinear``, whose dequantizing autograd function received the module itself):
+while tracing it runs ``F.linear`` on its dequantized weight, which the graph holds as a constant.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConf
 
 import lightning_lora as ll
 from lightning_lora.methods import lora as lora_mod
+from lightning_lora.quant import QuantizedLinear
+from lightning_lora.quant import linear as quant_linear
 
 FUSED_NODES = {"_FusedLoRABackward", "_FusedLoRASiblingsBackward"}
 
@@ -169,3 +173,23 @@ def test_trace_of_other_fused_methods_matches_eager(method, kw):
     model, ids = _adapted("bert", method, **kw)
     model(ids), model(ids)
     _assert_traced_like_eager(model, ids)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_trace_of_lq_lora_over_quantized_base_matches_eager(name, monkeypatch):
+    """LQ-LoRA's packed base: its dequantizing autograd function received the module itself, and the
+    tracer failed on it (``unordered_map::at``); while tracing the base runs ``F.linear`` on its
+    dequantized weight (a constant of the graph), and eager forwards afterwards still dequantize
+    through the function (which keeps no dense weight for backward)."""
+    model, ids = _adapted(name, "lq_lora", quant="nf3", max_iters=2)
+    n_quantized = sum(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert n_quantized > 0
+    _assert_traced_like_eager(model, ids)
+    # counted in the function's forward: the first layers' outputs get no autograd node to look at
+    # (nothing before them requires grad)
+    calls = []
+    forward = quant_linear._DequantLinear.forward
+    monkeypatch.setattr(quant_linear._DequantLinear, "forward",
+                        staticmethod(lambda ctx, *a: calls.append(1) or forward(ctx, *a)))
+    model(ids)
+    assert len(calls) == n_quantized
