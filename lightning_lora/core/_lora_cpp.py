@@ -24,11 +24,15 @@ path (``lora._recipe``).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
 import warnings
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 CPP_SOURCE = r"""
 #include <torch/extension.h>
@@ -428,6 +432,18 @@ _MODULE: Any = None
 _FAILED = False
 
 
+def _build_directory(name: str) -> str | None:
+    """The folder ``load_inline`` builds ``name`` in (``TORCH_EXTENSIONS_DIR`` or torch's default
+    cache, one subfolder per extension), created if missing; None where torch's private helper for
+    it is gone or fails (the build then goes ahead, announced without a path)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return _get_build_directory(name, verbose=False)
+    except Exception:  # a private helper of torch's: asking where must never cost the build
+        return None
+
+
 def _build() -> Any:
     """The compiled extension (compiled once per source into torch's extension cache), or None
     with one warning where it cannot be built."""
@@ -435,11 +451,25 @@ def _build() -> Any:
     if _MODULE is not None or _FAILED:
         return _MODULE
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import LIB_EXT, load_inline
 
         digest = hashlib.sha1(CPP_SOURCE.encode()).hexdigest()[:12]
-        _MODULE = load_inline(name=f"lightning_lora_cpp_{digest}", cpp_sources=[CPP_SOURCE], extra_cflags=["-O2"],
+        name = f"lightning_lora_cpp_{digest}"
+        build_dir = _build_directory(name)
+        # Why: the first build compiles for about a minute with no output (load_inline is silent
+        # unless verbose), which looks like a hang at the first forward. Announced at WARNING:
+        # INFO records reach no handler in a process that configured no logging, and this line
+        # is what explains the stall. A cached build (the library file already in the folder;
+        # load_inline then only reloads it, ninja finding nothing to do) says nothing
+        fresh = build_dir is None or not os.path.exists(os.path.join(build_dir, name + LIB_EXT))
+        if fresh:
+            log.warning("lightning_lora: compiling the C++ LoRA path once (about a minute; later runs reuse "
+                        "the build) into %s", build_dir or "torch's extension cache (TORCH_EXTENSIONS_DIR)")
+            start = time.perf_counter()
+        _MODULE = load_inline(name=name, cpp_sources=[CPP_SOURCE], extra_cflags=["-O2"], build_directory=build_dir,
                               verbose=os.environ.get("LIGHTNING_LORA_CPP_VERBOSE") == "1")
+        if fresh:
+            log.warning("lightning_lora: C++ LoRA path built in %.1f s", time.perf_counter() - start)
     except Exception as e:  # no compiler, no ninja, a failed build: the Python path runs
         _FAILED = True
         warnings.warn(f"lightning_lora: the C++ LoRA fast path could not be built ({type(e).__name__}: "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import re
 import weakref
 
 import pytest
@@ -255,6 +256,42 @@ def test_failed_build_warns_once_and_runs_python(monkeypatch) -> None:
     py, _ = _pair(torch.float32, True, siblings=False)
     out = py(torch.randn(2, 5, 16, requires_grad=True))
     assert out.grad_fn.name() == "_FusedLoRABackward"
+
+
+def test_first_build_is_announced_and_a_cached_one_is_not(monkeypatch, tmp_path, caplog) -> None:
+    """The first build compiles for about a minute in silence: one line before (with the folder) and
+    one after (with the seconds); reusing the built library says nothing. ``load_inline`` is faked
+    (a real build costs a minute of CPU): it writes the library file where a real build would."""
+    import logging
+    import os
+    import torch.utils.cpp_extension as ext
+
+    built = []
+
+    def fake_load_inline(name, cpp_sources, build_directory=None, **kwargs):
+        build_directory = build_directory or ext._get_build_directory(name, verbose=False)  # load_inline's own default
+        assert os.path.dirname(build_directory) == str(tmp_path)
+        open(os.path.join(build_directory, name + ext.LIB_EXT), "wb").close()
+        built.append(name)
+        return object()
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(ext, "load_inline", fake_load_inline)
+    monkeypatch.setattr(_lora_cpp, "_MODULE", None)
+    monkeypatch.setattr(_lora_cpp, "_FAILED", False)
+    caplog.set_level(logging.INFO, logger=_lora_cpp.__name__)
+
+    assert _lora_cpp._build() is not None  # an empty extension folder: a fresh build
+    messages = [r.getMessage() for r in caplog.records if r.name == _lora_cpp.__name__]
+    assert len(messages) == 2, messages
+    assert "compiling the C++ LoRA path once (about a minute" in messages[0]
+    assert os.path.join(str(tmp_path), built[0]) in messages[0]  # where the cache is
+    assert re.fullmatch(r"lightning_lora: C\+\+ LoRA path built in \d+\.\d s", messages[1])
+
+    caplog.clear()
+    monkeypatch.setattr(_lora_cpp, "_MODULE", None)  # a new process: the library is in the folder now
+    assert _lora_cpp._build() is not None and len(built) == 2
+    assert not [r for r in caplog.records if r.name == _lora_cpp.__name__]
 
 
 @pytest.mark.parametrize("cpp", [False, True])
