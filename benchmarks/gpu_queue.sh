@@ -176,6 +176,10 @@ start)
     elif [[ $group == cmd ]]; then
         # any one command line, as a job named $JOB (e.g. timings queued on one GPU while another group
         # trains on the other): JOB=cpp GPU_CMD="python3 benchmarks/lora_vs_peft.py ..." ... start cmd DEADLINE
+        [[ -n ${GPU_CMD:-} ]] || { echo "start cmd: GPU_CMD is empty" >&2; exit 2; }
+        if [[ -f $LOGS/${JOB:-cmd}.pid ]] && kill -0 -- -$(cat $LOGS/${JOB:-cmd}.pid) 2>/dev/null; then
+            echo "start cmd: job ${JOB:-cmd} is still running (another JOB name, or wait)" >&2; exit 2
+        fi
         launch ${JOB:-cmd} bash -c "$GPU_CMD"
     elif [[ $group == probe ]]; then
         launch probe sleep 3600  # does a background job outlive the device call that started it?
@@ -223,6 +227,6 @@ snapshot)
     ls -la $OUT
     ;;
 *)
-    echo "usage: $0 start ddp|quiet|minilm|smollm2|probe DEADLINE | status | watch SECONDS | snapshot | collect" >&2; exit 2
+    echo "usage: $0 start ddp|quiet|minilm|smollm2|lncgene|cmd|probe DEADLINE | status | watch SECONDS | snapshot | collect" >&2; exit 2
     ;;
 esac

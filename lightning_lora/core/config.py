@@ -108,6 +108,12 @@ def floating_dtype_name(value: Any) -> str:
                      f"float64), got {value!r}")
 
 
+def adapter_torch_dtype(value: Any) -> torch.dtype:
+    """The ``torch.dtype`` of a config's ``adapter_dtype``, checked again where layers are built: the
+    field may have been assigned after ``__post_init__`` normalised it."""
+    return getattr(torch, floating_dtype_name(value))
+
+
 @dataclass
 class AdapterConfig:
     """Options shared by every method.
@@ -176,6 +182,8 @@ class AdapterConfig:
         out = dataclasses.asdict(self)
         out["target_types"] = [t if isinstance(t, str) else t.__name__ for t in self.target_types]
         out["method"] = self.method
+        if "adapter_dtype" in out:  # the name, also when a dtype was assigned after construction
+            out["adapter_dtype"] = floating_dtype_name(out["adapter_dtype"])
         return out
 
     @classmethod

@@ -147,14 +147,16 @@ class BoneLinear(AdapterLayer):
         with no_autocast(w.device):
             w_new = (w.float() + self._bat_delta(w)).to(w.dtype)
         stored = w_new.t() if self.fan_in_fan_out else w_new
-        if torch._C._is_tracing() and not args and not kwargs:
-            # torch.jit.trace refuses functional_call ("stateless API"): the two bases Bat adapts,
-            # written out (Conv1D stores W as (in, out) and computes x W + b)
-            bias = self.base_layer.bias
-            if self.fan_in_fan_out:
-                y = x @ stored
-                return y if bias is None else y + bias
-            return F.linear(x, stored, bias)
+        if torch._C._is_tracing():
+            # torch.jit.trace refuses functional_call ("stateless API"); the base's own forward and
+            # hooks still run, with W' put in place of W for the call (nothing else runs meanwhile)
+            params = self.base_layer._parameters
+            weight = params["weight"]
+            params["weight"] = stored
+            try:
+                return self.base_layer(x, *args, **kwargs)
+            finally:
+                params["weight"] = weight
         # the base layer's own forward with W' (Linear or Conv1D alike): bit-exact W at b = 0
         return functional_call(self.base_layer, {"weight": stored}, (x, *args), kwargs)
 

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.config import AdapterConfig, Method, get_method, make_config, register, whole_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, get_method, make_config, Method, register, whole_number
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
 from ..core.state import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _to_file_key, adapter_state_dict
@@ -170,7 +170,7 @@ class DyLoRALinear(AdapterLayer):
         self.dropout_p = config.dropout
         self.rank = self.train_rank = rank if rank is not None else (config.eval_rank or config.r)
         self._merged_rank: int | None = None
-        dtype = getattr(torch, config.adapter_dtype)
+        dtype = adapter_torch_dtype(config.adapter_dtype)
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(self.r_max, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r_max, dtype=dtype, device=device))

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig, Method, register, whole_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
 from ..core.inject import adapter_layers
 from ..core.layer import AdapterLayer, no_autocast
 
@@ -201,7 +201,7 @@ class IncreLoRALinear(AdapterLayer):
         self.dropout_p = config.dropout
         self.init_std = config.init_std
         self.reserve_e = config.reserve_e if config.advance_learning else 0.0
-        self._dtype = getattr(torch, config.adapter_dtype)
+        self._dtype = adapter_torch_dtype(config.adapter_dtype)
         self.ranks: list[int] = []
         self.created: list[int] = []
         self.activated: list[int | None] = []

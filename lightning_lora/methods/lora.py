@@ -54,7 +54,7 @@ from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..core import _lora_cpp
-from ..core.config import AdapterConfig, Method, register, whole_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
 from ..core.layer import AdapterLayer, no_autocast
 
 
@@ -1025,7 +1025,7 @@ class LoRALinear(AdapterLayer):
         self.replay_inputs = config.replay_inputs
         self.use_dora = config.use_dora
         self.dora_detach_norm = config.dora_detach_norm
-        dtype = getattr(torch, config.adapter_dtype)
+        dtype = adapter_torch_dtype(config.adapter_dtype)
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=dtype, device=device))

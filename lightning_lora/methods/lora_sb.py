@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..core.config import AdapterConfig, Method, register, whole_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
 from . import lora as _lora
@@ -412,7 +412,7 @@ class LoRAXS(Method):
 
     def make_layer(self, base: nn.Module, name: str) -> CoreLoRALinear:
         c: LoRAXSConfig = self.config  # type: ignore[assignment]
-        layer = CoreLoRALinear(base, c.r, c.alpha / c.r, ("lora_core",), c.dropout, getattr(torch, c.adapter_dtype))
+        layer = CoreLoRALinear(base, c.r, c.alpha / c.r, ("lora_core",), c.dropout, adapter_torch_dtype(c.adapter_dtype))
         if layer.base_weight.is_meta:
             return layer
         A, B = init_lora_xs(layer.base_weight, c.r, c.svd, c.svd_niter, c.svd_seed)
@@ -480,7 +480,7 @@ class LoRASBLinear(CoreLoRALinear):
     """LoRA-SB layer: s = 1, frozen B, A; trainable R; ``lora_sb_initialized`` saved flag."""
 
     def __init__(self, base_layer: nn.Module, config: LoRASBConfig) -> None:
-        super().__init__(base_layer, config.r, 1.0, ("lora_core",), config.dropout, getattr(torch, config.adapter_dtype))
+        super().__init__(base_layer, config.r, 1.0, ("lora_core",), config.dropout, adapter_torch_dtype(config.adapter_dtype))
         self.register_buffer("lora_sb_initialized", torch.zeros((), dtype=torch.bool, device=self.lora_A.device))
         self.adapter_buffer_names = (*self.adapter_buffer_names, "lora_sb_initialized")
         if not self.lora_A.is_meta:  # placeholder until the gradient init: orthonormal, R = 0

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig, Method, make_config, register, whole_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, make_config, Method, register, whole_number
 from ..core.inject import adapter_layers, find_targets, inject_adapter, _set_submodule
 from ..core.layer import AdapterLayer, linear_shape
 from ..quant.decompose import Decomposition, lq_decompose
@@ -47,8 +47,6 @@ from ..quant.linear import QuantizedLinear
 from ..quant.nf import QuantConfig, parse_config
 
 _QUANT_BUFFERS = ("codes", "scale_codes", "scale_absmax", "scale_offset")
-#: ``LQLoRAConfig.adapter_dtype`` values (names of torch floating dtypes)
-_ADAPTER_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 @dataclass
@@ -101,10 +99,6 @@ class LQLoRAConfig(AdapterConfig):
             raise ValueError(f"svd must be 'lowrank' or 'exact', got {self.svd!r}")
         if self.fisher_mode not in ("two_sided", "row", "col"):
             raise ValueError(f"fisher_mode must be 'two_sided', 'row' or 'col', got {self.fisher_mode!r}")
-        # checked here: otherwise a typo ("fp16") fails only at injection, as getattr(torch, ...)'s
-        # AttributeError, and a non-float name ("int8") would build integer A and B
-        if self.adapter_dtype not in _ADAPTER_DTYPES:
-            raise ValueError(f"adapter_dtype must be one of {_ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
 
     @property
     def scaling(self) -> float:
@@ -138,7 +132,7 @@ class LQLoRALinear(AdapterLayer):
         device = base_layer.weight.device
         #: the dense weight's dtype, which ``unload_dense`` gives back (Q itself keeps no float dtype)
         self.dense_dtype = base_layer.weight.dtype
-        dtype = getattr(torch, config.adapter_dtype)
+        dtype = adapter_torch_dtype(config.adapter_dtype)
         if decomposition is None:  # loading: storage of the right size, filled by load_adapter
             qlinear = QuantizedLinear(self.in_features, self.out_features, quant_config, bias=bias is not None,
                                       device=device, dtype=bias.dtype if bias is not None else torch.float32)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..core.config import AdapterConfig, Method, register, whole_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
 from ..core.layer import no_autocast
 from .lora import _mm_scaled, _mm_to, _raise_modified
 from .lora_sb import CoreLoRALinear
@@ -107,8 +107,8 @@ class _CoreConfig(AdapterConfig):
             raise ValueError("residual=True needs a non-zero init (nystrom or reference); SLoRA starts at ΔW = 0")
         # checked here, not at injection: getattr(torch, "fp64") raised a bare AttributeError there, and
         # a half-precision pinv an obscure linalg error
+        # (adapter_dtype: AdapterConfig.__post_init__, for every method)
         _check_dtype_name("pinv_dtype", self.pinv_dtype, ("float32", "float64"))
-        _check_dtype_name("adapter_dtype", self.adapter_dtype, ("float32", "float64", "bfloat16", "float16"))
 
     @property
     def scaling(self) -> float:
@@ -277,7 +277,7 @@ class NLoRALinear(CoreLoRALinear):
     """
 
     def __init__(self, base_layer: nn.Module, config: _CoreConfig, name: str, trainable: tuple[str, ...]) -> None:
-        dtype = getattr(torch, config.adapter_dtype)
+        dtype = adapter_torch_dtype(config.adapter_dtype)
         super().__init__(base_layer, config.r, config.scaling, trainable, config.dropout, dtype)
         self.init_mode = config.init
         self.residual = bool(config.residual)

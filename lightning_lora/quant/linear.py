@@ -154,7 +154,8 @@ class QuantizedLinear(nn.Module):
         # serialize). While tracing, the same formula runs as plain ops instead. The dequantized
         # weight enters the traced graph as a dense constant (see _untraced_dequantize): the traced
         # module holds W in x's dtype, not the packed codes, and later edits of the codes do not
-        # reach it. Outside a trace nothing changes: backward keeps re-dequantizing, not saving W.
+        # reach it; nor does a later .to() (constants stay on the trace's device and dtype).
+        # Outside a trace nothing changes: backward keeps re-dequantizing, not saving W.
         if _is_tracing():
             y = _dense_linear(x, _untraced_dequantize(self, x.dtype), self.bias)
         else:

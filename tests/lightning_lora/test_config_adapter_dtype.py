@@ -24,7 +24,8 @@ def test_every_method_with_the_option_is_covered() -> None:
 
 @pytest.mark.parametrize("given, name", [
     (torch.bfloat16, "bfloat16"), ("bfloat16", "bfloat16"), ("torch.float16", "float16"),
-    ("half", "float16"), (torch.float64, "float64"), ("float32", "float32"),
+    ("half", "float16"), (torch.float64, "float64"), ("float32", "float32"), ("float", "float32"),
+    ("torch.float32", "float32"),
 ])
 def test_names_and_dtypes_normalise(given: object, name: str) -> None:
     assert floating_dtype_name(given) == name
@@ -60,3 +61,17 @@ def test_inject_with_a_torch_dtype_builds_adapters_of_that_dtype() -> None:
 
 def test_base_config_without_the_field_is_untouched() -> None:
     assert not hasattr(AdapterConfig(), "adapter_dtype")
+
+
+def test_a_dtype_assigned_after_construction_still_builds_and_saves() -> None:
+    """``__post_init__`` normalises at construction; a field assigned afterwards is checked again
+    where the layers are built and where the config is written."""
+    cfg = get_method("lora").Config(r=2, target_modules=["0"])
+    cfg.adapter_dtype = torch.float64
+    model = nn.Sequential(nn.Linear(8, 8))
+    ll.inject_adapter(model, "lora", cfg)
+    assert all(p.dtype == torch.float64 for p in ll.trainable_parameters(model))
+    assert json.loads(json.dumps(cfg.to_dict()))["adapter_dtype"] == "float64"
+    cfg.adapter_dtype = torch.int8
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        ll.inject_adapter(nn.Sequential(nn.Linear(8, 8)), "lora", cfg)

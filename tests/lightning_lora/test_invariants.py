@@ -751,7 +751,7 @@ def test_s8_traced_model_equals_eager(model_builders, method, variant, kw, model
     names = list(x)
     wrapper = _Traced(adapted, names)
     with torch.no_grad():
-        traced = torch.jit.trace(wrapper, tuple(x[n] for n in names), check_trace=False)
+        traced = torch.jit.trace(wrapper, tuple(x[n] for n in names))  # check_trace: a second run agrees
         kinds = {node.kind() for node in traced.inlined_graph.nodes()}
         assert "prim::PythonOp" not in kinds
         for inputs in (x, x2):

@@ -1,5 +1,5 @@
 """``torch.jit.trace`` and the TorchScript-based ``torch.onnx.export`` of a model with unmerged
-adapters, on the default Python fused path.
+adapters in eval mode, on the default Python fused path.
 
 The tracer records a custom ``autograd.Function`` as one opaque ``prim::PythonOp`` (which
 ``torch.jit.save`` cannot serialize); for the fused functions it failed outright (``RuntimeError:
@@ -236,3 +236,32 @@ def test_onnx_export_of_unmerged_lora_runs_like_eager(name):
         got = torch.from_numpy(session.run(None, {"ids": batch.numpy(), "mask": m.numpy()})[0])
         keep = m.bool()  # padded positions' hidden states are unspecified
         torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-5)
+
+
+class _TripledLinear(nn.Linear):
+    """A Linear subclass with a forward of its own: a traced adapter must still run it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3 * super().forward(x)
+
+
+@pytest.mark.parametrize("method", ["bat", "lora"])
+def test_trace_runs_the_base_layers_own_forward_and_hooks(method):
+    """Bat computes ``base(x; W')`` with a weight derived from W: while tracing it must still call
+    the base module (its forward hooks, a subclass's forward), not a written-out formula."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), _TripledLinear(16, 8))
+    ll.inject_adapter(model, method, r=4, target_modules=["0", "2"])
+    model[0].base_layer.register_forward_hook(lambda mod, args, out: out * 2)
+    with torch.no_grad():
+        for p in ll.trainable_parameters(model):
+            p.add_(torch.randn_like(p), alpha=0.3)
+    model.eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x,))
+        other = torch.randn(5, 16)
+        for inputs in (x, other):
+            torch.testing.assert_close(traced(inputs), model(inputs), rtol=1e-5, atol=1e-6)
+    weight = model[0].base_layer.weight
+    assert isinstance(weight, nn.Parameter) and not weight.requires_grad  # put back after the trace
