@@ -147,7 +147,8 @@ class BoneLinear(AdapterLayer):
         with no_autocast(w.device):
             w_new = (w.float() + self._bat_delta(w)).to(w.dtype)
         stored = w_new.t() if self.fan_in_fan_out else w_new
-        if torch._C._is_tracing():
+        # (is_compiling first: torch.compile cannot trace through torch._C._is_tracing, a graph break)
+        if not torch.compiler.is_compiling() and torch._C._is_tracing():
             # torch.jit.trace refuses functional_call ("stateless API"); the base's own forward and
             # hooks still run, with W' put in place of W for the call (nothing else runs meanwhile)
             params = self.base_layer._parameters

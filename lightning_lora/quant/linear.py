@@ -156,7 +156,8 @@ class QuantizedLinear(nn.Module):
         # module holds W in x's dtype, not the packed codes, and later edits of the codes do not
         # reach it; nor does a later .to() (constants stay on the trace's device and dtype).
         # Outside a trace nothing changes: backward keeps re-dequantizing, not saving W.
-        if _is_tracing():
+        # (is_compiling first: torch.compile cannot trace through torch._C._is_tracing, a graph break)
+        if not torch.compiler.is_compiling() and _is_tracing():
             y = _dense_linear(x, _untraced_dequantize(self, x.dtype), self.bias)
         else:
             y = _DequantLinear.apply(x, self.bias, self)
