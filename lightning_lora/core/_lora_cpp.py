@@ -453,7 +453,9 @@ def _build() -> Any:
     try:
         from torch.utils.cpp_extension import LIB_EXT, load_inline
 
-        digest = hashlib.sha1(CPP_SOURCE.encode()).hexdigest()[:12]
+        # torch's version in the name too: torch rebuilds a cached extension after an upgrade, in the
+        # same folder, which the "fresh build" check below (library file present?) would not see
+        digest = hashlib.sha1((CPP_SOURCE + torch.__version__).encode()).hexdigest()[:12]
         name = f"lightning_lora_cpp_{digest}"
         build_dir = _build_directory(name)
         # Why: the first build compiles for about a minute with no output (load_inline is silent

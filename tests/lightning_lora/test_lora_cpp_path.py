@@ -293,6 +293,13 @@ def test_first_build_is_announced_and_a_cached_one_is_not(monkeypatch, tmp_path,
     assert _lora_cpp._build() is not None and len(built) == 2
     assert not [r for r in caplog.records if r.name == _lora_cpp.__name__]
 
+    # another torch version: torch would rebuild in the same folder without a word from the file
+    # check, so the version is part of the extension's name and the build is announced again
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    monkeypatch.setattr(_lora_cpp, "_MODULE", None)
+    assert _lora_cpp._build() is not None and len(built) == 3 and built[2] != built[0]
+    assert len([r for r in caplog.records if r.name == _lora_cpp.__name__]) == 2
+
 
 @pytest.mark.parametrize("cpp", [False, True])
 def test_replayed_from_activation_is_freed_with_the_graph(cpp: bool) -> None:
