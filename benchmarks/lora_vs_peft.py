@@ -19,6 +19,10 @@ Measured per model (same random weights, same batch, bf16 base, rank 16, same ta
   backward, as PEFT does), and ``ours_replay_all`` with ``replay_inputs="all"`` (RMSNorm outputs
   replayed too): the A/B of the input replay, its memory against its extra backward kernels
   (``ours`` is the default, ``"products"``; session 7 measured ``ours`` when the default was ``"all"``);
+- ``ours_merged`` (extra): ``ours`` with ``merged_training=True``: each layer runs through
+  ``W + s·B A`` formed once per optimizer step (stochastically rounded to bf16), one GEMM forward and
+  one for the input gradient, as the frozen base; ``step_time_ratio_<model>_ours_merged`` beside the
+  default path's ratio (an opt-in mode: the bars' ``step_time_ratio_<model>`` stays ``ours``);
 - ``<variant>_compiled`` (extra, any variant above): the same model under ``torch.compile`` (mode from
   ``--compile-mode``; compiled in the warm-up steps). Under compile our LoRA layers run the plain
   formula and the compiler fuses it (``LoRALinear.forward``), as it does PEFT's; ``reduce-overhead``
@@ -109,10 +113,11 @@ def _build(spec: dict, variant: str, r: int) -> tuple[nn.Module, list[nn.Paramet
     if variant == "frozen":
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
         return model, []
-    if variant in ("ours", "ours_bf16", "ours_nosib", "ours_cpp", *REPLAY):
+    if variant in ("ours", "ours_bf16", "ours_nosib", "ours_cpp", "ours_merged", *REPLAY):
         dtype = "bfloat16" if variant == "ours_bf16" else "float32"
         ll.inject_adapter(model, "lora", r=r, alpha=2 * r, target_modules=spec["targets"], adapter_dtype=dtype,
-                          fuse_siblings=variant != "ours_nosib", replay_inputs=REPLAY.get(variant, "products"))
+                          fuse_siblings=variant != "ours_nosib", replay_inputs=REPLAY.get(variant, "products"),
+                          merged_training=variant == "ours_merged")
         return model, ll.trainable_parameters(model)
     from peft import LoraConfig, get_peft_model
 
@@ -242,6 +247,20 @@ def check_fused_matches_reference() -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def check_merged_matches_reference() -> float:
+    """Max relative error of ``merged_training``'s bf16 forward (stochastically rounded ``W + s·B A``)
+    against the plain formula on the same layer as :func:`check_fused_matches_reference`."""
+    torch.manual_seed(0)
+    lin = nn.Linear(2048, 5632, bias=False).cuda().bfloat16()
+    layer = ll.inject_adapter(nn.Sequential(lin), "lora", r=16, alpha=32, target_modules=["0"],
+                              merged_training=True)["0"]
+    nn.init.normal_(layer.lora_B, std=0.02)
+    x = torch.randn(8192, 2048, device=DEVICE, dtype=torch.bfloat16)
+    ref = layer.reference_forward(x).float()
+    out = layer.train()(x).float()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llama", "bert"], choices=list(SPECS))
@@ -263,7 +282,7 @@ def main() -> None:
     args = ap.parse_args()
     global TINY, DEVICE, COMPILE_MODE
     COMPILE_MODE = args.compile_mode
-    known = {"frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib", "ours_cpp", *REPLAY}
+    known = {"frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib", "ours_cpp", "ours_merged", *REPLAY}
     unknown = [v for v in args.variants if v.removesuffix(COMPILED) not in known]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(sorted(known))} "
@@ -279,6 +298,8 @@ def main() -> None:
     import transformers
 
     metrics: dict[str, float] = {} if args.tiny else {"fused_rel_err_bf16": check_fused_matches_reference()}
+    if not args.tiny and any(v.removesuffix(COMPILED) == "ours_merged" for v in args.variants):
+        metrics["merged_rel_err_bf16"] = check_merged_matches_reference()
     metrics["rounds"] = args.rounds
     for name in args.models:
         rounds = [{v: measure(name, v, args.r, args.warmup, args.steps) for v in args.variants}
@@ -302,9 +323,12 @@ def main() -> None:
             metrics[f"peak_mem_ratio_{name}"] = round(res["ours"]["peak_gib"] / best_mem, 4) if best_mem else 0.0
             metrics[f"{name}_trainable_params"] = res["ours"]["trainable"]
             metrics[f"{name}_peft_trainable_params"] = res["peft_bf16"]["trainable"]
-        if both_peft and "ours_cpp" in res:
-            metrics[f"step_time_ratio_{name}_ours_cpp"] = round(res["ours_cpp"]["ms"] / res[best]["ms"], 4)
-            metrics[f"peak_mem_ratio_{name}_ours_cpp"] = round(res["ours_cpp"]["peak_gib"] / best_mem, 4) if best_mem else 0.0
+        for extra in ("ours_cpp", "ours_merged"):
+            if both_peft and extra in res:
+                metrics[f"step_time_ratio_{name}_{extra}"] = round(res[extra]["ms"] / res[best]["ms"], 4)
+                metrics[f"peak_mem_ratio_{name}_{extra}"] = round(res[extra]["peak_gib"] / best_mem, 4) if best_mem else 0.0
+        if {"ours_merged", "frozen"} <= set(res):
+            metrics[f"overhead_vs_frozen_{name}_ours_merged"] = round(res["ours_merged"]["ms"] / res["frozen"]["ms"], 4)
         if {"ours", "frozen"} <= set(res):
             metrics[f"overhead_vs_frozen_{name}"] = round(res["ours"]["ms"] / res["frozen"]["ms"], 4)
         peft_compiled = [v for v in ("peft_default" + COMPILED, "peft_bf16" + COMPILED) if v in res]

@@ -40,8 +40,10 @@ Its output and gradients equal the plain formula (tested against :meth:`LoRALine
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
+import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -56,6 +58,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..core import _lora_cpp
 from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
 from ..core.layer import AdapterLayer, no_autocast
+from ..core.rounding import merged_weight
 
 
 @dataclass
@@ -87,6 +90,15 @@ class LoRAConfig(AdapterConfig):
             every input as PEFT does. On the H200 (session 7, LLaMA 1.1B, ``lora_vs_peft.py``)
             ``"all"`` held 3.2 GiB less than ``"none"`` for 6.4 ms more per step (+4.6 %).
             ``True`` / ``False`` mean ``"all"`` / ``"none"``.
+        merged_training: in train mode, run each layer as a frozen layer runs, through the adapted
+            weight ``W' = W + s·B A``: one GEMM forward and one for the input gradient instead of
+            the fused path's extra rank-r output pass and accumulating GEMMs. ``W'`` is formed once per
+            optimizer step (kept until A, B or W change: one more copy of the adapted weights in
+            memory) in the activation dtype; in bf16 it is rounded stochastically, so that
+            ``E[W'] = W + s·B A`` and small deltas are not lost (:mod:`lightning_lora.core.rounding`).
+            A and B get the exact gradients of that forward. Eval mode takes the exact fused path. Plain LoRA only (no dropout, no DoRA); fp16 activations fall back
+            to the fused path (with a warning). Off by default: it trades the bf16 forward's
+            rounding (unbiased, one bf16 ulp of ``W'`` at most per element) for speed.
     """
 
     r: int = 8
@@ -100,9 +112,18 @@ class LoRAConfig(AdapterConfig):
     fuse_siblings: bool = True
     adapter_dtype: str = "float32"
     replay_inputs: str = "products"
+    merged_training: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.merged_training:
+            if self.dropout > 0:
+                raise ValueError("merged_training needs dropout = 0: with dropout the adapter reads another "
+                                 f"input than the base weight, so the two cannot share one GEMM (dropout={self.dropout})")
+            if self.use_dora:
+                raise ValueError("merged_training does not support DoRA (use_dora=True)")
+            if not self.fused:
+                raise ValueError("merged_training needs fused=True (it is a form of the fused path)")
         self.r = whole_number(self.r, "LoRA rank r")
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
@@ -433,11 +454,15 @@ class _FusedLoRASiblings(torch.autograd.Function):
     - backward: ``gb^T`` (R, N) with rows ``s·B_i^T g_i^T``; ``grad_A = gb^T x`` (one GEMM, one read
       of ``x``); ``grad_x = gb a_cat`` then ``+= g_i W_i`` for every sibling, accumulated in one buffer;
       ``grad_B_i = g_i^T xa_s[:, i]``. A sibling whose output was not used (``g_i`` None) adds nothing.
+
+    ``merged`` (``merged_training``): ``ws[i]`` are the adapted weights ``W'_i = W_i + s·B_i A_i``
+    (see :class:`_MergedLoRA`), so ``out_i = x W'_i^T + b_i`` and ``grad_x = Σ g_i W'_i``, with no
+    rank-r term; ``xa_s``, ``grad_A`` and ``grad_B`` as above.
     """
 
     @staticmethod
     def forward(ctx, x, a_cat, meta, *tensors):  # type: ignore[override]
-        ranks, scaling, b_casts, replay, fifo = meta
+        ranks, scaling, b_casts, replay, fifo, merged = meta
         k = len(ranks)
         ws, biases = tensors[:k], tensors[k:2 * k]
         shape = x.shape
@@ -451,11 +476,17 @@ class _FusedLoRASiblings(torch.autograd.Function):
             out = xa_s.new_empty((*lead, m))
             out2 = out.view(-1, m)
             bc_t = Bc.t()
-            if bias is not None:
-                torch.addmm(bias, xa_i, bc_t, out=out2)
+            if merged:  # W' carries the adapter: the frozen layer's one GEMM
+                if bias is not None:
+                    torch.addmm(bias, x2, w if t else w.t(), out=out2)
+                else:
+                    torch.mm(x2, w if t else w.t(), out=out2)
             else:
-                torch.mm(xa_i, bc_t, out=out2)
-            out2.addmm_(x2, w if t else w.t())
+                if bias is not None:
+                    torch.addmm(bias, xa_i, bc_t, out=out2)
+                else:
+                    torch.mm(xa_i, bc_t, out=out2)
+                out2.addmm_(x2, w if t else w.t())
             outs.append(out)
             bc_ts.append(bc_t)
         # replay = (recipe, shape) (see _input_recipe): x is replayed in backward, not saved
@@ -493,7 +524,7 @@ class _FusedLoRASiblings(torch.autograd.Function):
             same = False
         if not same:
             _check_versions(kept, ctx.versions)
-        ranks, scaling, b_casts, replay, fifo = ctx.meta
+        ranks, scaling, b_casts, replay, fifo, merged = ctx.meta
         k = len(ranks)
         needs = ctx.needs_input_grad
         need_x, need_bias, need_A, need_B = needs[0], needs[3 + k:3 + 2 * k], needs[3 + 2 * k:3 + 3 * k], needs[3 + 3 * k:]
@@ -510,10 +541,18 @@ class _FusedLoRASiblings(torch.autograd.Function):
                 torch.addmm(rows, bc_t, g_t, beta=0, alpha=scaling, out=rows)
         grad_x = None
         if need_x:
-            grad_x = torch.mm(gb_t.t(), ctx.a_cat)
-            for g, w, t in zip(gs, ctx.ws, fifo):
-                if g is not None:
-                    grad_x.addmm_(g, w.t() if t else w)
+            if merged:  # Σ g_i W'_i (zeros only where no sibling's output was used)
+                for g, w, t in zip(gs, ctx.ws, fifo):
+                    if g is not None:
+                        w_b = w.t() if t else w
+                        grad_x = torch.mm(g, w_b) if grad_x is None else grad_x.addmm_(g, w_b)
+                if grad_x is None:
+                    grad_x = xa_s.new_zeros((xa_s.shape[0], ctx.a_cat.shape[1]))
+            else:
+                grad_x = torch.mm(gb_t.t(), ctx.a_cat)
+                for g, w, t in zip(gs, ctx.ws, fifo):
+                    if g is not None:
+                        grad_x.addmm_(g, w.t() if t else w)
             grad_x = grad_x.view(ctx.shape)
         grads_A: list[torch.Tensor | None] = [None] * k
         if any(need_A):
@@ -542,6 +581,87 @@ _apply_fused = super(torch.autograd.Function, _FusedLoRA).apply  # type: ignore[
 _once_differentiable_fused = once_differentiable(_FusedLoRA._backward)
 _once_differentiable_siblings = once_differentiable(_FusedLoRASiblings._backward)
 _apply_siblings = super(torch.autograd.Function, _FusedLoRASiblings).apply  # type: ignore[misc]
+
+
+class _MergedLoRA(torch.autograd.Function):
+    """``out = x W'^T + b`` with ``W' = W + s·B A`` formed beforehand (``merged_training``), and the
+    gradients of A and B that this forward has.
+
+    Shapes: ``x`` (..., n), flattened to (N, n) inside; ``w_merged`` as the base weight is stored,
+    (m, n), or (n, m) with ``fan_in_fan_out``; ``A`` (r, n); ``B`` (m, r); ``out`` (..., m), a fresh
+    tensor. ``casts`` = ``(Ac, Bc)``, A and B in the activation dtype (see :class:`_FusedLoRA`).
+
+    - forward:  ``out = x W'^T + b`` (the frozen layer's one GEMM), ``xa_s = s·x Ac^T`` for ``grad_B``;
+    - backward: ``grad_x = g W'`` (one GEMM), ``gb_s = s·g Bc``, ``grad_A = gb_s^T x``,
+      ``grad_B = g^T xa_s`` (fp32 where the backend allows it), ``x`` replayed where it has a recipe.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_merged, bias, A, B, casts, scaling, replay=None, fan_in_fan_out=False):  # type: ignore[override]
+        Ac, Bc = casts
+        shape = x.shape
+        n = shape[-1]
+        x2 = x.reshape(-1, n)
+        w_t = w_merged if fan_in_fan_out else w_merged.t()  # (n, m)
+        m = w_t.shape[1]
+        out = x2.new_empty((*shape[:-1], m))
+        if bias is not None:
+            torch.addmm(bias, x2, w_t, out=out.view(-1, m))
+        else:
+            torch.mm(x2, w_t, out=out.view(-1, m))
+        need_A, need_B = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        xa_s = _mm_scaled(x2, Ac.t(), scaling) if need_B else None  # (N, r)
+        ctx.replay = replay
+        ctx.save_for_backward(x2 if need_A and replay is None else None, xa_s,
+                              Ac if Ac.dtype == A.dtype else None, Bc if Bc.dtype == B.dtype else None)
+        # W' is this forward's own tensor (a new one is formed after the next optimizer step), so the
+        # backward reads the weight the forward used whatever happens to W meanwhile
+        ctx.w, ctx.Bc = w_merged, Bc
+        ctx.scaling = scaling
+        ctx.fan_in_fan_out = fan_in_fan_out
+        ctx.shape = shape
+        ctx.dtypes = (A.dtype, B.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # type: ignore[override]
+        x2, xa_s, _, _ = ctx.saved_tensors  # unpacking checks the aliases' versions
+        need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        w = ctx.w
+        g2 = g.reshape(-1, w.shape[1] if ctx.fan_in_fan_out else w.shape[0])
+        grad_x = grad_bias = grad_A = grad_B = None
+        if need_x:
+            grad_x = torch.mm(g2, w.t() if ctx.fan_in_fan_out else w).view(ctx.shape)
+        if need_A:
+            gb_s = _mm_scaled(g2, ctx.Bc, ctx.scaling)  # (N, r)
+            if ctx.replay is not None:
+                x2 = _saved_input(x2, *ctx.replay)
+            grad_A = _mm_to(gb_s.t(), x2, ctx.dtypes[0])
+        if need_B:
+            grad_B = _mm_to(g2.t(), xa_s, ctx.dtypes[1])
+        if need_bias:
+            grad_bias = g2.sum(0)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+#: the activation dtypes ``merged_training`` forms ``W'`` in (fp16: the fused path, warned once)
+_MERGED_DTYPES = (torch.bfloat16, torch.float32)
+_MERGED_DTYPE_WARNED: list[bool] = []
+def _merged_dtype_ok(dtype: torch.dtype) -> bool:
+    """Whether ``merged_training`` can form ``W'`` in ``dtype``; warns once where it cannot."""
+    if dtype in _MERGED_DTYPES:
+        return True
+    if not _MERGED_DTYPE_WARNED:
+        _MERGED_DTYPE_WARNED.append(True)
+        warnings.warn(f"LoRA merged_training forms W + sBA in bf16 or fp32 only; {dtype} activations take "
+                      "the fused path", stacklevel=4)
+    return False
+
+
+#: where the stochastic rounding of ``merged_training`` draws its seeds: the process's torch seed and
+#: a count of merges, so that a run repeated with the same seed rounds the same way
+_MERGE_COUNT = itertools.count()
 
 
 def _cast_key(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple[Any, ...] | None:
@@ -738,10 +858,14 @@ class _SiblingSet:
             recipe = _input_recipe(x, casts=mode == "all")
             if recipe is not None and not any(A.requires_grad for A in As):
                 recipe = None
+        # merged_training (every member has it, train mode): the members' W' instead of W
+        merged = all(m.merged_training and m.training for m in members) and _merged_dtype_ok(xdtype)
+        if merged:
+            ws = [m._merged_weight(w, A, B, xdtype) for m, w, A, B in zip(members, ws, As, Bs)]
         cpp = _CPP
         # (a plain tensor only: a subclass's __torch_function__ sees the Python function's ops, not the C++ ones;
         # not under forward-mode AD: the Python function raises NotImplementedError there, the C++ one did not)
-        if (cpp is not None and type(x) is torch.Tensor and torch.autograd.forward_ad._current_level < 0
+        if (cpp is not None and not merged and type(x) is torch.Tensor and torch.autograd.forward_ad._current_level < 0
                 and not _plain_apply()):  # the C++ function (opt-in)
             if cpp is True:
                 cpp = _lora_cpp.load_for_env()
@@ -751,7 +875,7 @@ class _SiblingSet:
                 return cpp.siblings(x, a_cat, ws, with_bias, As, Bs, [c[1] for c in casts], first.scaling,
                                     self.ranks, self.fifo, *enc)
         meta = (self.ranks, first.scaling, tuple([c[1] for c in casts]),
-                None if recipe is None else (recipe, x.shape), self.fifo)
+                None if recipe is None else (recipe, x.shape), self.fifo, merged)
         if _plain_apply():
             return list(_FusedLoRASiblings.apply(x, a_cat, meta, *ws, *biases, *As, *Bs))
         return list(_apply_siblings(x, a_cat, meta, *ws, *biases, *As, *Bs))
@@ -1023,6 +1147,12 @@ class LoRALinear(AdapterLayer):
         self.dropout_p = config.dropout
         self.fused = config.fused
         self.replay_inputs = config.replay_inputs
+        self.merged_training = config.merged_training
+        if self.merged_training and type(self) is not LoRALinear:
+            raise ValueError(f"merged_training is an option of plain LoRA layers; {type(self).__name__} "
+                             "computes its adapter otherwise")
+        #: ``(key, W')`` of ``merged_training``: the adapted weight, until A, B or W change
+        self._merged_cache: tuple[Any, torch.Tensor] | None = None
         self.use_dora = config.use_dora
         self.dora_detach_norm = config.dora_detach_norm
         dtype = adapter_torch_dtype(config.adapter_dtype)
@@ -1089,8 +1219,12 @@ class LoRALinear(AdapterLayer):
                 or torch._C._are_functorch_transforms_active() or _is_compiling()
                 or not _plain_linear_base(self)):
             return self.reference_forward(x, *args, **kwargs)
-        if self._siblings is not None:
+        if self._siblings is not None:  # (merged_training included: see _SiblingSet._run)
             out = self._siblings.forward(self, x)
+            if out is not None:
+                return out
+        if self.merged_training and self.training:
+            out = self._merged_forward(x)
             if out is not None:
                 return out
         weight, bias = _weight_bias(self)
@@ -1104,6 +1238,49 @@ class LoRALinear(AdapterLayer):
                 return self._dora_rescale(out, bias) if self.use_dora else out
         out = self._fused(x, weight, bias)
         return self._dora_rescale(out, bias) if self.use_dora else out
+
+    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``merged_training``'s train-mode output (see :class:`_MergedLoRA`), or None where it does not
+        apply (an unfrozen base weight, fp16 or other activation dtypes): the fused path then."""
+        weight, bias = _weight_bias(self)
+        if weight.requires_grad:
+            return None
+        dtype = _autocast_dtype(x)
+        if not _merged_dtype_ok(dtype or x.dtype):
+            return None
+        if dtype is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return self._merged(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+        return self._merged(x, weight, bias)
+
+    def _merged(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        A, B = _lora_ab(self)
+        dtype = x.dtype
+        casts = self._casts if _casts_current(self._cast_key, A, B, dtype) else self._adapter_casts(dtype)
+        w_merged = self._merged_weight(weight, A, B, dtype)
+        recipe = None
+        if self.replay_inputs != "none" and A.requires_grad:
+            recipe = _input_recipe(x, casts=self.replay_inputs == "all")
+        replay = None if recipe is None else (recipe, x.shape)
+        return _MergedLoRA.apply(x, w_merged, bias, A, B, casts, self.scaling, replay, self.fan_in_fan_out)
+
+    def _merged_weight(self, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """``W + s·B A`` in ``dtype`` in the base weight's layout, kept while A, B (the cast cache's key:
+        optimizer steps, versions) and W (version, storage) stay as they were; formed at every forward
+        until an optimizer holding A or B has stepped (see :meth:`_cast_key_for`)."""
+        key: Any = self._cast_key_for(dtype)
+        if key is not None:
+            key = (key, weight.data_ptr(), _version(weight))
+            cached = self._merged_cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        self._merged_cache = None  # the stale W' goes before the next is formed (peak memory)
+        seed = (torch.initial_seed() * 1_000_003 + next(_MERGE_COUNT)) & 0x7FFF_FFFF
+        w = merged_weight(weight.detach(), B.detach(), A.detach(), self.scaling, dtype, seed, self.fan_in_fan_out)
+        if key is not None:
+            self._merged_cache = (key, w)
+        return w
 
     def _dora_rescale(self, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """DoRA (detached norm) on the fused LoRA output ``out = W0x + b + sBAx``, shape (..., m).

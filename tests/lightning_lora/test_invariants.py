@@ -78,6 +78,7 @@ SPECS: dict[str, MethodSpec] = {
             "dora_unfused_rslora": dict(r=2, alpha=4, use_dora=True, use_rslora=True, fused=False),
             "dropout": dict(r=4, alpha=8, dropout=0.25),
             "dropout_unfused": dict(r=4, alpha=8, dropout=0.25, fused=False),
+            "merged_training": dict(r=4, alpha=8, merged_training=True),
         },
         trainable=_lora_trainable,
         param_count=_lora_count,

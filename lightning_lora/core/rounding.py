@@ -1,0 +1,129 @@
+"""The adapted weight ``W + s·B A`` formed in bf16 with stochastic rounding.
+
+LoRA's ``merged_training`` mode (:class:`lightning_lora.methods.lora.LoRAConfig`) runs a layer as a
+frozen layer runs: one GEMM forward (``x W'^T + b``) and one for the input gradient (``g W'``), with
+``W' = W + s·B A`` formed once per optimizer step. In fp32 ``W'`` is as exact as the two-GEMM form.
+In bf16, round-to-nearest would lose every delta smaller than half a unit in the last place of
+``W``: early in training that is most of ``s·B A`` (``W`` ~ 3e-2 has an ulp of 1.2e-4; one AdamW step
+of lr 1e-4 moves ``s·B A`` by ~3e-5), and the forward would not see the adapter at all. Stochastic
+rounding rounds up with probability equal to the distance from the lower neighbour, so
+``E[W'] = W + s·B A`` exactly: the two-GEMM form keeps small deltas the same way, in expectation, through
+the rounding of its output (whose fractional position varies from element to element). Where
+``s·B A = 0`` (at init) ``W' = W`` bit for bit, since ``W`` is already a bf16 value.
+
+On CUDA with Triton the merge is one kernel (the rank-``r`` product, the add, the rounding); elsewhere
+(CPU, no Triton) the same arithmetic in torch ops with a seeded ``torch.Generator``. The two draw
+different random bits; each is deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+import torch
+
+__all__ = ["merged_weight", "stochastic_round_bf16", "triton_available"]
+
+#: fp32 bit pattern's upper half (a bf16 value) and the lower half that rounding drops
+_HIGH = -65536  # 0xFFFF0000 as int32
+_LOW = 65536
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton imports (it ships with CUDA builds of torch, not with CPU ones)."""
+    try:
+        importlib.import_module("triton.language")
+    except ImportError:
+        return False
+    return True
+
+
+def stochastic_round_bf16(v: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``v`` (fp32, any shape) rounded to bf16 stochastically: up with probability equal to the
+    dropped low 16 bits over 2^16, so ``E[result] = v`` (for finite values below bf16's largest)."""
+    if v.dtype != torch.float32:
+        raise TypeError(f"stochastic_round_bf16 takes an fp32 tensor, got {v.dtype}")
+    noise = torch.randint(0, _LOW, v.shape, generator=generator, dtype=torch.int32, device=v.device)
+    # the sign is its own bit, so adding to the magnitude's bits rounds |v| up or down: unbiased for
+    # either sign; a carry into the exponent is the next binade's first value, as it should be
+    bits = (v.contiguous().view(torch.int32) + noise).bitwise_and_(_HIGH)
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def merged_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: float,
+                  dtype: torch.dtype, seed: int, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """``W + s·B A`` in ``dtype``, in ``weight``'s layout.
+
+    Shapes: ``weight`` (m, n), or (n, m) with ``fan_in_fan_out``; ``B`` (m, r); ``A`` (r, n). The sum is
+    formed in fp32; bf16 results are rounded stochastically (seeded by ``seed``), fp32 ones are exact
+    to fp32 rounding. Other dtypes raise: fp16 has no cheap unbiased rounding from fp32 here.
+    """
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"merged_weight forms bf16 or fp32 weights, got {dtype}")
+    P, Q = (A.t(), B.t()) if fan_in_fan_out else (B, A)  # weight's layout = P @ Q
+    if (dtype == torch.bfloat16 and weight.is_cuda and triton_available()
+            and weight.dtype in (torch.bfloat16, torch.float32)):
+        return _merged_weight_triton(weight, P, Q, scaling, seed)
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        v = torch.addmm(weight.float(), P.float(), Q.float(), alpha=scaling)
+        if dtype == torch.float32:
+            return v
+        gen = torch.Generator(device=weight.device)
+        gen.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+        return stochastic_round_bf16(v, gen)
+
+
+def _merged_weight_triton(weight: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, scaling: float,
+                          seed: int) -> torch.Tensor:
+    """:func:`merged_weight` in one Triton kernel: bf16 (M, N) from ``weight`` (M, N), ``P`` (M, r),
+    ``Q`` (r, N), any strides."""
+    import triton
+
+    kernel = _sr_merge_kernel()
+    M, N = weight.shape
+    r = P.shape[1]
+    out = torch.empty((M, N), dtype=torch.bfloat16, device=weight.device)
+    # tl.dot needs K >= 16 (masked padding below that); ranks above 64 take several K blocks
+    block_r = min(64, max(16, triton.next_power_of_2(r)))
+    grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
+    kernel[grid](
+        weight, P, Q, out, M, N, r,
+        weight.stride(0), weight.stride(1), P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
+        float(scaling), seed & 0x7FFF_FFFF,
+        BLOCK_M=64, BLOCK_N=64, BLOCK_R=block_r, K_BLOCKS=triton.cdiv(r, block_r),
+    )
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _sr_merge_kernel() -> Any:
+    """The Triton kernel, defined on first use (Triton is imported only where it exists)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def sr_merge(W, P, Q, OUT, M, N, R, s_wm, s_wn, s_pm, s_pr, s_qr, s_qn, scaling, seed,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                 K_BLOCKS: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rr = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.static_range(K_BLOCKS):
+            kk = k * BLOCK_R + rr
+            p = tl.load(P + rm[:, None] * s_pm + kk[None, :] * s_pr,
+                        mask=(rm[:, None] < M) & (kk[None, :] < R), other=0.0).to(tl.float32)
+            q = tl.load(Q + kk[:, None] * s_qr + rn[None, :] * s_qn,
+                        mask=(kk[:, None] < R) & (rn[None, :] < N), other=0.0).to(tl.float32)
+            acc += tl.dot(p, q, input_precision="ieee")
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        w = tl.load(W + rm[:, None] * s_wm + rn[None, :] * s_wn, mask=mask, other=0.0).to(tl.float32)
+        v = w + scaling * acc
+        offs = rm[:, None] * N + rn[None, :]
+        noise = (tl.randint(seed, offs) & 0xFFFF).to(tl.int32)
+        bits = (v.to(tl.int32, bitcast=True) + noise) & -65536
+        tl.store(OUT + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+
+    return sr_merge
