@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["merged_weight", "stochastic_round_bf16", "triton_available"]
+__all__ = ["merged_weight", "merged_weights", "stochastic_round_bf16", "triton_available"]
 
 #: fp32 bit pattern's upper half (a bf16 value) and the lower half that rounding drops
 _HIGH = -65536  # 0xFFFF0000 as int32
@@ -38,6 +38,11 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    """Whether merges of ``t`` take the Triton kernels (CUDA tensors where Triton imports)."""
+    return t.is_cuda and triton_available()
 
 
 def stochastic_round_bf16(v: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -63,8 +68,7 @@ def merged_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scalin
     if dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"merged_weight forms bf16 or fp32 weights, got {dtype}")
     P, Q = (A.t(), B.t()) if fan_in_fan_out else (B, A)  # weight's layout = P @ Q
-    if (dtype == torch.bfloat16 and weight.is_cuda and triton_available()
-            and weight.dtype in (torch.bfloat16, torch.float32)):
+    if dtype == torch.bfloat16 and _use_triton(weight) and weight.dtype in (torch.bfloat16, torch.float32):
         return _merged_weight_triton(weight, P, Q, scaling, seed)
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         v = torch.addmm(weight.float(), P.float(), Q.float(), alpha=scaling)
@@ -73,6 +77,85 @@ def merged_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scalin
         gen = torch.Generator(device=weight.device)
         gen.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
         return stochastic_round_bf16(v, gen)
+
+
+def merged_weights(weights: list[torch.Tensor], Bs: list[torch.Tensor], As: list[torch.Tensor],
+                   scalings: list[float], dtype: torch.dtype, seed: int,
+                   fan_in_fan_out: list[bool]) -> list[torch.Tensor]:
+    """:func:`merged_weight` of many layers at once (each with its own seed, drawn from ``seed``).
+
+    On CUDA with Triton, layers of one shape, layout and dtype (a transformer's q/k/v/o, its up and its
+    down projections) share one kernel launch: after every optimizer step the merges of a whole model
+    take a handful of launches, where one per layer cost a host-bound step ~0.1 ms each (Triton's
+    Python launcher). Elsewhere: one :func:`merged_weight` per layer."""
+    n = len(weights)
+    if not (dtype == torch.bfloat16 and n and _use_triton(weights[0])):
+        return [merged_weight(w, B, A, s, dtype, seed + i, f)
+                for i, (w, B, A, s, f) in enumerate(zip(weights, Bs, As, scalings, fan_in_fan_out))]
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    Ps, Qs = [], []
+    for i, (w, B, A, f) in enumerate(zip(weights, Bs, As, fan_in_fan_out)):
+        P, Q = (A.t(), B.t()) if f else (B, A)
+        Ps.append(P)
+        Qs.append(Q)
+        key = (w.device, w.dtype, P.dtype, Q.dtype, w.shape, P.shape, w.stride(), P.stride(), Q.stride())
+        groups.setdefault(key, []).append(i)
+    out: list[Any] = [None] * n
+    for g, idx in enumerate(groups.values()):
+        results = _merged_weights_triton([weights[i] for i in idx], [Ps[i] for i in idx], [Qs[i] for i in idx],
+                                         [scalings[i] for i in idx], (seed + 7919 * g) & 0x7FFF_FFFF)
+        for i, r in zip(idx, results):
+            out[i] = r
+    return out
+
+
+def _merged_weights_triton(weights: list[torch.Tensor], Ps: list[torch.Tensor], Qs: list[torch.Tensor],
+                           scalings: list[float], seed: int) -> list[torch.Tensor]:
+    """One grouped launch for layers of one shape, strides and dtypes: bf16 (M, N) each, slices of one
+    fresh (G, M, N) buffer (a graph still waiting for backward keeps the previous one)."""
+    import triton
+    import triton.language as tl
+
+    w0, p0, q0 = weights[0], Ps[0], Qs[0]
+    if len(weights) == 1:
+        return [_merged_weight_triton(w0, p0, q0, scalings[0], seed)]
+    G = len(weights)
+    M, N = w0.shape
+    r = p0.shape[1]
+    device = w0.device
+    table, scales = _device_tables(device, tuple(t.data_ptr() for ts in (weights, Ps, Qs) for t in ts),
+                                   tuple(scalings))
+    out = torch.empty((G, M, N), dtype=torch.bfloat16, device=device)
+    block_r = min(64, max(16, triton.next_power_of_2(r)))
+    grid = (triton.cdiv(M, 64), triton.cdiv(N, 64), G)
+    tl_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+    _sr_merge_grouped_kernel()[grid](
+        table, scales, out, M, N, r,
+        w0.stride(0), w0.stride(1), p0.stride(0), p0.stride(1), q0.stride(0), q0.stride(1), seed,
+        W_DT=tl_dtype[w0.dtype], P_DT=tl_dtype[p0.dtype], Q_DT=tl_dtype[q0.dtype], BLOCK_M=64, BLOCK_N=64, BLOCK_R=block_r, K_BLOCKS=triton.cdiv(r, block_r),
+    )
+    return list(out.unbind(0))
+
+
+#: device copies of the grouped kernel's address and scale tables, by content: the addresses of the
+#: base weights and adapter parameters stay put across optimizer steps (updated in place), so a
+#: training step finds its tables here. A copy from pageable host memory makes the host wait for the
+#: GPU's queue to drain (CUDA's rule for such copies): made at every step, it left the GPU idle.
+_TABLES: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+_TABLES_MAX = 64
+
+
+def _device_tables(device: torch.device, ptrs: tuple[int, ...],
+                   scalings: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (3, G) int64 address table and the (G,) fp32 scales on ``device``, made once per content."""
+    key = (device, ptrs, scalings)
+    found = _TABLES.get(key)
+    if found is None:
+        if len(_TABLES) >= _TABLES_MAX:  # addresses of freed tensors: drop the oldest
+            del _TABLES[next(iter(_TABLES))]
+        found = _TABLES[key] = (torch.tensor(ptrs, dtype=torch.int64, device=device),
+                                torch.tensor(scalings, dtype=torch.float32, device=device))
+    return found
 
 
 def _merged_weight_triton(weight: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, scaling: float,
@@ -103,7 +186,7 @@ def _sr_merge_kernel() -> Any:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def sr_merge(W, P, Q, OUT, M, N, R, s_wm, s_wn, s_pm, s_pr, s_qr, s_qn, scaling, seed,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                  K_BLOCKS: tl.constexpr):
@@ -127,3 +210,44 @@ def _sr_merge_kernel() -> Any:
         tl.store(OUT + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
 
     return sr_merge
+
+
+@functools.lru_cache(maxsize=None)
+def _sr_merge_grouped_kernel() -> Any:
+    """The grouped kernel: program axis 2 picks the layer, whose base addresses come from a (3, G)
+    int64 table (element types ``W_DT``, ``P_DT``, ``Q_DT``); its seed is ``seed + g``."""
+    import triton
+    import triton.language as tl
+
+
+    @triton.jit(do_not_specialize=["seed"])
+    def sr_merge_grouped(TABLE, SCALES, OUT, M, N, R, s_wm, s_wn, s_pm, s_pr, s_qr, s_qn, seed,
+                         W_DT: tl.constexpr, P_DT: tl.constexpr, Q_DT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                         K_BLOCKS: tl.constexpr):
+        g = tl.program_id(2)
+        G = tl.num_programs(2)
+        W = tl.load(TABLE + g).to(tl.pointer_type(W_DT))
+        P = tl.load(TABLE + G + g).to(tl.pointer_type(P_DT))
+        Q = tl.load(TABLE + 2 * G + g).to(tl.pointer_type(Q_DT))
+        scaling = tl.load(SCALES + g)
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rr = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.static_range(K_BLOCKS):
+            kk = k * BLOCK_R + rr
+            p = tl.load(P + rm[:, None] * s_pm + kk[None, :] * s_pr,
+                        mask=(rm[:, None] < M) & (kk[None, :] < R), other=0.0).to(tl.float32)
+            q = tl.load(Q + kk[:, None] * s_qr + rn[None, :] * s_qn,
+                        mask=(kk[:, None] < R) & (rn[None, :] < N), other=0.0).to(tl.float32)
+            acc += tl.dot(p, q, input_precision="ieee")
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        w = tl.load(W + rm[:, None] * s_wm + rn[None, :] * s_wn, mask=mask, other=0.0).to(tl.float32)
+        v = w + scaling * acc
+        offs = rm[:, None] * N + rn[None, :]
+        noise = (tl.randint(seed + g, offs) & 0xFFFF).to(tl.int32)
+        bits = (v.to(tl.int32, bitcast=True) + noise) & -65536
+        tl.store(OUT + g.to(tl.int64) * M * N + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+
+    return sr_merge_grouped

@@ -58,7 +58,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..core import _lora_cpp
 from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
 from ..core.layer import AdapterLayer, no_autocast
-from ..core.rounding import merged_weight
+from ..core.rounding import merged_weight, merged_weights
 
 
 @dataclass
@@ -662,6 +662,8 @@ def _merged_dtype_ok(dtype: torch.dtype) -> bool:
 #: where the stochastic rounding of ``merged_training`` draws its seeds: the process's torch seed and
 #: a count of merges, so that a run repeated with the same seed rounds the same way
 _MERGE_COUNT = itertools.count()
+#: live ``merged_training`` layers: after an optimizer step the stale ones are merged together
+_MERGED_LAYERS: weakref.WeakSet[LoRALinear] = weakref.WeakSet()
 
 
 def _cast_key(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple[Any, ...] | None:
@@ -1153,6 +1155,8 @@ class LoRALinear(AdapterLayer):
                              "computes its adapter otherwise")
         #: ``(key, W')`` of ``merged_training``: the adapted weight, until A, B or W change
         self._merged_cache: tuple[Any, torch.Tensor] | None = None
+        if self.merged_training:
+            _MERGED_LAYERS.add(self)
         self.use_dora = config.use_dora
         self.dora_detach_norm = config.dora_detach_norm
         dtype = adapter_torch_dtype(config.adapter_dtype)
@@ -1269,18 +1273,43 @@ class LoRALinear(AdapterLayer):
         """``W + s·B A`` in ``dtype`` in the base weight's layout, kept while A, B (the cast cache's key:
         optimizer steps, versions) and W (version, storage) stay as they were; formed at every forward
         until an optimizer holding A or B has stepped (see :meth:`_cast_key_for`)."""
-        key: Any = self._cast_key_for(dtype)
+        key = self._merged_key(weight, A, B, dtype)
         if key is not None:
-            key = (key, weight.data_ptr(), _version(weight))
             cached = self._merged_cache
             if cached is not None and cached[0] == key:
                 return cached[1]
-        self._merged_cache = None  # the stale W' goes before the next is formed (peak memory)
-        seed = (torch.initial_seed() * 1_000_003 + next(_MERGE_COUNT)) & 0x7FFF_FFFF
-        w = merged_weight(weight.detach(), B.detach(), A.detach(), self.scaling, dtype, seed, self.fan_in_fan_out)
-        if key is not None:
-            self._merged_cache = (key, w)
-        return w
+            # after an optimizer step every merged layer that ran in dtype is stale: all of them are
+            # formed now, together (a few grouped kernel launches instead of one per layer)
+            stale: list[tuple[LoRALinear, Any, torch.Tensor, torch.Tensor, torch.Tensor]] = [(self, key, weight, A, B)]
+            for layer in list(_MERGED_LAYERS):
+                old = layer._merged_cache
+                if (layer is self or old is None or not layer.training or old[1].dtype != dtype
+                        or old[1].device != weight.device):
+                    continue
+                w_l = _weight_bias(layer)[0]
+                A_l, B_l = _lora_ab(layer)
+                key_l = layer._merged_key(w_l, A_l, B_l, dtype)
+                if key_l is not None and key_l != old[0]:
+                    stale.append((layer, key_l, w_l, A_l, B_l))
+            for layer, *_ in stale:
+                layer._merged_cache = None  # the stale W' goes before the next is formed (peak memory)
+            seed = (torch.initial_seed() * 1_000_003 + 65_537 * next(_MERGE_COUNT)) & 0x7FFF_FFFF
+            ws = merged_weights([t[2].detach() for t in stale], [t[4].detach() for t in stale],
+                                [t[3].detach() for t in stale], [t[0].scaling for t in stale], dtype, seed,
+                                [t[0].fan_in_fan_out for t in stale])
+            for (layer, key_l, *_), w in zip(stale, ws):
+                layer._merged_cache = (key_l, w)
+            return ws[0]
+        self._merged_cache = None
+        seed = (torch.initial_seed() * 1_000_003 + 65_537 * next(_MERGE_COUNT)) & 0x7FFF_FFFF
+        return merged_weight(weight.detach(), B.detach(), A.detach(), self.scaling, dtype, seed, self.fan_in_fan_out)
+
+    def _merged_key(self, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> Any:
+        """What this layer's ``W'`` in ``dtype`` depends on (None: not kept, see :meth:`_merged_weight`)."""
+        if self.__dict__.get("_cast_managed") != (id(A), id(B)):
+            return None
+        key = _cast_key(A, B, dtype)
+        return None if key is None else (key, weight.data_ptr(), _version(weight))
 
     def _dora_rescale(self, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """DoRA (detached norm) on the fused LoRA output ``out = W0x + b + sBAx``, shape (..., m).

@@ -11,6 +11,7 @@ Triton kernel (run by Triton's interpreter on the CPU); eval mode takes the exac
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import subprocess
@@ -229,12 +230,39 @@ def _triton_kernel_checks() -> None:
         assert torch.equal(draw(3), draw(3))
         assert not torch.equal(draw(3), draw(4))
         assert torch.equal(draw(1, torch.zeros_like(B)), w)
+    # the grouped launch (merged_weights on CUDA): layers of one shape share a launch, each with its own
+    # scale and random stream; other shapes and layouts form their own groups, outputs in input order
+    rounding._use_triton = lambda t: True  # the interpreter runs the CUDA dispatch on CPU tensors
+    torch.manual_seed(0)
+    shapes = [(48, 40, 4, False), (48, 40, 4, False), (40, 48, 4, True), (48, 40, 4, False), (24, 40, 20, False)]
+    ws, Bs, As, fifo, exact = [], [], [], [], []
+    scalings = [2.0, 0.5, 1.0, 1.5, 1.0]
+    for (m, n, r, f), s in zip(shapes, scalings):
+        w = (torch.randn(m, n) * 0.03).bfloat16()
+        B, A = torch.randn(n if f else m, r) * 1e-3, torch.randn(r, m if f else n) * 0.03
+        ws.append(w), Bs.append(B), As.append(A), fifo.append(f)
+        exact.append(w.float() + s * ((A.t() @ B.t()) if f else (B @ A)))
+    draws = [rounding.merged_weights(ws, Bs, As, scalings, torch.bfloat16, seed, fifo) for seed in range(48)]
+    for i, e in enumerate(exact):
+        d = torch.stack([ds[i].float() for ds in draws])
+        ulp = _ulp_bf16(e)
+        assert d.shape[1:] == e.shape and ((d - e).abs() < ulp).all(), i
+        z = (d.mean(0) - e) / (ulp / (2 * math.sqrt(48)))
+        assert z.abs().max() < 6 and abs(z.mean().item()) < 0.25, (i, z.abs().max(), z.mean())
+    # same inputs in layers 0 and 1 but for the scale: their noise must differ (one stream per layer)
+    same = rounding.merged_weights([ws[0], ws[0]], [Bs[0], Bs[0]], [As[0], As[0]], [1.0, 1.0], torch.bfloat16, 5,
+                                   [False, False])
+    assert not torch.equal(same[0], same[1])
+    zeros = rounding.merged_weights(ws[:2], [torch.zeros_like(b) for b in Bs[:2]], As[:2], scalings[:2],
+                                    torch.bfloat16, 3, fifo[:2])
+    assert all(torch.equal(z, w) for z, w in zip(zeros, ws[:2]))
 
 
 def test_triton_kernel_rounds_like_the_torch_form():
-    """The CUDA kernel, run by Triton's interpreter on the CPU: within one ulp of the exact sum, on
+    """The CUDA kernels, run by Triton's interpreter on the CPU: within one ulp of the exact sum, on
     a neighbour of it, unbiased over seeds, deterministic per seed, exact at B = 0; ranks below 16
-    (masked padding), 16 and above 64 (several K blocks); the Conv1D layout."""
+    (masked padding), 16 and above 64 (several K blocks); the Conv1D layout; the grouped launch's
+    per-layer scales, streams and output order."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
@@ -302,3 +330,31 @@ def test_siblings_run_merged_in_one_function_and_match_the_formula(monkeypatch):
     metas.clear()
     model(_x())
     assert len(metas) == 1 and metas[0][-1] is False  # eval: the exact fused sibling path
+
+
+def test_after_a_step_every_stale_layer_is_merged_in_one_call(monkeypatch):
+    """The first train-mode forward after an optimizer step forms every merged layer's new W' in one
+    ``merged_weights`` call (grouped launches on CUDA), and each gets its own ``W + s·B A``."""
+    gc.collect()  # earlier tests' models, kept by reference cycles, would join the refresh
+    model, layers = _model(merged=True)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):  # step 1 forms W' per layer (no cache yet), step 2 finds them all stale
+        model(_x()).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    calls = []
+    real = lora_mod.merged_weights
+
+    def spy(weights, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(weights))
+        return real(weights, *args, **kwargs)
+
+    monkeypatch.setattr(lora_mod, "merged_weights", spy)
+    model(_x())
+    assert calls == [len(layers)]
+    for name, layer in layers.items():
+        expected = layer.base_layer.weight + layer.scaling * layer.lora_B @ layer.lora_A
+        torch.testing.assert_close(layer._merged_cache[1], expected.detach(), atol=1e-6, rtol=1e-6, msg=name)
+    model(_x())
+    assert calls == [len(layers)]  # nothing stale: no merge
