@@ -23,6 +23,9 @@ Measured per model (same random weights, same batch, bf16 base, rank 16, same ta
   ``W + s·B A`` formed once per optimizer step (stochastically rounded to bf16), one GEMM forward and
   one for the input gradient, as the frozen base; ``step_time_ratio_<model>_ours_merged`` beside the
   default path's ratio (an opt-in mode: the bars' ``step_time_ratio_<model>`` stays ``ours``);
+- ``ours_tkernel``, ``ours_merged_tkernel`` (extra): ``ours`` / ``ours_merged`` with
+  ``lightning_lora.core.replay_kernels`` on (A's gradient of a replayed input, BERT's ``gelu(h)`` or an
+  MLP's ``act(gate) * up``, in one Triton kernel that computes the input tile by tile);
 - ``<variant>_compiled`` (extra, any variant above): the same model under ``torch.compile`` (mode from
   ``--compile-mode``; compiled in the warm-up steps). Under compile our LoRA layers run the plain
   formula and the compiler fuses it (``LoRALinear.forward``), as it does PEFT's; ``reduce-overhead``
@@ -113,6 +116,7 @@ def _build(spec: dict, variant: str, r: int) -> tuple[nn.Module, list[nn.Paramet
     if variant == "frozen":
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
         return model, []
+    variant = TKERNEL.get(variant, variant)  # (the kernel is a process switch: see measure)
     if variant in ("ours", "ours_bf16", "ours_nosib", "ours_cpp", "ours_merged", *REPLAY):
         dtype = "bfloat16" if variant == "ours_bf16" else "float32"
         ll.inject_adapter(model, "lora", r=r, alpha=2 * r, target_modules=spec["targets"], adapter_dtype=dtype,
@@ -178,8 +182,16 @@ def cpp_switch(variant: str) -> None:
         lora_mod._CPP = None
 
 
+#: variants with ``lightning_lora.core.replay_kernels`` on (A's gradient read from the replayed
+#: input's factors in one Triton kernel); off for every other variant
+TKERNEL = {"ours_tkernel": "ours", "ours_merged_tkernel": "ours_merged"}
+
+
 def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[str, float]:
+    from lightning_lora.core import replay_kernels
+
     cpp_switch(variant)
+    replay_kernels.set_enabled(variant.removesuffix(COMPILED) in TKERNEL)
     spec = SPECS[name]
     model, params = build(spec, variant, r)
     step = step_fn(model, params, spec)
@@ -261,6 +273,27 @@ def check_merged_matches_reference() -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def check_tkernel_matches_reference() -> float:
+    """Relative error (norm) of A's gradient through ``replay_kernels`` against the torch replay, for
+    BERT-base's down projection at 32 × 512 (``gelu(h)``), on the GPU's own bf16 tensor-core dot."""
+    from lightning_lora.core import replay_kernels
+
+    torch.manual_seed(0)
+    up = nn.Linear(768, 3072).cuda().bfloat16()
+    down = ll.inject_adapter(nn.Sequential(nn.Linear(3072, 768)).cuda().bfloat16(), "lora", r=16, alpha=32,
+                             target_modules=["0"])["0"]
+    nn.init.normal_(down.lora_B, std=0.02)
+    x = torch.randn(16384, 768, device=DEVICE, dtype=torch.bfloat16)
+    grads = []
+    for on in (False, True):
+        replay_kernels.set_enabled(on)
+        down.lora_A.grad = None
+        down(torch.nn.functional.gelu(up(x))).float().square().mean().backward()
+        grads.append(down.lora_A.grad.clone())
+    replay_kernels.set_enabled(False)
+    return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llama", "bert"], choices=list(SPECS))
@@ -282,7 +315,8 @@ def main() -> None:
     args = ap.parse_args()
     global TINY, DEVICE, COMPILE_MODE
     COMPILE_MODE = args.compile_mode
-    known = {"frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib", "ours_cpp", "ours_merged", *REPLAY}
+    known = {"frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib", "ours_cpp", "ours_merged",
+             *TKERNEL, *REPLAY}
     unknown = [v for v in args.variants if v.removesuffix(COMPILED) not in known]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(sorted(known))} "
@@ -300,6 +334,8 @@ def main() -> None:
     metrics: dict[str, float] = {} if args.tiny else {"fused_rel_err_bf16": check_fused_matches_reference()}
     if not args.tiny and any(v.removesuffix(COMPILED) == "ours_merged" for v in args.variants):
         metrics["merged_rel_err_bf16"] = check_merged_matches_reference()
+    if not args.tiny and any(v.removesuffix(COMPILED) in TKERNEL for v in args.variants):
+        metrics["tkernel_grad_rel_err_bf16"] = check_tkernel_matches_reference()
     metrics["rounds"] = args.rounds
     for name in args.models:
         rounds = [{v: measure(name, v, args.r, args.warmup, args.steps) for v in args.variants}
@@ -323,7 +359,7 @@ def main() -> None:
             metrics[f"peak_mem_ratio_{name}"] = round(res["ours"]["peak_gib"] / best_mem, 4) if best_mem else 0.0
             metrics[f"{name}_trainable_params"] = res["ours"]["trainable"]
             metrics[f"{name}_peft_trainable_params"] = res["peft_bf16"]["trainable"]
-        for extra in ("ours_cpp", "ours_merged"):
+        for extra in ("ours_cpp", "ours_merged", *TKERNEL):
             if both_peft and extra in res:
                 metrics[f"step_time_ratio_{name}_{extra}"] = round(res[extra]["ms"] / res[best]["ms"], 4)
                 metrics[f"peak_mem_ratio_{name}_{extra}"] = round(res[extra]["peak_gib"] / best_mem, 4) if best_mem else 0.0

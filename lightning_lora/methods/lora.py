@@ -55,7 +55,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..core import _lora_cpp
+from ..core import _lora_cpp, replay_kernels
 from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
 from ..core.layer import AdapterLayer, no_autocast
 from ..core.rounding import merged_weight, merged_weights
@@ -312,6 +312,18 @@ def _saved_input(x: torch.Tensor, recipe: tuple[Any, ...] | None, shape: torch.S
     return full.reshape(-1, shape[-1])
 
 
+def _grad_a(gb_s: torch.Tensor, x: torch.Tensor | None, replay: tuple[Any, ...] | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """``gb_s^T x`` (r, n) in ``dtype``: A's gradient from ``gb_s`` (N, r) and the saved input ``x`` (N, n),
+    or the input ``replay`` = (recipe, shape) rebuilds, either in torch ops or, where
+    :mod:`lightning_lora.core.replay_kernels` is on and takes the recipe, tile by tile in one kernel."""
+    if replay is None:
+        return _mm_to(gb_s.t(), x, dtype)  # type: ignore[arg-type]
+    if replay_kernels.supported(replay[0], gb_s):
+        return replay_kernels.act_grad_a(gb_s, replay[0], replay[1], dtype)
+    return _mm_to(gb_s.t(), _saved_input(x, *replay), dtype)  # type: ignore[arg-type]
+
+
 def _raise_modified(t: torch.Tensor, expected: int, what: str) -> None:
     """Raise autograd's error for a tensor written in place between forward and backward."""
     raise RuntimeError(
@@ -430,9 +442,7 @@ class _FusedLoRA(torch.autograd.Function):
             if need_xd:
                 grad_xd = torch.mm(gb_s, ctx.Ac).view(ctx.shapes[1])
         if need_A:
-            if ctx.replay is not None:
-                xd = _saved_input(xd, *ctx.replay)
-            grad_A = _mm_to(gb_s.t(), xd, ctx.dtypes[0])
+            grad_A = _grad_a(gb_s, xd, ctx.replay, ctx.dtypes[0])
         if need_B:
             grad_B = _mm_to(g.t(), xa_s, ctx.dtypes[1])
         if need_bias:
@@ -556,9 +566,7 @@ class _FusedLoRASiblings(torch.autograd.Function):
             grad_x = grad_x.view(ctx.shape)
         grads_A: list[torch.Tensor | None] = [None] * k
         if any(need_A):
-            if replay is not None:
-                x = _saved_input(x, *replay)
-            grad_a_cat = _mm_to(gb_t, x, ctx.dtypes[0])  # (R, n)
+            grad_a_cat = _grad_a(gb_t.t(), x, replay, ctx.dtypes[0])  # (R, n)
             # a sibling whose output went unused gets None, as on its own path (an optimizer skips it)
             grads_A = [ga if g is not None else None for ga, g in zip(grad_a_cat.split_with_sizes(ranks), gs)]
         grads_B: list[torch.Tensor | None] = [None] * k
@@ -635,9 +643,7 @@ class _MergedLoRA(torch.autograd.Function):
             grad_x = torch.mm(g2, w.t() if ctx.fan_in_fan_out else w).view(ctx.shape)
         if need_A:
             gb_s = _mm_scaled(g2, ctx.Bc, ctx.scaling)  # (N, r)
-            if ctx.replay is not None:
-                x2 = _saved_input(x2, *ctx.replay)
-            grad_A = _mm_to(gb_s.t(), x2, ctx.dtypes[0])
+            grad_A = _grad_a(gb_s, x2, ctx.replay, ctx.dtypes[0])
         if need_B:
             grad_B = _mm_to(g2.t(), xa_s, ctx.dtypes[1])
         if need_bias:
