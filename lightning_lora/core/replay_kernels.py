@@ -62,15 +62,19 @@ def supported(recipe: tuple[Any, ...], g: torch.Tensor) -> bool:
 
 
 def act_grad_a(g: torch.Tensor, recipe: tuple[Any, ...], shape: torch.Size, dtype: torch.dtype,
-               interpret: bool = False) -> torch.Tensor:
+               interpret: bool = False) -> torch.Tensor | None:
     """``g^T x`` in ``dtype`` where ``x`` (the input ``recipe`` rebuilds, of ``shape``) is computed tile by
-    tile. ``g`` (N, r), any strides (a sibling set passes a transposed view); returns (r, n).
-    ``interpret``: fp32 dots (Triton's CPU interpreter mishandles bf16 ones; tests only)."""
+    tile. ``g`` (N, r), any strides (a sibling set passes a transposed view); returns (r, n), or None
+    when the saved factors are not bf16 (the kernel repeats a bf16 forward's roundings only): the
+    caller replays in torch ops then. ``interpret``: fp32 dots (Triton's CPU interpreter mishandles
+    bf16 ones; tests only)."""
     saved_a, act, saved_b = _parts(recipe)  # type: ignore[misc]
     from ..methods.lora import _replay  # (the recipe's tensors, read with its checks)
 
     a = _replay(saved_a)
     b = a if saved_b is None else _replay(saved_b)
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+        return None
     if a.shape != shape or b.shape != shape:
         raise RuntimeError(f"LoRA: the replayed input has shape {tuple(a.shape)}, expected {tuple(shape)}")
     n = shape[-1]

@@ -11,9 +11,10 @@ rounding rounds up with probability equal to the distance from the lower neighbo
 the rounding of its output (whose fractional position varies from element to element). Where
 ``s·B A = 0`` (at init) ``W' = W`` bit for bit, since ``W`` is already a bf16 value.
 
-On CUDA with Triton the merge is one kernel (the rank-``r`` product, the add, the rounding); elsewhere
-(CPU, no Triton) the same arithmetic in torch ops with a seeded ``torch.Generator``. The two draw
-different random bits; each is deterministic for a given seed.
+On CUDA with Triton the merge is one kernel (the rank-``r`` product, the add, the rounding), launched
+once for all layers of one weight shape (:func:`merged_weights`); elsewhere (CPU, no Triton) the same
+arithmetic in torch ops with a seeded ``torch.Generator``. The two draw different random bits; each is
+deterministic for a given seed.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import torch
 
 __all__ = ["merged_weight", "merged_weights", "stochastic_round_bf16", "triton_available"]
 
+#: the element types the grouped kernel reads (others take :func:`merged_weight` one by one)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: fp32 bit pattern's upper half (a bf16 value) and the lower half that rounding drops
 _HIGH = -65536  # 0xFFFF0000 as int32
 _LOW = 65536
@@ -68,7 +71,7 @@ def merged_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scalin
     if dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"merged_weight forms bf16 or fp32 weights, got {dtype}")
     P, Q = (A.t(), B.t()) if fan_in_fan_out else (B, A)  # weight's layout = P @ Q
-    if dtype == torch.bfloat16 and _use_triton(weight) and weight.dtype in (torch.bfloat16, torch.float32):
+    if dtype == torch.bfloat16 and _use_triton(weight) and weight.dtype in _KERNEL_DTYPES:
         return _merged_weight_triton(weight, P, Q, scaling, seed)
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         v = torch.addmm(weight.float(), P.float(), Q.float(), alpha=scaling)
@@ -94,13 +97,16 @@ def merged_weights(weights: list[torch.Tensor], Bs: list[torch.Tensor], As: list
                 for i, (w, B, A, s, f) in enumerate(zip(weights, Bs, As, scalings, fan_in_fan_out))]
     groups: dict[tuple[Any, ...], list[int]] = {}
     Ps, Qs = [], []
+    out: list[Any] = [None] * n
     for i, (w, B, A, f) in enumerate(zip(weights, Bs, As, fan_in_fan_out)):
         P, Q = (A.t(), B.t()) if f else (B, A)
         Ps.append(P)
         Qs.append(Q)
+        if w.dtype not in _KERNEL_DTYPES or P.dtype not in _KERNEL_DTYPES or Q.dtype not in _KERNEL_DTYPES:
+            out[i] = merged_weight(w, B, A, scalings[i], dtype, seed + i, f)  # (e.g. fp64 parameters)
+            continue
         key = (w.device, w.dtype, P.dtype, Q.dtype, w.shape, P.shape, w.stride(), P.stride(), Q.stride())
         groups.setdefault(key, []).append(i)
-    out: list[Any] = [None] * n
     for g, idx in enumerate(groups.values()):
         results = _merged_weights_triton([weights[i] for i in idx], [Ps[i] for i in idx], [Qs[i] for i in idx],
                                          [scalings[i] for i in idx], (seed + 7919 * g) & 0x7FFF_FFFF)
@@ -132,7 +138,8 @@ def _merged_weights_triton(weights: list[torch.Tensor], Ps: list[torch.Tensor], 
     _sr_merge_grouped_kernel()[grid](
         table, scales, out, M, N, r,
         w0.stride(0), w0.stride(1), p0.stride(0), p0.stride(1), q0.stride(0), q0.stride(1), seed,
-        W_DT=tl_dtype[w0.dtype], P_DT=tl_dtype[p0.dtype], Q_DT=tl_dtype[q0.dtype], BLOCK_M=64, BLOCK_N=64, BLOCK_R=block_r, K_BLOCKS=triton.cdiv(r, block_r),
+        W_DT=tl_dtype[w0.dtype], P_DT=tl_dtype[p0.dtype], Q_DT=tl_dtype[q0.dtype],
+        BLOCK_M=64, BLOCK_N=64, BLOCK_R=block_r, K_BLOCKS=triton.cdiv(r, block_r),
     )
     return list(out.unbind(0))
 

@@ -96,9 +96,10 @@ class LoRAConfig(AdapterConfig):
             optimizer step (kept until A, B or W change: one more copy of the adapted weights in
             memory) in the activation dtype; in bf16 it is rounded stochastically, so that
             ``E[W'] = W + s·B A`` and small deltas are not lost (:mod:`lightning_lora.core.rounding`).
-            A and B get the exact gradients of that forward. Eval mode takes the exact fused path. Plain LoRA only (no dropout, no DoRA); fp16 activations fall back
-            to the fused path (with a warning). Off by default: it trades the bf16 forward's
-            rounding (unbiased, one bf16 ulp of ``W'`` at most per element) for speed.
+            A and B get the exact gradients of that forward. Eval mode takes the exact fused path.
+            Plain LoRA only (no dropout, no DoRA); fp16 activations fall back to the fused path
+            (with a warning). Off by default: it trades the bf16 forward's rounding (unbiased, one
+            bf16 ulp of ``W'`` at most per element) for speed; measured in docs/benchmarks.md.
     """
 
     r: int = 8
@@ -320,7 +321,9 @@ def _grad_a(gb_s: torch.Tensor, x: torch.Tensor | None, replay: tuple[Any, ...] 
     if replay is None:
         return _mm_to(gb_s.t(), x, dtype)  # type: ignore[arg-type]
     if replay_kernels.supported(replay[0], gb_s):
-        return replay_kernels.act_grad_a(gb_s, replay[0], replay[1], dtype)
+        grad = replay_kernels.act_grad_a(gb_s, replay[0], replay[1], dtype)
+        if grad is not None:
+            return grad
     return _mm_to(gb_s.t(), _saved_input(x, *replay), dtype)  # type: ignore[arg-type]
 
 
@@ -654,6 +657,8 @@ class _MergedLoRA(torch.autograd.Function):
 #: the activation dtypes ``merged_training`` forms ``W'`` in (fp16: the fused path, warned once)
 _MERGED_DTYPES = (torch.bfloat16, torch.float32)
 _MERGED_DTYPE_WARNED: list[bool] = []
+
+
 def _merged_dtype_ok(dtype: torch.dtype) -> bool:
     """Whether ``merged_training`` can form ``W'`` in ``dtype``; warns once where it cannot."""
     if dtype in _MERGED_DTYPES:

@@ -58,6 +58,10 @@ def _kernel_checks() -> None:
         err = (got - ref).abs().max().item()
         # the kernel's x must be the forward's x: an x off by one bf16 ulp in many entries would show
         assert got.shape == (r, n) and err <= 1e-4 * ref.abs().max().item(), (name, err)
+    # fp32 factors: not a bf16 forward's roundings, so the caller's torch replay (None)
+    a = torch.randn(40, 16, requires_grad=True)
+    x = F.gelu(a * 1.0)
+    assert replay_kernels.act_grad_a(torch.randn(40, 4), _recipe_of(x), x.shape, torch.float32, interpret=True) is None
 
 
 def test_kernel_under_the_interpreter():
