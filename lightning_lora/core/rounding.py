@@ -119,9 +119,6 @@ def _merged_weights_triton(weights: list[torch.Tensor], Ps: list[torch.Tensor], 
                            scalings: list[float], seed: int) -> list[torch.Tensor]:
     """One grouped launch for layers of one shape, strides and dtypes: bf16 (M, N) each, slices of one
     fresh (G, M, N) buffer (a graph still waiting for backward keeps the previous one)."""
-    import triton
-    import triton.language as tl
-
     w0, p0, q0 = weights[0], Ps[0], Qs[0]
     if len(weights) == 1:
         return [_merged_weight_triton(w0, p0, q0, scalings[0], seed)]
@@ -169,8 +166,6 @@ def _merged_weight_triton(weight: torch.Tensor, P: torch.Tensor, Q: torch.Tensor
                           seed: int) -> torch.Tensor:
     """:func:`merged_weight` in one Triton kernel: bf16 (M, N) from ``weight`` (M, N), ``P`` (M, r),
     ``Q`` (r, N), any strides."""
-    import triton
-
     kernel = _sr_merge_kernel()
     M, N = weight.shape
     r = P.shape[1]
@@ -187,16 +182,28 @@ def _merged_weight_triton(weight: torch.Tensor, P: torch.Tensor, Q: torch.Tensor
     return out
 
 
-@functools.lru_cache(maxsize=None)
 def _sr_merge_kernel() -> Any:
-    """The Triton kernel, defined on first use (Triton is imported only where it exists)."""
+    return _sr_merge
+
+
+def _sr_merge_grouped_kernel() -> Any:
+    return _sr_merge_grouped
+
+
+# the kernels are module-level (a jitted function calls another by its global name); Triton is imported
+# only where it exists (CUDA builds of torch ship it), and TRITON_INTERPRET is read at this import
+try:
     import triton
     import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs without Triton take the torch form
+    triton = None
 
-    @triton.jit(do_not_specialize=["seed"])
-    def sr_merge(W, P, Q, OUT, M, N, R, s_wm, s_wn, s_pm, s_pr, s_qr, s_qn, scaling, seed,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                 K_BLOCKS: tl.constexpr):
+if triton is not None:
+    @triton.jit
+    def _sr_merge_tile(W, P, Q, OUT, M, N, R, s_wm, s_wn, s_pm, s_pr, s_qr, s_qn, scaling, seed,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       K_BLOCKS: tl.constexpr):
+        """One (BLOCK_M, BLOCK_N) tile of ``OUT = SR_bf16(W + scaling · P Q)``, ``P`` (M, R), ``Q`` (R, N)."""
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rr = tl.arange(0, BLOCK_R)
@@ -216,45 +223,23 @@ def _sr_merge_kernel() -> Any:
         bits = (v.to(tl.int32, bitcast=True) + noise) & -65536
         tl.store(OUT + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
 
-    return sr_merge
-
-
-@functools.lru_cache(maxsize=None)
-def _sr_merge_grouped_kernel() -> Any:
-    """The grouped kernel: program axis 2 picks the layer, whose base addresses come from a (3, G)
-    int64 table (element types ``W_DT``, ``P_DT``, ``Q_DT``); its seed is ``seed + g``."""
-    import triton
-    import triton.language as tl
-
+    @triton.jit(do_not_specialize=["seed"])
+    def _sr_merge(W, P, Q, OUT, M, N, R, s_wm, s_wn, s_pm, s_pr, s_qr, s_qn, scaling, seed,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, K_BLOCKS: tl.constexpr):
+        _sr_merge_tile(W, P, Q, OUT, M, N, R, s_wm, s_wn, s_pm, s_pr, s_qr, s_qn, scaling, seed,
+                       BLOCK_M, BLOCK_N, BLOCK_R, K_BLOCKS)
 
     @triton.jit(do_not_specialize=["seed"])
-    def sr_merge_grouped(TABLE, SCALES, OUT, M, N, R, s_wm, s_wn, s_pm, s_pr, s_qr, s_qn, seed,
-                         W_DT: tl.constexpr, P_DT: tl.constexpr, Q_DT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                         K_BLOCKS: tl.constexpr):
+    def _sr_merge_grouped(TABLE, SCALES, OUT, M, N, R, s_wm, s_wn, s_pm, s_pr, s_qr, s_qn, seed,
+                          W_DT: tl.constexpr, P_DT: tl.constexpr, Q_DT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                          K_BLOCKS: tl.constexpr):
+        """Program axis 2 picks the layer, whose base addresses come from a (3, G) int64 table
+        (element types ``W_DT``, ``P_DT``, ``Q_DT``); its seed is ``seed + g``."""
         g = tl.program_id(2)
         G = tl.num_programs(2)
         W = tl.load(TABLE + g).to(tl.pointer_type(W_DT))
         P = tl.load(TABLE + G + g).to(tl.pointer_type(P_DT))
         Q = tl.load(TABLE + 2 * G + g).to(tl.pointer_type(Q_DT))
-        scaling = tl.load(SCALES + g)
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rr = tl.arange(0, BLOCK_R)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in tl.static_range(K_BLOCKS):
-            kk = k * BLOCK_R + rr
-            p = tl.load(P + rm[:, None] * s_pm + kk[None, :] * s_pr,
-                        mask=(rm[:, None] < M) & (kk[None, :] < R), other=0.0).to(tl.float32)
-            q = tl.load(Q + kk[:, None] * s_qr + rn[None, :] * s_qn,
-                        mask=(kk[:, None] < R) & (rn[None, :] < N), other=0.0).to(tl.float32)
-            acc += tl.dot(p, q, input_precision="ieee")
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        w = tl.load(W + rm[:, None] * s_wm + rn[None, :] * s_wn, mask=mask, other=0.0).to(tl.float32)
-        v = w + scaling * acc
-        offs = rm[:, None] * N + rn[None, :]
-        noise = (tl.randint(seed + g, offs) & 0xFFFF).to(tl.int32)
-        bits = (v.to(tl.int32, bitcast=True) + noise) & -65536
-        tl.store(OUT + g.to(tl.int64) * M * N + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
-
-    return sr_merge_grouped
+        _sr_merge_tile(W, P, Q, OUT + g.to(tl.int64) * M * N, M, N, R, s_wm, s_wn, s_pm, s_pr, s_qr, s_qn,
+                       tl.load(SCALES + g), seed + g, BLOCK_M, BLOCK_N, BLOCK_R, K_BLOCKS)

@@ -60,6 +60,19 @@ def _ulp_bf16(v: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(v.abs())) - 7)
 
 
+def _assert_same_outputs_and_grads(model: nn.Module, ref: nn.Module, x: torch.Tensor, x_ref: torch.Tensor,
+                                   out: torch.Tensor, out_ref: torch.Tensor) -> None:
+    """fp32: the outputs, the input gradient and every parameter gradient of ``model`` equal ``ref``'s."""
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    named_ref = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, named_ref[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dropout=0.1), "dropout"),
     (dict(use_dora=True), "DoRA"),
@@ -83,14 +96,7 @@ def test_fp32_outputs_and_gradients_equal_the_plain_formula():
     x_ref = x.detach().clone().requires_grad_(True)
     out, out_ref = model(x), ref(x_ref)
     assert all(layer._merged_cache is None for layer in layers.values())  # no optimizer yet: formed per call
-    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
-    out.square().sum().backward()
-    out_ref.square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
-    named_ref = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, named_ref[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+    _assert_same_outputs_and_grads(model, ref, x, x_ref, out, out_ref)
 
 
 def test_gpt2_conv1d_fan_in_fan_out():
@@ -318,14 +324,7 @@ def test_siblings_run_merged_in_one_function_and_match_the_formula(monkeypatch):
     x_ref = x.detach().clone().requires_grad_(True)
     out, out_ref = model(x), ref(x_ref)
     assert len(metas) == 1 and metas[0][-1] is True  # one set (q, k), merged
-    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
-    out.square().sum().backward()
-    out_ref.square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
-    named_ref = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, named_ref[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+    _assert_same_outputs_and_grads(model, ref, x, x_ref, out, out_ref)
     model.eval()
     metas.clear()
     model(_x())
