@@ -366,6 +366,10 @@ class _WorkerPool:
     def submit(self, seqs: list[str]) -> Future:
         if self.lost is not None:
             raise WorkerDied(self.lost)
+        # a worker that died while the pool was idle (between runs): the executor's thread may not have
+        # marked the pool broken yet, and the other workers would then do the whole run; ask first
+        if self._dead():
+            raise self._died()
         try:
             return self.executor.submit(_worker_stage1, seqs)
         except BrokenProcessPool:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from multiprocessing.connection import wait as wait_for_handles
 from typing import Any
 
 import pytest
@@ -147,6 +148,8 @@ def test_a_worker_killed_by_the_parent_raises_worker_died_every_time_and_close_c
         workers = pool.ctx.started()
         assert len(workers) == 2
         os.kill(workers[0].pid, signal.SIGKILL)
+        # dead before the next run (kill only sends the signal): the case is a worker lost while idle
+        assert wait_for_handles([workers[0].sentinel], timeout=END_LIMIT_S)
         done, got = _predict_within(predictor, END_LIMIT_S)
         assert done, "predict_records hung on a dead worker"
         assert isinstance(got, WorkerDied) and got.reason == OOM
@@ -160,6 +163,30 @@ def test_a_worker_killed_by_the_parent_raises_worker_died_every_time_and_close_c
     assert all(w.exitcode is not None for w in workers)
     assert not [t.name for t in threading.enumerate() if t.name == "lncrna-pool-stop" or "ExecutorManager" in
                 type(t).__name__]
+
+
+def test_a_worker_lost_while_idle_is_found_before_any_work_is_submitted(model_dir, monkeypatch):
+    """The executor's own thread may not have marked the pool broken when the next run starts (CI saw
+    the surviving worker do that whole run): the pool looks at its workers before it submits."""
+    from lncrna.predict import Predictor, WorkerDied
+
+    predictor = Predictor(model_dir, device="cpu", workers=2, chunk_size=8)
+    try:
+        done, first = _predict_within(predictor, END_LIMIT_S)
+        assert done and len(first) == len(RECORDS)
+        pool = predictor._pool
+        worker = pool.ctx.started()[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        assert wait_for_handles([worker.sentinel], timeout=END_LIMIT_S)
+
+        def unaware_submit(*args: Any, **kwargs: Any) -> Any:  # an executor that has not noticed yet
+            raise AssertionError("work submitted to a pool with a dead worker")
+
+        monkeypatch.setattr(pool.executor, "submit", unaware_submit)
+        done, got = _predict_within(predictor, END_LIMIT_S)
+        assert done and isinstance(got, WorkerDied) and got.reason == OOM, got
+    finally:
+        predictor.close()
 
 
 def test_exit_reasons_name_the_signal_and_the_status():
