@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from .rounding import triton_available
 
 __all__ = ["act_grad_a", "enabled", "set_enabled", "supported"]
 
@@ -58,7 +57,7 @@ def _parts(recipe: tuple[Any, ...]) -> tuple[Any, int, Any] | None:
 def supported(recipe: tuple[Any, ...], g: torch.Tensor) -> bool:
     """Whether :func:`act_grad_a` takes ``recipe`` with gradient rows ``g`` (switch on, CUDA, Triton,
     a recipe it computes)."""
-    return _ENABLED and g.is_cuda and g.dtype == torch.bfloat16 and triton_available() and _parts(recipe) is not None
+    return _ENABLED and g.is_cuda and g.dtype == torch.bfloat16 and triton is not None and _parts(recipe) is not None
 
 
 def act_grad_a(g: torch.Tensor, recipe: tuple[Any, ...], shape: torch.Size, dtype: torch.dtype,
@@ -84,7 +83,7 @@ def act_grad_a(g: torch.Tensor, recipe: tuple[Any, ...], shape: torch.Size, dtyp
     block_k, block_n = 32, 64
     splits = triton.cdiv(N, _ROWS_PER_PROGRAM)
     parts = torch.empty((splits, block_r, n), dtype=torch.float32, device=g.device)
-    _kernel()[(triton.cdiv(n, block_n), splits)](
+    act_grad_a_kernel[(triton.cdiv(n, block_n), splits)](
         g, a2, b2, parts, N, n, r, g.stride(0), g.stride(1), a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
         ACT=act, MUL=saved_b is not None, DOT_FP32=interpret, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_N=block_n,
         CHUNK=_ROWS_PER_PROGRAM,
@@ -144,7 +143,3 @@ if triton is not None:
                 acc += tl.dot(gt, x)
         tl.store(OUT + tl.program_id(1) * BLOCK_R * n + rr[:, None] * n + cols[None, :], acc,
                  mask=(rr[:, None] < r) & cmask)
-
-
-def _kernel() -> Any:
-    return act_grad_a_kernel

@@ -18,8 +18,6 @@ deterministic for a given seed.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 from typing import Any
 
 import torch
@@ -33,14 +31,9 @@ _HIGH = -65536  # 0xFFFF0000 as int32
 _LOW = 65536
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """Whether Triton imports (it ships with CUDA builds of torch, not with CPU ones)."""
-    try:
-        importlib.import_module("triton.language")
-    except ImportError:
-        return False
-    return True
+    """Whether Triton imported (it ships with CUDA builds of torch, not with CPU ones)."""
+    return triton is not None
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -132,7 +125,7 @@ def _merged_weights_triton(weights: list[torch.Tensor], Ps: list[torch.Tensor], 
     block_r = min(64, max(16, triton.next_power_of_2(r)))
     grid = (triton.cdiv(M, 64), triton.cdiv(N, 64), G)
     tl_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-    _sr_merge_grouped_kernel()[grid](
+    _sr_merge_grouped[grid](
         table, scales, out, M, N, r,
         w0.stride(0), w0.stride(1), p0.stride(0), p0.stride(1), q0.stride(0), q0.stride(1), seed,
         W_DT=tl_dtype[w0.dtype], P_DT=tl_dtype[p0.dtype], Q_DT=tl_dtype[q0.dtype],
@@ -166,28 +159,19 @@ def _merged_weight_triton(weight: torch.Tensor, P: torch.Tensor, Q: torch.Tensor
                           seed: int) -> torch.Tensor:
     """:func:`merged_weight` in one Triton kernel: bf16 (M, N) from ``weight`` (M, N), ``P`` (M, r),
     ``Q`` (r, N), any strides."""
-    kernel = _sr_merge_kernel()
     M, N = weight.shape
     r = P.shape[1]
     out = torch.empty((M, N), dtype=torch.bfloat16, device=weight.device)
     # tl.dot needs K >= 16 (masked padding below that); ranks above 64 take several K blocks
     block_r = min(64, max(16, triton.next_power_of_2(r)))
     grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
-    kernel[grid](
+    _sr_merge[grid](
         weight, P, Q, out, M, N, r,
         weight.stride(0), weight.stride(1), P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
         float(scaling), seed & 0x7FFF_FFFF,
         BLOCK_M=64, BLOCK_N=64, BLOCK_R=block_r, K_BLOCKS=triton.cdiv(r, block_r),
     )
     return out
-
-
-def _sr_merge_kernel() -> Any:
-    return _sr_merge
-
-
-def _sr_merge_grouped_kernel() -> Any:
-    return _sr_merge_grouped
 
 
 # the kernels are module-level (a jitted function calls another by its global name); Triton is imported

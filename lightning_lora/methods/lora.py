@@ -673,6 +673,13 @@ def _merged_dtype_ok(dtype: torch.dtype) -> bool:
 #: where the stochastic rounding of ``merged_training`` draws its seeds: the process's torch seed and
 #: a count of merges, so that a run repeated with the same seed rounds the same way
 _MERGE_COUNT = itertools.count()
+
+
+def _merge_seed() -> int:
+    """The next stochastic-rounding seed (see ``_MERGE_COUNT``)."""
+    return (torch.initial_seed() * 1_000_003 + 65_537 * next(_MERGE_COUNT)) & 0x7FFF_FFFF
+
+
 #: live ``merged_training`` layers: after an optimizer step the stale ones are merged together
 _MERGED_LAYERS: weakref.WeakSet[LoRALinear] = weakref.WeakSet()
 
@@ -1304,16 +1311,15 @@ class LoRALinear(AdapterLayer):
                     stale.append((layer, key_l, w_l, A_l, B_l))
             for layer, *_ in stale:
                 layer._merged_cache = None  # the stale W' goes before the next is formed (peak memory)
-            seed = (torch.initial_seed() * 1_000_003 + 65_537 * next(_MERGE_COUNT)) & 0x7FFF_FFFF
             ws = merged_weights([t[2].detach() for t in stale], [t[4].detach() for t in stale],
-                                [t[3].detach() for t in stale], [t[0].scaling for t in stale], dtype, seed,
+                                [t[3].detach() for t in stale], [t[0].scaling for t in stale], dtype, _merge_seed(),
                                 [t[0].fan_in_fan_out for t in stale])
             for (layer, key_l, *_), w in zip(stale, ws):
                 layer._merged_cache = (key_l, w)
             return ws[0]
         self._merged_cache = None
-        seed = (torch.initial_seed() * 1_000_003 + 65_537 * next(_MERGE_COUNT)) & 0x7FFF_FFFF
-        return merged_weight(weight.detach(), B.detach(), A.detach(), self.scaling, dtype, seed, self.fan_in_fan_out)
+        return merged_weight(weight.detach(), B.detach(), A.detach(), self.scaling, dtype, _merge_seed(),
+                            self.fan_in_fan_out)
 
     def _merged_key(self, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> Any:
         """What this layer's ``W'`` in ``dtype`` depends on (None: not kept, see :meth:`_merged_weight`)."""
