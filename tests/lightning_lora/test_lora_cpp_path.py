@@ -24,15 +24,16 @@ from lightning_lora.methods import lora as lora_mod
 from test_lora_reference_cycles import PARAMS, assert_steps_leave_no_cyclic_garbage  # the test directory is on sys.path
 
 
-def _toolchain_missing() -> bool:
-    """No C++ compiler or no ninja: what load_inline needs. A build that fails with both present is
-    a defect, and must fail these tests (``test_extension_builds``), not skip them."""
-    from torch.utils.cpp_extension import is_ninja_available
+def _no_compiler() -> bool:
+    """No C++ compiler on this machine: load_inline cannot build anything. (ninja is a test dependency,
+    so its absence is an install defect and fails ``test_extension_builds``; so does a build that
+    fails with a compiler present.)"""
+    return shutil.which(os.environ.get("CXX", "c++")) is None
 
-    return shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available()
 
-
-pytestmark = pytest.mark.skipif(_toolchain_missing(), reason="no C++ compiler or ninja here, so the opt-in C++ path cannot be built (as CUDA tests without a GPU); CI has g++ and ninja and runs these")
+# the opt-in C++ path compiles at first use: like CUDA tests without a GPU, these need something pip
+# cannot install (a system C++ compiler); CI has g++ and runs them
+pytestmark = pytest.mark.skipif(_no_compiler(), reason="no C++ compiler on this machine to build the opt-in C++ path")
 
 
 def test_extension_builds() -> None:
