@@ -22,7 +22,9 @@ inside each child), ``ours_vs_before`` (their quotient: PEFT is the yardstick in
 ``--variants frozen ours ours_nosib peft ours_cpp`` also times ``ours`` with the opt-in C++ autograd
 functions (``lightning_lora.core._lora_cpp``, switched on around that variant's steps only; compiled
 once into torch's extension cache); keys ``ours_cpp_vs_ours`` and ``ours_cpp_vs_peft`` (medians of the
-per-child ratios).
+per-child ratios). ``ours_merged`` is ``merged_training=True`` (W + sBA formed once per optimizer
+step, in fp32 here, where the GPU forms it in bf16 in a few grouped Triton launches: on this CPU the
+merge is one torch expression per layer); keys ``ours_merged_vs_ours`` and ``ours_merged_vs_peft``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ import sys
 import time
 
 from host_timing import ROOT, alternate, run_child, write_result  # benchmarks/ is sys.path[0]
+
+
+#: variants beside the default ones whose ratios to ``ours`` and to PEFT are reported per child
+EXTRA_VARIANTS = ("ours_cpp", "ours_merged")
 
 
 def child(root: str, variants: list[str], rounds: int, steps: int) -> dict[str, float]:
@@ -63,6 +69,8 @@ def child(root: str, variants: list[str], rounds: int, steps: int) -> dict[str, 
             model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
             return model, [p for p in model.parameters() if p.requires_grad]
         kw = {"fuse_siblings": False} if variant == "ours_nosib" else {}
+        if variant == "ours_merged":
+            kw = {"merged_training": True}
         ll.inject_adapter(model, "lora", r=16, alpha=32, target_modules=targets, adapter_dtype="float64", **kw)
         return model, ll.trainable_parameters(model)
 
@@ -122,9 +130,10 @@ def main() -> None:
             samples.setdefault(f"{prefix}{v}_host_ms", []).append(ms)
         # ours / PEFT inside one child: the machine's drift between children cancels
         samples.setdefault(f"{prefix}ours_vs_peft_per_child", []).append(res["ours"] / res["peft"])
-        if "ours_cpp" in res:
-            samples.setdefault(f"{prefix}ours_cpp_vs_ours_per_child", []).append(res["ours_cpp"] / res["ours"])
-            samples.setdefault(f"{prefix}ours_cpp_vs_peft_per_child", []).append(res["ours_cpp"] / res["peft"])
+        for extra in EXTRA_VARIANTS:
+            if extra in res:
+                samples.setdefault(f"{prefix}{extra}_vs_ours_per_child", []).append(res[extra] / res["ours"])
+                samples.setdefault(f"{prefix}{extra}_vs_peft_per_child", []).append(res[extra] / res["peft"])
 
     # children alternate (now, before, now, before, ...): each figure is the median over --pairs children;
     # both revisions time every variant in their children: a child that builds fewer models runs faster
@@ -134,10 +143,11 @@ def main() -> None:
     metrics: dict[str, float] = {k: statistics.median(v) for k, v in samples.items() if not k.endswith("_per_child")}
     # the ratios are medians of the per-child ratios (each child times ours and PEFT side by side)
     metrics["ours_vs_peft"] = statistics.median(samples["ours_vs_peft_per_child"])
-    for key in ("ours_cpp_vs_ours", "ours_cpp_vs_peft"):
+    for key in (f"{extra}_vs_{peer}" for extra in EXTRA_VARIANTS for peer in ("ours", "peft")):
         if f"{key}_per_child" in samples:
             metrics[key] = statistics.median(samples[f"{key}_per_child"])
-    metrics["siblings_vs_nosib"] = metrics["ours_host_ms"] / metrics["ours_nosib_host_ms"]
+    if "ours_nosib_host_ms" in metrics:
+        metrics["siblings_vs_nosib"] = metrics["ours_host_ms"] / metrics["ours_nosib_host_ms"]
     if args.before:
         metrics["before_ours_vs_peft"] = statistics.median(samples["before_ours_vs_peft_per_child"])
         # PEFT is the yardstick in both revisions' children: ours' change with the machine's drift removed
