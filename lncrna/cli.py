@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                f"{MIN_RELIABLE_LENGTH} nt (the training data's minimum) or with more than {MAX_N_SHARE:.0%} N "
                "are predicted as usual, but their probability has little signal behind it: they are counted "
                "and named (first few ids) in one warning line per file.")
-    p.add_argument("input", metavar="INPUT", type=Path, help="FASTA or FASTA.gz file (gzip detected from the content)")
+    p.add_argument("input", metavar="INPUT", type=Path,
+                   help="FASTA or FASTA.gz file (gzip detected from the content); a regular file, not standard "
+                        "input or a pipe: it is read twice")
     p.add_argument("-o", "--output", metavar="OUT", type=Path, default=None,
                    help="output TSV (default, or '-': standard output). Rows are written to OUT.partial (same folder) "
                         "and flushed after every chunk; OUT.partial is renamed to OUT when the run succeeds, "

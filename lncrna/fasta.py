@@ -143,8 +143,16 @@ def _cannot_read(path: Path, e: OSError) -> FastaError:
     return FastaError(f"{path}: cannot read ({e.strerror or type(e).__name__})")
 
 
+#: why a stream cannot stand for a file (predict counts the records first, evaluate reads truth and
+#: sequences separately)
+_READ_TWICE = "the file is read more than once"
+
+
 def _not_a_file(path: Path, what: str = "a FASTA file") -> FastaError | None:
     """Why ``path`` cannot be read as ``what`` by name (missing, a folder, not a regular file)."""
+    if str(path) == "-":  # the usual name for standard input: say so rather than "no such file"
+        return FastaError(f"-: standard input is not supported ({_READ_TWICE}); save it to a file first "
+                          "(gzip is fine)")
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -155,7 +163,7 @@ def _not_a_file(path: Path, what: str = "a FASTA file") -> FastaError | None:
         return FastaError(f"{path}: is a directory, not {what}")
     if not stat.S_ISREG(st.st_mode):
         return FastaError(f"{path}: not a regular file (standard input, pipes and devices are not supported: "
-                          f"the file is read more than once; save it to a file first)")
+                          f"{_READ_TWICE}; save it to a file first)")
     return None
 
 

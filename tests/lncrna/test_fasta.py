@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import warnings
 from pathlib import Path
 
@@ -66,6 +67,23 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FastaError) as exc:
         read_fasta(tmp_path / "nope.fa")
     _one_line_error(exc, "nope.fa", "no such file")
+
+
+def test_dash_names_standard_input_which_is_refused_plainly(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no file named "-" here
+    with pytest.raises(FastaError) as exc:
+        read_fasta("-")
+    _one_line_error(exc, "-: standard input is not supported", "save it to a file first")
+    assert "no such file" not in str(exc.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="os.mkfifo is POSIX only (CI runs Linux, where this runs)")
+def test_a_pipe_is_refused_by_name_before_anything_is_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "stream.fa"
+    os.mkfifo(fifo)  # opening it to read would block until a writer came: the check must not open it
+    with pytest.raises(FastaError) as exc:
+        read_fasta(fifo)
+    _one_line_error(exc, "stream.fa", "not a regular file", "save it to a file first")
 
 
 def test_broken_gzip_header(tmp_path: Path) -> None:
