@@ -31,7 +31,7 @@ slim)
     # job continues that MLM (benchmarks/checkpoints/README.md)
     if [[ -d benchmarks/checkpoints/lncrna_gene ]]; then rm -rf .carry/lnc_gene_ckpt; mv benchmarks/checkpoints/lncrna_gene .carry/lnc_gene_ckpt; fi
     # its continuations (a longer-pretrained MLM and its classifier, 24 MB each): .carry/lnc_gene<N>_ckpt
-    for n in 2 3; do
+    for n in 2 3 4; do
         if [[ -d benchmarks/checkpoints/lncrna_gene$n ]]; then rm -rf .carry/lnc_gene${n}_ckpt; mv benchmarks/checkpoints/lncrna_gene$n .carry/lnc_gene${n}_ckpt; fi
     done
     ;;
@@ -45,7 +45,7 @@ restore)
     mv .carry/lnc_model/model.safetensors lncrna/weights/default/
     if [[ -d .carry/clora_ckpt && ! -e benchmarks/checkpoints/clora_v2 ]]; then mv .carry/clora_ckpt benchmarks/checkpoints/clora_v2; fi
     if [[ -d .carry/lnc_gene_ckpt && ! -e benchmarks/checkpoints/lncrna_gene ]]; then mv .carry/lnc_gene_ckpt benchmarks/checkpoints/lncrna_gene; fi
-    for n in 2 3; do
+    for n in 2 3 4; do
         if [[ -d .carry/lnc_gene${n}_ckpt && ! -e benchmarks/checkpoints/lncrna_gene$n ]]; then mv .carry/lnc_gene${n}_ckpt benchmarks/checkpoints/lncrna_gene$n; fi
     done
     rm -r $HELD
