@@ -35,6 +35,15 @@ Measured per model (same random weights, same batch, bf16 base, rank 16, same ta
 
 A step is forward + backward + AdamW step (fused AdamW for every variant). Reported: median
 step time over ``--steps`` timed steps after ``--warmup`` steps, and peak allocated memory.
+
+``--interleave`` (time only): every variant's model is built and kept on the GPU, and the timed
+steps go round the variants one step each (v1 v2 v3 v1 v2 v3 ..., the order rotated by one each
+cycle), ``--rounds`` × ``--steps`` cycles. On a host-bound step the host's pace drifts over seconds
+(session 20: one variant's rounds 20 ms apart, and two runs minutes apart gave 0.756 and 0.964 for
+the same ratio); steps taken a few hundred ms apart share that pace, so the ratios compare the code.
+``<model>_<a>_vs_<b>_paired`` is the median over cycles of ``a``'s step over ``b``'s in the same cycle.
+No memory figures (every model is resident: the sequential mode measures memory), and at most one
+``merged_training`` variant (their layers share the registry that forms every stale W' at once).
 """
 
 from __future__ import annotations
@@ -210,6 +219,50 @@ def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[st
     return res
 
 
+def measure_interleaved(name: str, variants: list[str], r: int, warmup: int, steps: int,
+                        rounds: int) -> list[dict[str, dict[str, float]]]:
+    """``rounds`` dicts ``{variant: {"ms", "peak_gib" (0: not measured), "trainable", "sibling_sets"}}``
+    from one set of resident models whose timed steps alternate (module docstring, ``--interleave``),
+    and a last dict under the key ``"paired"``: ``{(a, b): [a's ms / b's ms per cycle]}``."""
+    from lightning_lora.core import replay_kernels
+
+    spec = SPECS[name]
+    built = {}
+    for v in variants:
+        cpp_switch(v)
+        replay_kernels.set_enabled(v.removesuffix(COMPILED) in TKERNEL)
+        model, params = build(spec, v, r)
+        built[v] = (model, params, step_fn(model, params, spec))
+        for _ in range(warmup):
+            built[v][2]()
+    cuda = DEVICE == "cuda"
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for cycle in range(rounds * steps):
+        k = cycle % len(variants)
+        for v in variants[k:] + variants[:k]:  # rotated: no variant always follows the same one
+            cpp_switch(v)
+            replay_kernels.set_enabled(v.removesuffix(COMPILED) in TKERNEL)
+            times[v].append(timed_steps(built[v][2], 0, 1, cuda)[0])
+    out = []
+    for i in range(rounds):
+        res = {}
+        for v, (model, params, _) in built.items():
+            sets = {id(st) for m in model.modules() if getattr(m, "_siblings", None) is not None
+                    for st in (m._siblings.sets or {}).values()}
+            res[v] = {"ms": statistics.median(times[v][i * steps:(i + 1) * steps]), "peak_gib": 0.0,
+                      "trainable": sum(p.numel() for p in params), "sibling_sets": len(sets)}
+        out.append(res)
+    for v in variants:
+        print(f"{name:6s} {v:13s} {statistics.median(times[v]):8.2f} ms  (interleaved, {len(times[v])} steps)",
+              flush=True)
+    paired = {(a, b): [x / y for x, y in zip(times[a], times[b])] for a in variants for b in variants if a != b}
+    del built
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out + [{"paired": paired}]
+
+
 PROFILED_STEPS = 3
 
 
@@ -306,7 +359,10 @@ def main() -> None:
                     help="measure every variant this many times, in turn (v1 v2 ... v1 v2 ...); each figure is the "
                          "median over rounds of the per-round medians, and <model>_<variant>_ms_min/_max give the "
                          "spread: the host's load drifts, and a variant timed in a bad minute should not decide a ratio")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lora_vs_peft.json"))
+    ap.add_argument("--interleave", action="store_true",
+                    help="all variants resident, timed steps alternating between them (time only; see the docstring)")
+    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/lora_vs_peft.json; "
+                                                "with --tiny runs/lora_vs_peft_tiny.json)")
     ap.add_argument("--profile-dir", default=None, help="also write kernel profiles of every variant but peft_default here")
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script, no figures)")
     ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
@@ -325,9 +381,16 @@ def main() -> None:
         TINY, DEVICE = True, "cpu"
         for s in SPECS.values():
             s.update(batch=2, seq=32)
-        args.out = str(ROOT / "runs/lora_vs_peft_tiny.json")
+        args.out = args.out or str(ROOT / "runs/lora_vs_peft_tiny.json")
     else:
         assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    args.out = args.out or str(ROOT / "benchmarks/results/lora_vs_peft.json")
+    if args.interleave and sum(v.removesuffix(COMPILED) in ("ours_merged", "ours_merged_tkernel")
+                               for v in args.variants) > 1:
+        ap.error("--interleave takes at most one merged_training variant (ours_merged, ours_merged_tkernel): "
+                 "their layers share the registry that forms every stale W' at once, so one would pay for another")
+    if args.interleave and args.profile_dir:
+        ap.error("--interleave measures time only; run --profile-dir without it")
     import peft
     import transformers
 
@@ -337,14 +400,22 @@ def main() -> None:
     if not args.tiny and any(v.removesuffix(COMPILED) in TKERNEL for v in args.variants):
         metrics["tkernel_grad_rel_err_bf16"] = check_tkernel_matches_reference()
     metrics["rounds"] = args.rounds
+    metrics["interleaved"] = int(args.interleave)
     for name in args.models:
-        rounds = [{v: measure(name, v, args.r, args.warmup, args.steps) for v in args.variants}
-                  for _ in range(args.rounds)]
+        if args.interleave:
+            *rounds, last = measure_interleaved(name, args.variants, args.r, args.warmup, args.steps, args.rounds)
+            for (a, b), ratios in last["paired"].items():
+                if a.startswith("ours") and (b.startswith("peft") or b == "frozen"):
+                    metrics[f"{name}_{a}_vs_{b}_paired"] = round(statistics.median(ratios), 4)
+        else:
+            rounds = [{v: measure(name, v, args.r, args.warmup, args.steps) for v in args.variants}
+                      for _ in range(args.rounds)]
         res = {v: {**rounds[0][v], "ms": statistics.median(r[v]["ms"] for r in rounds),
                    "peak_gib": max(r[v]["peak_gib"] for r in rounds)} for v in args.variants}
         for v, d in res.items():
             metrics[f"{name}_{v}_ms"] = round(d["ms"], 3)
-            metrics[f"{name}_{v}_peak_gib"] = round(d["peak_gib"], 3)
+            if not args.interleave:
+                metrics[f"{name}_{v}_peak_gib"] = round(d["peak_gib"], 3)
             if args.rounds > 1:
                 metrics[f"{name}_{v}_ms_min"] = round(min(r[v]["ms"] for r in rounds), 3)
                 metrics[f"{name}_{v}_ms_max"] = round(max(r[v]["ms"] for r in rounds), 3)
@@ -356,13 +427,15 @@ def main() -> None:
             best_mem = min(res["peft_default"]["peak_gib"], res["peft_bf16"]["peak_gib"])
         if both_peft and "ours" in res:
             metrics[f"step_time_ratio_{name}"] = round(res["ours"]["ms"] / res[best]["ms"], 4)
-            metrics[f"peak_mem_ratio_{name}"] = round(res["ours"]["peak_gib"] / best_mem, 4) if best_mem else 0.0
+            if not args.interleave:
+                metrics[f"peak_mem_ratio_{name}"] = round(res["ours"]["peak_gib"] / best_mem, 4) if best_mem else 0.0
             metrics[f"{name}_trainable_params"] = res["ours"]["trainable"]
             metrics[f"{name}_peft_trainable_params"] = res["peft_bf16"]["trainable"]
         for extra in ("ours_cpp", "ours_merged", *TKERNEL):
             if both_peft and extra in res:
                 metrics[f"step_time_ratio_{name}_{extra}"] = round(res[extra]["ms"] / res[best]["ms"], 4)
-                metrics[f"peak_mem_ratio_{name}_{extra}"] = round(res[extra]["peak_gib"] / best_mem, 4) if best_mem else 0.0
+                if not args.interleave:
+                    metrics[f"peak_mem_ratio_{name}_{extra}"] = round(res[extra]["peak_gib"] / best_mem, 4) if best_mem else 0.0
         if {"ours_merged", "frozen"} <= set(res):
             metrics[f"overhead_vs_frozen_{name}_ours_merged"] = round(res["ours_merged"]["ms"] / res["frozen"]["ms"], 4)
         if {"ours", "frozen"} <= set(res):
@@ -371,8 +444,9 @@ def main() -> None:
         if "ours" + COMPILED in res and peft_compiled:
             best = min(peft_compiled, key=lambda v: res[v]["ms"])
             metrics[f"step_time_ratio_{name}{COMPILED}"] = round(res["ours" + COMPILED]["ms"] / res[best]["ms"], 4)
-            metrics[f"peak_mem_ratio_{name}{COMPILED}"] = round(res["ours" + COMPILED]["peak_gib"] / res[best]["peak_gib"], 4) \
-                if res[best]["peak_gib"] else 0.0
+            if not args.interleave:
+                metrics[f"peak_mem_ratio_{name}{COMPILED}"] = round(
+                    res["ours" + COMPILED]["peak_gib"] / res[best]["peak_gib"], 4) if res[best]["peak_gib"] else 0.0
     if args.profile_dir:
         for name in args.models:
             # every variant but PEFT's fp32-adapter default (the slowest): wall time minus kernel time is

@@ -1,0 +1,48 @@
+"""``benchmarks/lora_vs_peft.py --interleave`` end to end on the CPU (``--tiny``): every variant's
+model resident, the timed steps alternating between them; the result carries per-variant medians,
+the paired ratios and no memory figures (the GPU run is the measurement)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = str(ROOT / "benchmarks/lora_vs_peft.py")
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, SCRIPT, "--tiny", "--models", "bert", "--out", str(tmp_path / "r.json"),
+                           *args], capture_output=True, text=True, timeout=600)
+
+
+def test_interleaved_run_writes_medians_paired_ratios_and_no_memory(tmp_path: Path) -> None:
+    variants = ["frozen", "ours", "ours_merged", "peft_bf16", "peft_default"]
+    proc = _run(tmp_path, "--interleave", "--variants", *variants, "--warmup", "1", "--steps", "3", "--rounds", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    assert m["interleaved"] == 1 and m["rounds"] == 2
+    for v in variants:
+        assert m[f"bert_{v}_ms_min"] <= m[f"bert_{v}_ms"] <= m[f"bert_{v}_ms_max"]
+        assert f"bert_{v}_peak_gib" not in m  # every model is resident: no per-variant peak
+    assert not any(k.startswith("peak_mem_ratio") for k in m)
+    best = min(("peft_default", "peft_bf16"), key=lambda v: m[f"bert_{v}_ms"])
+    assert m["step_time_ratio_bert"] == pytest.approx(m["bert_ours_ms"] / m[f"bert_{best}_ms"], abs=1e-4)
+    for a in ("ours", "ours_merged"):
+        for b in ("peft_bf16", "peft_default", "frozen"):
+            assert m[f"bert_{a}_vs_{b}_paired"] > 0
+    # the trainable counts come from the resident models, as in the sequential mode
+    assert m["bert_trainable_params"] == m["bert_peft_trainable_params"] > 0
+    assert m["bert_ours_sibling_sets"] > 0
+
+
+def test_interleave_refuses_two_merged_variants_and_profiling(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "--interleave", "--variants", "ours_merged", "ours_merged_tkernel", "peft_bf16")
+    assert proc.returncode == 2 and "at most one merged_training variant" in proc.stderr
+    proc = _run(tmp_path, "--interleave", "--profile-dir", str(tmp_path / "p"), "--variants", "ours", "peft_bf16")
+    assert proc.returncode == 2 and "time only" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
