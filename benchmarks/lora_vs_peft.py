@@ -42,6 +42,10 @@ cycle), ``--rounds`` × ``--steps`` cycles. On a host-bound step the host's pace
 (session 20: one variant's rounds 20 ms apart, and two runs minutes apart gave 0.756 and 0.964 for
 the same ratio); steps taken a few hundred ms apart share that pace, so the ratios compare the code.
 ``<model>_<a>_vs_<b>_paired`` is the median over cycles of ``a``'s step over ``b``'s in the same cycle.
+Each turn's first step starts cold on the host (another model's Python objects and allocations ran
+last): with ``--block 1`` that cold step is the sample, which slows every variant (BERT ``ours`` 48
+against 29–35 ms sequentially, session 20) and tilts the ratios towards the host-time ratio;
+``--block K`` takes K steps a turn and times the last K - 1, warm, as the sequential mode does.
 No memory figures (every model is resident: the sequential mode measures memory), and at most one
 ``merged_training`` variant (their layers share the registry that forms every stale W' at once).
 """
@@ -220,7 +224,7 @@ def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[st
 
 
 def measure_interleaved(name: str, variants: list[str], r: int, warmup: int, steps: int,
-                        rounds: int) -> list[dict[str, dict[str, float]]]:
+                        rounds: int, block: int = 1) -> list[dict[str, dict[str, float]]]:
     """``rounds`` dicts ``{variant: {"ms", "peak_gib" (0: not measured), "trainable", "sibling_sets"}}``
     from one set of resident models whose timed steps alternate (module docstring, ``--interleave``),
     and a last dict under the key ``"paired"``: ``{(a, b): [a's ms / b's ms per cycle]}``."""
@@ -242,7 +246,9 @@ def measure_interleaved(name: str, variants: list[str], r: int, warmup: int, ste
         for v in variants[k:] + variants[:k]:  # rotated: no variant always follows the same one
             cpp_switch(v)
             replay_kernels.set_enabled(v.removesuffix(COMPILED) in TKERNEL)
-            times[v].append(timed_steps(built[v][2], 0, 1, cuda)[0])
+            # --block K: K steps a turn, the first untimed (it starts cold on the host: another model
+            # ran last) and the median of the other K - 1 the cycle's sample; K = 1: the one step, cold
+            times[v].append(timed_steps(built[v][2], int(block > 1), max(block - 1, 1), cuda)[0])
     out = []
     for i in range(rounds):
         res = {}
@@ -361,6 +367,9 @@ def main() -> None:
                          "spread: the host's load drifts, and a variant timed in a bad minute should not decide a ratio")
     ap.add_argument("--interleave", action="store_true",
                     help="all variants resident, timed steps alternating between them (time only; see the docstring)")
+    ap.add_argument("--block", type=int, default=1,
+                    help="with --interleave: steps per variant per turn; the first of each turn is untimed (a cold "
+                         "host) and the median of the rest is the turn's sample (default 1: one cold step a turn)")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/lora_vs_peft.json; "
                                                 "with --tiny runs/lora_vs_peft_tiny.json)")
     ap.add_argument("--profile-dir", default=None, help="also write kernel profiles of every variant but peft_default here")
@@ -401,9 +410,12 @@ def main() -> None:
         metrics["tkernel_grad_rel_err_bf16"] = check_tkernel_matches_reference()
     metrics["rounds"] = args.rounds
     metrics["interleaved"] = int(args.interleave)
+    if args.interleave:
+        metrics["interleave_block"] = args.block
     for name in args.models:
         if args.interleave:
-            *rounds, last = measure_interleaved(name, args.variants, args.r, args.warmup, args.steps, args.rounds)
+            *rounds, last = measure_interleaved(name, args.variants, args.r, args.warmup, args.steps, args.rounds,
+                                                args.block)
             for (a, b), ratios in last["paired"].items():
                 if a.startswith("ours") and (b.startswith("peft") or b == "frozen"):
                     metrics[f"{name}_{a}_vs_{b}_paired"] = round(statistics.median(ratios), 4)

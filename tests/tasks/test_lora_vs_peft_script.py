@@ -22,10 +22,11 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_interleaved_run_writes_medians_paired_ratios_and_no_memory(tmp_path: Path) -> None:
     variants = ["frozen", "ours", "ours_merged", "peft_bf16", "peft_default"]
-    proc = _run(tmp_path, "--interleave", "--variants", *variants, "--warmup", "1", "--steps", "3", "--rounds", "2")
+    proc = _run(tmp_path, "--interleave", "--block", "2", "--variants", *variants, "--warmup", "1", "--steps", "3",
+                "--rounds", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((tmp_path / "r.json").read_text())["metrics"]
-    assert m["interleaved"] == 1 and m["rounds"] == 2
+    assert m["interleaved"] == 1 and m["rounds"] == 2 and m["interleave_block"] == 2
     for v in variants:
         assert m[f"bert_{v}_ms_min"] <= m[f"bert_{v}_ms"] <= m[f"bert_{v}_ms_max"]
         assert f"bert_{v}_peak_gib" not in m  # every model is resident: no per-variant peak
