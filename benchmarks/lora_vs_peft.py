@@ -398,6 +398,8 @@ def main() -> None:
                                for v in args.variants) > 1:
         ap.error("--interleave takes at most one merged_training variant (ours_merged, ours_merged_tkernel): "
                  "their layers share the registry that forms every stale W' at once, so one would pay for another")
+    if args.block < 1:
+        ap.error(f"--block must be at least 1, got {args.block}")
     if args.interleave and args.profile_dir:
         ap.error("--interleave measures time only; run --profile-dir without it")
     import peft

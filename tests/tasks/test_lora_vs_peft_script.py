@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch import nn
+
+from benchmarks import lora_vs_peft
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "benchmarks/lora_vs_peft.py")
@@ -41,9 +44,47 @@ def test_interleaved_run_writes_medians_paired_ratios_and_no_memory(tmp_path: Pa
     assert m["bert_ours_sibling_sets"] > 0
 
 
-def test_interleave_refuses_two_merged_variants_and_profiling(tmp_path: Path) -> None:
+def test_interleave_refuses_two_merged_variants_profiling_and_an_empty_block(tmp_path: Path) -> None:
     proc = _run(tmp_path, "--interleave", "--variants", "ours_merged", "ours_merged_tkernel", "peft_bf16")
     assert proc.returncode == 2 and "at most one merged_training variant" in proc.stderr
     proc = _run(tmp_path, "--interleave", "--profile-dir", str(tmp_path / "p"), "--variants", "ours", "peft_bf16")
     assert proc.returncode == 2 and "time only" in proc.stderr
+    proc = _run(tmp_path, "--interleave", "--block", "0", "--variants", "ours", "peft_bf16")
+    assert proc.returncode == 2 and "--block must be at least 1" in proc.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_turns_alternate_in_a_rotated_order_and_each_turn_s_first_step_is_untimed(monkeypatch) -> None:
+    """The schedule itself, with stand-in models whose steps log their variant: warm-up per variant,
+    then per cycle one turn of ``block`` steps each, the order rotated by one every cycle; one sample
+    per turn, from its steps after the first."""
+    log: list[str] = []
+    variant_of: dict[int, str] = {}
+
+    def build(spec, variant, r):
+        model = nn.Linear(1, 1)
+        variant_of[id(model)] = variant
+        return model, list(model.parameters())
+
+    monkeypatch.setattr(lora_vs_peft, "DEVICE", "cpu")
+    monkeypatch.setitem(lora_vs_peft.SPECS, "stub", {})
+    monkeypatch.setattr(lora_vs_peft, "build", build)
+    monkeypatch.setattr(lora_vs_peft, "step_fn", lambda model, params, spec: lambda: log.append(variant_of[id(model)]))
+    timed: list[tuple[int, int]] = []
+    real_timed = lora_vs_peft.timed_steps
+
+    def timed_steps(step, warmup, steps, cuda):
+        timed.append((warmup, steps))
+        return real_timed(step, warmup, steps, cuda)
+
+    monkeypatch.setattr(lora_vs_peft, "timed_steps", timed_steps)
+    variants = ["frozen", "ours", "peft_bf16"]
+    *rounds, last = lora_vs_peft.measure_interleaved("stub", variants, r=4, warmup=2, steps=2, rounds=2, block=3)
+    f, o, p = variants
+    warm = [f, f, o, o, p, p]
+    cycles = [[f, o, p], [o, p, f], [p, f, o], [f, o, p]]  # rounds × steps = 4 cycles, rotated by one each
+    assert log == warm + [v for order in cycles for v in order for _ in range(3)]
+    assert timed == [(1, 2)] * 12  # every turn: its first step untimed, the other block - 1 timed
+    assert len(rounds) == 2 and all(set(r) == set(variants) for r in rounds)
+    assert all(len(ratios) == 4 for ratios in last["paired"].values())  # one sample per turn
+    assert set(last["paired"]) == {(a, b) for a in variants for b in variants if a != b}
