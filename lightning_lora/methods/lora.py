@@ -684,23 +684,27 @@ def _merge_seed() -> int:
 _MERGED_LAYERS: weakref.WeakSet[LoRALinear] = weakref.WeakSet()
 
 
-def _cast_key(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple[Any, ...] | None:
-    """What a layer's cached casts of ``A`` and ``B`` in ``dtype`` depend on: the cast epoch (optimizer
-    steps taken, since fused optimizers leave version counters alone, and explicit invalidations),
-    the parameters' versions (other in-place writes: init, loading) and storages; ``None`` (never
-    cached) for inference tensors, which (made under torch.inference_mode) have no version counter."""
+def _cast_key(layer: LoRALinear, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple[Any, ...] | None:
+    """What ``layer``'s cached casts of ``A`` and ``B`` in ``dtype`` depend on: the explicit
+    invalidations (:func:`invalidate_cast_caches`), the steps of optimizers holding A or B (the
+    layer's ``_step_epoch``: fused optimizers leave version counters alone), the parameters' versions
+    (other in-place writes: init, loading) and storages; ``None`` (never cached) for inference tensors,
+    which (made under torch.inference_mode) have no version counter."""
     if A.is_inference() or B.is_inference():
         return None
-    return (_CAST_EPOCH, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
+    return (_CAST_EPOCH, layer.__dict__.get("_step_epoch", 0), A._version, B._version, A.data_ptr(), B.data_ptr(),
+            dtype)
 
 
-def _casts_current(key: tuple[Any, ...] | None, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether casts cached under ``key`` still hold for ``A``, ``B`` and ``dtype``: ``key == _cast_key(A,
-    B, dtype)`` without building the tuple (checked per layer per forward). Storages are compared before
-    versions: an inference tensor, which has no version counter, never sits in a storage a cached key
-    was taken from."""
-    return (key is not None and key[0] == _CAST_EPOCH and key[5] == dtype and key[3] == A.data_ptr()
-            and key[4] == B.data_ptr() and key[1] == A._version and key[2] == B._version)
+def _casts_current(layer: LoRALinear, key: tuple[Any, ...] | None, A: torch.Tensor, B: torch.Tensor,
+                   dtype: torch.dtype) -> bool:
+    """Whether casts cached under ``key`` still hold for ``A``, ``B`` and ``dtype``: ``key ==
+    _cast_key(layer, A, B, dtype)`` without building the tuple (checked per layer per forward). Storages
+    are compared before versions: an inference tensor, which has no version counter, never sits in a
+    storage a cached key was taken from."""
+    return (key is not None and key[0] == _CAST_EPOCH and key[1] == layer.__dict__.get("_step_epoch", 0)
+            and key[6] == dtype and key[4] == A.data_ptr() and key[5] == B.data_ptr() and key[2] == A._version
+            and key[3] == B._version)
 
 
 def _plain_apply() -> bool:
@@ -861,7 +865,7 @@ class _SiblingSet:
             A, B = _lora_ab(m)
             As.append(A)
             Bs.append(B)
-            if not _casts_current(m._cast_key, A, B, xdtype):
+            if not _casts_current(m, m._cast_key, A, B, xdtype):
                 if stale is None:
                     stale = []
                 stale.append(m)
@@ -1006,10 +1010,13 @@ class _SiblingGroup:
 
 #: live LoRA layers, so a stale cast cache refreshes every stale layer's casts in one multi-tensor copy
 _CAST_LAYERS: weakref.WeakSet[LoRALinear] = weakref.WeakSet()
-#: optimizer steps taken in this process plus calls of :func:`invalidate_cast_caches`. Part of the
-#: cast-cache key because fused optimizers (``torch.optim.AdamW(fused=True)``'s ``_fused_adamw_``)
-#: update parameters in place without bumping their version counter: keyed on versions alone, the
-#: casts went stale after the first step.
+#: calls of :func:`invalidate_cast_caches`: part of every cast-cache key. An optimizer step moves the
+#: ``_step_epoch`` of the layers whose A or B it holds, by identity or by storage (a view into a flat
+#: buffer; a storage that cannot be read counts as held), because fused
+#: optimizers (``torch.optim.AdamW(fused=True)``'s ``_fused_adamw_``) update parameters in place without
+#: bumping their version counter: keyed on versions alone, the casts went stale after the first step.
+#: Per layer, so that another model's optimizer (two models trained in turn, a gate optimizer beside
+#: the adapters' one) leaves these casts, and ``merged_training``'s W', as they are.
 _CAST_EPOCH = 0
 #: calls of :func:`invalidate_cast_caches` alone: the key of casts that optimizer steps do not touch
 #: (frozen buffers, ``CoreLoRALinear._frozen_cast``)
@@ -1034,8 +1041,6 @@ def invalidate_cast_caches() -> None:
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    global _CAST_EPOCH
-    _CAST_EPOCH += 1
     _refresh_after_step(optimizer)
 
 
@@ -1051,14 +1056,31 @@ def _refresh_after_step(optimizer: torch.optim.Optimizer) -> None:
     """
     if not _CAST_LAYERS:
         return
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    held = {id(p) for p in params}
+    storages: list[set[int] | None] = []  # the held parameters' storages, made on first need
+
+    def in_held_storage(t: torch.Tensor) -> bool:
+        """Whether ``t`` lives in a held parameter's storage (a view into a flat buffer); True where a
+        storage cannot be read (a tensor subclass, a trace): what the step moved is unknown then."""
+        try:
+            if not storages:
+                storages.append({p.untyped_storage().data_ptr() for p in params})
+            held_storages = storages[0]
+            return held_storages is None or t.untyped_storage().data_ptr() in held_storages
+        except (RuntimeError, NotImplementedError):
+            storages[:] = [None]
+            return True
+
     by_dtype: dict[torch.dtype, list[LoRALinear]] = {}
     for layer in list(_CAST_LAYERS):
         state = layer.__dict__
+        A, B = _lora_ab(layer)
+        if id(A) in held or id(B) in held or in_held_storage(A) or in_held_storage(B):
+            state["_step_epoch"] = state.get("_step_epoch", 0) + 1  # this step may have moved A or B
         dtype = state.get("_cast_dtype")
         if dtype is None:  # never cast (not run yet, inference tensors)
             continue
-        A, B = _lora_ab(layer)
         if id(A) in held or id(B) in held:
             # from now on this optimizer's steps are known to move A and B: casts may be kept
             # between them (LoRALinear._cast_key_for). Marked by the parameters' identities, so a
@@ -1132,7 +1154,7 @@ def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
         # plain attributes, written past nn.Module.__setattr__'s parameter/buffer/module checks
         state = layer.__dict__
         state["_casts"] = (casts[0], casts[1])
-        key = _cast_key(A, B, dtype)
+        key = _cast_key(layer, A, B, dtype)
         state["_cast_dtype"] = None if key is None else dtype  # what the step hook refreshes in
         # (None for a layer no optimizer has stepped yet: its casts serve this forward only)
         state["_cast_key"] = key if state.get("_cast_managed") == (id(A), id(B)) else None
@@ -1200,6 +1222,8 @@ class LoRALinear(AdapterLayer):
         self._cast_dtype: torch.dtype | None = None
         #: ``(id(A), id(B))`` once an optimizer holding them has stepped: casts are kept from then on
         self._cast_managed: tuple[int, int] | None = None
+        #: steps of optimizers holding A or B (by identity or storage): part of the cast key
+        self._step_epoch = 0
         self._casts: tuple[torch.Tensor, ...] = ()
         #: the sibling group (same parent, same in_features) set by LoRA.on_inject; None: runs alone
         self._siblings: _SiblingGroup | None = None
@@ -1278,7 +1302,7 @@ class LoRALinear(AdapterLayer):
     def _merged(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         A, B = _lora_ab(self)
         dtype = x.dtype
-        casts = self._casts if _casts_current(self._cast_key, A, B, dtype) else self._adapter_casts(dtype)
+        casts = self._casts if _casts_current(self, self._cast_key, A, B, dtype) else self._adapter_casts(dtype)
         w_merged = self._merged_weight(weight, A, B, dtype)
         recipe = None
         if self.replay_inputs != "none" and A.requires_grad:
@@ -1325,7 +1349,7 @@ class LoRALinear(AdapterLayer):
         """What this layer's ``W'`` in ``dtype`` depends on (None: not kept, see :meth:`_merged_weight`)."""
         if self.__dict__.get("_cast_managed") != (id(A), id(B)):
             return None
-        key = _cast_key(A, B, dtype)
+        key = _cast_key(self, A, B, dtype)
         return None if key is None else (key, weight.data_ptr(), _version(weight))
 
     def _dora_rescale(self, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -1363,7 +1387,7 @@ class LoRALinear(AdapterLayer):
         A, B = _lora_ab(self)
         if self.__dict__.get("_cast_managed") != (id(A), id(B)):
             return None
-        return _cast_key(A, B, dtype)
+        return _cast_key(self, A, B, dtype)
 
     def _adapter_casts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` in ``dtype``, recomputed only when A or B changed (optimizer step). Parameters
@@ -1395,7 +1419,7 @@ class LoRALinear(AdapterLayer):
                 lead, x, xd = x.shape[:-1], x2, xd2
         A, B = _lora_ab(self)
         dtype = x.dtype
-        casts = self._casts if _casts_current(self._cast_key, A, B, dtype) else self._adapter_casts(dtype)
+        casts = self._casts if _casts_current(self, self._cast_key, A, B, dtype) else self._adapter_casts(dtype)
         mode = self.replay_inputs
         recipe = None
         if mode != "none" and xd is x and A.requires_grad:

@@ -381,3 +381,92 @@ def test_casts_kept_between_forwards_once_an_optimizer_steps(use_dora):
     model(x)
     assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(kept, (layer._casts for layer in layers.values())))
     _assert_casts_current(layers, torch.bfloat16)
+
+
+def _recast_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` with every cast made afresh from the parameters as they are now."""
+    ll.invalidate_cast_caches()
+    return model(x)
+
+
+def test_another_model_s_optimizer_leaves_these_casts_and_the_outputs_stay_exact():
+    """Two models trained in turn (GAN-like, or a gate optimizer beside the adapters' one): a step of
+    the other model's optimizer keeps this model's casts, the very same tensors, and this model's
+    output is the one fresh casts give; its own optimizer's step (fused: no version counter moves)
+    refreshes them."""
+    model_1, layers_1 = _model(torch.bfloat16, "float32")
+    model_2, _ = _model(torch.bfloat16, "float32")
+    opt_1 = torch.optim.AdamW(ll.trainable_parameters(model_1), lr=1e-2, fused=True)
+    opt_2 = torch.optim.AdamW(ll.trainable_parameters(model_2), lr=1e-2, fused=True)
+    x = _x(torch.bfloat16)
+    for model, opt in ((model_1, opt_1), (model_2, opt_2)):
+        model(x)  # the first pass runs every layer alone and learns the sibling sets
+        model(x).float().pow(2).sum().backward()
+        opt.step()  # from now on the casts are kept between this model's steps
+        opt.zero_grad(set_to_none=True)
+    model_1(x)
+    kept = {name: layer._casts for name, layer in layers_1.items()}
+    model_2(x).float().pow(2).sum().backward()
+    opt_2.step()
+    opt_2.zero_grad(set_to_none=True)
+    y = model_1(x)
+    assert all(layers_1[n]._casts[0] is kept[n][0] and layers_1[n]._casts[1] is kept[n][1] for n in kept)
+    assert torch.equal(y, _recast_output(model_1, x))
+    y = model_1(x)
+    y.float().pow(2).sum().backward()
+    opt_1.step()
+    opt_1.zero_grad(set_to_none=True)
+    assert all(layers_1[n]._casts[0] is not kept[n][0] for n in kept)
+    _assert_casts_current(layers_1, torch.bfloat16)
+    assert torch.equal(model_1(x), _recast_output(model_1, x))
+
+
+def test_an_optimizer_holding_a_flat_buffer_that_a_is_a_view_of_refreshes_its_casts():
+    """A managed layer whose A is also a view into a flat buffer that a fused optimizer updates (no
+    version counter moves, and that optimizer does not hold A itself): the step still counts for the
+    layer, through the shared storage, and its next forward uses the new A."""
+    model, layers = _model(torch.bfloat16, "float32")
+    layer = layers["0.o"]  # a layer alone (q/k/v form a sibling set)
+    flat = nn.Parameter(layer.lora_A.detach().flatten().clone())
+    layer.lora_A.data = flat.data.view_as(layer.lora_A)  # A now lives in flat's storage
+    opt = torch.optim.SGD(ll.trainable_parameters(model), lr=1e-2)
+    x = _x(torch.bfloat16)
+    model(x)
+    model(x).float().pow(2).sum().backward()
+    opt.step()  # marks the layers managed: their casts are kept between forwards from now on
+    opt.zero_grad(set_to_none=True)
+    model(x)
+    kept = layer._casts[0]
+    flat.grad = torch.ones_like(flat)
+    torch.optim.AdamW([flat], lr=0.5, fused=True).step()
+    assert not torch.equal(kept, layer.lora_A.detach().to(torch.bfloat16))  # A moved under the cast
+    y = model(x)
+    _assert_casts_current(layers, torch.bfloat16)
+    assert torch.equal(y, _recast_output(model, x))
+
+
+class _NoStorageParameter(nn.Parameter):
+    """A parameter whose storage cannot be read (as a tensor subclass or a traced tensor's)."""
+
+    def untyped_storage(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no storage here")
+
+
+def test_an_optimizer_whose_storages_cannot_be_read_counts_as_moving_every_layer():
+    """When the step hook cannot tell which storages an optimizer holds, every layer's casts are
+    made afresh at the next forward (never kept stale)."""
+    model, layers = _model(torch.bfloat16, "float32")
+    opt = torch.optim.SGD(ll.trainable_parameters(model), lr=1e-2)
+    x = _x(torch.bfloat16)
+    model(x)
+    model(x).float().pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model(x)
+    kept = {name: layer._casts[0] for name, layer in layers.items()}
+    other = _NoStorageParameter(torch.zeros(3))
+    other.grad = torch.ones(3)
+    torch.optim.SGD([other], lr=0.1).step()
+    model(x)
+    assert all(layers[n]._casts[0] is not kept[n] for n in kept)
+    _assert_casts_current(layers, torch.bfloat16)

@@ -357,3 +357,46 @@ def test_after_a_step_every_stale_layer_is_merged_in_one_call(monkeypatch):
         torch.testing.assert_close(layer._merged_cache[1], expected.detach(), atol=1e-6, rtol=1e-6, msg=name)
     model(_x())
     assert calls == [len(layers)]  # nothing stale: no merge
+
+
+def test_another_model_s_optimizer_step_leaves_this_model_s_merged_weights(monkeypatch):
+    """Two merged models trained in turn: after the other model's optimizer steps, this model's
+    forward forms no W' and keeps its own (the very same tensors); over a step of each optimizer
+    every layer's W' is formed once, each its own ``W + s·B A``."""
+    gc.collect()  # earlier tests' models, kept by reference cycles, would join the refresh
+    model_1, layers_1 = _model(merged=True)
+    model_2, layers_2 = _model(merged=True, seed=1)
+    opts = {}
+    for model in (model_1, model_2):
+        model.train()
+        opts[id(model)] = opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        for _ in range(2):  # step 1 forms W' per layer (no cache yet), step 2 finds them all stale
+            model(_x()).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        model(_x())  # every W' current
+    calls = []
+    real = lora_mod.merged_weights
+
+    def spy(weights, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(weights))
+        return real(weights, *args, **kwargs)
+
+    monkeypatch.setattr(lora_mod, "merged_weights", spy)
+    kept = {name: layer._merged_cache[1] for name, layer in layers_1.items()}
+    model_2(_x()).square().sum().backward()
+    opts[id(model_2)].step()
+    opts[id(model_2)].zero_grad()
+    model_1(_x())
+    assert calls == []
+    assert all(layers_1[n]._merged_cache[1] is kept[n] for n in kept)
+    model_1(_x()).square().sum().backward()
+    opts[id(model_1)].step()
+    model_1(_x())
+    # model 1's W' and model 2's, stale since model 2's step, in one call; then nothing is left
+    assert calls == [len(layers_1) + len(layers_2)]
+    model_2(_x())
+    assert calls == [len(layers_1) + len(layers_2)]  # one W' per layer per step of its own optimizer
+    for name, layer in [*layers_1.items(), *layers_2.items()]:
+        expected = layer.base_layer.weight + layer.scaling * layer.lora_B @ layer.lora_A
+        torch.testing.assert_close(layer._merged_cache[1], expected.detach(), atol=1e-6, rtol=1e-6, msg=name)
