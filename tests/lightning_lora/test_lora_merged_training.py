@@ -331,18 +331,21 @@ def test_siblings_run_merged_in_one_function_and_match_the_formula(monkeypatch):
     assert len(metas) == 1 and metas[0][-1] is False  # eval: the exact fused sibling path
 
 
-def test_after_a_step_every_stale_layer_is_merged_in_one_call(monkeypatch):
-    """The first train-mode forward after an optimizer step forms every merged layer's new W' in one
-    ``merged_weights`` call (grouped launches on CUDA), and each gets its own ``W + s·B A``."""
-    gc.collect()  # earlier tests' models, kept by reference cycles, would join the refresh
-    model, layers = _model(merged=True)
+def _train_two_steps(model: nn.Module) -> torch.optim.Optimizer:
+    """Two SGD steps in train mode (step 1 forms W' per layer, with no cache yet; step 2 finds them
+    all stale); returns the optimizer."""
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    for _ in range(2):  # step 1 forms W' per layer (no cache yet), step 2 finds them all stale
+    for _ in range(2):
         model(_x()).square().sum().backward()
         opt.step()
         opt.zero_grad()
-    calls = []
+    return opt
+
+
+def _count_merges(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the number of layers of every ``merged_weights`` call, appended to the list returned."""
+    calls: list[int] = []
     real = lora_mod.merged_weights
 
     def spy(weights, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -350,6 +353,16 @@ def test_after_a_step_every_stale_layer_is_merged_in_one_call(monkeypatch):
         return real(weights, *args, **kwargs)
 
     monkeypatch.setattr(lora_mod, "merged_weights", spy)
+    return calls
+
+
+def test_after_a_step_every_stale_layer_is_merged_in_one_call(monkeypatch):
+    """The first train-mode forward after an optimizer step forms every merged layer's new W' in one
+    ``merged_weights`` call (grouped launches on CUDA), and each gets its own ``W + s·B A``."""
+    gc.collect()  # earlier tests' models, kept by reference cycles, would join the refresh
+    model, layers = _model(merged=True)
+    _train_two_steps(model)
+    calls = _count_merges(monkeypatch)
     model(_x())
     assert calls == [len(layers)]
     for name, layer in layers.items():
@@ -368,21 +381,9 @@ def test_another_model_s_optimizer_step_leaves_this_model_s_merged_weights(monke
     model_2, layers_2 = _model(merged=True, seed=1)
     opts = {}
     for model in (model_1, model_2):
-        model.train()
-        opts[id(model)] = opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        for _ in range(2):  # step 1 forms W' per layer (no cache yet), step 2 finds them all stale
-            model(_x()).square().sum().backward()
-            opt.step()
-            opt.zero_grad()
+        opts[id(model)] = _train_two_steps(model)
         model(_x())  # every W' current
-    calls = []
-    real = lora_mod.merged_weights
-
-    def spy(weights, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(len(weights))
-        return real(weights, *args, **kwargs)
-
-    monkeypatch.setattr(lora_mod, "merged_weights", spy)
+    calls = _count_merges(monkeypatch)
     kept = {name: layer._merged_cache[1] for name, layer in layers_1.items()}
     model_2(_x()).square().sum().backward()
     opts[id(model_2)].step()
