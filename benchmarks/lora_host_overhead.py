@@ -25,6 +25,9 @@ once into torch's extension cache); keys ``ours_cpp_vs_ours`` and ``ours_cpp_vs_
 per-child ratios). ``ours_merged`` is ``merged_training=True`` (W + sBA formed once per optimizer
 step, in fp32 here, where the GPU forms it in bf16 in a few grouped Triton launches: on this CPU the
 merge is one torch expression per layer); keys ``ours_merged_vs_ours`` and ``ours_merged_vs_peft``.
+``ours_pair`` and ``ours_merged_pair`` train two such models in turn, each with its own optimizer
+(two models in one loop, or a gate optimizer beside the adapters' one), and report the time per model
+step: ``ours_pair_vs_ours`` is what the other model's optimizer costs this one (1 when nothing).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from host_timing import ROOT, alternate, run_child, write_result  # benchmarks/ 
 
 
 #: variants beside the default ones whose ratios to ``ours`` and to PEFT are reported per child
-EXTRA_VARIANTS = ("ours_cpp", "ours_merged")
+EXTRA_VARIANTS = ("ours_cpp", "ours_merged", "ours_pair", "ours_merged_pair")
+#: suffix of a variant trained as two models in turn, each with its own optimizer
+PAIR = "_pair"
 
 
 def child(root: str, variants: list[str], rounds: int, steps: int) -> dict[str, float]:
@@ -85,27 +90,31 @@ def child(root: str, variants: list[str], rounds: int, steps: int) -> dict[str, 
         assert cpp is not None, "ours_cpp: the C++ extension could not be built"
     steps_fn = {}
     for v in variants:
-        model, params = build(v)
-        opt = torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None
+        # <variant>_pair: two models of <variant>, each with its own optimizer, stepped in turn (a
+        # step of the pair is one step of each: its time is halved, per model step)
+        copies = 2 if v.endswith(PAIR) else 1
+        built = [build(v.removesuffix(PAIR)) for _ in range(copies)]
+        opts = [torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None for _, params in built]
 
-        def step(model=model, opt=opt, on=cpp if v == "ours_cpp" else None) -> None:
+        def step(models=[m for m, _ in built], opts=opts, on=cpp if v == "ours_cpp" else None) -> None:
             if lora_mod is not None:
                 lora_mod._CPP = on
-            model(input_ids=ids, labels=labels).loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            for model, opt in zip(models, opts):
+                model(input_ids=ids, labels=labels).loss.backward()
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
 
         for _ in range(5):
             step()
-        steps_fn[v] = step
+        steps_fn[v] = (step, copies)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):
-        for v, step in steps_fn.items():
+        for v, (step, copies) in steps_fn.items():
             t0 = time.process_time()  # this process's CPU time: other processes' load does not count
             for _ in range(steps):
                 step()
-            times[v].append((time.process_time() - t0) / steps * 1000)
+            times[v].append((time.process_time() - t0) / steps / copies * 1000)
     return {v: statistics.median(t) for v, t in times.items()}
 
 
@@ -143,7 +152,8 @@ def main() -> None:
     metrics: dict[str, float] = {k: statistics.median(v) for k, v in samples.items() if not k.endswith("_per_child")}
     # the ratios are medians of the per-child ratios (each child times ours and PEFT side by side)
     metrics["ours_vs_peft"] = statistics.median(samples["ours_vs_peft_per_child"])
-    for key in (f"{extra}_vs_{peer}" for extra in EXTRA_VARIANTS for peer in ("ours", "peft")):
+    for key in (f"{prefix}{extra}_vs_{peer}" for prefix in ("", "before_") for extra in EXTRA_VARIANTS
+                for peer in ("ours", "peft")):
         if f"{key}_per_child" in samples:
             metrics[key] = statistics.median(samples[f"{key}_per_child"])
     if "ours_nosib_host_ms" in metrics:
