@@ -33,7 +33,8 @@ def _no_compiler() -> bool:
 
 # the opt-in C++ path compiles at first use: like CUDA tests without a GPU, these need something pip
 # cannot install (a system C++ compiler); CI has g++ and runs them
-pytestmark = pytest.mark.skipif(_no_compiler(), reason="no C++ compiler on this machine to build the opt-in C++ path")
+pytestmark = pytest.mark.skipif(_no_compiler(), reason="no system C++ compiler to build the opt-in C++ path (pip "
+                                "cannot install one, as it cannot a GPU); CI has g++ and runs these")
 
 
 def test_extension_builds() -> None:
