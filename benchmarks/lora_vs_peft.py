@@ -183,10 +183,13 @@ def timed_steps(step: Callable[[], None], warmup: int, steps: int, cuda: bool) -
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 
 
-def cpp_switch(variant: str) -> None:
-    """``ours_cpp`` (and ``ours_cpp_compiled``): the C++ autograd functions on; every other variant: off."""
+def switches(variant: str) -> None:
+    """The process-wide switches of ``variant``: the C++ autograd functions on for ``ours_cpp`` (and
+    ``ours_cpp_compiled``) only, the replay kernel on for the ``TKERNEL`` variants only."""
+    from lightning_lora.core import replay_kernels
     from lightning_lora.methods import lora as lora_mod
 
+    replay_kernels.set_enabled(variant.removesuffix(COMPILED) in TKERNEL)
     if variant.removesuffix(COMPILED) == "ours_cpp":
         from lightning_lora.core import _lora_cpp
 
@@ -200,25 +203,26 @@ def cpp_switch(variant: str) -> None:
 TKERNEL = {"ours_tkernel": "ours", "ours_merged_tkernel": "ours_merged"}
 
 
-def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[str, float]:
-    from lightning_lora.core import replay_kernels
+def sibling_sets(model: nn.Module) -> int:
+    """Sibling sets the fused path learned (q/k/v, gate/up; query/key/value): proof it was taken."""
+    return len({id(st) for m in model.modules() if getattr(m, "_siblings", None) is not None
+                for st in (m._siblings.sets or {}).values()})
 
-    cpp_switch(variant)
-    replay_kernels.set_enabled(variant.removesuffix(COMPILED) in TKERNEL)
+
+def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[str, float]:
+    switches(variant)
     spec = SPECS[name]
     model, params = build(spec, variant, r)
     step = step_fn(model, params, spec)
     cuda = DEVICE == "cuda"
     ms, peak = timed_steps(step, warmup, steps, cuda)
     n_train = sum(p.numel() for p in params)
-    # sibling sets the fused path learned (q/k/v, gate/up; query/key/value): proof it was taken
-    sets = {id(st) for m in model.modules() if getattr(m, "_siblings", None) is not None
-            for st in (m._siblings.sets or {}).values()}
+    sets = sibling_sets(model)
     del model, params, step
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    res = {"ms": ms, "peak_gib": peak, "trainable": n_train, "sibling_sets": len(sets)}
+    res = {"ms": ms, "peak_gib": peak, "trainable": n_train, "sibling_sets": sets}
     print(f"{name:6s} {variant:13s} {res['ms']:8.2f} ms  {peak:6.2f} GiB  trainable {n_train:,}", flush=True)
     return res
 
@@ -228,13 +232,10 @@ def measure_interleaved(name: str, variants: list[str], r: int, warmup: int, ste
     """``rounds`` dicts ``{variant: {"ms", "peak_gib" (0: not measured), "trainable", "sibling_sets"}}``
     from one set of resident models whose timed steps alternate (module docstring, ``--interleave``),
     and a last dict under the key ``"paired"``: ``{(a, b): [a's ms / b's ms per cycle]}``."""
-    from lightning_lora.core import replay_kernels
-
     spec = SPECS[name]
     built = {}
     for v in variants:
-        cpp_switch(v)
-        replay_kernels.set_enabled(v.removesuffix(COMPILED) in TKERNEL)
+        switches(v)
         model, params = build(spec, v, r)
         built[v] = (model, params, step_fn(model, params, spec))
         for _ in range(warmup):
@@ -244,20 +245,14 @@ def measure_interleaved(name: str, variants: list[str], r: int, warmup: int, ste
     for cycle in range(rounds * steps):
         k = cycle % len(variants)
         for v in variants[k:] + variants[:k]:  # rotated: no variant always follows the same one
-            cpp_switch(v)
-            replay_kernels.set_enabled(v.removesuffix(COMPILED) in TKERNEL)
+            switches(v)
             # --block K: K steps a turn, the first untimed (it starts cold on the host: another model
             # ran last) and the median of the other K - 1 the cycle's sample; K = 1: the one step, cold
             times[v].append(timed_steps(built[v][2], int(block > 1), max(block - 1, 1), cuda)[0])
-    out = []
-    for i in range(rounds):
-        res = {}
-        for v, (model, params, _) in built.items():
-            sets = {id(st) for m in model.modules() if getattr(m, "_siblings", None) is not None
-                    for st in (m._siblings.sets or {}).values()}
-            res[v] = {"ms": statistics.median(times[v][i * steps:(i + 1) * steps]), "peak_gib": 0.0,
-                      "trainable": sum(p.numel() for p in params), "sibling_sets": len(sets)}
-        out.append(res)
+    counts = {v: {"peak_gib": 0.0, "trainable": sum(p.numel() for p in params), "sibling_sets": sibling_sets(model)}
+              for v, (model, params, _) in built.items()}
+    out = [{v: {"ms": statistics.median(times[v][i * steps:(i + 1) * steps]), **counts[v]} for v in variants}
+           for i in range(rounds)]
     for v in variants:
         print(f"{name:6s} {v:13s} {statistics.median(times[v]):8.2f} ms  (interleaved, {len(times[v])} steps)",
               flush=True)
@@ -286,7 +281,7 @@ def profile(name: str, variant: str, r: int, out_dir: Path) -> float:
     kernel time per step (ms)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    cpp_switch(variant)
+    switches(variant)
     spec = SPECS[name]
     model, params = build(spec, variant, r)
     step = step_fn(model, params, spec)

@@ -91,3 +91,17 @@ def test_turns_alternate_in_a_rotated_order_and_each_turn_s_first_step_is_untime
     assert len(rounds) == 2 and all(set(r) == set(variants) for r in rounds)
     assert all(len(ratios) == 4 for ratios in last["paired"].values())  # one sample per turn
     assert set(last["paired"]) == {(a, b) for a in variants for b in variants if a != b}
+
+
+def test_every_path_sets_both_switches_of_its_variant() -> None:
+    """measure, the interleaved turns and the kernel profile all go through ``switches``: the replay
+    kernel is on exactly for the TKERNEL variants (a profile once ran them with the kernel off)."""
+    from lightning_lora.core import replay_kernels
+
+    try:
+        for variant, on in (("ours_merged_tkernel", True), ("ours", False), ("ours_tkernel_compiled", True),
+                            ("peft_bf16", False)):
+            lora_vs_peft.switches(variant)
+            assert replay_kernels.enabled() is on, variant
+    finally:
+        replay_kernels.set_enabled(False)
