@@ -11,7 +11,8 @@ layer (BERT-base at 32 × 512: 96 MiB each, twelve layers).
 Each tile applies the forward's ops in the forward's dtypes (``act`` in fp32 rounded to bf16, then the
 product in fp32 rounded to bf16), so the ``x`` it multiplies is the forward's ``x`` (up to the last
 bit of the activation's libm); the sum runs in a different order than cuBLAS's, as any two GEMMs do.
-Opt-in for now (``LIGHTNING_LORA_TRITON_REPLAY=1`` or :func:`set_enabled`) until it is timed on the GPU.
+Opt-in (``LIGHTNING_LORA_TRITON_REPLAY=1`` or :func:`set_enabled`): timed on the H200, its extra launch
+costs a host-bound step more than the write and read it saves (docs/benchmarks.md).
 """
 from __future__ import annotations
 

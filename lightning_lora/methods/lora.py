@@ -692,7 +692,7 @@ def _cast_key(layer: LoRALinear, A: torch.Tensor, B: torch.Tensor, dtype: torch.
     which (made under torch.inference_mode) have no version counter."""
     if A.is_inference() or B.is_inference():
         return None
-    return (_CAST_EPOCH, layer.__dict__.get("_step_epoch", 0), A._version, B._version, A.data_ptr(), B.data_ptr(),
+    return (_CAST_INVALIDATIONS, layer.__dict__.get("_step_epoch", 0), A._version, B._version, A.data_ptr(), B.data_ptr(),
             dtype)
 
 
@@ -702,7 +702,7 @@ def _casts_current(layer: LoRALinear, key: tuple[Any, ...] | None, A: torch.Tens
     _cast_key(layer, A, B, dtype)`` without building the tuple (checked per layer per forward). Storages
     are compared before versions: an inference tensor, which has no version counter, never sits in a
     storage a cached key was taken from."""
-    return (key is not None and key[0] == _CAST_EPOCH and key[1] == layer.__dict__.get("_step_epoch", 0)
+    return (key is not None and key[0] == _CAST_INVALIDATIONS and key[1] == layer.__dict__.get("_step_epoch", 0)
             and key[6] == dtype and key[4] == A.data_ptr() and key[5] == B.data_ptr() and key[2] == A._version
             and key[3] == B._version)
 
@@ -1010,16 +1010,15 @@ class _SiblingGroup:
 
 #: live LoRA layers, so a stale cast cache refreshes every stale layer's casts in one multi-tensor copy
 _CAST_LAYERS: weakref.WeakSet[LoRALinear] = weakref.WeakSet()
-#: calls of :func:`invalidate_cast_caches`: part of every cast-cache key. An optimizer step moves the
-#: ``_step_epoch`` of the layers whose A or B it holds, by identity or by storage (a view into a flat
-#: buffer; a storage that cannot be read counts as held), because fused
-#: optimizers (``torch.optim.AdamW(fused=True)``'s ``_fused_adamw_``) update parameters in place without
-#: bumping their version counter: keyed on versions alone, the casts went stale after the first step.
-#: Per layer, so that another model's optimizer (two models trained in turn, a gate optimizer beside
-#: the adapters' one) leaves these casts, and ``merged_training``'s W', as they are.
-_CAST_EPOCH = 0
-#: calls of :func:`invalidate_cast_caches` alone: the key of casts that optimizer steps do not touch
-#: (frozen buffers, ``CoreLoRALinear._frozen_cast``)
+#: calls of :func:`invalidate_cast_caches`: part of every cast-cache key, the adapters' (with the
+#: layer's ``_step_epoch``) and that of casts optimizer steps do not touch (frozen buffers,
+#: ``CoreLoRALinear._frozen_cast``). An optimizer step moves the ``_step_epoch`` of the layers whose A
+#: or B it holds, by identity or by storage (a view into a flat buffer; a storage that cannot be read
+#: counts as held), because fused optimizers (``torch.optim.AdamW(fused=True)``'s ``_fused_adamw_``)
+#: update parameters in place without bumping their version counter: keyed on versions alone, the
+#: casts went stale after the first step. Per layer, so that another model's optimizer (two models
+#: trained in turn, a gate optimizer beside the adapters' one) leaves these casts, and
+#: ``merged_training``'s W', as they are.
 _CAST_INVALIDATIONS = 0
 
 
@@ -1035,8 +1034,7 @@ def invalidate_cast_caches() -> None:
     calls it at the start of training, validation, test and predict; ``with torch.no_grad():
     p.copy_(...)`` and ``load_state_dict`` need nothing (they move the version counter).
     """
-    global _CAST_EPOCH, _CAST_INVALIDATIONS
-    _CAST_EPOCH += 1
+    global _CAST_INVALIDATIONS
     _CAST_INVALIDATIONS += 1
 
 
@@ -1076,12 +1074,13 @@ def _refresh_after_step(optimizer: torch.optim.Optimizer) -> None:
     for layer in list(_CAST_LAYERS):
         state = layer.__dict__
         A, B = _lora_ab(layer)
-        if id(A) in held or id(B) in held or in_held_storage(A) or in_held_storage(B):
+        by_identity = id(A) in held or id(B) in held
+        if by_identity or in_held_storage(A) or in_held_storage(B):
             state["_step_epoch"] = state.get("_step_epoch", 0) + 1  # this step may have moved A or B
         dtype = state.get("_cast_dtype")
         if dtype is None:  # never cast (not run yet, inference tensors)
             continue
-        if id(A) in held or id(B) in held:
+        if by_identity:
             # from now on this optimizer's steps are known to move A and B: casts may be kept
             # between them (LoRALinear._cast_key_for). Marked by the parameters' identities, so a
             # copy of the layer (new A and B) starts unmarked
@@ -1315,7 +1314,7 @@ class LoRALinear(AdapterLayer):
         """``W + s·B A`` in ``dtype`` in the base weight's layout, kept while A, B (the cast cache's key:
         optimizer steps, versions) and W (version, storage) stay as they were; formed at every forward
         until an optimizer holding A or B has stepped (see :meth:`_cast_key_for`)."""
-        key = self._merged_key(weight, A, B, dtype)
+        key = self._merged_key(weight, dtype)
         if key is not None:
             cached = self._merged_cache
             if cached is not None and cached[0] == key:
@@ -1329,10 +1328,9 @@ class LoRALinear(AdapterLayer):
                         or old[1].device != weight.device):
                     continue
                 w_l = _weight_bias(layer)[0]
-                A_l, B_l = _lora_ab(layer)
-                key_l = layer._merged_key(w_l, A_l, B_l, dtype)
+                key_l = layer._merged_key(w_l, dtype)
                 if key_l is not None and key_l != old[0]:
-                    stale.append((layer, key_l, w_l, A_l, B_l))
+                    stale.append((layer, key_l, w_l, *_lora_ab(layer)))
             for layer, *_ in stale:
                 layer._merged_cache = None  # the stale W' goes before the next is formed (peak memory)
             ws = merged_weights([t[2].detach() for t in stale], [t[4].detach() for t in stale],
@@ -1345,11 +1343,10 @@ class LoRALinear(AdapterLayer):
         return merged_weight(weight.detach(), B.detach(), A.detach(), self.scaling, dtype, _merge_seed(),
                             self.fan_in_fan_out)
 
-    def _merged_key(self, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> Any:
-        """What this layer's ``W'`` in ``dtype`` depends on (None: not kept, see :meth:`_merged_weight`)."""
-        if self.__dict__.get("_cast_managed") != (id(A), id(B)):
-            return None
-        key = _cast_key(self, A, B, dtype)
+    def _merged_key(self, weight: torch.Tensor, dtype: torch.dtype) -> Any:
+        """What this layer's ``W'`` in ``dtype`` depends on: its casts' key and W's storage and version
+        (None: not kept, see :meth:`_merged_weight`)."""
+        key = self._cast_key_for(dtype)
         return None if key is None else (key, weight.data_ptr(), _version(weight))
 
     def _dora_rescale(self, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

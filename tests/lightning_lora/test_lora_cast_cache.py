@@ -354,9 +354,9 @@ def test_callback_invalidates_at_loop_starts():
     broadcast of rank 0's parameters), validation, test and predict."""
     cb = ll.AdapterCallback("lora", r=4, target_modules=["0"])
     for hook in ("on_train_start", "on_validation_start", "on_test_start", "on_predict_start"):
-        before = lora_mod._CAST_EPOCH
+        before = lora_mod._CAST_INVALIDATIONS
         getattr(cb, hook)(None, None)
-        assert lora_mod._CAST_EPOCH == before + 1, hook
+        assert lora_mod._CAST_INVALIDATIONS == before + 1, hook
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
