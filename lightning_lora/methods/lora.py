@@ -1312,7 +1312,7 @@ class LoRALinear(AdapterLayer):
     def _merged_weight(self, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                        dtype: torch.dtype) -> torch.Tensor:
         """``W + s·B A`` in ``dtype`` in the base weight's layout, kept while A, B (the cast cache's key:
-        optimizer steps, versions) and W (version, storage) stay as they were; formed at every forward
+        optimizer steps, versions), W (version, storage) and s stay as they were; formed at every forward
         until an optimizer holding A or B has stepped (see :meth:`_cast_key_for`)."""
         key = self._merged_key(weight, dtype)
         if key is not None:
@@ -1344,10 +1344,11 @@ class LoRALinear(AdapterLayer):
                             self.fan_in_fan_out)
 
     def _merged_key(self, weight: torch.Tensor, dtype: torch.dtype) -> Any:
-        """What this layer's ``W'`` in ``dtype`` depends on: its casts' key and W's storage and version
-        (None: not kept, see :meth:`_merged_weight`)."""
+        """What this layer's ``W'`` in ``dtype`` depends on: its casts' key, W's storage and version, and
+        s (set by hand between two steps, it must not find the W' of the old s) (None: not kept, see
+        :meth:`_merged_weight`)."""
         key = self._cast_key_for(dtype)
-        return None if key is None else (key, weight.data_ptr(), _version(weight))
+        return None if key is None else (key, weight.data_ptr(), _version(weight), self.scaling)
 
     def _dora_rescale(self, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """DoRA (detached norm) on the fused LoRA output ``out = W0x + b + sBAx``, shape (..., m).

@@ -401,3 +401,19 @@ def test_another_model_s_optimizer_step_leaves_this_model_s_merged_weights(monke
     for name, layer in [*layers_1.items(), *layers_2.items()]:
         expected = layer.base_layer.weight + layer.scaling * layer.lora_B @ layer.lora_A
         torch.testing.assert_close(layer._merged_cache[1], expected.detach(), atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_a_new_scaling_forms_a_new_merged_weight():
+    """``W' = W + s·B A`` holds s: a layer whose ``scaling`` is set between two forwards with no
+    optimizer step in between (an annealed α, a gate) forms W' again with the new s, so its output
+    is the plain formula's and not the kept W' of the old s."""
+    model, layers = _model(merged=True)
+    _train_two_steps(model)
+    model(_x())  # every W' current and kept
+    layer = layers["up"]
+    layer.scaling *= 0.5
+    expected = layer.base_layer.weight + layer.scaling * layer.lora_B @ layer.lora_A
+    ref = plain_formula_copy(model)
+    out = model(_x())
+    torch.testing.assert_close(layer._merged_cache[1], expected.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, ref.train()(_x()), atol=1e-5, rtol=1e-5)
