@@ -337,6 +337,26 @@ def _raise_modified(t: torch.Tensor, expected: int, what: str) -> None:
     )
 
 
+def _stash_frozen_weight(ctx: Any, w: torch.Tensor | None) -> None:
+    """Keep the frozen base weight ``w`` (None: backward does not need it) on ``ctx`` with its version.
+
+    ``w`` stays off ``save_for_backward`` (saved-tensor hooks, e.g. offloading, would pack the whole
+    weight at every call), so autograd does not check it: :func:`_frozen_weight` compares the version
+    in backward instead, so that an in-place write to the base weight before backward raises as it
+    does for ``nn.Linear`` instead of giving silently wrong input gradients."""
+    ctx.w = w
+    ctx.w_version = None if w is None else _version(w)  # an inference tensor has none: not checked
+
+
+def _frozen_weight(ctx: Any, what: str) -> torch.Tensor:
+    """The weight :func:`_stash_frozen_weight` kept, after checking it was not written in place;
+    ``what`` names it in the error."""
+    w = ctx.w
+    if ctx.w_version is not None and w._version != ctx.w_version:
+        _raise_modified(w, ctx.w_version, what)
+    return w
+
+
 def _check_versions(ts: tuple[torch.Tensor, ...], versions: list[int | None]) -> None:
     """Raise as autograd does if one of ``ts`` (the stacked A casts, then the base weights of a fused
     sibling set) was written in place since ``versions`` were recorded (None: an inference tensor,
@@ -396,15 +416,8 @@ class _FusedLoRA(torch.autograd.Function):
         # cast copy is a fresh tensor that nothing writes: no tracking needed
         ctx.save_for_backward(xd2 if keep_xd else None, xa_s,
                               Ac if Ac.dtype == A.dtype else None, Bc if Bc.dtype == B.dtype else None)
-        ctx.w, ctx.Ac, ctx.Bc = w, Ac, Bc  # w is frozen
-        # w stays off save_for_backward (saved-tensor hooks, e.g. offloading, would pack the whole
-        # weight at every call), so autograd does not check it: its version is recorded here and
-        # compared in backward, so that an in-place write to the base weight before backward raises
-        # as it does for nn.Linear instead of giving silently wrong input gradients
-        try:
-            ctx.w_version = w._version
-        except RuntimeError:  # an inference tensor has no version counter: nothing to check
-            ctx.w_version = None
+        ctx.Ac, ctx.Bc = Ac, Bc
+        _stash_frozen_weight(ctx, w)
         ctx.scaling = scaling
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.shapes = (shape, xd.shape)
@@ -426,9 +439,7 @@ class _FusedLoRA(torch.autograd.Function):
     def _backward(ctx, g):  # type: ignore[no-untyped-def]
         xd, xa_s, _, _ = ctx.saved_tensors  # unpacking checks the aliases' versions
         need_x, need_xd, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
-        w = ctx.w
-        if ctx.w_version is not None and w._version != ctx.w_version:
-            _raise_modified(w, ctx.w_version, "the base weight of a fused LoRA layer")
+        w = _frozen_weight(ctx, "the base weight of a fused LoRA layer")
         Bc = ctx.Bc
         g = g.reshape(-1, Bc.shape[0])  # what the view node around the output did
         gb_s = _mm_scaled(g, Bc, ctx.scaling)  # (N, r) = s·g B

@@ -52,7 +52,8 @@ from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, 
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
 from . import lora as _lora
-from .lora import _autocast_dtype, _mm_scaled, _mm_to, _plain_linear_base, _raise_modified, _weight_bias
+from .lora import (_autocast_dtype, _frozen_weight, _mm_scaled, _mm_to, _plain_linear_base, _stash_frozen_weight,
+                   _weight_bias)
 
 
 # ---- the shared layer ------------------------------------------------------------------------
@@ -114,15 +115,8 @@ class _FusedCore(torch.autograd.Function):
         ctx.copies = (Ac if Ac is not A and need_x else None,
                       Rc if Rc is not R and (need_x or need_A) else None,
                       Bc if Bc is not B and need_gb else None)
-        ctx.w = w if need_x else None  # frozen (a trainable w is saved as x is: grad_w reads x only)
-        # w stays off save_for_backward (saved-tensor hooks, e.g. offloading, would pack the whole
-        # weight at every call), so autograd does not check it: its version is recorded here and
-        # compared in backward, so that an in-place write to the base weight before backward raises
-        # as it does for nn.Linear instead of giving silently wrong input gradients
-        try:
-            ctx.w_version = w._version if need_x else None
-        except RuntimeError:  # an inference tensor has no version counter: nothing to check
-            ctx.w_version = None
+        # frozen (a trainable w is saved as x is: grad_w reads x only)
+        _stash_frozen_weight(ctx, w if need_x else None)
         ctx.scaling = scaling
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.shape = shape
@@ -148,9 +142,7 @@ class _FusedCore(torch.autograd.Function):
             if need_x or need_A:
                 gBR_s = _mm_scaled(gB, Rc, ctx.scaling)  # (N, r) = s·gB R
                 if need_x:
-                    w = ctx.w
-                    if ctx.w_version is not None and w._version != ctx.w_version:
-                        _raise_modified(w, ctx.w_version, "the base weight of a fused core LoRA layer")
+                    w = _frozen_weight(ctx, "the base weight of a fused core LoRA layer")
                     grad_x = torch.mm(gBR_s, Ac)
                     grad_x.addmm_(g, w.t() if fifo else w)
                     grad_x = grad_x.view(ctx.shape)

@@ -52,7 +52,7 @@ from torch.autograd.function import once_differentiable
 
 from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
 from ..core.layer import no_autocast
-from .lora import _mm_scaled, _mm_to, _raise_modified
+from .lora import _frozen_weight, _mm_scaled, _mm_to, _stash_frozen_weight
 from .lora_sb import CoreLoRALinear
 
 
@@ -216,13 +216,7 @@ class _FusedCoreResidual(torch.autograd.Function):
         # version-checked, as for nn.Linear's weight; the rest are fresh tensors
         ctx.save_for_backward(x2 if need_A or need_w else None, u_s if need_N else None, v1 if need_B else None,
                               Ac, Nc, dA, dN, dB, N0, B0)
-        ctx.w = w if need_x else None  # frozen
-        # w stays off save_for_backward (see _FusedCore.forward): its version is compared in backward
-        # instead, so that an in-place write to the base weight raises as it does for nn.Linear
-        try:
-            ctx.w_version = w._version if need_x else None
-        except RuntimeError:  # an inference tensor has no version counter: nothing to check
-            ctx.w_version = None
+        _stash_frozen_weight(ctx, w if need_x else None)  # frozen
         ctx.scaling = scaling
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.shape = shape
@@ -250,9 +244,7 @@ class _FusedCoreResidual(torch.autograd.Function):
             if need_x:
                 q = _mm_scaled(G1, Nc, s)  # (N, r)
                 q.addmm_(G2, dN, alpha=s)
-                w = ctx.w
-                if ctx.w_version is not None and w._version != ctx.w_version:
-                    _raise_modified(w, ctx.w_version, "the base weight of a fused NLoRA residual layer")
+                w = _frozen_weight(ctx, "the base weight of a fused NLoRA residual layer")
                 grad_x = torch.mm(q, Ac)
                 grad_x.addmm_(_mm_scaled(G2, N0, s), dA)
                 grad_x.addmm_(g, w.t() if fifo else w)
