@@ -195,12 +195,21 @@ class AdapterCallback(pl.Callback):
 
     # ---- injection --------------------------------------------------------------------------
     def target_module(self, pl_module: nn.Module) -> nn.Module:
+        """The module the adapter goes into: ``pl_module`` or its submodule ``target``; for a submodule
+        wrapped by ``torch.compile`` (``self.model = torch.compile(self.model)``, as the README
+        recommends under DDP), the module it wraps. Adapted through the wrapper, every layer name
+        started with ``_orig_mod.``, and so did the keys and ``target_modules`` of the exported PEFT
+        directory, which then fitted no uncompiled model (PEFT's nor this library's ``load_adapter``).
+        The wrapper runs the wrapped module, so the adapter is used all the same."""
         if not self.target:
-            return pl_module
-        try:
-            return pl_module.get_submodule(self.target)
-        except AttributeError:
-            raise AttributeError(f"AdapterCallback(target={self.target!r}): the LightningModule has no such submodule") from None
+            module = pl_module
+        else:
+            try:
+                module = pl_module.get_submodule(self.target)
+            except AttributeError:
+                raise AttributeError(f"AdapterCallback(target={self.target!r}): the LightningModule has no such submodule") from None
+        wrapped = getattr(module, "_orig_mod", None)  # what torch.compile's OptimizedModule runs
+        return wrapped if isinstance(wrapped, nn.Module) else module
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         module = self.target_module(pl_module)
@@ -213,6 +222,15 @@ class AdapterCallback(pl.Callback):
                 raise RuntimeError(
                     f"module already carries a {existing.config.method!r} adapter, callback asks for {self.method_name!r}"
                 )
+            if existing is not self.method:  # injected elsewhere (by hand before fit, or another callback)
+                # adopting it silently trained another adapter than the one asked for (r=2 on one
+                # module for r=4 on two); compared as to_dict, which names target_types by class name
+                ours, theirs = self.config.to_dict(), existing.config.to_dict()
+                diff = [f"{k}={theirs.get(k)!r} (callback: {ours.get(k)!r})"
+                        for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+                if diff:
+                    raise RuntimeError(f"module already carries a {self.method_name!r} adapter with another config: "
+                                       f"{', '.join(diff)}; unload() it or give the callback the same config")
             self.method = existing
             self.layers = adapter_layers(module)
         self._wrap_checkpoint_hooks(pl_module)

@@ -129,6 +129,24 @@ class InjectionErrorsAsConfigErrors:
             raise
 
 
+def check_options(fn: Any, options: dict[str, Any], what: str, skip: tuple[str, ...] = ()) -> None:
+    """Raise :class:`ConfigError` naming every key of ``options`` that ``fn`` (a function or class) has
+    no parameter for, with the ones it has (``skip``: those the caller fills itself). Checked before
+    the call, so that a typo added with ``+group.key=...`` is one line, exit status 2, and not a
+    ``TypeError`` traceback from inside the run, while a ``TypeError`` the call itself raises keeps its
+    traceback. A ``fn`` that takes ``**kwargs`` accepts any key."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n, p in params.items() if n not in skip and n != "self"
+             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"{what}: unknown option(s) {unknown}; known: {sorted(known)}")
+
+
 def build_datamodule(data_cfg: dict[str, Any], tokenizer: Any, seed: int):
     from .tasks import DATAMODULES
 
@@ -157,11 +175,12 @@ def run(cfg: Any, command: str | None = None) -> dict[str, float]:
     import lightning.pytorch as pl
     import torch
     from hydra.core.hydra_config import HydraConfig
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     from .results import write_result
-    from .tasks import ModelPackageMissing, WikiText2DataModule, load_model
+    from .tasks import CausalLM, ModelPackageMissing, SequenceClassifier, WikiText2DataModule, load_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -179,15 +198,24 @@ def run(cfg: Any, command: str | None = None) -> dict[str, float]:
     # errors the injection finds (it needs the model) are config errors too: one line, exit 2
     callback.setup = InjectionErrorsAsConfigErrors(callback)
     optim = dict(_container(cfg.optim))
+    module_cls = {"classification": SequenceClassifier, "causal_lm": CausalLM}.get(task_type)
+    if module_cls is not None:  # another task_type is build_module's error
+        check_options(module_cls.__init__, optim, "optim", skip=("model", "num_labels", "metrics"))
     trainer_kwargs = dict(_container(cfg.trainer))
+    # the run sets these four itself
+    check_options(pl.Trainer.__init__, trainer_kwargs, "trainer",
+                  skip=("default_root_dir", "callbacks", "enable_checkpointing", "logger"))
 
     # 2. model, data, module
     pl.seed_everything(int(cfg.seed), workers=True)
     model_cfg = _container(cfg.model)
     try:
-        from .tasks import TASKS
+        from .tasks import MODELS, TASKS
 
         num_labels = TASKS[data_cfg["name"]].num_labels if data_cfg.get("name") in TASKS else None
+        if model_cfg.get("name") in MODELS:  # an unknown name is load_model's ValueError below
+            check_options(MODELS[model_cfg["name"]], model_cfg.get("kwargs", {}), f"model={model_cfg['name']} kwargs",
+                          skip=("task", "num_labels"))
         model, tokenizer = load_model(model_cfg["name"], task=task_type, num_labels=num_labels,
                                       **model_cfg.get("kwargs", {}))
     except ModelPackageMissing as e:
@@ -205,8 +233,12 @@ def run(cfg: Any, command: str | None = None) -> dict[str, float]:
     if select_best:
         callbacks.append(ModelCheckpoint(dirpath=out_dir / "checkpoints", monitor=f"val_{datamodule.monitor}",
                                          mode="max" if higher_is_better else "min", save_top_k=1, save_last=False))
-    trainer = pl.Trainer(default_root_dir=str(out_dir), callbacks=callbacks, enable_checkpointing=select_best,
-                         logger=CSVLogger(str(out_dir), name="logs"), **trainer_kwargs)
+    try:
+        trainer = pl.Trainer(default_root_dir=str(out_dir), callbacks=callbacks, enable_checkpointing=select_best,
+                             logger=CSVLogger(str(out_dir), name="logs"), **trainer_kwargs)
+    except (MisconfigurationException, ValueError, TypeError) as e:  # how the Trainer refuses a bad argument
+        # value (trainer=gpu on a machine without one, precision=..., devices=0): the config's fault
+        raise ConfigError(f"trainer: {e}") from None
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -278,18 +310,72 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _group_choices(overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """``(group, options named)`` for every override that selects config-group options
+    (``experiment=smoke``, ``+experiment=smoke``, ``-m adapter=lora,dora``), Hydra's own flags
+    (``-m``, ``--cfg job``) set aside. Whether a key is a group is decided by the caller. Globs,
+    ranges, deletions and ``null`` name no option; a command line Hydra cannot parse gives ``[]``
+    (Hydra reports it)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    def refuse(message: str) -> None:  # argparse would print its usage and exit; Hydra reports it
+        raise ValueError(message)
+
+    parser = get_args_parser()
+    parser.error = refuse  # type: ignore[method-assign]
+    try:
+        parsed = OverridesParser.create().parse_overrides(parser.parse_args(overrides).overrides)
+    except Exception:  # a bad flag or a malformed override: Hydra reports it
+        return []
+    out: list[tuple[str, list[str]]] = []
+    for o in parsed:
+        if o.is_delete():
+            continue
+        if o.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
+            values = list(o.sweep_string_iterator())
+        elif o.value_type == ValueType.ELEMENT:
+            value = o.value()
+            values = [str(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+        else:
+            continue
+        out.append((o.key_or_group, values))
+    return out
+
+
+def _check_group_options(loader: Any, overrides: list[str]) -> None:
+    """Raise :class:`ConfigError` when an override names a config-group option that does not exist,
+    listing the group's options. Hydra's own report of a missing option spreads the list over lines
+    that a one-line error drops, and for a group the defaults list marks ``optional``
+    (``experiment``) Hydra skips a missing option without a word: ``experiment=sst2_lroa`` trained
+    the default model on the default data set."""
+    for group, values in _group_choices(overrides):
+        options = loader.get_group_options(group)
+        if not options:  # not a config group (a value override such as adapter.r=16)
+            continue
+        missing = [v for v in values if v not in options]
+        if missing:
+            raise ConfigError(f"Could not find '{group}/{missing[0]}'; available options in '{group}': "
+                              f"{', '.join(options)}")
+
+
 def _check_composes(conf: Path, config_name: str, overrides: list[str]) -> None:
     """Compose the config once before the run, so that an override Hydra cannot apply (an unknown
     key, a missing group option) is a :class:`ConfigError` (one line, exit status 2) rather than
-    Hydra's report and exit status 1. Runs with Hydra's own flags (``-m``, ``--cfg``, ``--help``)
-    are left to Hydra: sweeps are not single configs."""
-    if any(o.startswith("-") for o in overrides):
-        return
+    Hydra's report and exit status 1. Group options are checked for every run (sweeps too:
+    :func:`_check_group_options`); the whole composition only for runs without Hydra's own flags
+    (``-m``, ``--cfg``, ``--help``), which are left to Hydra: sweeps are not single configs."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     try:
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            compose(config_name, overrides=list(overrides), return_hydra_config=True)
+            _check_group_options(GlobalHydra.instance().config_loader(), overrides)
+            if not any(o.startswith("-") for o in overrides):
+                compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    except ConfigError:
+        raise
     except Exception as e:  # Hydra's composition and override-parsing errors, OmegaConf's
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise ConfigError(" ".join(lines[:2]) or type(e).__name__) from None

@@ -1503,6 +1503,55 @@ class LoRALinear(AdapterLayer):
         return super().extra_repr() + f", r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"
 
 
+#: Fields of PEFT's ``LoraConfig`` that loading here honours or that do not change what a loaded
+#: adapter computes on a plain ``nn.Linear`` / ``Conv1D`` base (bookkeeping, training-time options,
+#: the configs of initialisations that leave the base weight as it is). Options
+#: :meth:`LoRA.from_peft_config` refuses with a reason of its own (``rank_pattern``,
+#: ``layers_to_transform``, ...) are listed too. Any other field set to a true value is refused by
+#: :func:`_unsupported_peft_lora_options`.
+_PEFT_LORA_HARMLESS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
+    "fan_in_fan_out", "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "use_dora", "megatron_config", "megatron_core",
+    "eva_config", "lora_ga_config", "use_qalora", "qalora_group_size", "runtime_config", "ensure_weight_tying",
+})
+#: ``init_lora_weights`` values (prefixes) with which PEFT rewrites the base weight when it builds
+#: the layers, on load too (PiSSA and CorDA keep the residual ``W - s B0 A0``, OLoRA likewise, LoftQ
+#: the quantized weight): the saved A and B only make sense on that rewritten base
+_PEFT_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq")
+#: why a known refused field cannot load here
+_PEFT_LORA_REASONS = {
+    "alora_invocation_tokens": "Activated LoRA applies the update only after the invocation tokens",
+    "lora_bias": "lora_B has a bias",
+    "layer_replication": "PEFT duplicates base layers",
+    "trainable_token_indices": "trainable embedding rows",
+    "target_parameters": "LoRA on bare parameters",
+    "use_bdlora": "block-diagonal LoRA factors",
+    "arrow_config": "Arrow routing between adapters",
+    "kasa_config": "KaSA truncates the base weight and adds a singular-value diagonal",
+    "monteclora_config": "MonteCLoRA samples the adapter",
+    "velora_config": "VeLoRA",
+}
+
+
+def _unsupported_peft_lora_options(peft_cfg: dict[str, Any]) -> list[str]:
+    """``"field=value (why)"`` for every option of a PEFT LoRA ``adapter_config.json`` with which the
+    adapter computes something this library does not: a PEFT variant (Activated LoRA, ``lora_bias``,
+    ...) or an initialisation that rewrites the base weight. Loading such a directory as plain LoRA
+    ran without a word and gave other outputs than PEFT (Activated LoRA: every token adapted; PiSSA:
+    the update on the original instead of the residual base weight)."""
+    out: list[str] = []
+    for key, value in sorted(peft_cfg.items()):
+        if key not in _PEFT_LORA_HARMLESS and value:
+            out.append(f"{key}={value!r} ({_PEFT_LORA_REASONS.get(key, 'a PEFT option this library does not implement')})")
+    init = peft_cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_PEFT_BASE_REWRITING_INITS):
+        out.append(f"init_lora_weights={init!r} (PEFT rewrites the base weight when loading it; save the adapter "
+                   "converted to plain LoRA: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+    return out
+
+
 @register("lora")
 class LoRA(Method):
     """LoRA / rsLoRA / DoRA. Saves in Hugging Face PEFT's format (``peft_type = "LORA"``)."""
@@ -1554,7 +1603,12 @@ class LoRA(Method):
 
     @classmethod
     def from_peft_config(cls, cfg: dict[str, Any]) -> LoRAConfig:
-        """A :class:`LoRAConfig` from a PEFT ``adapter_config.json`` dict."""
+        """A :class:`LoRAConfig` from a PEFT ``adapter_config.json`` dict; a ValueError for options with
+        which the adapter computes something else here than in PEFT (see
+        :func:`_unsupported_peft_lora_options`)."""
+        unsupported = _unsupported_peft_lora_options(cfg)
+        if unsupported:
+            raise ValueError(f"PEFT LoRA option(s) lightning_lora does not support: {'; '.join(unsupported)}")
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             raise ValueError("PEFT adapters with rank_pattern/alpha_pattern are not supported yet")
         if cfg.get("layers_to_transform") is not None:
