@@ -97,13 +97,14 @@ def _cache_root() -> Path:
 
 
 def load_smollm2(task: str = "causal_lm", cache: bool = True, path: str | os.PathLike | None = None,
-                 **_: Any) -> tuple[nn.Module, Any]:
+                 num_labels: int | None = None) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct (``LlamaForCausalLM``, fp32) and its tokenizer, from the GGUF file.
 
     The first load de-quantises the GGUF file (about a minute on 2 CPU cores) and, with ``cache``,
     saves the result as a transformers folder under the cache root; later loads read that folder.
     ``path``: a folder written by :func:`export_smollm2` instead (no ``gguf`` package needed).
-    The tokenizer's pad token is set to its EOS token when it has none.
+    The tokenizer's pad token is set to its EOS token when it has none. ``num_labels`` (unused)
+    lets a classification request reach the task check below rather than fail as a keyword error.
     """
     if task != "causal_lm":
         raise ValueError(f"model 'smollm2' supports task 'causal_lm' only, got {task!r}")
@@ -187,9 +188,10 @@ def load_tiny_bert(num_labels: int = 2, task: str = "classification", hidden_siz
 
 
 def load_tiny_llama(task: str = "causal_lm", hidden_size: int = 32, num_layers: int = 2, seed: int = 0,
-                    **_: Any) -> tuple[nn.Module, Any]:
+                    num_labels: int | None = None) -> tuple[nn.Module, Any]:
     """A randomly initialised 2-layer Llama with MiniLM's (word-piece) tokenizer: for fast causal-LM
-    tests only. Module names match SmolLM2's (``q_proj`` ... ``down_proj``)."""
+    tests only. Module names match SmolLM2's (``q_proj`` ... ``down_proj``). ``num_labels`` (unused)
+    lets a classification request reach the task check, as for :func:`load_smollm2`."""
     if task != "causal_lm":
         raise ValueError(f"model 'tiny_llama' supports task 'causal_lm' only, got {task!r}")
     import torch

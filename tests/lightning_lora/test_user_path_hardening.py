@@ -230,3 +230,15 @@ def test_export_from_a_compiled_submodule_loads_into_the_plain_model(tmp_path):
         torch.testing.assert_close(ll.load_adapter(_Net(), tmp_path / "a")(x), y, atol=1e-6, rtol=0)
         theirs = peft.PeftModel.from_pretrained(_Net(), str(tmp_path / "a"))
         torch.testing.assert_close(theirs(x), y, atol=1e-6, rtol=0)
+
+
+def test_a_misspelt_tiny_llama_kwarg_is_a_config_error():
+    """The causal-LM loaders took ``**kwargs`` (so that a classification request reached their task
+    check), which swallowed any key: ``+model.kwargs.hiden_size=64`` trained the default width."""
+    from lightning_lora.tasks import MODELS
+    from lightning_lora.train import check_options
+
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['hiden_size'\]"):
+        check_options(MODELS["tiny_llama"], {"hiden_size": 64}, "model=tiny_llama kwargs", skip=("task", "num_labels"))
+    with pytest.raises(ValueError, match="supports task 'causal_lm' only"):
+        MODELS["tiny_llama"](task="classification", num_labels=2)
