@@ -168,6 +168,17 @@ def _probability(text: str) -> float:
     return v
 
 
+def _output_file(text: str) -> Path:
+    """``predict -o``: a file name; a name ending in ``/`` is refused.
+
+    Why: ``Path("results/")`` drops the slash, so ``-o results/`` wrote the TSV to a *file* named
+    ``results`` (exit 0) when the user meant a folder."""
+    if text != "-" and text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} ends with '/', which names a folder; give a file name "
+                                         f"for the output TSV (e.g. {text}predictions.tsv)")
+    return Path(text)
+
+
 def _add_model_options(p: argparse.ArgumentParser, threshold_help: str | None = None) -> None:
     g = p.add_argument_group("model and speed")
     g.add_argument("--model", metavar="DIR", type=Path, default=None,
@@ -208,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                "closed). 'lncrna COMMAND --help' shows the options of a command.",
     )
     from . import __version__
+    from .fasta import MAX_LENGTH
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -216,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="lncRNA probability of every sequence of a FASTA file",
         description="Predict the lncRNA probability of every sequence of a FASTA / FASTA.gz file. Output: TSV "
                     "with header 'id length lncRNA_probability label', in input order.",
+        # the length limit is named here because a long genomic region is skipped, not predicted
         epilog="Invalid records (protein, non-nucleotide characters, empty sequence, duplicate id: the first "
-               "record with an id is kept) are skipped with a one-line warning each; a file that cannot be "
+               f"record with an id is kept; longer than {MAX_LENGTH:,} nt) are skipped with a one-line warning "
+               "each; a file that cannot be "
                "used at all (missing, unreadable, a directory, empty, not FASTA, broken gzip, a header line "
                "indented by whitespace, no valid record) "
                "and an output that cannot be written are errors, exit 2. Records shorter than "
@@ -227,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="INPUT", type=Path,
                    help="FASTA or FASTA.gz file (gzip detected from the content); a regular file, not standard "
                         "input or a pipe: it is read twice")
-    p.add_argument("-o", "--output", metavar="OUT", type=Path, default=None,
-                   help="output TSV (default, or '-': standard output). Rows are written to OUT.partial (same folder) "
+    p.add_argument("-o", "--output", metavar="OUT", type=_output_file, default=None,
+                   help="output TSV (default, or '-': standard output); an OUT ending in .gz is written "
+                        "gzip-compressed. Rows are written to OUT.partial (same folder) "
                         "and flushed after every chunk; OUT.partial is renamed to OUT when the run succeeds, "
                         "and also on Ctrl-C (exit 130: OUT then holds the finished rows, and the message says "
                         "how many). On an error (exit 2 or 1), SIGHUP (exit 129) or SIGTERM (exit 143) "
@@ -236,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and an existing OUT is left untouched. An OUT that cannot be written is an error before "
                         "the model loads.")
     _add_model_options(p)
+    p.set_defaults(command_parser=p)  # main() reports an unknown option with this command's usage
 
     e = sub.add_parser(
         "evaluate", help="metrics, ROC and precision-recall curves against truth labels",
@@ -265,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"instead (the table's 'calls' row and metrics.json say which). AUROC and AUPRC always use the "
         f"probabilities."))
 
+    e.set_defaults(command_parser=e)
     for name, text in HYDRA_COMMANDS.items():  # listed here for --help; dispatched to Hydra in main()
         sub.add_parser(name, help=text, add_help=False)
     return parser
@@ -388,6 +405,7 @@ class _RowWriter:
         self.outcome = ""  # " (3 finished rows kept in OUT)" etc., for the error / interrupt line
         self._made_dirs: list[Path] = []
         self._old_mode: int | None = None
+        self._raw: Any = None  # the binary file under a gzip OUT's text stream (closed after it)
 
     def _cannot(self, e: OSError, what: str = "cannot write") -> UserError:
         return UserError(f"{self.where()}: {what} ({e.strerror or type(e).__name__})")
@@ -421,11 +439,28 @@ class _RowWriter:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs = missing
             self.partial = self.final.with_name(self.final.name + ".partial")
-            self.fh = open(self.partial, "w", encoding="utf-8", newline="\n")
+            self.fh = self._open_partial()
             self._write_header()
         except OSError as e:
             self.finish(keep=False)
             raise self._cannot(e) from None
+
+    def _open_partial(self) -> Any:
+        """The text stream for ``OUT.partial``: gzip-compressed when OUT's name ends in ``.gz``.
+
+        Why: ``-o predictions.tsv.gz`` used to write plain text under a ``.gz`` name (``zcat`` fails
+        on it). Each chunk's flush is a zlib sync flush, so the rows written so far can be read back
+        from ``OUT.partial``; :meth:`finish` writes the gzip trailer before the rename."""
+        assert self.partial is not None and self.final is not None
+        if not self.final.name.endswith(".gz"):
+            return open(self.partial, "w", encoding="utf-8", newline="\n")
+        import gzip
+        import io
+
+        self._raw = open(self.partial, "wb")
+        gz = gzip.GzipFile(filename=self.final.name.removesuffix(".gz"), mode="wb", fileobj=self._raw,
+                           compresslevel=6, mtime=0)  # 6: gzip's default, much faster than 9 for 3% more bytes
+        return io.TextIOWrapper(gz, encoding="utf-8", newline="\n")
 
     def _write_header(self) -> None:
         from .predict import TSV_COLUMNS
@@ -457,12 +492,21 @@ class _RowWriter:
         self.done = True
         fh, self.fh = self.fh, None
         rows, where = self.rows, self.where()
+        close_error: OSError | None = None
         if fh is not None and fh is not sys.stdout:
-            with contextlib.suppress(OSError):
-                fh.close()
+            # a gzip OUT writes its last block and trailer here: a failure must not be renamed to OUT
+            for f in (fh, self._raw):
+                try:
+                    if f is not None:
+                        f.close()
+                except OSError as e:
+                    close_error = close_error or e
         if self.partial is None:  # standard output or a device: the rows are already there
             self.outcome = f" ({rows} finished rows kept in {where})" if rows else " (no rows written)"
             return
+        if keep and close_error is not None:
+            self._discard()
+            raise self._cannot(close_error)
         if keep:
             try:
                 if self._old_mode is not None:
@@ -670,7 +714,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         raise UserError(f"{args.input}: predictions need truth labels: --truth FASTA, or --lnc FASTA --mrna FASTA")
 
-    extra: dict[str, Any] = {"command": shlex.join([PROG, *sys.argv[2:]]) if sys.argv[1:2] == ["evaluate"] else None}
+    # argv[1:], not argv[2:]: the latter dropped "evaluate", so metrics.json's command did not rerun the evaluation
+    extra: dict[str, Any] = {"command": shlex.join([PROG, *sys.argv[1:]]) if sys.argv[1:2] == ["evaluate"] else None}
     labels: dict[str, int] | None = None
     calls = ""
     if kind == "predictions":
@@ -851,6 +896,38 @@ def _data_root(cfg: Any) -> str | None:
     return root
 
 
+def _setting(cfg: Any, key: str, kind: type) -> Any:
+    """``cfg[key]`` as ``kind`` (``int`` or ``float``), or a one-line :class:`UserError` naming the key.
+
+    Why: ``int(cfg.epochs)`` turned ``epochs=abc`` into a ValueError traceback (exit 1) and silently
+    truncated ``epochs=2.5`` to 2 epochs (``True`` to 1). Only an exact whole number is an integer
+    setting; the ranges are checked later by ``lncrna.train._check_run_args``.
+    """
+    value = cfg.get(key)
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise UserError(f"{key}={value!r}: expected {'an integer' if kind is int else 'a number'}")
+    return kind(value)
+
+
+def _make_out_dir(out: Path) -> bool:
+    """Create the run's output folder; return whether it was created here. One-line :class:`UserError`
+    if it cannot be (``out_dir=`` names an existing file, a folder under a file, no permission).
+
+    Why: ``Path.mkdir`` raised FileExistsError / NotADirectoryError as a Hydra traceback (exit 1)."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        problem = "exists and is not a folder" if out.exists() and not out.is_dir() else (
+            e.strerror or type(e).__name__)
+        raise UserError(f"out_dir={out}: cannot create the output folder ({problem})") from None
+    return created
+
+
 def run_train(cfg: Any) -> Path:
     """One ``lncrna train`` run from a composed config; returns the output folder."""
     import json
@@ -880,22 +957,26 @@ def run_train(cfg: Any) -> Path:
     model_cfg = _model_config(cfg)
     trainer_kwargs = _trainer_kwargs(cfg)
     data_root = _data_root(cfg)
+    epochs, batch_size, lr = _setting(cfg, "epochs", int), _setting(cfg, "batch_size", int), _setting(cfg, "lr", float)
+    train_windows, seed = _setting(cfg, "train_windows", int), _setting(cfg, "seed", int)
     out = _out_dir(cfg)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = _make_out_dir(out)
     t0 = time.time()
     try:
         model = finetune(out, mlm_dir=mlm_dir, cfg=model_cfg, method=method, adapter=adapter or None,
-                         species=str(cfg.data.species), epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
-                         lr=float(cfg.lr), train_windows=int(cfg.train_windows),
+                         species=str(cfg.data.species), epochs=epochs, batch_size=batch_size,
+                         lr=lr, train_windows=train_windows,
                          max_minutes=cfg.get("max_minutes"), trainer_kwargs=trainer_kwargs, data_root=data_root,
-                         seed=int(cfg.seed))
+                         seed=seed)
     except (TypeError, ConfigError) as e:  # e.g. an adapter option the method does not have, no target matches
         _remove_if_empty(out, created)
         raise UserError(f"adapter={method}: {str(e).removeprefix('adapter: ')}") from None
     except PretrainedDirError as e:
         _remove_if_empty(out, created)
         raise UserError(f"mlm_dir={e}") from None
+    except _misconfiguration() as e:
+        _remove_if_empty(out, created)
+        raise _trainer_error(e) from None
     summary = {"command": "lncrna train", "config": _container(cfg), "seconds": time.time() - t0,
                "classifier": str(out / "classifier"),
                "adapter": str(out / "adapter") if method != "full" else None,
@@ -904,6 +985,22 @@ def run_train(cfg: Any) -> Path:
     print(f"{PROG} train: wrote {out / 'classifier'} (add a stack.json to use it with `lncrna predict --model`)",
           flush=True)
     return out
+
+
+def _misconfiguration() -> type[Exception]:
+    """Lightning's ``MisconfigurationException``: a trainer setting the machine cannot honour."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return MisconfigurationException
+
+
+def _trainer_error(e: Exception) -> UserError:
+    """One line for a Lightning trainer misconfiguration.
+
+    Why: ``lncrna train trainer=gpu`` on a machine without a GPU ended in a Lightning traceback
+    ("No supported gpu backend found!", exit 1) and left an empty output folder."""
+    return UserError(f"trainer: {' '.join(str(e).split())} (trainer=gpu needs a CUDA GPU; trainer=cpu runs anywhere)"
+                     if "gpu" in str(e).lower() else f"trainer: {' '.join(str(e).split())}")
 
 
 def _remove_if_empty(out: Path, created: bool) -> None:
@@ -919,16 +1016,20 @@ def run_pretrain(cfg: Any) -> Path:
     init_dir = cfg.get("init_dir")
     if init_dir and not Path(init_dir).is_dir():
         raise UserError(f"init_dir={init_dir}: no such folder")
+    epochs, batch_size, lr = _setting(cfg, "epochs", int), _setting(cfg, "batch_size", int), _setting(cfg, "lr", float)
+    seed = _setting(cfg, "seed", int)
     out = _out_dir(cfg)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = _make_out_dir(out)
     try:
-        path = pretrain(out, cfg=_model_config(cfg), epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
-                        lr=float(cfg.lr), max_minutes=cfg.get("max_minutes"), trainer_kwargs=_trainer_kwargs(cfg),
-                        data_root=_data_root(cfg), seed=int(cfg.seed), init_dir=init_dir)
+        path = pretrain(out, cfg=_model_config(cfg), epochs=epochs, batch_size=batch_size,
+                        lr=lr, max_minutes=cfg.get("max_minutes"), trainer_kwargs=_trainer_kwargs(cfg),
+                        data_root=_data_root(cfg), seed=seed, init_dir=init_dir)
     except PretrainedDirError as e:
         _remove_if_empty(out, created)
         raise UserError(f"init_dir={e}") from None
+    except _misconfiguration() as e:
+        _remove_if_empty(out, created)
+        raise _trainer_error(e) from None
     if init_dir:
         import json
 
@@ -993,7 +1094,12 @@ def main(argv: list[str] | None = None) -> int:
         if cmd in HYDRA_COMMANDS:
             return _hydra(cmd, args_list[1:])
         parser = build_parser()
-        args = parser.parse_args(args_list)
+        # Why parse_known_args: with parse_args an unknown option of a command was reported by the
+        # top-level parser ("usage: lncrna [-h] [--version] COMMAND ..." / "lncrna: error: ..."), so
+        # the message neither named the command nor showed its usage
+        args, unknown = parser.parse_known_args(args_list)
+        if unknown:
+            getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2

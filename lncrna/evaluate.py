@@ -24,6 +24,7 @@ without ``labels`` they are ``probability >= threshold``. AUROC and AUPRC always
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .fasta import _GZIP_ERRORS, _not_a_file, _open_text
+from .fasta import _GZIP_ERRORS, _not_a_file, _open_text, unsupported_compression
 from .metrics import classification_metrics
 from .predict import TSV_COLUMNS
 
@@ -71,6 +72,8 @@ def sniff_kind(path: str | os.PathLike[str]) -> str:
     path = Path(path)
     _check_readable(path)
     try:
+        if (other := unsupported_compression(path)) is not None:  # a clear line, not "neither FASTA nor TSV"
+            raise EvaluationError(other)
         with _open_text(path) as fh:
             for line in fh:
                 if not line.strip():
@@ -144,6 +147,8 @@ def _scan_headers(path: Path) -> list[tuple[str, str]]:
     _check_readable(path)
     heads: list[tuple[str, str]] = []
     try:
+        if (other := unsupported_compression(path)) is not None:  # truth files too (--truth, --lnc, --mrna)
+            raise EvaluationError(other)
         with _open_text(path) as fh:
             for line_no, line in enumerate(fh, start=1):
                 if line.startswith(">"):
@@ -327,16 +332,40 @@ def write_report(result: EvalResult, out_dir: str | os.PathLike[str], title: str
                  extra: dict[str, Any] | None = None) -> dict[str, Path]:
     """``metrics.json`` (metrics, join counts, ``extra``), ``metrics.tsv``, ``roc.png``, ``pr.png`` in ``out_dir``.
 
-    NaN metrics (AUROC with a single class) are written as JSON ``null``.
+    NaN metrics (AUROC with a single class) are written as JSON ``null``. The four files are first
+    written to a hidden temporary folder inside ``out_dir`` and moved into place only when all of them
+    are complete: a failure (full disk, an error in a plot, Ctrl-C) leaves no half-written file and
+    an earlier report in ``out_dir`` as it was; a folder this call created is removed again.
     """
+    import shutil
+    import tempfile
+
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = plot_curves(result.y, result.prob, out_dir, title)
-    paths["json"] = out_dir / "metrics.json"
-    paths["tsv"] = out_dir / "metrics.tsv"
-    doc = {"metrics": result.metrics, "join": result.info, **({"calls": result.calls} if result.calls else {}),
-           **(extra or {}), "files": {k: p.name for k, p in paths.items()}}
-    paths["json"].write_text(json.dumps(_json_safe(doc), indent=2) + "\n")
-    lines = ["metric\tvalue"] + [f"{k}\t{'' if v is None else v}" for k, v in result.metrics.items()]
-    paths["tsv"].write_text("\n".join(lines) + "\n")
+    # Why a staging folder: the files used to be written in place one after the other, so a failure
+    # after roc.png left a new plot next to an old (or no) metrics.json, and a crash mid-write a
+    # truncated metrics.json
+    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    try:
+        staged = plot_curves(result.y, result.prob, stage, title)
+        staged["json"] = stage / "metrics.json"
+        staged["tsv"] = stage / "metrics.tsv"
+        doc = {"metrics": result.metrics, "join": result.info, **({"calls": result.calls} if result.calls else {}),
+               **(extra or {}), "files": {k: p.name for k, p in staged.items()}}
+        staged["json"].write_text(json.dumps(_json_safe(doc), indent=2) + "\n")
+        lines = ["metric\tvalue"] + [f"{k}\t{'' if v is None else v}" for k, v in result.metrics.items()]
+        staged["tsv"].write_text("\n".join(lines) + "\n")
+        paths = {k: out_dir / p.name for k, p in staged.items()}
+        for k, p in staged.items():
+            os.replace(p, paths[k])
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if still empty
+        if isinstance(e, OSError) and e.filename and Path(e.filename).parent == stage:
+            e.filename = str(out_dir / Path(e.filename).name)  # name the file the user asked for, not the stage
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
     return paths

@@ -51,6 +51,7 @@ __all__ = [
     "write_fasta",
     "normalise_sequence",
     "check_sequence",
+    "unsupported_compression",
     "MAX_LENGTH",
     "WARN_LENGTH",
 ]
@@ -124,6 +125,25 @@ def _is_gzip(path: Path) -> bool:
         return fh.read(2) == _GZIP_MAGIC
 
 
+#: magic bytes of compressors other than gzip -> (name, command that decompresses)
+_OTHER_COMPRESSION = {b"BZh": ("bzip2", "bunzip2"), b"\xfd7zXZ\x00": ("xz", "unxz"),
+                      b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"), b"PK\x03\x04": ("zip", "unzip")}
+
+
+def unsupported_compression(path: Path) -> str | None:
+    """One-line reason if ``path`` starts like a bzip2 / xz / zstd / zip file, else ``None``.
+
+    Why: such a file used to fail as "not FASTA: ... line 1 starts with 'BZh91AY&SY\\x1c...'" (binary
+    noise in the message, no hint what to do). Only plain and gzip input are read."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    for magic, (name, tool) in _OTHER_COMPRESSION.items():
+        if head.startswith(magic):
+            return (f"{path}: {name}-compressed file; only plain or gzip-compressed input is supported "
+                    f"(decompress it first, e.g. {tool} {path})")
+    return None
+
+
 def _open_text(path: Path) -> TextIO:
     """Open plain or gzip FASTA as text; gzip is detected by its magic bytes, not by the name.
 
@@ -174,6 +194,8 @@ def _check_file_start(path: Path) -> None:
     if path.stat().st_size == 0:
         raise FastaError(f"{path}: empty file")
     try:
+        if (other := unsupported_compression(path)) is not None:
+            raise FastaError(other)
         with _open_text(path) as fh:
             for line_no, line in enumerate(fh, start=1):
                 if not line.strip():

@@ -549,6 +549,9 @@ class Predictor:
             if default:
                 raise ModelError(f"{d}: the default model is not installed (no such directory); "
                                  f"pass a model directory (--model DIR) holding {CONFIG_FILE}, {WEIGHTS_FILE}, {STACK_FILE}")
+            if d.exists():  # Why: a --model naming a file (e.g. model.safetensors) was called "no such" directory
+                raise ModelError(f"{d}: not a directory; --model needs the model directory holding {CONFIG_FILE}, "
+                                 f"{WEIGHTS_FILE}, {STACK_FILE}")
             raise ModelError(f"{d}: no such model directory")
         missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE, STACK_FILE) if not (d / n).is_file()]
         if missing:
