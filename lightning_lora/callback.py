@@ -491,8 +491,17 @@ def load_adapter_checkpoint(
     return module
 
 
+def _without_compile_wrappers(key: str) -> str:
+    """``key`` without the ``_orig_mod.`` segments a ``torch.compile``'d submodule puts in state-dict keys."""
+    return ".".join(part for part in key.split(".") if part != "_orig_mod")
+
+
 def _load_checkpoint_state(module: nn.Module, state: dict[str, Any], path: Path, strict: bool) -> None:
     model_state = module.state_dict()
+    # a module trained with a compiled submodule (self.net = torch.compile(self.net)) saved keys with
+    # "_orig_mod." in them: match them to the keys of a module built with or without the wrapper
+    by_plain_key = {_without_compile_wrappers(k): k for k in model_state}
+    state = {by_plain_key.get(_without_compile_wrappers(k), k): v for k, v in state.items()}
     required = adapter_checkpoint_keys(module)
     missing = sorted(required - set(state))
     unexpected = sorted(set(state) - set(model_state))

@@ -232,6 +232,40 @@ def test_export_from_a_compiled_submodule_loads_into_the_plain_model(tmp_path):
         torch.testing.assert_close(theirs(x), y, atol=1e-6, rtol=0)
 
 
+class _Plain(_Compiled):
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        self.net = _Net()
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+@pytest.mark.parametrize("trained_cls, fresh_cls", [(_Compiled, _Plain), (_Plain, _Compiled)],
+                         ids=["compiled_into_plain", "plain_into_compiled"])
+def test_a_checkpoint_loads_across_the_compile_wrapper(tmp_path, trained_cls, fresh_cls):
+    """A checkpoint of a module whose submodule was compiled has ``net._orig_mod.fc1...`` keys (the
+    LightningModule's state dict goes through the wrapper); before, loading it into the plain module
+    (or a plain checkpoint into a compiled one) failed on missing and unexpected keys."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)), batch_size=4)
+    trained = trained_cls()
+    cb = ll.AdapterCallback("lora", r=2, target_modules=["fc1", "fc2"], target="net")
+    mc = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[cb, mc]).fit(trained, data)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert any("_orig_mod" in k for k in saved) == (trained_cls is _Compiled)
+    fresh = ll.load_adapter_checkpoint(fresh_cls(), tmp_path / "last.ckpt", target="net")
+    x = torch.randn(5, 8, generator=g)
+    with torch.no_grad():
+        y = trained.net(x)
+        assert (y - _Net()(x)).abs().max() > 1e-4  # the adapter trained
+        # under the compiler the layers take their plain formula, eagerly the fused one: not bit for bit
+        torch.testing.assert_close(fresh.net(x), y, atol=1e-6, rtol=0)
+
+
 def test_a_misspelt_tiny_llama_kwarg_is_a_config_error():
     """The causal-LM loaders took ``**kwargs`` (so that a classification request reached their task
     check), which swallowed any key: ``+model.kwargs.hiden_size=64`` trained the default width."""
