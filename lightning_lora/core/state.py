@@ -235,11 +235,23 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], strict: bo
     return model
 
 
+def _peft_embedding_base_keys(model: nn.Module) -> dict[str, str]:
+    """File key -> model key of every adapter layer's base weight, as PEFT saves it for the layers it
+    counts as embedding layers (``embed_tokens``, ``lm_head``: ``save_embedding_layers="auto"``
+    writes ``<module>.base_layer.weight`` beside the adapter when such a module is a target). PEFT
+    loads that tensor into the base layer; so does :func:`load_adapter`, where the file has it."""
+    return {PREFIX + f"{name}.base_layer.weight": f"{name}.base_layer.weight" for name, layer in adapter_layers(model).items()
+            if isinstance(getattr(layer, "base_layer", None), nn.Module)
+            and isinstance(getattr(layer.base_layer, "weight", None), torch.Tensor)}
+
+
 def _copy_adapter_tensors(model: nn.Module, weights: Path, strict: bool) -> None:
     file_to_model = _from_file_keys(model)
     with safe_open(str(weights), framework="pt") as f:
         file_keys = set(f.keys())
         missing = sorted(set(file_to_model) - file_keys)
+        # a base weight PEFT saved is loaded, not required: every other file lacks it
+        file_to_model.update({k: v for k, v in _peft_embedding_base_keys(model).items() if k in file_keys})
         unexpected = sorted(file_keys - set(file_to_model))
         if strict and (missing or unexpected):
             raise AdapterFormatError(

@@ -231,3 +231,27 @@ def test_modules_to_save_with_nested_buffers(tmp_path):
     theirs2.save_pretrained(str(tmp_path / "p"))
     with torch.no_grad():
         _assert_close(ll.load_adapter(_NestedHead().eval(), tmp_path / "p")(x), y2)
+
+
+def test_peft_adapter_with_lm_head_target_loads_its_saved_base_weight(tmp_path):
+    """PEFT counts ``lm_head`` as an embedding layer: with it among the targets it saves
+    ``lm_head.base_layer.weight`` beside the adapter and loads it into the base layer. Before, that
+    key failed the load here as unexpected. The source's head is changed before saving, so the
+    outputs match PEFT's only if the saved base weight is loaded too."""
+    from lightning_lora.tasks.models import load_tiny_llama
+
+    source, _ = load_tiny_llama(seed=0)
+    with torch.no_grad():
+        source.lm_head.weight.mul_(1.5)
+    theirs = peft.get_peft_model(source, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
+                                                          init_lora_weights=False)).eval()
+    theirs.save_pretrained(str(tmp_path / "p"))
+    x = _inputs("llama")
+    with torch.no_grad():
+        y = _out(theirs, x)
+        reloaded = peft.PeftModel.from_pretrained(load_tiny_llama(seed=0)[0], str(tmp_path / "p")).eval()
+        _assert_close(_out(reloaded, x), y)  # PEFT itself restores the saved head
+    ours = ll.load_adapter(load_tiny_llama(seed=0)[0], tmp_path / "p").eval()
+    assert "lm_head" in ll.adapter_layers(ours)
+    with torch.no_grad():
+        _assert_close(_out(ours, x), y)
