@@ -288,3 +288,28 @@ def test_lightning_trainer_misconfiguration_is_one_error_line_and_leaves_no_fold
     assert one_error_line(err, cmd) == (f"lncrna {cmd}: error: trainer: No supported gpu backend found! "
                                         f"(trainer=gpu needs a CUDA GPU; trainer=cpu runs anywhere)")
     assert not out.exists()  # was left behind, empty
+
+
+@pytest.mark.parametrize("cmd", ["train", "pretrain"])
+def test_a_refused_run_leaves_no_hydra_run_folder(cmd, tmp_path, capsys):
+    """Without out_dir the run writes into Hydra's run folder, which Hydra creates (with .hydra/ and
+    the job log) before the task starts; a run refused with one error line left it behind."""
+    run_dir = tmp_path / "runs" / "x"
+    rc = cli.main([cmd, "epochs=abc", f"hydra.run.dir={run_dir}"])
+    assert rc == 2
+    assert one_error_line(capsys.readouterr().err, cmd) == f"lncrna {cmd}: error: epochs='abc': expected an integer"
+    assert not run_dir.exists()
+
+
+def test_a_hydra_run_folder_holding_output_is_kept(tmp_path, capsys, monkeypatch):
+    import lncrna.train
+
+    def writes_then_fails(out, **kw):
+        (out / "partial.txt").write_text("kept\n")
+        raise lncrna.train.PretrainedDirError("mlm: broken")
+
+    monkeypatch.setattr(lncrna.train, "finetune", writes_then_fails)
+    run_dir = tmp_path / "runs" / "x"
+    rc = cli.main(["train", f"hydra.run.dir={run_dir}"])
+    assert rc == 2, capsys.readouterr().err
+    assert (run_dir / "partial.txt").read_text() == "kept\n"
