@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                f"record with an id is kept; longer than {MAX_LENGTH:,} nt) are skipped with a one-line warning "
                "each; a file that cannot be "
                "used at all (missing, unreadable, a directory, empty, not FASTA, broken gzip, a header line "
-               "indented by whitespace, no valid record) "
+               "after the first indented by whitespace, no valid record) "
                "and an output that cannot be written are errors, exit 2. Records shorter than "
                f"{MIN_RELIABLE_LENGTH} nt (the training data's minimum) or with more than {MAX_N_SHARE:.0%} N "
                "are predicted as usual, but their probability has little signal behind it: they are counted "

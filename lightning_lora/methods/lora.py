@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import numbers
 import os
 import warnings
 import weakref
@@ -128,6 +129,9 @@ class LoRAConfig(AdapterConfig):
         self.r = whole_number(self.r, "LoRA rank r")
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        # a None or string alpha failed only at injection, as a TypeError inside the scale s = alpha / r
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha):
+            raise ValueError(f"LoRA alpha must be a finite number (s = alpha / r), got {self.alpha!r}")
         if isinstance(self.replay_inputs, bool):  # the session-6 switch (and configs saved with it)
             self.replay_inputs = "all" if self.replay_inputs else "none"
         if self.replay_inputs not in REPLAY_MODES:

@@ -212,6 +212,10 @@ def test_invalid_lora_options():
         ll.LoRAConfig(init="orthogonal")
     with pytest.raises(ValueError, match="bias"):
         ll.LoRAConfig(bias="some")
+    for alpha in (None, "16", float("nan"), True):  # None failed only at injection, inside alpha / r
+        with pytest.raises(ValueError, match="alpha"):
+            ll.LoRAConfig(alpha=alpha)
+    assert ll.make_config("ffa_lora", r=4).alpha == 4.0  # FFA-LoRA's None still means alpha = r
 
 
 def test_layer_build_failure_rolls_back_injection():
