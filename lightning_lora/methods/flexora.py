@@ -39,7 +39,8 @@ Two phases inside ONE ``pl.Trainer.fit``, driven by ``AdapterCallback("flexora",
    ``flexora/layers_above_mean`` is, despite its name, the count of ``α̂_l > 0`` (before the
    empty-set fallback). ``selection="top_k"`` keeps the ``top_k`` largest α̂ instead. An empty set
    (e.g. α̂ never moved) falls back to all layers [design]; a non-finite α̂ (a diverged gate step)
-   raises, naming the layers and the step. Then, as a fresh LoRA run (the code's stage 2 is a new SFT
+   raises, naming the layers and the step, after undoing that step (α̂ and Adam's state are the
+   last good step's). Then, as a fresh LoRA run (the code's stage 2 is a new SFT
    run): α̂ is discarded (gates of kept layers set to 1), the LoRA factors of the selected layers are
    re-initialised (A drawn as LoRA's ``init`` says, B = 0; ``reinit=False`` keeps the searched factors; modules
    trained in full, ``modules_to_save`` such as a new classifier head, keep their weights: the
@@ -89,6 +90,7 @@ stay registered with DDP's reducer, so use ``strategy="ddp_find_unused_parameter
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -611,11 +613,17 @@ class Flexora(Method):
         loss_value = float(total)  # host sync; read before the step so a NaN loss never reaches α̂
         if not math.isfinite(loss_value):  # stepping would only write NaN into α̂ and Adam's moments
             raise _diverged("gate loss", self.layer_keys, f"loss = {loss_value}", step)
+        # α̂ and Adam's state before the step (a few floats per layer): a step that makes α̂ non-finite
+        # is undone before it raises, so a caller that catches the error holds the last good search
+        before = alpha.detach().clone(), copy.deepcopy(self.gate_optimizer.state_dict())
         alpha.grad = grad
         self.gate_optimizer.step()
         alpha.grad = None
         bad = _non_finite(self.layer_keys, alpha.detach().tolist())
         if bad:  # a finite loss with an infinite gradient, or an Adam step that overflowed
+            with torch.no_grad():
+                alpha.copy_(before[0])
+            self.gate_optimizer.load_state_dict(before[1])
             raise _diverged("gate logit", list(bad), f"α̂ = {list(bad.values())}", step)
         self.apply_gates(layers)
         self.last_gate_loss = loss_value

@@ -4,6 +4,7 @@ for the gate step without losing its structure."""
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections import namedtuple
@@ -116,10 +117,25 @@ def test_non_finite_gate_logit_raises_right_after_the_gate_optimizer_step():
 
     method.set_gate_data([(x, y)])
     method.set_gate_loss(loss_fn)
+    method.set_gate_data([(x, y)])
+    method.set_gate_loss(lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    with torch.no_grad():  # B = 0 at init gives the gates no gradient
+        for layer in layers.values():
+            layer.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    method.gate_step(SimpleNamespace(global_step=2), model, layers)  # one good step: α̂ and Adam state move
+    good_alpha = method.gate_logits.detach().clone()
+    good_state = copy.deepcopy(method.gate_optimizer.state_dict())
+    assert not torch.equal(good_alpha, torch.zeros(3))
+    method.set_gate_data([(x, y)])
+    method.set_gate_loss(loss_fn)
     with pytest.raises(ValueError, match=r"non-finite gate logit.*\['0', '2', '4'\] at optimizer step 3 .*gate_lr"):
         method.gate_step(SimpleNamespace(global_step=3), model, layers)
-    assert method.gate_steps == 0
+    assert method.gate_steps == 1
     assert all(math.isfinite(layer.gate) for layer in layers.values())  # NaN gates never reach the layers
+    # the failed step is undone: α̂ and Adam's moments are the last good step's
+    assert torch.equal(method.gate_logits, good_alpha)
+    state = method.gate_optimizer.state_dict()["state"][0]
+    assert all(torch.equal(state[k], good_state["state"][0][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
 
 
 # ---- a non-finite gate logit is not written into the adapter's JSON metadata -------------------------
