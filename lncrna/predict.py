@@ -35,12 +35,13 @@ with the shipped ``extra`` features; each chunk goes out as one part per worker,
 feature extractor handles in one go). The workers are started with ``fork`` where the platform has it, before the transformer
 is loaded (workers only run numpy code, never torch), and with ``spawn`` elsewhere.
 
-Measured with the shipped model (6 layers, hidden 256) on human test transcripts (median 2.6 kb):
+Measured with the shipped model (6 layers, hidden 256) on human test transcripts:
 one H200 with 16 host cores, cascade on (2-3% of records hard): 2.7k seq/s with ``workers=0``,
 23k with 8, 33k with 15 (records in memory); ``lncrna predict`` end to end on a 40k-record
 FASTA.gz, reading and writing included: 10.4k seq/s. ``cascade=False`` on the H200: 5.4k seq/s at
-``batch_tokens=262144``, 6.0k at 524288 (the CUDA default). On 2 CPU cores: 150-200 seq/s with the
-cascade, about 2 seq/s without it (roughly half a second of transformer per transcript).
+``batch_tokens=262144``, 6.0k at 524288 (the CUDA default). On 2 CPU cores, the 8,000-record human
+test: 293 seq/s with the cascade (``benchmarks/results/lncrna_throughput.json``); without it the
+transformer runs on every record, over an order of magnitude slower.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import time
 import weakref
 import zipfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import wait as futures_wait
 from concurrent.futures.process import BrokenProcessPool
@@ -432,11 +433,32 @@ def _chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
+def _refuse_single_string(seqs: Any, what: str) -> None:
+    """``TypeError`` if ``seqs`` is one bare sequence instead of a collection of them.
+
+    Why: a ``str`` (or ``bytes``) is itself an iterable of 1-nt "sequences"; ``predict_sequences(seq)``
+    used to return one meaningless probability per nucleotide instead of failing (as
+    ``NucleotideClassifier.predict_proba`` and ``FeatureExtractor.transform`` already refuse)."""
+    if isinstance(seqs, (str, bytes)):
+        raise TypeError(f"{what} expects a list of sequences, got a single string; wrap it: [seq]")
+
+
 def _as_record(item: Any, index: int) -> FastaRecord:
     """FastaRecord as is (already validated); ``(id, seq)`` pairs and objects with ``.id``/``.seq`` normalised."""
     if isinstance(item, FastaRecord):
         return item
-    rid, seq = (item.id, item.seq) if hasattr(item, "seq") else item
+    # Why: a plain string unpacks as a "pair" of its letters. predict_records({"ab": seq}) (a dict
+    # iterates over its keys) silently predicted record "a" with sequence "b"; longer strings failed
+    # with a bare "too many values to unpack" naming no record.
+    wrong = TypeError(f"record {index}: expected an (id, seq) pair or a record with .id and .seq, got "
+                      f"{type(item).__name__} {str(item)[:40]!r} (for a dict pass dict.items(); for plain "
+                      "sequences use predict_sequences)")
+    if isinstance(item, (str, bytes)):
+        raise wrong
+    try:
+        rid, seq = (item.id, item.seq) if hasattr(item, "seq") else item
+    except (TypeError, ValueError):  # not a pair (e.g. an int, a 3-tuple)
+        raise wrong from None
     rid = str(rid)
     if any(c in rid for c in "\t\r\n"):  # would split or shift the row in the TSV output (format_row)
         raise ValueError(f"record {index} {rid!r}: id contains a tab or line break")
@@ -588,26 +610,42 @@ class Predictor:
         self.close()
 
     # ---- prediction ----
-    def predict_fasta(self, path: str | os.PathLike[str], **read_kw: Any) -> Iterator[Prediction]:
-        """Stream predictions for a FASTA(.gz) file (read and validated by :func:`lncrna.fasta.read_fasta`)."""
-        return self.predict_records(read_fasta(path, **read_kw))
+    def predict_fasta(self, path: str | os.PathLike[str], progress: Callable[[int], Any] | None = None,
+                      **read_kw: Any) -> Iterator[Prediction]:
+        """Stream predictions for a FASTA(.gz) file (read and validated by :func:`lncrna.fasta.read_fasta`).
+
+        ``progress``: as in :meth:`predict_records`; ``read_kw`` go to ``read_fasta``."""
+        return self.predict_records(read_fasta(path, **read_kw), progress=progress)
 
     def predict_sequences(self, seqs: Iterable[str]) -> np.ndarray:
-        """lncRNA probability of each sequence, (n,) float64, in input order."""
+        """lncRNA probability of each sequence, (n,) float64, in input order.
+
+        ``TypeError`` for one bare string (wrap it in a list)."""
+        _refuse_single_string(seqs, "predict_sequences")
         return np.array([p.prob for p in self.predict_records((str(i), s) for i, s in enumerate(seqs))])
 
-    def predict_records(self, records: Iterable[Any]) -> Iterator[Prediction]:
+    def predict_records(self, records: Iterable[Any],
+                        progress: Callable[[int], Any] | None = None) -> Iterator[Prediction]:
         """Predictions in input order, yielded chunk by chunk (see the module docstring).
 
         ``records``: :class:`~lncrna.fasta.FastaRecord` (taken as validated), ``(id, seq)`` pairs or
-        objects with ``.id`` and ``.seq`` (normalised here; ``ValueError`` naming the record if invalid).
+        objects with ``.id`` and ``.seq`` (normalised here; ``ValueError`` naming the record if invalid,
+        ``TypeError`` for anything else, e.g. a plain string or a dict: pass ``dict.items()``).
+
+        ``progress``: called with a count of records as they finish, before their chunk is yielded:
+        once per chunk for the records stage 1 settles, once per transformer batch for the others
+        (e.g. ``tqdm.update``); the counts add up to the number of records.
         """
         recs = (_as_record(r, i) for i, r in enumerate(records, start=1))
         for chunk, (p_b, hard, windows), t_wait in self._stage1_stream(_chunked(recs, self.chunk_size)):
             t0 = time.perf_counter()
             prob = np.asarray(p_b, dtype=np.float64).copy()
+            if progress is not None and len(chunk) > len(hard):
+                progress(len(chunk) - len(hard))  # the easy records are final after stage 1
             if len(hard):
-                p_t = self._transformer_proba(windows)
+                # progress per transformer batch: a chunk is 4096 records, and a bar moved once per
+                # chunk stood still for minutes on a CPU without the cascade
+                p_t = self._transformer_proba(windows, progress=progress)
                 prob[hard] = self.stack.combine(p_b[hard], p_t)
             t1 = time.perf_counter()
             st = self.stats
@@ -656,11 +694,13 @@ class Predictor:
                 windows.extend(win_i)
             yield chunk, (np.concatenate(p_b), np.concatenate(hard).astype(np.int64), windows), time.perf_counter() - t0
 
-    def _transformer_proba(self, windows: list[list[np.ndarray]]) -> np.ndarray:
+    def _transformer_proba(self, windows: list[list[np.ndarray]],
+                           progress: Callable[[int], Any] | None = None) -> np.ndarray:
         """Transformer lncRNA probability of each record given its windows, (n,) float64.
 
         Records are sorted by length (longest window, then number of windows) and batched so that
         ``windows x longest window <= batch_tokens``; same result as ``NucleotideClassifier.predict_proba``.
+        ``progress(k)`` is called after each batch of ``k`` records.
         """
         import torch
 
@@ -682,6 +722,8 @@ class Predictor:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(b["input_ids"], b["attention_mask"], b["window_owner"], n=len(idx))
             out[idx] = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+            if progress is not None:
+                progress(len(idx))
 
         with torch.inference_mode():
             for i in order.tolist():
@@ -701,8 +743,11 @@ _DEFAULT_PREDICTOR: Predictor | None = None
 
 
 def predict_proba(seqs: Sequence[str]) -> np.ndarray:
-    """lncRNA probability of each sequence with the shipped model (loaded once), in input order."""
+    """lncRNA probability of each sequence with the shipped model (loaded once), in input order.
+
+    ``TypeError`` for one bare string (wrap it in a list), before the model loads."""
     global _DEFAULT_PREDICTOR
+    _refuse_single_string(seqs, "predict_proba")
     if _DEFAULT_PREDICTOR is None:
         _DEFAULT_PREDICTOR = Predictor()
     return _DEFAULT_PREDICTOR.predict_sequences(seqs)

@@ -168,7 +168,7 @@ def test_cascade_routing_only_hard_records_reach_the_transformer(tmp_path, tiny_
 
     seen: list[list[np.ndarray]] = []
 
-    def fake_transformer(windows):
+    def fake_transformer(windows, progress=None):
         seen.extend(windows)
         return np.full(len(windows), 0.75)
 
