@@ -463,8 +463,9 @@ def _as_record(item: Any, index: int) -> FastaRecord:
     if any(c in rid for c in "\t\r\n"):  # would split or shift the row in the TSV output (format_row)
         raise ValueError(f"record {index} {rid!r}: id contains a tab or line break")
     try:
-        seq = normalise_sequence(str(seq))
-    except ValueError as e:
+        # bytes (a file read in binary mode) as text: str(b"ACGT") is "b'ACGT'", refused for its quotes
+        seq = normalise_sequence(seq.decode("ascii") if isinstance(seq, bytes) else str(seq))
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"record {index} {rid!r}: {e}") from None
     return FastaRecord(str(rid), str(rid), seq)
 

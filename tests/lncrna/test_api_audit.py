@@ -162,3 +162,12 @@ def test_cli_progress_bar_redraws_transformer_batches_after_the_easy_records(
     capsys.readouterr()
     assert rc == 0
     assert drawn == [(20, True)] + [(1, True)] * 4
+
+
+def test_bytes_sequences_are_read_as_text(model_dir):
+    """A sequence given as bytes was predicted as the text "b'ACGT...'" and refused for its quotes."""
+    seq = "ACGT" * 60
+    predictor = Predictor(model_dir, device="cpu", cascade=False)
+    assert predictor.predict_sequences([seq.encode()]).tolist() == predictor.predict_sequences([seq]).tolist()
+    with pytest.raises(ValueError, match=r"record 1 '0'"):
+        predictor.predict_sequences([b"ACGT\xff"])
