@@ -381,6 +381,24 @@ def _check_composes(conf: Path, config_name: str, overrides: list[str]) -> None:
         raise ConfigError(" ".join(lines[:2]) or type(e).__name__) from None
 
 
+def discard_hydra_run_dir() -> None:
+    """Inside a Hydra task: remove the run's folder (``runs/.../<time>``) when it holds only what Hydra
+    wrote into it before the task started (``.hydra/``, the job's log), so that a run refused with a
+    one-line error leaves no folder behind, while one holding any output of the run is kept."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not under Hydra
+        return
+    run_dir = Path(hc.runtime.output_dir)
+    hydras_own = {str(hc.output_subdir), f"{hc.job.name}.log"}
+    if run_dir.is_dir() and all(p.name in hydras_own for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def run_hydra(task: Any, conf: Path, config_name: str, prog: str, overrides: list[str]) -> None:
     """Run ``task(cfg)`` as a Hydra app over ``conf/<config_name>.yaml`` with ``overrides`` (and
     Hydra's own flags such as ``-m``). Hydra reads them from ``sys.argv``, so it is swapped for the

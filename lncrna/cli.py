@@ -1053,6 +1053,8 @@ def _hydra(cmd: str, args: list[str]) -> int:
 
     from hydra.core.config_store import ConfigStore
 
+    from lightning_lora.train import discard_hydra_run_dir, run_hydra
+
     from .fasta import FastaError
 
     store = ConfigStore.instance()
@@ -1064,35 +1066,15 @@ def _hydra(cmd: str, args: list[str]) -> int:
         try:
             runner(cfg)
         except (UserError, FastaError) as e:
-            _discard_hydra_run_dir()
+            discard_hydra_run_dir()
             print(f"{PROG} {cmd}: error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-
-    from lightning_lora.train import run_hydra
 
     try:
         run_hydra(task, conf, cmd, f"{PROG} {cmd}", list(args))
     finally:
         _unstore(store, "adapter", adapters)
     return 0
-
-
-def _discard_hydra_run_dir() -> None:
-    """Remove the run's Hydra folder (``runs/lncrna/train/<time>``) when it holds only what Hydra wrote
-    into it before the task started (``.hydra/``, the job's log): a run refused with a one-line error
-    leaves no folder behind, while one holding any output of the run is kept."""
-    import shutil
-
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        hc = HydraConfig.get()
-    except ValueError:  # not under Hydra
-        return
-    run_dir = Path(hc.runtime.output_dir)
-    hydras_own = {str(hc.output_subdir), f"{hc.job.name}.log"}
-    if run_dir.is_dir() and all(p.name in hydras_own for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _unstore(store: Any, group: str, names: Iterable[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,6 +93,14 @@ def whole_number(value: Any, name: str, minimum: int | None = None, optional: bo
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be {'None or ' if optional else ''}>= {minimum}, got {value!r}")
     return int(value)
+
+
+def finite_number(value: Any, name: str) -> float:
+    """``value`` as a float; a one-line ValueError naming the field for a non-number, a bool, NaN or
+    ±inf (NaN passes every range check, ``"abc"`` failed later inside a comparison)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def floating_dtype_name(value: Any) -> str:

@@ -237,7 +237,13 @@ def _require(model: nn.Module, names: Sequence[str]) -> AdapterSet:
 
 
 def _as_names(names: str | Sequence[str]) -> list[str]:
+    # a name or a list of names; None or a number failed with "'NoneType' object is not iterable"
+    if not isinstance(names, (str, Sequence, set, frozenset)):
+        raise TypeError(f"adapter names must be a name or a list of names, got {type(names).__name__} {names!r}")
     out = [names] if isinstance(names, str) else list(names)
+    bad = [n for n in out if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"adapter names must be strings, got {bad!r}")
     if len(set(out)) != len(out):
         raise ValueError(f"adapter names repeat: {out}")
     return out
@@ -639,10 +645,36 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike[str], names: Se
         )
         if not names:
             raise AdapterFormatError(f"{directory}: no adapter found (no {WEIGHTS_NAME} here or in a sub-directory)")
+    names = _as_names(names)
+    # every named folder must hold an adapter before anything is loaded (a missing one late in the
+    # list used to fail after the earlier ones had been added to the model)
+    absent = [n for n in names if not (adapter_subdir(directory, n) / WEIGHTS_NAME).is_file()]
+    if absent:
+        found = ([DEFAULT_NAME] if (directory / WEIGHTS_NAME).is_file() else []) + sorted(
+            p.name for p in directory.iterdir() if p.is_dir() and (p / WEIGHTS_NAME).is_file()
+        ) if directory.is_dir() else []
+        raise AdapterFormatError(f"{directory}: no saved adapter {absent} (no {WEIGHTS_NAME} in "
+                                 f"{[str(adapter_subdir(directory, n)) for n in absent][:3]}); adapters found: {found}")
+    # all or nothing: a later adapter that does not fit removes the ones this call already loaded,
+    # so a failed call leaves the model as it was (single-adapter models included)
+    was_single = getattr(model, _METHOD_ATTR, None) is not None
+    before_active = active_adapters(model)
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
     loaded: list[str] = []
-    for name in _as_names(names):
-        load_adapter_as(model, adapter_subdir(directory, name), name, strict=strict)
-        loaded.append(name)
+    try:
+        for name in names:
+            load_adapter_as(model, adapter_subdir(directory, name), name, strict=strict)
+            loaded.append(name)
+    except BaseException:
+        for name in reversed(loaded):
+            delete_adapter(model, name)
+        if loaded and was_single:
+            _revert_to_single(model)
+        elif _registry(model) is not None:
+            set_adapter(model, before_active)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        raise
     return loaded
 
 

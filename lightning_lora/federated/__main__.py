@@ -63,9 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     conf = config_dir() / "federated"
 
     def task(cfg: Any) -> None:
-        from . import simulation
+        from ..train import discard_hydra_run_dir
+        from ._deps import FederatedDependencyMissing
 
-        fcfg = config_from(cfg)
+        try:
+            from . import simulation
+
+            fcfg = config_from(cfg)
+            if role == "client" and not 0 <= int(cfg.partition_id) < fcfg.num_clients:
+                raise ValueError(f"partition_id must be in [0, {fcfg.num_clients}), got {cfg.partition_id}")
+        except (FederatedDependencyMissing, ValueError, TypeError) as e:
+            # flwr/opacus missing (with the pip command) or a bad option: a short message and exit 2
+            # before any work, not Hydra's traceback
+            discard_hydra_run_dir()
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         if role == "client":
             simulation.connect(fcfg, int(cfg.partition_id), address=str(cfg.address))
             return

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.config import finite_number, whole_number
 from ._deps import require
 from .dp import DPConfig, PrivateTrainer
 from .params import frozen_digest, get_arrays, set_arrays
@@ -54,6 +55,11 @@ class LocalTraining:
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        # whole numbers and a finite lr, checked before any client trains ("abc" failed on the comparison)
+        self.local_steps = whole_number(self.local_steps, "local.local_steps")
+        self.batch_size = whole_number(self.batch_size, "local.batch_size")
+        for name in ("lr", "momentum", "weight_decay"):
+            finite_number(getattr(self, name), f"local.{name}")
         if self.local_steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"local_steps, batch_size and lr must be positive, got {self}")
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..core.inject import inject_adapter
+from ..core.config import finite_number, whole_number
 from ._deps import require
 from .client import AdapterClient, LocalTraining, evaluate_model
 from .data import FederatedTask, build_task
@@ -91,12 +92,31 @@ class FederationConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"federated method must be one of {METHODS}, got {self.method!r}")
+        # every option is checked here, before the task, model and split are built: a float or a
+        # string failed deep in range() or a comparison, a negative eval_every evaluated every round,
+        # and a bad min_client_size / dirichlet_alpha surfaced only once the model had been built
+        # (min_client_size < 1 even ran all rounds with failing clients before raising)
+        for name in ("num_clients", "num_rounds", "eval_every", "min_client_size", "split_seed", "seed"):
+            setattr(self, name, whole_number(getattr(self, name), name))
+        if self.num_rounds < 1 or self.num_clients < 1:
+            raise ValueError(f"num_rounds and num_clients must be >= 1, got {self.num_rounds}, {self.num_clients}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: only after the last round), got {self.eval_every}")
+        if self.min_client_size < 1:
+            raise ValueError(f"min_client_size must be >= 1 (a client needs an example), got {self.min_client_size}")
+        if finite_number(self.dirichlet_alpha, "dirichlet_alpha") <= 0:
+            raise ValueError(f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha!r}")
+        # a device torch cannot name, or CUDA on a machine without it, failed deep inside model.to()
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but CUDA is not available here; use device=cpu")
         if isinstance(self.local, dict):
             self.local = LocalTraining(**self.local)
         if isinstance(self.dp, dict):
             self.dp = DPConfig(**self.dp)
-        if self.num_rounds < 1 or self.num_clients < 1:
-            raise ValueError(f"num_rounds and num_clients must be >= 1, got {self.num_rounds}, {self.num_clients}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.layer import AdapterLayer
+from ..core.config import finite_number, whole_number
 from ..core.multi import add_adapter, adapter_method, copy_saved_modules, delete_adapter, named_adapter_layers
 from ..methods.lora import LoRALinear
 
@@ -85,8 +86,7 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
 
     Ranks above ``min(m, n)`` are padded with zero units.
     """
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+    rank = whole_number(rank, "rank", 1)  # a float failed deep in slicing
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     return _truncate(u, s, vh, rank, delta.shape, delta.device)
 
@@ -94,8 +94,7 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
 def low_rank_factors_of_product(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`low_rank_factors` of ``b @ a`` (b: (m, R), a: (R, n)) without forming it: QR of both
     factors and an R×R SVD, O((m + n)R²) instead of O(mn·min(m, n))."""
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+    rank = whole_number(rank, "rank", 1)
     dtype = torch.float64 if b.device.type == "cpu" else torch.float32
     qb, rb = torch.linalg.qr(b.to(dtype))  # (m, R), (R, R)
     qa, ra = torch.linalg.qr(a.to(dtype).t())  # (n, R), (R, R)
@@ -119,9 +118,12 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
         raise ValueError("nothing to merge: no sources")
     if weights is None:
         return [1.0] * n
+    if isinstance(weights, str):  # "12" would otherwise be read as the weights [1.0, 2.0]
+        raise TypeError(f"weights must be a sequence of numbers, got the string {weights!r}")
     if len(weights) != n:
         raise ValueError(f"got {len(weights)} weights for {n} sources")
-    return [float(w) for w in weights]
+    # a non-finite weight made every merged entry NaN
+    return [finite_number(w, f"weights[{i}]") for i, w in enumerate(weights)]
 
 
 # ---- adapters of a model ---------------------------------------------------------------------
@@ -137,8 +139,15 @@ def lora_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor, float
     return layer.lora_B.detach().float().clone(), layer.lora_A.detach().float().clone(), float(layer.scaling)
 
 
+def _check_sources(sources: Sequence[str]) -> None:
+    # a string is a sequence of its characters: "ab" would silently merge adapters "a" and "b"
+    if isinstance(sources, str):
+        raise TypeError(f"sources must be a list of adapter names, got the string {sources!r} (use [{sources!r}])")
+
+
 def _layers_by_target(model: nn.Module, sources: Sequence[str]) -> dict[str, dict[str, AdapterLayer]]:
     """target -> {source name -> its layer}, over the union of the sources' targets, in model order."""
+    _check_sources(sources)
     if len(set(sources)) != len(sources) or not sources:
         raise ValueError(f"sources must be distinct and non-empty, got {list(sources)}")
     per_source = {s: named_adapter_layers(model, s) for s in sources}
@@ -207,6 +216,7 @@ def merge_concat(model: nn.Module, sources: Sequence[str], name: str, weights: S
 
 
 def _default_rank(model: nn.Module, sources: Sequence[str]) -> int:
+    _check_sources(sources)
     if not sources:  # else max([]) below fails with an obscure "max() arg is an empty sequence"
         raise ValueError("nothing to merge: no sources")
     ranks = [getattr(adapter_method(model, s).config, "r", None) for s in sources]
@@ -222,6 +232,7 @@ def merge_task_arithmetic(model: nn.Module, sources: Sequence[str], name: str,
     else its best rank-``rank`` approximation."""
     if rank is None:
         return merge_concat(model, sources, name, weights, modules_to_save_from)
+    rank = whole_number(rank, "rank", 1)
     weights = _weights(weights, len(sources))
     w_of = dict(zip(sources, weights))
     factors = {}
@@ -243,6 +254,8 @@ def merge_ties(model: nn.Module, sources: Sequence[str], name: str, density: flo
                modules_to_save_from: str | None = None) -> str:
     """New LoRA adapter ``name``: TIES merge of the sources' ``ΔW`` at rank ``rank`` (default: max source r)."""
     rank = _default_rank(model, sources) if rank is None else rank
+    rank = whole_number(rank, "rank", 1)
+    lam = finite_number(lam, "lam")  # NaN failed deep inside the SVD
     weights = _weights(weights, len(sources))
     w_of = dict(zip(sources, weights))
     factors = {}

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ..core.multi import active_adapters, adapter_method, multi_layers, set_adapter
+from ..core.config import whole_number
 from .baselines import _layers_by_target, add_lora_from_factors, lora_factors
 
 __all__ = [
@@ -232,6 +233,7 @@ def lego_merge(
         calibration_inputs: X (N, n), needed for ``output_reweight="calibration"``.
         n_init: seeded k-means++ starts; the lowest-inertia one is kept (default 1, one start).
     """
+    k = whole_number(k, "k (the merged rank)")  # a float (2.5, 4.0) or True failed deep in torch.zeros
     if feature not in FEATURES:
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
     if output_reweight not in OUTPUT_REWEIGHTS:
@@ -343,6 +345,15 @@ def lego_merge_adapters(
     by_target = _layers_by_target(model, sources)
     if k is None:
         k = max(int(adapter_method(model, s).config.r) for s in sources)  # type: ignore[attr-defined]
+    k = whole_number(k, "k (the merged rank)")
+    # the option names are checked here, before any k-means: a bad one used to surface per layer,
+    # after the factors of every source had been read
+    if folding not in FOLDINGS:
+        raise ValueError(f"folding must be one of {FOLDINGS}, got {folding!r}")
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+    if output_reweight not in OUTPUT_REWEIGHTS:
+        raise ValueError(f"output_reweight must be one of {OUTPUT_REWEIGHTS}, got {output_reweight!r}")
     factors = {t: [lora_factors(layer) for layer in layers.values()] for t, layers in by_target.items()}
     units = {t: sum(b.shape[1] for b, _, _ in fs) for t, fs in factors.items()}
     most = max(units.values())

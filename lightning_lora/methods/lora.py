@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import numbers
 import os
 import warnings
 import weakref
@@ -57,7 +56,7 @@ from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..core import _lora_cpp, replay_kernels
-from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Method, register, whole_number
 from ..core.layer import AdapterLayer, no_autocast
 from ..core.rounding import merged_weight, merged_weights
 
@@ -130,8 +129,7 @@ class LoRAConfig(AdapterConfig):
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
         # a None or string alpha failed only at injection, as a TypeError inside the scale s = alpha / r
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha):
-            raise ValueError(f"LoRA alpha must be a finite number (s = alpha / r), got {self.alpha!r}")
+        finite_number(self.alpha, "LoRA alpha (s = alpha / r)")
         if isinstance(self.replay_inputs, bool):  # the session-6 switch (and configs saved with it)
             self.replay_inputs = "all" if self.replay_inputs else "none"
         if self.replay_inputs not in REPLAY_MODES:

@@ -40,9 +40,18 @@ from torch import nn
 
 from ..core.config import adapter_torch_dtype, AdapterConfig, make_config, Method, register, whole_number
 from ..core.inject import adapter_layers, find_targets, inject_adapter, _set_submodule
-from ..core.layer import AdapterLayer, linear_shape
+from ..core.layer import AdapterLayer, _is_conv1d, linear_shape
 from ..quant.decompose import Decomposition, lq_decompose
-from ..quant.ilp import DEFAULT_MIP_REL_GAP, SMALL_GRID, CostTable, ILPSolution, build_cost_table, solve_ilp
+from ..quant.ilp import (
+    DEFAULT_MIP_REL_GAP,
+    SMALL_GRID,
+    CostTable,
+    ILPSolution,
+    build_cost_table,
+    check_budget,
+    solve_ilp,
+    storage_table,
+)
 from ..quant.linear import QuantizedLinear
 from ..quant.nf import QuantConfig, parse_config
 
@@ -266,7 +275,15 @@ class LQLoRA(Method):
 def target_weights(model: nn.Module, **target_kwargs: Any) -> dict[str, torch.Tensor]:
     """Dense (out, in) fp32 weights of the modules LQ-LoRA would target (``target_modules=...``)."""
     cfg = make_config("lq_lora", **target_kwargs)
-    return {name: _dense_weight(model.get_submodule(name)) for name in find_targets(model, cfg)}
+    out: dict[str, torch.Tensor] = {}
+    for name in find_targets(model, cfg):
+        module = model.get_submodule(name)
+        # name the module, as the injection does: linear_shape's own error does not say which one
+        if not isinstance(module, LQLoRA.supported_types) and not _is_conv1d(module):
+            raise TypeError(f"method 'lq_lora' cannot adapt module {name!r} of type {type(module).__name__}; "
+                            "supported: ['Linear']")
+        out[name] = _dense_weight(module)
+    return out
 
 
 def plan_lq_lora(
@@ -295,6 +312,10 @@ def plan_lq_lora(
     """
     if table is None:
         weights = target_weights(model, **target_kwargs)
+        # the budget is checked against the storage of the cheapest configs before the cost table:
+        # storage needs no decomposition, the table decomposes every matrix under every config
+        check_budget(budget, storage_table([int(w.numel()) for w in weights.values()],
+                                           [parse_config(c) for c in configs]), [int(w.numel()) for w in weights.values()])
         table = build_cost_table(weights, r, configs, max_iters=max_iters, fisher=fisher, fisher_mode=fisher_mode,
                                  svd=svd, seed=seed, return_last=return_last)
     return solve_ilp(table, budget, time_limit=time_limit, mip_rel_gap=mip_rel_gap), table

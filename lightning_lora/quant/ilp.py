@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.config import finite_number
 from .decompose import lq_decompose
 from .nf import QuantConfig, parse_config, storage_bits
 
@@ -88,6 +89,8 @@ def build_cost_table(
 ) -> CostTable:
     """Decompose every matrix under every config; ``cost = error²`` (Fisher-weighted when given)."""
     cfgs = [parse_config(c) for c in configs]
+    if not cfgs:  # else numpy's "zero-size array to reduction operation" when the ILP reads the table
+        raise ValueError("no quantization configs to choose from: configs is empty")
     names = list(weights)
     # check every matrix before decomposing any (a bad one late in the list would otherwise fail
     # only after minutes of work), naming it: lq_decompose's own errors do not know the name
@@ -123,6 +126,21 @@ def build_cost_table(
 DEFAULT_MIP_REL_GAP = 1e-4
 
 
+def check_budget(budget: float, storage: np.ndarray, numels: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``budget`` (bits/param) is a finite number that the cheapest
+    config of every matrix meets. ``storage`` (matrices, configs): bits of each matrix under each
+    config (:func:`storage_table`); ``numels``: parameters of each matrix. Cheap (no decomposition),
+    so callers run it before building a cost table: a NaN budget used to reach HiGHS as a "model
+    error" and a string a numpy ufunc error, and a too-small budget was refused only after every
+    matrix had been decomposed under every config."""
+    finite_number(budget, "budget (bits per parameter)")
+    if storage.size == 0 or storage.shape[1] == 0:
+        raise ValueError("no quantization configs to choose from: configs is empty")
+    min_bits = storage.min(axis=1).sum() / float(sum(numels))
+    if budget < min_bits - 1e-12:
+        raise ValueError(f"budget {budget} bits/param is below the smallest achievable {min_bits:.4f} with these configs")
+
+
 def solve_ilp(table: CostTable, budget: float, time_limit: float = 60.0,
               mip_rel_gap: float = DEFAULT_MIP_REL_GAP) -> ILPSolution:
     """Pick one config per matrix minimising total cost with average bits per parameter ≤ ``budget``.
@@ -137,12 +155,10 @@ def solve_ilp(table: CostTable, budget: float, time_limit: float = 60.0,
 
     start = time.perf_counter()
     n, k = table.cost.shape
-    total = float(sum(table.numels))
-    min_bits = table.storage.min(axis=1).sum() / total
     if mip_rel_gap < 0:
         raise ValueError(f"mip_rel_gap must be >= 0, got {mip_rel_gap}")
-    if budget < min_bits - 1e-12:
-        raise ValueError(f"budget {budget} bits/param is below the smallest achievable {min_bits:.4f} with these configs")
+    check_budget(budget, table.storage, table.numels)
+    total = float(sum(table.numels))
     scale = float(np.abs(table.cost).max()) or 1.0
     c = (table.cost / scale).reshape(-1)
     rows = np.repeat(np.arange(n), k)

@@ -10,6 +10,7 @@ LightningModules on (string, target) pairs.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..core import trainable_parameters
+from ..core.config import whole_number
 from ..tasks.modules import linear_warmup_decay
 
 Encode = Callable[[list[str]], dict[str, torch.Tensor]]
@@ -41,6 +43,8 @@ class TextClassifier(nn.Module):
         return next(self.model.parameters()).device
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):  # one string is a sequence of characters: one row per character
+            raise TypeError(f"TextClassifier takes a list of texts, got one string {texts[:40]!r}; wrap it in a list")
         inputs = {k: v.to(self.device) for k, v in self.encode(list(texts)).items()}
         out = self.model(**inputs)
         return getattr(out, "logits", out)
@@ -51,7 +55,11 @@ def hf_text_encoder(tokenizer, max_length: int = 128, template: str | None = Non
 
     ``template``: a prompt around each text (``"Review: {text}\nSentiment:"``), for a causal LM read
     at its last token; over-long inputs then lose tokens from the left, so the prompt's end, where
-    the answer is read, always survives."""
+    the answer is read, always survives. It must hold the field ``{text}`` and no other field (write
+    literal braces as ``{{`` ``}}``); it is checked here, not at the first batch."""
+    whole_number(max_length, "max_length", 1)
+    if template is not None:
+        _check_template(template)
 
     def encode(texts: list[str]) -> dict[str, torch.Tensor]:
         if template is None:
@@ -65,6 +73,24 @@ def hf_text_encoder(tokenizer, max_length: int = 128, template: str | None = Non
             tokenizer.truncation_side = side
 
     return encode
+
+
+def _check_template(template: str) -> None:
+    """Refuse a template that would encode every input to the same prompt (no ``{text}``: silently
+    wrong results) or fail only at the first batch (another field, a stray brace)."""
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a string with a {{text}} field, got {type(template).__name__}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:  # "Single '{' encountered in format string"
+        raise ValueError(f"template {template!r} is not a valid format string ({e}); write literal braces as "
+                         "{{ and }}") from None
+    other = sorted({f for f in fields if f != "text"})
+    if other:
+        raise ValueError(f"template {template!r} has field(s) {other}; only {{text}} is filled in "
+                         "(write literal braces as {{ and }})")
+    if "text" not in fields:
+        raise ValueError(f"template {template!r} has no {{text}} field: every input would encode to the same prompt")
 
 
 def verbalizer_weights(causal_lm: nn.Module, tokenizer, words: Sequence[str]) -> torch.Tensor:

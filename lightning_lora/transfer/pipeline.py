@@ -11,16 +11,19 @@ alone.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..core import trainable_parameters
-from .classifier import TextClassifier
+from ..core.config import finite_number, whole_number
+from .classifier import TextClassifier, fit_text_classifier
 from .discriminator import filter_synthetic
-from .distill import distill, label_with_teacher
+from .distill import KD_LOSSES, distill, label_with_teacher
 
 #: ``generate(seed_texts, n, round) -> list[str]``: ``n`` candidates for round ``round`` (a seed offset)
 Generate = Callable[[list[str], int, int], list[str]]
@@ -96,6 +99,39 @@ def balance_by_teacher_class(texts: list[str], teacher_logits: torch.Tensor) -> 
     return [texts[i] for i in keep.tolist()], teacher_logits[keep]
 
 
+def _check_transfer_args(seed_examples: Sequence[str], n_seed: int, generate: Generate | None, n_samples: int,
+                         round_size: int | None, max_rounds: int, threshold: float, loss: str, temperature: float,
+                         distill_kwargs: dict[str, Any]) -> None:
+    """Argument checks of :func:`transfer`, all before any generation, labelling or training. Without
+    them an empty seed list gave "the generator and filter kept nothing" (or a ZeroDivisionError in
+    the generator), a string was read as its characters, and a bad loss, temperature, threshold or
+    misspelt distillation option failed only after the synthetic set had been generated and labelled."""
+    if isinstance(seed_examples, str):
+        raise TypeError(f"seed_examples must be a list of texts, got one string {seed_examples[:40]!r}")
+    whole_number(n_seed, "n_seed", 1)
+    if len(seed_examples) == 0:
+        raise ValueError("seed_examples is empty: the transfer needs at least one seed example")
+    if generate is not None:
+        whole_number(n_samples, "n_samples", 1)
+        whole_number(max_rounds, "max_rounds", 1)
+        whole_number(round_size, "round_size", 1, optional=True)
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    if loss not in KD_LOSSES:
+        raise ValueError(f"unknown distillation loss {loss!r}; expected one of {KD_LOSSES}")
+    if loss == "kl" and finite_number(temperature, "temperature") <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    known = ({p for p in inspect.signature(distill).parameters if p not in ("student", "texts", "teacher_logits",
+                                                                          "loss", "temperature", "fit_kwargs")}
+             | {p for p in inspect.signature(fit_text_classifier).parameters
+                if p not in ("classifier", "texts", "targets", "loss_fn")})
+    unknown = sorted(set(distill_kwargs) - known)
+    if unknown:
+        raise TypeError(f"transfer got unknown distillation option(s) {unknown}; known: {sorted(known)}")
+    if "steps" in distill_kwargs:
+        whole_number(distill_kwargs["steps"], "steps", 1)
+
+
 def transfer(teacher: TextClassifier, student: TextClassifier, seed_examples: Sequence[str], *,
              generate: Generate | None, discriminator: TextClassifier | None = None, n_samples: int = 1000,
              n_seed: int = 5, filter: bool = True, threshold: float = 0.5, round_size: int | None = None,
@@ -118,12 +154,14 @@ def transfer(teacher: TextClassifier, student: TextClassifier, seed_examples: Se
     """
     if not trainable_parameters(student):
         raise ValueError("the student has no trainable parameters: inject the target adapter first")
+    _check_transfer_args(seed_examples, n_seed, generate, n_samples, round_size, max_rounds, threshold, loss,
+                         temperature, distill_kwargs)
+    if generate is not None and filter and discriminator is None:
+        raise ValueError("filter=True needs a discriminator (or pass filter=False for the unfiltered ablation)")
     seeds = [seed_examples[i] for i in range(min(n_seed, len(seed_examples)))]
     if generate is None:
         texts, n_generated, n_scored, rounds = list(dict.fromkeys(seeds)), 0, 0, 0
     else:
-        if filter and discriminator is None:
-            raise ValueError("filter=True needs a discriminator (or pass filter=False for the unfiltered ablation)")
         texts, n_generated, n_scored, rounds = synthesize_and_filter(
             generate, seeds, n_samples, discriminator if filter else None, threshold=threshold,
             round_size=round_size, max_rounds=max_rounds)

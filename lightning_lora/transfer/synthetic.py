@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..core.config import whole_number
+
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
@@ -71,11 +73,23 @@ def generate_synthetic(
     Returns:
         up to ``n`` non-empty strings (duplicates possible; :func:`filter_synthetic` removes them).
     """
+    # a string is a sequence of its characters: as seed_texts (or a demo pool) it prompted with
+    # single letters as demos, silently
+    if isinstance(seed_texts, str):
+        raise TypeError(f"seed_texts must be a list of texts, got one string {seed_texts[:40]!r}")
     if not seed_texts:
         raise ValueError("generate_synthetic needs at least one seed example")
+    for name, v in (("n", n), ("demos_per_prompt", demos_per_prompt), ("batch_size", batch_size)):
+        whole_number(v, name)
     if n < 0 or demos_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"need n >= 0, demos_per_prompt >= 1, batch_size >= 1; got {n}, {demos_per_prompt}, {batch_size}")
+    if not 0.0 < top_p <= 1.0:  # HF accepts top_p > 1 (no nucleus) and top_p = 0 (greedy) without a word
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     instructions = [instruction] if isinstance(instruction, str) else list(instruction)
+    if not instructions:  # else a ZeroDivisionError when prompts cycle over the instructions
+        raise ValueError("instruction is an empty list: give a string or at least one instruction")
+    if demo_pools is not None and any(isinstance(pool, str) for pool in demo_pools):
+        raise TypeError("demo_pools must be a list of lists of texts; one pool is a string")
     if demo_pools is None:
         pools = [list(seed_texts)] * len(instructions)
     else:
