@@ -26,6 +26,11 @@ strict for the adapter: every adapter key must be present. Methods with non-para
 (``layer_metadata``, e.g. DyLoRA's deployment ranks) also store it as
 ``checkpoint["lightning_lora"]["layer_metadata"]``.
 
+Resuming (``trainer.fit(..., ckpt_path=...)``) ends where the uninterrupted fit ends, bit for bit, for
+every built-in method (``tests/lightning_lora/test_resume_every_method.py`` and the methods' own tests),
+given what Lightning itself restores: a checkpoint at an epoch boundary (or a resumable DataLoader) and
+no draws from the global RNG (dropout, shuffling), whose state Lightning does not checkpoint.
+
 Loading an adapter checkpoint outside the Trainer: ``MyModule.load_from_checkpoint(path)`` cannot
 restore one (a fresh module has no adapter layers, the file has no frozen base weights). Use
 

@@ -74,9 +74,12 @@ loading a search-phase adapter restores α̂ and the gates. :func:`read_flexora_
 a directory without a model; :meth:`Flexora.summary` from a live or loaded model.
 
 Resuming a fit (``trainer.fit(..., ckpt_path=...)``): the checkpoint's ``layer_metadata`` also
-holds the gate optimizer's Adam state, the number of gate micro-batches used so far and the step
-of the selection. ``apply_layer_metadata`` (called by ``AdapterCallback`` before the state dict is
-loaded) restores α̂, the gates and the Adam state mid-search, and skips the gate data already used
+holds the gate optimizer's Adam state, the number of gate micro-batches used so far, the step
+of the selection and the seed of the re-initialisation at the selection (``reinit``: each kept
+module's A is drawn from a generator seeded by ``torch.initial_seed()`` at the first fit start and
+the module's name, not from the global RNG, whose state Lightning does not checkpoint).
+``apply_layer_metadata`` (called by ``AdapterCallback`` before the state dict is loaded) restores
+α̂, the gates, the Adam state and the seed mid-search, and skips the gate data already used
 (same batches as an uninterrupted run when the source is deterministic); after the selection it
 removes (or zeroes) the unselected adapters without re-initialising the kept ones, and
 ``on_fit_start`` rebuilds the optimizer and its "fresh" schedule from the selection step before
@@ -97,6 +100,7 @@ import math
 import os
 import re
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,14 +295,20 @@ class FlexoraLinear(LoRALinear):
         self.scaling = self.lora_scaling * self.gate**self.gate_power
 
     @torch.no_grad()
-    def reset_lora(self) -> None:
+    def reset_lora(self, generator: torch.Generator | None = None) -> None:
         """Fresh LoRA init, as a new run: A as :class:`LoRALinear` initialises it (``init="kaiming"``:
-        Kaiming-uniform a = √5; ``"gaussian"``: N(0, 1/r²)), B = 0."""
+        Kaiming-uniform a = √5; ``"gaussian"``: N(0, 1/r²)), B = 0. ``generator`` (a CPU generator):
+        A is drawn from it, in fp32 on the CPU, instead of from the global RNG."""
+        # drawn on the CPU: a CPU generator cannot fill a CUDA tensor, and the draw must not depend
+        # on the device or the adapter dtype
+        target = self.lora_A if generator is None else torch.empty(self.lora_A.shape, dtype=torch.float32)
         # the config's init, not always Kaiming: a "gaussian" run must retrain from a gaussian A
         if self.lora_init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            nn.init.normal_(target, std=1.0 / self.r, generator=generator)
         else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(target, a=math.sqrt(5), generator=generator)
+        if target is not self.lora_A:
+            self.lora_A.copy_(target)  # in place: bumps the version the fused casts are keyed on
         self.lora_B.zero_()
 
     @torch.no_grad()
@@ -420,6 +430,12 @@ class Flexora(Method):
         #: global step at which the layers were selected (the retraining schedule starts there)
         self.selected_at_step: int | None = None
         self._resume_rebuild = False  # a fit resumed after the selection: rebuild optimizers in on_fit_start
+        #: seed of the re-initialisation at the selection (``reinit``): ``torch.initial_seed()`` at the
+        #: first fit start, saved with a search-phase checkpoint. Drawing from the global RNG instead
+        #: made a fit resumed mid-search re-initialise differently: that RNG's state at the selection
+        #: depends on every draw before it (each DataLoader iterator takes one), which Lightning does
+        #: not checkpoint
+        self.reinit_seed: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # the method rides on the model (deepcopy / pickle of the model copy it): a live DataLoader
@@ -636,6 +652,8 @@ class Flexora(Method):
             if self.cfg.retrain_schedule == "fresh" and self.selected_at_step is not None:
                 self._rebuild_optimizers(trainer, step=self.selected_at_step, fast_forward=False)
         if self.phase == "search":
+            if self.reinit_seed is None:  # a new fit (a resumed one restored the checkpoint's seed)
+                self.reinit_seed = torch.initial_seed()
             self._gates(next(iter(_flexora_layers(layers).values())).lora_A.device)
             total = getattr(trainer, "estimated_stepping_batches", math.inf)
             if total <= self.cfg.search_steps:
@@ -689,7 +707,7 @@ class Flexora(Method):
         for name in self.selected_modules:
             flex[name].set_gate(1.0)
             if self.cfg.reinit:
-                flex[name].reset_lora()
+                flex[name].reset_lora(self._reinit_generator(name))
         if self.cfg.reinit:
             _broadcast_lora_A([flex[n] for n in self.selected_modules])
         if self.cfg.exclusion == "zero":
@@ -702,6 +720,14 @@ class Flexora(Method):
         if trainer is not None:
             self._rebuild_optimizers(trainer)
         return self.selected
+
+    def _reinit_generator(self, name: str) -> torch.Generator | None:
+        """The generator module ``name`` draws its re-initialised A from: seeded by ``reinit_seed`` and
+        the name, so the draw is the same in a resumed fit; None (the global RNG, as a plain
+        ``finish_search`` outside a fit) while no seed is set."""
+        if self.reinit_seed is None:
+            return None
+        return torch.Generator().manual_seed((self.reinit_seed + zlib.crc32(name.encode())) % 2**64)
 
     def _rebuild_optimizers(self, trainer: Any, step: int | None = None, fast_forward: bool = True) -> None:
         """The module's ``configure_optimizers`` again (only the selected LoRA now trains), fresh state.
@@ -759,6 +785,8 @@ class Flexora(Method):
             "selected_at_step": self.selected_at_step,
             "gate_micro_batches_used": self._micro_used,
         }
+        if self.phase == "search" and self.reinit_seed is not None:  # for resuming a fit
+            meta["reinit_seed"] = self.reinit_seed
         if self.phase == "search" and self.gate_optimizer is not None:  # for resuming a fit
             (state,) = self.gate_optimizer.state_dict()["state"].values() or [{}]
             if state:
@@ -780,6 +808,8 @@ class Flexora(Method):
         self._micro_used = int(meta.get("gate_micro_batches_used", 0))
         self.selected_at_step = meta.get("selected_at_step")
         self._restored_gate_opt = meta.get("gate_optimizer") if phase == "search" else None
+        seed = meta.get("reinit_seed") if phase == "search" else None
+        self.reinit_seed = None if seed is None else int(seed)
         self.phase = phase
         if phase == "retrain":
             self.layer_keys = keys
@@ -828,10 +858,12 @@ class Flexora(Method):
 
     def summary(self) -> dict[str, Any]:
         """What the search found: phase, layers, α̂, gates, selection (JSON-serialisable; without the
-        gate optimizer's state, which only a resumed fit needs). Unlike :meth:`layer_metadata` it does
-        not refuse a non-finite α̂, so a diverged search can still be inspected."""
+        gate optimizer's state and the re-initialisation seed, which only a resumed fit needs). Unlike
+        :meth:`layer_metadata` it does not refuse a non-finite α̂, so a diverged search can still be
+        inspected."""
         meta = self._metadata()
         meta.pop("gate_optimizer", None)
+        meta.pop("reinit_seed", None)
         return meta
 
 
