@@ -325,7 +325,9 @@ class ClassifierModule(pl.LightningModule):
         if not self.val_probs:
             return
         p, y = torch.cat(self.val_probs), torch.cat(self.val_labels)
-        self.log("val_accuracy", ((p > 0.5).long() == y).float().mean(), prog_bar=True)
+        # >= as predict's call (label lncRNA if prob >= threshold) and lncrna.metrics: with > a
+        # probability of exactly 0.5 (equal logits) counted as mRNA here and lncRNA everywhere else
+        self.log("val_accuracy", ((p >= 0.5).long() == y).float().mean(), prog_bar=True)
         self.val_probs.clear()
         self.val_labels.clear()
 

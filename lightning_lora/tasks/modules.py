@@ -19,9 +19,9 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     BinaryF1Score,
-    MatthewsCorrCoef,
     MulticlassAccuracy,
     MulticlassF1Score,
+    MulticlassMatthewsCorrCoef,
 )
 
 from ..core import get_adapter_method, modules_to_save_parameters, trainable_parameters
@@ -95,13 +95,32 @@ class _AdamWLinearSchedule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class GlueMatthewsCorrCoef(MulticlassMatthewsCorrCoef):
+    """Matthews correlation as GLUE scores CoLA (``sklearn.metrics.matthews_corrcoef``): torchmetrics'
+    value, and 0 where the coefficient is undefined (every prediction, or every label, in one class).
+
+    There torchmetrics returns Chicco et al.'s limit values instead, e.g. +0.0256 for a CoLA dev
+    model that calls every sentence acceptable (721 vs 322), -0.0256 for all unacceptable, and +/-1
+    when the labels hold one class: a model stuck at the majority class scored above chance where
+    GLUE gives it 0.
+    """
+
+    def compute(self) -> torch.Tensor:
+        confmat = self.confmat
+        # the formula's denominator is 0 exactly when every prediction, or every label, is one class
+        if int((confmat.sum(0) > 0).sum()) <= 1 or int((confmat.sum(1) > 0).sum()) <= 1:
+            return torch.zeros((), device=confmat.device)
+        return super().compute()
+
+
 def classification_metrics(names: tuple[str, ...] | list[str], num_labels: int) -> MetricCollection:
-    """``accuracy`` (micro), ``f1`` (positive class 1 when binary, else macro), ``mcc``."""
+    """``accuracy`` (micro), ``f1`` (positive class 1 when binary, else macro), ``mcc``
+    (:class:`GlueMatthewsCorrCoef`: 0 when undefined, as GLUE / scikit-learn)."""
     make = {
         "accuracy": lambda: MulticlassAccuracy(num_classes=num_labels, average="micro"),
         "f1": lambda: (BinaryF1Score() if num_labels == 2
                        else MulticlassF1Score(num_classes=num_labels, average="macro")),
-        "mcc": lambda: MatthewsCorrCoef(task="multiclass", num_classes=num_labels),
+        "mcc": lambda: GlueMatthewsCorrCoef(num_classes=num_labels),
     }
     unknown = [n for n in names if n not in make]
     if unknown:
@@ -152,7 +171,11 @@ class SequenceClassifier(_AdamWLinearSchedule):
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
         logits = self(batch).float()
         n = batch["labels"].numel()
-        self.log(f"{stage}_loss", F.cross_entropy(logits, batch["labels"]), batch_size=n, prog_bar=True)
+        # sync_dist: under DDP the logged epoch loss was rank 0's shard mean only (the metrics below
+        # sync their states); Lightning then averages sum(loss * n) and sum(n) over ranks, so the
+        # ratio is the per-example mean over every rank's examples
+        self.log(f"{stage}_loss", F.cross_entropy(logits, batch["labels"]), batch_size=n, prog_bar=True,
+                 sync_dist=True)
         metrics.update(logits.argmax(-1), batch["labels"])
         self.log_dict(metrics, prog_bar=True, batch_size=n)
 
@@ -199,6 +222,10 @@ class CausalLM(_AdamWLinearSchedule):
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
         # tokens that get a prediction: every label except the first of each row, minus ignored ones
         n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        if n_tokens == 0:
+            # the model's mean loss over no tokens is NaN, and NaN * 0 is NaN: one such batch made the
+            # whole epoch's val_loss / val_ppl NaN (and `lightning-lora train` then drops them)
+            return
         self._nll[0] += float(self(batch)) * n_tokens
         self._nll[1] += n_tokens
 
