@@ -291,9 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def task(cfg: Any) -> float | None:
+        from .tasks.paths import DataNotFound
+
         try:
             metrics = run(cfg, command=command)
-        except ConfigError as e:
+        except (ConfigError, DataNotFound) as e:
+            # DataNotFound: an installed copy has no data/nlp/; say where to point it, not a traceback
             print(f"lightning-lora: error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         # a number for Hydra sweepers (Optuna etc.): the monitored validation metric

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lncrna.fasta import FastaRecord, read_fasta, write_fasta
+from lncrna.fasta import FastaError, FastaRecord, read_fasta, write_fasta
 
 __all__ = ["SEED", "MIN_LENGTH", "LABELS", "SPLITS", "HOLDOUTS", "Entry", "make_splits", "build", "load_split",
            "main"]
@@ -67,8 +67,19 @@ LABELS = {"mRNA": 0, "lncRNA": 1}  # LoRA-BERT convention: class 1 = lncRNA
 SPLITS = ("train", "val", "test_human", "test_mouse")
 HOLDOUTS = ("transcript", "gene")  # what rules 3 and 5 draw: see the module docstring
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RAW = REPO_ROOT.parent / "shared" / "data" / "raw"
+
+def _checkout_root() -> Path | None:
+    """The repository checkout this module was imported from, or None for an installed copy."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "lncrna").is_dir() else None
+
+
+# In a checkout the defaults are the checkout's folders. An installed (non-editable) copy sits in
+# site-packages, which has no data/ (the splits are not in the wheel) and must not get one written
+# into it by `build`: there they are relative to the current directory, as the README's commands are.
+_CHECKOUT = _checkout_root()
+REPO_ROOT = _CHECKOUT if _CHECKOUT is not None else Path(".")
+DEFAULT_RAW = (_CHECKOUT.parent if _CHECKOUT is not None else Path("..")) / "shared" / "data" / "raw"
 DEFAULT_OUT = REPO_ROOT / "data" / "lncrna"
 DEFAULT_OUT_GENE = REPO_ROOT / "data" / "lncrna_gene"
 
@@ -449,8 +460,13 @@ def load_split(name: str, root: str | Path = DEFAULT_OUT):
 
     if name not in SPLITS:
         raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+    path = Path(root) / f"{name}.fa.gz"
+    if not path.exists():  # the usual case for an installed copy: say where the splits come from
+        raise FastaError(f"{path}: no such file; the splits are built by `python -m lncrna.data build` (data/lncrna/ "
+                         "of the repository checkout, not in the installed package): give their folder as "
+                         "data.root=DIR (lncrna train / pretrain)")
     rows = []
-    for rec in read_fasta(Path(root) / f"{name}.fa.gz", strict=True):
+    for rec in read_fasta(path, strict=True):
         tags = dict(kv.split("=", 1) for kv in rec.description.split()[1:])
         rows.append((rec.id, rec.seq, LABELS[tags["label"]], tags["species"], tags["source"]))
     return pd.DataFrame(rows, columns=["id", "seq", "label", "species", "source"])

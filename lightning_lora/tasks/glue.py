@@ -41,7 +41,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .paths import nlp_data_dir
+from .paths import DataNotFound, nlp_data_dir
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,7 @@ def read_split(task: str, split: str, data_dir: str | os.PathLike | None = None,
 def _read(spec: TaskSpec, split: str, root: Path) -> list[Example]:
     path = root / spec.files[split]
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found. The NLP data sets live in data/nlp/ of the repository checkout; "
-            "pass data_dir=... or set LIGHTNING_LORA_DATA to that folder"
-        )
+        raise DataNotFound(path)
     return spec.reader(path)
 
 

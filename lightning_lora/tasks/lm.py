@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .glue import subsample
-from .paths import nlp_data_dir
+from .paths import DataNotFound, nlp_data_dir
 
 
 def tokenize_corpus(text: str, tokenizer: Any, lines_per_chunk: int = 2000) -> torch.Tensor:
@@ -76,10 +76,7 @@ class _BlockDataModule(pl.LightningDataModule):
     def _read(self, relative: str) -> str:
         path = nlp_data_dir(self.data_dir) / relative
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found. The NLP data sets live in data/nlp/ of the repository checkout; "
-                "pass data_dir=... or set LIGHTNING_LORA_DATA to that folder"
-            )
+            raise DataNotFound(path)
         return path.read_text(encoding="utf-8")
 
     def texts(self) -> dict[str, str]:  # split -> raw text

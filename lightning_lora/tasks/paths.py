@@ -11,6 +11,19 @@ import os
 from pathlib import Path
 
 
+class DataNotFound(FileNotFoundError):
+    """A data set file is not where :func:`nlp_data_dir` looked. Its own class so that the
+    ``lightning-lora`` CLI reports it as one line (exit status 2) rather than a traceback: it is the
+    first thing an installed (non-editable) copy meets, since the data sets are not in the wheel."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"{path} not found. The NLP data sets live in data/nlp/ of the repository checkout (they are not "
+            "in the installed package); pass data_dir=... (lightning-lora train: +data.data_dir=DIR) or set "
+            "LIGHTNING_LORA_DATA to that folder"
+        )
+
+
 def repo_root() -> Path | None:
     """The repository checkout this package was imported from, or None for an installed copy."""
     root = Path(__file__).resolve().parents[2]
