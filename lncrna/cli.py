@@ -962,6 +962,7 @@ def run_train(cfg: Any) -> Path:
     data_root = _data_root(cfg)
     epochs, batch_size, lr = _setting(cfg, "epochs", int), _setting(cfg, "batch_size", int), _setting(cfg, "lr", float)
     train_windows, seed = _setting(cfg, "train_windows", int), _setting(cfg, "seed", int)
+    weight_decay = _setting(cfg, "weight_decay", float)
     out = _out_dir(cfg)
     created = _make_out_dir(out)
     t0 = time.time()
@@ -970,7 +971,7 @@ def run_train(cfg: Any) -> Path:
                          species=str(cfg.data.species), epochs=epochs, batch_size=batch_size,
                          lr=lr, train_windows=train_windows,
                          max_minutes=cfg.get("max_minutes"), trainer_kwargs=trainer_kwargs, data_root=data_root,
-                         seed=seed)
+                         seed=seed, weight_decay=weight_decay)
     except (TypeError, ConfigError) as e:  # e.g. an adapter option the method does not have, no target matches
         _remove_if_empty(out, created)
         raise UserError(f"adapter={method}: {str(e).removeprefix('adapter: ')}") from None

@@ -302,9 +302,11 @@ def _transcript_collate(items: list[tuple[list[np.ndarray], int]]) -> dict[str, 
 
 
 class ClassifierModule(pl.LightningModule):
-    def __init__(self, model: NucleotideClassifier, lr: float = 1e-3, total_steps: int = 1000, warmup: int = 100) -> None:
+    def __init__(self, model: NucleotideClassifier, lr: float = 1e-3, total_steps: int = 1000, warmup: int = 100,
+                 weight_decay: float = 0.01) -> None:
         super().__init__()
         self.model, self.lr, self.total_steps, self.warmup = model, lr, total_steps, warmup
+        self.weight_decay = weight_decay
         self.val_probs: list[torch.Tensor] = []
         self.val_labels: list[torch.Tensor] = []
 
@@ -332,7 +334,7 @@ class ClassifierModule(pl.LightningModule):
         self.val_labels.clear()
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(ll.trainable_parameters(self), lr=self.lr, weight_decay=0.01)
+        opt = torch.optim.AdamW(ll.trainable_parameters(self), lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, self.warmup, self.total_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -345,7 +347,7 @@ class RunConfigError(UserError, ValueError):
 
 
 def _check_run_args(*, epochs: Any, batch_size: Any, lr: Any, max_minutes: Any,
-                    train_windows: Any = 1) -> None:
+                    train_windows: Any = 1, weight_decay: Any = 0.0) -> None:
     """One-line :class:`RunConfigError` for run settings that cannot train, before any data or model loads.
 
     Why: ``epochs=0`` used to "succeed" and save the untrained (or merely re-saved) model as if it
@@ -363,6 +365,8 @@ def _check_run_args(*, epochs: Any, batch_size: Any, lr: Any, max_minutes: Any,
                 if not (whole(v) and v >= 1)]
     if not (number(lr) and lr > 0):
         problems.append(f"lr must be a finite number > 0, got {lr!r}")
+    if not (number(weight_decay) and weight_decay >= 0):
+        problems.append(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     if max_minutes is not None and not (number(max_minutes) and max_minutes > 0):
         problems.append(f"max_minutes must be a number > 0 or null, got {max_minutes!r}")
     if problems:
@@ -383,8 +387,12 @@ def finetune(
     adapter: dict[str, Any] | None = None, species: str = "mouse", epochs: int = 8, batch_size: int = 64,
     lr: float = 1e-3, train_windows: int = 4, max_minutes: float | None = None,
     trainer_kwargs: dict[str, Any] | None = None, data_root: str | Path | None = None, seed: int = 0,
+    weight_decay: float = 0.01,
 ) -> NucleotideClassifier:
     """Fine-tune the pretrained encoder for lncRNA vs mRNA with an adapter through AdapterCallback.
+
+    ``weight_decay``: AdamW's, 0.01 as LoRA-BERT's code (and the shipped model); its README says 0.001
+    (METHODS.md §10 leaves both open).
 
     The classifier head and pooler train in full (``modules_to_save``); the encoder gets the
     adapter; at the end the adapter is merged so the saved model is a plain BERT (no inference cost).
@@ -392,7 +400,8 @@ def finetune(
     """
     from .data import load_split
 
-    _check_run_args(epochs=epochs, batch_size=batch_size, lr=lr, max_minutes=max_minutes, train_windows=train_windows)
+    _check_run_args(epochs=epochs, batch_size=batch_size, lr=lr, max_minutes=max_minutes, train_windows=train_windows,
+                    weight_decay=weight_decay)
     if species not in ("mouse", "mixed"):  # before the MLM and the data load, not after
         raise RunConfigError(f"unknown training species {species!r}; expected 'mouse' or 'mixed'")
     pl.seed_everything(seed)
@@ -413,7 +422,7 @@ def finetune(
     train_ds = TranscriptWindows(model, list(train.seq), list(train.label), train_windows, seed)
     val_ds = TranscriptWindows(model, list(val.seq), list(val.label), None)
     steps = epochs * math.ceil(len(train_ds) / batch_size)
-    module = ClassifierModule(model, lr=lr, total_steps=steps, warmup=max(1, steps // 20))
+    module = ClassifierModule(model, lr=lr, total_steps=steps, warmup=max(1, steps // 20), weight_decay=weight_decay)
     adapter_kwargs = {"target_modules": ["query", "key", "value", "dense"], "modules_to_save": ["classifier", "pooler"],
                       **(adapter or {})}
     if method == "full":

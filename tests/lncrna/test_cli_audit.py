@@ -313,3 +313,21 @@ def test_a_hydra_run_folder_holding_output_is_kept(tmp_path, capsys, monkeypatch
     rc = cli.main(["train", f"hydra.run.dir={run_dir}"])
     assert rc == 2, capsys.readouterr().err
     assert (run_dir / "partial.txt").read_text() == "kept\n"
+
+
+def test_weight_decay_setting_reaches_adamw(tmp_path, capsys, monkeypatch):
+    """METHODS.md §10 leaves stage 2's weight decay open (LoRA-BERT's README 0.001, its code 0.01):
+    ``weight_decay=`` picks it, and the fine-tuning optimizer uses it."""
+    import lncrna.train
+    from lncrna.model import ModelConfig, NucleotideClassifier
+
+    seen: list[float] = []
+    monkeypatch.setattr(lncrna.train, "finetune", lambda *a, **kw: seen.append(kw["weight_decay"]))
+    cli.main(["train", "weight_decay=0.001", f"out_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert seen == [0.001], capsys.readouterr().err
+    module = lncrna.train.ClassifierModule(NucleotideClassifier(ModelConfig(hidden_size=16, num_layers=1, num_heads=2,
+                                                                            intermediate_size=32)), weight_decay=0.001)
+    opt = module.configure_optimizers()["optimizer"]
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.001}
+    with pytest.raises(lncrna.train.RunConfigError, match="weight_decay must be a finite number >= 0"):
+        lncrna.train._check_run_args(epochs=1, batch_size=1, lr=1e-3, max_minutes=None, weight_decay=-0.1)
