@@ -92,7 +92,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.glue_harness import read_jsonl  # noqa: E402
+from benchmarks.glue_harness import mean_std, read_jsonl  # noqa: E402
 
 TASK_TARGETS = {
     "sst2": ["query", "key", "value", "output.dense", "intermediate.dense", "pooler.dense", "classifier"],
@@ -247,10 +247,10 @@ def run_task(task: str, args: argparse.Namespace) -> dict:
         gains.append(100 * (dp_runs["ffa_lora"]["accuracy"] - dp_runs["lora"]["accuracy"]))
     for m in ("ffa_lora", "lora"):
         res[f"{m}_dp_mean_accuracy"] = float(np.mean([res[f"{m}_dp_seed{s}_accuracy"] for s in seeds]))
-    res["dp_eps6_gain_vs_lora"] = float(np.mean(gains))
-    # sample std over seeds (ddof=1), as every other "_std" / "±" figure (glue_harness.mean_std);
-    # np.std's default population std understated it by sqrt(2/3) at 3 seeds
-    res["dp_eps6_gain_vs_lora_std"] = float(np.std(gains, ddof=1)) if len(gains) > 1 else 0.0
+    # the sample std over seeds, as every other "_std" / "±" figure (np.std's default, the population
+    # std, understated it by sqrt(2/3) at 3 seeds)
+    gain = mean_std(gains)
+    res["dp_eps6_gain_vs_lora"], res["dp_eps6_gain_vs_lora_std"] = gain["mean"], gain["std"]
     res["seconds"] = time.perf_counter() - t0
     return res
 

@@ -130,22 +130,27 @@ def audit(split_dir: Path, raw: dict[tuple[str, str], str]) -> tuple[dict[str, f
     out["test_mouse_mrna_genes"] = len(test_mouse_mrna_genes)
     out["test_mouse_mrna_genes_in_train"] = len(test_mouse_mrna_genes & genes("train"))
 
-    def loci_of(header: str) -> list[tuple[str, str, int, int]]:
+    def locus(header: str) -> tuple[str, str, int, int]:
+        """(chromosome, strand, start, end) of a CPAT (UCSC table browser) header."""
         m = re.search(r"range=(\w+):(\d+)-(\d+).*strand=([+-])", header)
-        return [(m.group(1), m.group(4), int(m.group(2)), int(m.group(3)))]
+        if m is None:
+            raise ValueError(f"no hg19 range=...strand= in the raw header {header!r}")
+        return m.group(1), m.group(4), int(m.group(2)), int(m.group(3))
 
     def loci(n: str, source: str) -> list[tuple[str, str, int, int]]:
-        return [locus for h, _ in sp[n] if tags(h)["source"] == source for locus in loci_of(raw_header(h))]
+        return [locus(raw_header(h)) for h, _ in sp[n] if tags(h)["source"] == source]
 
     train_loci: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
     for n in ("train", "val"):
         for chrom, strand, a, b in loci(n, "Human_noncoding_transcripts_RNA.fa.gz"):
             train_loci[(chrom, strand)].append((a, b))
+    def on_training_locus(header: str) -> bool:
+        chrom, strand, a, b = locus(raw_header(header))
+        return any(a < e and s < b for s, e in train_loci[(chrom, strand)])
+
     touched: set[str] = set()  # human test ids
     for key, source in (("lnc", "Human_test_noncoding_RNA.fa.gz"), ("mrna", "Human_test_coding_mRNA.fa.gz")):
-        found = [h.split()[0] for h, _ in sp["test_human"] if tags(h)["source"] == source
-                 and any(a < e and s < b for chrom, strand, a, b in loci_of(raw_header(h))
-                         for s, e in train_loci[(chrom, strand)])]
+        found = [h.split()[0] for h, _ in sp["test_human"] if tags(h)["source"] == source and on_training_locus(h)]
         out[f"test_human_{key}_locus_overlaps_train_lnc"] = len(found)
         touched.update(found)
     train_val = [s for n in ("train", "val") for _, s in sp[n]]

@@ -200,21 +200,9 @@ class AdapterCallback(pl.Callback):
 
     # ---- injection --------------------------------------------------------------------------
     def target_module(self, pl_module: nn.Module) -> nn.Module:
-        """The module the adapter goes into: ``pl_module`` or its submodule ``target``; for a submodule
-        wrapped by ``torch.compile`` (``self.model = torch.compile(self.model)``, as the README
-        recommends under DDP), the module it wraps. Adapted through the wrapper, every layer name
-        started with ``_orig_mod.``, and so did the keys and ``target_modules`` of the exported PEFT
-        directory, which then fitted no uncompiled model (PEFT's nor this library's ``load_adapter``).
-        The wrapper runs the wrapped module, so the adapter is used all the same."""
-        if not self.target:
-            module = pl_module
-        else:
-            try:
-                module = pl_module.get_submodule(self.target)
-            except AttributeError:
-                raise AttributeError(f"AdapterCallback(target={self.target!r}): the LightningModule has no such submodule") from None
-        wrapped = getattr(module, "_orig_mod", None)  # what torch.compile's OptimizedModule runs
-        return wrapped if isinstance(wrapped, nn.Module) else module
+        """The module the adapter goes into: ``pl_module`` or its submodule ``target`` (see
+        :func:`adapted_module`)."""
+        return adapted_module(pl_module, self.target, "AdapterCallback")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         module = self.target_module(pl_module)
@@ -229,8 +217,9 @@ class AdapterCallback(pl.Callback):
                 )
             if existing is not self.method:  # injected elsewhere (by hand before fit, or another callback)
                 # adopting it silently trained another adapter than the one asked for (r=2 on one
-                # module for r=4 on two); compared as to_dict, which names target_types by class name
-                ours, theirs = self.config.to_dict(), existing.config.to_dict()
+                # module for r=4 on two); compared as to_dict, which names target_types by class name,
+                # with name lists as sets (PEFT writes target_modules from a set: any order)
+                ours, theirs = _comparable(self.config.to_dict()), _comparable(existing.config.to_dict())
                 diff = [f"{k}={theirs.get(k)!r} (callback: {ours.get(k)!r})"
                         for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
                 if diff:
@@ -484,16 +473,32 @@ def load_adapter_checkpoint(
     except (ValueError, TypeError) as exc:
         raise AdapterFormatError(f"{path}: cannot rebuild the {name!r} adapter: {exc}") from exc
 
-    if target:
-        try:
-            adapted = module.get_submodule(target)
-        except AttributeError:
-            raise AttributeError(f"load_adapter_checkpoint(target={target!r}): the module has no such submodule") from None
-    else:
-        adapted = module
+    adapted = adapted_module(module, target, "load_adapter_checkpoint")
     with injected_for_loading(adapted, name, cfg, info.get("layer_metadata"), path):
         _load_checkpoint_state(module, state, path, strict)
     return module
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with its lists of names sorted: the order of target names means nothing."""
+    return {k: sorted(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
+            for k, v in config.items()}
+
+
+def adapted_module(module: nn.Module, target: str | None, caller: str) -> nn.Module:
+    """``module`` or its submodule ``target`` (dotted path); for a submodule wrapped by
+    ``torch.compile`` (``self.model = torch.compile(self.model)``, as the README recommends under
+    DDP), the module it wraps. Adapted through the wrapper, every layer name started with
+    ``_orig_mod.``, and so did the keys and ``target_modules`` of an exported PEFT directory, which then
+    fitted no uncompiled model. The wrapper runs the wrapped module, so the adapter is used all the
+    same. ``caller`` names the API in the error for a missing submodule."""
+    if target:
+        try:
+            module = module.get_submodule(target)
+        except AttributeError:
+            raise AttributeError(f"{caller}(target={target!r}): the module has no such submodule") from None
+    wrapped = getattr(module, "_orig_mod", None)  # what torch.compile's OptimizedModule runs
+    return wrapped if isinstance(wrapped, nn.Module) else module
 
 
 def _without_compile_wrappers(key: str) -> str:

@@ -902,18 +902,15 @@ def _data_root(cfg: Any) -> str | None:
 def _setting(cfg: Any, key: str, kind: type) -> Any:
     """``cfg[key]`` as ``kind`` (``int`` or ``float``), or a one-line :class:`UserError` naming the key.
 
-    Why: ``int(cfg.epochs)`` turned ``epochs=abc`` into a ValueError traceback (exit 1) and silently
-    truncated ``epochs=2.5`` to 2 epochs (``True`` to 1). Only an exact whole number is an integer
-    setting; the ranges are checked later by ``lncrna.train._check_run_args``.
+    ``int(cfg.epochs)`` turned ``epochs=abc`` into a traceback and truncated ``epochs=2.5`` to 2 epochs;
+    the ranges are checked later by ``lncrna.train._check_run_args``.
     """
-    value = cfg.get(key)
-    if kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok:
-        raise UserError(f"{key}={value!r}: expected {'an integer' if kind is int else 'a number'}")
-    return kind(value)
+    from lightning_lora.core.config import finite_number, whole_number
+
+    try:
+        return whole_number(cfg.get(key), key) if kind is int else finite_number(cfg.get(key), key)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _make_out_dir(out: Path) -> bool:

@@ -69,7 +69,8 @@ HOLDOUTS = ("transcript", "gene")  # what rules 3 and 5 draw: see the module doc
 
 
 def _checkout_root() -> Path | None:
-    """The repository checkout this module was imported from, or None for an installed copy."""
+    """The repository checkout this module was imported from, or None for an installed copy (as
+    lightning_lora.tasks.paths.repo_root, not imported from there: this module stays torch-free)."""
     root = Path(__file__).resolve().parents[1]
     return root if (root / "pyproject.toml").is_file() and (root / "lncrna").is_dir() else None
 

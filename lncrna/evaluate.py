@@ -334,8 +334,9 @@ def write_report(result: EvalResult, out_dir: str | os.PathLike[str], title: str
 
     NaN metrics (AUROC with a single class) are written as JSON ``null``. The four files are first
     written to a hidden temporary folder inside ``out_dir`` and moved into place only when all of them
-    are complete: a failure (full disk, an error in a plot, Ctrl-C) leaves no half-written file and
-    an earlier report in ``out_dir`` as it was; a folder this call created is removed again.
+    are complete: a failure while writing them (full disk, an error in a plot, Ctrl-C) leaves no
+    half-written file and an earlier report in ``out_dir`` as it was, and a folder this call created is
+    removed again. The moves themselves replace one file at a time, each atomically.
     """
     import shutil
     import tempfile

@@ -443,22 +443,27 @@ def _refuse_single_string(seqs: Any, what: str) -> None:
         raise TypeError(f"{what} expects a list of sequences, got a single string; wrap it: [seq]")
 
 
+def _not_a_record(item: Any, index: int) -> TypeError:
+    """The error for an item of ``predict_records`` that is no record (built only when raised: the
+    item may hold a 2 Mb sequence)."""
+    shown = f" {item[:40]!r}" if isinstance(item, (str, bytes)) else ""
+    return TypeError(f"record {index}: expected an (id, seq) pair or a record with .id and .seq, got "
+                     f"{type(item).__name__}{shown} (for a dict pass dict.items(); for plain sequences use "
+                     "predict_sequences)")
+
+
 def _as_record(item: Any, index: int) -> FastaRecord:
     """FastaRecord as is (already validated); ``(id, seq)`` pairs and objects with ``.id``/``.seq`` normalised."""
     if isinstance(item, FastaRecord):
         return item
-    # Why: a plain string unpacks as a "pair" of its letters. predict_records({"ab": seq}) (a dict
-    # iterates over its keys) silently predicted record "a" with sequence "b"; longer strings failed
-    # with a bare "too many values to unpack" naming no record.
-    wrong = TypeError(f"record {index}: expected an (id, seq) pair or a record with .id and .seq, got "
-                      f"{type(item).__name__} {str(item)[:40]!r} (for a dict pass dict.items(); for plain "
-                      "sequences use predict_sequences)")
+    # a plain string unpacks as a "pair" of its letters: predict_records({"ab": seq}) (a dict iterates
+    # over its keys) would predict record "a" with sequence "b"
     if isinstance(item, (str, bytes)):
-        raise wrong
+        raise _not_a_record(item, index)
     try:
         rid, seq = (item.id, item.seq) if hasattr(item, "seq") else item
     except (TypeError, ValueError):  # not a pair (e.g. an int, a 3-tuple)
-        raise wrong from None
+        raise _not_a_record(item, index) from None
     rid = str(rid)
     if any(c in rid for c in "\t\r\n"):  # would split or shift the row in the TSV output (format_row)
         raise ValueError(f"record {index} {rid!r}: id contains a tab or line break")

@@ -95,12 +95,15 @@ def whole_number(value: Any, name: str, minimum: int | None = None, optional: bo
     return int(value)
 
 
-def finite_number(value: Any, name: str) -> float:
-    """``value`` as a float; a one-line ValueError naming the field for a non-number, a bool, NaN or
-    ±inf (NaN passes every range check, ``"abc"`` failed later inside a comparison)."""
+def finite_number(value: Any, name: str) -> int | float:
+    """``value`` as a Python int or float (numpy scalars and 0-d tensors too, so configs stay
+    JSON-serialisable); a one-line ValueError naming the field for a non-number, a bool, NaN or ±inf
+    (NaN passes every range check, ``"abc"`` failed later inside a comparison)."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def floating_dtype_name(value: Any) -> str:

@@ -631,6 +631,13 @@ def load_adapter_as(model: nn.Module, directory: str | os.PathLike[str], name: s
     return model
 
 
+def _saved_adapter_names(directory: Path) -> list[str]:
+    """The adapters saved under ``directory``: ``default`` when it holds one itself, then each
+    sub-directory that holds one."""
+    return ([DEFAULT_NAME] if (directory / WEIGHTS_NAME).is_file() else []) + sorted(
+        p.name for p in directory.iterdir() if p.is_dir() and (p / WEIGHTS_NAME).is_file())
+
+
 def load_adapters(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[str] | None = None,
                   strict: bool = True) -> list[str]:
     """Load the adapters saved by :func:`save_adapters` (or PEFT's ``save_pretrained``) under ``directory``.
@@ -640,9 +647,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike[str], names: Se
     """
     directory = Path(directory)
     if names is None:
-        names = ([DEFAULT_NAME] if (directory / WEIGHTS_NAME).is_file() else []) + sorted(
-            p.name for p in directory.iterdir() if p.is_dir() and (p / WEIGHTS_NAME).is_file()
-        )
+        names = _saved_adapter_names(directory)
         if not names:
             raise AdapterFormatError(f"{directory}: no adapter found (no {WEIGHTS_NAME} here or in a sub-directory)")
     names = _as_names(names)
@@ -650,11 +655,9 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike[str], names: Se
     # list used to fail after the earlier ones had been added to the model)
     absent = [n for n in names if not (adapter_subdir(directory, n) / WEIGHTS_NAME).is_file()]
     if absent:
-        found = ([DEFAULT_NAME] if (directory / WEIGHTS_NAME).is_file() else []) + sorted(
-            p.name for p in directory.iterdir() if p.is_dir() and (p / WEIGHTS_NAME).is_file()
-        ) if directory.is_dir() else []
         raise AdapterFormatError(f"{directory}: no saved adapter {absent} (no {WEIGHTS_NAME} in "
-                                 f"{[str(adapter_subdir(directory, n)) for n in absent][:3]}); adapters found: {found}")
+                                 f"{[str(adapter_subdir(directory, n)) for n in absent][:3]}); adapters found: "
+                                 f"{_saved_adapter_names(directory) if directory.is_dir() else []}")
     # all or nothing: a later adapter that does not fit removes the ones this call already loaded,
     # so a failed call leaves the model as it was (single-adapter models included)
     was_single = getattr(model, _METHOD_ATTR, None) is not None

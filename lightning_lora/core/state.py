@@ -235,13 +235,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], strict: bo
     return model
 
 
+#: PEFT's ``EMBEDDING_LAYER_NAMES``: the only targets whose base weight it saves beside the adapter
+_PEFT_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
 def _peft_embedding_base_keys(model: nn.Module) -> dict[str, str]:
     """File key -> model key of every adapter layer's base weight, as PEFT saves it for the layers it
     counts as embedding layers (``embed_tokens``, ``lm_head``: ``save_embedding_layers="auto"``
     writes ``<module>.base_layer.weight`` beside the adapter when such a module is a target). PEFT
     loads that tensor into the base layer; so does :func:`load_adapter`, where the file has it."""
     return {PREFIX + f"{name}.base_layer.weight": f"{name}.base_layer.weight" for name, layer in adapter_layers(model).items()
-            if isinstance(getattr(layer, "base_layer", None), nn.Module)
+            if name.rsplit(".", 1)[-1] in _PEFT_EMBEDDING_LAYER_NAMES
+            and isinstance(getattr(layer, "base_layer", None), nn.Module)
             and isinstance(getattr(layer.base_layer, "weight", None), torch.Tensor)}
 
 

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     conf = config_dir() / "federated"
 
     def task(cfg: Any) -> None:
+        from ..core.config import whole_number
         from ..train import discard_hydra_run_dir
         from ._deps import FederatedDependencyMissing
 
@@ -70,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             from . import simulation
 
             fcfg = config_from(cfg)
-            if role == "client" and not 0 <= int(cfg.partition_id) < fcfg.num_clients:
-                raise ValueError(f"partition_id must be in [0, {fcfg.num_clients}), got {cfg.partition_id}")
+            partition_id = whole_number(cfg.partition_id, "partition_id", 0) if role == "client" else 0
+            if partition_id >= fcfg.num_clients:
+                raise ValueError(f"partition_id must be in [0, {fcfg.num_clients}), got {partition_id}")
         except (FederatedDependencyMissing, ValueError, TypeError) as e:
             # flwr/opacus missing (with the pip command) or a bad option: a short message and exit 2
             # before any work, not Hydra's traceback
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         if role == "client":
-            simulation.connect(fcfg, int(cfg.partition_id), address=str(cfg.address))
+            simulation.connect(fcfg, partition_id, address=str(cfg.address))
             return
         out = simulation.run_simulation(fcfg) if role == "simulate" else simulation.serve(fcfg, address=str(cfg.address))
         text = json.dumps(_summary(out), indent=2, default=float)

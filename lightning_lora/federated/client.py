@@ -59,7 +59,7 @@ class LocalTraining:
         self.local_steps = whole_number(self.local_steps, "local.local_steps")
         self.batch_size = whole_number(self.batch_size, "local.batch_size")
         for name in ("lr", "momentum", "weight_decay"):
-            finite_number(getattr(self, name), f"local.{name}")
+            setattr(self, name, finite_number(getattr(self, name), f"local.{name}"))
         if self.local_steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"local_steps, batch_size and lr must be positive, got {self}")
 

@@ -67,9 +67,9 @@ class DPConfig:
         # numbers only, and finite ones: "abc" failed with a bare TypeError on the comparison, and NaN
         # passed every comparison below (the noise search then failed inside Opacus)
         for name in ("epsilon", "delta", "max_grad_norm") + (("noise_multiplier",) if self.noise_multiplier is not None else ()):
-            finite_number(getattr(self, name), f"DP option {name}")
+            setattr(self, name, finite_number(getattr(self, name), f"dp.{name}"))
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            raise ValueError(f"DP option noise_multiplier must be >= 0, got {self.noise_multiplier}")
+            raise ValueError(f"dp.noise_multiplier must be >= 0, got {self.noise_multiplier}")
         if self.epsilon <= 0 or not 0 < self.delta < 1 or self.max_grad_norm <= 0:
             raise ValueError(f"DP needs epsilon > 0, 0 < delta < 1, max_grad_norm > 0; got {self}")
         if self.accountant not in ACCOUNTANTS:

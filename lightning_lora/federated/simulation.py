@@ -104,7 +104,8 @@ class FederationConfig:
             raise ValueError(f"eval_every must be >= 0 (0: only after the last round), got {self.eval_every}")
         if self.min_client_size < 1:
             raise ValueError(f"min_client_size must be >= 1 (a client needs an example), got {self.min_client_size}")
-        if finite_number(self.dirichlet_alpha, "dirichlet_alpha") <= 0:
+        self.dirichlet_alpha = finite_number(self.dirichlet_alpha, "dirichlet_alpha")
+        if self.dirichlet_alpha <= 0:
             raise ValueError(f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha!r}")
         # a device torch cannot name, or CUDA on a machine without it, failed deep inside model.to()
         try:

@@ -118,6 +118,8 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
         raise ValueError("nothing to merge: no sources")
     if weights is None:
         return [1.0] * n
+    if isinstance(weights, torch.Tensor):
+        weights = weights.tolist()
     if isinstance(weights, str):  # "12" would otherwise be read as the weights [1.0, 2.0]
         raise TypeError(f"weights must be a sequence of numbers, got the string {weights!r}")
     if len(weights) != n:

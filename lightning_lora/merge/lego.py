@@ -62,6 +62,14 @@ FEATURES = ("concat", "a", "b")
 OUTPUT_REWEIGHTS = ("norm", "calibration", "none")
 
 
+def _check_options(**given: str) -> None:
+    """ValueError for an option (``folding``, ``feature``, ``output_reweight``) outside its choices."""
+    choices = {"folding": FOLDINGS, "feature": FEATURES, "output_reweight": OUTPUT_REWEIGHTS}
+    for name, value in given.items():
+        if value not in choices[name]:
+            raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
+
+
 def minimal_semantic_units(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0,
                            folding: str = "sqrt") -> tuple[torch.Tensor, torch.Tensor]:
     """MSUs of ``ΔW = scale · B A``: ``(units_a (r, n), units_b (r, m))`` with ``ΔW = units_bᵀ units_a``.
@@ -69,8 +77,7 @@ def minimal_semantic_units(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0,
     ``b``: B (m, r); ``a``: A (r, n). ``folding``: ``"sqrt"`` puts ``√scale`` into both factors
     (a negative scale goes to b), ``"b"`` puts ``scale`` into b.
     """
-    if folding not in FOLDINGS:
-        raise ValueError(f"folding must be one of {FOLDINGS}, got {folding!r}")
+    _check_options(folding=folding)
     a, b = a.float(), b.float().t()
     if folding == "b":
         return a.clone(), scale * b
@@ -234,10 +241,7 @@ def lego_merge(
         n_init: seeded k-means++ starts; the lowest-inertia one is kept (default 1, one start).
     """
     k = whole_number(k, "k (the merged rank)")  # a float (2.5, 4.0) or True failed deep in torch.zeros
-    if feature not in FEATURES:
-        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
-    if output_reweight not in OUTPUT_REWEIGHTS:
-        raise ValueError(f"output_reweight must be one of {OUTPUT_REWEIGHTS}, got {output_reweight!r}")
+    _check_options(feature=feature, output_reweight=output_reweight)
     if output_reweight == "calibration" and calibration_inputs is None:
         raise ValueError("output_reweight='calibration' needs calibration_inputs (N, n)")
     if not loras:
@@ -346,14 +350,8 @@ def lego_merge_adapters(
     if k is None:
         k = max(int(adapter_method(model, s).config.r) for s in sources)  # type: ignore[attr-defined]
     k = whole_number(k, "k (the merged rank)")
-    # the option names are checked here, before any k-means: a bad one used to surface per layer,
-    # after the factors of every source had been read
-    if folding not in FOLDINGS:
-        raise ValueError(f"folding must be one of {FOLDINGS}, got {folding!r}")
-    if feature not in FEATURES:
-        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
-    if output_reweight not in OUTPUT_REWEIGHTS:
-        raise ValueError(f"output_reweight must be one of {OUTPUT_REWEIGHTS}, got {output_reweight!r}")
+    # checked here, before any k-means: a bad option surfaced per layer, after every source's factors were read
+    _check_options(folding=folding, feature=feature, output_reweight=output_reweight)
     factors = {t: [lora_factors(layer) for layer in layers.values()] for t, layers in by_target.items()}
     units = {t: sum(b.shape[1] for b, _, _ in fs) for t, fs in factors.items()}
     most = max(units.values())

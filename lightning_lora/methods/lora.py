@@ -40,6 +40,8 @@ Its output and gradients equal the plain formula (tested against :meth:`LoRALine
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -129,7 +131,7 @@ class LoRAConfig(AdapterConfig):
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
         # a None or string alpha failed only at injection, as a TypeError inside the scale s = alpha / r
-        finite_number(self.alpha, "LoRA alpha (s = alpha / r)")
+        self.alpha = finite_number(self.alpha, "LoRA alpha (s = alpha / r)")
         if isinstance(self.replay_inputs, bool):  # the session-6 switch (and configs saved with it)
             self.replay_inputs = "all" if self.replay_inputs else "none"
         if self.replay_inputs not in REPLAY_MODES:
@@ -1537,15 +1539,33 @@ _PEFT_LORA_REASONS = {
 }
 
 
+@functools.cache
+def _peft_lora_defaults() -> dict[str, Any]:
+    """The installed PEFT's ``LoraConfig`` defaults by field (empty without PEFT)."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return {}
+    return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(LoraConfig)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
 def _unsupported_peft_lora_options(peft_cfg: dict[str, Any]) -> list[str]:
     """``"field=value (why)"`` for every option of a PEFT LoRA ``adapter_config.json`` with which the
     adapter computes something this library does not: a PEFT variant (Activated LoRA, ``lora_bias``,
     ...) or an initialisation that rewrites the base weight. Loading such a directory as plain LoRA
     ran without a word and gave other outputs than PEFT (Activated LoRA: every token adapted; PiSSA:
     the update on the original instead of the residual base weight)."""
+    # a field this list does not know passes when it holds the installed PEFT's own default: a newer
+    # PEFT that adds a field with a non-empty default (as qalora_group_size) must not make every adapter
+    # it saves unloadable
+    defaults = _peft_lora_defaults()
     out: list[str] = []
     for key, value in sorted(peft_cfg.items()):
-        if key not in _PEFT_LORA_HARMLESS and value:
+        if key in _PEFT_LORA_HARMLESS or not value:
+            continue
+        if key in _PEFT_LORA_REASONS or key not in defaults or value != defaults[key]:
             out.append(f"{key}={value!r} ({_PEFT_LORA_REASONS.get(key, 'a PEFT option this library does not implement')})")
     init = peft_cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_PEFT_BASE_REWRITING_INITS):

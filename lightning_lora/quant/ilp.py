@@ -134,7 +134,9 @@ def check_budget(budget: float, storage: np.ndarray, numels: Sequence[int]) -> N
     error" and a string a numpy ufunc error, and a too-small budget was refused only after every
     matrix had been decomposed under every config."""
     finite_number(budget, "budget (bits per parameter)")
-    if storage.size == 0 or storage.shape[1] == 0:
+    if storage.shape[0] == 0 or sum(numels) == 0:
+        raise ValueError("no matrices to quantize")
+    if storage.shape[1] == 0:
         raise ValueError("no quantization configs to choose from: configs is empty")
     min_bits = storage.min(axis=1).sum() / float(sum(numels))
     if budget < min_bits - 1e-12:

@@ -62,6 +62,14 @@ def test_non_finite_or_string_merge_weights_and_lam_are_refused():
     with pytest.raises(ValueError, match="lam must be a finite number"):  # failed inside torch.linalg.svd
         mb.merge_ties(m, ["a", "b"], "nan_lam", lam=float("nan"))
     assert multi.adapter_names(m) == ["a", "b"]
+    # weights as a tensor (or 0-d tensors) are numbers: the same merge as the list
+    mb.merge_task_arithmetic(m, ["a", "b"], "t_w", weights=torch.tensor([0.3, 0.7]))
+    mb.merge_task_arithmetic(m, ["a", "b"], "l_w", weights=[0.3, 0.7])
+    mb.merge_task_arithmetic(m, ["a", "b"], "scalar_w", weights=[torch.tensor(0.3), torch.tensor(0.7)])
+    deltas = {n: [layer.delta_weight() for layer in multi.named_adapter_layers(m, n).values()]
+              for n in ("t_w", "l_w", "scalar_w")}
+    for other in ("t_w", "scalar_w"):
+        assert all(torch.equal(x, y) for x, y in zip(deltas[other], deltas["l_w"]))
 
 
 @pytest.mark.parametrize("k", [2.5, 4.0, True])

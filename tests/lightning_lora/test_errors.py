@@ -216,6 +216,10 @@ def test_invalid_lora_options():
         with pytest.raises(ValueError, match="alpha"):
             ll.LoRAConfig(alpha=alpha)
     assert ll.make_config("ffa_lora", r=4).alpha == 4.0  # FFA-LoRA's None still means alpha = r
+    # a numpy scalar is kept as a Python number: the config must save to JSON
+    import numpy as np
+
+    assert type(ll.LoRAConfig(alpha=np.float32(4)).alpha) is float and ll.LoRAConfig(alpha=16).alpha == 16
 
 
 def test_layer_build_failure_rolls_back_injection():

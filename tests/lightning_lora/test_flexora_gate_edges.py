@@ -116,8 +116,6 @@ def test_non_finite_gate_logit_raises_right_after_the_gate_optimizer_step():
         return F.cross_entropy(module(batch[0]), batch[1]) + (a - a.detach()).abs().sqrt().sum()
 
     method.set_gate_data([(x, y)])
-    method.set_gate_loss(loss_fn)
-    method.set_gate_data([(x, y)])
     method.set_gate_loss(lambda m, b: F.cross_entropy(m(b[0]), b[1]))
     with torch.no_grad():  # B = 0 at init gives the gates no gradient
         for layer in layers.values():

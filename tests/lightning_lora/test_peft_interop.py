@@ -178,6 +178,44 @@ def test_peft_config_variants_load_here(model_builders, name, tmp_path):
         _assert_close(_out(ours, x), y)
 
 
+def test_a_peft_field_unknown_here_passes_at_the_installed_peft_s_default(model_builders, tmp_path, monkeypatch):
+    """A field this library does not list (a newer PEFT's) loads when it holds the installed PEFT's
+    own default, and is refused when it does not: refusing every unknown field would make every
+    adapter a newer PEFT saves unloadable."""
+    from lightning_lora.methods import lora as lora_mod
+
+    theirs = peft.get_peft_model(model_builders["bert"](0), peft.LoraConfig(r=4, target_modules=["query"]))
+    theirs.save_pretrained(str(tmp_path / "p"))
+    cfg_path = tmp_path / "p" / CONFIG_NAME
+    cfg = json.loads(cfg_path.read_text())
+    installed = lora_mod._peft_lora_defaults()
+    monkeypatch.setattr(lora_mod, "_peft_lora_defaults", lambda: {**installed, "future_opt": 8})
+    cfg_path.write_text(json.dumps({**cfg, "future_opt": 8}))
+    ll.load_adapter(model_builders["bert"](0), tmp_path / "p")
+    cfg_path.write_text(json.dumps({**cfg, "future_opt": 9}))
+    with pytest.raises(ll.AdapterFormatError, match=r"future_opt=9"):
+        ll.load_adapter(model_builders["bert"](0), tmp_path / "p")
+
+
+def test_a_base_weight_in_the_file_loads_only_for_peft_s_embedding_layers(tmp_path):
+    """PEFT saves a base weight only for embed_tokens / lm_head targets; a file carrying another
+    layer's base weight is refused as unexpected, not written over the frozen weight."""
+    from safetensors.torch import load_file, save_file
+
+    from lightning_lora.tasks.models import load_tiny_llama
+
+    model = load_tiny_llama(seed=0)[0]
+    ll.inject_adapter(model, "lora", r=2, target_modules=["q_proj"])
+    ll.save_adapter(model, tmp_path / "a")
+    weights = tmp_path / "a" / WEIGHTS_NAME
+    tensors = load_file(str(weights))
+    q = "model.layers.0.self_attn.q_proj"
+    tensors[f"base_model.model.{q}.base_layer.weight"] = torch.zeros_like(model.get_submodule(q).base_layer.weight)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ll.AdapterFormatError, match="unexpected.*q_proj.base_layer.weight"):
+        ll.load_adapter(load_tiny_llama(seed=0)[0], tmp_path / "a")
+
+
 def test_unsupported_peft_options_fail_clearly(model_builders, tmp_path):
     theirs = peft.get_peft_model(
         model_builders["bert"](0), peft.LoraConfig(r=4, target_modules=["query", "value"], rank_pattern={"query": 2})

@@ -181,6 +181,12 @@ def test_callback_refuses_a_preinjected_adapter_with_another_config():
     cb.setup(trainer, same, "fit")
     assert cb.method is ll.get_adapter_method(same) and set(cb.layers) == {"fc1"}
     cb.setup(trainer, same, "validate")  # its own adapter on a later stage: no comparison needed
+    # the same targets in another order (PEFT writes target_modules from a set) are the same config
+    reordered = _Module()
+    ll.inject_adapter(reordered, "lora", r=2, target_modules=["fc2", "fc1"])
+    cb = ll.AdapterCallback("lora", r=2, target_modules=["fc1", "fc2"])
+    cb.setup(trainer, reordered, "fit")
+    assert cb.method is ll.get_adapter_method(reordered)
 
 
 # ---- AdapterCallback on a submodule wrapped by torch.compile (README: compile under DDP) -------------
@@ -258,6 +264,9 @@ def test_a_checkpoint_loads_across_the_compile_wrapper(tmp_path, trained_cls, fr
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert any("_orig_mod" in k for k in saved) == (trained_cls is _Compiled)
     fresh = ll.load_adapter_checkpoint(fresh_cls(), tmp_path / "last.ckpt", target="net")
+    # the adapter was injected into the module the wrapper runs, its layers named as in the plain model
+    plain = fresh.net._orig_mod if fresh_cls is _Compiled else fresh.net
+    assert ll.get_adapter_method(plain) is not None and sorted(ll.adapter_layers(plain)) == ["fc1", "fc2"]
     x = torch.randn(5, 8, generator=g)
     with torch.no_grad():
         y = trained.net(x)

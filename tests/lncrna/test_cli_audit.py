@@ -210,10 +210,10 @@ def test_a_failed_report_in_a_new_folder_leaves_no_folder(tmp_path, capsys, monk
 # ---- Hydra run settings --------------------------------------------------------------------------
 @pytest.mark.parametrize("cmd", ["train", "pretrain"])
 @pytest.mark.parametrize("setting, shown", [
-    ("epochs=abc", "epochs='abc': expected an integer"),  # was a ValueError traceback, exit 1
-    ("seed=abc", "seed='abc': expected an integer"),
-    ("lr=fast", "lr='fast': expected a number"),
-    ("batch_size=2.5", "batch_size=2.5: expected an integer"),  # was int(2.5) = 2, silently
+    ("epochs=abc", "epochs must be a whole number, got 'abc'"),  # was a ValueError traceback, exit 1
+    ("seed=abc", "seed must be a whole number, got 'abc'"),
+    ("lr=fast", "lr must be a finite number, got 'fast'"),
+    ("batch_size=2.5", "batch_size must be a whole number, got 2.5"),  # was int(2.5) = 2, silently
 ])
 def test_run_setting_of_the_wrong_type_is_one_error_line(cmd, setting, shown, tmp_path, capsys, monkeypatch):
     import lncrna.train
@@ -237,7 +237,7 @@ def test_epochs_given_as_a_fraction_is_refused_not_truncated(tmp_path, capsys, m
     monkeypatch.setattr(lncrna.train, "finetune", lambda *a, **kw: seen.append(kw["epochs"]))
     rc = cli.main(["train", "epochs=2.5", f"out_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert rc == 2 and seen == []
-    assert one_error_line(capsys.readouterr().err, "train") == "lncrna train: error: epochs=2.5: expected an integer"
+    assert one_error_line(capsys.readouterr().err, "train") == "lncrna train: error: epochs must be a whole number, got 2.5"
 
 
 @pytest.mark.parametrize("cmd", ["train", "pretrain"])
@@ -297,7 +297,7 @@ def test_a_refused_run_leaves_no_hydra_run_folder(cmd, tmp_path, capsys):
     run_dir = tmp_path / "runs" / "x"
     rc = cli.main([cmd, "epochs=abc", f"hydra.run.dir={run_dir}"])
     assert rc == 2
-    assert one_error_line(capsys.readouterr().err, cmd) == f"lncrna {cmd}: error: epochs='abc': expected an integer"
+    assert one_error_line(capsys.readouterr().err, cmd) == f"lncrna {cmd}: error: epochs must be a whole number, got 'abc'"
     assert not run_dir.exists()
 
 

@@ -1,8 +1,9 @@
 """Integrity of the committed lncRNA splits, read independently of lncrna.data / lncrna.fasta, and the
 METHODS.md §10 invariants that had no test of their own.
 
-Part A reads ``data/lncrna/`` and ``data/lncrna_gene/`` with gzip only (sequence compared as the md5
-of its upper-cased, U -> T form) and checks what shared/data/raw/SOURCES.md and data/PROVENANCE.md
+Part A reads ``data/lncrna/`` and ``data/lncrna_gene/`` with the leakage audit's own reader
+(``benchmarks/lncrna_split_integrity.py``: gzip only, no lncrna code; sequences compared as the md5
+of their upper-cased, U -> T form) and checks what shared/data/raw/SOURCES.md and data/PROVENANCE.md
 promise: no training/validation sequence in a test set (exact and reverse complement), no sequence
 with both labels, the documented test-set contents, the CPAT human test set untouched except for its
 two within-file duplicates, and the mouse gene hold-out by the gene ids of the *raw* headers.
@@ -12,8 +13,6 @@ Part B: §10 invariants (tokenisation, truncation, ORFs, logits, LoRA at init) n
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -22,6 +21,10 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.lncrna_split_integrity import md5 as _md5
+from benchmarks.lncrna_split_integrity import read as _read_gz_fasta
+from benchmarks.lncrna_split_integrity import revcomp as _rc
+from benchmarks.lncrna_split_integrity import tags as _tags
 from lncrna import data as lncrna_data
 from lncrna.features import _revcomp, encode, longest_orf
 from lncrna.model import ModelConfig, NucleotideClassifier, collate_windows, window_ids
@@ -31,7 +34,6 @@ DATA = Path(__file__).resolve().parents[2] / "data"
 RAW = lncrna_data.DEFAULT_RAW
 SPLITS = ("train", "val", "test_human", "test_mouse")
 TRAINING, TESTS = ("train", "val"), ("test_human", "test_mouse")
-_COMP = str.maketrans("ACGTN", "TGCAN")
 
 # Reverse-complement exact matches between a training/validation and a test sequence present in the
 # committed splits (the build compares sequences on one strand only). Pinned so that a new one fails;
@@ -41,39 +43,6 @@ _COMP = str.maketrans("ACGTN", "TGCAN")
 KNOWN_RC_LEAKS = {
     ("hg19_ct_UserTrack_3545_ENST00000508923.2", "hg19_ct_UserTrack_3545_TCONS_00009661"),
 }
-
-
-def _norm(s: str) -> str:
-    return s.upper().replace("U", "T")
-
-
-def _md5(s: str) -> str:
-    return hashlib.md5(s.encode()).hexdigest()
-
-
-def _rc(s: str) -> str:
-    return s.translate(_COMP)[::-1]
-
-
-def _read_gz_fasta(path: Path) -> list[tuple[str, str]]:
-    """(header without '>', normalised sequence) of every record; no project code involved."""
-    recs, head, parts = [], None, []
-    with gzip.open(path, "rt") as fh:
-        for line in fh:
-            line = line.strip()
-            if line.startswith(">"):
-                if head is not None:
-                    recs.append((head, _norm("".join(parts))))
-                head, parts = line[1:], []
-            elif line:
-                parts.append(line)
-    if head is not None:
-        recs.append((head, _norm("".join(parts))))
-    return recs
-
-
-def _tags(header: str) -> dict[str, str]:
-    return dict(kv.split("=", 1) for kv in header.split()[1:] if "=" in kv)
 
 
 @pytest.fixture(scope="module", params=["lncrna", "lncrna_gene"])

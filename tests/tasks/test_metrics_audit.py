@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_lora.tasks import CausalLM, SequenceClassifier, classification_metrics
+from lightning_lora.tasks import CausalLM, classification_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -152,7 +152,7 @@ _DDP_SCRIPT = textwrap.dedent('''
         def forward(self, input_ids, attention_mask=None, **_):
             return SimpleNamespace(logits=input_ids[:, :2].float() / 10 + 0 * self.w)
 
-    data = torch.load(sys.argv[2])
+    data = torch.load(sys.argv[2], weights_only=True)
     ids, labels = data["ids"], data["labels"]
     loader = DataLoader(list(range(len(labels))), batch_size=7,
                         collate_fn=lambda i: {"input_ids": ids[i], "labels": labels[i]})
