@@ -20,15 +20,9 @@ from pathlib import Path
 import pytest
 
 from lncrna import cli
-from lncrna.predict import EXAMPLE_FASTA, TSV_COLUMNS
+from lncrna.predict import EXAMPLE_FASTA
 
-HEADER = "\t".join(TSV_COLUMNS)
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+from test_cli import HEADER, run  # the test directory is on sys.path
 
 
 def one_error_line(err: str, cmd: str) -> str:
