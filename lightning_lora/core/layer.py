@@ -28,6 +28,16 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()  # e.g. the meta device
 
 
+def accumulate_dtype(*ts: torch.Tensor) -> torch.dtype:
+    """The dtype dense adapter terms (``ΔW``, a merge's sum, DoRA's norms) are computed in: fp32, or
+    fp64 where one of ``ts`` is fp64 (``.float()`` rounded a ``.double()`` model to fp32: a merge /
+    unmerge round trip moved its outputs by ~1e-8). bf16 / fp16 / fp32 inputs: fp32."""
+    dtype = torch.float32
+    for t in ts:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def linear_shape(base: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, fan_in_fan_out)`` of an ``nn.Linear`` or transformers ``Conv1D``."""
     if isinstance(base, nn.Linear):
@@ -95,7 +105,8 @@ class AdapterLayer(nn.Module):
         _refuse_merge_while_disabled(self)
         w = self.base_weight
         with no_autocast(w.device):
-            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            dw = self.delta_weight()
+            w.copy_((w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -105,7 +116,8 @@ class AdapterLayer(nn.Module):
             raise RuntimeError("adapter is not merged")
         w = self.base_weight
         with no_autocast(w.device):
-            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            dw = self.delta_weight()
+            w.copy_((w.to(accumulate_dtype(w, dw)) - dw).to(w.dtype))
         self.merged = False
 
     def enable_adapter(self) -> None:

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.config import adapter_torch_dtype, AdapterConfig, get_method, make_config, Method, register, whole_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, get_method, make_config, Method, register, whole_number, finite_number
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
 from ..core.state import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _to_file_key, adapter_state_dict
@@ -102,6 +102,8 @@ class DyLoRAConfig(AdapterConfig):
             if value is not None:  # eval_rank None = the full rank
                 setattr(self, key, whole_number(value, f"DyLoRA {key}"))
         self.seed = whole_number(self.seed, "DyLoRA seed")
+        # a NaN / inf / string alpha was kept and gave NaN outputs (or a TypeError) at the first forward
+        self.alpha = finite_number(self.alpha, "DyLoRA alpha")
         if self.r < 1:
             raise ValueError(f"DyLoRA maximum rank r must be >= 1, got {self.r}")
         if not 1 <= self.r_min <= self.r:
@@ -113,7 +115,8 @@ class DyLoRAConfig(AdapterConfig):
         if self.eval_rank is not None and not 1 <= self.eval_rank <= self.r:
             raise ValueError(f"eval_rank must be in [1, r={self.r}], got {self.eval_rank}")
         if self.rank_pmf is not None:
-            pmf = [float(p) for p in self.rank_pmf]
+            # finite: NaN passed the p < 0 and sum checks, and an inf weight normalised to NaN
+            pmf = [float(finite_number(p, "DyLoRA rank_pmf weight")) for p in self.rank_pmf]
             if len(pmf) != self.r - self.r_min + 1 or any(p < 0 for p in pmf) or sum(pmf) <= 0:
                 raise ValueError(
                     f"rank_pmf needs {self.r - self.r_min + 1} non-negative weights (ranks {self.r_min}..{self.r}), got {pmf}"

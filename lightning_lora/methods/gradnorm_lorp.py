@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.config import Method, register, whole_number
+from ..core.config import Method, register, whole_number, finite_number
 from ..optim.gradnorm_lorp import GradNormLoRPAdamW, gradnorm_lorp_param_groups
 from .lora import LoRAConfig, LoRALinear
 
@@ -65,6 +65,9 @@ class GradNormLoRPConfig(LoRAConfig):
         # the adapter was injected and the Trainer started
         if self.proj_rank < 1 or self.update_proj_gap < 1:
             raise ValueError(f"proj_rank and update_proj_gap must be >= 1, got {self.proj_rank}, {self.update_proj_gap}")
+        # NaN passed ``eps < 0``; a NaN proj_scale multiplies every update: NaN weights at the first step
+        self.eps = finite_number(self.eps, "eps")
+        self.proj_scale = finite_number(self.proj_scale, "proj_scale")
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
 

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number, finite_number
 from ..core.inject import adapter_layers
 from ..core.layer import AdapterLayer, no_autocast
 
@@ -155,6 +155,17 @@ class IncreLoRAConfig(AdapterConfig):
             setattr(self, key, whole_number(getattr(self, key), f"IncreLoRA {key}"))
         for key in ("target_total_rank", "budget_lora_r", "group_warmup_steps", "total_steps", "seed"):
             setattr(self, key, whole_number(getattr(self, key), f"IncreLoRA {key}", optional=True))
+        # total_steps <= 0 gave every grown group lr 0 for good (the decay ends at total_steps): the
+        # added ranks silently never trained; a negative warm-up was taken as none, silently
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"IncreLoRA total_steps must be None or >= 1, got {self.total_steps}")
+        if self.group_warmup_steps is not None and self.group_warmup_steps < 0:
+            raise ValueError(f"IncreLoRA group_warmup_steps must be None or >= 0, got {self.group_warmup_steps}")
+        # NaN passed every range check below (orth_reg NaN: NaN gradients from the regulariser)
+        for key in ("alpha", "reserve_e", "orth_reg", "init_std", "rank_eps"):
+            setattr(self, key, finite_number(getattr(self, key), f"IncreLoRA {key}"))
+        if self.init_std < 0 or self.rank_eps < 0:
+            raise ValueError(f"IncreLoRA init_std and rank_eps must be >= 0, got {self.init_std}, {self.rank_eps}")
         if self.r < 1:
             raise ValueError(f"IncreLoRA initial rank r must be >= 1, got {self.r}")
         if self.incre_rank_num == 0:

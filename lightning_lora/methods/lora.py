@@ -59,7 +59,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..core import _lora_cpp, replay_kernels
 from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Method, register, whole_number
-from ..core.layer import AdapterLayer, no_autocast
+from ..core.layer import AdapterLayer, accumulate_dtype, no_autocast
 from ..core.rounding import merged_weight, merged_weights
 
 
@@ -1223,7 +1223,9 @@ class LoRALinear(AdapterLayer):
             nn.init.normal_(self.lora_A, std=1.0 / self.r)
         if self.use_dora:
             with torch.no_grad():
-                norm = self.base_weight.float().norm(dim=1)
+                # (fp64 norms for an fp64 base or adapter: m = ν exactly at init, see accumulate_dtype)
+                w0 = self.base_weight
+                norm = w0.to(torch.promote_types(accumulate_dtype(w0), dtype)).norm(dim=1)
             self.lora_magnitude = nn.Parameter(norm.to(dtype))
         else:
             self.register_parameter("lora_magnitude", None)
@@ -1243,22 +1245,47 @@ class LoRALinear(AdapterLayer):
         self._siblings: _SiblingGroup | None = None
         _CAST_LAYERS.add(self)
 
+    #: per-process cache state a copy (``copy.deepcopy``, ``pickle``) starts without: the casts and
+    #: ``W'`` are copies of the original's (memory, and keyed on its storages), ``_cast_managed`` holds
+    #: the ids of the original's A and B
+    _COPY_RESET: ClassVar[dict[str, Any]] = {
+        "_casts": (), "_cast_key": None, "_cast_dtype": None, "_cast_managed": None, "_merged_cache": None}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(self._COPY_RESET)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy runs no __init__: registered here, or the optimizer step hook would never mark it and a
+        # deep-copied or unpickled model (ddp_spawn, torch.save of the model) would re-cast A and B at
+        # every forward and form merged_training's W' at every step
+        super().__setstate__(state)
+        self.__dict__.update(self._COPY_RESET)
+        _CAST_LAYERS.add(self)
+        if self.__dict__.get("merged_training"):
+            _MERGED_LAYERS.add(self)
+
     def _scaled_ba(self) -> torch.Tensor:
-        """``s·B A`` in fp32, shape (out, in), also inside an autocast region."""
-        with no_autocast(self.lora_A.device):
-            return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        """``s·B A`` in fp32 (fp64 for fp64 adapters: :func:`~lightning_lora.core.layer.accumulate_dtype`), shape (out, in), also inside
+        an autocast region."""
+        A, B = self.lora_A, self.lora_B
+        acc = accumulate_dtype(A, B)
+        with no_autocast(A.device):
+            return self.scaling * (B.to(acc) @ A.to(acc))
 
     def delta_weight(self) -> torch.Tensor:
         """``s·B A`` in fp32, shape (out, in). For DoRA: ``W' − W0``."""
         dw = self._scaled_ba()
         if not self.use_dora:
             return dw
-        w0 = self.base_weight.float()
+        w0 = self.base_weight
+        w0 = w0.to(accumulate_dtype(w0, dw))  # fp64 for an fp64 base (see accumulate_dtype)
         v = w0 + dw
         norm = v.norm(dim=1, keepdim=True)
         # a zero row (ν = 0: a pruned unit at init) has scale 1, as in the forward: W' = W0 + sBA there
         zero = norm == 0
-        w_new = self.lora_magnitude.float().unsqueeze(1) * v / torch.where(zero, 1.0, norm)
+        w_new = self.lora_magnitude.to(v.dtype).unsqueeze(1) * v / torch.where(zero, 1.0, norm)
         return torch.where(zero, v, w_new) - w0
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
@@ -1380,8 +1407,11 @@ class LoRALinear(AdapterLayer):
         return out + (mag_scale - 1) * centred
 
     def _dora_norm(self) -> torch.Tensor:
-        """DoRA's ``ν = ‖W0 + sBA‖_row`` in fp32, shape (m,), also under autocast."""
-        return (self.base_weight.float() + self._scaled_ba()).norm(dim=1)
+        """DoRA's ``ν = ‖W0 + sBA‖_row`` in fp32 (fp64 where W0 or the adapter is: :func:`~lightning_lora.core.layer.accumulate_dtype`),
+        shape (m,), also under autocast."""
+        dw = self._scaled_ba()
+        w0 = self.base_weight
+        return (w0.to(accumulate_dtype(w0, dw)) + dw).norm(dim=1)
 
     def _dora_mag_scale(self, dtype: torch.dtype) -> torch.Tensor:
         """``m/ν`` in ``dtype``, shape (m,); ν a constant in backward with ``dora_detach_norm``."""
@@ -1390,7 +1420,9 @@ class LoRALinear(AdapterLayer):
                 norm = self._dora_norm()
         else:
             norm = self._dora_norm()
-        return _safe_mag_scale(self.lora_magnitude.float(), norm).to(dtype)
+        mag = self.lora_magnitude
+        # fp64 magnitude or norm: m/ν in fp64 (a .float() rounded fp64 gradients of m to fp32)
+        return _safe_mag_scale(mag.to(accumulate_dtype(mag, norm)), norm).to(dtype)
 
     def _cast_key_for(self, dtype: torch.dtype) -> tuple[Any, ...] | None:
         """This layer's :func:`_cast_key` for ``dtype``; None (cast at every forward, never reused)
@@ -1491,10 +1523,11 @@ class LoRALinear(AdapterLayer):
         w = self.base_weight
         assert self._merged_norm is not None
         dw = self._scaled_ba()
-        norm, mag = self._merged_norm, self.lora_magnitude.float().unsqueeze(1)
+        acc = accumulate_dtype(w, dw)  # fp64 for an fp64 base (see accumulate_dtype)
+        norm, mag = self._merged_norm.to(acc), self.lora_magnitude.to(acc).unsqueeze(1)
         # ν = 0: the row merged with scale 1 (W' = W0 + sBA); m = 0: restored from _merged_rows below
         zero = norm == 0
-        w0 = w.float() * torch.where(zero, 1.0, norm) / torch.where(zero | (mag == 0), 1.0, mag) - dw
+        w0 = w.to(acc) * torch.where(zero, 1.0, norm) / torch.where(zero | (mag == 0), 1.0, mag) - dw
         w.copy_(w0.to(w.dtype))
         rows = getattr(self, "_merged_rows", None)
         if rows is not None:

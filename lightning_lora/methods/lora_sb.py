@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Method, register, whole_number
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
 from . import lora as _lora
@@ -596,6 +596,9 @@ def estimate_gradients(
             seen += 1
     if seen == 0:
         raise ValueError("LoRA-SB init: no batch to estimate the gradient from")
+    if seen < n_batches:  # a short loader silently gave an estimate from fewer batches than asked for
+        warnings.warn(f"LoRA-SB init: the data had {seen} batch(es), fewer than the {n_batches} asked for "
+                      "(n_init_batches); the gradient is estimated from those", stacklevel=3)
     if reduce is not None:  # once per weight: a tied weight's sum must not be reduced twice
         acc = {k: reduce(v) for k, v in acc.items()}
     return {name: acc[key].t() if fifo else acc[key] for name, (key, fifo) in by_layer.items()}
@@ -647,6 +650,12 @@ def init_lora_sb(
         raise ValueError(f"LoRA-SB init: lr must be a finite number > 0, got {lr!r}")
     if total_steps is not None and total_steps < 1:
         raise ValueError(f"LoRA-SB init: total_steps must be >= 1, got {total_steps!r}")
+    # as LoRASBConfig's warmup_ratio: a negative one flipped the sign of η₁ (factors pointing up the
+    # gradient) and NaN made ΔW̃ NaN, both silently
+    if not 0.0 <= finite_number(warmup_ratio, "LoRA-SB init: warmup_ratio") < 1.0:
+        raise ValueError(f"LoRA-SB init: warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
+    # n_batches=0 fell back to the config's count (``n_batches or ...``) and -1 read "no batch", silently
+    n_batches = whole_number(n_batches, "LoRA-SB init: n_batches", 1, optional=True)
     lr1 = lr / (warmup_ratio * total_steps) if warmup_ratio and total_steps else lr
     grads = estimate_gradients(model, batches, loss_fn, n_batches or cfg.n_init_batches, layers, reduce)
     for name, layer in layers.items():

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number, finite_number
 from ..core.layer import no_autocast
 from .lora import _frozen_weight, _mm_scaled, _mm_to, _stash_frozen_weight
 from .lora_sb import CoreLoRALinear
@@ -99,6 +99,10 @@ class _CoreConfig(AdapterConfig):
             raise ValueError(f"rank r must be >= 1, got {self.r}")
         if self.alpha is None:
             self.alpha = float(self.r)
+        # a NaN alpha (s = alpha / r) gave NaN outputs and a string one a TypeError at the first forward
+        self.alpha = finite_number(self.alpha, "alpha (s = alpha / r)")
+        if self.pinv_rtol is not None and not finite_number(self.pinv_rtol, "pinv_rtol") >= 0:
+            raise ValueError(f"pinv_rtol must be None or >= 0, got {self.pinv_rtol!r}")
         if self.init not in self.inits:
             raise ValueError(f"{self.method or 'nlora'}: init must be one of {self.inits}, got {self.init!r}")
         if self.residual is None:

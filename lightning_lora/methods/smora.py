@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig, Method, register, whole_number
+from ..core.config import AdapterConfig, Method, register, whole_number, finite_number
 from ..core.inject import adapter_layers
 from ..core.layer import AdapterLayer, no_autocast
 from ..core.multi import MultiAdapterLayer
@@ -108,6 +108,10 @@ class SMoRAConfig(AdapterConfig):
             raise ValueError(f"top_k must be in [1, r={self.r}], got {self.top_k}")
         if self.alpha is None:
             self.alpha = 2.0 * self.r
+        # NaN passed the checks below: a NaN alpha made every output NaN, a NaN / inf rate turned β
+        # into NaN after the first update (top-k on NaN scores)
+        self.alpha = finite_number(self.alpha, "SMoRA alpha")
+        self.bias_update_rate = finite_number(self.bias_update_rate, "SMoRA bias_update_rate")
         if self.bias_update_rate < 0:
             raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
         if self.count_scope not in ("batch", "step"):

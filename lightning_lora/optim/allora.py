@@ -212,6 +212,15 @@ class ALLoRAOptimizer(torch.optim.Optimizer):
         if apply_to not in ("grad", "update"):
             raise ValueError(f"apply_to must be 'grad' or 'update', got {apply_to!r}")
         _check(eta, granularity)
+        # ALLoRAOptimizer(model.parameters(), eta=...) failed only at the first step(), with an
+        # AttributeError on 'param_groups'
+        if not (hasattr(optimizer, "param_groups") and callable(getattr(optimizer, "step", None))):
+            raise TypeError(f"ALLoRAOptimizer wraps a torch optimizer (torch.optim.AdamW(params, ...)), "
+                            f"got {type(optimizer).__name__}")
+        # wrapping a wrapper applied c(θ) twice per step (c² on the gradient), silently
+        if isinstance(optimizer, ALLoRAOptimizer):
+            raise ValueError("the optimizer is already an ALLoRAOptimizer: wrapping it again would apply the "
+                             "ALLoRA scaling twice per step; wrap the plain optimizer once")
         self.optimizer = optimizer
         self.eta, self.granularity, self.apply_to = eta, granularity, apply_to
         self._params = None if params is None else list(params)

@@ -51,7 +51,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.config import finite_number, whole_number
+
 PROJ_TYPES = ("std", "full", "identity")
+
+
+def _check_group(group: dict[str, Any]) -> dict[str, Any]:
+    """Check the AdamW hyper-parameters of one param group (defaults merged in); returns
+    ``optim_bits`` and ``block_size`` as ints. Without it a bad value surfaced only at the first
+    ``step()`` (``block_size=0``: a ZeroDivisionError in the 8-bit packing), or never: NaN ``lr``,
+    ``betas`` outside [0, 1) (Adam diverges) and ``optim_bits=16`` (silently ran 8-bit) were accepted."""
+    for key in ("lr", "eps", "weight_decay"):
+        value = group[key]  # (finite_number also takes a 0-d tensor lr)
+        if finite_number(value, f"GradNormLoRPAdamW {key}") < 0:
+            raise ValueError(f"GradNormLoRPAdamW {key} must be >= 0, got {value!r}")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(0.0 <= finite_number(b, "GradNormLoRPAdamW betas") < 1.0 for b in betas)):
+        raise ValueError(f"GradNormLoRPAdamW betas must be two numbers in [0, 1), got {betas!r}")
+    out: dict[str, Any] = {"optim_bits": whole_number(group["optim_bits"], "GradNormLoRPAdamW optim_bits"),
+                           "block_size": whole_number(group["block_size"], "GradNormLoRPAdamW block_size", 1)}
+    if out["optim_bits"] not in (8, 32):
+        raise ValueError(f"optim_bits must be 8 or 32, got {group['optim_bits']}")
+    return out
 
 
 # ---- blockwise 8-bit state ------------------------------------------------------------------------------
@@ -138,12 +160,10 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, optim_bits: int = 32, block_size: int = 256) -> None:
-        if optim_bits not in (8, 32):
-            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits,
                         block_size=block_size)
+        # checked here, not at the first step(): see _check_group
+        defaults.update(_check_group(defaults))
         super().__init__(params, defaults)  # calls add_param_group for every group
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -156,11 +176,21 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             param_group.setdefault("proj_type", "std")
             param_group.setdefault("weight_norm", False)
             param_group.setdefault("repo_parity", False)
+            # whole numbers: rank=2.5 failed at the first step() inside a slice, and a fractional gap
+            # refreshed the projector at irregular steps ((step - 1) % 1.5 == 0)
+            param_group["rank"] = whole_number(param_group["rank"], "GradNormLoRPAdamW rank")
+            param_group["update_proj_gap"] = whole_number(param_group["update_proj_gap"],
+                                                          "GradNormLoRPAdamW update_proj_gap")
+            finite_number(param_group["scale"], "GradNormLoRPAdamW scale")
             if param_group["rank"] < 1 or param_group["update_proj_gap"] < 1:
                 raise ValueError(f"rank and update_proj_gap must be >= 1, got {param_group['rank']}, "
                                  f"{param_group['update_proj_gap']}")
             if param_group["proj_type"] not in PROJ_TYPES:
                 raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {param_group['proj_type']!r}")
+        # a group's own lr / betas / optim_bits / block_size override the defaults: check them too
+        # (optim_bits=16 in a group silently ran the 8-bit path)
+        param_group.update({k: v for k, v in _check_group({**self.defaults, **param_group}).items()
+                            if k in param_group})
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
