@@ -55,7 +55,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.config import adapter_torch_dtype, AdapterConfig, get_method, make_config, Method, register, whole_number, finite_number
+from ..core.config import (adapter_torch_dtype, AdapterConfig, finite_number, get_method, make_config, Method, register,
+                           whole_number)
 from ..core.inject import adapter_layers, get_adapter_method
 from ..core.layer import AdapterLayer, no_autocast
 from ..core.state import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _to_file_key, adapter_state_dict

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.config import Method, register, whole_number, finite_number
+from ..core.config import finite_number, Method, register, whole_number
 from ..optim.gradnorm_lorp import GradNormLoRPAdamW, gradnorm_lorp_param_groups
 from .lora import LoRAConfig, LoRALinear
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..core.config import adapter_torch_dtype, AdapterConfig, Method, register, whole_number, finite_number
+from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Method, register, whole_number
 from ..core.layer import no_autocast
 from .lora import _frozen_weight, _mm_scaled, _mm_to, _stash_frozen_weight
 from .lora_sb import CoreLoRALinear

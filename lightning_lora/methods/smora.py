@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig, Method, register, whole_number, finite_number
+from ..core.config import AdapterConfig, finite_number, Method, register, whole_number
 from ..core.inject import adapter_layers
 from ..core.layer import AdapterLayer, no_autocast
 from ..core.multi import MultiAdapterLayer
