@@ -21,20 +21,7 @@ from torch import nn
 import lightning_lora as ll
 from lightning_lora.methods import lora as lora_mod
 
-
-class _Block(nn.Module):
-    """q/k/v (a sibling set), an output projection and an MLP."""
-
-    def __init__(self, d: int = 16) -> None:
-        super().__init__()
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.o = nn.Linear(d, d)
-        self.up = nn.Linear(d, 2 * d)
-        self.down = nn.Linear(2 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.o(self.q(x) * self.k(x) + self.v(x))
-        return self.down(torch.nn.functional.gelu(self.up(h)))
+from test_lora_cast_cache import _Block  # the test directory is on sys.path
 
 
 def _bf16_model(use_dora: bool) -> nn.Module:
