@@ -45,7 +45,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -126,15 +126,16 @@ class DyLoRAConfig(AdapterConfig):
 
     def resolve_eval_ranks(self, spec: list[int] | str | None) -> list[int]:
         """``"all"`` -> [1..r]; ``"none"``/None/[] -> []; a list is checked against [1, r]."""
-        if spec is None or spec == "none":
+        if spec is None or (isinstance(spec, str) and spec == "none"):  # (== on an array is elementwise)
             return []
-        if spec == "all":
+        if isinstance(spec, str) and spec == "all":
             return list(range(1, self.r + 1))
-        if isinstance(spec, str) or not isinstance(spec, (list, tuple, set, range)):
+        if isinstance(spec, str) or not isinstance(spec, Iterable):
             raise ValueError(f"eval_ranks must be a list of ranks, 'all' or 'none', got {spec!r}")
-        if not all(isinstance(b, int) and not isinstance(b, bool) for b in spec):
-            raise ValueError(f"eval_ranks must be whole numbers in [1, r={self.r}], got {list(spec)}")
-        ranks = sorted(set(spec))
+        try:  # numpy integers too (np.arange(1, 9)); not floats or bools
+            ranks = sorted({whole_number(b, "eval_ranks entry") for b in spec})
+        except ValueError:
+            raise ValueError(f"eval_ranks must be whole numbers in [1, r={self.r}], got {list(spec)}") from None
         if ranks and not (1 <= ranks[0] and ranks[-1] <= self.r):
             raise ValueError(f"eval_ranks must lie in [1, r={self.r}], got {list(spec)}")
         return ranks

@@ -157,6 +157,8 @@ class IncreLoRAConfig(AdapterConfig):
             setattr(self, key, whole_number(getattr(self, key), f"IncreLoRA {key}", optional=True))
         # total_steps <= 0 gave every grown group lr 0 for good (the decay ends at total_steps): the
         # added ranks silently never trained; a negative warm-up was taken as none, silently
+        if self.target_total_rank is not None and self.target_total_rank < 1:  # else an error at fit start
+            raise ValueError(f"IncreLoRA target_total_rank must be None or >= 1, got {self.target_total_rank}")
         if self.total_steps is not None and self.total_steps < 1:
             raise ValueError(f"IncreLoRA total_steps must be None or >= 1, got {self.total_steps}")
         if self.group_warmup_steps is not None and self.group_warmup_steps < 0:

@@ -157,3 +157,16 @@ def test_gradnorm_group_override_of_optim_bits_still_works():
     a.grad, b.grad = torch.randn(6, 4), torch.randn(6, 4)
     opt.step()
     assert "exp_avg" in opt.state[a] and "exp_avg_q" in opt.state[b]
+
+
+def test_dylora_eval_ranks_take_numpy_integers_and_increlora_refuses_a_zero_rank_budget():
+    """``np.arange(1, 5)`` as eval_ranks was refused (only ``int`` passed); IncreLoRA's
+    ``target_total_rank=0`` was accepted and failed only at fit start."""
+    import numpy as np
+
+    cfg = ll.make_config("dylora", r=4)
+    assert cfg.resolve_eval_ranks(np.arange(1, 5)) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="eval_ranks must be whole numbers"):
+        cfg.resolve_eval_ranks([1, 2.5])
+    with pytest.raises(ValueError, match="target_total_rank must be None or >= 1"):
+        ll.make_config("increlora", r=2, target_total_rank=0)
