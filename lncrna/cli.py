@@ -198,6 +198,10 @@ def _add_model_options(p: argparse.ArgumentParser, threshold_help: str | None = 
     g.add_argument("--workers", metavar="N", type=_workers, default=None,
                    help="processes for the baseline features and tokenization: 'auto' (default: 0 on "
                         "CPU, min(16, cores - 1) on CUDA) or a number; 0 = in this process")
+    g.add_argument("--threads", metavar="N", type=_positive_int, default=None,
+                   help="CPU threads the transformer may use (torch.set_num_threads(N)); default: torch's own "
+                        "(usually one per core). Set it when other jobs share the machine; --workers processes "
+                        "come on top")
     g.add_argument("--chunk-size", metavar="N", type=_positive_int, default=4096,
                    help="sequences per chunk; rows are written and flushed after each chunk (default 4096)")
     # default None, not 0.5: evaluate must tell an explicit --threshold from none (see cmd_evaluate)
@@ -233,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                f"record with an id is kept; longer than {MAX_LENGTH:,} nt) are skipped with a one-line warning "
                "each; a file that cannot be "
                "used at all (missing, unreadable, a directory, empty, not FASTA, broken gzip, a header line "
-               "after the first indented by whitespace, no valid record) "
+               "after the first indented by whitespace, a header or sequence line that is not UTF-8 text, no "
+               "valid record) "
                "and an output that cannot be written are errors, exit 2. Records shorter than "
                f"{MIN_RELIABLE_LENGTH} nt (the training data's minimum) or with more than {MAX_N_SHARE:.0%} N "
                "are predicted as usual, but their probability has little signal behind it: they are counted "
@@ -540,10 +545,20 @@ class _RowWriter:
 def _predictor(args: argparse.Namespace):
     from .predict import Predictor
 
-    return Predictor(model_dir=args.model, device=args.device, cascade=args.cascade, batch_tokens=args.batch_tokens,
-                     workers=args.workers, baseline_dir=args.baseline,
-                     threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
-                     chunk_size=args.chunk_size)
+    predictor = Predictor(model_dir=args.model, device=args.device, cascade=args.cascade,
+                          batch_tokens=args.batch_tokens, workers=args.workers, baseline_dir=args.baseline,
+                          threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
+                          chunk_size=args.chunk_size)
+    if args.threads is not None:
+        import torch
+
+        # after the Predictor has forked its stage-1 workers (they run numpy only), before the model runs
+        try:
+            torch.set_num_threads(args.threads)
+        except (ValueError, RuntimeError) as e:  # e.g. more than a C int: "Overflow when unpacking long"
+            predictor.close()
+            raise UserError(f"--threads {args.threads}: {' '.join(str(e).split())}") from None
+    return predictor
 
 
 @contextlib.contextmanager

@@ -11,12 +11,14 @@ Error policy (every message is one line naming the file, and the record by 1-bas
   not a regular file (stdin, a pipe), unreadable (permission, I/O error), empty file, text before
   the first ``>`` (not FASTA), broken gzip, every record invalid, a later header line indented by
   whitespace (``"  >id2"``: the message names the line and the record it follows; Biopython only
-  takes ``>`` in column 1 as a header and would glue the line onto that record's sequence).
+  takes ``>`` in column 1 as a header and would glue the line onto that record's sequence), a
+  header or sequence line that is not UTF-8 text (e.g. a Latin-1 header; the message names the
+  record, its id with the bad bytes written as ``\\xNN``, the line and the byte).
   Missing / unreadable / empty / not-FASTA / unreadable gzip header are raised by
   :func:`read_fasta` itself, before any record is read; a gzip stream that is truncated or corrupt
-  further in, and an indented header, can only be noticed when the reader gets there, so those
-  errors are raised during iteration. Blank lines before the first header (and whitespace before
-  its ``>``) are allowed.
+  further in, an indented header and bytes that are not UTF-8 can only be noticed when the reader
+  gets there, so those errors are raised during iteration. Blank lines before the first header
+  (and whitespace before its ``>``) are allowed.
 - Only some records are bad (missing id, duplicate id, empty sequence, protein-like, invalid
   characters, longer than ``max_length``) -> a :class:`FastaWarning` naming file and record, and the
   record is skipped (for a duplicate id: the later record; the warning names the first one); with
@@ -144,16 +146,17 @@ def unsupported_compression(path: Path) -> str | None:
     return None
 
 
-def _open_text(path: Path) -> TextIO:
+def _open_text(path: Path, errors: str = "replace") -> TextIO:
     """Open plain or gzip FASTA as text; gzip is detected by its magic bytes, not by the name.
 
-    Undecodable bytes are replaced rather than raised: such a file then fails the header or the
-    sequence checks with a message that says where. A UTF-8 byte-order mark (some Windows editors
-    write one) is dropped (``utf-8-sig``).
+    ``errors="replace"`` (the default: sniffing the first line, lncrna.evaluate's readers) turns
+    undecodable bytes into U+FFFD; :func:`_iter_records` passes ``"surrogateescape"``, which keeps
+    them as lone surrogates that :class:`_FromFirstHeader` reports (U+FFFD could be real text).
+    A UTF-8 byte-order mark (some Windows editors write one) is dropped (``utf-8-sig``).
     """
     if _is_gzip(path):
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
-    return open(path, encoding="utf-8-sig", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors=errors)
+    return open(path, encoding="utf-8-sig", errors=errors)
 
 
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
@@ -223,6 +226,12 @@ class _FromFirstHeader:
     :class:`FastaError` naming the file, the line and the record it would otherwise be glued onto.
     Biopython only takes a ``>`` in column 1 as a header, so it would read such a line as sequence
     of the record before (both records lost behind a misleading "non-nucleotide '>'" warning).
+
+    Every line, the first header too, must be UTF-8 text: ``fh`` is opened with
+    ``errors="surrogateescape"`` and a line holding an undecodable byte raises :class:`FastaError`
+    naming the file, the record and the byte. Why: decoded with replacement characters, a Latin-1
+    header (``>caf\\xe9``) silently became the id ``'caf\\ufffd'``, and such a byte in a sequence
+    failed the whole file as "unreadable FASTA: 'ascii' codec can't decode ..." without saying where.
     """
 
     def __init__(self, fh: TextIO, path: Path) -> None:
@@ -233,8 +242,25 @@ class _FromFirstHeader:
             line_no += 1
             if line.strip():
                 self._first = line.lstrip()
+                if not self._first.isascii():
+                    self._check_utf8(self._first, line_no, 1, self._first)
                 break
         self._lines = self._checked_lines(line_no, self._first or "")
+
+    def _check_utf8(self, line: str, line_no: int, record: int, header_line: str) -> None:
+        """Raise FastaError if ``line`` (of record ``record``, whose header is ``header_line``) holds a
+        byte that is not UTF-8 (a lone surrogate from ``surrogateescape``)."""
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(line[e.start]) - 0xDC00  # surrogateescape maps byte 0xNN to U+DCNN
+            rid = (header_line[1:].split(maxsplit=1) or [""])[0]
+            readable = rid.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            what = "header" if line[:1] == ">" else "sequence line"
+            raise FastaError(
+                f"{self._path}: record {record} '{readable}': {what} (line {line_no}) is not UTF-8 text "
+                f"(byte 0x{byte:02x} at column {e.start + 1}); convert the file to UTF-8 (or ASCII) first"
+            ) from None
 
     def _checked_lines(self, line_no: int, header: str) -> Iterator[str]:
         """The lines after the first header; ``line_no`` is that header's 1-based line number."""
@@ -245,7 +271,9 @@ class _FromFirstHeader:
             first = line[:1]
             if first == ">":
                 record, header_line = record + 1, line
-            elif first.isspace() and line.lstrip()[:1] == ">":
+            if not line.isascii():  # ASCII, the usual case, needs no further check (a fast C-level test)
+                self._check_utf8(line, line_no, record, header_line)
+            if first.isspace() and line.lstrip()[:1] == ">":
                 rid = (header_line[1:].split(maxsplit=1) or [""])[0]
                 indent = len(line) - len(line.lstrip())  # a count: the CLI collapses runs of spaces
                 raise FastaError(
@@ -298,7 +326,7 @@ def _iter_records(
     n_yielded = n_bad = 0
     first_problem = ""
     try:
-        with _open_text(path) as handle:
+        with _open_text(path, errors="surrogateescape") as handle:  # bytes that are not UTF-8: _FromFirstHeader
             for index, rec in enumerate(SeqIO.parse(_FromFirstHeader(handle, path), "fasta"), start=1):
                 raw = str(rec.seq)
                 where = f"{path}: record {index} {rec.id!r}"

@@ -139,6 +139,7 @@ def _longest_orf_one_strand(b: np.ndarray, strand: str) -> ORF:
     is_start = c == _ATG
     if not is_start.any():
         return _NO_ORF
+    # a codon with an N is neither start nor stop, so ORFs run through N: CPAT 3.0.5 find_orfs.ORFFinder.run_one
     is_stop = _IS_STOP[c]
     best = _NO_ORF
     for f in range(3):
