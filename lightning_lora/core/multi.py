@@ -53,7 +53,7 @@ from torch import nn
 from .config import AdapterConfig, Method, get_method, make_config
 from .inject import _METHOD_ATTR, _MULTI_ATTR, _name_matches, _set_submodule, adapter_layers, find_targets
 from .layer import AdapterLayer, _is_conv1d, _refuse_merge_while_disabled, no_autocast
-from .state import PREFIX, WEIGHTS_NAME, AdapterFormatError, read_adapter_config, write_adapter
+from .state import _PEFT_EMBEDDING_LAYER_NAMES, PREFIX, WEIGHTS_NAME, AdapterFormatError, read_adapter_config, write_adapter
 
 DEFAULT_NAME = "default"  # PEFT's name for the adapter saved at the root of a directory
 
@@ -584,11 +584,23 @@ def save_adapters(
     return out
 
 
+def _embedding_base_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """File key -> base weight of each module adapter ``name`` targets that PEFT counts as an embedding
+    layer (``embed_tokens``, ``lm_head``): PEFT saves ``<module>.base_layer.weight`` beside the adapter
+    there (``save_embedding_layers="auto"``), as :func:`~lightning_lora.core.state.load_adapter` knows."""
+    return {f"{PREFIX}{t}.base_layer.weight": layer.base_layer.weight for t, layer in multi_layers(model).items()
+            if name in layer.adapters and t.rsplit(".", 1)[-1] in _PEFT_EMBEDDING_LAYER_NAMES
+            and isinstance(getattr(layer.base_layer, "weight", None), torch.Tensor)}
+
+
 def load_adapter_as(model: nn.Module, directory: str | os.PathLike[str], name: str, strict: bool = True) -> nn.Module:
     """Load a saved adapter (ours or PEFT's) into ``model`` under ``name``; returns ``model``.
 
     Keys and shapes are checked before anything is copied; on any error the adapter is removed
-    again, so a failed load leaves ``model`` as it was.
+    again, so a failed load leaves ``model`` as it was. A base weight PEFT saved with the adapter
+    (``embed_tokens`` / ``lm_head`` targets) must equal the model's (whatever ``strict``), else
+    :class:`AdapterFormatError`: named adapters share one base weight, so it is never replaced here
+    (:func:`~lightning_lora.core.state.load_adapter` loads it, for a model with that one adapter).
     """
     directory = Path(directory)
     method_name, cfg, metadata = read_adapter_config(directory)
@@ -608,15 +620,27 @@ def load_adapter_as(model: nn.Module, directory: str | os.PathLike[str], name: s
         expected = _adapter_file_tensors(model, name)
         with safe_open(str(weights), framework="pt") as f:
             file_keys = set(f.keys())
-            missing, unexpected = sorted(set(expected) - file_keys), sorted(file_keys - set(expected))
+            # PEFT's saved embedding base weights: checked against the model's, not required (they
+            # used to be "unexpected", or silently ignored under strict=False)
+            bases = {k: w for k, w in _embedding_base_tensors(model, name).items() if k in file_keys}
+            missing = sorted(set(expected) - file_keys)
+            unexpected = sorted(file_keys - set(expected) - set(bases))
             if strict and (missing or unexpected):
                 raise AdapterFormatError(f"{weights}: adapter does not fit this model: missing {missing[:5]}, "
                                          f"unexpected {unexpected[:5]}")
             common = sorted(file_keys & set(expected))
-            for k in common:
-                src, dst = tuple(f.get_slice(k).get_shape()), tuple(expected[k][0].shape)
+            for k, dst_t in {**{k: expected[k][0] for k in common}, **bases}.items():
+                src, dst = tuple(f.get_slice(k).get_shape()), tuple(dst_t.shape)
                 if src != dst:
                     raise AdapterFormatError(f"{weights}: tensor {k} has shape {src}, the model expects {dst}")
+            # one base weight serves every named adapter: replacing it would change the others (and a
+            # failed load_adapters could not undo it), so a different one is refused, an equal one is a no-op
+            differ = sorted(k for k, w in bases.items()
+                            if not torch.equal(f.get_tensor(k).to(w.device, w.dtype), w.detach()))
+            if differ:
+                raise AdapterFormatError(
+                    f"{weights}: saved base weights {differ[:5]} differ from this model's, which all named "
+                    f"adapters share; load_adapter(model, directory) loads them for a single adapter")
             with torch.no_grad():
                 for k in common:
                     dst_t = expected[k][0]

@@ -135,8 +135,9 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, max_iter: int = 100, tol: flo
     n_points = x.shape[0]
     if not 1 <= k <= n_points:
         raise ValueError(f"k must be in [1, {n_points}] (the number of units), got {k}")
-    if n_init < 1:
-        raise ValueError(f"n_init must be >= 1, got {n_init}")
+    # max_iter 0 (or negative) skipped Lloyd's loop: the k-means++ seeds came back as "clusters"
+    max_iter = whole_number(max_iter, "max_iter", minimum=1)
+    n_init = whole_number(n_init, "n_init", minimum=1)
     device, dtype = x.device, x.dtype
     x = x.detach().to("cpu", torch.float64)
     g = torch.Generator().manual_seed(seed)
@@ -241,6 +242,8 @@ def lego_merge(
         n_init: seeded k-means++ starts; the lowest-inertia one is kept (default 1, one start).
     """
     k = whole_number(k, "k (the merged rank)")  # a float (2.5, 4.0) or True failed deep in torch.zeros
+    max_iter = whole_number(max_iter, "max_iter", minimum=1)
+    n_init = whole_number(n_init, "n_init", minimum=1)
     _check_options(feature=feature, output_reweight=output_reweight)
     if output_reweight == "calibration" and calibration_inputs is None:
         raise ValueError("output_reweight='calibration' needs calibration_inputs (N, n)")
@@ -350,7 +353,10 @@ def lego_merge_adapters(
     if k is None:
         k = max(int(adapter_method(model, s).config.r) for s in sources)  # type: ignore[attr-defined]
     k = whole_number(k, "k (the merged rank)")
-    # checked here, before any k-means: a bad option surfaced per layer, after every source's factors were read
+    # checked here, before the calibration run and any k-means: a bad count or option surfaced per
+    # layer ("layer t: ..."), after every source's factors were read
+    max_iter = whole_number(max_iter, "max_iter", minimum=1)
+    n_init = whole_number(n_init, "n_init", minimum=1)
     _check_options(folding=folding, feature=feature, output_reweight=output_reweight)
     factors = {t: [lora_factors(layer) for layer in layers.values()] for t, layers in by_target.items()}
     units = {t: sum(b.shape[1] for b, _, _ in fs) for t, fs in factors.items()}

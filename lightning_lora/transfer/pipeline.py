@@ -21,7 +21,7 @@ import torch
 
 from ..core import trainable_parameters
 from ..core.config import finite_number, whole_number
-from .classifier import TextClassifier, fit_text_classifier
+from .classifier import TextClassifier, fit_text_classifier, predict_logits
 from .discriminator import filter_synthetic
 from .distill import KD_LOSSES, distill, label_with_teacher
 
@@ -132,6 +132,21 @@ def _check_transfer_args(seed_examples: Sequence[str], n_seed: int, generate: Ge
         whole_number(distill_kwargs["steps"], "steps", 1)
 
 
+def _check_same_classes(teacher: TextClassifier, student: TextClassifier, probe: list[str]) -> None:
+    """ValueError, with :func:`~.distill.kd_loss`'s message, when the teacher's and the student's logits
+    on ``probe`` (one seed) differ in shape. kd_loss found a mismatch (a 2-way source, a 3-way target)
+    only at the first distillation step, after the whole synthetic set had been generated, filtered and
+    labelled; one eval-mode forward of each (no gradient, no random draw) finds it first."""
+    try:
+        with torch.no_grad():
+            t, s = predict_logits(teacher, probe), predict_logits(student, probe)
+    except Exception:  # noqa: BLE001 - a classifier that cannot read a seed alone keeps kd_loss's later check
+        return
+    if s.shape != t.shape:
+        raise ValueError(f"student logits {tuple(s.shape)} and teacher logits "
+                         f"{tuple(t.shape)} differ in shape (same number of classes?)")
+
+
 def transfer(teacher: TextClassifier, student: TextClassifier, seed_examples: Sequence[str], *,
              generate: Generate | None, discriminator: TextClassifier | None = None, n_samples: int = 1000,
              n_seed: int = 5, filter: bool = True, threshold: float = 0.5, round_size: int | None = None,
@@ -159,6 +174,7 @@ def transfer(teacher: TextClassifier, student: TextClassifier, seed_examples: Se
     if generate is not None and filter and discriminator is None:
         raise ValueError("filter=True needs a discriminator (or pass filter=False for the unfiltered ablation)")
     seeds = [seed_examples[i] for i in range(min(n_seed, len(seed_examples)))]
+    _check_same_classes(teacher, student, seeds[:1])
     if generate is None:
         texts, n_generated, n_scored, rounds = list(dict.fromkeys(seeds)), 0, 0, 0
     else:

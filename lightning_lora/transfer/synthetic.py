@@ -83,6 +83,8 @@ def generate_synthetic(
         whole_number(v, name)
     if n < 0 or demos_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"need n >= 0, demos_per_prompt >= 1, batch_size >= 1; got {n}, {demos_per_prompt}, {batch_size}")
+    # 0 (or less) made no generate call and returned [] as if the model had produced nothing; None is the default cap
+    whole_number(max_batches, "max_batches", 1, optional=True)
     if not 0.0 < top_p <= 1.0:  # HF accepts top_p > 1 (no nucleus) and top_p = 0 (greedy) without a word
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     instructions = [instruction] if isinstance(instruction, str) else list(instruction)
@@ -243,6 +245,11 @@ def generate_synthetic_mlm(
     """
     if not seed_texts:
         raise ValueError("generate_synthetic_mlm needs at least one seed example")
+    # its loop draws batch_size bodies per round: 0 failed deep in sample_masked_lm ("max() arg is an
+    # empty sequence"); a float batch_size or n failed in range / len comparisons
+    whole_number(n, "n", 0)
+    whole_number(batch_size, "batch_size", 1)
+    whole_number(window, "window", 1)
     seeds = [torch.as_tensor(list(encode(s)), dtype=torch.long) for s in seed_texts]
     if all(len(s) == 0 for s in seeds):
         raise ValueError("every seed example encodes to zero tokens")
