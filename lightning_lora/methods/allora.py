@@ -36,7 +36,8 @@ from torch import nn
 
 from ..core.config import AdapterConfig, Method, register, whole_number
 from ..core.layer import AdapterLayer
-from ..optim.allora import GRANULARITIES, ALLoRAOptimizer, _check, install_update_scaling, layer_parameters, scale_gradients
+from ..optim.allora import (GRANULARITIES, ALLoRAOptimizer, _check, _hooked_params, _refuse_twice, install_update_scaling,
+                             layer_parameters, scale_gradients)
 from .lora import LoRA, LoRAConfig, LoRALinear
 
 
@@ -110,16 +111,20 @@ class ALLoRA(Method):
 
     def on_fit_start(self, trainer: Any, pl_module: Any, layers: dict[str, AdapterLayer]) -> None:
         """``apply_to="update"``: hook the update rule into the step of every optimizer of the fit that
-        holds adapter parameters (Lightning's optimizers are plain torch optimizers)."""
+        holds adapter parameters (Lightning's optimizers are plain torch optimizers). Refuses an
+        optimizer that already scales them (an ALLoRAOptimizer, or the user's
+        :func:`~lightning_lora.optim.install_update_scaling` hooks): the scaling would apply twice."""
         self.on_fit_end(trainer, pl_module, layers)  # a fit that ended in an exception left its hooks
+        params = layer_parameters(layers.values())
         for opt in getattr(trainer, "optimizers", []):
             if isinstance(opt, ALLoRAOptimizer):
                 raise ValueError("configure_optimizers returned an ALLoRAOptimizer, but the allora method under "
                                  "AdapterCallback already scales (apply_to=%r): the scaling would apply twice; "
                                  "return the plain optimizer" % self.config.apply_to)  # type: ignore[attr-defined]
+            _refuse_twice(params, _hooked_params(opt), "install_update_scaling was called on an optimizer of this "
+                          "fit and the allora method under AdapterCallback scales them too")
         if self.config.apply_to != "update":  # type: ignore[attr-defined]
             return
-        params = layer_parameters(layers.values())
         for opt in getattr(trainer, "optimizers", []):
             held = {id(p) for group in opt.param_groups for p in group["params"]}
             mine = [p for p in params if id(p) in held]

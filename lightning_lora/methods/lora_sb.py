@@ -50,7 +50,7 @@ from torch.autograd.function import once_differentiable
 
 from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Method, register, whole_number
 from ..core.inject import adapter_layers, get_adapter_method
-from ..core.layer import AdapterLayer, no_autocast
+from ..core.layer import AdapterLayer, accumulate_dtype, no_autocast
 from . import lora as _lora
 from .lora import (_autocast_dtype, _frozen_weight, _mm_scaled, _mm_to, _plain_linear_base, _stash_frozen_weight,
                    _weight_bias)
@@ -302,10 +302,12 @@ class CoreLoRALinear(AdapterLayer):
         return _apply_core(x, weight, bias, A, R, B, R0, casts, self.scaling, self.fan_in_fan_out)
 
     def delta_weight(self) -> torch.Tensor:
-        """``s · B R A`` in fp32, shape (out, in)."""
+        """``s · B R A`` in fp32 (fp64 for fp64 factors: :func:`~lightning_lora.core.layer.accumulate_dtype`),
+        shape (out, in)."""
         A, R, B = self._core_delta_inputs()
+        acc = accumulate_dtype(A, R, B)  # .float() rounded an fp64 adapter's delta: merged outputs moved ~1e-8
         with no_autocast(A.device):
-            return self.scaling * (B.float() @ (R.float() @ A.float()))
+            return self.scaling * (B.to(acc) @ (R.to(acc) @ A.to(acc)))
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The reference formula: ``base_out + s · ((dropout(x) A^T) R^T) B^T`` with the factors cast

@@ -23,6 +23,10 @@ Entry points (all agree bit for bit; tested):
   matters; default ``"grad"``, the paper's wording);
 - :func:`install_update_scaling` — the update form on an unwrapped optimizer, through its step hooks;
 - the ``allora`` method's ``on_after_backward`` hook, driven by :class:`lightning_lora.AdapterCallback`.
+
+One of them per parameter: a second scaling of a parameter (the hooks installed twice, the hooks and
+the wrapper, the user's hooks under the callback) would multiply its step by c(θ)², and is refused
+with a ValueError. Disjoint parameter sets may use different entry points.
 """
 
 from __future__ import annotations
@@ -178,9 +182,42 @@ def install_update_scaling(optimizer: torch.optim.Optimizer, params: Iterable[to
     ``allora`` method installs it on Lightning's optimizers when ``apply_to="update"``). Returns the two
     hook handles (``.remove()`` them to stop)."""
     scaling, params = UpdateScaling(eta, granularity), list(params)
-    pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: scaling.before(params))
+    # a second ALLoRA scaling of the same parameters (these hooks twice, or hooks plus an
+    # ALLoRAOptimizer's own scaling) multiplied their step by c(θ)², silently
+    _refuse_twice(params, _hooked_params(optimizer), "install_update_scaling was already called on this optimizer")
+    if isinstance(optimizer, ALLoRAOptimizer):
+        _refuse_twice(params, optimizer.scaled_params(), "the ALLoRAOptimizer scales them already")
+    pre = optimizer.register_step_pre_hook(_UpdateHook(scaling, params))
     post = optimizer.register_step_post_hook(lambda opt, args, kwargs: scaling.after())
     return pre, post
+
+
+class _UpdateHook:
+    """The step pre-hook of :func:`install_update_scaling`. Its ``params`` are what it scales: read
+    back from the optimizer's hook table (:func:`_hooked_params`), so a second scaling of them is
+    refused, and a removed handle takes them out with the hook."""
+
+    def __init__(self, scaling: UpdateScaling, params: list[torch.Tensor]) -> None:
+        self.scaling, self.params = scaling, params
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.scaling.before(self.params)
+
+
+def _hooked_params(optimizer: Any) -> list[torch.Tensor]:
+    """The parameters that :func:`install_update_scaling`'s hooks on ``optimizer`` scale (none for an
+    optimizer without them)."""
+    hooks = getattr(optimizer, "_optimizer_step_pre_hooks", None) or {}
+    return [p for hook in hooks.values() if isinstance(hook, _UpdateHook) for p in hook.params]
+
+
+def _refuse_twice(params: Iterable[torch.Tensor], scaled: Iterable[torch.Tensor], why: str) -> None:
+    """ValueError when one of ``params`` is in ``scaled`` (already ALLoRA-scaled by another mechanism)."""
+    scaled_ids = {id(p) for p in scaled}
+    n = sum(id(p) in scaled_ids for p in params)
+    if n:
+        raise ValueError(f"ALLoRA scaling would apply twice to {n} parameter(s): {why}; "
+                         "scale each parameter with one mechanism only")
 
 
 class ALLoRAOptimizer(torch.optim.Optimizer):
@@ -224,6 +261,8 @@ class ALLoRAOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.eta, self.granularity, self.apply_to = eta, granularity, apply_to
         self._params = None if params is None else list(params)
+        _refuse_twice(self.scaled_params(), _hooked_params(optimizer),
+                      "install_update_scaling was called on the wrapped optimizer")
         self._init_hooks()
 
     def _init_hooks(self) -> None:
@@ -318,6 +357,11 @@ class ALLoRAOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = [p for p in self.scaled_params() if p.grad is not None]
+        if self._optimizer_step_pre_hooks or self.optimizer.__dict__.get("_optimizer_step_pre_hooks"):
+            # update-scaling hooks installed after wrapping (on the inner optimizer, or on this one for
+            # a parameter group added since): the checks at install time could not see this wrapper
+            _refuse_twice(params, _hooked_params(self) + _hooked_params(self.optimizer),
+                          "install_update_scaling hooks and this ALLoRAOptimizer both scale them")
         if self.apply_to == "grad":
             scale_gradients(params, self.eta, self.granularity)
             self.optimizer.step()
