@@ -273,14 +273,21 @@ def test_worked_count_mistral_7b_lora_r32():
 def test_worked_count_flexora_winogrande_selection():
     """§13 [derived]: Llama-3-8B, q and v, r = 8: stage 2 keeps LoRA only in the selected layers
     (default exclusion "remove": no adapter elsewhere); Winogrande's [0,1,2,3,4,20,25,27,30,31] →
-    1,064,960 = 10 × 106,496."""
+    1,064,960 = 10 × 106,496. Counted after Flexora's own stage 2 (``finish_search`` on gate logits
+    positive exactly on those layers), so the gates and the removed layers' adapters must be gone."""
     assert ll.make_config("flexora").exclusion == "remove"
     model = _meta("Llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8)
     selected = [0, 1, 2, 3, 4, 20, 25, 27, 30, 31]
-    targets = [f"layers.{i}.self_attn.{p}" for i in selected for p in ("q_proj", "v_proj")]
-    assert _count(model, "lora", targets, r=8, alpha=16) == 1_064_960
-    assert len(ll.adapter_layers(model)) == 20
+    ll.inject_adapter(model, "flexora", dict(r=8, alpha=16), target_modules=["q_proj", "v_proj"])
+    method, layers = ll.get_adapter_method(model), ll.adapter_layers(model)
+    assert len(layers) == 64 and len(method.layer_keys) == 32
+    method.set_gate_logits(torch.tensor([1.0 if int(k.rsplit(".", 1)[1]) in selected else -1.0
+                                         for k in method.layer_keys]), layers)
+    assert method.finish_search(layers, model) == [f"layers.{i}" for i in selected]
+    assert sum(p.numel() for p in ll.trainable_parameters(model)) == 1_064_960
+    assert sorted(ll.adapter_layers(model)) == sorted(f"layers.{i}.self_attn.{p}" for i in selected
+                                                       for p in ("q_proj", "v_proj"))
 
 
 # ---- plugin defaults the "Defaults" / "Open choices" paragraphs fix ----------------------------------------
