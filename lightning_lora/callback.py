@@ -8,8 +8,10 @@ What it does, by Lightning hook:
   submodule named by ``target``), freezes the base, and makes checkpoints adapter-only. It runs
   after the data module's setup and before checkpoint restore, DDP/FSDP wrapping and
   ``configure_optimizers``, so the optimizer and the DDP reducer only ever see the adapter.
-- ``on_fit_start``: warns when the optimizer holds frozen parameters; runs the method's
-  data-driven initialisation hook.
+- ``on_fit_start``: warns when the optimizer holds frozen parameters, and when the adapter
+  parameters are no longer in the config's ``adapter_dtype`` (``precision="bf16-true"`` /
+  ``"16-true"`` casts the whole module after ``setup`` injected it); runs the method's data-driven
+  initialisation hook.
 - ``on_train_start`` / ``on_train_end``: under multi-GPU DDP, Lightning's per-step SIGTERM broadcast
   is replaced by one that does not wait for the GPU (``async_sigterm_check``; see
   :mod:`lightning_lora.core.ddp_sync`), and restored afterwards.
@@ -63,7 +65,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from .core.config import AdapterConfig, get_method, make_config
+from .core.config import AdapterConfig, adapter_torch_dtype, floating_dtype_name, get_method, make_config
 from .core.ddp_defaults import BufferWatch, apply_ddp_defaults, buffer_sync_argument, sync_buffers_once
 from .core.ddp_sync import install_async_sigterm_check, uninstall_async_sigterm_check
 from .core.inject import (
@@ -332,7 +334,35 @@ class AdapterCallback(pl.Callback):
                 "lightning_lora.trainable_parameters(self) in configure_optimizers",
                 stacklevel=2,
             )
+        self._warn_if_adapter_dtype_changed(trainer)
         self.method.on_fit_start(trainer, pl_module, self.layers)
+
+    def _warn_if_adapter_dtype_changed(self, trainer: pl.Trainer) -> None:
+        """One warning (rank 0) when adapter parameters are not in the config's ``adapter_dtype``.
+
+        Lightning's precision plugin converts the whole module (``precision="bf16-true"``, ``"16-true"``,
+        ``"64-true"``) in ``strategy.setup``, after ``setup`` injected the adapter and before this hook
+        (and before ``configure_optimizers``), as does a ``model.to(dtype)`` after injection: the adapter
+        then trains in that dtype, fp32 optimizer state included, without a word. Only warned, not cast
+        back: under a true-half precision there is no autocast, and not every method's forward is
+        written for fp32 parameters on half activations."""
+        configured = getattr(self.method.config, "adapter_dtype", None)
+        if configured is None or not trainer.is_global_zero:  # a method without a chosen dtype
+            return
+        wanted = adapter_torch_dtype(configured)
+        found = [p.dtype for layer in self.layers.values() for name, p in layer.named_parameters()
+                 if not name.startswith("base_layer.") and p.is_floating_point() and p.dtype != wanted]
+        if not found:
+            return
+        names = ", ".join(sorted({floating_dtype_name(d) for d in found}))
+        warnings.warn(
+            f"AdapterCallback: {len(found)} {self.method.config.method!r} adapter parameter tensors are {names}, "
+            f"not the configured adapter_dtype {floating_dtype_name(wanted)} (Trainer precision={trainer.precision!r} "
+            "or a model.to(dtype) after injection cast them), and train in that dtype; use a mixed precision "
+            "(precision=\"bf16-mixed\" or \"16-mixed\"), which keeps them as configured, or set adapter_dtype "
+            "to the dtype you mean to train in",
+            stacklevel=3,  # the caller of on_fit_start, as the warnings there
+        )
 
     # a loop starting (also validation inside fit, and training after DDP broadcast rank 0's values
     # into every rank's parameters): casts made before it may predate writes the cache cannot see

@@ -51,7 +51,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Method, register, whole_number
-from ..core.layer import no_autocast
+from ..core.layer import accumulate_dtype, no_autocast
 from .lora import _frozen_weight, _mm_scaled, _mm_to, _stash_frozen_weight
 from .lora_sb import CoreLoRALinear
 
@@ -337,10 +337,13 @@ class NLoRALinear(CoreLoRALinear):
         return _apply_residual(x, weight, bias, A, N, B, tuple(offsets), self.scaling, self.fan_in_fan_out)
 
     def delta_weight(self) -> torch.Tensor:
-        """``s·B N A`` (minus ``s·B0 N0 A0`` with a full residual), fp32, shape (out, in)."""
+        """``s·B N A`` (minus ``s·B0 N0 A0`` with a full residual), fp32 (fp64 for fp64 factors:
+        :func:`~lightning_lora.core.layer.accumulate_dtype`), shape (out, in)."""
         if len(self.offset_names) != 3:
             return super().delta_weight()
-        A, N, B, A0, N0, B0 = (t.float() for t in self._factors_and_offsets())
+        ts = self._factors_and_offsets()
+        acc = accumulate_dtype(*ts)  # .float() rounded an fp64 adapter's delta: merged outputs moved ~1e-6
+        A, N, B, A0, N0, B0 = (t.to(acc) for t in ts)
         with no_autocast(A.device):  # telescoped, see adapter_forward
             return self.scaling * ((B - B0) @ (N @ A) + B0 @ ((N - N0) @ A + N0 @ (A - A0)))
 
