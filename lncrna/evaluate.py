@@ -11,6 +11,12 @@ Truth comes from FASTA headers only (``>ID ... label=lncRNA`` or ``label=mRNA``,
 or from which file a record is in (``--lnc`` / ``--mrna``). Headers are scanned line by line, not
 validated as sequences: the id is the first word after ``>``, as Biopython reads it.
 
+Every file is read as UTF-8 (gzip or plain): a byte that is not UTF-8, in a truth FASTA (header or
+sequence line) or a predictions TSV, is an :class:`EvaluationError` naming the file, the line, the
+record or row and the byte, worded as :func:`lncrna.fasta.read_fasta` words it. Why: decoded with
+replacement characters, a Latin-1 id (``caf\\xe9``) became ``'caf\\ufffd'`` and silently failed to
+match (or two such ids became one).
+
 Predictions and truth are joined by id. Predicted ids without truth and truth ids without a
 prediction (e.g. records skipped as invalid) are counted and reported, and the metrics use the
 records that have both. Metrics are :func:`lncrna.metrics.classification_metrics` (lncRNA = 1)
@@ -29,13 +35,22 @@ import csv
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .fasta import _GZIP_ERRORS, _not_a_file, _open_text, unsupported_compression
+from .fasta import (
+    _GZIP_ERRORS,
+    _escaped,
+    _not_a_file,
+    _not_utf8_message,
+    _open_text,
+    _undecodable,
+    unsupported_compression,
+)
 from .metrics import classification_metrics
 from .predict import TSV_COLUMNS
 
@@ -105,8 +120,8 @@ def _read_predictions_tsv(path: Path, with_labels: bool) -> tuple[dict[str, floa
     out: dict[str, float] = {}
     labels: dict[str, int] = {}
     try:
-        with _open_text(path) as fh:
-            reader = csv.reader(fh, delimiter="\t")
+        with _open_text(path, errors="surrogateescape") as fh:  # bytes that are not UTF-8: _utf8_rows
+            reader = csv.reader(_utf8_rows(fh, path), delimiter="\t")
             header = next(reader, None)
             if header is None:
                 raise EvaluationError(f"{path}: empty file")
@@ -142,6 +157,19 @@ def _read_predictions_tsv(path: Path, with_labels: bool) -> tuple[dict[str, floa
     return out, labels
 
 
+def _utf8_rows(lines: Iterable[str], path: Path) -> Iterator[str]:
+    """``lines`` (decoded with ``errors="surrogateescape"``) as they are; a line holding a byte that is
+    not UTF-8 raises :class:`EvaluationError` naming the file, the line, the row's id and the byte."""
+    for line_no, line in enumerate(lines, start=1):
+        if not line.isascii() and (bad := _undecodable(line)) is not None:
+            byte, column = bad
+            rid = line.split("\t", 1)[0]
+            row = "(the header)" if line_no == 1 else f"'{_escaped(rid)}'"
+            raise EvaluationError(f"{path}: line {line_no} {row}: not UTF-8 text (byte 0x{byte:02x} at column "
+                                  f"{column}); convert the file to UTF-8 (or ASCII) first")
+        yield line
+
+
 def _scan_headers(path: Path) -> list[tuple[str, str]]:
     """``(id, rest of header)`` of every record; FastaError-like one-line errors for non-FASTA files."""
     _check_readable(path)
@@ -149,13 +177,19 @@ def _scan_headers(path: Path) -> list[tuple[str, str]]:
     try:
         if (other := unsupported_compression(path)) is not None:  # truth files too (--truth, --lnc, --mrna)
             raise EvaluationError(other)
-        with _open_text(path) as fh:
+        with _open_text(path, errors="surrogateescape") as fh:  # bytes that are not UTF-8: raised below
+            header_line = ""
             for line_no, line in enumerate(fh, start=1):
                 if line.startswith(">"):
+                    header_line = line
                     words = line[1:].strip().split(maxsplit=1)
                     heads.append((words[0] if words else "", words[1] if len(words) > 1 else ""))
                 elif not heads and line.strip():
                     raise EvaluationError(f"{path}: not FASTA: line {line_no} does not start with '>'")
+                # sequence lines too, as read_fasta does; isascii() is O(1), so ASCII files cost nothing
+                if not line.isascii() and (
+                        problem := _not_utf8_message(path, line, line_no, len(heads), header_line)) is not None:
+                    raise EvaluationError(problem)
     except (OSError, *_GZIP_ERRORS) as e:
         raise _read_error(path, e) from None
     if not heads:

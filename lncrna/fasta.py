@@ -20,7 +20,8 @@ Error policy (every message is one line naming the file, and the record by 1-bas
   gets there, so those errors are raised during iteration. Blank lines before the first header
   (and whitespace before its ``>``) are allowed.
 - Only some records are bad (missing id, duplicate id, empty sequence, protein-like, invalid
-  characters, longer than ``max_length``) -> a :class:`FastaWarning` naming file and record, and the
+  characters (a valid UTF-8 letter that is not ASCII, such as ``é``, too: named with its code
+  point), longer than ``max_length``) -> a :class:`FastaWarning` naming file and record, and the
   record is skipped (for a duplicate id: the later record; the warning names the first one); with
   ``strict=True`` the first bad record raises :class:`FastaError` instead.
 - Very long sequences: above ``warn_length`` (500 kb; the longest transcript in the project's data
@@ -91,10 +92,19 @@ def check_sequence(seq: str) -> str | None:
 
     Case-insensitive. Problems: empty, looks like a protein (letters only, and at least
     ``PROTEIN_SHARE`` of them outside the nucleotide IUPAC codes, e.g. E F I L P Q), or
-    characters that are not nucleotide IUPAC codes (digits, symbols, stray letters).
+    characters that are not nucleotide IUPAC codes (digits, symbols, stray letters; any character
+    that is not ASCII, named as written with its code point).
     """
     if not seq:
         return "empty sequence"
+    if not seq.isascii():  # O(1) for str. Before upper(): 'ß'.upper() is 'SS', 'ſ'.upper() 'S' (IUPAC codes)
+        odd = [c for c in seq if not c.isascii()]
+        chars = "".join(dict.fromkeys(odd))[:10]  # distinct, in order of appearance, as written in the file
+        first = next(i for i, c in enumerate(seq) if not c.isascii())
+        return (
+            f"non-nucleotide characters {chars!r} (not ASCII: {', '.join(f'U+{ord(c):04X}' for c in chars)}; "
+            f"{len(odd)} in total, first at position {first + 1})"
+        )
     upper = seq.upper()
     bad = upper.translate(_DELETE_IUPAC)  # what is left after removing valid codes
     if not bad:
@@ -149,9 +159,11 @@ def unsupported_compression(path: Path) -> str | None:
 def _open_text(path: Path, errors: str = "replace") -> TextIO:
     """Open plain or gzip FASTA as text; gzip is detected by its magic bytes, not by the name.
 
-    ``errors="replace"`` (the default: sniffing the first line, lncrna.evaluate's readers) turns
-    undecodable bytes into U+FFFD; :func:`_iter_records` passes ``"surrogateescape"``, which keeps
-    them as lone surrogates that :class:`_FromFirstHeader` reports (U+FFFD could be real text).
+    ``errors="replace"`` (the default: sniffing the first line here and in
+    ``lncrna.evaluate.sniff_kind``) turns undecodable bytes into U+FFFD; the readers
+    (:func:`_iter_records`, lncrna.evaluate's truth and predictions readers) pass
+    ``"surrogateescape"``, which keeps them as lone surrogates that :func:`_not_utf8_message` reports
+    (U+FFFD could be real text).
     A UTF-8 byte-order mark (some Windows editors write one) is dropped (``utf-8-sig``).
     """
     if _is_gzip(path):
@@ -160,6 +172,38 @@ def _open_text(path: Path, errors: str = "replace") -> TextIO:
 
 
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def _undecodable(line: str) -> tuple[int, int] | None:
+    """``(byte, 1-based column)`` of the first byte of ``line`` that was not UTF-8, or ``None``.
+
+    ``line`` was decoded with ``errors="surrogateescape"``, which maps byte 0xNN to the lone
+    surrogate U+DCNN; valid UTF-8 never decodes to a lone surrogate. Callers test ``line.isascii()``
+    first (O(1) for str), so ASCII text costs nothing here."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return ord(line[e.start]) - 0xDC00, e.start + 1
+    return None
+
+
+def _escaped(text: str) -> str:
+    """``text`` with its undecodable bytes (surrogateescape) written as ``\\xNN``, for messages."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _not_utf8_message(path: Path, line: str, line_no: int, record: int, header_line: str) -> str | None:
+    """One-line message if ``line`` (line ``line_no`` of ``path``, in record ``record`` whose header
+    line is ``header_line``) holds a byte that is not UTF-8, else ``None``. Shared by
+    :func:`read_fasta` and lncrna.evaluate's truth reader, so both word it the same way."""
+    bad = _undecodable(line)
+    if bad is None:
+        return None
+    byte, column = bad
+    rid = (header_line[1:].split(maxsplit=1) or [""])[0]
+    what = "header" if line[:1] == ">" else "sequence line"
+    return (f"{path}: record {record} '{_escaped(rid)}': {what} (line {line_no}) is not UTF-8 text "
+            f"(byte 0x{byte:02x} at column {column}); convert the file to UTF-8 (or ASCII) first")
 
 
 def _cannot_read(path: Path, e: OSError) -> FastaError:
@@ -250,17 +294,9 @@ class _FromFirstHeader:
     def _check_utf8(self, line: str, line_no: int, record: int, header_line: str) -> None:
         """Raise FastaError if ``line`` (of record ``record``, whose header is ``header_line``) holds a
         byte that is not UTF-8 (a lone surrogate from ``surrogateescape``)."""
-        try:
-            line.encode("utf-8")
-        except UnicodeEncodeError as e:
-            byte = ord(line[e.start]) - 0xDC00  # surrogateescape maps byte 0xNN to U+DCNN
-            rid = (header_line[1:].split(maxsplit=1) or [""])[0]
-            readable = rid.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            what = "header" if line[:1] == ">" else "sequence line"
-            raise FastaError(
-                f"{self._path}: record {record} '{readable}': {what} (line {line_no}) is not UTF-8 text "
-                f"(byte 0x{byte:02x} at column {e.start + 1}); convert the file to UTF-8 (or ASCII) first"
-            ) from None
+        problem = _not_utf8_message(self._path, line, line_no, record, header_line)
+        if problem is not None:
+            raise FastaError(problem)
 
     def _checked_lines(self, line_no: int, header: str) -> Iterator[str]:
         """The lines after the first header; ``line_no`` is that header's 1-based line number."""
@@ -328,7 +364,14 @@ def _iter_records(
     try:
         with _open_text(path, errors="surrogateescape") as handle:  # bytes that are not UTF-8: _FromFirstHeader
             for index, rec in enumerate(SeqIO.parse(_FromFirstHeader(handle, path), "fasta"), start=1):
-                raw = str(rec.seq)
+                try:
+                    raw = str(rec.seq)
+                except UnicodeDecodeError:
+                    # Biopython stores the sequence lines encoded to bytes (UTF-8; every byte that was
+                    # not UTF-8 has already raised in _FromFirstHeader) and str() decodes them as ASCII:
+                    # a letter such as 'é' used to fail the whole file. As text, check_sequence names
+                    # it and only this record is skipped. ASCII sequences never get here.
+                    raw = bytes(rec.seq).decode("utf-8")
                 where = f"{path}: record {index} {rec.id!r}"
                 if not rec.id:
                     problem: str | None = "missing record id (empty header line)"
