@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_lora as ll
+from lightning_lora.tasks.glue import unrepeated_eval_sampler
 
 from .model import (
     ModelConfig,
@@ -81,6 +82,8 @@ class MLMModule(pl.LightningModule):
         self.tok = make_tokenizer(cfg)
         self.model = mlm_model(cfg, len(self.tok))
         self.mask_prob, self.span = mask_prob, span
+        # validation: sum of batch losses weighted by batch rows, and the rows (see validation_step)
+        self._val_sum, self._val_rows = torch.zeros(()), 0
 
     def _step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids, att = batch["input_ids"], batch["attention_mask"]
@@ -94,7 +97,21 @@ class MLMModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("val_mlm_loss", self._step(batch), prog_bar=True, sync_dist=True)
+        # the row-weighted mean Lightning's self.log(..., sync_dist=True) took, in the same float32
+        # steps, but with sums added over processes: Lightning averaged the processes' row counts as
+        # integers, which rounds down once the shards (unrepeated, _FitLoaders) differ in length
+        n = batch["input_ids"].shape[0]
+        self._val_sum = self._val_sum + self._step(batch).detach().float() * n
+        self._val_rows += n
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_rows = torch.zeros((), device=self.device), 0
+
+    def on_validation_epoch_end(self) -> None:
+        total = torch.stack([self._val_sum, torch.tensor(float(self._val_rows), device=self._val_sum.device)])
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")  # over processes under DDP
+        if total[1] > 0:
+            self.log("val_mlm_loss", total[0] / total[1], prog_bar=True, batch_size=1)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -126,6 +143,25 @@ def _train_loader(ds: Dataset, batch_size: int, collate_fn: Any, num_workers: in
     """Shuffled training loader whose workers draw independent random windows (see above)."""
     return DataLoader(ds, batch_size=batch_size, shuffle=True, collate_fn=collate_fn, num_workers=num_workers,
                       worker_init_fn=_reseed_worker_rng)
+
+
+class _FitLoaders(pl.LightningDataModule):
+    """``fit``'s loaders: the training one as given, the validation one built in each process, so
+    that under DDP it is this process's shard with no sequence repeated
+    (:func:`lightning_lora.tasks.unrepeated_eval_sampler`); Lightning's own shards repeat up to
+    world_size - 1 sequences, which the validation metrics then counted twice."""
+
+    def __init__(self, train_loader: DataLoader, val_dataset: Dataset, batch_size: int, collate_fn: Any) -> None:
+        super().__init__()
+        self.train_loader, self.val_dataset = train_loader, val_dataset
+        self.batch_size, self.collate_fn = batch_size, collate_fn
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, collate_fn=self.collate_fn,
+                          sampler=unrepeated_eval_sampler(self.val_dataset, self.trainer))
 
 
 def _pad_collate(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -257,11 +293,8 @@ def pretrain(
         max_epochs=epochs, max_time={"minutes": max_minutes} if max_minutes else None, logger=False,
         enable_checkpointing=False, **(trainer_kwargs or {}),
     )
-    trainer.fit(
-        module,
-        _train_loader(train_ds, batch_size, _pad_collate),
-        DataLoader(val_ds, batch_size=batch_size, collate_fn=_pad_collate),
-    )
+    trainer.fit(module, datamodule=_FitLoaders(_train_loader(train_ds, batch_size, _pad_collate), val_ds, batch_size,
+                                               _pad_collate))
     path = Path(out_dir) / "mlm"
     module.model.half().save_pretrained(path)
     (path / "lncrna_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
@@ -324,14 +357,20 @@ class ClassifierModule(pl.LightningModule):
         self.val_labels.append(batch["labels"].cpu())
 
     def on_validation_epoch_end(self) -> None:
-        if not self.val_probs:
-            return
-        p, y = torch.cat(self.val_probs), torch.cat(self.val_labels)
-        # >= as predict's call (label lncRNA if prob >= threshold) and lncrna.metrics: with > a
-        # probability of exactly 0.5 (equal logits) counted as mRNA here and lncRNA everywhere else
-        self.log("val_accuracy", ((p >= 0.5).long() == y).float().mean(), prog_bar=True)
+        p = torch.cat(self.val_probs) if self.val_probs else torch.zeros(0)
+        y = torch.cat(self.val_labels) if self.val_labels else torch.zeros(0, dtype=torch.long)
         self.val_probs.clear()
         self.val_labels.clear()
+        # >= as predict's call (label lncRNA if prob >= threshold) and lncrna.metrics: with > a
+        # probability of exactly 0.5 (equal logits) counted as mRNA here and lncRNA everywhere else
+        counts = torch.tensor([float(((p >= 0.5).long() == y).sum()), float(len(y))], dtype=torch.float64,
+                              device=self.device)
+        if self._trainer is not None:
+            # under DDP each process scored its own shard (unrepeated, _FitLoaders): add every process's
+            # counts; the mean logged before was rank 0's shard alone. Every process reaches this.
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        if counts[1] > 0:
+            self.log("val_accuracy", (counts[0] / counts[1]).float(), prog_bar=True)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(ll.trainable_parameters(self), lr=self.lr, weight_decay=self.weight_decay)
@@ -440,11 +479,8 @@ def finetune(
         enable_checkpointing=False, callbacks=callbacks, **(trainer_kwargs or {}),
     )
     t0 = time.time()
-    trainer.fit(
-        module,
-        _train_loader(train_ds, batch_size, _transcript_collate),
-        DataLoader(val_ds, batch_size=batch_size, collate_fn=_transcript_collate),
-    )
+    trainer.fit(module, datamodule=_FitLoaders(_train_loader(train_ds, batch_size, _transcript_collate), val_ds,
+                                               batch_size, _transcript_collate))
     model.train_seconds = time.time() - t0  # type: ignore[attr-defined]
     if method != "full":
         ll.unload(model.bert, merge=True)

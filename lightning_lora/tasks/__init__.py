@@ -17,6 +17,7 @@ from .glue import (
     pad_batch,
     read_split,
     split_dev,
+    unrepeated_eval_sampler,
 )
 from .lm import TinyShakespeareDataModule, WikiText2DataModule, make_blocks, tokenize_corpus
 from .models import (
@@ -49,5 +50,5 @@ __all__ = [
     "TinyShakespeareDataModule", "WikiText2DataModule", "classification_metrics", "linear_warmup_decay",
     "load_minilm", "load_model", "load_smollm2", "load_tiny_bert", "load_tiny_llama", "make_blocks",
     "minilm_path", "nlp_data_dir", "pad_batch", "read_split", "repo_root", "results_dir", "smollm2_gguf",
-    "split_dev", "tokenize_corpus",
+    "split_dev", "tokenize_corpus", "unrepeated_eval_sampler",
 ]

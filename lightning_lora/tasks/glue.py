@@ -33,12 +33,14 @@ import csv
 import functools
 import os
 import random
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .paths import DataNotFound, nlp_data_dir
@@ -189,6 +191,31 @@ class LengthGroupedSampler(Sampler[int]):
             yield from batches[b]
 
 
+def unrepeated_eval_sampler(dataset: Sized, trainer: pl.Trainer | None) -> UnrepeatedDistributedSampler | None:
+    """The sampler of a validation / test DataLoader: under a distributed strategy, this process's
+    shard of ``dataset`` with no sample repeated; None (a plain in-order loader) otherwise.
+
+    Why: Lightning shards evaluation loaders with torch's ``DistributedSampler``, which pads every
+    shard to one length by repeating up to ``world_size - 1`` samples, so metrics added up over the
+    processes counted those twice (5 samples on 2 processes: sample 0 scored twice, 6 in all). This
+    is Lightning's own ``UnrepeatedDistributedSampler`` (what it uses for predict): rank ``r`` takes
+    samples ``r, r + world_size, ...``, so shard lengths differ by at most one, and Lightning leaves a
+    ``DistributedSampler`` in place. A metric over such shards must add counts across processes
+    (torchmetrics states, ``strategy.reduce(..., reduce_op="sum")``), not average per-process means.
+
+    Also None without a trainer, on one process, with ``Trainer(use_distributed_sampler=False)``
+    (the user shards), and for a dataset smaller than the world: a process without a batch would
+    not join the others' collectives at epoch end (Lightning's padded shards are kept there).
+    """
+    kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+    if not kwargs or kwargs.get("num_replicas", 1) <= 1 or len(dataset) < kwargs["num_replicas"]:
+        return None
+    # the flag has no public accessor; Lightning's own sampler injection reads it here too
+    if not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+        return None
+    return UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs)
+
+
 class ListDataset(Dataset):
     def __init__(self, items: list[dict[str, Any]]) -> None:
         self.items = items
@@ -301,6 +328,8 @@ class GLUEDataModule(pl.LightningDataModule):
         sampler = None
         if train and self.group_by_length:
             sampler = LengthGroupedSampler([len(f["input_ids"]) for f in data.items], self.batch_size, self.seed)
+        if not train:  # under DDP every example once, not Lightning's padded shards
+            sampler = unrepeated_eval_sampler(data, self.trainer)
         return DataLoader(
             data,
             batch_size=self.batch_size if train else self.eval_batch_size,

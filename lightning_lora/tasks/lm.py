@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .glue import subsample
+from .glue import subsample, unrepeated_eval_sampler
 from .paths import DataNotFound, nlp_data_dir
 
 
@@ -95,10 +95,13 @@ class _BlockDataModule(pl.LightningDataModule):
         self.setup()
         if split not in self.blocks:
             raise ValueError(f"{type(self).__name__} has no {split!r} split; splits: {sorted(self.blocks)}")
+        data = TensorDataset(self.blocks[split])
         return DataLoader(
-            TensorDataset(self.blocks[split]),
+            data,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
+            # under DDP every block once, not Lightning's padded shards (CausalLM sums over processes)
+            sampler=None if train else unrepeated_eval_sampler(data, self.trainer),
             generator=torch.Generator().manual_seed(self.seed) if train else None,
             collate_fn=_collate,
             num_workers=self.num_workers,

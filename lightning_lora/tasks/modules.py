@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryF1Score,
     MulticlassAccuracy,
@@ -113,6 +113,29 @@ class GlueMatthewsCorrCoef(MulticlassMatthewsCorrCoef):
         return super().compute()
 
 
+class ExampleMean(Metric):
+    """Per-example mean of batch means: sum of ``value * n`` over sum of ``n``, in float32 as
+    Lightning's own ``self.log`` mean (so one process gives its value bit for bit). Both sums add up
+    over DDP processes, exact however the examples are split among them; a NaN stays NaN
+    (torchmetrics' ``MeanMetric`` drops NaNs, and with ``nan_strategy="disable"`` drops the weights,
+    torchmetrics issue 3434)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, n: int) -> None:
+        # out of place: a state reset under inference_mode may be an inference tensor
+        self.total = self.total + value.detach().float() * n
+        self.count = self.count + n
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
 def classification_metrics(names: tuple[str, ...] | list[str], num_labels: int) -> MetricCollection:
     """``accuracy`` (micro), ``f1`` (positive class 1 when binary, else macro), ``mcc``
     (:class:`GlueMatthewsCorrCoef`: 0 when undefined, as GLUE / scikit-learn)."""
@@ -157,6 +180,8 @@ class SequenceClassifier(_AdamWLinearSchedule):
         self.save_hyperparameters(ignore=["model"])
         self.val_metrics = classification_metrics(tuple(metrics), num_labels).clone(prefix="val_")
         self.test_metrics = classification_metrics(tuple(metrics), num_labels).clone(prefix="test_")
+        self.val_loss_mean = ExampleMean()
+        self.test_loss_mean = ExampleMean()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits (batch, num_labels)."""
@@ -168,22 +193,24 @@ class SequenceClassifier(_AdamWLinearSchedule):
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["labels"].numel())
         return loss
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection,
+                   loss_mean: ExampleMean) -> None:
         logits = self(batch).float()
         n = batch["labels"].numel()
-        # sync_dist: under DDP the logged epoch loss was rank 0's shard mean only (the metrics below
-        # sync their states); Lightning then averages sum(loss * n) and sum(n) over ranks, so the
-        # ratio is the per-example mean over every rank's examples
-        self.log(f"{stage}_loss", F.cross_entropy(logits, batch["labels"]), batch_size=n, prog_bar=True,
-                 sync_dist=True)
+        # a metric whose states add up over DDP processes, as the metrics below do: self.log(...,
+        # sync_dist=True) averaged the processes' example counts as integers, which rounds down once
+        # the evaluation shards differ in length (unrepeated_eval_sampler: 5 examples on 2 processes,
+        # the loss sum divided by 4)
+        loss_mean.update(F.cross_entropy(logits, batch["labels"]), n)
+        self.log(f"{stage}_loss", loss_mean, batch_size=n, prog_bar=True)
         metrics.update(logits.argmax(-1), batch["labels"])
         self.log_dict(metrics, prog_bar=True, batch_size=n)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_metrics)
+        self._eval_step(batch, "val", self.val_metrics, self.val_loss_mean)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_metrics)
+        self._eval_step(batch, "test", self.test_metrics, self.test_loss_mean)
 
 
 class CausalLM(_AdamWLinearSchedule):
