@@ -484,7 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="draw the mouse mRNA test set and validation by transcript (default) or by gene")
     b.add_argument("--provenance", type=Path, default=None, help="default: OUT/../PROVENANCE.md")
     args = parser.parse_args(argv)
-    counts = build(args.raw, args.out, args.provenance, args.mouse_holdout)
+    try:
+        counts = build(args.raw, args.out, args.provenance, args.mouse_holdout)
+    except (FastaError, OSError) as e:  # a missing or unreadable raw file, an unusable OUT: one line, as argparse's
+        parser.exit(2, f"{parser.prog} build: error: {e}\n")
     for name, n in counts.items():
         print(f"{name}\t{n}")
     return 0
