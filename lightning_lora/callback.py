@@ -53,6 +53,7 @@ naming it. Allowlist such a class yourself only if you trust the file:
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import pathlib
 import pickle
@@ -64,6 +65,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torchmetrics import Metric, MetricCollection
 
 from .core.config import AdapterConfig, adapter_torch_dtype, floating_dtype_name, get_method, make_config
 from .core.ddp_defaults import BufferWatch, apply_ddp_defaults, buffer_sync_argument, sync_buffers_once
@@ -86,15 +88,20 @@ _VAL_WRAPPED = "_lightning_lora_val_wrapped"
 
 
 @contextlib.contextmanager
-def _log_with_suffixes(pl_module: pl.LightningModule, suffixes: list[str]) -> Iterator[None]:
+def _log_with_suffixes(pl_module: pl.LightningModule, suffixes: list[str],
+                       metric_names: dict[int, str] | None = None) -> Iterator[None]:
     """Inside the block ``pl_module.log(name, ...)`` (and so ``log_dict``) logs ``name + s`` for each
-    suffix ``s`` (``""`` keeps the plain name)."""
+    suffix ``s`` (``""`` keeps the plain name). ``metric_names``: id -> attribute name of metric
+    objects that are not submodules of ``pl_module`` (:func:`_own_metrics`' copies), which
+    Lightning's ``log`` could not name itself."""
     if suffixes == [""]:
         yield
         return
     log = pl_module.log
 
     def log_suffixed(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if metric_names and id(value) in metric_names:
+            kwargs.setdefault("metric_attribute", metric_names[id(value)])
         for s in suffixes:
             log(name + s, value, *args, **kwargs)
 
@@ -103,6 +110,41 @@ def _log_with_suffixes(pl_module: pl.LightningModule, suffixes: list[str]) -> It
         yield
     finally:
         object.__delattr__(pl_module, "log")
+
+
+@contextlib.contextmanager
+def _own_metrics(pl_module: nn.Module, suffix: str,
+                 copies: dict[str, dict[str, nn.Module]]) -> Iterator[dict[int, str]]:
+    """Inside the block, each outermost torchmetrics ``Metric`` / ``MetricCollection`` of ``pl_module``
+    is replaced by this ``suffix``'s own copy (made on first use, reset; kept in ``copies``); yields
+    id -> name of every metric in the copies, for ``self.log``. Why: a validation variant's pass
+    (another rank) updated the module's metric objects themselves, so every ``<name>_rank<b>`` and
+    the plain ``<name>`` computed one mean over all the ranks' passes."""
+    if suffix not in copies:  # the module walked once per suffix and epoch, not at every batch
+        own: dict[str, nn.Module] = {}
+        outer: str | None = None
+        for qualname, module in pl_module.named_modules():
+            if outer is not None and qualname.startswith(outer + "."):
+                continue  # a collection's members go with it
+            if qualname and isinstance(module, (Metric, MetricCollection)):
+                outer = qualname
+                own[qualname] = copy.deepcopy(module)
+                own[qualname].reset()
+        copies[suffix] = own
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    names: dict[int, str] = {}
+    try:
+        for qualname, mine in copies[suffix].items():
+            parent_name, _, attr = qualname.rpartition(".")
+            parent = pl_module.get_submodule(parent_name)
+            swapped.append((parent, attr, getattr(parent, attr)))
+            setattr(parent, attr, mine)
+            names.update({id(m): f"{qualname}{suffix}" + (f".{n}" if n else "") for n, m in mine.named_modules()
+                          if isinstance(m, Metric)})
+        yield names
+    finally:
+        for parent, attr, module in reversed(swapped):
+            setattr(parent, attr, module)
 
 
 def adapter_checkpoint_keys(pl_module: nn.Module) -> set[str]:
@@ -150,8 +192,9 @@ class AdapterCallback(pl.Callback):
             define ``validation_variants``; DyLoRA: a list of ranks, ``"all"`` or ``"none"``; None
             = the method's own default). Every validation batch runs once as usual, then once per
             other rank; metrics logged in ``validation_step`` are repeated as ``<name>_rank<b>``.
-            Log values (tensors, floats), not torchmetrics objects: one metric object would be
-            updated by every rank.
+            torchmetrics objects that are attributes of the LightningModule get a copy per rank for
+            the other ranks' passes; any other state the module accumulates over the epoch itself
+            (a running sum) would be updated by every rank's pass.
         async_sigterm_check: under multi-GPU DDP, replace Lightning's per-step SIGTERM broadcast
             (which waits for the GPU to drain at the start of every batch) by the same check read
             one step later without that wait (:mod:`lightning_lora.core.ddp_sync`). False keeps
@@ -192,6 +235,8 @@ class AdapterCallback(pl.Callback):
         self.ddp_defaults = ddp_defaults
         self.ddp_defaults_applied: dict[str, Any] = {}
         self._buffer_watch: BufferWatch | None = None
+        # suffix -> metric name -> that validation variant's copy (_own_metrics); new for each validation epoch
+        self._variant_metrics: dict[str, dict[str, nn.Module]] = {}
         if merge_on_fit_end and not self.method.mergeable:
             raise ValueError(f"merge_on_fit_end: method {method!r} cannot merge its update into the base weights")
         if eval_ranks is not None and not callable(getattr(self.method, "validation_variants", None)):
@@ -249,8 +294,9 @@ class AdapterCallback(pl.Callback):
             with _log_with_suffixes(pl_module, ["", *(s for s, ctx in variants if ctx is None)]):
                 out = user_step(*args, **kwargs)
             for suffix, ctx in variants:
-                if ctx is not None:
-                    with ctx(), _log_with_suffixes(pl_module, [suffix]):
+                if ctx is not None:  # its own metric objects: the module's count the plain pass only
+                    with ctx(), _own_metrics(pl_module, suffix, self._variant_metrics) as names, \
+                            _log_with_suffixes(pl_module, [suffix], names):
                         user_step(*args, **kwargs)
             return out
 
@@ -369,6 +415,11 @@ class AdapterCallback(pl.Callback):
     # (.data, torch.distributed); see lightning_lora.invalidate_cast_caches
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         invalidate_cast_caches()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # fresh copies on the module's device and outside any earlier run's inference mode (an
+        # inference-tensor state cannot be updated in place by fit's no_grad validation)
+        self._variant_metrics = {}
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         invalidate_cast_caches()

@@ -109,7 +109,8 @@ class MLMModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         total = torch.stack([self._val_sum, torch.tensor(float(self._val_rows), device=self._val_sum.device)])
-        total = self.trainer.strategy.reduce(total, reduce_op="sum")  # over processes under DDP
+        if self._trainer is not None:  # as ClassifierModule: hooks driven outside a Trainer have no processes
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")  # over processes under DDP
         if total[1] > 0:
             self.log("val_mlm_loss", total[0] / total[1], prog_bar=True, batch_size=1)
 

@@ -593,6 +593,13 @@ def _embedding_base_tensors(model: nn.Module, name: str) -> dict[str, torch.Tens
             and isinstance(getattr(layer.base_layer, "weight", None), torch.Tensor)}
 
 
+def _same_base(saved: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``saved`` is ``weight``, in either one's dtype: PEFT saves the base in the dtype it
+    trained in (bf16), which may be the model's own weight rounded (the model now in fp32)."""
+    saved = saved.to(weight.device)
+    return torch.equal(saved.to(weight.dtype), weight) or torch.equal(saved, weight.to(saved.dtype))
+
+
 def load_adapter_as(model: nn.Module, directory: str | os.PathLike[str], name: str, strict: bool = True) -> nn.Module:
     """Load a saved adapter (ours or PEFT's) into ``model`` under ``name``; returns ``model``.
 
@@ -635,8 +642,7 @@ def load_adapter_as(model: nn.Module, directory: str | os.PathLike[str], name: s
                     raise AdapterFormatError(f"{weights}: tensor {k} has shape {src}, the model expects {dst}")
             # one base weight serves every named adapter: replacing it would change the others (and a
             # failed load_adapters could not undo it), so a different one is refused, an equal one is a no-op
-            differ = sorted(k for k, w in bases.items()
-                            if not torch.equal(f.get_tensor(k).to(w.device, w.dtype), w.detach()))
+            differ = sorted(k for k, w in bases.items() if not _same_base(f.get_tensor(k), w.detach()))
             if differ:
                 raise AdapterFormatError(
                     f"{weights}: saved base weights {differ[:5]} differ from this model's, which all named "
