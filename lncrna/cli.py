@@ -562,6 +562,22 @@ def _predictor(args: argparse.Namespace):
 
 
 @contextlib.contextmanager
+def _torch_threads_restored(threads: int | None) -> Iterator[None]:
+    """With ``--threads``: torch's thread count (process-wide) as it was before the command, once it ends.
+    Why: ``main()`` called in-process (tests, notebooks, API users) left the caller's torch at N threads."""
+    if threads is None:  # torch is not imported for nothing
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def _naming_lost_workers(inputs: Iterable[Path | None]) -> Iterator[None]:
     """A stage-1 worker that died (``lncrna.predict.WorkerDied``: the out-of-memory killer, a crash)
     becomes one error line naming the input and what to do (exit 2); what became of the rows stays."""
@@ -1120,7 +1136,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
-        with _termination_raises():  # SIGTERM / SIGHUP -> Terminated: OUT.partial is deleted, exit 143 / 129
+        # SIGTERM / SIGHUP -> Terminated: OUT.partial is deleted, exit 143 / 129
+        with _termination_raises(), _torch_threads_restored(getattr(args, "threads", None)):
             return {"predict": cmd_predict, "evaluate": cmd_evaluate}[args.command](args)
     except SystemExit as e:  # argparse (--help: 0, bad option: 2) and Hydra
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
