@@ -722,6 +722,13 @@ def _casts_current(layer: LoRALinear, key: tuple[Any, ...] | None, A: torch.Tens
             and key[3] == B._version)
 
 
+def _forward_ad_inactive() -> bool:
+    """Whether no forward-mode AD level is open (the C++ path does not support one). torch keeps the
+    level in a private attribute; where a torch release drops it, forward AD counts as active, so
+    the C++ path stands down for the Python one instead of failing every forward with AttributeError."""
+    return getattr(torch.autograd.forward_ad, "_current_level", 0) < 0
+
+
 def _plain_apply() -> bool:
     """Whether ``Function.apply`` must take its full Python path (functorch transforms, compiling)."""
     return torch._C._are_functorch_transforms_active() or _is_compiling()
@@ -904,7 +911,7 @@ class _SiblingSet:
         cpp = _CPP
         # (a plain tensor only: a subclass's __torch_function__ sees the Python function's ops, not the C++ ones;
         # not under forward-mode AD: the Python function raises NotImplementedError there, the C++ one did not)
-        if (cpp is not None and not merged and type(x) is torch.Tensor and torch.autograd.forward_ad._current_level < 0
+        if (cpp is not None and not merged and type(x) is torch.Tensor and _forward_ad_inactive()
                 and not _plain_apply()):  # the C++ function (opt-in)
             if cpp is True:
                 cpp = _lora_cpp.load_for_env()
@@ -1475,7 +1482,7 @@ class LoRALinear(AdapterLayer):
         # outputs keep the subclass there, while the C++ function's ATen calls bypass it; and not under
         # forward-mode AD, where the Python function raises NotImplementedError and the C++ one did not)
         if (cpp is not None and xd is x and type(self) is LoRALinear and type(x) is torch.Tensor
-                and torch.autograd.forward_ad._current_level < 0 and not _plain_apply()):  # C++ (opt-in)
+                and _forward_ad_inactive() and not _plain_apply()):  # C++ (opt-in)
             if cpp is True:
                 cpp = _lora_cpp.load_for_env()
             enc = ((), ()) if recipe is None else _lora_cpp.encode_recipe(recipe)

@@ -1,5 +1,6 @@
-"""Per-rank validation metrics under AdapterCallback(eval_ranks=...), and PEFT's
-saved embedding base weights in a lower precision than the model's."""
+"""Per-rank validation metrics under AdapterCallback(eval_ranks=...), PEFT's
+saved embedding base weights in a lower precision than the model's, MLMModule hooks outside a Trainer,
+and the C++ path's guard on torch's private forward-AD level."""
 
 from __future__ import annotations
 
@@ -143,3 +144,25 @@ def test_load_adapter_as_accepts_the_model_s_base_weight_saved_in_bfloat16(tmp_p
     multi.add_adapter(m, "a", "lora", r=2, target_modules=["body"])
     with pytest.raises(ll.AdapterFormatError, match="differ from this model's"):
         multi.load_adapter_as(m, path, "b")
+
+
+def test_cpp_path_stands_down_where_torch_lacks_the_private_forward_ad_level(monkeypatch):
+    """The C++ path's forward-AD check reads torch's private ``forward_ad._current_level``; a torch
+    without it must run the Python functions, not fail every forward with AttributeError."""
+    from lightning_lora.methods import lora as lora_mod
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    ll.inject_adapter(model, "lora", r=2, target_modules=["0"])
+    x = torch.randn(3, 8)
+    expected = model(x)
+
+    class Unusable:  # stands in for the compiled module: any use of it fails the test
+        def __getattr__(self, name):
+            raise AssertionError(f"the C++ path was taken ({name})")
+
+    monkeypatch.setattr(lora_mod, "_CPP", Unusable())
+    with pytest.raises(AssertionError, match="C\\+\\+ path was taken"):
+        model(x)  # the check is live: with the attribute present the (fake) C++ path is entered
+    monkeypatch.delattr(torch.autograd.forward_ad, "_current_level")
+    assert torch.equal(model(x), expected)
