@@ -114,19 +114,36 @@ Tensor replay(const variable_list& ts, size_t first, const std::vector<int64_t>&
   return stack.back();
 }
 
+// "[2, 5, 16]" built from plain values: streaming an IntArrayRef or Tensor::toString() into a
+// TORCH_CHECK message crashed the process (SIGSEGV, torch 2.11 + g++ 13, session 22) instead of raising
+std::string shape_str(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
 Tensor saved_input(const variable_list& ts, size_t first, const std::vector<int64_t>& prog,
                    at::IntArrayRef shape) {
   Tensor full = replay(ts, first, prog);
-  TORCH_CHECK(full.sizes() == shape, "LoRA: the replayed input has shape ", full.sizes(), ", expected ", shape);
+  if (full.sizes() != shape) {
+    const std::string msg = "LoRA: the replayed input has shape " + shape_str(full.sizes()) + ", expected " +
+        shape_str(shape);
+    TORCH_CHECK(false, msg);
+  }
   return full.reshape({-1, shape.back()});
 }
 
 void raise_modified(const Tensor& t, int64_t expected, const std::string& what) {
-  TORCH_CHECK(false,
-      "one of the variables needed for gradient computation has been modified by an inplace operation: [",
-      t.toString(), " ", t.sizes(), "], ", what, ", is at version ", t._version(), "; expected version ",
-      expected, " instead. Hint: enable anomaly detection to find the operation that failed to compute its gradient, "
-      "with torch.autograd.set_detect_anomaly(True).");  // word for word the Python path's _raise_modified
+  // the tensor described from plain values (see shape_str)
+  const std::string sizes = shape_str(t.sizes());
+  // Python's t.type(): torch.FloatTensor, torch.cuda.BFloat16Tensor, ...
+  const std::string kind = std::string("torch.") + (t.is_cuda() ? "cuda." : "") + c10::toString(t.scalar_type()) +
+      "Tensor";
+  const std::string msg = "one of the variables needed for gradient computation has been modified by an inplace "
+      "operation: [" + kind + " " + sizes + "], " + what + ", is at version " + std::to_string(t._version()) +
+      "; expected version " + std::to_string(expected) + " instead. Hint: enable anomaly detection to find the "
+      "operation that failed to compute its gradient, with torch.autograd.set_detect_anomaly(True).";
+  TORCH_CHECK(false, msg);  // word for word the Python path's _raise_modified
 }
 
 int64_t version_or(const Tensor& t) { return t.is_inference() ? -1 : static_cast<int64_t>(t._version()); }
