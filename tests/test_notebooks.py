@@ -51,6 +51,16 @@ def _execute(path: Path, cwd: Path, probe: str) -> tuple[nbformat.NotebookNode, 
     return nb, json.loads(probe_out)
 
 
+def _code_cells_not_showing(nb: nbformat.NotebookNode, folder: Path) -> list[nbformat.NotebookNode]:
+    """The code cells of the executed notebook ``nb``, after checking no output names ``folder``
+    (where the test ran it)."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for i, cell in enumerate(code):
+        for text in _texts(cell):
+            assert str(folder) not in text, f"code cell {i} shows the run's folder: {text!r}"
+    return code
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_valid_and_its_code_compiles(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
@@ -90,10 +100,7 @@ def test_lightning_lora_quickstart_trains_saves_and_reloads(tmp_path: Path) -> N
              "    'sentences': [s for s, _ in val[:64]], 'logits': ours.tolist()}))\n")
     nb, got = _execute(ROOT / "notebooks" / "lightning_lora_quickstart.ipynb", tmp_path, probe)
 
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    for i, cell in enumerate(code):
-        for text in _texts(cell):
-            assert str(tmp_path) not in text, f"code cell {i} shows the run's folder: {text!r}"
+    code = _code_cells_not_showing(nb, tmp_path)
     # 512 sentences in batches of 16, two epochs
     assert got["steps"] == 64
     assert got["acc_after"] >= 0.75 and got["acc_after"] - got["acc_before"] >= 0.15, got
@@ -130,10 +137,7 @@ def test_lncrna_quickstart_predicts_and_evaluates(tmp_path: Path, monkeypatch: p
              "    'rc': rc, 'metrics': report['metrics'], 'run': report['prediction_run']}))\n")
     nb, got = _execute(ROOT / "notebooks" / "lncrna_quickstart.ipynb", tmp_path, probe)
 
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    for i, cell in enumerate(code):
-        for text in _texts(cell):
-            assert str(tmp_path) not in text, f"code cell {i} shows the run's folder: {text!r}"
+    code = _code_cells_not_showing(nb, tmp_path)
     work = Path(got["work"])
     assert work.parent == tmp_path
     # the bundled example: 10 lncRNA and 10 mRNA, none of them a hard case for the baseline

@@ -15,22 +15,10 @@ from lightning_lora.core import multi
 from lightning_lora.core.state import WEIGHTS_NAME, AdapterFormatError
 from lightning_lora.merge import baselines as mb
 from lightning_lora.merge import lego
+from test_audit_merge_fed_transfer import _two_adapters  # the test directory is on sys.path
 
 
 # ---- LoRA-LEGO: max_iter / n_init ---------------------------------------------------------------
-def _two_adapters() -> nn.Module:
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    multi.add_adapter(m, "a", "lora", r=2, target_modules=["0", "2"])
-    multi.add_adapter(m, "b", "lora", r=3, target_modules=["0", "4"])
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name in ("a", "b"):
-            for layer in multi.named_adapter_layers(m, name).values():
-                layer.lora_B.normal_(generator=g)
-    return m
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_iter=0), r"^max_iter must be >= 1, got 0"),  # returned the k-means++ seeds as clusters
     (dict(max_iter=-3), r"^max_iter must be >= 1, got -3"),

@@ -19,6 +19,7 @@ import lightning_lora as ll
 from lightning_lora.core import multi
 from lightning_lora.core.state import WEIGHTS_NAME
 from lightning_lora.methods.dylora import set_rank
+from test_lego_transfer_multi_argument_checks import _TinyLM  # the test directory is on sys.path
 from lightning_lora.tasks.modules import SequenceClassifier
 
 pytestmark = [
@@ -109,17 +110,6 @@ def test_eval_ranks_per_rank_metrics_start_afresh_each_epoch(tmp_path):
 
 
 # ---- load_adapter_as: PEFT's saved embedding base weight in a lower precision --------------------
-class _TinyLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Linear(8, 8)
-        self.lm_head = nn.Linear(8, 12)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(torch.relu(self.body(x)))
-
-
 def test_load_adapter_as_accepts_the_model_s_base_weight_saved_in_bfloat16(tmp_path):
     """Trained and saved by PEFT in bf16 (its lm_head base weight saved in bf16), loaded into the same
     model in fp32: the saved weight is the model's rounded to bf16, not another base; it was refused as

@@ -11,30 +11,14 @@
 from __future__ import annotations
 
 import gzip
-import random
 import warnings
 from pathlib import Path
 
 import pytest
 
-from lncrna import cli
 from lncrna.evaluate import EvaluationError, read_predictions, read_truth
 from lncrna.fasta import FastaError, FastaWarning, check_sequence, normalise_sequence, read_fasta
-from lncrna.predict import TSV_COLUMNS
-
-HEADER = "\t".join(TSV_COLUMNS)
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def seq(n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return "".join(rng.choice("ACGT") for _ in range(n))
-
+from test_cli import HEADER, run, seq  # the test directory is on sys.path
 
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(gzip.compress(data, mtime=0) if path.name.endswith(".gz") else data)

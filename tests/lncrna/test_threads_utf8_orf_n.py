@@ -10,21 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lncrna import cli
 from lncrna.fasta import FastaError, read_fasta
 from lncrna.features import FeatureExtractor, longest_orf
 from lncrna.predict import EXAMPLE_FASTA, Predictor
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def seq(n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return "".join(rng.choice("ACGT") for _ in range(n))
+from test_cli import run, seq  # the test directory is on sys.path
 
 
 def fasta_bytes(records: list[tuple[bytes, str]]) -> bytes:
