@@ -1,5 +1,5 @@
 """Per-rank validation metrics under AdapterCallback(eval_ranks=...), PEFT's
-saved embedding base weights in a lower precision than the model's, MLMModule hooks outside a Trainer,
+saved embedding base weights in a lower precision than the model's,
 and the C++ path's guard on torch's private forward-AD level."""
 
 from __future__ import annotations
@@ -43,6 +43,20 @@ def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([i[k] for i in items]) for k in ("x", "labels")}
 
 
+def _dylora_validation(module: SequenceClassifier, g: torch.Generator, eval_ranks: list[int],
+                       root) -> pl.Trainer:
+    """DyLoRA r = 4 on ``module``'s body, moved away from its init (B = 0) so that the ranks differ,
+    and a validate-only Trainer whose callback also validates at ``eval_ranks``."""
+    ll.inject_adapter(module.model, "dylora", r=4, target_modules=["body"])
+    with torch.no_grad():
+        for p in ll.trainable_parameters(module.model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.8)
+    cb = ll.AdapterCallback("dylora", r=4, target_modules=["body"], target="model", eval_ranks=eval_ranks)
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root),
+                      callbacks=[cb])
+
+
 def test_eval_ranks_log_each_rank_s_own_loss_and_metrics(tmp_path):
     """SequenceClassifier logs its loss and metrics as torchmetrics objects (val_loss since session
     22, for DDP sums): the callback's extra pass at each other rank updated the same objects, so
@@ -53,14 +67,7 @@ def test_eval_ranks_log_each_rank_s_own_loss_and_metrics(tmp_path):
     data = [{"x": x[i], "labels": (x[i, 0] * x[i, 1] > 0).long()} for i in range(25)]
     loader = DataLoader(data, batch_size=4, collate_fn=_collate)
     module = SequenceClassifier(_Net(), metrics=("accuracy", "f1"))
-    ll.inject_adapter(module.model, "dylora", r=4, target_modules=["body"])
-    with torch.no_grad():  # adapter away from its init (B = 0), so the ranks differ
-        for p in ll.trainable_parameters(module.model):
-            p.add_(torch.randn(p.shape, generator=g) * 0.8)
-    cb = ll.AdapterCallback("dylora", r=4, target_modules=["body"], target="model", eval_ranks=[1, 4])
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
-                         callbacks=[cb])
+    trainer = _dylora_validation(module, g, [1, 4], tmp_path)
     (res,) = trainer.validate(module, loader, verbose=False)
 
     expected = {}
@@ -94,15 +101,7 @@ def test_eval_ranks_per_rank_metrics_start_afresh_each_epoch(tmp_path):
     x = torch.randn(10, 4, generator=g)
     data = [{"x": x[i], "labels": (x[i, 0] > 0).long()} for i in range(10)]
     loader = DataLoader(data, batch_size=3, collate_fn=_collate)
-    module = SequenceClassifier(_Net())
-    ll.inject_adapter(module.model, "dylora", r=4, target_modules=["body"])
-    with torch.no_grad():
-        for p in ll.trainable_parameters(module.model):
-            p.add_(torch.randn(p.shape, generator=g) * 0.8)
-    cb = ll.AdapterCallback("dylora", r=4, target_modules=["body"], target="model", eval_ranks=[2, 4])
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
-                         callbacks=[cb])
+    trainer = _dylora_validation(module := SequenceClassifier(_Net()), g, [2, 4], tmp_path)
     first = trainer.validate(module, loader, verbose=False)
     second = trainer.validate(module, loader, verbose=False)
     assert first == second

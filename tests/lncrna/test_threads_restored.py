@@ -1,4 +1,5 @@
-"""``--threads`` changes torch's process-wide thread count for the command only."""
+"""``--threads`` changes torch's process-wide thread count for the command only; MLMModule's validation
+epoch end outside a Trainer."""
 
 from __future__ import annotations
 
