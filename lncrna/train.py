@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_lora as ll
-from lightning_lora.tasks.glue import unrepeated_eval_sampler
+from lightning_lora.tasks import ExampleMean, unrepeated_eval_sampler
 
 from .model import (
     ModelConfig,
@@ -82,8 +82,10 @@ class MLMModule(pl.LightningModule):
         self.tok = make_tokenizer(cfg)
         self.model = mlm_model(cfg, len(self.tok))
         self.mask_prob, self.span = mask_prob, span
-        # validation: sum of batch losses weighted by batch rows, and the rows (see validation_step)
-        self._val_sum, self._val_rows = torch.zeros(()), 0
+        # validation loss: the row-weighted mean Lightning's self.log(..., sync_dist=True) took, in the
+        # same float32 steps, but with its sums added over processes: Lightning averaged the processes'
+        # row counts as integers, which rounds down once the shards (unrepeated, _FitLoaders) differ in length
+        self.val_mlm_mean = ExampleMean()
 
     def _step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids, att = batch["input_ids"], batch["attention_mask"]
@@ -97,22 +99,9 @@ class MLMModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # the row-weighted mean Lightning's self.log(..., sync_dist=True) took, in the same float32
-        # steps, but with sums added over processes: Lightning averaged the processes' row counts as
-        # integers, which rounds down once the shards (unrepeated, _FitLoaders) differ in length
         n = batch["input_ids"].shape[0]
-        self._val_sum = self._val_sum + self._step(batch).detach().float() * n
-        self._val_rows += n
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_sum, self._val_rows = torch.zeros((), device=self.device), 0
-
-    def on_validation_epoch_end(self) -> None:
-        total = torch.stack([self._val_sum, torch.tensor(float(self._val_rows), device=self._val_sum.device)])
-        if self._trainer is not None:  # as ClassifierModule: hooks driven outside a Trainer have no processes
-            total = self.trainer.strategy.reduce(total, reduce_op="sum")  # over processes under DDP
-        if total[1] > 0:
-            self.log("val_mlm_loss", total[0] / total[1], prog_bar=True, batch_size=1)
+        self.val_mlm_mean.update(self._step(batch), n)
+        self.log("val_mlm_loss", self.val_mlm_mean, prog_bar=True, batch_size=n)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01, betas=(0.9, 0.98))

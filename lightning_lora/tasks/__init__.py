@@ -31,7 +31,7 @@ from .models import (
     minilm_path,
     smollm2_gguf,
 )
-from .modules import CausalLM, SequenceClassifier, classification_metrics, linear_warmup_decay
+from .modules import CausalLM, ExampleMean, SequenceClassifier, classification_metrics, linear_warmup_decay
 from .paths import nlp_data_dir, repo_root, results_dir
 
 #: data config name (conf/data/*.yaml ``name``) -> LightningDataModule class
@@ -45,7 +45,7 @@ DATAMODULES = {
 }
 
 __all__ = [
-    "CausalLM", "CoLADataModule", "DATAMODULES", "Example", "GLUEDataModule", "MODELS", "MRPCDataModule",
+    "CausalLM", "CoLADataModule", "DATAMODULES", "Example", "ExampleMean", "GLUEDataModule", "MODELS", "MRPCDataModule",
     "ModelPackageMissing", "RTEDataModule", "SST2DataModule", "SequenceClassifier", "TASKS",
     "TinyShakespeareDataModule", "WikiText2DataModule", "classification_metrics", "linear_warmup_decay",
     "load_minilm", "load_model", "load_smollm2", "load_tiny_bert", "load_tiny_llama", "make_blocks",

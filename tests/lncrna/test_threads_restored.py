@@ -48,9 +48,12 @@ def test_threads_is_put_back_when_the_command_fails(tmp_path, model_dir, capsys,
 
 
 def test_mlm_validation_epoch_end_outside_a_trainer_logs_the_row_weighted_mean(monkeypatch):
-    """MLMModule's new on_validation_epoch_end called ``self.trainer.strategy.reduce`` unguarded: outside
-    a Trainer (hooks driven by hand, as ClassifierModule's are in the tests) it raised RuntimeError
-    'not attached to a Trainer'; ClassifierModule's same code skips the reduce there."""
+    """Outside a Trainer (hooks driven by hand, as ClassifierModule's are in the tests) the validation
+    loss is the row-weighted mean: an earlier form called ``self.trainer.strategy.reduce`` unguarded
+    and raised 'not attached to a Trainer'. It is now an ExampleMean metric, logged as the object
+    (Lightning computes it at epoch end; by hand, ``compute()``)."""
+    from torchmetrics import Metric
+
     from lncrna.model import ModelConfig
     from lncrna.train import MLMModule
 
@@ -59,7 +62,8 @@ def test_mlm_validation_epoch_end_outside_a_trainer_logs_the_row_weighted_mean(m
     losses = iter([torch.tensor(2.0), torch.tensor(5.0)])
     monkeypatch.setattr(module, "_step", lambda batch: next(losses))
     logged: dict[str, float] = {}
-    monkeypatch.setattr(module, "log", lambda name, value, **_: logged.__setitem__(name, float(value)))
+    monkeypatch.setattr(module, "log", lambda name, value, **_: logged.__setitem__(
+        name, float(value.compute() if isinstance(value, Metric) else value)))
     module.on_validation_epoch_start()
     module.validation_step({"input_ids": torch.zeros(3, 4, dtype=torch.long)}, 0)
     module.validation_step({"input_ids": torch.zeros(1, 4, dtype=torch.long)}, 1)
