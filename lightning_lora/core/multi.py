@@ -53,7 +53,7 @@ from torch import nn
 from .config import AdapterConfig, Method, get_method, make_config
 from .inject import _METHOD_ATTR, _MULTI_ATTR, _name_matches, _set_submodule, adapter_layers, find_targets
 from .layer import AdapterLayer, _is_conv1d, _refuse_merge_while_disabled, no_autocast
-from .state import _PEFT_EMBEDDING_LAYER_NAMES, PREFIX, WEIGHTS_NAME, AdapterFormatError, read_adapter_config, write_adapter
+from .state import PREFIX, WEIGHTS_NAME, AdapterFormatError, peft_embedding_base, read_adapter_config, write_adapter
 
 DEFAULT_NAME = "default"  # PEFT's name for the adapter saved at the root of a directory
 
@@ -585,12 +585,10 @@ def save_adapters(
 
 
 def _embedding_base_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """File key -> base weight of each module adapter ``name`` targets that PEFT counts as an embedding
-    layer (``embed_tokens``, ``lm_head``): PEFT saves ``<module>.base_layer.weight`` beside the adapter
-    there (``save_embedding_layers="auto"``), as :func:`~lightning_lora.core.state.load_adapter` knows."""
-    return {f"{PREFIX}{t}.base_layer.weight": layer.base_layer.weight for t, layer in multi_layers(model).items()
-            if name in layer.adapters and t.rsplit(".", 1)[-1] in _PEFT_EMBEDDING_LAYER_NAMES
-            and isinstance(getattr(layer.base_layer, "weight", None), torch.Tensor)}
+    """File key -> base weight of each module adapter ``name`` targets whose base weight PEFT saves
+    beside the adapter (:func:`~lightning_lora.core.state.peft_embedding_base`)."""
+    return {f"{PREFIX}{t}.base_layer.weight": w for t, layer in multi_layers(model).items()
+            if name in layer.adapters and (w := peft_embedding_base(t, layer)) is not None}
 
 
 def _same_base(saved: torch.Tensor, weight: torch.Tensor) -> bool:

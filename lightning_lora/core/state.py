@@ -239,15 +239,22 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], strict: bo
 _PEFT_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
+def peft_embedding_base(name: str, layer: nn.Module) -> torch.Tensor | None:
+    """The base weight PEFT saves beside the adapter of layer ``name`` (as
+    ``<name>.base_layer.weight``), or None: PEFT does so only for the layers it counts as embedding
+    layers (``embed_tokens``, ``lm_head``; ``save_embedding_layers="auto"``)."""
+    if name.rsplit(".", 1)[-1] not in _PEFT_EMBEDDING_LAYER_NAMES:
+        return None
+    weight = getattr(getattr(layer, "base_layer", None), "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
 def _peft_embedding_base_keys(model: nn.Module) -> dict[str, str]:
-    """File key -> model key of every adapter layer's base weight, as PEFT saves it for the layers it
-    counts as embedding layers (``embed_tokens``, ``lm_head``: ``save_embedding_layers="auto"``
-    writes ``<module>.base_layer.weight`` beside the adapter when such a module is a target). PEFT
-    loads that tensor into the base layer; so does :func:`load_adapter`, where the file has it."""
+    """File key -> model key of every adapter layer's base weight that PEFT saves
+    (:func:`peft_embedding_base`). PEFT loads that tensor into the base layer; so does
+    :func:`load_adapter`, where the file has it."""
     return {PREFIX + f"{name}.base_layer.weight": f"{name}.base_layer.weight" for name, layer in adapter_layers(model).items()
-            if name.rsplit(".", 1)[-1] in _PEFT_EMBEDDING_LAYER_NAMES
-            and isinstance(getattr(layer, "base_layer", None), nn.Module)
-            and isinstance(getattr(layer.base_layer, "weight", None), torch.Tensor)}
+            if peft_embedding_base(name, layer) is not None}
 
 
 def _copy_adapter_tensors(model: nn.Module, weights: Path, strict: bool) -> None:
