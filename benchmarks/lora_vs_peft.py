@@ -11,8 +11,13 @@ Measured per model (same random weights, same batch, bf16 base, rank 16, same ta
 - ``peft_bf16``: PEFT LoRA with ``autocast_adapter_dtype=False`` (bf16 adapters);
 - ``ours_bf16`` (extra, not in the ratios): lightning_lora with bf16 adapter parameters, the
   like-for-like match of ``peft_bf16`` (optimizer state in bf16 too);
-- ``ours_cpp`` (extra): ``ours`` with the opt-in C++ autograd functions (``lightning_lora.core._lora_cpp``,
-  compiled on first use; on for this variant only): the A/B of the C++ host-time path;
+- ``ours_cpp`` (extra): ``ours`` with the C++ autograd functions switched on by hand
+  (``lightning_lora.enable_cpp_path()``, compiled at once);
+- ``ours_python`` (extra): ``ours`` with the C++ path off (``LIGHTNING_LORA_CPP=0``): the Python autograd
+  functions, the default path before session 23. ``ours`` itself runs the default, automatic mode (the
+  C++ path built in the background at the first CUDA forward where a compiler exists): every
+  ``ours*`` variant but these two waits after its warm-up until that build has ended, so the steady
+  state is timed, and ``<model>_<variant>_cpp_path_on`` says whether it ran on the C++ path (1) or not (0);
 - ``ours_nosib`` (extra): ``ours`` with ``fuse_siblings=False`` (each LoRA layer alone), the A/B of
   the sibling fusion; ``<model>_<variant>_sibling_sets`` counts the sets the fused path learned;
 - ``ours_noreplay`` (extra): ``ours`` with ``replay_inputs="none"`` (every adapter input saved for
@@ -130,7 +135,7 @@ def _build(spec: dict, variant: str, r: int) -> tuple[nn.Module, list[nn.Paramet
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
         return model, []
     variant = TKERNEL.get(variant, variant)  # (the kernel is a process switch: see measure)
-    if variant in ("ours", "ours_bf16", "ours_nosib", "ours_cpp", "ours_merged", *REPLAY):
+    if variant in ("ours", "ours_bf16", "ours_nosib", "ours_cpp", "ours_python", "ours_merged", *REPLAY):
         dtype = "bfloat16" if variant == "ours_bf16" else "float32"
         ll.inject_adapter(model, "lora", r=r, alpha=2 * r, target_modules=spec["targets"], adapter_dtype=dtype,
                           fuse_siblings=variant != "ours_nosib", replay_inputs=REPLAY.get(variant, "products"),
@@ -184,18 +189,45 @@ def timed_steps(step: Callable[[], None], warmup: int, steps: int, cuda: bool) -
 
 
 def switches(variant: str) -> None:
-    """The process-wide switches of ``variant``: the C++ autograd functions on for ``ours_cpp`` (and
-    ``ours_cpp_compiled``) only, the replay kernel on for the ``TKERNEL`` variants only."""
-    from lightning_lora.core import replay_kernels
+    """The process-wide switches of ``variant``: the C++ autograd functions on for ``ours_cpp``, off
+    for ``ours_python``, the default (``LIGHTNING_LORA_CPP``, automatic when unset) for every other
+    variant (each also ``_compiled``); the replay kernel on for the ``TKERNEL`` variants only."""
+    from lightning_lora.core import _lora_cpp, replay_kernels
     from lightning_lora.methods import lora as lora_mod
 
-    replay_kernels.set_enabled(variant.removesuffix(COMPILED) in TKERNEL)
-    if variant.removesuffix(COMPILED) == "ours_cpp":
-        from lightning_lora.core import _lora_cpp
-
+    base = variant.removesuffix(COMPILED)
+    replay_kernels.set_enabled(base in TKERNEL)
+    if base == "ours_cpp":
         assert _lora_cpp.enable(), "ours_cpp: the C++ extension could not be built"
     else:
-        lora_mod._CPP = None
+        lora_mod._CPP = None if base == "ours_python" else _lora_cpp.mode_from_env()
+
+
+def settle(step: Callable[[], None]) -> None:
+    """After a variant's warm-up: wait for the automatic mode's background build of the C++ path to
+    end (started by the first CUDA forward; about a minute on a fresh machine), then warm up on what
+    it switched to. A long training run spends all but its first minute in that state."""
+    from lightning_lora.core import _lora_cpp
+
+    if _lora_cpp.status() != "building":
+        return
+    start = time.perf_counter()
+    while _lora_cpp.status() == "building":
+        time.sleep(1.0)
+    print(f"(waited {time.perf_counter() - start:.0f} s for the background build of the C++ path: "
+          f"{_lora_cpp.status()})", flush=True)
+    for _ in range(5):
+        step()
+
+
+def cpp_path_on() -> int:
+    """1 where the fused layers' next CUDA forward runs the C++ functions, else 0."""
+    from lightning_lora.core import _lora_cpp
+    from lightning_lora.methods import lora as lora_mod
+
+    if lora_mod._CPP is _lora_cpp.AUTO:  # (resolved at the next forward, to the module once it is built)
+        return int(_lora_cpp._MODULE is not None)
+    return int(lora_mod._CPP is not None and lora_mod._CPP is not True)
 
 
 #: variants with ``lightning_lora.core.replay_kernels`` on (A's gradient read from the replayed
@@ -215,14 +247,18 @@ def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[st
     model, params = build(spec, variant, r)
     step = step_fn(model, params, spec)
     cuda = DEVICE == "cuda"
+    for _ in range(min(warmup, 3)):  # (a fresh machine's background build starts at the first CUDA forward)
+        step()
+    settle(step)
     ms, peak = timed_steps(step, warmup, steps, cuda)
     n_train = sum(p.numel() for p in params)
     sets = sibling_sets(model)
+    on = cpp_path_on()
     del model, params, step
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    res = {"ms": ms, "peak_gib": peak, "trainable": n_train, "sibling_sets": sets}
+    res = {"ms": ms, "peak_gib": peak, "trainable": n_train, "sibling_sets": sets, "cpp_path_on": on}
     print(f"{name:6s} {variant:13s} {res['ms']:8.2f} ms  {peak:6.2f} GiB  trainable {n_train:,}", flush=True)
     return res
 
@@ -240,6 +276,7 @@ def measure_interleaved(name: str, variants: list[str], r: int, warmup: int, ste
         built[v] = (model, params, step_fn(model, params, spec))
         for _ in range(warmup):
             built[v][2]()
+        settle(built[v][2])
     cuda = DEVICE == "cuda"
     times: dict[str, list[float]] = {v: [] for v in variants}
     for cycle in range(rounds * steps):
@@ -249,8 +286,11 @@ def measure_interleaved(name: str, variants: list[str], r: int, warmup: int, ste
             # --block K: K steps a turn, the first untimed (it starts cold on the host: another model
             # ran last) and the median of the other K - 1 the cycle's sample; K = 1: the one step, cold
             times[v].append(timed_steps(built[v][2], int(block > 1), max(block - 1, 1), cuda)[0])
-    counts = {v: {"peak_gib": 0.0, "trainable": sum(p.numel() for p in params), "sibling_sets": sibling_sets(model)}
-              for v, (model, params, _) in built.items()}
+    counts = {}
+    for v, (model, params, _) in built.items():
+        switches(v)
+        counts[v] = {"peak_gib": 0.0, "trainable": sum(p.numel() for p in params), "sibling_sets": sibling_sets(model),
+                     "cpp_path_on": cpp_path_on()}
     out = [{v: {"ms": statistics.median(times[v][i * steps:(i + 1) * steps]), **counts[v]} for v in variants}
            for i in range(rounds)]
     for v in variants:
@@ -375,7 +415,8 @@ def main() -> None:
     args = ap.parse_args()
     global TINY, DEVICE, COMPILE_MODE
     COMPILE_MODE = args.compile_mode
-    known = {"frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib", "ours_cpp", "ours_merged",
+    known = {"frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib", "ours_cpp", "ours_python",
+             "ours_merged",
              *TKERNEL, *REPLAY}
     unknown = [v for v in args.variants if v.removesuffix(COMPILED) not in known]
     if unknown:
@@ -430,6 +471,7 @@ def main() -> None:
                 metrics[f"{name}_{v}_ms_max"] = round(max(r[v]["ms"] for r in rounds), 3)
             if v.startswith("ours"):
                 metrics[f"{name}_{v}_sibling_sets"] = d["sibling_sets"]
+                metrics[f"{name}_{v}_cpp_path_on"] = d["cpp_path_on"]
         both_peft = {"peft_default", "peft_bf16"} <= set(res)
         if both_peft:  # the bars' yardsticks: the faster PEFT for time, the smaller for memory
             best = min(("peft_default", "peft_bf16"), key=lambda v: res[v]["ms"])
@@ -440,7 +482,7 @@ def main() -> None:
                 metrics[f"peak_mem_ratio_{name}"] = round(res["ours"]["peak_gib"] / best_mem, 4) if best_mem else 0.0
             metrics[f"{name}_trainable_params"] = res["ours"]["trainable"]
             metrics[f"{name}_peft_trainable_params"] = res["peft_bf16"]["trainable"]
-        for extra in ("ours_cpp", "ours_merged", *TKERNEL):
+        for extra in ("ours_cpp", "ours_python", "ours_merged", *TKERNEL):
             if both_peft and extra in res:
                 metrics[f"step_time_ratio_{name}_{extra}"] = round(res[extra]["ms"] / res[best]["ms"], 4)
                 if not args.interleave:

@@ -147,3 +147,20 @@ def model_builders() -> dict:
         "llama": build_tiny_llama,
         "gpt2": build_tiny_gpt2,
     }
+
+
+@pytest.fixture(autouse=True)
+def _python_fused_path_unless_asked():
+    """The suite runs the fused LoRA layers on the Python path unless ``LIGHTNING_LORA_CPP`` says
+    otherwise (``=1`` runs every test on the C++ path). The default, automatic mode would start a
+    background build at the first CUDA test and switch every later test to the C++ path halfway
+    through the suite, whenever the build ended; the C++ path has tests of its own
+    (test_lora_cpp_path.py) and so does the automatic mode (test_cpp_auto_mode.py)."""
+    from lightning_lora.core import _lora_cpp
+    from lightning_lora.methods import lora
+
+    before = lora._CPP
+    if before is _lora_cpp.AUTO:
+        lora._CPP = None
+    yield
+    lora._CPP = before

@@ -26,6 +26,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import time
 import warnings
 from typing import Any
@@ -461,26 +464,37 @@ def _build_directory(name: str) -> str | None:
         return None
 
 
-def _build() -> Any:
+def _extension_name() -> str:
+    """The extension's name: one per source and torch version (torch rebuilds a cached extension
+    after an upgrade, in the same folder, which :func:`_is_built` would not see)."""
+    return "lightning_lora_cpp_" + hashlib.sha1((CPP_SOURCE + torch.__version__).encode()).hexdigest()[:12]
+
+
+def _is_built(build_dir: str | None, name: str) -> bool:
+    """Whether ``name``'s library is already in ``build_dir`` (``load_inline`` then only reloads it)."""
+    from torch.utils.cpp_extension import LIB_EXT
+
+    return build_dir is not None and os.path.exists(os.path.join(build_dir, name + LIB_EXT))
+
+
+def _build(quiet: bool = False) -> Any:
     """The compiled extension (compiled once per source into torch's extension cache), or None
-    with one warning where it cannot be built."""
+    with one warning where it cannot be built (``quiet``: an INFO log record instead, for the
+    automatic mode, which nobody asked for)."""
     global _MODULE, _FAILED
     if _MODULE is not None or _FAILED:
         return _MODULE
     try:
-        from torch.utils.cpp_extension import LIB_EXT, load_inline
+        from torch.utils.cpp_extension import load_inline
 
-        # torch's version in the name too: torch rebuilds a cached extension after an upgrade, in the
-        # same folder, which the "fresh build" check below (library file present?) would not see
-        digest = hashlib.sha1((CPP_SOURCE + torch.__version__).encode()).hexdigest()[:12]
-        name = f"lightning_lora_cpp_{digest}"
+        name = _extension_name()
         build_dir = _build_directory(name)
         # Why: the first build compiles for about a minute with no output (load_inline is silent
         # unless verbose), which looks like a hang at the first forward. Announced at WARNING:
         # INFO records reach no handler in a process that configured no logging, and this line
         # is what explains the stall. A cached build (the library file already in the folder;
         # load_inline then only reloads it, ninja finding nothing to do) says nothing
-        fresh = build_dir is None or not os.path.exists(os.path.join(build_dir, name + LIB_EXT))
+        fresh = not _is_built(build_dir, name)
         if fresh:
             log.warning("lightning_lora: compiling the C++ LoRA path once (about a minute; later runs reuse "
                         "the build) into %s", build_dir or "torch's extension cache (TORCH_EXTENSIONS_DIR)")
@@ -491,9 +505,12 @@ def _build() -> Any:
             log.warning("lightning_lora: C++ LoRA path built in %.1f s", time.perf_counter() - start)
     except Exception as e:  # no compiler, no ninja, a failed build: the Python path runs
         _FAILED = True
-        warnings.warn(f"lightning_lora: the C++ LoRA fast path could not be built ({type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using the Python path",
-                      RuntimeWarning, stacklevel=3)
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        if quiet:
+            log.info("lightning_lora: the C++ LoRA fast path could not be loaded (%s); using the Python path", why)
+        else:
+            warnings.warn(f"lightning_lora: the C++ LoRA fast path could not be built ({why}); using the Python path",
+                          RuntimeWarning, stacklevel=3)
         return None
     return _MODULE
 
@@ -525,6 +542,128 @@ def load_for_env() -> Any:
 
     lora._CPP = mod = _build()
     return mod
+
+
+#: ``lora._CPP`` in the automatic mode (the default; ``LIGHTNING_LORA_CPP`` unset or ``auto``): see
+#: :func:`resolve_auto`
+AUTO = "auto"
+#: the automatic mode's background build (a child process), once started
+_BUILDER: subprocess.Popen[bytes] | None = None
+#: ``time.monotonic()`` before which the running builder is not polled again
+_NEXT_POLL = 0.0
+#: seconds after which a background build gives up (a stale lock of torch's, left by a killed build,
+#: would otherwise keep the child waiting for ever)
+BUILD_TIMEOUT_S = 900
+
+
+def mode_from_env() -> Any:
+    """``lora._CPP``'s initial value from ``LIGHTNING_LORA_CPP``: ``1`` (or true/yes/on) True (built at
+    the first fused forward, waiting for the build), ``0`` (or false/no/off) None (off), unset, empty or
+    ``auto`` :data:`AUTO`; anything else is refused, naming the variable."""
+    value = os.environ.get("LIGHTNING_LORA_CPP", AUTO).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return None
+    if value in (AUTO, ""):
+        return AUTO
+    # Why refuse: before the automatic mode any value but 1 meant off, so a typo was silent
+    raise ValueError(f"LIGHTNING_LORA_CPP={os.environ['LIGHTNING_LORA_CPP']!r}: expected 1 (on), 0 (off) or auto")
+
+
+def _toolchain() -> bool:
+    """A C++ compiler (``$CXX``, else ``c++``) and ninja, as ``load_inline`` needs."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return shutil.which(os.environ.get("CXX", "c++")) is not None and is_ninja_available()
+
+
+def _set_mode(mod: Any) -> Any:
+    """Leave the automatic mode for ``mod`` (the module: on; None: off) unless the user switched the
+    path on or off meanwhile (:func:`enable`, :func:`disable`). Returns what ``lora._CPP`` now is, or
+    None where that is not a module."""
+    from ..methods import lora
+
+    if lora._CPP is AUTO:
+        lora._CPP = mod
+    return lora._CPP if lora._CPP is not True and lora._CPP is not AUTO else None
+
+
+def resolve_auto(x: torch.Tensor) -> Any:
+    """The automatic mode at a fused forward with input ``x``: the compiled module where it is ready,
+    else None (this forward takes the Python path).
+
+    Only CUDA inputs start anything: the C++ path saves host time, which decides a step's time only
+    where the GPU waits for the host (BERT-base at 32 x 512 on an H200: 0.73-0.77 of PEFT's step
+    against the Python path's 0.80-0.89, docs/benchmarks.md); on the CPU the arithmetic usually
+    dominates and a minute of a core's compiling is not worth it. On the first CUDA forward:
+
+    - an extension already built for this source and torch (an earlier run's) is loaded at once;
+    - where there is no compiler or no ninja, the mode ends (off) with an INFO log record;
+    - otherwise a child process builds it (about a minute, into torch's extension cache) while
+      training goes on through the Python path; forwards poll the child at most once a second and
+      load the build when it is done (bit-for-bit the same outputs and gradients: the switch is
+      invisible but for the speed). A child, not a thread: a run that ends first leaves it to finish
+      the build (the next run loads it) instead of killing it halfway, with torch's build lock held.
+    """
+    return _advance_auto() if x.is_cuda else None
+
+
+def _advance_auto() -> Any:
+    """One step of :func:`resolve_auto`'s state machine, a CUDA forward's: start, poll or finish."""
+    global _BUILDER, _NEXT_POLL
+    if _MODULE is not None or _FAILED:  # built (or failed) already: no waiting for the next poll
+        return _set_mode(_MODULE)
+    if _BUILDER is None:
+        if not _toolchain():
+            log.info("lightning_lora: no C++ compiler or ninja: the fused LoRA layers use the Python path "
+                     "(LIGHTNING_LORA_CPP=0 says so without looking)")
+            return _set_mode(None)
+        name = _extension_name()
+        if _is_built(_build_directory(name), name):
+            return _set_mode(_build(quiet=True))
+        log.info("lightning_lora: building the C++ LoRA path in the background (about a minute); the Python "
+                 "path runs until it is ready")
+        _BUILDER = subprocess.Popen(
+            [sys.executable, __file__, "--build"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)  # (a Ctrl-C of the run does not stop it halfway)
+        _NEXT_POLL = time.monotonic() + 1.0
+        return None
+    now = time.monotonic()
+    if now < _NEXT_POLL:
+        return None
+    _NEXT_POLL = now + 1.0
+    code = _BUILDER.poll()
+    if code is None:
+        return None
+    if code != 0:
+        log.info("lightning_lora: the background build of the C++ LoRA path failed (exit %s); using the Python "
+                 "path (LIGHTNING_LORA_CPP=1 builds it in the foreground and shows why)", code)
+        return _set_mode(None)
+    mod = _build(quiet=True)
+    if mod is not None:
+        log.info("lightning_lora: C++ LoRA path built; the fused LoRA layers use it from now on")
+    return _set_mode(mod)
+
+
+def status() -> str:
+    """Where the C++ path stands: ``"on"``, ``"off"``, ``"auto"`` (automatic, nothing started: no
+    fused forward on a CUDA input yet), ``"building"`` (automatic, building in the background) or
+    ``"pending"`` (``LIGHTNING_LORA_CPP=1``, built at the first fused forward). Asking also completes a
+    finished background build, so a benchmark can wait for the steady state with
+    ``while status() == "building": time.sleep(1)``."""
+    from ..methods import lora
+
+    cpp = lora._CPP
+    if cpp is AUTO and _BUILDER is not None:
+        global _NEXT_POLL
+        _NEXT_POLL = 0.0
+        _advance_auto()
+        cpp = lora._CPP
+        return "building" if cpp is AUTO else "on" if cpp is not None else "off"
+    if cpp is AUTO:
+        return "auto"
+    return "pending" if cpp is True else "on" if cpp is not None else "off"
 
 
 #: recipe activation codes (see the C++ ``replay``)
@@ -571,3 +710,12 @@ def encode_recipe(recipe: tuple[Any, ...]) -> tuple[list[torch.Tensor], list[int
     ts: list[torch.Tensor] = []
     prog: list[int] = []
     return (ts, prog) if _encode(recipe, ts, prog) else None
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--build"]:
+    # the automatic mode's background build (resolve_auto): this file runs alone, without importing
+    # lightning_lora (which the parent may have imported from a path this process does not have)
+    import signal
+
+    signal.alarm(BUILD_TIMEOUT_S)
+    sys.exit(0 if _build() is not None else 1)

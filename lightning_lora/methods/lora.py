@@ -44,7 +44,6 @@ import dataclasses
 import functools
 import itertools
 import math
-import os
 import warnings
 import weakref
 from collections import defaultdict
@@ -150,9 +149,12 @@ REPLAY_MODES = ("none", "products", "all")
 
 _MM_OUT_DTYPE: dict[str, bool] = {}  # whether torch.mm(..., out_dtype=) works, per device type
 
-#: the opt-in C++ autograd functions (:mod:`lightning_lora.core._lora_cpp`): None (off, the default),
-#: True (``LIGHTNING_LORA_CPP=1``: built at the first fused forward) or the compiled module
-_CPP: Any = True if os.environ.get("LIGHTNING_LORA_CPP") == "1" else None
+#: the C++ autograd functions (:mod:`lightning_lora.core._lora_cpp`): ``_lora_cpp.AUTO`` (the default:
+#: built in the background at the first fused forward on a CUDA input, where a compiler exists), None
+#: (off, ``LIGHTNING_LORA_CPP=0``), True (``LIGHTNING_LORA_CPP=1``: built at the first fused forward,
+#: waiting for it) or the compiled module
+_CPP: Any = _lora_cpp.mode_from_env()
+_AUTO = _lora_cpp.AUTO
 
 
 #: 0-dim placeholders for ``_mm_scaled``'s unused ``addmm`` input, per (dtype, device): ``beta = 0``
@@ -908,16 +910,18 @@ class _SiblingSet:
         merged = all(m.merged_training and m.training for m in members) and _merged_dtype_ok(xdtype)
         if merged:
             ws = [m._merged_weight(w, A, B, xdtype) for m, w, A, B in zip(members, ws, As, Bs)]
-        cpp = _CPP
+        cpp = _CPP if _CPP is not _AUTO or x.is_cuda else None  # (automatic: CUDA inputs only)
         # (a plain tensor only: a subclass's __torch_function__ sees the Python function's ops, not the C++ ones;
         # not under forward-mode AD: the Python function raises NotImplementedError there, the C++ one did not)
         if (cpp is not None and not merged and type(x) is torch.Tensor and _forward_ad_inactive()
-                and not _plain_apply()):  # the C++ function (opt-in)
+                and not _plain_apply()):  # the C++ function (automatic on CUDA: _lora_cpp.resolve_auto)
             if cpp is True:
                 cpp = _lora_cpp.load_for_env()
+            elif cpp is _AUTO:
+                cpp = _lora_cpp.resolve_auto(x)
             with_bias = [b for b in biases if b is not None]
-            enc = ((), ()) if recipe is None else _lora_cpp.encode_recipe(recipe)
-            if cpp is not None and enc is not None and len(with_bias) in (0, len(biases)):
+            enc = None if cpp is None else ((), ()) if recipe is None else _lora_cpp.encode_recipe(recipe)
+            if enc is not None and len(with_bias) in (0, len(biases)):
                 return cpp.siblings(x, a_cat, ws, with_bias, As, Bs, [c[1] for c in casts], first.scaling,
                                     self.ranks, self.fifo, *enc)
         meta = (self.ranks, first.scaling, tuple([c[1] for c in casts]),
@@ -1476,17 +1480,19 @@ class LoRALinear(AdapterLayer):
         recipe = None
         if mode != "none" and xd is x and A.requires_grad:
             recipe = _input_recipe(x, casts=mode == "all")
-        cpp = _CPP
+        cpp = _CPP if _CPP is not _AUTO or x.is_cuda else None  # (automatic: CUDA inputs only)
         # (plain LoRALinear only: subclasses keep the Python function they were written against; and a
         # plain tensor x only: a subclass's __torch_function__ sees the Python function's ops, and its
         # outputs keep the subclass there, while the C++ function's ATen calls bypass it; and not under
         # forward-mode AD, where the Python function raises NotImplementedError and the C++ one did not)
         if (cpp is not None and xd is x and type(self) is LoRALinear and type(x) is torch.Tensor
-                and _forward_ad_inactive() and not _plain_apply()):  # C++ (opt-in)
+                and _forward_ad_inactive() and not _plain_apply()):  # C++ (automatic on CUDA: _lora_cpp.resolve_auto)
             if cpp is True:
                 cpp = _lora_cpp.load_for_env()
-            enc = ((), ()) if recipe is None else _lora_cpp.encode_recipe(recipe)
-            if cpp is not None and enc is not None:
+            elif cpp is _AUTO:
+                cpp = _lora_cpp.resolve_auto(x)
+            enc = None if cpp is None else ((), ()) if recipe is None else _lora_cpp.encode_recipe(recipe)
+            if enc is not None:
                 return cpp.fused(x, weight, bias, A, B, casts[0], casts[1], self.scaling, self.fan_in_fan_out, *enc)
         replay = None if recipe is None else (recipe, x.shape)
         if _plain_apply():
