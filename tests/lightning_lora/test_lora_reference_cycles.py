@@ -12,6 +12,7 @@ must then find nothing."""
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
@@ -49,6 +50,10 @@ def assert_steps_leave_no_cyclic_garbage(kind: str, mode: str, cpp: bool) -> Non
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
     labels = ids if kind == "llama" else torch.zeros(2, dtype=torch.long)
     lora_mod._CPP = _lora_cpp._build() if cpp else None
+    # `import lightning` sets PYTORCH_NVML_BASED_CUDA_CHECK=1; with it, a CUDA build's torch.cuda.is_available()
+    # (AdamW.step's graph-capture check, every step) opens NVML through a new ctypes.CDLL, whose _FuncPtr class
+    # is a 6-object cycle: torch's, holding no tensors. Measure without it.
+    nvml = os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     enabled = gc.isenabled()
     # Collect until nothing is left, not once: earlier tests' garbage can hold a second cycle through C++
     # tensor references the collector cannot see (dynamo's fake tensors after test_compile.py).
@@ -67,6 +72,8 @@ def assert_steps_leave_no_cyclic_garbage(kind: str, mode: str, cpp: bool) -> Non
             found.append(gc.collect())  # objects that only the cyclic collector could free
     finally:
         lora_mod._CPP = None
+        if nvml is not None:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = nvml
         if enabled:
             gc.enable()
     assert found == [0, 0]
