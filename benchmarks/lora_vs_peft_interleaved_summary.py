@@ -30,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_lora.results import write_result  # noqa: E402
 
+#: the default result name (session 22's runs, when ``ours`` was the Python path)
+NAME = "lora_vs_peft_bert_interleaved"
 PAIRED = re.compile(r"^(?P<model>[a-z0-9]+)_(?P<variant>[a-z0-9_]+)_vs_peft_bf16_paired$")
 
 
@@ -70,13 +72,15 @@ def summarize(records: list[dict]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="JSON files written by lora_vs_peft.py --interleave")
-    ap.add_argument("--name", default="lora_vs_peft_bert_interleaved", help="result name (its file name)")
+    ap.add_argument("--name", default=NAME, help="result name (its file name)")
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results/")
     args = ap.parse_args()
     records = [json.loads(p.read_text(encoding="utf-8")) for p in args.runs]
     devices = sorted({r.get("device", "?") for r in records})
     metrics = summarize(records)
-    command = " ".join(["python", "benchmarks/lora_vs_peft_interleaved_summary.py", *map(str, args.runs)])
+    # the options that decide where the result goes are part of the command that reproduces it
+    options = ([] if args.name == NAME else ["--name", args.name]) + ([] if args.out_dir is None else ["--out-dir", args.out_dir])
+    command = " ".join(["python", "benchmarks/lora_vs_peft_interleaved_summary.py", *options, *map(str, args.runs)])
     path = write_result(args.name, metrics, command, kind="benchmark", device="; ".join(devices),
                         directory=args.out_dir)
     print(json.dumps(metrics, indent=2))

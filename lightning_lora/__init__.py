@@ -39,6 +39,7 @@ from .core.multi import (
 )
 from .core._lora_cpp import disable as disable_cpp_path
 from .core._lora_cpp import enable as enable_cpp_path
+from .core._lora_cpp import status as cpp_path_status
 from .methods.lora import LoRAConfig, invalidate_cast_caches
 
 __version__ = "0.1.0"
@@ -51,6 +52,6 @@ __all__ = [
     # several named adapters on one model (core.multi)
     "active_adapters", "add_adapter", "delete_adapter", "load_adapters", "route_adapters", "save_adapters",
     "set_adapter", "use_adapter",
-    # the opt-in C++ autograd functions of the fused LoRA paths (core._lora_cpp)
-    "enable_cpp_path", "disable_cpp_path",
+    # the C++ autograd functions of the fused LoRA paths (core._lora_cpp; automatic on CUDA)
+    "enable_cpp_path", "disable_cpp_path", "cpp_path_status",
 ]

@@ -1,17 +1,26 @@
-"""An opt-in C++ fast path for the fused LoRA autograd functions (host time on launch-bound steps).
+"""A C++ fast path for the fused LoRA autograd functions (host time on launch-bound steps).
 
 ``lightning_lora.methods.lora._FusedLoRA`` and ``_FusedLoRASiblings`` are Python
 ``torch.autograd.Function`` s: every adapted layer enters Python for its forward and again, from the
 autograd engine, for its backward. On a launch-bound GPU step (BERT-base at 32 × 512 on the H200)
 the GPU waits for that Python. This module holds a C++ ``torch::autograd::Function`` of each that
 runs the very same ATen calls in the same order (outputs and gradients equal bit for bit; the tests
-in ``tests/lightning_lora/test_lora_cpp_path.py`` compare them), compiled on first use with
+in ``tests/lightning_lora/test_lora_cpp_path.py`` compare them), compiled with
 ``torch.utils.cpp_extension.load_inline`` into torch's extension cache (``TORCH_EXTENSIONS_DIR``).
 
-It is OFF by default. Turn it on with the environment variable ``LIGHTNING_LORA_CPP=1`` (compiled at
-the first fused forward) or :func:`enable` (compiled at once; ``lightning_lora.enable_cpp_path``);
-:func:`disable` (``lightning_lora.disable_cpp_path``) turns it off. Where
-the build fails (no compiler) it warns once and the Python path runs. What it covers: the common
+``LIGHTNING_LORA_CPP`` chooses:
+
+- unset or ``auto`` (the default, :func:`resolve_auto`): on for CUDA inputs where a C++ compiler and
+  ninja exist. The first fused forward on a CUDA input loads an earlier run's build at once, or
+  starts a background process that builds it (about a minute) while training goes on through the
+  Python functions, and switches to it when it is done. No compiler: the Python path, silently (an
+  INFO log record). CPU inputs never start anything.
+- ``1``: on, built at the first fused forward, waiting for it (one WARNING line before a fresh build,
+  one after, one warning where it fails); :func:`enable` (``lightning_lora.enable_cpp_path``) the
+  same at once.
+- ``0``: off; :func:`disable` (``lightning_lora.disable_cpp_path``) the same at run time.
+
+:func:`status` (``lightning_lora.cpp_path_status``) says which. What it covers: the common
 path only (no active dropout, input replay through products and activations but not dtype casts,
 sibling sets whose members all have a bias or all have none); everything else, functorch
 transforms and ``torch.compile`` included, takes the Python functions as before. So do inputs that

@@ -59,3 +59,17 @@ def test_summary_script_writes_a_valid_benchmark_record(tmp_path: Path) -> None:
     assert rec["kind"] == "benchmark" and rec["device"] == "d"
     assert rec["command"].startswith("python benchmarks/lora_vs_peft_interleaved_summary.py ")
     assert rec["metrics"]["bert_ours_cpp_vs_best_peft_paired_max"] == 0.77
+
+
+def test_recorded_command_keeps_the_result_name(tmp_path: Path) -> None:
+    """Session 23 wrote ``--name lora_vs_peft_bert_interleaved_s23``: a recorded command without the
+    option would, run again, overwrite session 22's file instead of reproducing this one."""
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps(_run_record(0.75, 0.74)))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/lora_vs_peft_interleaved_summary.py"), str(p),
+                           "--name", "other_name", "--out-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads((tmp_path / "out/other_name.json").read_text())
+    assert rec["command"] == (f"python benchmarks/lora_vs_peft_interleaved_summary.py --name other_name "
+                              f"--out-dir {tmp_path / 'out'} {p}")
