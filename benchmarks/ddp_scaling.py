@@ -153,8 +153,12 @@ def run_one(args: argparse.Namespace) -> None:
         t = module.times[args.warmup:]  # t[0] and t[-1] after a sync; the steps between on the host's clock
         rate = (len(t) - 1) * args.batch * args.devices / (t[-1] - t[0])
         steps = sorted(b - a for a, b in zip(t, t[1:]))
+        from lightning_lora.methods import lora as lora_mod
+
+        cpp = lora_mod._CPP  # the C++ path on (a module) or not (None, or a mode never resolved)
         Path(args.part).write_text(json.dumps({"devices": args.devices, "samples_per_s": rate,
-                                               "median_step_ms": 1e3 * steps[len(steps) // 2]}))
+                                               "median_step_ms": 1e3 * steps[len(steps) // 2],
+                                               "cpp_path_on": int(cpp is not None and not isinstance(cpp, (bool, str)))}))
 
 
 def main() -> None:
@@ -198,6 +202,14 @@ def main() -> None:
         configs["2gpu_ddp_defaults_off"] = (2, ["--no-ddp-defaults"])
         if args.with_lightning_sigterm:
             configs["2gpu_lightning_sigterm"] = (2, ["--lightning-sigterm-sync"])
+    if args.accelerator == "gpu" and not args.compile and args.adapter == "lora":
+        from lightning_lora.core import _lora_cpp
+
+        # The C++ path (automatic on CUDA) built here once, before any run: every run's ranks then load it
+        # at their first forward, and the figure is the steady state, not a minute of the Python path
+        # while a background build runs (compiled runs take the plain formula: nothing to build)
+        if _lora_cpp.mode_from_env() is _lora_cpp.AUTO and _lora_cpp._toolchain():
+            _lora_cpp._build()
     runs: dict[str, list[dict]] = {label: [] for label in configs}
     for _ in range(args.repeats):
         for label, (n, extra) in configs.items():
@@ -221,6 +233,8 @@ def main() -> None:
     for label in runs:  # every run, in order, so the drift is visible
         for i, r in enumerate(runs[label]):
             metrics[f"samples_per_s_{label}_run{i}"] = r["samples_per_s"]
+        # 1 where every run of this configuration ended on the C++ path (rank 0's view)
+        metrics[f"cpp_path_on_{label}"] = min(r.get("cpp_path_on", 0) for r in runs[label])
     import torch
 
     device = f"2 x {torch.cuda.get_device_name()}" if args.accelerator == "gpu" else "cpu (gloo)"

@@ -33,3 +33,7 @@ def test_ddp_scaling_cpu_check_writes_medians_and_every_run(tmp_path: Path) -> N
     # per-step SIGTERM check
     for label in ("ddp_defaults_off", "lightning_sigterm"):
         assert m[f"scaling_2gpu_{label}"] == pytest.approx(m[f"samples_per_s_2gpu_{label}"] / m["samples_per_s_1gpu"])
+    # which path each configuration's runs ended on: the CPU never switches to the C++ path by itself
+    assert {k: v for k, v in m.items() if k.startswith("cpp_path_on_")} == {
+        "cpp_path_on_1gpu": 0, "cpp_path_on_2gpu": 0, "cpp_path_on_2gpu_ddp_defaults_off": 0,
+        "cpp_path_on_2gpu_lightning_sigterm": 0}
