@@ -38,6 +38,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from typing import Any
@@ -560,6 +561,7 @@ AUTO = "auto"
 _BUILDER: subprocess.Popen[bytes] | None = None
 #: ``time.monotonic()`` before which the running builder is not polled again
 _NEXT_POLL = 0.0
+_AUTO_LOCK = threading.Lock()
 #: seconds after which a background build gives up (a stale lock of torch's, left by a killed build,
 #: would otherwise keep the child waiting for ever)
 BUILD_TIMEOUT_S = 900
@@ -620,22 +622,36 @@ def resolve_auto(x: torch.Tensor) -> Any:
 
 def _advance_auto() -> Any:
     """One step of :func:`resolve_auto`'s state machine, a CUDA forward's: start, poll or finish."""
-    global _BUILDER, _NEXT_POLL
     if _MODULE is not None or _FAILED:  # built (or failed) already: no waiting for the next poll
         return _set_mode(_MODULE)
+    if _BUILDER is not None and time.monotonic() < _NEXT_POLL:  # (the common case while building: no lock)
+        return None
+    with _AUTO_LOCK:  # two threads' forwards must not start two builders
+        return _advance_auto_locked()
+
+
+def _advance_auto_locked() -> Any:
+    global _BUILDER, _NEXT_POLL
+    if _MODULE is not None or _FAILED:
+        return _set_mode(_MODULE)
+    name = _extension_name()
     if _BUILDER is None:
         if not _toolchain():
             log.info("lightning_lora: no C++ compiler or ninja: the fused LoRA layers use the Python path "
                      "(LIGHTNING_LORA_CPP=0 says so without looking)")
             return _set_mode(None)
-        name = _extension_name()
         if _is_built(_build_directory(name), name):
             return _set_mode(_build(quiet=True))
+        try:
+            _BUILDER = subprocess.Popen(
+                [sys.executable, __file__, "--build"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True)  # (a Ctrl-C of the run does not stop it halfway)
+        except OSError as e:  # no usable interpreter to run (an embedded Python): nothing to wait for
+            log.info("lightning_lora: could not start the background build of the C++ LoRA path (%s); using the "
+                     "Python path", e)
+            return _set_mode(None)
         log.info("lightning_lora: building the C++ LoRA path in the background (about a minute); the Python "
                  "path runs until it is ready")
-        _BUILDER = subprocess.Popen(
-            [sys.executable, __file__, "--build"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)  # (a Ctrl-C of the run does not stop it halfway)
         _NEXT_POLL = time.monotonic() + 1.0
         return None
     now = time.monotonic()
@@ -645,7 +661,10 @@ def _advance_auto() -> Any:
     code = _BUILDER.poll()
     if code is None:
         return None
-    if code != 0:
+    # Why the second condition: a child that built for another torch (a sys.path changed in this process
+    # only) leaves nothing under this process's name, and loading would then compile here, in the
+    # foreground, for a minute: the stall the background build is for
+    if code != 0 or not _is_built(_build_directory(name), name):
         log.info("lightning_lora: the background build of the C++ LoRA path failed (exit %s); using the Python "
                  "path (LIGHTNING_LORA_CPP=1 builds it in the foreground and shows why)", code)
         return _set_mode(None)
@@ -726,5 +745,6 @@ if __name__ == "__main__" and sys.argv[1:] == ["--build"]:
     # lightning_lora (which the parent may have imported from a path this process does not have)
     import signal
 
-    signal.alarm(BUILD_TIMEOUT_S)
+    if hasattr(signal, "alarm"):  # (POSIX)
+        signal.alarm(BUILD_TIMEOUT_S)
     sys.exit(0 if _build() is not None else 1)

@@ -30,16 +30,21 @@ class FakeBuilder:
 
     def poll(self):
         self.polls += 1
+        if self.code == 0:  # a real child that exits 0 has put the library in the cache
+            BUILT[0] = True
         return self.code
 
 
 STARTED: list[FakeBuilder] = []
+#: whether the (faked) extension cache holds this process's build
+BUILT = [False]
 
 
 @pytest.fixture
 def auto(monkeypatch):
     """Automatic mode from scratch, with a compiler, no earlier build and a controllable clock."""
     STARTED.clear()
+    BUILT[0] = False
     clock = [100.0]
     monkeypatch.setattr(lora_mod, "_CPP", _lora_cpp.AUTO)
     monkeypatch.setattr(_lora_cpp, "_MODULE", None)
@@ -47,7 +52,7 @@ def auto(monkeypatch):
     monkeypatch.setattr(_lora_cpp, "_BUILDER", None)
     monkeypatch.setattr(_lora_cpp, "_NEXT_POLL", 0.0)
     monkeypatch.setattr(_lora_cpp, "_toolchain", lambda: True)
-    monkeypatch.setattr(_lora_cpp, "_is_built", lambda build_dir, name: False)
+    monkeypatch.setattr(_lora_cpp, "_is_built", lambda build_dir, name: BUILT[0])
     monkeypatch.setattr(_lora_cpp.subprocess, "Popen", FakeBuilder)
     monkeypatch.setattr(_lora_cpp.time, "monotonic", lambda: clock[0])
     return clock
@@ -101,7 +106,7 @@ def test_no_toolchain_ends_the_mode_quietly(auto, monkeypatch, caplog) -> None:
 
 def test_an_earlier_build_is_loaded_at_once(auto, monkeypatch) -> None:
     module = object()
-    monkeypatch.setattr(_lora_cpp, "_is_built", lambda build_dir, name: True)
+    BUILT[0] = True
     monkeypatch.setattr(_lora_cpp, "_build", lambda quiet=False: module)
     assert _lora_cpp._advance_auto() is module
     assert lora_mod._CPP is module and STARTED == [] and _lora_cpp.status() == "on"
@@ -158,6 +163,45 @@ def test_failed_background_build_leaves_the_python_path(auto, monkeypatch, caplo
         assert _lora_cpp._advance_auto() is None
     assert lora_mod._CPP is None and _lora_cpp.status() == "off"
     assert any("background build of the C++ LoRA path failed (exit 1)" in r.getMessage() for r in caplog.records)
+
+
+def test_child_that_built_nothing_here_is_not_loaded_in_the_foreground(auto, monkeypatch) -> None:
+    """A child that exits 0 but left no library under this process's name (it imported another torch)
+    must not make this process compile for a minute in the foreground: the Python path instead."""
+    clock = auto
+    monkeypatch.setattr(_lora_cpp, "_build", lambda quiet=False: pytest.fail("no foreground build"))
+    _lora_cpp._advance_auto()
+    STARTED[0].code = 0
+    monkeypatch.setattr(_lora_cpp, "_is_built", lambda build_dir, name: False)
+    clock[0] += 1.0
+    assert _lora_cpp._advance_auto() is None and lora_mod._CPP is None
+
+
+def test_a_builder_that_cannot_start_leaves_the_python_path(auto, monkeypatch) -> None:
+    def no_interpreter(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "")
+
+    monkeypatch.setattr(_lora_cpp.subprocess, "Popen", no_interpreter)
+    assert _lora_cpp._advance_auto() is None
+    assert lora_mod._CPP is None and _lora_cpp.status() == "off"
+
+
+def test_two_threads_start_one_builder(auto, monkeypatch) -> None:
+    """Forwards in two threads at once (a slow start: the race is certain without the lock)."""
+    import threading
+    import time
+
+    def slow_builder(argv, **kwargs):
+        time.sleep(0.2)
+        return FakeBuilder(argv, **kwargs)
+
+    monkeypatch.setattr(_lora_cpp.subprocess, "Popen", slow_builder)
+    threads = [threading.Thread(target=_lora_cpp._advance_auto) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(STARTED) == 1
 
 
 @pytest.mark.parametrize("user", ["disable", "enable"])
