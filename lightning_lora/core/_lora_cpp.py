@@ -10,11 +10,12 @@ in ``tests/lightning_lora/test_lora_cpp_path.py`` compare them), compiled with
 
 ``LIGHTNING_LORA_CPP`` chooses:
 
-- unset or ``auto`` (the default, :func:`resolve_auto`): on for CUDA inputs where a C++ compiler and
-  ninja exist. The first fused forward on a CUDA input loads an earlier run's build at once, or
-  starts a background process that builds it (about a minute) while training goes on through the
-  Python functions, and switches to it when it is done. No compiler: the Python path, silently (an
-  INFO log record). CPU inputs never start anything.
+- unset or ``auto`` (the default, :func:`resolve_auto`): on for CUDA training where a C++ compiler
+  and ninja exist. The first fused training forward (gradients enabled) on a CUDA input loads an
+  earlier run's build at once, or starts a background process that builds it (about a minute) while
+  training goes on through the Python functions, and switches to it when it is done. No compiler:
+  the Python path, silently (an INFO log record). CPU inputs and inference (no gradients) never
+  start anything.
 - ``1``: on, built at the first fused forward, waiting for it (one WARNING line before a fresh build,
   one after, one warning where it fails); :func:`enable` (``lightning_lora.enable_cpp_path``) the
   same at once.
@@ -604,10 +605,10 @@ def resolve_auto(x: torch.Tensor) -> Any:
     """The automatic mode at a fused forward with input ``x``: the compiled module where it is ready,
     else None (this forward takes the Python path).
 
-    Only CUDA inputs start anything: the C++ path saves host time, which decides a step's time only
+    Only CUDA inputs in training (:func:`starts_auto`) start anything: the C++ path saves host time, which decides a step's time only
     where the GPU waits for the host (BERT-base at 32 x 512 on an H200: 0.73-0.77 of PEFT's step
     against the Python path's 0.80-0.89, docs/benchmarks.md); on the CPU the arithmetic usually
-    dominates and a minute of a core's compiling is not worth it. On the first CUDA forward:
+    dominates and a minute of a core's compiling is not worth it. On the first such forward:
 
     - an extension already built for this source and torch (an earlier run's) is loaded at once;
     - where there is no compiler or no ninja, the mode ends (off) with an INFO log record;
@@ -617,7 +618,15 @@ def resolve_auto(x: torch.Tensor) -> Any:
       invisible but for the speed). A child, not a thread: a run that ends first leaves it to finish
       the build (the next run loads it) instead of killing it halfway, with torch's build lock held.
     """
-    return _advance_auto() if x.is_cuda else None
+    return _advance_auto() if starts_auto(x) else None
+
+
+def starts_auto(x: Any) -> bool:
+    """Whether a fused forward with input ``x`` takes part in the automatic mode: a CUDA input with
+    gradients enabled (training). Inference (``torch.no_grad``, ``inference_mode``: ``lncrna predict``)
+    starts nothing, so a short command leaves no build running behind it; once training has switched
+    the path on, inference in that process uses it too."""
+    return bool(x.is_cuda) and torch.is_grad_enabled()
 
 
 def _advance_auto() -> Any:

@@ -150,7 +150,7 @@ REPLAY_MODES = ("none", "products", "all")
 _MM_OUT_DTYPE: dict[str, bool] = {}  # whether torch.mm(..., out_dtype=) works, per device type
 
 #: the C++ autograd functions (:mod:`lightning_lora.core._lora_cpp`): ``_lora_cpp.AUTO`` (the default:
-#: built in the background at the first fused forward on a CUDA input, where a compiler exists), None
+#: built in the background at the first fused training forward on a CUDA input, where a compiler exists), None
 #: (off, ``LIGHTNING_LORA_CPP=0``), True (``LIGHTNING_LORA_CPP=1``: built at the first fused forward,
 #: waiting for it) or the compiled module
 _CPP: Any = _lora_cpp.mode_from_env()
@@ -910,7 +910,7 @@ class _SiblingSet:
         merged = all(m.merged_training and m.training for m in members) and _merged_dtype_ok(xdtype)
         if merged:
             ws = [m._merged_weight(w, A, B, xdtype) for m, w, A, B in zip(members, ws, As, Bs)]
-        cpp = _CPP if _CPP is not _AUTO or x.is_cuda else None  # (automatic: CUDA inputs only)
+        cpp = _CPP if _CPP is not _AUTO or _lora_cpp.starts_auto(x) else None  # (automatic: CUDA training)
         # (a plain tensor only: a subclass's __torch_function__ sees the Python function's ops, not the C++ ones;
         # not under forward-mode AD: the Python function raises NotImplementedError there, the C++ one did not)
         if (cpp is not None and not merged and type(x) is torch.Tensor and _forward_ad_inactive()
@@ -1480,7 +1480,7 @@ class LoRALinear(AdapterLayer):
         recipe = None
         if mode != "none" and xd is x and A.requires_grad:
             recipe = _input_recipe(x, casts=mode == "all")
-        cpp = _CPP if _CPP is not _AUTO or x.is_cuda else None  # (automatic: CUDA inputs only)
+        cpp = _CPP if _CPP is not _AUTO or _lora_cpp.starts_auto(x) else None  # (automatic: CUDA training)
         # (plain LoRALinear only: subclasses keep the Python function they were written against; and a
         # plain tensor x only: a subclass's __torch_function__ sees the Python function's ops, and its
         # outputs keep the subclass there, while the C++ function's ATen calls bypass it; and not under

@@ -94,6 +94,19 @@ def test_cpu_inputs_start_nothing(auto) -> None:
     assert STARTED == [] and lora_mod._CPP is _lora_cpp.AUTO and _lora_cpp.status() == "auto"
 
 
+def test_only_cuda_training_takes_part() -> None:
+    """CUDA inputs with gradients enabled; not CPU inputs, not inference (``lncrna predict`` on a GPU
+    must not leave a build running behind a short command)."""
+    from types import SimpleNamespace
+
+    cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert _lora_cpp.starts_auto(cuda) and not _lora_cpp.starts_auto(cpu)
+    with torch.no_grad():
+        assert not _lora_cpp.starts_auto(cuda)
+    with torch.inference_mode():
+        assert not _lora_cpp.starts_auto(cuda)
+
+
 def test_no_toolchain_ends_the_mode_quietly(auto, monkeypatch, caplog) -> None:
     monkeypatch.setattr(_lora_cpp, "_toolchain", lambda: False)
     caplog.set_level(logging.INFO, logger=_lora_cpp.__name__)
@@ -239,8 +252,8 @@ def test_the_build_script_builds_without_the_package(tmp_path) -> None:
 
 @pytest.mark.gpu
 def test_cuda_training_switches_to_the_cpp_path(tmp_path) -> None:
-    """End to end on a GPU, in a fresh process in the default mode: the first CUDA forwards run the
-    Python path, the background build ends, later forwards run the C++ function, and its outputs and
+    """End to end on a GPU, in a fresh process in the default mode: an inference forward starts
+    nothing; the first CUDA training forwards run the Python path, the background build ends, later forwards run the C++ function, and its outputs and
     gradients equal the Python path's bit for bit."""
     code = r'''
 import time, torch, lightning_lora as ll
@@ -252,6 +265,9 @@ ll.inject_adapter(net, "lora", r=4, target_modules=["0", "2"])
 for layer in ll.adapter_layers(net).values():
     torch.nn.init.normal_(layer.lora_B, std=0.1)
 x = torch.randn(8, 64, device="cuda", requires_grad=True)
+with torch.no_grad():
+    net(x)
+assert c.status() == "auto", c.status()  # inference starts nothing
 out = net(x)
 first = out.grad_fn.name()
 assert first == "_FusedLoRABackward", first
