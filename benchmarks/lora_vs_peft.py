@@ -166,9 +166,12 @@ def step_fn(model: nn.Module, params: list[nn.Parameter], spec: dict) -> Callabl
 
 def timed_steps(step: Callable[[], None], warmup: int, steps: int, cuda: bool) -> tuple[float, float]:
     """``(median ms, peak GiB)`` of ``steps`` calls of ``step`` after ``warmup`` untimed ones; on CUDA
-    timed with events and the peak allocation counted from after the warm-up (0 on the CPU)."""
+    timed with events and the peak allocation counted from after the warm-up (0 on the CPU). The
+    warm-up's first CUDA training forward may start the C++ path's background build: :func:`settle`
+    waits for it, so the steady state is timed (method_overhead.py times through here too)."""
     for _ in range(warmup):
         step()
+    settle(step)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -247,9 +250,6 @@ def measure(name: str, variant: str, r: int, warmup: int, steps: int) -> dict[st
     model, params = build(spec, variant, r)
     step = step_fn(model, params, spec)
     cuda = DEVICE == "cuda"
-    for _ in range(min(warmup, 3)):  # (a fresh machine's background build starts at the first CUDA forward)
-        step()
-    settle(step)
     ms, peak = timed_steps(step, warmup, steps, cuda)
     n_train = sum(p.numel() for p in params)
     sets = sibling_sets(model)
@@ -276,7 +276,7 @@ def measure_interleaved(name: str, variants: list[str], r: int, warmup: int, ste
         built[v] = (model, params, step_fn(model, params, spec))
         for _ in range(warmup):
             built[v][2]()
-        settle(built[v][2])
+        settle(built[v][2])  # (the timed turns' own warm-up step is too short to wait in)
     cuda = DEVICE == "cuda"
     times: dict[str, list[float]] = {v: [] for v in variants}
     for cycle in range(rounds * steps):
