@@ -42,11 +42,14 @@ FASTA headers carry the labels: ``>ID label=lncRNA|mRNA species=human|mouse sour
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import math
+import os
 import re
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -308,15 +311,39 @@ def build(raw: Path = DEFAULT_RAW, out: Path | None = None, provenance: Path | N
 
     ``out`` defaults to ``data/lncrna`` (``holdout="transcript"``) or ``data/lncrna_gene``
     (``"gene"``). Returns the number of sequences per split. Byte-reproducible for a given zlib.
+
+    All or nothing: every output is first written into a hidden temporary folder beside its final
+    path and moved into place (``os.replace``) only once all of them are complete, so an error or
+    Ctrl-C part-way leaves the earlier outputs as they were (``lncrna train`` would silently use a
+    mix) and no temporary file; ``out`` itself is removed again if this call created it.
     """
     raw = Path(raw)
     out = Path(out) if out is not None else (DEFAULT_OUT_GENE if holdout == "gene" else DEFAULT_OUT)
     provenance = Path(provenance) if provenance is not None else out.parent / "PROVENANCE.md"
     splits, report = make_splits(raw, holdout)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    for name, entries in splits.items():
-        write_fasta((e.record(with_gene=holdout == "gene") for e in entries), out / f"{name}.fa.gz")
-    _write_section(provenance, _provenance_text(raw, out, provenance, splits, report), holdout)
+    try:
+        # staged inside out / beside PROVENANCE.md: the same file system, so os.replace is a rename
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=out, ignore_cleanup_errors=True) as files_dir, \
+                tempfile.TemporaryDirectory(prefix=f".{provenance.name}.build-", dir=provenance.parent,
+                                            ignore_cleanup_errors=True) as prov_dir:
+            files = Path(files_dir)
+            staged: dict[Path, Path] = {}  # final path -> its complete temporary copy
+            for name, entries in splits.items():
+                # the final file name, in the staging folder: gzip stores it in the header (train.fa)
+                staged[out / f"{name}.fa.gz"] = files / f"{name}.fa.gz"
+                write_fasta((e.record(with_gene=holdout == "gene") for e in entries), files / f"{name}.fa.gz")
+            staged[provenance] = Path(prov_dir) / provenance.name
+            _write_section(provenance, _provenance_text(raw, out, provenance, splits, report, files=files),
+                           holdout, to=staged[provenance])
+            for final, temporary in staged.items():
+                os.replace(temporary, final)
+    except BaseException:
+        if created:  # a failed first build leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     return {name: len(entries) for name, entries in splits.items()}
 
 
@@ -333,9 +360,10 @@ def _markers(holdout: str) -> tuple[str, str]:
             f"<!-- lncrna.data build --mouse-holdout {holdout}: end -->")
 
 
-def _write_section(path: Path, section: str, holdout: str = "transcript") -> None:
+def _write_section(path: Path, section: str, holdout: str = "transcript", *, to: Path | None = None) -> None:
     """Write ``section`` between the markers in ``path``, keeping everything else in the file
-    (other datasets document themselves in the same PROVENANCE.md)."""
+    (other datasets document themselves in the same PROVENANCE.md). ``to``: write the result there
+    instead of over ``path`` (build() stages it, see there)."""
     begin, end = _markers(holdout)
     block = f"{begin}\n{section}{end}\n"
     old = path.read_text() if path.exists() else "# Data provenance\n\n"
@@ -345,11 +373,13 @@ def _write_section(path: Path, section: str, holdout: str = "transcript") -> Non
         text = head + block + ("\n" + tail if tail else "")
     else:
         text = old.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    (to if to is not None else path).write_text(text)
 
 
 def _provenance_text(raw: Path, out: Path, provenance: Path, splits: dict[str, list[Entry]],
-                     report: _Report) -> str:
+                     report: _Report, *, files: Path | None = None) -> str:
+    """The PROVENANCE.md section for splits written to ``out``; their hashes are read from ``files``
+    (default ``out``; build() passes its staging folder, which holds the same bytes)."""
     try:
         out_rel = out.resolve().relative_to(provenance.parent.resolve())
     except ValueError:
@@ -447,7 +477,7 @@ def _provenance_text(raw: Path, out: Path, provenance: Path, splits: dict[str, l
     ]
     for name, entries in splits.items():
         lengths = np.array([len(e.seq) for e in entries])
-        f = out / f"{name}.fa.gz"
+        f = (files if files is not None else out) / f"{name}.fa.gz"
         L.append(f"| {name} | {len(entries)} | {int(lengths.sum())} | {lengths.min()} / "
                  f"{int(np.median(lengths))} / {lengths.max()} | `{_sha256(f)[:16]}` | "
                  f"`{_sha256(f, decompress=True)[:16]}` |")
