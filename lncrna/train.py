@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics import Metric, MetricCollection
 
 import lightning_lora as ll
 from lightning_lora.tasks import ExampleMean, unrepeated_eval_sampler
@@ -324,14 +325,47 @@ def _transcript_collate(items: list[tuple[list[np.ndarray], int]]) -> dict[str, 
     return batch
 
 
+class ThresholdAccuracy(Metric):
+    """Share of transcripts whose lncRNA probability ``p`` gives their label, lncRNA (1) when
+    ``p >= 0.5``: as predict's call (label lncRNA if prob >= threshold) and lncrna.metrics; with ``>``
+    a probability of exactly 0.5 (equal logits) counted as mRNA here and lncRNA everywhere else.
+    Counts in float64, summed over DDP processes (each scores its own unrepeated shard,
+    :class:`_FitLoaders`); the share returned in float32."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("correct", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """``probs``: lncRNA probabilities (B,); ``labels``: 0 / 1 (B,)."""
+        # out of place: a state reset under Lightning's inference_mode (trainer.validate) is an
+        # inference tensor, which fit's no_grad validation could not update in place
+        self.correct = self.correct + ((probs >= 0.5).long() == labels).sum().double()
+        self.total = self.total + labels.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.correct / self.total).float()
+
+
 class ClassifierModule(pl.LightningModule):
+    """Fine-tuning: cross-entropy on transcript logits; logs ``train_loss`` and ``val_accuracy``
+    (:class:`ThresholdAccuracy`, a metric object logged from ``validation_step``, so that
+    ``AdapterCallback(eval_ranks=...)`` logs each rank's own ``val_accuracy_rank<b>``)."""
+
     def __init__(self, model: NucleotideClassifier, lr: float = 1e-3, total_steps: int = 1000, warmup: int = 100,
                  weight_decay: float = 0.01) -> None:
         super().__init__()
         self.model, self.lr, self.total_steps, self.warmup = model, lr, total_steps, warmup
         self.weight_decay = weight_decay
-        self.val_probs: list[torch.Tensor] = []
-        self.val_labels: list[torch.Tensor] = []
+        # a metric, not lists of probabilities scored at epoch end: AdapterCallback(eval_ranks=...) gives
+        # each rank's validation pass its own copy, where lists on the module took every rank's passes
+        # into one val_accuracy (and no rank got its own). A collection named as SequenceClassifier's:
+        # a Trainer remembers the attribute each logged name came from and refuses another, so one
+        # Trainer could not validate both modules
+        self.val_metrics = MetricCollection({"accuracy": ThresholdAccuracy()}, prefix="val_")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(batch["input_ids"], batch["attention_mask"], batch["window_owner"], n=len(batch["labels"]))
@@ -343,24 +377,8 @@ class ClassifierModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch)
-        self.val_probs.append(torch.softmax(logits.float(), 1)[:, 1].cpu())
-        self.val_labels.append(batch["labels"].cpu())
-
-    def on_validation_epoch_end(self) -> None:
-        p = torch.cat(self.val_probs) if self.val_probs else torch.zeros(0)
-        y = torch.cat(self.val_labels) if self.val_labels else torch.zeros(0, dtype=torch.long)
-        self.val_probs.clear()
-        self.val_labels.clear()
-        # >= as predict's call (label lncRNA if prob >= threshold) and lncrna.metrics: with > a
-        # probability of exactly 0.5 (equal logits) counted as mRNA here and lncRNA everywhere else
-        counts = torch.tensor([float(((p >= 0.5).long() == y).sum()), float(len(y))], dtype=torch.float64,
-                              device=self.device)
-        if self._trainer is not None:
-            # under DDP each process scored its own shard (unrepeated, _FitLoaders): add every process's
-            # counts; the mean logged before was rank 0's shard alone. Every process reaches this.
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        if counts[1] > 0:
-            self.log("val_accuracy", (counts[0] / counts[1]).float(), prog_bar=True)
+        self.val_metrics.update(torch.softmax(logits.float(), 1)[:, 1], batch["labels"])
+        self.log_dict(self.val_metrics, prog_bar=True, batch_size=len(batch["labels"]))
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(ll.trainable_parameters(self), lr=self.lr, weight_decay=self.weight_decay)

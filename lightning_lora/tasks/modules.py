@@ -136,6 +136,35 @@ class ExampleMean(Metric):
         return self.total / self.count
 
 
+class TokenNLL(Metric):
+    """Mean negative log-likelihood per token: sum of ``loss * n_tokens`` over sum of ``n_tokens``,
+    both sums in float64 (an evaluation's many batches keep their digits), the mean returned in
+    float32. Both sums add up over DDP processes. Out-of-place updates, as :class:`ExampleMean`."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, n_tokens: int) -> None:
+        """``loss``: the mean NLL of ``n_tokens`` tokens (a scalar)."""
+        self.total = self.total + loss.detach().double() * n_tokens
+        self.count = self.count + n_tokens
+
+    def compute(self) -> torch.Tensor:
+        # no token at all: 0 (perplexity 1), as the running sum CausalLM kept before gave
+        return (self.total / self.count.clamp_min(1)).float()
+
+
+class TokenPerplexity(TokenNLL):
+    """``exp`` of :class:`TokenNLL`'s float32 mean."""
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(super().compute())
+
+
 def classification_metrics(names: tuple[str, ...] | list[str], num_labels: int) -> MetricCollection:
     """``accuracy`` (micro), ``f1`` (positive class 1 when binary, else macro), ``mcc``
     (:class:`GlueMatthewsCorrCoef`: 0 when undefined, as GLUE / scikit-learn)."""
@@ -218,7 +247,9 @@ class CausalLM(_AdamWLinearSchedule):
 
     Logs ``train_loss``; ``val_loss`` (mean per-token negative log-likelihood, nats) and
     ``val_ppl = exp(val_loss)``; ``test_*`` likewise. A batch is ``input_ids`` and ``labels`` of
-    shape (batch, block) (``attention_mask`` optional; label ``-100`` is ignored).
+    shape (batch, block) (``attention_mask`` optional; label ``-100`` is ignored). Both are
+    torchmetrics objects logged from the step (:class:`TokenNLL`, :class:`TokenPerplexity`), so
+    ``AdapterCallback(eval_ranks=...)`` logs each rank's own ``val_loss_rank<b>`` / ``val_ppl_rank<b>``.
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.03,
@@ -231,10 +262,13 @@ class CausalLM(_AdamWLinearSchedule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
         self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
         self.save_hyperparameters(ignore=["model"])
-        # [sum of token losses, token count] of the running evaluation. Plain numbers, not a
-        # torchmetrics state: a state reset under Lightning's inference_mode becomes an inference
-        # tensor that the next (no_grad) validation inside fit cannot update.
-        self._nll = [0.0, 0]
+        # metric states, not a running sum on the module: AdapterCallback(eval_ranks=...) gives each
+        # rank's validation pass its own copies of these, where a sum here mixed every rank's passes
+        # into val_loss (and no rank got its own value); their sums also add up over DDP processes.
+        # named `*_loss_mean` as SequenceClassifier's: a Trainer remembers the attribute each logged
+        # name came from and refuses another, so one Trainer could not validate both modules
+        self.val_loss_mean, self.val_perplexity = TokenNLL(), TokenPerplexity()
+        self.test_loss_mean, self.test_perplexity = TokenNLL(), TokenPerplexity()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-token loss over the batch's predicted tokens (a scalar)."""
@@ -246,37 +280,23 @@ class CausalLM(_AdamWLinearSchedule):
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, nll: TokenNLL, ppl: TokenPerplexity) -> None:
         # tokens that get a prediction: every label except the first of each row, minus ignored ones
         n_tokens = int((batch["labels"][:, 1:] != -100).sum())
-        if n_tokens == 0:
-            # the model's mean loss over no tokens is NaN, and NaN * 0 is NaN: one such batch made the
-            # whole epoch's val_loss / val_ppl NaN (and `lightning-lora train` then drops them)
-            return
-        self._nll[0] += float(self(batch)) * n_tokens
-        self._nll[1] += n_tokens
+        if n_tokens:
+            # a batch without one is left out: the model's mean loss over no tokens is NaN, and
+            # NaN * 0 is NaN, which made the whole epoch's val_loss / val_ppl NaN (and
+            # `lightning-lora train` then dropped them)
+            loss = self(batch)
+            nll.update(loss, n_tokens)
+            ppl.update(loss, n_tokens)
+        # logged at every step all the same: an evaluation without a predicted token logs 0 and 1
+        n = batch["input_ids"].shape[0]
+        self.log(f"{stage}_loss", nll, prog_bar=True, batch_size=n)
+        self.log(f"{stage}_ppl", ppl, prog_bar=True, batch_size=n)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._eval_step(batch, "val", self.val_loss_mean, self.val_perplexity)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def _start(self) -> None:
-        self._nll = [0.0, 0]
-
-    def _log_nll(self, stage: str) -> None:
-        total = torch.tensor(self._nll, dtype=torch.float64, device=self.device)
-        total = self.trainer.strategy.reduce(total, reduce_op="sum")  # sum over processes under DDP
-        value = (total[0] / total[1].clamp_min(1)).float()
-        self.log(f"{stage}_loss", value, prog_bar=True)
-        self.log(f"{stage}_ppl", torch.exp(value), prog_bar=True)
-
-    on_validation_epoch_start = _start
-    on_test_epoch_start = _start
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_nll("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_nll("test")
+        self._eval_step(batch, "test", self.test_loss_mean, self.test_perplexity)

@@ -103,21 +103,6 @@ def test_glue_datamodule_validation_shards_hold_every_example_once():
     assert shards == [[GLUE_ROWS[0], GLUE_ROWS[2], GLUE_ROWS[4]], [GLUE_ROWS[1], GLUE_ROWS[3]]]
 
 
-def test_lncrna_validation_accuracy_adds_every_process_counts(monkeypatch):
-    from lncrna.train import ClassifierModule
-
-    module = ClassifierModule(None)
-    # this process: 1 of 3 right; the other process: 1 of 2 right (what its reduce adds)
-    module.val_probs = [torch.tensor([0.9, 0.9, 0.9])]
-    module.val_labels = [torch.tensor([1, 0, 0])]
-    other = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    module._trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda t, reduce_op: t + other))
-    logged = {}
-    monkeypatch.setattr(module, "log", lambda name, value, **_: logged.__setitem__(name, float(value)))
-    module.on_validation_epoch_end()
-    assert logged["val_accuracy"] == float(torch.tensor(2 / 5, dtype=torch.float32))  # not this shard's 1/3
-
-
 _DDP_SCRIPT = textwrap.dedent('''
     import json, os, sys, warnings
     from types import SimpleNamespace

@@ -212,16 +212,3 @@ def test_ffa_benchmark_reports_the_sample_std_over_seeds(tmp_path, monkeypatch):
     res = ffa_federated.run_task("sst2", args)
     assert res["dp_eps6_gain_vs_lora"] == pytest.approx(15.0)
     assert res["dp_eps6_gain_vs_lora_std"] == pytest.approx(5.0)  # statistics.stdev([10, 20, 15])
-
-
-def test_lncrna_validation_accuracy_calls_probability_one_half_lncrna(monkeypatch):
-    from lncrna.train import ClassifierModule
-
-    module = ClassifierModule(None)
-    module.val_probs = [torch.tensor([0.5, 0.2, 0.9])]  # 0.5: equal logits
-    module.val_labels = [torch.tensor([1, 0, 1])]
-    logged = {}
-    monkeypatch.setattr(module, "log", lambda name, value, **_: logged.__setitem__(name, float(value)))
-    module.on_validation_epoch_end()
-    # predict labels a record lncRNA when prob >= threshold (0.5), and so does lncrna.metrics
-    assert logged["val_accuracy"] == 1.0
