@@ -605,10 +605,11 @@ def resolve_auto(x: torch.Tensor) -> Any:
     """The automatic mode at a fused forward with input ``x``: the compiled module where it is ready,
     else None (this forward takes the Python path).
 
-    Only CUDA inputs in training (:func:`starts_auto`) start anything: the C++ path saves host time, which decides a step's time only
-    where the GPU waits for the host (BERT-base at 32 x 512 on an H200: 0.73-0.77 of PEFT's step
-    against the Python path's 0.80-0.89, docs/benchmarks.md); on the CPU the arithmetic usually
-    dominates and a minute of a core's compiling is not worth it. On the first such forward:
+    Only CUDA inputs in training (:func:`starts_auto`) start anything: the C++ path saves host time,
+    which decides a step's time only where the GPU waits for the host (BERT-base at 32 x 512 on an
+    H200: 0.71-0.76 of PEFT's step against the Python path's 0.85-0.88, docs/benchmarks.md); on the
+    CPU the arithmetic usually dominates and a minute of a core's compiling is not worth it. On the
+    first such forward:
 
     - an extension already built for this source and torch (an earlier run's) is loaded at once;
     - where there is no compiler or no ninja, the mode ends (off) with an INFO log record;
@@ -692,7 +693,8 @@ def status() -> str:
     from ..methods import lora
 
     cpp = lora._CPP
-    if cpp is AUTO and _BUILDER is not None:
+    if cpp is AUTO and (_BUILDER is not None or _MODULE is not None):
+        # started (or loaded) already: the next CUDA training forward's state, decided now
         global _NEXT_POLL
         _NEXT_POLL = 0.0
         _advance_auto()

@@ -155,6 +155,18 @@ def test_background_build_then_switch(auto, monkeypatch, caplog) -> None:
     assert len(STARTED) == 1
 
 
+def test_status_of_a_loaded_build_back_in_automatic_mode_is_on(auto, monkeypatch) -> None:
+    """Automatic mode set again after the build was loaded (a benchmark switching variants): the next
+    CUDA training forward runs the C++ path, and status says so."""
+    module = object()
+    BUILT[0] = True
+    monkeypatch.setattr(_lora_cpp, "_build", lambda quiet=False: module)
+    _lora_cpp._advance_auto()
+    monkeypatch.setattr(_lora_cpp, "_MODULE", module)
+    lora_mod._CPP = _lora_cpp.AUTO
+    assert _lora_cpp.status() == "on" and lora_mod._CPP is module
+
+
 def test_status_finishes_a_done_build(auto, monkeypatch) -> None:
     """``status()`` polls at once (no one-second wait): a benchmark waits for the steady state with it."""
     module = object()
