@@ -156,9 +156,9 @@ def run_one(args: argparse.Namespace) -> None:
         from lightning_lora.methods import lora as lora_mod
 
         cpp = lora_mod._CPP  # the C++ path on (a module) or not (None, or a mode never resolved)
+        cpp_on = int(cpp is not None and not isinstance(cpp, (bool, str)))
         Path(args.part).write_text(json.dumps({"devices": args.devices, "samples_per_s": rate,
-                                               "median_step_ms": 1e3 * steps[len(steps) // 2],
-                                               "cpp_path_on": int(cpp is not None and not isinstance(cpp, (bool, str)))}))
+                                               "median_step_ms": 1e3 * steps[len(steps) // 2], "cpp_path_on": cpp_on}))
 
 
 def main() -> None:

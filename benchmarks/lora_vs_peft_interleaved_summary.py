@@ -79,7 +79,8 @@ def main() -> None:
     devices = sorted({r.get("device", "?") for r in records})
     metrics = summarize(records)
     # the options that decide where the result goes are part of the command that reproduces it
-    options = ([] if args.name == NAME else ["--name", args.name]) + ([] if args.out_dir is None else ["--out-dir", args.out_dir])
+    options = (([] if args.name == NAME else ["--name", args.name])
+               + ([] if args.out_dir is None else ["--out-dir", args.out_dir]))
     command = " ".join(["python", "benchmarks/lora_vs_peft_interleaved_summary.py", *options, *map(str, args.runs)])
     path = write_result(args.name, metrics, command, kind="benchmark", device="; ".join(devices),
                         directory=args.out_dir)

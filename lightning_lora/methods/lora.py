@@ -150,7 +150,7 @@ REPLAY_MODES = ("none", "products", "all")
 _MM_OUT_DTYPE: dict[str, bool] = {}  # whether torch.mm(..., out_dtype=) works, per device type
 
 #: the C++ autograd functions (:mod:`lightning_lora.core._lora_cpp`): ``_lora_cpp.AUTO`` (the default:
-#: built in the background at the first fused training forward on a CUDA input, where a compiler exists), None
+#: built in the background at the first fused training forward on a CUDA input where a compiler exists), None
 #: (off, ``LIGHTNING_LORA_CPP=0``), True (``LIGHTNING_LORA_CPP=1``: built at the first fused forward,
 #: waiting for it) or the compiled module
 _CPP: Any = _lora_cpp.mode_from_env()

@@ -265,8 +265,8 @@ def test_the_build_script_builds_without_the_package(tmp_path) -> None:
 @pytest.mark.gpu
 def test_cuda_training_switches_to_the_cpp_path(tmp_path) -> None:
     """End to end on a GPU, in a fresh process in the default mode: an inference forward starts
-    nothing; the first CUDA training forwards run the Python path, the background build ends, later forwards run the C++ function, and its outputs and
-    gradients equal the Python path's bit for bit."""
+    nothing; the first CUDA training forwards run the Python path, the background build ends, later
+    forwards run the C++ function, and its outputs and gradients equal the Python path's bit for bit."""
     code = r'''
 import time, torch, lightning_lora as ll
 from lightning_lora.core import _lora_cpp as c
