@@ -1012,7 +1012,8 @@ def run_train(cfg: Any) -> Path:
     summary = {"command": "lncrna train", "config": _container(cfg), "seconds": time.time() - t0,
                "classifier": str(out / "classifier"),
                "adapter": str(out / "adapter") if method != "full" else None,
-               "train_seconds": getattr(model, "train_seconds", None)}
+               "train_seconds": getattr(model, "train_seconds", None),
+               "metrics": getattr(model, "final_metrics", None)}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"{PROG} train: wrote {out / 'classifier'} (add a stack.json to use it with `lncrna predict --model`)",
           flush=True)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric, MetricCollection
 
 import lightning_lora as ll
-from lightning_lora.tasks import ExampleMean, unrepeated_eval_sampler
+from lightning_lora.tasks import ExampleMean, method_optimizer, unrepeated_eval_sampler
 
 from .model import (
     ModelConfig,
@@ -381,9 +381,27 @@ class ClassifierModule(pl.LightningModule):
         self.log_dict(self.val_metrics, prog_bar=True, batch_size=len(batch["labels"]))
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(ll.trainable_parameters(self), lr=self.lr, weight_decay=self.weight_decay)
+        # a method that brings its own optimizer (GradNormLoRP's projected AdamW: the projection is half
+        # the method) gets it, as lightning_lora.tasks' modules do; plain AdamW trained only its layer
+        opt = (method_optimizer(self, lr=self.lr, weight_decay=self.weight_decay)
+               or torch.optim.AdamW(ll.trainable_parameters(self), lr=self.lr, weight_decay=self.weight_decay))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, self.warmup, self.total_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+#: methods whose layers do not merge but fold into a dense nn.Linear otherwise (:func:`_fold_adapter`)
+_DENSE_UNLOAD = ("lq_lora",)
+
+
+def _fold_adapter(bert: torch.nn.Module, method: str) -> None:
+    """Replace ``bert``'s adapter layers by plain layers computing what the adapted model computed.
+
+    LQ-LoRA's ``merge`` refuses (its base is quantized): its dense ``Q + s·BA`` copy is the same function."""
+    if method in _DENSE_UNLOAD:
+        from lightning_lora.methods.lq_lora import unload_dense
+
+        unload_dense(bert)
+    ll.unload(bert, merge=True)  # the rest merge; also unwraps modules_to_save
 
 
 class RunConfigError(UserError, ValueError):
@@ -442,8 +460,11 @@ def finetune(
     (METHODS.md §10 leaves both open).
 
     The classifier head and pooler train in full (``modules_to_save``); the encoder gets the
-    adapter; at the end the adapter is merged so the saved model is a plain BERT (no inference cost).
-    Writes ``out_dir/classifier`` and ``out_dir/adapter`` (the adapter alone, PEFT format for LoRA).
+    adapter; at the end the adapter is merged so the saved model is a plain BERT (no inference cost):
+    LQ-LoRA's as its dense ``Q + s·BA``; a method that cannot merge (SMoRA) is refused before any data
+    loads (:class:`RunConfigError`). Writes ``out_dir/classifier`` and ``out_dir/adapter`` (the adapter
+    alone, PEFT format for LoRA). The returned model carries ``train_seconds`` and ``final_metrics``
+    (the last logged values: ``train_loss``, ``val_accuracy``, ...).
     """
     from .data import load_split
 
@@ -451,6 +472,12 @@ def finetune(
                     weight_decay=weight_decay)
     if species not in ("mouse", "mixed"):  # before the MLM and the data load, not after
         raise RunConfigError(f"unknown training species {species!r}; expected 'mouse' or 'mixed'")
+    if method != "full" and method not in _DENSE_UNLOAD and not ll.get_method(method).mergeable:
+        # Why: the saved classifier is a plain BERT (what `lncrna predict` loads); SMoRA's update cannot
+        # be merged into it, and the run used to fail with a traceback only after the whole fit
+        raise RunConfigError(f"adapter={method}: its update cannot be merged into the base weights, and lncrna "
+                             "train saves the classifier merged (a plain BERT for `lncrna predict`); "
+                             "choose a mergeable adapter")
     pl.seed_everything(seed)
     if mlm_dir is not None:
         cfg, mlm = load_mlm(mlm_dir)
@@ -490,7 +517,9 @@ def finetune(
     trainer.fit(module, datamodule=_FitLoaders(_train_loader(train_ds, batch_size, _transcript_collate), val_ds,
                                                batch_size, _transcript_collate))
     model.train_seconds = time.time() - t0  # type: ignore[attr-defined]
+    # the last logged values (val_accuracy, train_loss, ...): the run has no logger, so nothing else keeps them
+    model.final_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # type: ignore[attr-defined]
     if method != "full":
-        ll.unload(model.bert, merge=True)
+        _fold_adapter(model.bert, method)
     model.save_pretrained(Path(out_dir) / "classifier")
     return model.eval()

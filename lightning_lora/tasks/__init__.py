@@ -31,7 +31,8 @@ from .models import (
     minilm_path,
     smollm2_gguf,
 )
-from .modules import CausalLM, ExampleMean, SequenceClassifier, classification_metrics, linear_warmup_decay
+from .modules import (CausalLM, ExampleMean, SequenceClassifier, classification_metrics, linear_warmup_decay,
+                      method_optimizer)
 from .paths import nlp_data_dir, repo_root, results_dir
 
 #: data config name (conf/data/*.yaml ``name``) -> LightningDataModule class
@@ -48,7 +49,7 @@ __all__ = [
     "CausalLM", "CoLADataModule", "DATAMODULES", "Example", "ExampleMean", "GLUEDataModule", "MODELS", "MRPCDataModule",
     "ModelPackageMissing", "RTEDataModule", "SST2DataModule", "SequenceClassifier", "TASKS",
     "TinyShakespeareDataModule", "WikiText2DataModule", "classification_metrics", "linear_warmup_decay",
-    "load_minilm", "load_model", "load_smollm2", "load_tiny_bert", "load_tiny_llama", "make_blocks",
+    "load_minilm", "load_model", "load_smollm2", "load_tiny_bert", "load_tiny_llama", "make_blocks", "method_optimizer",
     "minilm_path", "nlp_data_dir", "pad_batch", "read_split", "repo_root", "results_dir", "smollm2_gguf",
     "split_dev", "tokenize_corpus", "unrepeated_eval_sampler",
 ]

@@ -42,7 +42,7 @@ def linear_warmup_decay(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _method_optimizer(module: nn.Module, **kwargs: Any) -> torch.optim.Optimizer | None:
+def method_optimizer(module: nn.Module, **kwargs: Any) -> torch.optim.Optimizer | None:
     """The optimizer of an injected method that brings its own (``make_optimizer``: GradNormLoRP's
     projected AdamW), over ``module``'s trainable parameters; None for every other method."""
     for sub in module.modules():
@@ -82,7 +82,7 @@ class _AdamWLinearSchedule(pl.LightningModule):
         params = trainable_parameters(self)
         if not params:
             raise RuntimeError("no trainable parameters: was the adapter injected (AdapterCallback) before fit?")
-        optimizer = _method_optimizer(self, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas))
+        optimizer = method_optimizer(self, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas))
         if optimizer is not None and self.head_lr is not None:
             raise ValueError(f"head_lr={self.head_lr}: the adapter method brings its own optimizer "
                              f"({type(optimizer).__name__}), which takes one lr; leave head_lr unset")
