@@ -230,9 +230,11 @@ def run(cfg: Any, command: str | None = None) -> dict[str, float]:
     select_best = bool(datamodule.has_test) if select == "auto" else bool(select)
     higher_is_better = datamodule.monitor != "loss"
     callbacks: list[Any] = [callback]
+    checkpoint: ModelCheckpoint | None = None
     if select_best:
-        callbacks.append(ModelCheckpoint(dirpath=out_dir / "checkpoints", monitor=f"val_{datamodule.monitor}",
-                                         mode="max" if higher_is_better else "min", save_top_k=1, save_last=False))
+        checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", monitor=f"val_{datamodule.monitor}",
+                                     mode="max" if higher_is_better else "min", save_top_k=1, save_last=False)
+        callbacks.append(checkpoint)
     try:
         trainer = pl.Trainer(default_root_dir=str(out_dir), callbacks=callbacks, enable_checkpointing=select_best,
                              logger=CSVLogger(str(out_dir), name="logs"), **trainer_kwargs)
@@ -247,6 +249,13 @@ def run(cfg: Any, command: str | None = None) -> dict[str, float]:
     # 4. evaluation
     metrics: dict[str, float] = {}
     ckpt = "best" if select_best else None
+    if checkpoint is not None and not checkpoint.best_model_path:
+        # no validation ran inside fit (max_steps ended it before the first one, limit_val_batches=0,
+        # check_val_every_n_epoch > max_epochs), so none was kept: Lightning's "best" raised after the
+        # whole training; the final model is the one candidate left
+        print("lightning-lora: warning: select_best: no validation ran during fit, so no checkpoint was kept; "
+              "evaluating the final model", file=sys.stderr, flush=True)
+        ckpt = None
     (val,) = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
     metrics.update({k: float(v) for k, v in val.items()})
     if datamodule.has_test:
@@ -297,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = run(cfg, command=command)
         except (ConfigError, DataNotFound) as e:
             # DataNotFound: an installed copy has no data/nlp/; say where to point it, not a traceback
+            discard_hydra_run_dir()  # a refused run leaves no folder behind (as lncrna's and federated's)
             print(f"lightning-lora: error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         # a number for Hydra sweepers (Optuna etc.): the monitored validation metric
