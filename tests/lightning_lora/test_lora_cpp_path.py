@@ -478,3 +478,60 @@ def test_forward_mode_ad_raises_as_on_the_python_path(cpp: bool, siblings: bool)
 def test_training_steps_leave_no_cyclic_garbage(kind: str, mode: str) -> None:
     """test_lora_reference_cycles.py's check on the C++ path (its recipe encoding once was a cycle)."""
     assert_steps_leave_no_cyclic_garbage(kind, mode, cpp=True)
+
+
+@pytest.mark.parametrize("method", ll.available_methods())
+def test_every_method_gives_the_same_outputs_and_gradients_on_both_paths(model_builders, method) -> None:
+    """Since session 23 the C++ path is the default for CUDA training, switched on process-wide: every
+    registered method must give, with it on, what the Python path gives, bit for bit. Plain LoRA
+    layers and their sibling sets reach it (checked: a C++ node in LoRA's graph); the other methods'
+    layers (LoRALinear subclasses included) keep the Python functions. Two steps (the second after
+    an optimizer step: cast caches) of each method's first test variant, in train mode, no dropout."""
+    from test_invariants import SPECS, adapt, make_inputs, out_of, perturb, probe_loss  # the test directory is on sys.path
+
+    spec = SPECS[method]
+    kw = dict(next(iter(spec.variants.values())))
+    model = "bert" if "bert" in spec.models else spec.models[0]
+    results = []
+    for cpp in (False, True):
+        m, layers = adapt(model_builders, method, kw, model)
+        assert layers
+        perturb(spec, m)
+        m.train()
+        for mod in m.modules():  # no dropout anywhere: the two runs must see the same masks (none)
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        opt = torch.optim.SGD(ll.trainable_parameters(m), lr=0.1)
+        lora_mod._CPP = _lora_cpp._build() if cpp else None
+        try:
+            run = []
+            for step in range(2):
+                y = out_of(m, make_inputs(model, seed=step + 1))
+                if cpp and method == "lora":  # the comparison is not vacuous: LoRA ran the C++ functions
+                    assert "CppNode" in _graph_names(y.grad_fn)
+                probe_loss(y).backward()
+                run.append((y.detach().clone(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                                 if p.grad is not None}))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        finally:
+            lora_mod._CPP = None
+        results.append(run)
+    for (y_py, g_py), (y_cpp, g_cpp) in zip(*results):
+        assert torch.equal(y_cpp, y_py)
+        assert g_cpp.keys() == g_py.keys() and g_py
+        for n in g_py:
+            assert torch.equal(g_cpp[n], g_py[n]), n
+
+
+def _graph_names(fn) -> str:
+    """Every node name of the autograd graph under ``fn``, joined."""
+    seen, names, stack = set(), [], [fn]
+    while stack:
+        f = stack.pop()
+        if f is None or id(f) in seen:
+            continue
+        seen.add(id(f))
+        names.append(f.name())
+        stack.extend(g for g, _ in f.next_functions)
+    return " ".join(names)
