@@ -153,10 +153,9 @@ def run_one(args: argparse.Namespace) -> None:
         t = module.times[args.warmup:]  # t[0] and t[-1] after a sync; the steps between on the host's clock
         rate = (len(t) - 1) * args.batch * args.devices / (t[-1] - t[0])
         steps = sorted(b - a for a, b in zip(t, t[1:]))
-        from lightning_lora.methods import lora as lora_mod
+        from lightning_lora.core import _lora_cpp
 
-        cpp = lora_mod._CPP  # the C++ path on (a module) or not (None, or a mode never resolved)
-        cpp_on = int(cpp is not None and not isinstance(cpp, (bool, str)))
+        cpp_on = int(_lora_cpp.status() == "on")  # whether the run ended on the C++ path
         Path(args.part).write_text(json.dumps({"devices": args.devices, "samples_per_s": rate,
                                                "median_step_ms": 1e3 * steps[len(steps) // 2], "cpp_path_on": cpp_on}))
 

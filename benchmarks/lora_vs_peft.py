@@ -224,13 +224,10 @@ def settle(step: Callable[[], None]) -> None:
 
 
 def cpp_path_on() -> int:
-    """1 where the fused layers' next CUDA forward runs the C++ functions, else 0."""
+    """1 where the fused layers' next CUDA training forward runs the C++ functions, else 0."""
     from lightning_lora.core import _lora_cpp
-    from lightning_lora.methods import lora as lora_mod
 
-    if lora_mod._CPP is _lora_cpp.AUTO:  # (resolved at the next forward, to the module once it is built)
-        return int(_lora_cpp._MODULE is not None)
-    return int(lora_mod._CPP is not None and lora_mod._CPP is not True)
+    return int(_lora_cpp.status() == "on")
 
 
 #: variants with ``lightning_lora.core.replay_kernels`` on (A's gradient read from the replayed

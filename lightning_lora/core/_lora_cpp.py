@@ -601,9 +601,9 @@ def _set_mode(mod: Any) -> Any:
     return lora._CPP if lora._CPP is not True and lora._CPP is not AUTO else None
 
 
-def resolve_auto(x: torch.Tensor) -> Any:
-    """The automatic mode at a fused forward with input ``x``: the compiled module where it is ready,
-    else None (this forward takes the Python path).
+def resolve_auto() -> Any:
+    """The automatic mode at a fused forward that takes part (:func:`starts_auto`, checked by the
+    caller): the compiled module where it is ready, else None (this forward takes the Python path).
 
     Only CUDA inputs in training (:func:`starts_auto`) start anything: the C++ path saves host time,
     which decides a step's time only where the GPU waits for the host (BERT-base at 32 x 512 on an
@@ -619,7 +619,12 @@ def resolve_auto(x: torch.Tensor) -> Any:
       invisible but for the speed). A child, not a thread: a run that ends first leaves it to finish
       the build (the next run loads it) instead of killing it halfway, with torch's build lock held.
     """
-    return _advance_auto() if starts_auto(x) else None
+    if _MODULE is not None or _FAILED:  # built (or failed) already: no waiting for the next poll
+        return _set_mode(_MODULE)
+    if _BUILDER is not None and time.monotonic() < _NEXT_POLL:  # (the common case while building: no lock)
+        return None
+    with _AUTO_LOCK:  # two threads' forwards must not start two builders
+        return _resolve_auto_locked()
 
 
 def starts_auto(x: Any) -> bool:
@@ -630,17 +635,7 @@ def starts_auto(x: Any) -> bool:
     return bool(x.is_cuda) and torch.is_grad_enabled()
 
 
-def _advance_auto() -> Any:
-    """One step of :func:`resolve_auto`'s state machine, a CUDA forward's: start, poll or finish."""
-    if _MODULE is not None or _FAILED:  # built (or failed) already: no waiting for the next poll
-        return _set_mode(_MODULE)
-    if _BUILDER is not None and time.monotonic() < _NEXT_POLL:  # (the common case while building: no lock)
-        return None
-    with _AUTO_LOCK:  # two threads' forwards must not start two builders
-        return _advance_auto_locked()
-
-
-def _advance_auto_locked() -> Any:
+def _resolve_auto_locked() -> Any:
     global _BUILDER, _NEXT_POLL
     if _MODULE is not None or _FAILED:
         return _set_mode(_MODULE)
@@ -697,7 +692,7 @@ def status() -> str:
         # started (or loaded) already: the next CUDA training forward's state, decided now
         global _NEXT_POLL
         _NEXT_POLL = 0.0
-        _advance_auto()
+        resolve_auto()
         cpp = lora._CPP
         return "building" if cpp is AUTO else "on" if cpp is not None else "off"
     if cpp is AUTO:

@@ -918,7 +918,7 @@ class _SiblingSet:
             if cpp is True:
                 cpp = _lora_cpp.load_for_env()
             elif cpp is _AUTO:
-                cpp = _lora_cpp.resolve_auto(x)
+                cpp = _lora_cpp.resolve_auto()  # (starts_auto(x) checked above)
             with_bias = [b for b in biases if b is not None]
             enc = None if cpp is None else ((), ()) if recipe is None else _lora_cpp.encode_recipe(recipe)
             if enc is not None and len(with_bias) in (0, len(biases)):
@@ -1490,7 +1490,7 @@ class LoRALinear(AdapterLayer):
             if cpp is True:
                 cpp = _lora_cpp.load_for_env()
             elif cpp is _AUTO:
-                cpp = _lora_cpp.resolve_auto(x)
+                cpp = _lora_cpp.resolve_auto()  # (starts_auto(x) checked above)
             enc = None if cpp is None else ((), ()) if recipe is None else _lora_cpp.encode_recipe(recipe)
             if enc is not None:
                 return cpp.fused(x, weight, bias, A, B, casts[0], casts[1], self.scaling, self.fan_in_fan_out, *enc)

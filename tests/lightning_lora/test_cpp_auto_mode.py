@@ -112,7 +112,7 @@ def test_no_toolchain_ends_the_mode_quietly(auto, monkeypatch, caplog) -> None:
     caplog.set_level(logging.INFO, logger=_lora_cpp.__name__)
     with __import__("warnings").catch_warnings():
         __import__("warnings").simplefilter("error")  # nobody asked for the C++ path: no warning
-        assert _lora_cpp._advance_auto() is None
+        assert _lora_cpp.resolve_auto() is None
     assert lora_mod._CPP is None and STARTED == [] and _lora_cpp.status() == "off"
     assert any("no C++ compiler or ninja" in r.getMessage() for r in caplog.records)
 
@@ -121,7 +121,7 @@ def test_an_earlier_build_is_loaded_at_once(auto, monkeypatch) -> None:
     module = object()
     BUILT[0] = True
     monkeypatch.setattr(_lora_cpp, "_build", lambda quiet=False: module)
-    assert _lora_cpp._advance_auto() is module
+    assert _lora_cpp.resolve_auto() is module
     assert lora_mod._CPP is module and STARTED == [] and _lora_cpp.status() == "on"
 
 
@@ -132,7 +132,7 @@ def test_background_build_then_switch(auto, monkeypatch, caplog) -> None:
     monkeypatch.setattr(_lora_cpp, "_build", lambda quiet=False: loads.append(quiet) or module)
     caplog.set_level(logging.INFO, logger=_lora_cpp.__name__)
 
-    assert _lora_cpp._advance_auto() is None  # the first CUDA forward: a child starts, Python path now
+    assert _lora_cpp.resolve_auto() is None  # the first CUDA forward: a child starts, Python path now
     (builder,) = STARTED
     assert builder.argv == [sys.executable, _lora_cpp.__file__, "--build"]
     assert builder.kwargs["start_new_session"] is True  # a Ctrl-C of the run does not kill it halfway
@@ -140,17 +140,17 @@ def test_background_build_then_switch(auto, monkeypatch, caplog) -> None:
     assert any("building the C++ LoRA path in the background" in r.getMessage() for r in caplog.records)
 
     for _ in range(50):  # forwards within the same second do not poll the child
-        assert _lora_cpp._advance_auto() is None
+        assert _lora_cpp.resolve_auto() is None
     assert builder.polls == 0
     clock[0] += 1.0
-    assert _lora_cpp._advance_auto() is None and builder.polls == 1  # polled: still building
+    assert _lora_cpp.resolve_auto() is None and builder.polls == 1  # polled: still building
     assert _lora_cpp.status() == "building" and loads == []
 
     builder.code = 0
     clock[0] += 0.5  # within the second: the next forward still does not poll
-    assert _lora_cpp._advance_auto() is None and loads == []
+    assert _lora_cpp.resolve_auto() is None and loads == []
     clock[0] += 0.5
-    assert _lora_cpp._advance_auto() is module  # done: loaded (quietly) and switched on
+    assert _lora_cpp.resolve_auto() is module  # done: loaded (quietly) and switched on
     assert loads == [True] and lora_mod._CPP is module and _lora_cpp.status() == "on"
     assert len(STARTED) == 1
 
@@ -161,7 +161,7 @@ def test_status_of_a_loaded_build_back_in_automatic_mode_is_on(auto, monkeypatch
     module = object()
     BUILT[0] = True
     monkeypatch.setattr(_lora_cpp, "_build", lambda quiet=False: module)
-    _lora_cpp._advance_auto()
+    _lora_cpp.resolve_auto()
     monkeypatch.setattr(_lora_cpp, "_MODULE", module)
     lora_mod._CPP = _lora_cpp.AUTO
     assert _lora_cpp.status() == "on" and lora_mod._CPP is module
@@ -171,7 +171,7 @@ def test_status_finishes_a_done_build(auto, monkeypatch) -> None:
     """``status()`` polls at once (no one-second wait): a benchmark waits for the steady state with it."""
     module = object()
     monkeypatch.setattr(_lora_cpp, "_build", lambda quiet=False: module)
-    _lora_cpp._advance_auto()
+    _lora_cpp.resolve_auto()
     STARTED[0].code = 0
     assert _lora_cpp.status() == "on" and lora_mod._CPP is module
 
@@ -180,12 +180,12 @@ def test_failed_background_build_leaves_the_python_path(auto, monkeypatch, caplo
     clock = auto
     monkeypatch.setattr(_lora_cpp, "_build", lambda quiet=False: pytest.fail("a failed build is not loaded"))
     caplog.set_level(logging.INFO, logger=_lora_cpp.__name__)
-    _lora_cpp._advance_auto()
+    _lora_cpp.resolve_auto()
     STARTED[0].code = 1
     clock[0] += 1.0
     with __import__("warnings").catch_warnings():
         __import__("warnings").simplefilter("error")
-        assert _lora_cpp._advance_auto() is None
+        assert _lora_cpp.resolve_auto() is None
     assert lora_mod._CPP is None and _lora_cpp.status() == "off"
     assert any("background build of the C++ LoRA path failed (exit 1)" in r.getMessage() for r in caplog.records)
 
@@ -195,11 +195,11 @@ def test_child_that_built_nothing_here_is_not_loaded_in_the_foreground(auto, mon
     must not make this process compile for a minute in the foreground: the Python path instead."""
     clock = auto
     monkeypatch.setattr(_lora_cpp, "_build", lambda quiet=False: pytest.fail("no foreground build"))
-    _lora_cpp._advance_auto()
+    _lora_cpp.resolve_auto()
     STARTED[0].code = 0
     monkeypatch.setattr(_lora_cpp, "_is_built", lambda build_dir, name: False)
     clock[0] += 1.0
-    assert _lora_cpp._advance_auto() is None and lora_mod._CPP is None
+    assert _lora_cpp.resolve_auto() is None and lora_mod._CPP is None
 
 
 def test_a_builder_that_cannot_start_leaves_the_python_path(auto, monkeypatch) -> None:
@@ -207,7 +207,7 @@ def test_a_builder_that_cannot_start_leaves_the_python_path(auto, monkeypatch) -
         raise FileNotFoundError(2, "No such file or directory", "")
 
     monkeypatch.setattr(_lora_cpp.subprocess, "Popen", no_interpreter)
-    assert _lora_cpp._advance_auto() is None
+    assert _lora_cpp.resolve_auto() is None
     assert lora_mod._CPP is None and _lora_cpp.status() == "off"
 
 
@@ -221,7 +221,7 @@ def test_two_threads_start_one_builder(auto, monkeypatch) -> None:
         return FakeBuilder(argv, **kwargs)
 
     monkeypatch.setattr(_lora_cpp.subprocess, "Popen", slow_builder)
-    threads = [threading.Thread(target=_lora_cpp._advance_auto) for _ in range(2)]
+    threads = [threading.Thread(target=_lora_cpp.resolve_auto) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -233,7 +233,7 @@ def test_two_threads_start_one_builder(auto, monkeypatch) -> None:
 def test_user_choice_during_the_build_wins(auto, monkeypatch, user) -> None:
     clock = auto
     built, chosen = object(), object()
-    _lora_cpp._advance_auto()
+    _lora_cpp.resolve_auto()
     if user == "disable":
         ll.disable_cpp_path()
     else:
@@ -242,7 +242,7 @@ def test_user_choice_during_the_build_wins(auto, monkeypatch, user) -> None:
     monkeypatch.setattr(_lora_cpp, "_build", lambda quiet=False: built)
     STARTED[0].code = 0
     clock[0] += 1.0
-    _lora_cpp._advance_auto()
+    _lora_cpp.resolve_auto()
     assert lora_mod._CPP is (None if user == "disable" else chosen)
 
 
