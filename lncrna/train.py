@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 
 import lightning_lora as ll
 from lightning_lora.tasks import ExampleMean, method_optimizer, unrepeated_eval_sampler
@@ -325,29 +325,23 @@ def _transcript_collate(items: list[tuple[list[np.ndarray], int]]) -> dict[str, 
     return batch
 
 
-class ThresholdAccuracy(Metric):
+class ThresholdAccuracy(ExampleMean):
     """Share of transcripts whose lncRNA probability ``p`` gives their label, lncRNA (1) when
     ``p >= 0.5``: as predict's call (label lncRNA if prob >= threshold) and lncrna.metrics; with ``>``
     a probability of exactly 0.5 (equal logits) counted as mRNA here and lncRNA everywhere else.
-    Counts in float64, summed over DDP processes (each scores its own unrepeated shard,
+    :class:`ExampleMean`'s sums, in float64, of right calls (not of a batch mean times its size:
+    counts stay exact), summed over DDP processes (each scores its own unrepeated shard,
     :class:`_FitLoaders`); the share returned in float32."""
 
-    full_state_update = False
-
     def __init__(self) -> None:
-        super().__init__()
-        self.add_state("correct", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        super().__init__(torch.float64)
 
-    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:  # type: ignore[override]
         """``probs``: lncRNA probabilities (B,); ``labels``: 0 / 1 (B,)."""
         # out of place: a state reset under Lightning's inference_mode (trainer.validate) is an
         # inference tensor, which fit's no_grad validation could not update in place
-        self.correct = self.correct + ((probs >= 0.5).long() == labels).sum().double()
-        self.total = self.total + labels.numel()
-
-    def compute(self) -> torch.Tensor:
-        return (self.correct / self.total).float()
+        self.total = self.total + ((probs >= 0.5).long() == labels).sum().double()
+        self.count = self.count + labels.numel()
 
 
 class ClassifierModule(pl.LightningModule):

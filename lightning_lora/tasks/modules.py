@@ -118,43 +118,34 @@ class ExampleMean(Metric):
     Lightning's own ``self.log`` mean (so one process gives its value bit for bit). Both sums add up
     over DDP processes, exact however the examples are split among them; a NaN stays NaN
     (torchmetrics' ``MeanMetric`` drops NaNs, and with ``nan_strategy="disable"`` drops the weights,
-    torchmetrics issue 3434)."""
+    torchmetrics issue 3434). ``dtype``: the sums' dtype (float64 for long evaluations: a language
+    model's token sums); the mean is returned in float32 either way."""
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=dtype), dist_reduce_fx="sum")
 
     def update(self, value: torch.Tensor, n: int) -> None:
         # out of place: a state reset under inference_mode may be an inference tensor
-        self.total = self.total + value.detach().float() * n
+        self.total = self.total + value.detach().to(self.total.dtype) * n
         self.count = self.count + n
 
     def compute(self) -> torch.Tensor:
-        return self.total / self.count
+        return (self.total / self.count).float()
 
 
-class TokenNLL(Metric):
-    """Mean negative log-likelihood per token: sum of ``loss * n_tokens`` over sum of ``n_tokens``,
-    both sums in float64 (an evaluation's many batches keep their digits), the mean returned in
-    float32. Both sums add up over DDP processes. Out-of-place updates, as :class:`ExampleMean`."""
-
-    full_state_update = False
+class TokenNLL(ExampleMean):
+    """Mean negative log-likelihood per token: :class:`ExampleMean` of batch mean losses weighted by
+    their predicted tokens, the sums in float64; an evaluation without a predicted token gives 0
+    (perplexity 1), as the running sum CausalLM kept before did."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, loss: torch.Tensor, n_tokens: int) -> None:
-        """``loss``: the mean NLL of ``n_tokens`` tokens (a scalar)."""
-        self.total = self.total + loss.detach().double() * n_tokens
-        self.count = self.count + n_tokens
+        super().__init__(torch.float64)
 
     def compute(self) -> torch.Tensor:
-        # no token at all: 0 (perplexity 1), as the running sum CausalLM kept before gave
         return (self.total / self.count.clamp_min(1)).float()
 
 
