@@ -90,6 +90,10 @@ class ALLoRAConfig(AdapterConfig):
 class ALLoRALinear(LoRALinear):
     """LoRA layer with ``scaling == 1.0`` and no dropout; parameters ``lora_A`` (r, in), ``lora_B`` (out, r)."""
 
+    #: LoRA's forward as it is (the gradient scaling acts on ``.grad`` after backward, or in the
+    #: optimizer step): the C++ function computes the same gradients (``LoRALinear.cpp_path``)
+    cpp_path = True
+
 
 @register("allora")
 class ALLoRA(Method):

@@ -71,6 +71,8 @@ class FFALoRALinear(LoRALinear):
 
     adapter_param_names = ("lora_B",)
     adapter_buffer_names = ("lora_A",)
+    #: LoRA's forward with A a buffer (no gradient asked for it): ``LoRALinear.cpp_path``
+    cpp_path = True
 
     def __init__(self, base_layer: nn.Module, config: FFALoRAConfig, name: str = "") -> None:
         super().__init__(base_layer, config)

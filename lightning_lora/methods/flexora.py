@@ -276,6 +276,10 @@ class FlexoraLinear(LoRALinear):
     only during the gate step), ``excluded`` (zeroed and frozen after the search).
     """
 
+    #: outside the gate step the forward is LoRA's, the gate folded into the float ``scaling``; the
+    #: gate step computes its own formula, never ``_fused``: ``LoRALinear.cpp_path``
+    cpp_path = True
+
     def __init__(self, base_layer: nn.Module, config: FlexoraConfig, gate: float = 1.0) -> None:
         super().__init__(base_layer, config)
         self.lora_scaling = self.scaling  # s = α/r (or α/√r), without the gate

@@ -75,6 +75,9 @@ class GradNormLoRPConfig(LoRAConfig):
 class GradNormLoRPLinear(LoRALinear):
     """DoRA-form layer: ``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_magnitude`` (out,)."""
 
+    #: LoRA's DoRA forward as it is (the projection lives in the optimizer): ``LoRALinear.cpp_path``
+    cpp_path = True
+
 
 @register("gradnorm_lorp")
 class GradNormLoRP(Method):

@@ -1206,6 +1206,18 @@ class LoRALinear(AdapterLayer):
         "lora_B": "lora_B.weight",
         "lora_magnitude": "lora_magnitude_vector",
     }
+    #: the C++ autograd function may stand in for :class:`_FusedLoRA` in :meth:`_fused` (CUDA training
+    #: by default, ``LIGHTNING_LORA_CPP``). Opt-in per class: a subclass starts without it (set to
+    #: False in ``__init_subclass__``) and claims it in its own body once its adapter is exactly
+    #: ``_fused``'s (``x W^T + b + s·(x A^T) B^T`` from :func:`_lora_ab`'s A and B, the DoRA rescale
+    #: after it), with nothing (an override, an ``autograd.Function`` of its own) around that math
+    #: that the C++ function's ATen calls would bypass
+    cpp_path: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "cpp_path" not in cls.__dict__:
+            cls.cpp_path = False
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
         super().__init__(base_layer)
@@ -1481,11 +1493,11 @@ class LoRALinear(AdapterLayer):
         if mode != "none" and xd is x and A.requires_grad:
             recipe = _input_recipe(x, casts=mode == "all")
         cpp = _CPP if _CPP is not _AUTO or _lora_cpp.starts_auto(x) else None  # (automatic: CUDA training)
-        # (plain LoRALinear only: subclasses keep the Python function they were written against; and a
-        # plain tensor x only: a subclass's __torch_function__ sees the Python function's ops, and its
+        # (plain LoRALinear and the subclasses that claim ``cpp_path``: the others keep the Python
+        # function they were written against; and a plain tensor x only: a subclass's __torch_function__ sees the Python function's ops, and its
         # outputs keep the subclass there, while the C++ function's ATen calls bypass it; and not under
         # forward-mode AD, where the Python function raises NotImplementedError and the C++ one did not)
-        if (cpp is not None and xd is x and type(self) is LoRALinear and type(x) is torch.Tensor
+        if (cpp is not None and xd is x and type(self).cpp_path and type(x) is torch.Tensor
                 and _forward_ad_inactive() and not _plain_apply()):  # C++ (automatic on CUDA: _lora_cpp.resolve_auto)
             if cpp is True:
                 cpp = _lora_cpp.load_for_env()

@@ -480,13 +480,61 @@ def test_training_steps_leave_no_cyclic_garbage(kind: str, mode: str) -> None:
     assert_steps_leave_no_cyclic_garbage(kind, mode, cpp=True)
 
 
+#: the methods whose layers run the C++ function in training: plain LoRA and the LoRALinear subclasses
+#: that claim ``cpp_path`` (ALLoRA, FFA-LoRA, GradNormLoRP's DoRA form with the detached norm, Flexora
+#: outside its gate step)
+CPP_METHODS = {"lora", "allora", "ffa_lora", "gradnorm_lorp", "flexora"}
+
+
+def test_cpp_path_is_opt_in_per_subclass() -> None:
+    """A LoRALinear subclass starts on the Python function (its forward may add what the C++ one's ATen
+    calls bypass) until its own body claims ``cpp_path``; the claims are the ones listed above."""
+
+    class Plain(lora_mod.LoRALinear):
+        pass
+
+    class Claims(lora_mod.LoRALinear):
+        cpp_path = True
+
+    class Inherits(Claims):
+        pass
+
+    assert lora_mod.LoRALinear.cpp_path and Claims.cpp_path
+    assert not Plain.cpp_path and not Inherits.cpp_path
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8)
+    layer = Plain(base, lora_mod.LoRAConfig(r=2))
+    lora_mod._CPP = _lora_cpp._build()
+    try:
+        y = layer(torch.randn(3, 8, requires_grad=True))
+        assert "CppNode" not in _graph_names(y.grad_fn)
+        y = Claims(base, lora_mod.LoRAConfig(r=2))(torch.randn(3, 8, requires_grad=True))
+        assert "CppNode" in _graph_names(y.grad_fn)
+    finally:
+        lora_mod._CPP = None
+    claimed = {c.__name__ for c in _subclasses(lora_mod.LoRALinear) if c.cpp_path}
+    assert claimed == {"ALLoRALinear", "FFALoRALinear", "GradNormLoRPLinear", "FlexoraLinear"}
+
+
+def _subclasses(cls: type) -> list[type]:
+    """The library's subclasses of ``cls`` at any depth (tests' own subclasses filtered out by module)."""
+    out, stack = [], list(cls.__subclasses__())
+    while stack:
+        c = stack.pop()
+        if c.__module__.startswith("lightning_lora."):
+            out.append(c)
+        stack.extend(c.__subclasses__())
+    return out
+
+
 @pytest.mark.parametrize("method", ll.available_methods())
 def test_every_method_gives_the_same_outputs_and_gradients_on_both_paths(model_builders, method) -> None:
     """Since session 23 the C++ path is the default for CUDA training, switched on process-wide: every
     registered method must give, with it on, what the Python path gives, bit for bit. Plain LoRA
-    layers and their sibling sets reach it (checked: a C++ node in LoRA's graph); the other methods'
-    layers (LoRALinear subclasses included) keep the Python functions. Two steps (the second after
-    an optimizer step: cast caches) of each method's first test variant, in train mode, no dropout."""
+    layers and their sibling sets reach it, and so do the LoRALinear subclasses that claim
+    ``cpp_path`` (checked: a C++ node in the graph of every method in ``CPP_METHODS``); the other
+    methods' layers keep the Python functions. Two steps (the second after an optimizer step: cast
+    caches) of each method's first test variant, in train mode, no dropout."""
     from test_invariants import SPECS, adapt, make_inputs, out_of, perturb, probe_loss  # the test directory is on sys.path
 
     spec = SPECS[method]
@@ -507,8 +555,10 @@ def test_every_method_gives_the_same_outputs_and_gradients_on_both_paths(model_b
             run = []
             for step in range(2):
                 y = out_of(m, make_inputs(model, seed=step + 1))
-                if cpp and method == "lora":  # the comparison is not vacuous: LoRA ran the C++ functions
+                if cpp and method in CPP_METHODS:  # the comparison is not vacuous: the C++ functions ran
                     assert "CppNode" in _graph_names(y.grad_fn)
+                elif cpp:  # and the methods said to keep the Python functions do
+                    assert "CppNode" not in _graph_names(y.grad_fn)
                 probe_loss(y).backward()
                 run.append((y.detach().clone(), {n: p.grad.clone() for n, p in m.named_parameters()
                                                  if p.grad is not None}))
