@@ -17,14 +17,26 @@ DoRA is also timed through Hugging Face PEFT in the same process (``peft_dora``:
 adapters; ``peft_dora_bf16``: ``autocast_adapter_dtype=False``), same targets, rank and scale:
 ``dora_time_ratio_vs_peft`` and ``dora_mem_ratio_vs_peft`` are ours over the faster of the two.
 
-    python benchmarks/method_overhead.py               # H200
-    python benchmarks/method_overhead.py --tiny        # CPU check of the script, writes nothing
+``--interleave`` (time): after the sequential pass (which keeps the memory figures), every model is
+built again and kept resident, and the timed steps go round the methods, ``--block`` steps a turn
+(the first untimed: it starts cold on the host), the order rotated each cycle, ``--cycles`` cycles.
+The H200's host pace drifts over seconds (session 23: the frozen floor 12.4, 15.7 and 20.0 ms in
+three sequential runs), so only steps taken side by side compare the code: ``<method>_ms`` is then
+the interleaved median and ``<method>_time_ratio_vs_lora`` the median over cycles of the method's
+step over LoRA's in the same cycle; the sequential figures stay under ``<method>_ms_sequential``.
+``<method>_cpp_path_on``: every adapted layer of the method ran the C++ autograd function at its last
+training step (the default on CUDA, ``LIGHTNING_LORA_CPP``).
+
+    python benchmarks/method_overhead.py                                   # H200, sequential
+    python benchmarks/method_overhead.py --interleave --block 4 --cycles 12  # H200, side by side
+    python benchmarks/method_overhead.py --tiny [--interleave]             # CPU check, writes nothing
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +46,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning_lora as ll  # noqa: E402
-from benchmarks.lora_vs_peft import timed_steps  # noqa: E402
+from benchmarks.lora_vs_peft import settle, timed_steps  # noqa: E402
 from lightning_lora.optim.allora import scale_gradients  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
 
@@ -69,7 +81,9 @@ def bert(tiny: bool) -> nn.Module:
     return BertForSequenceClassification(cfg)
 
 
-def measure(name: str, device: str, tiny: bool, batch: int, seq: int, warmup: int, steps: int) -> dict[str, float]:
+def build(name: str, device: str, tiny: bool, batch: int, seq: int) -> tuple[Any, nn.Module, list[nn.Parameter]]:
+    """``(step, model, trainable parameters)`` of ``name``: a fresh model, its adapter, its optimizer
+    and batch; ``step()`` is one forward + backward + optimizer step."""
     torch.manual_seed(0)
     with torch.device(device):
         model = bert(tiny)
@@ -104,15 +118,71 @@ def measure(name: str, device: str, tiny: bool, batch: int, seq: int, warmup: in
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    return step, model, params
+
+
+def cpp_path_on(model: nn.Module) -> bool:
+    """Every adapted layer of ``model`` (ours) ran the C++ function at its last training forward: one
+    more forward, its graph's nodes read at each layer's output (a PEFT or frozen model: False)."""
+    layers = ll.adapter_layers(model)
+    if not layers:
+        return False
+    names: list[str] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: names.append(o.grad_fn.name() if o.grad_fn else ""))
+             for m in layers.values()]
+    try:
+        ids = torch.zeros(1, 8, dtype=torch.long, device=next(model.parameters()).device)
+        model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return len(names) == len(layers) and all("CppNode" in n for n in names)
+
+
+def measure(name: str, device: str, tiny: bool, batch: int, seq: int, warmup: int, steps: int) -> dict[str, float]:
+    step, model, params = build(name, device, tiny, batch, seq)
     cuda = device == "cuda"
     ms, peak = timed_steps(step, warmup, steps, cuda)
-    out = {"ms": ms, "peak_gib": peak, "trainable": sum(p.numel() for p in params)}
-    print(f"{name:14s} {out['ms']:8.2f} ms {out['peak_gib']:6.2f} GiB trainable {out['trainable']:,}", flush=True)
-    del model, params, opt
+    out = {"ms": ms, "peak_gib": peak, "trainable": sum(p.numel() for p in params),
+           "cpp_path_on": float(cpp_path_on(model))}
+    print(f"{name:14s} {out['ms']:8.2f} ms {out['peak_gib']:6.2f} GiB trainable {out['trainable']:,}"
+          f"{'  (C++ path)' if out['cpp_path_on'] else ''}", flush=True)
+    del model, params, step
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+def measure_interleaved(names: list[str], device: str, tiny: bool, batch: int, seq: int, warmup: int,
+                        block: int, cycles: int) -> dict[str, list[float]]:
+    """``{name: [ms per cycle]}`` from resident models whose timed turns alternate (module docstring,
+    ``--interleave``); entry i of every list comes from the same cycle."""
+    cuda = device == "cuda"
+    steps = {}
+    for name in names:
+        steps[name] = build(name, device, tiny, batch, seq)[0]
+        for _ in range(warmup):
+            steps[name]()
+        settle(steps[name])
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for cycle in range(cycles):
+        k = cycle % len(names)
+        for name in names[k:] + names[:k]:  # rotated: no method always follows the same one
+            times[name].append(timed_steps(steps[name], 1, max(block - 1, 1), cuda)[0])
+    for n in names:
+        print(f"{n:14s} {statistics.median(times[n]):8.2f} ms  {paired(times, n, 'lora'):6.3f} of LoRA "
+              f"(interleaved, {cycles} cycles)", flush=True)
+    del steps
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return times
+
+
+def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over cycles of ``a``'s step time over ``b``'s in the same cycle."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,23 +192,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--out", default=None)
+    p.add_argument("--interleave", action="store_true", help="time the methods side by side (module docstring)")
+    p.add_argument("--block", type=int, default=4, help="with --interleave: steps per method per turn, the first untimed")
+    p.add_argument("--cycles", type=int, default=None, help="with --interleave: turns per method (default 12; 2 with --tiny)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                   help="a subset of the methods (default: all; lora is always measured, the ratios' denominator)")
+    p.add_argument("--out", default=None, help="directory of the result file (default benchmarks/results; "
+                   "--tiny writes one only here)")
     args = p.parse_args(argv)
+    if args.cycles is None:
+        args.cycles = 2 if args.tiny else 12
+    if args.block < 2 or args.cycles < 1:
+        p.error("--block must be >= 2 (its first step is untimed) and --cycles >= 1")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.tiny:
         args.batch, args.seq, args.warmup, args.steps = 2, 16, 1, 2
+    names = ["frozen", *CONFIGS, *PEFT_VARIANTS]
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(names))
+        if unknown:
+            p.error(f"unknown methods {unknown}; choose from {names}")
+        names = [n for n in names if n in args.methods or n == "lora"]
     m: dict[str, float] = {"rank": R, "batch": args.batch, "seq": args.seq}
-    res = {name: measure(name, device, args.tiny, args.batch, args.seq, args.warmup, args.steps)
-           for name in ["frozen", *CONFIGS, *PEFT_VARIANTS]}
+    res = {name: measure(name, device, args.tiny, args.batch, args.seq, args.warmup, args.steps) for name in names}
+    if args.interleave:
+        m.update({"interleaved_block": args.block, "interleaved_cycles": args.cycles})
+        times = measure_interleaved(names, device, args.tiny, args.batch, args.seq, args.warmup,
+                                    args.block, args.cycles)
+        for name in names:
+            res[name]["ms_sequential"] = res[name]["ms"]
+            res[name]["ms"] = statistics.median(times[name])
     for name, r in res.items():
         m.update({f"{name}_{k}": v for k, v in r.items()})
         if name not in ("frozen", "lora", *PEFT_VARIANTS):
-            m[f"{name}_time_ratio_vs_lora"] = r["ms"] / res["lora"]["ms"]
+            m[f"{name}_time_ratio_vs_lora"] = (paired(times, name, "lora") if args.interleave
+                                               else r["ms"] / res["lora"]["ms"])
             m[f"{name}_mem_ratio_vs_lora"] = r["peak_gib"] / res["lora"]["peak_gib"] if res["lora"]["peak_gib"] else 0.0
-    best = min(PEFT_VARIANTS, key=lambda n: res[n]["ms"])  # the faster PEFT DoRA
-    m["dora_time_ratio_vs_peft"] = res["dora"]["ms"] / res[best]["ms"]
-    m["dora_mem_ratio_vs_peft"] = res["dora"]["peak_gib"] / res[best]["peak_gib"] if res[best]["peak_gib"] else 0.0
-    if not args.tiny:
+    peft = [n for n in PEFT_VARIANTS if n in res]
+    if "dora" in res and peft:
+        best = min(peft, key=lambda n: res[n]["ms"])  # the faster PEFT DoRA
+        m["dora_time_ratio_vs_peft"] = (paired(times, "dora", best) if args.interleave
+                                        else res["dora"]["ms"] / res[best]["ms"])
+        m["dora_mem_ratio_vs_peft"] = res["dora"]["peak_gib"] / res[best]["peak_gib"] if res[best]["peak_gib"] else 0.0
+    if not args.tiny or args.out:
         print("wrote", write_result("method_overhead", m, command=current_command(), kind="benchmark",
                                     directory=args.out))
     return 0
