@@ -575,13 +575,17 @@ def test_every_method_gives_the_same_outputs_and_gradients_on_both_paths(model_b
 
 
 def _graph_names(fn) -> str:
-    """Every node name of the autograd graph under ``fn``, joined."""
-    seen, names, stack = set(), [], [fn]
+    """Every node name of the autograd graph under ``fn``, joined. The visited nodes are kept alive in
+    ``seen``: a node's Python object may be made afresh at each ``next_functions`` access and freed
+    after it, so a bare set of ids saw a new node take a freed one's id and skipped it (torch 2.11 on
+    the H200 stopped this walk after four nodes of a BERT)."""
+    seen: dict[int, object] = {}
+    names, stack = [], [fn]
     while stack:
         f = stack.pop()
         if f is None or id(f) in seen:
             continue
-        seen.add(id(f))
+        seen[id(f)] = f
         names.append(f.name())
         stack.extend(g for g, _ in f.next_functions)
     return " ".join(names)

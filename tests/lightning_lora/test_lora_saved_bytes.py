@@ -48,12 +48,12 @@ def _held_bytes(model: nn.Module, loss: torch.Tensor) -> int:
             for e in v:
                 add(e)
 
-    todo, seen = [loss.grad_fn], set()
+    todo, seen = [loss.grad_fn], {}
     while todo:
         node = todo.pop()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node  # kept alive: a freed node object's id can be reused by the next one
         todo.extend(f for f, _ in node.next_functions)
         if hasattr(node, "saved_tensors"):
             add(list(node.saved_tensors))
