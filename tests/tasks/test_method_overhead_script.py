@@ -54,6 +54,15 @@ def test_turns_rotate_and_each_turn_starts_with_an_untimed_step(monkeypatch) -> 
     assert times == {"lora": [1.0] * 3, "b": [1.0] * 3, "c": [1.0] * 3}
 
 
+def test_interleaved_groups_pair_each_method_with_lora_and_dora_with_the_peft_variants() -> None:
+    """Pairs, not every model at once: the step hook scans every LoRA layer of the process, so
+    resident foreign models would slow LoRA-form steps (see the module docstring)."""
+    g = method_overhead.groups(["frozen", "lora", "dora", "bone", "peft_dora", "peft_dora_bf16"])
+    assert g == [["lora", "frozen"], ["lora", "dora", "peft_dora", "peft_dora_bf16"], ["lora", "bone"]]
+    assert method_overhead.groups(["lora", "peft_dora"]) == [["lora", "peft_dora"]]
+    assert method_overhead.groups(["lora"]) == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["--block", "1"], "--block must be >= 2"),
     (["--methods", "lora", "qlora"], "unknown methods ['qlora']"),
