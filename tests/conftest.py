@@ -16,6 +16,16 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+import os  # noqa: E402
+
+# Under pytest-xdist (the README's test command runs two workers on CI's two cores) every worker, and
+# every process a test starts, takes one OpenMP thread: two workers with two threads each spin-wait
+# against each other, which made tiny models' forward passes tens of times slower (see
+# tests/lightning_lora/conftest.py). Set before torch is imported.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

@@ -4,6 +4,7 @@ the paired ratios and no memory figures (the GPU run is the measurement)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -47,14 +48,26 @@ def test_interleaved_run_writes_medians_paired_ratios_and_no_memory(tmp_path: Pa
     assert m["bert_ours_sibling_sets"] > 0
 
 
-def test_interleave_refuses_two_merged_variants_profiling_and_an_empty_block(tmp_path: Path) -> None:
-    proc = _run(tmp_path, "--interleave", "--variants", "ours_merged", "ours_merged_tkernel", "peft_bf16")
-    assert proc.returncode == 2 and "at most one merged_training variant" in proc.stderr
-    proc = _run(tmp_path, "--interleave", "--profile-dir", str(tmp_path / "p"), "--variants", "ours", "peft_bf16")
-    assert proc.returncode == 2 and "time only" in proc.stderr
-    proc = _run(tmp_path, "--interleave", "--block", "0", "--variants", "ours", "peft_bf16")
-    assert proc.returncode == 2 and "--block must be at least 1" in proc.stderr
-    assert not (tmp_path / "r.json").exists()
+def test_interleave_refuses_two_merged_variants_profiling_and_an_empty_block(tmp_path: Path, monkeypatch,
+                                                                             capsys) -> None:
+    """Argument checks, in this process (each a subprocess took 12 s of imports): exit 2, the reason on
+    stderr, no result file. ``--tiny`` rewrites the module's globals and SPECS: restored afterwards."""
+    monkeypatch.setattr(lora_vs_peft, "SPECS", copy.deepcopy(lora_vs_peft.SPECS))
+    for name in ("TINY", "DEVICE", "COMPILE_MODE"):
+        monkeypatch.setattr(lora_vs_peft, name, getattr(lora_vs_peft, name))
+    out = tmp_path / "r.json"
+    cases = [
+        (["--variants", "ours_merged", "ours_merged_tkernel", "peft_bf16"], "at most one merged_training variant"),
+        (["--profile-dir", str(tmp_path / "p"), "--variants", "ours", "peft_bf16"], "time only"),
+        (["--block", "0", "--variants", "ours", "peft_bf16"], "--block must be at least 1"),
+    ]
+    for args, reason in cases:
+        monkeypatch.setattr(sys, "argv", [SCRIPT, "--tiny", "--models", "bert", "--out", str(out), "--interleave",
+                                          *args])
+        with pytest.raises(SystemExit) as exc:
+            lora_vs_peft.main()
+        assert exc.value.code == 2 and reason in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_turns_alternate_in_a_rotated_order_and_each_turn_s_first_step_is_untimed(monkeypatch) -> None:
