@@ -101,6 +101,17 @@ def _fused_nodes_seen(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor
             h.remove()
 
 
+def _assert_same_outputs(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The fused formula against the plain one (the trace's): fp32 round-off of a different
+    accumulation order, bounded relative to the output's scale. A fixed ``atol=1e-6`` on LLaMA's
+    order-1 hidden states is a few ulps: one element in 512 differed by 1.9e-6 with ATen's scalar
+    kernels (``ATEN_CPU_CAPABILITY=default``), i.e. on another host. Allowed: 4e-6 of the largest
+    output (at least 1); a wrong adapter term moves outputs by more than 1e-2 (``_assert_traced_like_eager``
+    checks that the adapters contribute that much)."""
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=4e-6 * scale)
+
+
 def _assert_traced_like_eager(model: nn.Module, ids: torch.Tensor) -> torch.jit.ScriptModule:
     with torch.no_grad():
         eager = model(ids)
@@ -111,14 +122,14 @@ def _assert_traced_like_eager(model: nn.Module, ids: torch.Tensor) -> torch.jit.
     traced = torch.jit.trace(model, (ids,))
     # ordinary ATen ops only: an opaque Python op could be neither saved nor exported to ONNX
     assert not [n for n in traced.inlined_graph.nodes() if n.kind() == "prim::PythonOp"]
-    torch.testing.assert_close(traced(ids), eager, rtol=1e-5, atol=1e-6)
+    _assert_same_outputs(traced(ids), eager)
     other = torch.randint(0, 64, ids.shape)  # the trace is a graph, not the recorded numbers
     with torch.no_grad():
-        torch.testing.assert_close(traced(other), model(other), rtol=1e-5, atol=1e-6)
+        _assert_same_outputs(traced(other), model(other))
     buf = io.BytesIO()  # torch.jit.save / load: the export path that needs no onnx package
     torch.jit.save(traced, buf)
     buf.seek(0)
-    torch.testing.assert_close(torch.jit.load(buf)(ids), eager, rtol=1e-5, atol=1e-6)
+    _assert_same_outputs(torch.jit.load(buf)(ids), eager)
     return traced
 
 
@@ -155,7 +166,7 @@ def test_eager_after_trace_still_takes_fused_path(name):
     (out * weights).sum().backward()
     ref_out = reference(ids)
     (ref_out * weights).sum().backward()
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    _assert_same_outputs(out, ref_out)
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
     assert grads.keys() == ref_grads.keys()
@@ -271,6 +282,6 @@ def test_trace_runs_the_base_layers_own_forward_and_hooks(method):
         traced = torch.jit.trace(model, (x,))
         other = torch.randn(5, 16)
         for inputs in (x, other):
-            torch.testing.assert_close(traced(inputs), model(inputs), rtol=1e-5, atol=1e-6)
+            _assert_same_outputs(traced(inputs), model(inputs))
     weight = model[0].base_layer.weight
     assert isinstance(weight, nn.Parameter) and not weight.requires_grad  # put back after the trace
