@@ -1466,9 +1466,8 @@ class LoRALinear(AdapterLayer):
         if key is not None and key == self._cast_key:
             return self._casts  # type: ignore[return-value]
         stale = [self]
-        # (not from a DoRA layer: its casts refresh here at every step, the step hook leaves them, so
-        # the scan ran once per DoRA layer per step over every layer of the process, for nothing:
-        # it collects only non-DoRA layers, which refresh in the step hook or in their own forward)
+        # (a DoRA layer refreshes only its own casts: it comes here every step, and the scan, which
+        # collects non-DoRA layers only, found them already refreshed by the step hook)
         if key is not None and self.lora_A.dtype != dtype and not self.use_dora:
             device = self.lora_A.device
             for layer in list(_CAST_LAYERS):
