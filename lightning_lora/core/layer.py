@@ -22,8 +22,12 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Switch autocast off on ``device``: merges and row norms must run in fp32 even inside an
-    autocast region (a bf16 ``B @ A`` there would make merged weights and DoRA norms inexact)."""
-    if torch.amp.autocast_mode.is_autocast_available(device.type):
+    autocast region (a bf16 ``B @ A`` there would make merged weights and DoRA norms inexact).
+
+    Under ``torch.compile`` the availability check is skipped: torch 2.11's compiler cannot trace
+    ``torch._C._is_autocast_available`` (a graph break at every adapter layer that builds its weight
+    in forward: Bat, LoRA-XS, LoRA-SB, ...), and a traced tensor is on a real device."""
+    if torch.compiler.is_compiling() or torch.amp.autocast_mode.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()  # e.g. the meta device
 

@@ -277,15 +277,17 @@ class CoreLoRALinear(AdapterLayer):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # super(Class, self), not super(), on every path torch.compile traces: torch 2.11's compiler
+        # cannot resolve a zero-argument super() here (a graph break at every layer, seen on the H200)
         if (self.disabled or self.merged or not self.fused or args or kwargs
                 or (self.dropout_p > 0 and self.training)
                 # functorch transforms wrap tensors (no storage for the cache key, and the
                 # hand-written backward is not what they trace); compiling traces the reference
                 or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()):
-            return super().forward(x, *args, **kwargs)
+            return super(CoreLoRALinear, self).forward(x, *args, **kwargs)
         factors = self._fused_factors()
         if factors is None or not _plain_linear_base(self):
-            return super().forward(x, *args, **kwargs)
+            return super(CoreLoRALinear, self).forward(x, *args, **kwargs)
         weight, bias = _weight_bias(self)  # type: ignore[arg-type]
         dtype = _autocast_dtype(x)  # under autocast: as LoRALinear.forward
         if dtype is not None:

@@ -318,13 +318,14 @@ class NLoRALinear(CoreLoRALinear):
         offsets = self.offset_names
         if offsets == ("lora_core0",):
             return self._factor("lora_A"), self._factor("lora_core"), self._factor("lora_core0"), self._factor("lora_B")
-        return super()._fused_factors()
+        # super(Class, self) on the paths torch.compile traces (here and below): CoreLoRALinear.forward
+        return super(NLoRALinear, self)._fused_factors()
 
     def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
         """The full residual through :class:`_FusedCoreResidual`, the rest as :class:`CoreLoRALinear`."""
         if len(self.offset_names) != 3:
-            return super()._fused(x, weight, bias, factors)
+            return super(NLoRALinear, self)._fused(x, weight, bias, factors)
         A, N, _, B = factors
         dtype = x.dtype
         offsets = []
@@ -340,7 +341,7 @@ class NLoRALinear(CoreLoRALinear):
         """``s·B N A`` (minus ``s·B0 N0 A0`` with a full residual), fp32 (fp64 for fp64 factors:
         :func:`~lightning_lora.core.layer.accumulate_dtype`), shape (out, in)."""
         if len(self.offset_names) != 3:
-            return super().delta_weight()
+            return super(NLoRALinear, self).delta_weight()
         ts = self._factors_and_offsets()
         acc = accumulate_dtype(*ts)  # .float() rounded an fp64 adapter's delta: merged outputs moved ~1e-6
         A, N, B, A0, N0, B0 = (t.to(acc) for t in ts)
@@ -352,7 +353,7 @@ class NLoRALinear(CoreLoRALinear):
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if len(self.offset_names) != 3:
-            return super().adapter_forward(x, base_out)
+            return super(NLoRALinear, self).adapter_forward(x, base_out)
         dtype = base_out.dtype
         xd = (F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x).to(dtype)
 
