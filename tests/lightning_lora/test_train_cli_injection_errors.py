@@ -39,13 +39,27 @@ def cli(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.Complete
                      id="bat-rank-does-not-divide"),
     ],
 )
-def test_injection_error_is_one_line_exit_2(tmp_path, overrides, message):
-    proc = cli(tmp_path, "train", *TINY, *overrides)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
-    assert "HYDRA_FULL_ERROR" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, proc.stderr[-3000:]
+def test_injection_error_is_one_line_exit_2(tmp_path, monkeypatch, capfd, overrides, message):
+    """In process (``train.main``, Hydra, Lightning's ``fit`` and the callback's ``setup`` as the console
+    script runs them; the subprocess only added seconds of imports): the script's exit path itself is
+    test_an_override_hydra_cannot_apply_is_one_line_exit_2's, below."""
+    monkeypatch.chdir(tmp_path)
+    for key, value in {"HF_HUB_OFFLINE": "1", "LIGHTNING_LORA_DATA": str(REPO / "data" / "nlp"),
+                       "LIGHTNING_LORA_RESULTS": str(tmp_path / "results")}.items():
+        monkeypatch.setenv(key, value)
+    capfd.readouterr()
+    from lightning_lora import train
+
+    try:
+        rc = train.main(["train", *TINY, *overrides])
+    except SystemExit as e:  # how a task refused inside Hydra ends the console script
+        rc = e.code
+    out, err = capfd.readouterr()
+    assert rc == 2, err[-3000:]
+    assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
+    assert "HYDRA_FULL_ERROR" not in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, err[-3000:]
     assert errors[0].startswith("lightning-lora: error: " + message), errors[0]
     assert not list((tmp_path / "outputs").glob("*/*/logs/version_0/metrics.csv"))  # nothing trained
 

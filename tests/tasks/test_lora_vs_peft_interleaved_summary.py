@@ -4,15 +4,13 @@ ratio over interleaved runs, against the best PEFT, refusing runs it cannot read
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import lora_vs_peft_interleaved_summary as script
 from benchmarks.lora_vs_peft_interleaved_summary import summarize
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_record(ours: float, cpp: float | None = None, bf16_ms: float = 40.0, default_ms: float = 69.0,
@@ -46,30 +44,32 @@ def test_summary_refuses_runs_it_cannot_read_as_paired_against_the_best_peft(rec
         summarize([record])
 
 
-def test_summary_script_writes_a_valid_benchmark_record(tmp_path: Path) -> None:
+def _main(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    """The script's ``main`` with ``args`` as its command line (in this process: a subprocess spent its
+    seconds importing torch for a JSON summary)."""
+    monkeypatch.setattr(sys, "argv", ["benchmarks/lora_vs_peft_interleaved_summary.py", *args])
+    script.main()
+
+
+def test_summary_script_writes_a_valid_benchmark_record(tmp_path: Path, monkeypatch) -> None:
     runs = []
     for i, (ours, cpp) in enumerate([(0.86, 0.73), (0.88, 0.77)]):
         p = tmp_path / f"run{i}.json"
         p.write_text(json.dumps(_run_record(ours, cpp)))
         runs.append(str(p))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/lora_vs_peft_interleaved_summary.py"), *runs,
-                           "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _main(monkeypatch, *runs, "--out-dir", str(tmp_path / "out"))
     rec = json.loads((tmp_path / "out/lora_vs_peft_bert_interleaved.json").read_text())
     assert rec["kind"] == "benchmark" and rec["device"] == "d"
     assert rec["command"].startswith("python benchmarks/lora_vs_peft_interleaved_summary.py ")
     assert rec["metrics"]["bert_ours_cpp_vs_best_peft_paired_max"] == 0.77
 
 
-def test_recorded_command_keeps_the_result_name(tmp_path: Path) -> None:
+def test_recorded_command_keeps_the_result_name(tmp_path: Path, monkeypatch) -> None:
     """Session 23 wrote ``--name lora_vs_peft_bert_interleaved_s23``: a recorded command without the
     option would, run again, overwrite session 22's file instead of reproducing this one."""
     p = tmp_path / "run.json"
     p.write_text(json.dumps(_run_record(0.75, 0.74)))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/lora_vs_peft_interleaved_summary.py"), str(p),
-                           "--name", "other_name", "--out-dir", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _main(monkeypatch, str(p), "--name", "other_name", "--out-dir", str(tmp_path / "out"))
     rec = json.loads((tmp_path / "out/other_name.json").read_text())
     assert rec["command"] == (f"python benchmarks/lora_vs_peft_interleaved_summary.py --name other_name "
                               f"--out-dir {tmp_path / 'out'} {p}")

