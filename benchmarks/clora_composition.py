@@ -597,7 +597,7 @@ def train_classifier(clf: nn.Module, comp: Composer, steps: int, batch: int, dev
         opt.step()
         sched.step()
         if (step + 1) % max(1, steps // 5) == 0:
-            print(f"[classifier] step {step + 1}/{steps} loss {float(loss):.4f}", flush=True)
+            print(f"[classifier] step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
 
 
 @torch.no_grad()

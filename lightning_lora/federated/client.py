@@ -13,6 +13,7 @@ clients may share one model object (the in-process simulation runs them one at a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -158,7 +159,13 @@ class AdapterClient(fl.client.NumPyClient):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = _logits(forward, ids, mask)
             loss = F.cross_entropy(logits.float(), y)
-            loss.backward()
+            with warnings.catch_warnings():
+                # Opacus's per-sample-gradient hooks are full backward hooks on modules whose input (token
+                # ids) needs no gradient; torch then warns that they fire on outputs only, which is what
+                # Opacus reads (grad_output): noise for the user, not a fault
+                warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed "
+                                        "with respect to module outputs", category=UserWarning)
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if self.private is not None:
