@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
@@ -41,8 +40,20 @@ _DTYPE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
 _BITS_INT = {"fp16": torch.int16, "bf16": torch.int16, "fp32": torch.int32}
 
 
-@lru_cache(maxsize=None)
+#: bits -> the code book on the CPU: a plain dict, not ``functools.lru_cache``, because the dequantization
+#: in every LQ-LoRA forward asks for it and ``torch.compile`` traces through an ``lru_cache`` wrapper with
+#: a warning of "potential silent incorrectness" to the user (a dict entry is read as a constant)
+_NF_LEVELS: dict[int, torch.Tensor] = {}
+
+
 def _nf_levels_cpu(bits: int) -> torch.Tensor:
+    levels = _NF_LEVELS.get(bits)
+    if levels is None:
+        levels = _NF_LEVELS[bits] = _make_nf_levels(bits)
+    return levels
+
+
+def _make_nf_levels(bits: int) -> torch.Tensor:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"NF quantization supports bits in {SUPPORTED_BITS}, got {bits}")
     half = 2 ** (bits - 1)

@@ -9,6 +9,8 @@ compile ``LoRALinear`` runs its plain formula (the fused path's caches, version 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch._dynamo
@@ -78,9 +80,15 @@ def _explain(model_builders, method: str, autocast: bool = False):
 
 @pytest.mark.parametrize("method", [m for m in ll.available_methods() if m not in GRAPH_BREAKS])
 def test_compiles_to_one_graph(model_builders, method):
-    """A training-mode forward of the adapted model is one graph: no break at any adapter layer."""
-    explained, reasons = _explain(model_builders, method)
+    """A training-mode forward of the adapted model is one graph: no break at any adapter layer, and no
+    warning from the compiler about our code (LQ-LoRA's code book once came from an ``lru_cache``,
+    which the compiler traces through with a warning of possible silent incorrectness)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explained, reasons = _explain(model_builders, method)
     assert explained.graph_break_count == 0, f"{explained.graph_break_count} graph breaks: {reasons}"
+    ours = [str(w.message) for w in caught if "lightning_lora" in str(w.message) or "lru_cache" in str(w.message)]
+    assert not ours, ours
 
 
 @pytest.mark.parametrize("method", ["lora", "bat", "lora_sb"])
