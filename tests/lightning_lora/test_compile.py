@@ -108,7 +108,9 @@ def test_known_graph_breaks_come_only_from_side_effecting_hooks(model_builders, 
     assert method in ll.available_methods()
     explained, reasons = _explain(model_builders, method)
     assert explained.graph_break_count > 0
-    assert reasons and all("side effect" in r for r in reasons), reasons
+    # torch 2.11 and later word it "... side effect"; torch 2.10 "Compilation of intermediate hooks
+    # requires compiled autograd" (the same register_hook on IncreLoRA's intermediate ΔW)
+    assert reasons and all("side effect" in r or "intermediate hooks" in r for r in reasons), reasons
 
 
 def test_lora_sibling_model_compiles_and_trains(model_builders):
