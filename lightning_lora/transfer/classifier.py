@@ -10,6 +10,7 @@ LightningModules on (string, target) pairs.
 
 from __future__ import annotations
 
+import inspect
 import string
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,8 +47,21 @@ class TextClassifier(nn.Module):
         if isinstance(texts, str):  # one string is a sequence of characters: one row per character
             raise TypeError(f"TextClassifier takes a list of texts, got one string {texts[:40]!r}; wrap it in a list")
         inputs = {k: v.to(self.device) for k, v in self.encode(list(texts)).items()}
+        if "token_type_ids" in inputs and not _accepts(self.model, "token_type_ids"):
+            # a BERT-style tokenizer beside a model without segments (LLaMA): transformers 4.x's
+            # LlamaForSequenceClassification.forward has no **kwargs and refuses the key; 5.x ignores it
+            del inputs["token_type_ids"]
         out = self.model(**inputs)
         return getattr(out, "logits", out)
+
+
+def _accepts(model: nn.Module, key: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``key`` (by name or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: pass everything, as before
+        return True
+    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def hf_text_encoder(tokenizer, max_length: int = 128, template: str | None = None) -> Encode:

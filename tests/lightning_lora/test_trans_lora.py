@@ -532,3 +532,43 @@ def test_verbalizer_rejects_words_that_cannot_separate_the_classes():
 
     with pytest.raises(ValueError, match="bare-space token"):
         verbalizer_weights(causal, SplitsSpace(), (" no", " yes"))
+
+
+def test_text_classifier_drops_segment_ids_only_for_a_model_without_them():
+    """A BERT tokenizer emits ``token_type_ids``; a model whose forward neither names them nor takes
+    ``**kwargs`` (transformers 4.x's LlamaForSequenceClassification) must not receive them, while a
+    model that takes them, by name or through ``**kwargs``, still does."""
+    from lightning_lora.transfer.classifier import TextClassifier
+
+    seen: list[set[str]] = []
+
+    class NoSegments(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, input_ids, attention_mask=None):
+            seen.append({"input_ids", "attention_mask"} if attention_mask is not None else {"input_ids"})
+            return input_ids.float().sum(-1, keepdim=True) * self.w
+
+    class Segments(NoSegments):
+        def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+            seen.append({k for k, v in dict(input_ids=input_ids, attention_mask=attention_mask,
+                                             token_type_ids=token_type_ids).items() if v is not None})
+            return input_ids.float().sum(-1, keepdim=True) * self.w
+
+    class Kwargs(NoSegments):
+        def forward(self, input_ids, **kwargs):
+            seen.append({"input_ids", *kwargs})
+            return input_ids.float().sum(-1, keepdim=True) * self.w
+
+    def encode(texts):
+        n = len(texts)
+        return {"input_ids": torch.ones(n, 3, dtype=torch.long), "attention_mask": torch.ones(n, 3, dtype=torch.long),
+                "token_type_ids": torch.zeros(n, 3, dtype=torch.long)}
+
+    for model, want in ((NoSegments(), {"input_ids", "attention_mask"}),
+                        (Segments(), {"input_ids", "attention_mask", "token_type_ids"}),
+                        (Kwargs(), {"input_ids", "attention_mask", "token_type_ids"})):
+        out = TextClassifier(model, encode)(["a", "b"])
+        assert out.shape == (2, 1) and seen[-1] == want
