@@ -174,3 +174,29 @@ def _python_fused_path_unless_asked():
         lora._CPP = None
     yield
     lora._CPP = before
+
+
+# ---- lightning-lora in process -------------------------------------------------------------------
+@pytest.fixture
+def train_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture):
+    """``run(*args) -> (exit status, stdout, stderr)``: ``lightning-lora ARGS`` through ``train.main`` in
+    this process, run in ``tmp_path`` with the repository's NLP data and results under ``tmp_path``, as
+    the console script would. For refusals, which never train: a subprocess spends its seconds importing
+    torch and Lightning to print one line (the console script's own exit path keeps subprocess tests)."""
+    from lightning_lora import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LIGHTNING_LORA_DATA", str(Path(_ROOT) / "data" / "nlp"))
+    monkeypatch.setenv("LIGHTNING_LORA_RESULTS", str(tmp_path / "results"))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capfd.readouterr()
+        try:
+            rc = train.main(list(args))
+        except SystemExit as e:  # how a task refused inside Hydra ends the console script
+            rc = e.code
+        out, err = capfd.readouterr()
+        return rc, out, err
+
+    return run

@@ -20,14 +20,18 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
+def autocast_available(device_type: str) -> bool:
+    """Whether ``device_type`` has an autocast dispatch key (asking ``torch.is_autocast_enabled`` of one
+    without, e.g. meta, raises). Not asked under ``torch.compile``: torch 2.11's compiler cannot trace
+    ``torch._C._is_autocast_available`` (a graph break at every adapter layer that calls this in its
+    forward: Bat, LoRA-XS, LoRA-SB, ..., seen on the H200), and a traced tensor is on a real device."""
+    return torch.compiler.is_compiling() or torch.amp.autocast_mode.is_autocast_available(device_type)
+
+
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Switch autocast off on ``device``: merges and row norms must run in fp32 even inside an
-    autocast region (a bf16 ``B @ A`` there would make merged weights and DoRA norms inexact).
-
-    Under ``torch.compile`` the availability check is skipped: torch 2.11's compiler cannot trace
-    ``torch._C._is_autocast_available`` (a graph break at every adapter layer that builds its weight
-    in forward: Bat, LoRA-XS, LoRA-SB, ...), and a traced tensor is on a real device."""
-    if torch.compiler.is_compiling() or torch.amp.autocast_mode.is_autocast_available(device.type):
+    autocast region (a bf16 ``B @ A`` there would make merged weights and DoRA norms inexact)."""
+    if autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()  # e.g. the meta device
 

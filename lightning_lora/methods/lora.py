@@ -58,7 +58,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..core import _lora_cpp, replay_kernels
 from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Method, register, whole_number
-from ..core.layer import AdapterLayer, accumulate_dtype, no_autocast
+from ..core.layer import AdapterLayer, accumulate_dtype, autocast_available, no_autocast
 from ..core.rounding import merged_weight, merged_weights
 
 
@@ -782,13 +782,11 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype when autocast is on for ``x``'s device, else None. The fused paths then run
     everything in that dtype with autocast off inside. Asks nothing when no autocast is on anywhere
     (host time per layer), and never asks a device without an autocast dispatch key (e.g. meta:
-    asking would raise; not asked under ``torch.compile``, whose torch 2.11 cannot trace it: see
-    :func:`~lightning_lora.core.layer.no_autocast`)."""
+    asking would raise: :func:`~lightning_lora.core.layer.autocast_available`)."""
     if not torch._C._is_any_autocast_enabled():
         return None
     device_type = x.device.type
-    if ((_is_compiling() or torch.amp.autocast_mode.is_autocast_available(device_type))
-            and torch.is_autocast_enabled(device_type)):
+    if autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

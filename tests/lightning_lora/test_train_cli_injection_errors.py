@@ -39,22 +39,10 @@ def cli(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.Complete
                      id="bat-rank-does-not-divide"),
     ],
 )
-def test_injection_error_is_one_line_exit_2(tmp_path, monkeypatch, capfd, overrides, message):
+def test_injection_error_is_one_line_exit_2(train_cli, tmp_path, overrides, message):
     """In process (``train.main``, Hydra, Lightning's ``fit`` and the callback's ``setup`` as the console
-    script runs them; the subprocess only added seconds of imports): the script's exit path itself is
-    test_an_override_hydra_cannot_apply_is_one_line_exit_2's, below."""
-    monkeypatch.chdir(tmp_path)
-    for key, value in {"HF_HUB_OFFLINE": "1", "LIGHTNING_LORA_DATA": str(REPO / "data" / "nlp"),
-                       "LIGHTNING_LORA_RESULTS": str(tmp_path / "results")}.items():
-        monkeypatch.setenv(key, value)
-    capfd.readouterr()
-    from lightning_lora import train
-
-    try:
-        rc = train.main(["train", *TINY, *overrides])
-    except SystemExit as e:  # how a task refused inside Hydra ends the console script
-        rc = e.code
-    out, err = capfd.readouterr()
+    script runs them); the script's own exit path: test_an_override_hydra_cannot_apply_is_one_line_exit_2."""
+    rc, out, err = train_cli("train", *TINY, *overrides)
     assert rc == 2, err[-3000:]
     assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
     assert "HYDRA_FULL_ERROR" not in err

