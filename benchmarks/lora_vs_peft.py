@@ -95,7 +95,7 @@ def bert_model() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if TINY else {}
-    cfg = BertConfig(num_labels=2, **size)
+    cfg = BertConfig(num_labels=2, attention_probs_dropout_prob=BERT_ATTN_DROPOUT, **size)
     cfg._attn_implementation = "sdpa"
     return BertForSequenceClassification(cfg)
 
@@ -107,6 +107,11 @@ SPECS = {
     "llama": dict(make=llama_model, batch=4, seq=2048, targets="all-linear", vocab=32000, lm=True),
     "bert": dict(make=bert_model, batch=32, seq=512, targets=["query", "key", "value", "dense"], vocab=30522, lm=False),
 }
+
+#: BERT's attention-probability dropout (--bert-attn-dropout; BertConfig's 0.1 by default). Under
+#: torch.compile a training SDPA with dropout > 0 is decomposed into plain matmul-softmax-matmul
+#: (the attention matrix materialized); at 0 the fused attention kernel stays
+BERT_ATTN_DROPOUT = 0.1
 
 #: suffix of a variant run under torch.compile; --compile-mode sets the mode
 COMPILED = "_compiled"
@@ -415,9 +420,13 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
                                                                    "max-autotune-no-cudagraphs"],
                     help="torch.compile mode of the <variant>_compiled variants")
+    ap.add_argument("--bert-attn-dropout", type=float, default=0.1,
+                    help="BERT's attention_probs_dropout_prob (BertConfig's default 0.1); under torch.compile "
+                         "a value > 0 turns the fused attention into the plain, materialized one")
     args = ap.parse_args()
-    global TINY, DEVICE, COMPILE_MODE
+    global TINY, DEVICE, COMPILE_MODE, BERT_ATTN_DROPOUT
     COMPILE_MODE = args.compile_mode
+    BERT_ATTN_DROPOUT = args.bert_attn_dropout
     known = {"frozen", "ours", "peft_default", "peft_bf16", "ours_bf16", "ours_nosib", "ours_cpp", "ours_python",
              "ours_merged",
              *TKERNEL, *REPLAY}
