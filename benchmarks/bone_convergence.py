@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.glue_harness import adapter_parameter_count, read_jsonl, run_pool  # noqa: E402
+from benchmarks.glue_harness import adapter_parameter_count, run_pool  # noqa: E402
 from lightning_lora import AdapterCallback  # noqa: E402
 from lightning_lora.results import current_command, write_result  # noqa: E402
 from lightning_lora.tasks import CausalLM, TinyShakespeareDataModule, load_smollm2, load_tiny_llama  # noqa: E402

@@ -76,7 +76,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lncrna.features import (EXTRA_FEATURES, ORF_FEATURES, FeatureBaseline, FeatureExtractor, HexamerTable,
+from lncrna.features import (FeatureBaseline, FeatureExtractor, HexamerTable,
                              _kmer_codes, encode, longest_orf)
 from lncrna.metrics import classification_metrics
 

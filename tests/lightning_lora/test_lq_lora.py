@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lora as ll
 from lightning_lora.methods import lq_lora
-from lightning_lora.methods.lq_lora import LQLoRALinear, quantize_model, quantized_storage_bits, save_fisher, unload_dense
+from lightning_lora.methods.lq_lora import quantize_model, quantized_storage_bits, save_fisher, unload_dense
 from lightning_lora.quant import estimate_fisher, lq_decompose, quantize_dequantize
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
