@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 import io
+import sys
 
 import onnx
 import onnxruntime
 import pytest
 import torch
+import transformers
 from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
@@ -36,14 +38,33 @@ def _python_path(monkeypatch):
     monkeypatch.setattr(lora_mod, "_CPP", None)
 
 
+def _masking_utils_breaks_trace(model: nn.Module) -> bool:
+    """transformers 4.53-4.57's ``masking_utils.create_causal_mask`` (used by their LLaMA, and by 4.57's
+    GPT-2) builds the mask under ``vmap`` with a tensor-indexing mode that ``torch.jit.trace`` fails on
+    (``RuntimeError: unordered_map::at``, pytorch#172880; the plain model fails too, no adapter involved;
+    transformers 5 builds it otherwise). A 4D mask is returned as-is, before that code."""
+    return (int(transformers.__version__.split(".")[0]) < 5
+            and hasattr(sys.modules[type(model).__module__], "create_causal_mask"))
+
+
+def _causal_4d(mask: torch.Tensor) -> torch.Tensor:
+    """A (batch, tokens) padding mask as the (batch, 1, tokens, tokens) causal one, True = attend."""
+    t = mask.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
+    return causal[None, None] & mask.bool()[:, None, None, :]
+
+
 class _Hidden(nn.Module):
     """The model's last hidden state for ``input_ids``: a plain tensor output for the tracer."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, causal: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.mask_4d = causal and _masking_utils_breaks_trace(model)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.mask_4d:  # transformers 4.53-4.57 workaround (users' too): pass a pre-built 4D causal mask
+            return self.model(input_ids=ids, attention_mask=_causal_4d(torch.ones_like(ids)))[0]
         return self.model(input_ids=ids)[0]
 
 
@@ -78,7 +99,7 @@ def _adapted(name: str, method: str = "lora", **kw) -> tuple[nn.Module, torch.Te
     perturbed (B starts at zero: the adapters must contribute), and an input batch."""
     torch.manual_seed(0)
     make, targets = MODELS[name]
-    model = _Hidden(make()).eval()
+    model = _Hidden(make(), causal=name != "bert").eval()
     ll.inject_adapter(model, method, r=4, alpha=8, target_modules=targets, **kw)
     with torch.no_grad():
         for p in ll.trainable_parameters(model):
@@ -222,11 +243,14 @@ class _HiddenMasked(nn.Module):
     exported with a mask: without one, transformers' mask code (packed-sequence detection) uses
     ``aten::diff``, which the TorchScript ONNX exporter has no symbolic for, adapters or not."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, causal: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.mask_4d = causal and _masking_utils_breaks_trace(model)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.mask_4d:  # transformers 4.53-4.57 workaround (users' too): pass a pre-built 4D causal mask
+            mask = _causal_4d(mask)
         return self.model(input_ids=ids, attention_mask=mask)[0]
 
 
@@ -236,7 +260,7 @@ def test_onnx_export_of_unmerged_lora_runs_like_eager(name):
     with unmerged, non-trivial adapters; onnxruntime's outputs equal eager's on the traced batch
     shape and on another one (dynamic batch and sequence axes, a padded row)."""
     hidden, ids = _adapted(name)
-    model = _HiddenMasked(hidden.model).eval()
+    model = _HiddenMasked(hidden.model, causal=name != "bert").eval()
     mask = torch.ones_like(ids)
     model(ids, mask), model(ids, mask)  # sibling plan complete: export must not depend on it
     buf = io.BytesIO()

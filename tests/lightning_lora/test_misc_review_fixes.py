@@ -125,15 +125,17 @@ class _LM(nn.Module):
         return self.head
 
 
-def _tiny_wordpiece():
+def _tiny_wordpiece(tmp_path):
     from transformers import BertTokenizerFast
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "ok"]
-    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # from a folder's vocab.txt: 4.x takes no vocab dict, and 5.x ignores vocab_file= in the constructor
+    return BertTokenizerFast.from_pretrained(str(tmp_path))
 
 
-def test_verbalizer_rejects_a_word_the_tokenizer_does_not_know():
-    tok = _tiny_wordpiece()
+def test_verbalizer_rejects_a_word_the_tokenizer_does_not_know(tmp_path):
+    tok = _tiny_wordpiece(tmp_path)
     lm = _LM(tok.vocab_size)
     assert tok.encode("great", add_special_tokens=False) == [tok.unk_token_id]
     rows = verbalizer_weights(lm, tok, ["good", "bad"])

@@ -499,7 +499,10 @@ def test_verbalizer_head_gives_the_causal_lms_answer_logits():
     clf = LlamaForSequenceClassification(config).float()
     clf.model.load_state_dict(causal.model.state_dict())
     init_verbalizer_head(clf.score, causal, tok, words)
-    enc = tok(["is it good", "a much longer question here"], padding=True, return_tensors="pt")
+    # (the tiny LLaMA's tokenizer is BERT's: no token_type_ids, which transformers<4.54's
+    # LlamaForSequenceClassification.forward, without **kwargs, refuses)
+    enc = tok(["is it good", "a much longer question here"], padding=True, return_tensors="pt",
+              return_token_type_ids=False)
     with torch.no_grad():
         lm = causal(**enc).logits
         last = enc["attention_mask"].sum(1) - 1
