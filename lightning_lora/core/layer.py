@@ -56,6 +56,19 @@ def linear_shape(base: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(base).__name__}")
 
 
+def layer_shape(base: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, fan_in_fan_out)`` of any base an adapter layer may wrap: a linear
+    one (:func:`linear_shape`); an ``nn.Embedding`` (``num_embeddings``, ``embedding_dim``, True: its
+    table is stored ``(in, out)``, so :attr:`AdapterLayer.base_weight` is its transpose, as for
+    ``Conv1D``); an ``nn.Conv1d/2d/3d`` (``in_channels``, ``out_channels``, False: its weight keeps
+    its own ``(out, in / groups, *kernel)`` layout, and so does every ``delta_weight`` of it)."""
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim, True
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return base.in_channels, base.out_channels, False
+    return linear_shape(base)
+
+
 class AdapterLayer(nn.Module):
     """Wraps ``base_layer`` (frozen) and adds a method-specific update.
 
@@ -80,11 +93,12 @@ class AdapterLayer(nn.Module):
         # a new nn.Module starts in train mode; follow the wrapped layer so injecting into an
         # eval-mode model does not switch adapter dropout on
         self.train(base_layer.training)
-        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
+        self.in_features, self.out_features, self.fan_in_fan_out = layer_shape(base_layer)
 
     # ---- what subclasses provide -------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
-        """Dense update, shape ``(out_features, in_features)``, fp32."""
+        """Dense update in :attr:`base_weight`'s shape (``(out_features, in_features)`` for linear and
+        embedding bases, the kernel's ``(out, in, *k)`` for convolutions), fp32."""
         raise NotImplementedError
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -95,7 +109,8 @@ class AdapterLayer(nn.Module):
     # ---- shared behaviour --------------------------------------------------------------------
     @property
     def base_weight(self) -> torch.Tensor:
-        """Base weight in the ``(out, in)`` layout (a view for Conv1D)."""
+        """Base weight in the ``(out, in)`` layout (a transposed view for Conv1D and nn.Embedding; a
+        convolution's kernel as it is, ``(out, in / groups, *kernel)``)."""
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 

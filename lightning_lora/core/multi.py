@@ -128,8 +128,8 @@ class MultiAdapterLayer(AdapterLayer):
         return out
 
     def delta_weight(self) -> torch.Tensor:
-        """Sum of the active adapters' updates, shape ``(out_features, in_features)``, fp32."""
-        dw = torch.zeros(self.out_features, self.in_features, device=self.base_weight.device)
+        """Sum of the active adapters' updates in :attr:`base_weight`'s shape, fp32."""
+        dw = torch.zeros(self.base_weight.shape, device=self.base_weight.device)
         for layer in self._running():
             dw = dw + layer.delta_weight()
         return dw
@@ -282,7 +282,8 @@ def named_adapter_layers(model: nn.Module, name: str) -> dict[str, AdapterLayer]
 
 
 def adapter_delta_weights(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Qualified module name -> ``ΔW`` of adapter ``name``, shape ``(out_features, in_features)``, fp32.
+    """Qualified module name -> ``ΔW`` of adapter ``name`` in the base weight's ``(out, in)`` layout (a
+    convolution's: its kernel's shape), fp32.
     Refused while adapters are merged: an update that depends on the base (DoRA, Bat) would be read
     from a base that already holds it."""
     _check_unmerged(model, "read an adapter's delta weights")

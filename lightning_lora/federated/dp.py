@@ -113,7 +113,7 @@ def check_dp_compatible(model: nn.Module) -> None:
     """Raise ``ValueError`` for adapter layers whose per-sample gradients this module cannot compute."""
     for name, layer in adapter_layers(model).items():
         if not isinstance(layer, LoRALinear):
-            raise ValueError(f"DP-SGD supports LoRA and FFA-LoRA layers only; {name} is {type(layer).__name__}")
+            raise ValueError(f"DP-SGD supports LoRA and FFA-LoRA on linear layers only; {name} is {type(layer).__name__}")
         if layer.use_dora:
             raise ValueError(f"DP-SGD does not support DoRA ({name}): no per-sample gradient for the magnitude")
         if layer.dropout_p > 0:

@@ -99,6 +99,7 @@ class FFALoRA(LoRA):
     as plain LoRA."""
 
     Config = FFALoRAConfig
+    supported_types = (nn.Linear,)
     peft_type: ClassVar[str | None] = None  # type: ignore[assignment]
 
     def make_layer(self, base: nn.Module, name: str) -> FFALoRALinear:

@@ -60,6 +60,7 @@ from ..core import _lora_cpp, replay_kernels
 from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Method, register, whole_number
 from ..core.layer import AdapterLayer, accumulate_dtype, autocast_available, no_autocast
 from ..core.rounding import merged_weight, merged_weights
+from .lora_modules import MODULE_TYPES, make_module_layer
 
 
 @dataclass
@@ -1639,10 +1640,14 @@ class LoRA(Method):
     """LoRA / rsLoRA / DoRA. Saves in Hugging Face PEFT's format (``peft_type = "LORA"``)."""
 
     Config = LoRAConfig
-    supported_types = (nn.Linear,)
+    #: linear layers (and transformers' Conv1D), embeddings and ungrouped convolutions
+    #: (:mod:`lightning_lora.methods.lora_modules`); methods built on LoRA set their own
+    supported_types = (nn.Linear, *MODULE_TYPES)
     peft_type: ClassVar[str] = "LORA"
 
-    def make_layer(self, base: nn.Module, name: str) -> LoRALinear:
+    def make_layer(self, base: nn.Module, name: str) -> AdapterLayer:
+        if isinstance(base, MODULE_TYPES):
+            return make_module_layer(base, self.config)  # type: ignore[arg-type]
         return LoRALinear(base, self.config)  # type: ignore[arg-type]
 
     def on_inject(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
@@ -1675,7 +1680,9 @@ class LoRA(Method):
             "target_modules": sorted(layers),
             "modules_to_save": list(c.modules_to_save) or None,
             "bias": c.bias,
-            "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+            # transformers' Conv1D (an nn.Embedding's table is also stored (in, out), but PEFT's
+            # embedding layer ignores the option)
+            "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values() if isinstance(layer, LoRALinear)),
             "inference_mode": True,
             "layers_to_transform": None,
             "layers_pattern": None,

@@ -17,11 +17,12 @@ class Net(nn.Module):
     def __init__(self, hidden: int = 16) -> None:
         super().__init__()
         self.emb = nn.Embedding(10, hidden)
+        self.norm = nn.LayerNorm(hidden)  # a module type no method adapts
         self.query = nn.Linear(hidden, hidden)
         self.value = nn.Linear(hidden, hidden)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.emb(ids)
+        h = self.norm(self.emb(ids))
         return self.value(torch.relu(self.query(h)))
 
 
@@ -59,18 +60,20 @@ def test_target_pattern_matching_nothing_lists_module_names():
 
 def test_unsupported_module_type_raises_type_error():
     model = Net()
-    with pytest.raises(TypeError, match="emb.*Embedding"):
-        ll.inject_adapter(model, "lora", r=2, target_modules=["emb"])
+    with pytest.raises(TypeError, match="norm.*LayerNorm"):
+        ll.inject_adapter(model, "lora", r=2, target_modules=["norm"])
+    with pytest.raises(TypeError, match="'emb' of type Embedding; supported: \\['Linear'\\]"):
+        ll.inject_adapter(model, "dylora", r=2, target_modules=["emb"])  # LoRA adapts embeddings, DyLoRA does not
 
 
 def test_unsupported_type_among_valid_targets_leaves_model_untouched():
     """All targets are checked before any is replaced: a failed injection must not half-adapt."""
     model = Net()
     before = _snapshot(model)
-    with pytest.raises(TypeError, match="Embedding"):
-        ll.inject_adapter(model, "lora", r=2, target_modules=["query", "emb"])
-    with pytest.raises(TypeError, match="Embedding"):
-        ll.inject_adapter(model, "lora", r=2, target_modules=r"query|value|emb")
+    with pytest.raises(TypeError, match="LayerNorm"):
+        ll.inject_adapter(model, "lora", r=2, target_modules=["query", "norm"])
+    with pytest.raises(TypeError, match="LayerNorm"):
+        ll.inject_adapter(model, "lora", r=2, target_modules=r"query|value|norm")
     assert _snapshot(model) == before
     assert not ll.adapter_layers(model)
     # and the model can still be adapted properly afterwards
@@ -82,7 +85,7 @@ def test_unsupported_type_after_valid_target_leaves_model_untouched():
     class Late(Net):
         def __init__(self):
             super().__init__()
-            self.tail = nn.Embedding(4, 4)  # comes after query/value in model order
+            self.tail = nn.LayerNorm(4)  # comes after query/value in model order
 
     model = Late()
     before = _snapshot(model)

@@ -1,0 +1,195 @@
+"""LoRA on ``nn.Embedding`` and ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: the layers the ``lora``
+method (:mod:`lightning_lora.methods.lora`) builds for targets that are not linear.
+
+Embedding, table ``E`` of shape (n, d) (``num_embeddings``, ``embedding_dim``)::
+
+    y = E[x] + s · (Aᵀ[x]) Bᵀ          A: (r, n) = 0,  B: (d, r) ~ N(0, 1)
+    ΔE = s · (B A)ᵀ, shape (n, d)
+
+The roles of A and B swap against a linear layer (METHODS.md §1, "Embedding layers swap roles",
+loralib's ``Embedding`` and PEFT's): A starts at zero, so the output equals the base at init, and
+B is Gaussian (``init`` "kaiming" and "gaussian" both give this, as in PEFT). The lookup of A takes
+the base's ``padding_idx`` (that token's column of A gets no gradient, so its output stays the
+base's) and ``scale_grad_by_freq``; a base with ``max_norm`` is refused (it renormalises its own
+table in place at every lookup, so no update could be separated from it). The adapter's gradient
+is dense even for a ``sparse=True`` base (AdamW takes no sparse gradients). A base with an
+``embed_scale`` (transformers' scaled word embeddings, Gemma) multiplies the adapter term by it, as
+its forward multiplies the looked-up rows, so that merged and unmerged outputs agree (PEFT does the
+same).
+
+Convolution, kernel ``W`` of shape (C_out, C_in, *k)::
+
+    y = conv(x, W) + s · conv₁ₓ₁(conv(dropout(x), A), B)      A: (r, C_in, *k),  B: (C_out, r, 1, ...)
+    ΔW[o, i, ...] = s · Σ_j B[o, j] · A[j, i, ...]
+
+A convolves with the base's own geometry (stride, padding, dilation, padding mode: the base's
+``_conv_forward``) and B is a 1×1 convolution, so the sum of the two is one convolution with
+``ΔW``: merging is exact. A is Kaiming-uniform (or N(0, 1/r²) with ``init="gaussian"``) and B = 0,
+as for a linear layer. Grouped convolutions (``groups > 1``, depthwise ones included) are refused:
+a rank-r update of a block-diagonal kernel is not itself block-diagonal, so it could not be merged.
+
+Both layers save under PEFT's names and shapes (``lora_embedding_A`` / ``lora_embedding_B``;
+``lora_A.weight`` / ``lora_B.weight`` holding the convolution kernels), so a directory holding them
+loads in ``peft.PeftModel.from_pretrained`` with the same outputs, and back. One difference in
+PEFT's own code (peft 0.21.2): its ``lora_A`` convolution takes the base's stride and padding but
+not its dilation or padding mode, so on a dilated base PEFT's unmerged forward fails (a shape
+mismatch) and on a base with ``padding_mode="reflect"`` its unmerged output is not its merged one
+(9.6 apart on a random 3x3 Conv2d, against 3e-6 with zero padding); this library follows the merged
+form (the update ``ΔW`` both share), so its directories for such bases load in PEFT and merge there
+to the same model.
+
+Options of :class:`~lightning_lora.methods.lora.LoRAConfig` that concern linear layers only
+(``fused``, ``fuse_siblings``, ``replay_inputs``, ``merged_training``) do not apply here: these
+layers always run the plain formula above; ``use_dora`` is refused for them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import adapter_torch_dtype
+from ..core.layer import AdapterLayer, accumulate_dtype, no_autocast
+
+if TYPE_CHECKING:
+    from .lora import LoRAConfig
+
+#: the base module types these layers adapt (``LoRA.supported_types`` adds them to ``nn.Linear``)
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, *CONV_TYPES)
+#: the functional convolution of each kernel rank
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _refuse_dora(base: nn.Module, config: LoRAConfig) -> None:
+    if config.use_dora:
+        raise ValueError(f"use_dora=True is supported on linear layers only, not on {type(base).__name__}; "
+                         "leave this module out of target_modules or use plain LoRA")
+
+
+class LoRAEmbedding(AdapterLayer):
+    """LoRA on an ``nn.Embedding`` (module docstring). Parameters: ``lora_embedding_A`` (r,
+    num_embeddings), ``lora_embedding_B`` (embedding_dim, r)."""
+
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+    #: PEFT keeps these as bare parameters: the file keys are the names themselves
+    file_key_map: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, base_layer: nn.Embedding, config: LoRAConfig) -> None:
+        _refuse_dora(base_layer, config)
+        if base_layer.max_norm is not None:
+            raise ValueError(f"nn.Embedding with max_norm={base_layer.max_norm} renormalises its table in place "
+                             "at every lookup, so no low-rank update can be kept apart from it; LoRA cannot adapt it")
+        super().__init__(base_layer)
+        self.r = config.r
+        self.scaling = config.scaling
+        dtype = adapter_torch_dtype(config.adapter_dtype)
+        device = base_layer.weight.device
+        self.lora_embedding_A = nn.Parameter(torch.zeros(self.r, self.in_features, dtype=dtype, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(self.out_features, self.r, dtype=dtype, device=device))
+        nn.init.normal_(self.lora_embedding_B)
+
+    def _embed_scale(self) -> torch.Tensor | float | None:
+        """The base's ``embed_scale`` (a scalar or a one-element tensor), or None."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if scale is None:
+            return None
+        if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+            raise ValueError(f"{type(self.base_layer).__name__}.embed_scale has shape {tuple(scale.shape)}; "
+                             "LoRA supports a scalar embed_scale only")
+        return scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s · B A``, shape (embedding_dim, num_embeddings) (:attr:`base_weight`'s layout, the table
+        transposed), fp32 (fp64 for fp64 adapters)."""
+        A, B = self.lora_embedding_A, self.lora_embedding_B
+        acc = accumulate_dtype(A, B)
+        with no_autocast(A.device):
+            return self.scaling * (B.to(acc) @ A.to(acc))
+
+    def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """``base_out + s · Aᵀ[x] Bᵀ`` (times ``embed_scale`` where the base has one); ``x`` holds
+        indices of any shape, ``base_out`` is (*x.shape, embedding_dim)."""
+        dtype = base_out.dtype
+        base = self.base_layer
+        after_a = F.embedding(x, self.lora_embedding_A.to(dtype).t(), padding_idx=base.padding_idx,
+                              scale_grad_by_freq=base.scale_grad_by_freq)
+        out = self.scaling * (after_a @ self.lora_embedding_B.to(dtype).t())
+        scale = self._embed_scale()
+        if scale is not None:
+            out = out * (scale.to(dtype) if isinstance(scale, torch.Tensor) else scale)
+        return base_out + out
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.in_features}, embedding_dim={self.out_features}, r={self.r}, "
+                f"merged={self.merged}")
+
+
+class LoRAConv(AdapterLayer):
+    """LoRA on an ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (module docstring). Parameters:
+    ``lora_A`` (r, in_channels, *kernel_size), ``lora_B`` (out_channels, r, 1, ...)."""
+
+    adapter_param_names = ("lora_A", "lora_B")
+    file_key_map: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
+        _refuse_dora(base_layer, config)
+        if base_layer.groups != 1:
+            raise ValueError(f"{type(base_layer).__name__} with groups={base_layer.groups}: LoRA adapts "
+                             "ungrouped convolutions only (a low-rank update of a grouped kernel is not grouped, "
+                             "so it could not be merged)")
+        super().__init__(base_layer)
+        self.r = config.r
+        self.scaling = config.scaling
+        self.dropout_p = config.dropout
+        dtype = adapter_torch_dtype(config.adapter_dtype)
+        device = base_layer.weight.device
+        kernel = tuple(base_layer.kernel_size)
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, *kernel, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, *(1,) * len(kernel), dtype=dtype,
+                                               device=device))
+        if config.init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW[o, i, ...] = s · Σ_j B[o, j] A[j, i, ...]``, the kernel's shape (out, in, *k), fp32
+        (fp64 for fp64 adapters or base)."""
+        A, B = self.lora_A, self.lora_B
+        acc = accumulate_dtype(A, B)
+        with no_autocast(A.device):
+            return self.scaling * torch.einsum("or,r...->o...", B.flatten(1).to(acc), A.to(acc))
+
+    def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """``base_out + s · conv₁ₓ₁(conv(dropout(x), A), B)``; ``x`` (N, C_in, *spatial) or unbatched,
+        ``base_out`` (N, C_out, *spatial')."""
+        dtype = base_out.dtype
+        h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+        # the base's own conv call: its stride, padding, dilation and padding mode (groups is 1)
+        h = self.base_layer._conv_forward(h.to(dtype), self.lora_A.to(dtype), None)
+        out = _CONV_FNS[len(self.base_layer.kernel_size)](h, self.lora_B.to(dtype))  # B: a 1x1 convolution
+        return base_out + self.scaling * out
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_features}, out_channels={self.out_features}, r={self.r}, "
+                f"merged={self.merged}")
+
+
+def make_module_layer(base: nn.Module, config: LoRAConfig) -> AdapterLayer:
+    """The LoRA layer for an embedding or convolution ``base`` (``LoRA.make_layer`` for those)."""
+    if isinstance(base, nn.Embedding):
+        return LoRAEmbedding(base, config)
+    return LoRAConv(base, config)
+
+
+def is_module_target(base: nn.Module) -> bool:
+    """Whether ``base`` is one of the module types this file adapts."""
+    return isinstance(base, MODULE_TYPES)
+
+
+__all__ = ["LoRAConv", "LoRAEmbedding", "MODULE_TYPES", "is_module_target", "make_module_layer"]

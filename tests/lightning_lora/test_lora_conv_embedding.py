@@ -1,0 +1,400 @@
+"""LoRA on ``nn.Embedding`` and ``nn.Conv1d/2d/3d`` (:mod:`lightning_lora.methods.lora_modules`): the
+shared invariants of METHODS.md (S1 output equals the base at init, S2 merged equals unmerged and
+unmerge restores the base, S3 only adapter parameters get gradients, S4 save/load round trip, S5 bf16
+finite and close, S6 parameter counts, disabling reversible), the embedding's own rules (A = 0,
+B ~ N(0, 1); padding_idx; embed_scale), PEFT interop both ways, named adapters, the Lightning
+callback, and the clear refusals."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_lora as ll
+from lightning_lora.core.multi import adapter_delta_weights
+from lightning_lora.methods.lora_modules import LoRAConv, LoRAEmbedding
+
+import peft  # noqa: E402  (a test dependency)
+
+
+class Net(nn.Module):
+    """Token ids (N, L) -> embedding -> Conv1d -> Conv2d -> Conv3d -> linear head: every module kind."""
+
+    def __init__(self, conv2d: nn.Conv2d | None = None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.conv1 = nn.Conv1d(8, 6, 3, padding=1)
+        self.conv2 = conv2d or nn.Conv2d(6, 5, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv3d(5, 4, (1, 2, 2))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.emb(ids).transpose(1, 2))  # (N, 6, L)
+        h = self.conv2(h.unsqueeze(-1).expand(-1, -1, -1, 6).contiguous())  # (N, 5, L', 3)
+        h = self.conv3(h.unsqueeze(2))  # (N, 4, 1, L'', 2)
+        return self.head(h.flatten(2).mean(-1))
+
+
+TARGETS = ["emb", "conv1", "conv2", "conv3"]
+#: conv2 variants: the geometry the adapter's A must share with the base for merging to be exact
+CONV2 = {
+    "stride2": lambda: nn.Conv2d(6, 5, 3, stride=2, padding=1),
+    "dilated_reflect": lambda: nn.Conv2d(6, 5, 3, padding=2, dilation=2, padding_mode="reflect"),
+    "same_circular_nobias": lambda: nn.Conv2d(6, 5, (3, 1), padding="same", padding_mode="circular", bias=False),
+}
+VARIANTS = {"plain": dict(r=2, alpha=4), "rslora_gaussian": dict(r=3, alpha=2, use_rslora=True, init="gaussian")}
+
+
+def _net(conv2: str = "stride2", seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net(CONV2[conv2]())
+
+
+def _ids(seed: int = 1) -> torch.Tensor:
+    ids = torch.randint(1, 20, (3, 12), generator=torch.Generator().manual_seed(seed))
+    ids[0, -3:] = 0  # padding tokens
+    return ids
+
+
+@torch.no_grad()
+def _perturb(model: nn.Module, seed: int = 5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in ll.trainable_parameters(model):
+        p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _adapted(conv2: str = "stride2", kw: dict | None = None, targets=TARGETS) -> tuple[Net, Net, dict]:
+    base = _net(conv2)
+    model = copy.deepcopy(base)
+    layers = ll.inject_adapter(model, "lora", target_modules=list(targets), **(kw or VARIANTS["plain"]))
+    return base, model, layers
+
+
+def test_layer_types_and_embedding_init_swaps_roles():
+    _, _, layers = _adapted()
+    assert isinstance(layers["emb"], LoRAEmbedding)
+    assert all(isinstance(layers[n], LoRAConv) for n in ("conv1", "conv2", "conv3"))
+    emb = layers["emb"]
+    # METHODS.md §1: embedding layers swap roles, A = 0 and B ~ N(0, 1)
+    assert torch.count_nonzero(emb.lora_embedding_A) == 0
+    b = emb.lora_embedding_B
+    assert b.shape == (8, 2) and torch.count_nonzero(b) == b.numel() and 0.3 < b.std().item() < 3
+    conv = layers["conv2"]
+    assert conv.lora_A.shape == (2, 6, 3, 3) and conv.lora_B.shape == (5, 2, 1, 1)
+    assert torch.count_nonzero(conv.lora_B) == 0 and torch.count_nonzero(conv.lora_A) == conv.lora_A.numel()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("conv2", list(CONV2))
+def test_s1_s2_init_equals_base_merge_equals_unmerged_unmerge_restores(conv2, variant):
+    base, model, layers = _adapted(conv2, VARIANTS[variant])
+    ids = _ids()
+    y0 = base(ids)
+    assert torch.equal(model(ids), y0)  # S1: bit-exact at init
+    _perturb(model)
+    y = model(ids)
+    assert (y - y0).abs().max() > 1e-2  # every adapter now changes the output
+    w0 = {n: l.base_layer.weight.detach().clone() for n, l in layers.items()}
+    ll.merge_adapter(model)
+    assert all(not torch.equal(l.base_layer.weight, w0[n]) for n, l in layers.items())
+    torch.testing.assert_close(model(ids), y, atol=1e-5, rtol=1e-5)
+    ll.unmerge_adapter(model)
+    for n, l in layers.items():
+        torch.testing.assert_close(l.base_layer.weight, w0[n], atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(ids), y, atol=1e-5, rtol=1e-5)
+
+
+def test_unload_with_merge_leaves_plain_modules_with_the_adapted_outputs():
+    base, model, _ = _adapted(conv2="dilated_reflect")
+    _perturb(model)
+    ids = _ids()
+    y = model(ids)
+    ll.unload(model, merge=True)
+    assert [type(m) for m in model.children()] == [type(m) for m in base.children()]
+    torch.testing.assert_close(model(ids), y, atol=1e-5, rtol=1e-5)
+
+
+def test_delta_weight_is_the_merged_kernel_difference():
+    """ΔW in the kernel's own shape: conv(x, W + ΔW) equals the unmerged layer."""
+    _, model, layers = _adapted()
+    _perturb(model)
+    conv = layers["conv2"]
+    x = torch.randn(2, 6, 7, 5)
+    dw = conv.delta_weight()
+    assert dw.shape == conv.base_layer.weight.shape and dw.dtype == torch.float32
+    w = conv.base_layer.weight + dw
+    ref = conv.base_layer._conv_forward(x, w, conv.base_layer.bias)
+    torch.testing.assert_close(conv(x), ref, atol=1e-5, rtol=1e-5)
+    emb = layers["emb"]
+    assert emb.delta_weight().t().shape == emb.base_layer.weight.shape  # (out, in) = the table transposed
+
+
+def test_unbatched_conv_input():
+    _, model, layers = _adapted()
+    _perturb(model)
+    conv = layers["conv1"]
+    x = torch.randn(8, 10)
+    torch.testing.assert_close(conv(x), conv(x.unsqueeze(0)).squeeze(0), atol=1e-6, rtol=1e-6)
+
+
+def test_s3_only_adapter_parameters_get_gradients():
+    _, model, layers = _adapted()
+    _perturb(model)
+    model(_ids()).pow(2).sum().backward()
+    expected = {f"{n}.{p}" for n, l in layers.items() for p in l.adapter_param_names}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == expected
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in expected)
+
+
+def test_s4_save_load_round_trip_is_exact(tmp_path):
+    base, model, _ = _adapted()
+    _perturb(model)
+    ll.save_adapter(model, tmp_path)
+    fresh = copy.deepcopy(base)
+    ll.load_adapter(fresh, tmp_path)
+    ids = _ids()
+    assert torch.equal(fresh(ids), model(ids))
+    a, b = ll.adapter_state_dict(model), ll.adapter_state_dict(fresh)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["autocast", "cast"])
+def test_s5_bf16_finite_and_close(mode):
+    _, model, _ = _adapted()
+    _perturb(model)
+    ids = _ids()
+    y32 = model(ids)
+    if mode == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = model(ids)
+    else:
+        y16 = model.to(torch.bfloat16)(ids)
+    assert torch.isfinite(y16).all()
+    assert ((y16.float() - y32).norm() / y32.norm()).item() < 2e-2
+
+
+def test_s6_parameter_counts():
+    _, model, _ = _adapted(kw=dict(r=3, alpha=3))
+    counts = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in model.named_children()}
+    assert counts["emb"] == 3 * (20 + 8)
+    assert counts["conv1"] == 3 * 8 * 3 + 6 * 3
+    assert counts["conv2"] == 3 * 6 * 9 + 5 * 3
+    assert counts["conv3"] == 3 * 5 * 4 + 4 * 3
+    assert counts["head"] == 0
+
+
+def test_disable_is_reversible():
+    base, model, _ = _adapted()
+    _perturb(model)
+    ids = _ids()
+    y = model(ids)
+    with ll.disable_adapter(model):
+        assert torch.equal(model(ids), base(ids))
+    assert torch.equal(model(ids), y)
+
+
+def test_embedding_padding_row_keeps_the_base_output():
+    """The adapter's lookup takes the base's padding_idx: A's padding column gets no gradient, so the
+    padding token's embedding stays the base's through training."""
+    base, model, layers = _adapted()
+    opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=0.05)
+    ids = _ids()
+    for _ in range(3):
+        model(ids).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    emb = layers["emb"]
+    assert torch.count_nonzero(emb.lora_embedding_A[:, 0]) == 0
+    assert torch.count_nonzero(emb.lora_embedding_A[:, 1:]) > 0
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    assert torch.equal(emb(pad), base.emb(pad))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """transformers' scaled word embeddings (Gemma): the lookup times a scalar ``embed_scale``."""
+
+    def __init__(self, *args, embed_scale: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("embed_scale", torch.tensor(embed_scale), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale
+
+
+def test_embed_scale_multiplies_the_adapter_term_as_the_merged_table():
+    model = nn.Sequential(ScaledEmbedding(20, 8, embed_scale=math.sqrt(8)))
+    layer = ll.inject_adapter(model, "lora", r=2, alpha=4, target_modules=["0"])["0"]
+    _perturb(model)
+    ids = _ids()
+    y = model(ids)
+    ll.merge_adapter(model)
+    torch.testing.assert_close(model(ids), y, atol=1e-5, rtol=1e-5)
+    ll.unmerge_adapter(model)
+    base_rows = layer.base_layer(ids)
+    unscaled = layer.scaling * nn.functional.embedding(ids, layer.lora_embedding_A.t()) @ layer.lora_embedding_B.t()
+    torch.testing.assert_close(y - base_rows, math.sqrt(8) * unscaled, atol=1e-5, rtol=1e-5)
+
+
+# ---- PEFT ------------------------------------------------------------------------------------
+def test_saved_directory_loads_in_peft_with_the_same_outputs(tmp_path):
+    base, model, _ = _adapted(kw=dict(r=2, alpha=4, dropout=0.1), targets=[*TARGETS, "head"])
+    _perturb(model)
+    model.eval()
+    ll.save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ids = _ids()
+    torch.testing.assert_close(pm(ids), model(ids), atol=1e-5, rtol=0)
+    # and PEFT's merge gives the same model as ours
+    torch.testing.assert_close(pm.merge_and_unload()(ids), model(ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_peft_directory_loads_here_with_the_same_outputs(tmp_path, init):
+    base = _net()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=init,
+                                                                  target_modules=[*TARGETS, "head"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path)
+    model = copy.deepcopy(base)
+    ll.load_adapter(model, tmp_path)
+    ids = _ids()
+    torch.testing.assert_close(model(ids), pm(ids), atol=1e-5, rtol=0)
+    assert isinstance(ll.adapter_layers(model)["emb"], LoRAEmbedding)
+
+
+# ---- named adapters, the callback ------------------------------------------------------------
+def test_two_named_adapters_add_up_and_merge_together():
+    base = _net()
+    model = copy.deepcopy(base)
+    ll.add_adapter(model, "a", "lora", r=2, target_modules=TARGETS)
+    ll.add_adapter(model, "b", "lora", r=3, target_modules=["emb", "conv2"])
+    _perturb(model)
+    ids = _ids()
+    ll.set_adapter(model, "a")
+    ya = model(ids)
+    ll.set_adapter(model, "b")
+    _perturb(model, seed=9)
+    yb = model(ids)
+    ll.set_adapter(model, ["a", "b"])
+    y = model(ids)
+    assert not torch.allclose(y, ya) and not torch.allclose(y, yb)
+    # the two updates add, layer by layer: conv2 runs W + ΔW_a + ΔW_b, emb the table + ΔE_a + ΔE_b
+    da, db = adapter_delta_weights(model, "a"), adapter_delta_weights(model, "b")
+    conv2, x = model.conv2, torch.randn(2, 6, 7, 5)
+    ref = conv2.base_layer._conv_forward(x, conv2.base_layer.weight + da["conv2"] + db["conv2"], conv2.base_layer.bias)
+    torch.testing.assert_close(conv2(x), ref, atol=1e-5, rtol=1e-5)
+    table = model.emb.base_layer.weight + (da["emb"] + db["emb"]).t()
+    torch.testing.assert_close(model.emb(ids), table[ids], atol=1e-5, rtol=1e-5)
+    y0 = base(ids)
+    with ll.disable_adapter(model):
+        assert torch.equal(model(ids), y0)
+    ll.merge_adapter(model)
+    torch.testing.assert_close(model(ids), y, atol=1e-5, rtol=1e-5)
+    ll.unmerge_adapter(model)
+    torch.testing.assert_close(model(ids), y, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_callback_trains_only_the_conv_and_embedding_adapters(tmp_path):
+    import lightning.pytorch as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _net()
+
+        def training_step(self, batch, _):
+            ids, y = batch
+            return nn.functional.cross_entropy(self.net(ids), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(ll.trainable_parameters(self), lr=0.05)
+
+    ids = torch.randint(0, 20, (16, 12), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, y), batch_size=8)
+    module = Module()
+    before = {n: p.detach().clone() for n, p in module.net.named_parameters()}
+    callback = ll.AdapterCallback("lora", r=2, alpha=4, target="net", target_modules=TARGETS,
+                                  export_dir=tmp_path / "adapter")
+    trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", callbacks=[callback])
+    trainer.fit(module, loader)
+    layers = ll.adapter_layers(module.net)
+    assert set(layers) == set(TARGETS)
+    for name, layer in layers.items():
+        assert torch.equal(layer.base_layer.weight, before[f"{name}.weight"])  # frozen
+    assert not torch.equal(layers["emb"].lora_embedding_A, torch.zeros_like(layers["emb"].lora_embedding_A))
+    assert not torch.equal(layers["conv2"].lora_B, torch.zeros_like(layers["conv2"].lora_B))
+    assert torch.equal(module.net.head.weight, before["head.weight"])
+    loaded = _net()
+    ll.load_adapter(loaded, tmp_path / "adapter")
+    torch.testing.assert_close(loaded(ids), module.net(ids), atol=1e-6, rtol=0)
+
+
+def test_trace_of_an_adapted_conv_model_equals_eager():
+    _, model, _ = _adapted()
+    _perturb(model)
+    model.eval()
+    ids = _ids()
+    traced = torch.jit.trace(model, (ids,))
+    torch.testing.assert_close(traced(_ids(seed=4)), model(_ids(seed=4)), atol=1e-6, rtol=0)
+
+
+# ---- refusals --------------------------------------------------------------------------------
+@pytest.mark.parametrize("module,match", [
+    (nn.Conv2d(4, 4, 3, groups=2), r"Conv2d with groups=2: LoRA adapts ungrouped convolutions only"),
+    (nn.Conv1d(4, 4, 3, groups=4), r"Conv1d with groups=4"),
+    (nn.Embedding(10, 4, max_norm=1.0), r"max_norm=1.0 renormalises its table in place"),
+])
+def test_unsupported_bases_are_refused_and_the_model_is_left_as_it_was(module, match):
+    model = nn.Sequential(nn.Linear(4, 4), module)
+    with pytest.raises(ValueError, match=match):
+        ll.inject_adapter(model, "lora", r=2, target_modules=["0", "1"])
+    assert type(model[0]) is nn.Linear and model[1] is module
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("module", [nn.Conv2d(4, 4, 3), nn.Embedding(10, 4)])
+def test_dora_on_conv_or_embedding_is_refused(module):
+    with pytest.raises(ValueError, match=r"use_dora=True is supported on linear layers only, not on (Conv2d|Embedding)"):
+        ll.inject_adapter(nn.Sequential(module), "lora", r=2, use_dora=True, target_modules=["0"])
+
+
+@pytest.mark.parametrize("method", ["dylora", "ffa_lora", "bone"])
+def test_methods_built_for_linear_layers_name_the_supported_types(method):
+    with pytest.raises(TypeError, match=rf"method {method!r} cannot adapt module '0' of type Conv2d; supported: \['Linear'\]"):
+        ll.inject_adapter(nn.Sequential(nn.Conv2d(4, 4, 3)), method, r=2, target_modules=["0"])
+
+
+def test_transposed_convolution_is_not_a_target():
+    with pytest.raises(TypeError, match=r"type ConvTranspose2d; supported: \['Linear', 'Embedding', 'Conv1d', 'Conv2d', 'Conv3d'\]"):
+        ll.inject_adapter(nn.Sequential(nn.ConvTranspose2d(4, 4, 3)), "lora", r=2, target_modules=["0"])
+
+
+def test_compiled_matches_eager_in_one_graph():
+    """``torch.compile`` (aot_eager) gives eager's output and adapter gradients, with no graph break at
+    the embedding or convolution layers."""
+    torch._dynamo.reset()
+    _, model, _ = _adapted()
+    _perturb(model)
+    ids = _ids()
+    y = model(ids)
+    y.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    explained = torch._dynamo.explain(model)(ids)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    yc = torch.compile(model, backend="aot_eager")(ids)
+    yc.pow(2).sum().backward()
+    torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-4, atol=1e-6, msg=n)
+    torch._dynamo.reset()
