@@ -1,0 +1,168 @@
+"""LoRA on convolutions and embeddings: our training step against PEFT's, side by side in one process.
+
+Two models, random weights, every target adapted at rank 8 (alpha 16) by both libraries:
+
+- ``cnn``: a small VGG-style image classifier, six 3x3 ``nn.Conv2d`` (64 to 256 channels, the last
+  two dilated) on 32 x 32 images, batch 64; targets: every convolution;
+- ``emb``: a token model whose ``nn.Embedding`` (32,000 x 512) feeds a ``nn.Conv1d`` stack,
+  batch 32 x 256 tokens; targets: the embedding and the convolutions.
+
+The step is forward, backward and AdamW over the adapter parameters. The variants are timed in
+turn, ``--rounds`` times (ours, PEFT, ours, PEFT, ...), and each figure is the median over rounds
+of the per-round medians, so the machine's drift falls on both alike; ``step_time_ratio_<model>``
+is ours / PEFT. PEFT's dilated convolution has no working unmerged forward (its ``lora_A`` ignores
+the dilation: a shape mismatch, docs/architecture.md), so the ``cnn`` model's PEFT variant adapts
+its undilated layers only, and ours is timed on the same set (``peft_targets``) as well as on all.
+On CUDA the step runs under bf16 autocast, and each step's own peak memory (above what was
+allocated before it, all variants' models staying resident) is recorded too.
+
+    python benchmarks/lora_conv_vs_peft.py [--device cpu|cuda] [--rounds 5] [--steps 10] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning_lora as ll  # noqa: E402
+from lightning_lora.results import write_result  # noqa: E402
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        chans = [3, 64, 64, 128, 128, 256, 256]
+        self.convs = nn.ModuleList()
+        for i in range(6):
+            dil = 2 if i >= 4 else 1
+            self.convs.append(nn.Conv2d(chans[i], chans[i + 1], 3, padding=dil, dilation=dil))
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            x = torch.relu(conv(x))
+            if i in (1, 3):
+                x = nn.functional.max_pool2d(x, 2)
+        return self.head(x.mean((2, 3)))
+
+
+class TokenConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32000, 512)
+        self.convs = nn.ModuleList([nn.Conv1d(512, 512, 5, padding=2) for _ in range(4)])
+        self.head = nn.Linear(512, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids).transpose(1, 2)
+        for conv in self.convs:
+            x = torch.relu(conv(x)) + x
+        return self.head(x.mean(2))
+
+
+MODELS = {
+    "cnn": dict(make=CNN, inputs=lambda g, d: torch.randn(64, 3, 32, 32, generator=g).to(d),
+                targets=[f"convs.{i}" for i in range(6)], peft_targets=[f"convs.{i}" for i in range(4)]),
+    "emb": dict(make=TokenConv, inputs=lambda g, d: torch.randint(0, 32000, (32, 256), generator=g).to(d),
+                targets=["emb", *[f"convs.{i}" for i in range(4)]], peft_targets=None),
+}
+
+
+def build(spec: dict, variant: str, device: str) -> tuple[nn.Module, list[nn.Parameter]]:
+    torch.manual_seed(0)
+    model = spec["make"]().to(device)
+    targets = spec["targets"] if variant == "ours_all" else (spec["peft_targets"] or spec["targets"])
+    if variant.startswith("ours"):
+        ll.inject_adapter(model, "lora", r=8, alpha=16, target_modules=targets)
+        return model, ll.trainable_parameters(model)
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def step_fn(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, device: str) -> Callable[[], None]:
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(x).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(step: Callable[[], None], steps: int, device: str) -> float:
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lora_conv_vs_peft.json"))
+    args = ap.parse_args()
+    dev = args.device
+    metrics: dict[str, float] = {"rounds": args.rounds, "steps": args.steps}
+    for name in args.models:
+        spec = MODELS[name]
+        variants = ["ours", "peft"] + (["ours_all"] if spec["peft_targets"] else [])
+        x = spec["inputs"](torch.Generator().manual_seed(1), dev)
+        steps = {}
+        for v in variants:
+            model, params = build(spec, v, dev)
+            steps[v] = step_fn(model, params, x, dev)
+            metrics[f"{name}_{v}_trainable_params"] = sum(p.numel() for p in params)
+            for _ in range(args.warmup):
+                steps[v]()
+        per_round: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            for v in variants:
+                per_round[v].append(timed(steps[v], args.steps, dev))
+        for v in variants:
+            metrics[f"{name}_{v}_ms"] = round(statistics.median(per_round[v]), 3)
+            metrics[f"{name}_{v}_ms_min"] = round(min(per_round[v]), 3)
+            metrics[f"{name}_{v}_ms_max"] = round(max(per_round[v]), 3)
+        metrics[f"step_time_ratio_{name}"] = round(metrics[f"{name}_ours_ms"] / metrics[f"{name}_peft_ms"], 3)
+        if dev == "cuda":
+            # every variant's model stays resident: a step's own memory is its peak above what was
+            # allocated before it (activations, gradients, optimizer state already there)
+            for v in variants:
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                steps[v]()
+                torch.cuda.synchronize()
+                metrics[f"{name}_{v}_step_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 3)
+            metrics[f"step_mem_ratio_{name}"] = round(metrics[f"{name}_ours_step_gib"] / metrics[f"{name}_peft_step_gib"], 3)
+        print(name, {k: v for k, v in metrics.items() if k.startswith(name) or k.endswith(name)}, flush=True)
+        del steps
+    print(write_result(Path(args.out).stem, metrics, directory=Path(args.out).parent))
+
+
+if __name__ == "__main__":
+    main()
