@@ -29,7 +29,8 @@ as for a linear layer. Grouped convolutions (``groups > 1``, depthwise ones incl
 a rank-r update of a block-diagonal kernel is not itself block-diagonal, so it could not be merged.
 
 Both layers save under PEFT's names and shapes (``lora_embedding_A`` / ``lora_embedding_B``;
-``lora_A.weight`` / ``lora_B.weight`` holding the convolution kernels), so a directory holding them
+``lora_A.weight`` / ``lora_B.weight`` holding the convolution kernels; DoRA's
+``lora_magnitude_vector``), so a directory holding them
 loads in ``peft.PeftModel.from_pretrained`` with the same outputs, and back. One difference in
 PEFT's own code (peft 0.21.2): its ``lora_A`` convolution takes the base's stride and padding but
 not its dilation or padding mode, so on a dilated base PEFT's unmerged forward fails (a shape
@@ -40,7 +41,8 @@ to the same model.
 
 Options of :class:`~lightning_lora.methods.lora.LoRAConfig` that concern linear layers only
 (``fused``, ``fuse_siblings``, ``replay_inputs``, ``merged_training``) do not apply here: these
-layers always run the plain formula above; ``use_dora`` is refused for them.
+layers always run the plain formula above. DoRA (``use_dora``) works on both, as PEFT's
+(:class:`_ModuleLoRA`).
 """
 
 from __future__ import annotations
@@ -65,22 +67,112 @@ MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, *CONV_TYPES)
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _refuse_dora(base: nn.Module, config: LoRAConfig) -> None:
-    if config.use_dora:
-        raise ValueError(f"use_dora=True is supported on linear layers only, not on {type(base).__name__}; "
-                         "leave this module out of target_modules or use plain LoRA")
+class _ModuleLoRA(AdapterLayer):
+    """What the embedding and convolution layers share: the plain LoRA update :meth:`_scaled_ba` in
+    :attr:`base_weight`'s layout, and DoRA on top of it.
+
+    DoRA (``use_dora``, METHODS.md §1, as PEFT's DoRA embedding and convolution layers): ``W' = m ⊙
+    (W0 + ΔW) / ν`` with ``ν = ‖W0 + ΔW‖`` per output feature (an embedding dimension; an output
+    channel, over its input channels and kernel) and the trainable magnitude ``m`` starting at
+    ``‖W0‖``, so the output equals the base at init. Forward, with the base output ``y0``:
+    convolution ``y0 + (m/ν − 1) ⊙ (y0 − b) + (m/ν) ⊙ s·lora(x)``; embedding ``(m/ν) ⊙ (y0 +
+    s·lora(x))``. ``ν`` is a constant in backward with ``dora_detach_norm`` (the default, the paper's
+    §4.3). ``m`` is stored in PEFT's shape: (embedding_dim,) for an embedding, (1, C_out, 1, ...)
+    for a convolution.
+    """
+
+    def _init_dora(self, config: LoRAConfig, dtype: torch.dtype, magnitude_shape: tuple[int, ...]) -> None:
+        self.use_dora = config.use_dora
+        self.dora_detach_norm = config.dora_detach_norm
+        #: ν at merge time and the W0 rows of zero magnitude (their merged rows are 0), for unmerge
+        self._merged_norm: torch.Tensor | None = None
+        self._merged_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        if not self.use_dora:
+            self.register_parameter("lora_magnitude", None)
+            return
+        with torch.no_grad():
+            w0 = self.base_weight
+            norm = self._row_norm(w0.to(torch.promote_types(accumulate_dtype(w0), dtype)))
+        self.lora_magnitude = nn.Parameter(norm.to(dtype).reshape(magnitude_shape))
+
+    @staticmethod
+    def _row_norm(w: torch.Tensor) -> torch.Tensor:
+        """Norm of each output feature's weights (dim 0 of :attr:`base_weight`), shape (out,)."""
+        return w.flatten(1).norm(dim=1)
+
+    def _scaled_ba(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dora_norm(self) -> torch.Tensor:
+        """``ν = ‖W0 + ΔW‖`` per output feature, shape (out,), fp32 (fp64 for fp64 tensors)."""
+        dw = self._scaled_ba()
+        w0 = self.base_weight
+        return self._row_norm(w0.to(accumulate_dtype(w0, dw)) + dw)
+
+    def _dora_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """``m/ν`` in ``dtype``, shape (out,); 1 where ν = 0 (an all-zero output feature)."""
+        if self.dora_detach_norm:
+            with torch.no_grad():
+                norm = self._dora_norm()
+        else:
+            norm = self._dora_norm()
+        mag = self.lora_magnitude.reshape(-1)
+        mag = mag.to(accumulate_dtype(mag, norm))
+        zero = norm == 0
+        return torch.where(zero, torch.ones_like(mag), mag / torch.where(zero, torch.ones_like(norm), norm)).to(dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·ΔW`` in :attr:`base_weight`'s layout, fp32 (fp64 for fp64 tensors); with DoRA ``W' − W0``."""
+        dw = self._scaled_ba()
+        if not self.use_dora:
+            return dw
+        w0 = self.base_weight
+        v = w0.to(accumulate_dtype(w0, dw)) + dw
+        scale = self._dora_scale(v.dtype).reshape(-1, *(1,) * (v.dim() - 1))
+        return scale * v - w0.to(v.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.use_dora and not self.merged:
+            self._merged_norm = self._dora_norm()
+            # rows with m = 0 merge to 0 whatever W0 was: keep them, W'·ν/m cannot give them back
+            idx = (self.lora_magnitude.reshape(-1) == 0).nonzero().squeeze(1)
+            w = self.base_weight
+            self._merged_rows = (idx.to(w.device), w[idx.to(w.device)].clone()) if idx.numel() else None
+        super().merge()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.use_dora:
+            return super().unmerge()
+        if not self.merged:
+            raise RuntimeError("adapter is not merged")
+        w = self.base_weight
+        dw = self._scaled_ba()
+        acc = accumulate_dtype(w, dw)
+        assert self._merged_norm is not None
+        shape = (-1, *(1,) * (w.dim() - 1))
+        norm, mag = self._merged_norm.to(acc).reshape(shape), self.lora_magnitude.reshape(-1).to(acc).reshape(shape)
+        zero = norm == 0  # merged with scale 1 there: W' = W0 + ΔW
+        w0 = w.to(acc) * torch.where(zero, 1.0, norm) / torch.where(zero | (mag == 0), 1.0, mag) - dw
+        w.copy_(w0.to(w.dtype))
+        if self._merged_rows is not None:
+            w.index_copy_(0, *self._merged_rows)
+        self._merged_norm = None
+        self._merged_rows = None
+        self.merged = False
 
 
-class LoRAEmbedding(AdapterLayer):
+class LoRAEmbedding(_ModuleLoRA):
     """LoRA on an ``nn.Embedding`` (module docstring). Parameters: ``lora_embedding_A`` (r,
-    num_embeddings), ``lora_embedding_B`` (embedding_dim, r)."""
+    num_embeddings), ``lora_embedding_B`` (embedding_dim, r); with DoRA ``lora_magnitude``
+    (embedding_dim,)."""
 
-    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
-    #: PEFT keeps these as bare parameters: the file keys are the names themselves
-    file_key_map: ClassVar[dict[str, str]] = {}
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude")
+    #: PEFT keeps A and B as bare parameters (the file keys are the names themselves)
+    file_key_map: ClassVar[dict[str, str]] = {"lora_magnitude": "lora_magnitude_vector"}
 
     def __init__(self, base_layer: nn.Embedding, config: LoRAConfig) -> None:
-        _refuse_dora(base_layer, config)
         if base_layer.max_norm is not None:
             raise ValueError(f"nn.Embedding with max_norm={base_layer.max_norm} renormalises its table in place "
                              "at every lookup, so no low-rank update can be kept apart from it; LoRA cannot adapt it")
@@ -92,6 +184,7 @@ class LoRAEmbedding(AdapterLayer):
         self.lora_embedding_A = nn.Parameter(torch.zeros(self.r, self.in_features, dtype=dtype, device=device))
         self.lora_embedding_B = nn.Parameter(torch.empty(self.out_features, self.r, dtype=dtype, device=device))
         nn.init.normal_(self.lora_embedding_B)
+        self._init_dora(config, dtype, (self.out_features,))
 
     def _embed_scale(self) -> torch.Tensor | float | None:
         """The base's ``embed_scale`` (a scalar or a one-element tensor), or None."""
@@ -103,7 +196,7 @@ class LoRAEmbedding(AdapterLayer):
                              "LoRA supports a scalar embed_scale only")
         return scale
 
-    def delta_weight(self) -> torch.Tensor:
+    def _scaled_ba(self) -> torch.Tensor:
         """``s · B A``, shape (embedding_dim, num_embeddings) (:attr:`base_weight`'s layout, the table
         transposed), fp32 (fp64 for fp64 adapters)."""
         A, B = self.lora_embedding_A, self.lora_embedding_B
@@ -112,8 +205,8 @@ class LoRAEmbedding(AdapterLayer):
             return self.scaling * (B.to(acc) @ A.to(acc))
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """``base_out + s · Aᵀ[x] Bᵀ`` (times ``embed_scale`` where the base has one); ``x`` holds
-        indices of any shape, ``base_out`` is (*x.shape, embedding_dim)."""
+        """``base_out + s · Aᵀ[x] Bᵀ`` (times ``embed_scale`` where the base has one; DoRA: the sum
+        times ``m/ν``); ``x`` holds indices of any shape, ``base_out`` is (*x.shape, embedding_dim)."""
         dtype = base_out.dtype
         base = self.base_layer
         after_a = F.embedding(x, self.lora_embedding_A.to(dtype).t(), padding_idx=base.padding_idx,
@@ -122,22 +215,25 @@ class LoRAEmbedding(AdapterLayer):
         scale = self._embed_scale()
         if scale is not None:
             out = out * (scale.to(dtype) if isinstance(scale, torch.Tensor) else scale)
+        if self.use_dora:  # the magnitude scales the whole row: W' = (m/ν)(W0 + ΔW)
+            return self._dora_scale(dtype) * (base_out + out)
         return base_out + out
 
     def extra_repr(self) -> str:
         return (f"num_embeddings={self.in_features}, embedding_dim={self.out_features}, r={self.r}, "
-                f"merged={self.merged}")
+                f"dora={self.use_dora}, merged={self.merged}")
 
 
-class LoRAConv(AdapterLayer):
+class LoRAConv(_ModuleLoRA):
     """LoRA on an ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (module docstring). Parameters:
-    ``lora_A`` (r, in_channels, *kernel_size), ``lora_B`` (out_channels, r, 1, ...)."""
+    ``lora_A`` (r, in_channels, *kernel_size), ``lora_B`` (out_channels, r, 1, ...); with DoRA
+    ``lora_magnitude`` (1, out_channels, 1, ...)."""
 
-    adapter_param_names = ("lora_A", "lora_B")
-    file_key_map: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    adapter_param_names = ("lora_A", "lora_B", "lora_magnitude")
+    file_key_map: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
+                                              "lora_magnitude": "lora_magnitude_vector"}
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
-        _refuse_dora(base_layer, config)
         if base_layer.groups != 1:
             raise ValueError(f"{type(base_layer).__name__} with groups={base_layer.groups}: LoRA adapts "
                              "ungrouped convolutions only (a low-rank update of a grouped kernel is not grouped, "
@@ -156,28 +252,36 @@ class LoRAConv(AdapterLayer):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
             nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        self._init_dora(config, dtype, (1, self.out_features, *(1,) * len(kernel)))
 
-    def delta_weight(self) -> torch.Tensor:
+    def _scaled_ba(self) -> torch.Tensor:
         """``ΔW[o, i, ...] = s · Σ_j B[o, j] A[j, i, ...]``, the kernel's shape (out, in, *k), fp32
-        (fp64 for fp64 adapters or base)."""
+        (fp64 for fp64 adapters)."""
         A, B = self.lora_A, self.lora_B
         acc = accumulate_dtype(A, B)
         with no_autocast(A.device):
             return self.scaling * torch.einsum("or,r...->o...", B.flatten(1).to(acc), A.to(acc))
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """``base_out + s · conv₁ₓ₁(conv(dropout(x), A), B)``; ``x`` (N, C_in, *spatial) or unbatched,
-        ``base_out`` (N, C_out, *spatial')."""
+        """``base_out + s · conv₁ₓ₁(conv(dropout(x), A), B)`` (DoRA: module docstring); ``x`` (N, C_in,
+        *spatial) or unbatched, ``base_out`` (N, C_out, *spatial')."""
         dtype = base_out.dtype
         h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
         # the base's own conv call: its stride, padding, dilation and padding mode (groups is 1)
         h = self.base_layer._conv_forward(h.to(dtype), self.lora_A.to(dtype), None)
-        out = _CONV_FNS[len(self.base_layer.kernel_size)](h, self.lora_B.to(dtype))  # B: a 1x1 convolution
-        return base_out + self.scaling * out
+        out = self.scaling * _CONV_FNS[len(self.base_layer.kernel_size)](h, self.lora_B.to(dtype))  # B: 1x1
+        if not self.use_dora:
+            return base_out + out
+        # the channel dim of the output: 1, or 0 for an unbatched input
+        shape = (-1, *(1,) * len(self.base_layer.kernel_size))
+        scale = self._dora_scale(dtype).reshape(shape)
+        bias = self.base_layer.bias
+        no_bias = base_out if bias is None else base_out - bias.to(dtype).reshape(shape)
+        return base_out + (scale - 1) * no_bias + scale * out
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_features}, out_channels={self.out_features}, r={self.r}, "
-                f"merged={self.merged}")
+                f"dora={self.use_dora}, merged={self.merged}")
 
 
 def make_module_layer(base: nn.Module, config: LoRAConfig) -> AdapterLayer:

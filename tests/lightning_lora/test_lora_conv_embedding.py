@@ -2,8 +2,9 @@
 shared invariants of METHODS.md (S1 output equals the base at init, S2 merged equals unmerged and
 unmerge restores the base, S3 only adapter parameters get gradients, S4 save/load round trip, S5 bf16
 finite and close, S6 parameter counts, disabling reversible), the embedding's own rules (A = 0,
-B ~ N(0, 1); padding_idx; embed_scale), PEFT interop both ways, named adapters, the Lightning
-callback, and the clear refusals."""
+B ~ N(0, 1); padding_idx; embed_scale), DoRA's (magnitude = base norms per output feature, the
+zero-magnitude unmerge, the norm's gradient), PEFT interop both ways (LoRA and DoRA), named
+adapters, the Lightning callback, and the clear refusals."""
 
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ CONV2 = {
     "dilated_reflect": lambda: nn.Conv2d(6, 5, 3, padding=2, dilation=2, padding_mode="reflect"),
     "same_circular_nobias": lambda: nn.Conv2d(6, 5, (3, 1), padding="same", padding_mode="circular", bias=False),
 }
-VARIANTS = {"plain": dict(r=2, alpha=4), "rslora_gaussian": dict(r=3, alpha=2, use_rslora=True, init="gaussian")}
+VARIANTS = {"plain": dict(r=2, alpha=4), "rslora_gaussian": dict(r=3, alpha=2, use_rslora=True, init="gaussian"),
+            "dora": dict(r=2, alpha=4, use_dora=True), "dora_norm_grad": dict(r=2, alpha=4, use_dora=True,
+                                                                                dora_detach_norm=False)}
 
 
 def _net(conv2: str = "stride2", seed: int = 0) -> Net:
@@ -108,6 +111,48 @@ def test_s1_s2_init_equals_base_merge_equals_unmerged_unmerge_restores(conv2, va
     torch.testing.assert_close(model(ids), y, atol=1e-5, rtol=1e-5)
 
 
+def test_dora_magnitude_starts_at_the_base_norms_and_rescales_each_output_feature():
+    """DoRA: m = ‖W0‖ per output feature (an embedding dimension; an output channel over its inputs
+    and kernel), in PEFT's shapes; the merged weight is m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖, so each merged
+    output feature has norm m."""
+    _, model, layers = _adapted(kw=VARIANTS["dora"])
+    emb, conv = layers["emb"], layers["conv2"]
+    assert emb.lora_magnitude.shape == (8,) and conv.lora_magnitude.shape == (1, 5, 1, 1)
+    torch.testing.assert_close(emb.lora_magnitude, emb.base_layer.weight.norm(dim=0))
+    torch.testing.assert_close(conv.lora_magnitude.flatten(), conv.base_layer.weight.flatten(1).norm(dim=1))
+    _perturb(model)
+    ll.merge_adapter(model)
+    torch.testing.assert_close(emb.base_layer.weight.norm(dim=0), emb.lora_magnitude, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv.base_layer.weight.flatten(1).norm(dim=1), conv.lora_magnitude.flatten(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_dora_zero_magnitude_channel_unmerges_to_its_base_weights():
+    base, model, layers = _adapted(kw=VARIANTS["dora"])
+    _perturb(model)
+    conv = layers["conv2"]
+    with torch.no_grad():
+        conv.lora_magnitude[0, 1] = 0.0  # this channel merges to 0 whatever W0 was
+    ids = _ids()
+    y = model(ids)
+    ll.merge_adapter(model)
+    assert torch.count_nonzero(conv.base_layer.weight[1]) == 0
+    torch.testing.assert_close(model(ids), y, atol=1e-5, rtol=1e-5)
+    ll.unmerge_adapter(model)
+    torch.testing.assert_close(conv.base_layer.weight, base.conv2.weight, atol=1e-6, rtol=0)
+
+
+def test_dora_norm_gradient_follows_dora_detach_norm():
+    """With ``dora_detach_norm=False`` ν is differentiated too, so A and B get other gradients."""
+    grads = {}
+    for detach in (True, False):
+        _, model, layers = _adapted(kw=dict(r=2, alpha=4, use_dora=True, dora_detach_norm=detach))
+        _perturb(model)
+        model(_ids()).pow(2).sum().backward()
+        grads[detach] = layers["conv2"].lora_A.grad.clone()
+    assert not torch.allclose(grads[True], grads[False])
+
+
 def test_unload_with_merge_leaves_plain_modules_with_the_adapted_outputs():
     base, model, _ = _adapted(conv2="dilated_reflect")
     _perturb(model)
@@ -141,18 +186,22 @@ def test_unbatched_conv_input():
     torch.testing.assert_close(conv(x), conv(x.unsqueeze(0)).squeeze(0), atol=1e-6, rtol=1e-6)
 
 
-def test_s3_only_adapter_parameters_get_gradients():
-    _, model, layers = _adapted()
+@pytest.mark.parametrize("variant", ["plain", "dora"])
+def test_s3_only_adapter_parameters_get_gradients(variant):
+    _, model, layers = _adapted(kw=VARIANTS[variant])
     _perturb(model)
     model(_ids()).pow(2).sum().backward()
-    expected = {f"{n}.{p}" for n, l in layers.items() for p in l.adapter_param_names}
+    expected = {f"{n}.{p}" for n, l in layers.items() for p in l.adapter_param_names
+                if getattr(l, p) is not None}
+    assert any(n.endswith("lora_magnitude") for n in expected) == (variant == "dora")
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == expected
     assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in expected)
 
 
-def test_s4_save_load_round_trip_is_exact(tmp_path):
-    base, model, _ = _adapted()
+@pytest.mark.parametrize("variant", ["plain", "dora"])
+def test_s4_save_load_round_trip_is_exact(tmp_path, variant):
+    base, model, _ = _adapted(kw=VARIANTS[variant])
     _perturb(model)
     ll.save_adapter(model, tmp_path)
     fresh = copy.deepcopy(base)
@@ -163,9 +212,10 @@ def test_s4_save_load_round_trip_is_exact(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("variant", ["plain", "dora"])
 @pytest.mark.parametrize("mode", ["autocast", "cast"])
-def test_s5_bf16_finite_and_close(mode):
-    _, model, _ = _adapted()
+def test_s5_bf16_finite_and_close(mode, variant):
+    _, model, _ = _adapted(kw=VARIANTS[variant])
     _perturb(model)
     ids = _ids()
     y32 = model(ids)
@@ -178,13 +228,14 @@ def test_s5_bf16_finite_and_close(mode):
     assert ((y16.float() - y32).norm() / y32.norm()).item() < 2e-2
 
 
-def test_s6_parameter_counts():
-    _, model, _ = _adapted(kw=dict(r=3, alpha=3))
+@pytest.mark.parametrize("dora", [False, True])
+def test_s6_parameter_counts(dora):
+    _, model, _ = _adapted(kw=dict(r=3, alpha=3, use_dora=dora))
     counts = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in model.named_children()}
-    assert counts["emb"] == 3 * (20 + 8)
-    assert counts["conv1"] == 3 * 8 * 3 + 6 * 3
-    assert counts["conv2"] == 3 * 6 * 9 + 5 * 3
-    assert counts["conv3"] == 3 * 5 * 4 + 4 * 3
+    assert counts["emb"] == 3 * (20 + 8) + dora * 8  # DoRA: one magnitude per output feature
+    assert counts["conv1"] == 3 * 8 * 3 + 6 * 3 + dora * 6
+    assert counts["conv2"] == 3 * 6 * 9 + 5 * 3 + dora * 5
+    assert counts["conv3"] == 3 * 5 * 4 + 4 * 3 + dora * 4
     assert counts["head"] == 0
 
 
@@ -241,8 +292,9 @@ def test_embed_scale_multiplies_the_adapter_term_as_the_merged_table():
 
 
 # ---- PEFT ------------------------------------------------------------------------------------
-def test_saved_directory_loads_in_peft_with_the_same_outputs(tmp_path):
-    base, model, _ = _adapted(kw=dict(r=2, alpha=4, dropout=0.1), targets=[*TARGETS, "head"])
+@pytest.mark.parametrize("dora", [False, True])
+def test_saved_directory_loads_in_peft_with_the_same_outputs(tmp_path, dora):
+    base, model, _ = _adapted(kw=dict(r=2, alpha=4, dropout=0.1, use_dora=dora), targets=[*TARGETS, "head"])
     _perturb(model)
     model.eval()
     ll.save_adapter(model, tmp_path)
@@ -253,15 +305,15 @@ def test_saved_directory_loads_in_peft_with_the_same_outputs(tmp_path):
     torch.testing.assert_close(pm.merge_and_unload()(ids), model(ids), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("init", [True, "gaussian"])
-def test_peft_directory_loads_here_with_the_same_outputs(tmp_path, init):
+@pytest.mark.parametrize("init,dora", [(True, False), ("gaussian", False), (True, True)])
+def test_peft_directory_loads_here_with_the_same_outputs(tmp_path, init, dora):
     base = _net()
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=init,
-                                                                  target_modules=[*TARGETS, "head"]))
+                                                                  use_dora=dora, target_modules=[*TARGETS, "head"]))
     with torch.no_grad():
         for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.add_(0.3 * torch.randn_like(p))
+            if "lora_" in n:  # (magnitudes jittered, not shifted: they stay positive)
+                p.mul_(1 + 0.1 * torch.randn_like(p)) if "magnitude" in n else p.add_(0.3 * torch.randn_like(p))
     pm.save_pretrained(tmp_path)
     model = copy.deepcopy(base)
     ll.load_adapter(model, tmp_path)
@@ -360,12 +412,6 @@ def test_unsupported_bases_are_refused_and_the_model_is_left_as_it_was(module, m
         ll.inject_adapter(model, "lora", r=2, target_modules=["0", "1"])
     assert type(model[0]) is nn.Linear and model[1] is module
     assert all(p.requires_grad for p in model.parameters())
-
-
-@pytest.mark.parametrize("module", [nn.Conv2d(4, 4, 3), nn.Embedding(10, 4)])
-def test_dora_on_conv_or_embedding_is_refused(module):
-    with pytest.raises(ValueError, match=r"use_dora=True is supported on linear layers only, not on (Conv2d|Embedding)"):
-        ll.inject_adapter(nn.Sequential(module), "lora", r=2, use_dora=True, target_modules=["0"])
 
 
 @pytest.mark.parametrize("method", ["dylora", "ffa_lora", "bone"])
