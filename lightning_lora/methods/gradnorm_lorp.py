@@ -35,9 +35,12 @@ class GradNormLoRPConfig(LoRAConfig):
     """LoRA options (``use_dora`` is forced on) plus the optimizer's projection options.
 
     Attributes:
-        proj_rank: rank of the gradient projection. proj_scale: GaLore's α (update multiplier).
-        update_proj_gap: SVD refresh period T (steps). proj_type: ``"std"`` | ``"full"`` | ``"identity"``.
-        optim_bits: 32 or 8 (blockwise 8-bit Adam moments). eps: Adam ε (1e-6 in the code).
+        proj_rank: rank of the gradient projection.
+        proj_scale: GaLore's α (update multiplier).
+        update_proj_gap: SVD refresh period T (steps).
+        proj_type: ``"std"`` | ``"full"`` | ``"identity"``.
+        optim_bits: 32 or 8 (blockwise 8-bit Adam moments).
+        eps: Adam ε (1e-6 in the code).
     """
 
     r: int = 8

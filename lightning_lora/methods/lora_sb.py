@@ -356,7 +356,9 @@ class LoRAXSConfig(AdapterConfig):
         core_init: ``"gaussian"`` (R ~ N(0, core_std²), code default) or ``"zeros"`` (exact base
             output at init, gradients still flow since A, B ≠ 0) [design].
         core_std: σ of the Gaussian core init (1e-5).
-        svd: ``"lowrank"`` (default) or ``"exact"``; svd_niter / svd_seed for ``"lowrank"``.
+        svd: ``"lowrank"`` (default) or ``"exact"``.
+        svd_niter: power iterations of ``"lowrank"`` (``torch.svd_lowrank``'s niter).
+        svd_seed: seed of ``"lowrank"``'s random projection.
         adapter_dtype: dtype of R and of the stored factors.
     """
 

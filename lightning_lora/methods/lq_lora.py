@@ -70,8 +70,8 @@ class LQLoRAConfig(AdapterConfig):
         matrix_configs: qualified module name -> config name (e.g. the ILP's choice).
         max_iters: ``T_max`` of the alternating decomposition.
         svd: ``"lowrank"`` (randomized, q = r + 10; code default) or ``"exact"``.
-        seed: seeds the randomized SVD. return_last: return the iterate that stopped the loop (code)
-            instead of the best one (default).
+        seed: seeds the randomized SVD.
+        return_last: return the iterate that stopped the loop (code) instead of the best one (default).
         fisher_path: safetensors file of Fisher diagonals keyed by module name (weighted variant).
         fisher_mode: ``"two_sided"`` (default, code), ``"row"`` or ``"col"``.
         adapter_dtype: dtype of A and B.
