@@ -20,6 +20,8 @@ from .core import (
     load_adapter,
     make_config,
     merge_adapter,
+    parameter_counts,
+    print_trainable_parameters,
     register,
     save_adapter,
     set_adapter_enabled,
@@ -48,7 +50,8 @@ __all__ = [
     "AdapterCallback", "AdapterConfig", "AdapterFormatError", "AdapterLayer", "LoRAConfig", "Method",
     "adapter_layers", "adapter_state_dict", "available_methods", "disable_adapter", "get_adapter_method",
     "get_method", "inject_adapter", "invalidate_cast_caches", "load_adapter", "load_adapter_checkpoint", "make_config", "merge_adapter",
-    "register", "save_adapter", "set_adapter_enabled", "trainable_parameters", "unload", "unmerge_adapter",
+    "parameter_counts", "print_trainable_parameters", "register", "save_adapter", "set_adapter_enabled",
+    "trainable_parameters", "unload", "unmerge_adapter",
     # several named adapters on one model (core.multi)
     "active_adapters", "add_adapter", "delete_adapter", "load_adapters", "route_adapters", "save_adapters",
     "set_adapter", "use_adapter",

@@ -10,6 +10,8 @@ from .inject import (
     merge_adapter,
     modules_to_save_parameters,
     named_trainable_parameters,
+    parameter_counts,
+    print_trainable_parameters,
     set_adapter_enabled,
     trainable_parameters,
     unload,
@@ -21,6 +23,7 @@ from .state import AdapterFormatError, adapter_state_dict, load_adapter, read_ad
 __all__ = [
     "AdapterConfig", "AdapterFormatError", "AdapterLayer", "Method", "adapter_layers", "adapter_state_dict",
     "available_methods", "disable_adapter", "find_targets", "get_adapter_method", "get_method", "inject_adapter",
-    "load_adapter", "make_config", "merge_adapter", "modules_to_save_parameters", "named_trainable_parameters", "read_adapter_config",
+    "load_adapter", "make_config", "merge_adapter", "modules_to_save_parameters", "named_trainable_parameters",
+    "parameter_counts", "print_trainable_parameters", "read_adapter_config",
     "register", "save_adapter", "set_adapter_enabled", "trainable_parameters", "unload", "unmerge_adapter",
 ]

@@ -234,6 +234,23 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def parameter_counts(model: nn.Module) -> dict[str, float]:
+    """``{"trainable": n, "total": N, "trainable_percent": 100·n/N}``: parameter elements, each shared
+    (tied) parameter once. A quantized base (LQ-LoRA) holds its frozen weights as packed buffers, which
+    are not parameters and are not in ``total``."""
+    params = list(model.parameters())  # (deduplicated by identity: a tied weight counts once)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / total if total else 0.0}
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: n || all params: N || trainable%: x`` (PEFT's line) for ``model``."""
+    c = parameter_counts(model)
+    print(f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
+          f"trainable%: {c['trainable_percent']:.4f}")
+
+
 def named_trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
