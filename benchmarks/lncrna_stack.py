@@ -7,7 +7,8 @@ Stage 1 is the feature baseline (lncrna/weights/baseline); stage 2 the transform
 is fitted on the mouse part of validation (the only part with both classes; the species-shortcut
 rule of docs/results.md), and the band ``(low, high)`` of baseline probabilities sent to the
 transformer is chosen there too: the narrowest candidate band that keeps at least 90% of the
-full stack's cross-validated MCC gain over the baseline (narrow = fast on a CPU). No test
+full stack's cross-validated MCC gain over the baseline (narrow = fast on a CPU); the fit is
+``lncrna.predict.StackParams.fit``, which ``lncrna train`` also runs for a new classifier. No test
 sequence is looked at. Writes ``lncrna/weights/default/stack.json`` and
 ``benchmarks/results/lncrna_stack.json``.
 
@@ -26,8 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import cross_val_predict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,14 +34,7 @@ sys.path.insert(0, str(ROOT))
 from lncrna.data import DEFAULT_OUT, load_split  # noqa: E402
 from lncrna.features import DEFAULT_BASELINE_DIR  # noqa: E402
 from lncrna.features import FeatureBaseline  # noqa: E402
-from lncrna.metrics import classification_metrics  # noqa: E402
-
-BANDS = [(0.3, 0.7), (0.2, 0.8), (0.1, 0.9), (0.05, 0.95), (0.0, 1.0)]
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+from lncrna.predict import StackParams  # noqa: E402
 
 
 def main() -> None:
@@ -63,26 +55,11 @@ def main() -> None:
         from lncrna.model import NucleotideClassifier
 
         p_t = NucleotideClassifier.from_pretrained(args.model).predict_proba(list(val.seq[mouse]))
-    X = np.stack([logit(p_b), logit(p_t)], 1)
-    stack = LogisticRegression(C=1.0).fit(X, y)
-    cv = cross_val_predict(LogisticRegression(C=1.0), X, y, cv=5, method="predict_proba")[:, 1]
-    mcc_base = classification_metrics(y, p_b)["mcc"]
-    mcc_stack = classification_metrics(y, cv)["mcc"]
-    metrics: dict[str, float] = {"val_mouse_baseline_mcc": mcc_base, "val_mouse_stack_cv_mcc": mcc_stack}
-    chosen = BANDS[-1]
-    for low, high in BANDS:
-        hard = (p_b > low) & (p_b < high)
-        mcc = classification_metrics(y, np.where(hard, cv, p_b))["mcc"]
-        metrics[f"val_mouse_cascade_{low}_{high}_mcc"] = mcc
-        metrics[f"val_mouse_cascade_{low}_{high}_hard_share"] = float(hard.mean())
-    for low, high in BANDS:  # narrowest band first
-        if metrics[f"val_mouse_cascade_{low}_{high}_mcc"] - mcc_base >= 0.9 * (mcc_stack - mcc_base):
-            chosen = (low, high)
-            break
-    params = {"low": chosen[0], "high": chosen[1], "w_baseline": float(stack.coef_[0, 0]),
-              "w_transformer": float(stack.coef_[0, 1]), "bias": float(stack.intercept_[0]),
+    stack, fit_metrics = StackParams.fit(y, p_b, p_t)
+    metrics: dict[str, float] = {f"val_mouse_{k}": v for k, v in fit_metrics.items()}
+    params = {**{k: getattr(stack, k) for k in StackParams.KEYS},
               "fitted_on": f"mouse part of the validation split (data/{args.data.name}/val.fa.gz)"}
-    (Path(args.model) / "stack.json").write_text(json.dumps(params, indent=2) + "\n")
+    stack.save(Path(args.model) / "stack.json", fitted_on=params["fitted_on"])
     metrics.update({k: v for k, v in params.items() if isinstance(v, float)})
     result = {"name": "lncrna_stack", "command": "python benchmarks/lncrna_stack.py " + " ".join(sys.argv[1:]),
               "device": "cpu", "date": time.strftime("%Y-%m-%d"), "metrics": metrics}

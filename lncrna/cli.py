@@ -1013,10 +1013,12 @@ def run_train(cfg: Any) -> Path:
                "classifier": str(out / "classifier"),
                "adapter": str(out / "adapter") if method != "full" else None,
                "train_seconds": getattr(model, "train_seconds", None),
-               "metrics": getattr(model, "final_metrics", None)}
+               "metrics": getattr(model, "final_metrics", None),
+               "cascade_metrics": getattr(model, "cascade_metrics", None)}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(f"{PROG} train: wrote {out / 'classifier'} (add a stack.json to use it with `lncrna predict --model`)",
-          flush=True)
+    stack_note = json.loads((out / "classifier" / "stack.json").read_text()).get("fitted_on", "")
+    print(f"{PROG} train: wrote {out / 'classifier'} with its cascade (stack.json: {stack_note}"
+          f"); run it with `{PROG} predict FASTA --model {out / 'classifier'}`", flush=True)
     return out
 
 

@@ -113,6 +113,10 @@ class WorkerDied(RuntimeError):
 
 
 # ---- stacking -------------------------------------------------------------------------------------
+#: candidate cascade bands of :meth:`StackParams.fit`, narrowest first
+STACK_BANDS: tuple[tuple[float, float], ...] = ((0.3, 0.7), (0.2, 0.8), (0.1, 0.9), (0.05, 0.95), (0.0, 1.0))
+
+
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0 - EPS)
     return np.log(p) - np.log1p(-p)
@@ -157,10 +161,63 @@ class StackParams:
         except ValueError as e:
             raise ModelError(f"{path}: {e}") from None
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str], fitted_on: str | None = None) -> Path:
+        """Write the five numbers (and ``fitted_on``, a note on the data, where given) as JSON."""
         path = Path(path)
-        path.write_text(json.dumps({k: getattr(self, k) for k in self.KEYS}, indent=2) + "\n")
+        data: dict[str, Any] = {k: getattr(self, k) for k in self.KEYS}
+        if fitted_on is not None:
+            data["fitted_on"] = fitted_on
+        path.write_text(json.dumps(data, indent=2) + "\n")
         return path
+
+    @classmethod
+    def fit(cls, y: np.ndarray, p_baseline: np.ndarray, p_transformer: np.ndarray, *,
+            bands: Sequence[tuple[float, float]] = STACK_BANDS, keep: float = 0.9,
+            folds: int = 5) -> tuple["StackParams", dict[str, float]]:
+        """Fit the cascade on held-out records (validation, never test): a logistic regression on
+        ``[logit p_b, logit p_t]`` (scikit-learn, C = 1) and the band: the narrowest of ``bands`` whose
+        cascade keeps at least ``keep`` of the full stack's cross-validated (``folds``-fold) MCC gain
+        over the baseline (narrow = fast on a CPU); where the stack gains nothing, the empty band
+        ``(0.5, 0.5)``: the baseline alone decides. What ``benchmarks/lncrna_stack.py`` fitted the
+        shipped model's ``stack.json`` with, and what ``lncrna train`` writes beside a new classifier.
+
+        ``y`` (n,) labels (1 = lncRNA), ``p_baseline`` / ``p_transformer`` (n,) probabilities. Returns the
+        parameters and the metrics behind the choice (``baseline_mcc``, ``stack_cv_mcc``,
+        ``cascade_<low>_<high>_mcc`` and ``_hard_share``). A ValueError where the records cannot
+        support a fit: fewer than ``folds`` of either class.
+        """
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import cross_val_predict
+
+        from .metrics import classification_metrics
+
+        y = np.asarray(y)
+        p_b = np.asarray(p_baseline, dtype=np.float64)
+        counts = [int((y == c).sum()) for c in (0, 1)]
+        if min(counts) < folds:
+            raise ValueError(f"{len(y)} held-out records ({counts[1]} lncRNA, {counts[0]} mRNA): a {folds}-fold "
+                             f"cross-validated fit of the cascade needs at least {folds} of each class")
+        X = np.stack([_logit(p_b), _logit(p_transformer)], 1)
+        stack = LogisticRegression(C=1.0).fit(X, y)
+        cv = cross_val_predict(LogisticRegression(C=1.0), X, y, cv=folds, method="predict_proba")[:, 1]
+        mcc_base = classification_metrics(y, p_b)["mcc"]
+        mcc_stack = classification_metrics(y, cv)["mcc"]
+        metrics: dict[str, float] = {"baseline_mcc": mcc_base, "stack_cv_mcc": mcc_stack}
+        for low, high in bands:
+            hard = (p_b > low) & (p_b < high)
+            metrics[f"cascade_{low}_{high}_mcc"] = classification_metrics(y, np.where(hard, cv, p_b))["mcc"]
+            metrics[f"cascade_{low}_{high}_hard_share"] = float(hard.mean())
+        gain = mcc_stack - mcc_base
+        chosen = bands[-1]
+        if gain <= 0:  # the transformer adds nothing on these records: an empty band, the baseline alone
+            chosen = (0.5, 0.5)
+        for low, high in bands if gain > 0 else ():  # narrowest band first
+            if metrics[f"cascade_{low}_{high}_mcc"] - mcc_base >= keep * gain:
+                chosen = (low, high)
+                break
+        params = cls(low=chosen[0], high=chosen[1], w_baseline=float(stack.coef_[0, 0]),
+                     w_transformer=float(stack.coef_[0, 1]), bias=float(stack.intercept_[0]))
+        return params, metrics
 
     def is_hard(self, p_baseline: np.ndarray) -> np.ndarray:
         """Boolean mask of the records the transformer sees: ``low < p_b < high`` (open interval)."""

@@ -446,7 +446,7 @@ def finetune(
     adapter: dict[str, Any] | None = None, species: str = "mouse", epochs: int = 8, batch_size: int = 64,
     lr: float = 1e-3, train_windows: int = 4, max_minutes: float | None = None,
     trainer_kwargs: dict[str, Any] | None = None, data_root: str | Path | None = None, seed: int = 0,
-    weight_decay: float = 0.01,
+    weight_decay: float = 0.01, baseline_dir: str | Path | None = None,
 ) -> NucleotideClassifier:
     """Fine-tune the pretrained encoder for lncRNA vs mRNA with an adapter through AdapterCallback.
 
@@ -456,9 +456,12 @@ def finetune(
     The classifier head and pooler train in full (``modules_to_save``); the encoder gets the
     adapter; at the end the adapter is merged so the saved model is a plain BERT (no inference cost):
     LQ-LoRA's as its dense ``Q + s·BA``; a method that cannot merge (SMoRA) is refused before any data
-    loads (:class:`RunConfigError`). Writes ``out_dir/classifier`` and ``out_dir/adapter`` (the adapter
-    alone, PEFT format for LoRA). The returned model carries ``train_seconds`` and ``final_metrics``
-    (the last logged values: ``train_loss``, ``val_accuracy``, ...).
+    loads (:class:`RunConfigError`). Writes ``out_dir/classifier`` (with the cascade's ``stack.json``
+    fitted on validation against the feature baseline of ``baseline_dir``: :func:`fit_cascade`, so
+    ``lncrna predict --model out_dir/classifier`` runs it as it is) and ``out_dir/adapter`` (the
+    adapter alone, PEFT format for LoRA). The returned model carries ``train_seconds``,
+    ``final_metrics`` (the last logged values: ``train_loss``, ``val_accuracy``, ...) and
+    ``cascade_metrics`` (the stack fit's).
     """
     from .data import load_split
 
@@ -516,4 +519,39 @@ def finetune(
     if method != "full":
         _fold_adapter(model.bert, method)
     model.save_pretrained(Path(out_dir) / "classifier")
+    model.cascade_metrics = fit_cascade(model.eval(), val, Path(out_dir) / "classifier",  # type: ignore[attr-defined]
+                                        baseline_dir=baseline_dir)
     return model.eval()
+
+
+def fit_cascade(model: NucleotideClassifier, val: Any, classifier_dir: str | Path,
+                baseline_dir: str | Path | None = None) -> dict[str, float]:
+    """Write ``classifier_dir/stack.json``, the cascade ``lncrna predict --model`` needs: the band and
+    stacking weights fitted (:meth:`lncrna.predict.StackParams.fit`) on the validation split ``val``
+    (a :func:`lncrna.data.load_split` frame) with the feature baseline of ``baseline_dir`` (default:
+    the shipped one, which ``lncrna predict`` uses unless given ``--baseline``). As for the shipped
+    model, only the mouse part of validation is used where it has both classes (the species-shortcut
+    rule, docs/results.md); otherwise all of it. Where the records cannot support a fit (fewer than
+    five of a class), the file makes the transformer decide alone (every record is sent to it, its
+    probability kept), with a warning. Returns the fit's metrics (empty for that fallback)."""
+    import warnings
+
+    from .features import DEFAULT_BASELINE_DIR, FeatureBaseline
+    from .predict import StackParams
+
+    mouse = (val.species == "mouse").to_numpy()
+    part = val[mouse] if len(set(val.label[mouse])) == 2 else val
+    where = "mouse part of the validation split" if part is not val else "validation split"
+    seqs, y = list(part.seq), part.label.to_numpy()
+    p_b = FeatureBaseline.load(baseline_dir or DEFAULT_BASELINE_DIR).predict_proba(seqs)
+    p_t = model.predict_proba(seqs)
+    try:
+        stack, metrics = StackParams.fit(y, p_b, p_t)
+        note = f"{where} ({len(y)} records)"
+    except ValueError as e:
+        warnings.warn(f"stack.json: {e}; the cascade sends every record to the transformer and keeps its "
+                      "probability", stacklevel=2)
+        stack, metrics = StackParams(low=0.0, high=1.0, w_baseline=0.0, w_transformer=1.0, bias=0.0), {}
+        note = f"not fitted ({e}): the transformer alone"
+    stack.save(Path(classifier_dir) / "stack.json", fitted_on=note)
+    return metrics

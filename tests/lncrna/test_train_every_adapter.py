@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -138,13 +137,19 @@ def test_train_default_rank_wider_than_tiny_model_is_one_line(name, data_root, t
 def test_trained_model_predicts(name, data_root, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(name, data_root, run, capsys)[0] == 0
-    # `lncrna train` says: add a stack.json to use the classifier with `lncrna predict --model`
-    shutil.copy(ROOT / "lncrna" / "weights" / "default" / "stack.json", run / "classifier" / "stack.json")
+    # `lncrna train` writes the cascade's stack.json beside the classifier: predict runs it as it is.
+    # Two validation records cannot support a fit, so the transformer decides alone
+    stack = json.loads((run / "classifier" / "stack.json").read_text())
+    assert stack["fitted_on"].startswith("not fitted (2 held-out records") and (stack["low"], stack["high"]) == (0.0, 1.0)
     fasta = tmp_path / "three.fa"
     fasta.write_text("".join(f">q{i}\n{_seq(300 + 50 * i, 100 + i)}\n" for i in range(3)))
-    out = tmp_path / "pred.tsv"
-    rc = cli.main(["predict", str(fasta), "--model", str(run / "classifier"), "--no-cascade", "-o", str(out), "-q"])
-    assert rc == 0, capsys.readouterr().err
-    header, *rows = [line.split("\t") for line in out.read_text().splitlines()]
-    assert tuple(header) == TSV_COLUMNS and [r[0] for r in rows] == ["q0", "q1", "q2"]
-    assert all(0.0 <= float(r[2]) <= 1.0 and r[3] in ("lncRNA", "mRNA") for r in rows), rows
+    probs = {}
+    for flag in ([], ["--no-cascade"]):
+        out = tmp_path / f"pred{len(flag)}.tsv"
+        rc = cli.main(["predict", str(fasta), "--model", str(run / "classifier"), *flag, "-o", str(out), "-q"])
+        assert rc == 0, capsys.readouterr().err
+        header, *rows = [line.split("\t") for line in out.read_text().splitlines()]
+        assert tuple(header) == TSV_COLUMNS and [r[0] for r in rows] == ["q0", "q1", "q2"]
+        assert all(0.0 <= float(r[2]) <= 1.0 and r[3] in ("lncRNA", "mRNA") for r in rows), rows
+        probs[bool(flag)] = [float(r[2]) for r in rows]
+    assert probs[False] == probs[True]  # the transformer alone, with or without the cascade
