@@ -548,6 +548,10 @@ def fit_cascade(model: NucleotideClassifier, val: Any, classifier_dir: str | Pat
     try:
         stack, metrics = StackParams.fit(y, p_b, p_t)
         note = f"{where} ({len(y)} records)"
+        if stack.low >= stack.high:
+            note += ("; the transformer gained no MCC over the feature baseline there, so the band is empty "
+                     "and the baseline decides every record")
+            warnings.warn(f"stack.json: {note}", stacklevel=2)
     except ValueError as e:
         warnings.warn(f"stack.json: {e}; the cascade sends every record to the transformer and keeps its "
                       "probability", stacklevel=2)

@@ -4,6 +4,7 @@ runs for a new classifier (the band keeps 90 % of the stack's cross-validated MC
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,9 +93,14 @@ def test_fit_cascade_uses_the_mouse_part_where_it_has_both_classes(tmp_path, mou
     torch.manual_seed(0)
     model = NucleotideClassifier(ModelConfig(k=3, stride=3, hidden_size=32, num_layers=1, num_heads=2,
                                              intermediate_size=64, window_tokens=64)).eval()
-    metrics = fit_cascade(model, val, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = fit_cascade(model, val, tmp_path)
     saved = json.loads((tmp_path / "stack.json").read_text())
-    assert saved["fitted_on"] == expected
+    # an untrained transformer gains nothing: the empty band, said in the file and a warning
+    empty = saved["low"] >= saved["high"]
+    assert saved["fitted_on"].startswith(expected) and ("band is empty" in saved["fitted_on"]) == empty
+    assert any("band is empty" in str(w.message) for w in caught) == empty
     assert set(metrics) >= {"baseline_mcc", "stack_cv_mcc"}
     StackParams.load(tmp_path / "stack.json")
 
