@@ -74,6 +74,7 @@ from .core.inject import (
     _name_matches,
     adapter_layers,
     adapter_writes,
+    check_untied_for_merge,
     get_adapter_method,
     inject_adapter,
     merge_adapter,
@@ -370,6 +371,9 @@ class AdapterCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if unmerge_merged(self.target_module(pl_module)):  # e.g. a second fit after merge_on_fit_end
             warnings.warn("AdapterCallback: the adapter was merged; it was unmerged to train", stacklevel=2)
+        if self.merge_on_fit_end:  # a tied base weight would refuse the merge only after the whole fit
+            module = self.target_module(pl_module)
+            check_untied_for_merge(module, adapter_layers(module))
         frozen = 0
         for opt in trainer.optimizers:
             for group in opt.param_groups:

@@ -256,9 +256,31 @@ def named_trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Param
 
 
 def merge_adapter(model: nn.Module) -> None:
-    """Merge every adapter layer into its base weight."""
-    for layer in adapter_layers(model).values():
+    """Merge every adapter layer into its base weight. Refused (ValueError, nothing merged) where a base
+    weight is tied to another module (:func:`check_untied_for_merge`)."""
+    layers = adapter_layers(model)
+    check_untied_for_merge(model, layers)
+    for layer in layers.values():
         layer.merge()
+
+
+def check_untied_for_merge(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
+    """Raise ValueError when the base weight of one of ``layers`` is also another module's parameter
+    (tied weights: GPT-2's ``wte`` and ``lm_head``). Merging writes the update into that tensor, so the
+    other module would change too: the merged model would not compute what the unmerged one does (the
+    tied head never saw the adapter)."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name.rpartition(".")[0])
+    for name, layer in layers.items():
+        weight = getattr(layer.base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        others = [o for o in owners.get(id(weight), []) if o != name and not o.startswith(name + ".")]
+        if others:
+            raise ValueError(f"cannot merge the adapter of {name!r}: its base weight is tied to {others[0]!r} (the "
+                             "same tensor), which merging would change too, without the adapter's own input; untie "
+                             "them first (e.g. copy the weight into a new parameter) or keep the adapter unmerged")
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -336,6 +358,8 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     from .multi import ModulesToSaveWrapper  # multi imports this module
 
+    if merge:
+        check_untied_for_merge(model, {n: layer for n, layer in adapter_layers(model).items() if not layer.merged})
     for name, layer in adapter_layers(model).items():
         if merge and not layer.merged:
             layer.merge()

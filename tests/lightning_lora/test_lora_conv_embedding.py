@@ -444,3 +444,65 @@ def test_compiled_matches_eager_in_one_graph():
     for n, g in grads.items():
         torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-4, atol=1e-6, msg=n)
     torch._dynamo.reset()
+
+
+# ---- tied weights ----------------------------------------------------------------------------
+class TiedLM(nn.Module):
+    """GPT-2's layout: the output head is the input embedding's table (one parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte = nn.Embedding(20, 8)
+        self.body = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 20, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.body(self.wte(ids))))
+
+
+@pytest.mark.parametrize("target", ["wte", "lm_head"])
+def test_merging_into_a_tied_weight_is_refused_and_nothing_merges(target):
+    """Merging writes the update into the tied tensor, so the other module would change too (the merged
+    model would not compute the unmerged one): merge_adapter and unload(merge=True) refuse, in one
+    line naming both modules, before touching any weight."""
+    model = TiedLM()
+    ll.inject_adapter(model, "lora", r=2, target_modules=[target, "body"])
+    _perturb(model)
+    ids = _ids()
+    y = model(ids)
+    other = "lm_head" if target == "wte" else "wte"
+    message = rf"cannot merge the adapter of '{target}': its base weight is tied to '{other}'"
+    with pytest.raises(ValueError, match=message):
+        ll.merge_adapter(model)
+    with pytest.raises(ValueError, match=message):
+        ll.unload(model, merge=True)
+    assert not any(layer.merged for layer in ll.adapter_layers(model).values())
+    assert torch.equal(model(ids), y)
+    ll.unload(model)  # without merging: fine
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_adapter_callback_refuses_merge_on_fit_end_of_a_tied_weight_before_training():
+    import lightning.pytorch as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TiedLM()
+
+        def training_step(self, batch, _):
+            return self.net(batch[0]).float().pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(ll.trainable_parameters(self), lr=0.01)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_ids()), batch_size=3)
+    module = Module()
+    callback = ll.AdapterCallback("lora", r=2, target="net", target_modules=["wte"], merge_on_fit_end=True)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", callbacks=[callback])
+    with pytest.raises(ValueError, match=r"cannot merge the adapter of 'wte': its base weight is tied to 'lm_head'"):
+        trainer.fit(module, loader)
+    assert trainer.global_step == 0
