@@ -8,7 +8,7 @@ DoRA (``use_dora=True``): ``W' = m ⊙ (W0 + sBA) / ‖W0 + sBA‖_row`` with a 
 it runs the fused LoRA function below and rescales its output per row
 (:meth:`LoRALinear._dora_rescale`). A row with ``‖W0 + sBA‖_row = 0`` (an all-zero row of W0, a
 pruned unit, at init: ``m = 0`` too) takes the scale ``m/ν := 1``, so it runs as the base instead of
-``0/0`` (:func:`_safe_mag_scale`).
+``0/0`` (:func:`~lightning_lora.core.dora.safe_mag_scale`).
 
 Speed: the plain LoRA path is one autograd function (:class:`_FusedLoRA`) that
 
@@ -58,6 +58,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..core import _lora_cpp, replay_kernels
 from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Method, register, whole_number
+from ..core.dora import DoRAMerge
 from ..core.layer import AdapterLayer, accumulate_dtype, autocast_available, no_autocast
 from ..core.rounding import merged_weight, merged_weights
 from .lora_modules import MODULE_TYPES, make_module_layer
@@ -1186,15 +1187,7 @@ def _refresh_casts(layers: list[LoRALinear], dtype: torch.dtype) -> None:
         state["_cast_key"] = key if state.get("_cast_managed") == (id(A), id(B)) else None
 
 
-def _safe_mag_scale(mag: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """DoRA's ``m/ν``, and 1 where ``ν = 0`` (an all-zero row of ``W0 + sBA``, e.g. a pruned unit at
-    init, where ``m = ‖W0‖ = 0``): that row then runs as the base, instead of ``0/0 = NaN``. Rows with
-    ``ν ≠ 0`` are ``m/ν`` bit for bit; the gradients of ``m`` and ``ν`` stay finite (zero) at ``ν = 0``."""
-    zero = norm == 0
-    return torch.where(zero, torch.ones_like(mag), mag / torch.where(zero, torch.ones_like(norm), norm))
-
-
-class LoRALinear(AdapterLayer):
+class LoRALinear(DoRAMerge):
     """LoRA on an ``nn.Linear`` or transformers ``Conv1D``.
 
     Parameters: ``lora_A`` (r, in_features), ``lora_B`` (out_features, r); with DoRA also
@@ -1253,9 +1246,7 @@ class LoRALinear(AdapterLayer):
             self.lora_magnitude = nn.Parameter(norm.to(dtype))
         else:
             self.register_parameter("lora_magnitude", None)
-        self._merged_norm: torch.Tensor | None = None
-        #: DoRA rows with m = 0 at merge time, ``(indices, W0 rows)``: the merged row is 0 whatever
-        #: W0 was, so unmerge restores them from here; None when there are none
+        self._merged_norm: torch.Tensor | None = None  # DoRA's ν at merge time (core.dora.DoRAMerge)
         self._merged_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cast_key: tuple[Any, ...] | None = None
         #: the dtype the casts were last made in (what the optimizer step hook refreshes them in)
@@ -1430,24 +1421,6 @@ class LoRALinear(AdapterLayer):
         centred = out - bias if bias is not None else out
         return out + (mag_scale - 1) * centred
 
-    def _dora_norm(self) -> torch.Tensor:
-        """DoRA's ``ν = ‖W0 + sBA‖_row`` in fp32 (fp64 where W0 or the adapter is: :func:`~lightning_lora.core.layer.accumulate_dtype`),
-        shape (m,), also under autocast."""
-        dw = self._scaled_ba()
-        w0 = self.base_weight
-        return (w0.to(accumulate_dtype(w0, dw)) + dw).norm(dim=1)
-
-    def _dora_mag_scale(self, dtype: torch.dtype) -> torch.Tensor:
-        """``m/ν`` in ``dtype``, shape (m,); ν a constant in backward with ``dora_detach_norm``."""
-        if self.dora_detach_norm:
-            with torch.no_grad():
-                norm = self._dora_norm()
-        else:
-            norm = self._dora_norm()
-        mag = self.lora_magnitude
-        # fp64 magnitude or norm: m/ν in fp64 (a .float() rounded fp64 gradients of m to fp32)
-        return _safe_mag_scale(mag.to(accumulate_dtype(mag, norm)), norm).to(dtype)
-
     def _cast_key_for(self, dtype: torch.dtype) -> tuple[Any, ...] | None:
         """This layer's :func:`_cast_key` for ``dtype``; None (cast at every forward, never reused)
         until a ``torch.optim`` optimizer holding A or B has stepped. Before that, nothing says how
@@ -1529,40 +1502,6 @@ class LoRALinear(AdapterLayer):
         bias = self.base_layer.bias
         base_no_bias = base_out - bias.to(dtype) if bias is not None else base_out
         return base_out + (mag_scale - 1) * base_no_bias + mag_scale * self.scaling * lora_out
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.use_dora and not self.merged:
-            # cache ν so unmerge can recover W0 exactly: W0 = W'·ν/m − sBA
-            self._merged_norm = self._dora_norm().unsqueeze(1)
-            # rows with m = 0 merge to 0 whatever W0 was (or to W0 + sBA = 0 where ν = 0 too):
-            # keep their W0 rows, W'·ν/m cannot give them back
-            idx = (self.lora_magnitude == 0).nonzero().squeeze(1)
-            w = self.base_weight
-            self._merged_rows = (idx.to(w.device), w[idx.to(w.device)].clone()) if idx.numel() else None
-        super().merge()
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.use_dora:
-            return super().unmerge()
-        if not self.merged:
-            raise RuntimeError("adapter is not merged")
-        w = self.base_weight
-        assert self._merged_norm is not None
-        dw = self._scaled_ba()
-        acc = accumulate_dtype(w, dw)  # fp64 for an fp64 base (see accumulate_dtype)
-        norm, mag = self._merged_norm.to(acc), self.lora_magnitude.to(acc).unsqueeze(1)
-        # ν = 0: the row merged with scale 1 (W' = W0 + sBA); m = 0: restored from _merged_rows below
-        zero = norm == 0
-        w0 = w.to(acc) * torch.where(zero, 1.0, norm) / torch.where(zero | (mag == 0), 1.0, mag) - dw
-        w.copy_(w0.to(w.dtype))
-        rows = getattr(self, "_merged_rows", None)
-        if rows is not None:
-            w.index_copy_(0, rows[0], rows[1])
-        self._merged_norm = None
-        self._merged_rows = None
-        self.merged = False
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import adapter_torch_dtype
+from ..core.dora import DoRAMerge
 from ..core.layer import AdapterLayer, accumulate_dtype, no_autocast
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, *CONV_TYPES)
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-class _ModuleLoRA(AdapterLayer):
+class _ModuleLoRA(DoRAMerge):
     """What the embedding and convolution layers share: the plain LoRA update :meth:`_scaled_ba` in
     :attr:`base_weight`'s layout, and DoRA on top of it.
 
@@ -84,9 +85,6 @@ class _ModuleLoRA(AdapterLayer):
     def _init_dora(self, config: LoRAConfig, dtype: torch.dtype, magnitude_shape: tuple[int, ...]) -> None:
         self.use_dora = config.use_dora
         self.dora_detach_norm = config.dora_detach_norm
-        #: ν at merge time and the W0 rows of zero magnitude (their merged rows are 0), for unmerge
-        self._merged_norm: torch.Tensor | None = None
-        self._merged_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         if not self.use_dora:
             self.register_parameter("lora_magnitude", None)
             return
@@ -95,31 +93,8 @@ class _ModuleLoRA(AdapterLayer):
             norm = self._row_norm(w0.to(torch.promote_types(accumulate_dtype(w0), dtype)))
         self.lora_magnitude = nn.Parameter(norm.to(dtype).reshape(magnitude_shape))
 
-    @staticmethod
-    def _row_norm(w: torch.Tensor) -> torch.Tensor:
-        """Norm of each output feature's weights (dim 0 of :attr:`base_weight`), shape (out,)."""
-        return w.flatten(1).norm(dim=1)
-
     def _scaled_ba(self) -> torch.Tensor:
         raise NotImplementedError
-
-    def _dora_norm(self) -> torch.Tensor:
-        """``ν = ‖W0 + ΔW‖`` per output feature, shape (out,), fp32 (fp64 for fp64 tensors)."""
-        dw = self._scaled_ba()
-        w0 = self.base_weight
-        return self._row_norm(w0.to(accumulate_dtype(w0, dw)) + dw)
-
-    def _dora_scale(self, dtype: torch.dtype) -> torch.Tensor:
-        """``m/ν`` in ``dtype``, shape (out,); 1 where ν = 0 (an all-zero output feature)."""
-        if self.dora_detach_norm:
-            with torch.no_grad():
-                norm = self._dora_norm()
-        else:
-            norm = self._dora_norm()
-        mag = self.lora_magnitude.reshape(-1)
-        mag = mag.to(accumulate_dtype(mag, norm))
-        zero = norm == 0
-        return torch.where(zero, torch.ones_like(mag), mag / torch.where(zero, torch.ones_like(norm), norm)).to(dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``s·ΔW`` in :attr:`base_weight`'s layout, fp32 (fp64 for fp64 tensors); with DoRA ``W' − W0``."""
@@ -128,39 +103,8 @@ class _ModuleLoRA(AdapterLayer):
             return dw
         w0 = self.base_weight
         v = w0.to(accumulate_dtype(w0, dw)) + dw
-        scale = self._dora_scale(v.dtype).reshape(-1, *(1,) * (v.dim() - 1))
+        scale = self._dora_mag_scale(v.dtype).reshape(-1, *(1,) * (v.dim() - 1))
         return scale * v - w0.to(v.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.use_dora and not self.merged:
-            self._merged_norm = self._dora_norm()
-            # rows with m = 0 merge to 0 whatever W0 was: keep them, W'·ν/m cannot give them back
-            idx = (self.lora_magnitude.reshape(-1) == 0).nonzero().squeeze(1)
-            w = self.base_weight
-            self._merged_rows = (idx.to(w.device), w[idx.to(w.device)].clone()) if idx.numel() else None
-        super().merge()
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.use_dora:
-            return super().unmerge()
-        if not self.merged:
-            raise RuntimeError("adapter is not merged")
-        w = self.base_weight
-        dw = self._scaled_ba()
-        acc = accumulate_dtype(w, dw)
-        assert self._merged_norm is not None
-        shape = (-1, *(1,) * (w.dim() - 1))
-        norm, mag = self._merged_norm.to(acc).reshape(shape), self.lora_magnitude.reshape(-1).to(acc).reshape(shape)
-        zero = norm == 0  # merged with scale 1 there: W' = W0 + ΔW
-        w0 = w.to(acc) * torch.where(zero, 1.0, norm) / torch.where(zero | (mag == 0), 1.0, mag) - dw
-        w.copy_(w0.to(w.dtype))
-        if self._merged_rows is not None:
-            w.index_copy_(0, *self._merged_rows)
-        self._merged_norm = None
-        self._merged_rows = None
-        self.merged = False
 
 
 class LoRAEmbedding(_ModuleLoRA):
@@ -216,7 +160,7 @@ class LoRAEmbedding(_ModuleLoRA):
         if scale is not None:
             out = out * (scale.to(dtype) if isinstance(scale, torch.Tensor) else scale)
         if self.use_dora:  # the magnitude scales the whole row: W' = (m/ν)(W0 + ΔW)
-            return self._dora_scale(dtype) * (base_out + out)
+            return self._dora_mag_scale(dtype) * (base_out + out)
         return base_out + out
 
     def extra_repr(self) -> str:
@@ -274,7 +218,7 @@ class LoRAConv(_ModuleLoRA):
             return base_out + out
         # the channel dim of the output: 1, or 0 for an unbatched input
         shape = (-1, *(1,) * len(self.base_layer.kernel_size))
-        scale = self._dora_scale(dtype).reshape(shape)
+        scale = self._dora_mag_scale(dtype).reshape(shape)
         bias = self.base_layer.bias
         no_bias = base_out if bias is None else base_out - bias.to(dtype).reshape(shape)
         return base_out + (scale - 1) * no_bias + scale * out
