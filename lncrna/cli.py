@@ -182,8 +182,9 @@ def _output_file(text: str) -> Path:
 def _add_model_options(p: argparse.ArgumentParser, threshold_help: str | None = None) -> None:
     g = p.add_argument_group("model and speed")
     g.add_argument("--model", metavar="DIR", type=Path, default=None,
-                   help="model directory with lncrna_config.json, model.safetensors and stack.json "
-                        "(default: the model shipped in lncrna/weights/default)")
+                   help="model directory with lncrna_config.json, model.safetensors and stack.json, "
+                        "e.g. the <out_dir>/classifier that `lncrna train` writes (default: the model "
+                        "shipped in lncrna/weights/default)")
     g.add_argument("--baseline", metavar="DIR", type=Path, default=None,
                    help="feature-baseline directory (default: lncrna/weights/baseline)")
     g.add_argument("--no-cascade", dest="cascade", action="store_false",
