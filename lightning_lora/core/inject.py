@@ -168,7 +168,16 @@ def inject_adapter(
     object.__setattr__(model, _METHOD_ATTR, method_obj)
     _mark_trainable(model, cfg)
     method_obj.on_inject(model, layers)
+    _warn_tied(model, layers)
     return layers
+
+
+def _warn_tied(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
+    """Say when an adapted weight is tied to another module (GPT-2's ``wte`` and ``lm_head``): that
+    module keeps running the base weight without the update, and merging is refused."""
+    for name, others in tied_modules(model, layers).items():
+        warnings.warn(f"the base weight of {name!r} is tied to {others[0]!r}: the adapter acts in {name!r} only "
+                      f"({others[0]!r} keeps the frozen weight), and it cannot be merged", stacklevel=3)
 
 
 def _mark_trainable(model: nn.Module, cfg: AdapterConfig) -> None:
@@ -269,18 +278,26 @@ def check_untied_for_merge(model: nn.Module, layers: dict[str, AdapterLayer]) ->
     (tied weights: GPT-2's ``wte`` and ``lm_head``). Merging writes the update into that tensor, so the
     other module would change too: the merged model would not compute what the unmerged one does (the
     tied head never saw the adapter)."""
+    for name, others in tied_modules(model, layers).items():
+        raise ValueError(f"cannot merge the adapter of {name!r}: its base weight is tied to {others[0]!r} (the "
+                         "same tensor), which merging would change too, without the adapter's own input; untie "
+                         "them first (e.g. copy the weight into a new parameter) or keep the adapter unmerged")
+
+
+def tied_modules(model: nn.Module, layers: dict[str, AdapterLayer]) -> dict[str, list[str]]:
+    """Adapter layer name -> the other modules whose parameter its base weight also is (tied weights);
+    layers with an untied base weight are left out."""
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name.rpartition(".")[0])
+    tied: dict[str, list[str]] = {}
     for name, layer in layers.items():
         weight = getattr(layer.base_layer, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            continue
-        others = [o for o in owners.get(id(weight), []) if o != name and not o.startswith(name + ".")]
-        if others:
-            raise ValueError(f"cannot merge the adapter of {name!r}: its base weight is tied to {others[0]!r} (the "
-                             "same tensor), which merging would change too, without the adapter's own input; untie "
-                             "them first (e.g. copy the weight into a new parameter) or keep the adapter unmerged")
+        if isinstance(weight, torch.Tensor):
+            others = [o for o in owners.get(id(weight), []) if o != name and not o.startswith(name + ".")]
+            if others:
+                tied[name] = others
+    return tied
 
 
 def unmerge_adapter(model: nn.Module) -> None:

@@ -51,7 +51,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import AdapterConfig, Method, get_method, make_config
-from .inject import _METHOD_ATTR, _MULTI_ATTR, _name_matches, _set_submodule, adapter_layers, find_targets
+from .inject import _METHOD_ATTR, _MULTI_ATTR, _name_matches, _set_submodule, _warn_tied, adapter_layers, find_targets
 from .layer import AdapterLayer, _is_conv1d, _refuse_merge_while_disabled, no_autocast
 from .state import PREFIX, WEIGHTS_NAME, AdapterFormatError, peft_embedding_base, read_adapter_config, write_adapter
 
@@ -457,6 +457,7 @@ def _add_adapter(
     if not reg.active:
         reg.active = [name]
     _sync(model)
+    _warn_tied(model, {t: m for t, m in multi_layers(model).items() if t in targets})
     return named_adapter_layers(model, name)
 
 

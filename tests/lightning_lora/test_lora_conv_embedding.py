@@ -468,11 +468,13 @@ def test_merging_into_a_tied_weight_is_refused_and_nothing_merges(target):
     model would not compute the unmerged one): merge_adapter and unload(merge=True) refuse, in one
     line naming both modules, before touching any weight."""
     model = TiedLM()
-    ll.inject_adapter(model, "lora", r=2, target_modules=[target, "body"])
+    other = "lm_head" if target == "wte" else "wte"
+    with pytest.warns(UserWarning, match=rf"the base weight of '{target}' is tied to '{other}': the adapter acts in "
+                                         rf"'{target}' only \('{other}' keeps the frozen weight\), and it cannot be merged"):
+        ll.inject_adapter(model, "lora", r=2, target_modules=[target, "body"])
     _perturb(model)
     ids = _ids()
     y = model(ids)
-    other = "lm_head" if target == "wte" else "wte"
     message = rf"cannot merge the adapter of '{target}': its base weight is tied to '{other}'"
     with pytest.raises(ValueError, match=message):
         ll.merge_adapter(model)
@@ -482,6 +484,22 @@ def test_merging_into_a_tied_weight_is_refused_and_nothing_merges(target):
     assert torch.equal(model(ids), y)
     ll.unload(model)  # without merging: fine
     assert model.lm_head.weight is model.wte.weight
+
+
+def test_named_adapter_on_a_tied_weight_warns_and_refuses_to_merge():
+    model = TiedLM()
+    with pytest.warns(UserWarning, match=r"the base weight of 'lm_head' is tied to 'wte'"):
+        ll.add_adapter(model, "a", "lora", r=2, target_modules=["lm_head"])
+    with pytest.raises(ValueError, match=r"cannot merge the adapter of 'lm_head': its base weight is tied to 'wte'"):
+        ll.merge_adapter(model)
+
+
+def test_untied_targets_do_not_warn():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ll.inject_adapter(TiedLM(), "lora", r=2, target_modules=["body"])
 
 
 def test_adapter_callback_refuses_merge_on_fit_end_of_a_tied_weight_before_training():
