@@ -640,7 +640,10 @@ class Predictor:
             raise ModelError(f"{d}: no such model directory")
         missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE, STACK_FILE) if not (d / n).is_file()]
         if missing:
-            raise ModelError(f"{d}: not a complete lncrna model directory, missing {', '.join(missing)}")
+            # Why: `lncrna train` writes <out_dir>/classifier; giving it the run folder itself is the easy slip
+            hint = (f"; {d / 'classifier'} is one: pass that" if len(missing) == 3 and all(
+                (d / "classifier" / n).is_file() for n in (CONFIG_FILE, WEIGHTS_FILE, STACK_FILE)) else "")
+            raise ModelError(f"{d}: not a complete lncrna model directory, missing {', '.join(missing)}{hint}")
 
     @staticmethod
     def _pick_device(device: str | None, torch: Any):

@@ -153,3 +153,7 @@ def test_trained_model_predicts(name, data_root, tmp_path, capsys):
         assert all(0.0 <= float(r[2]) <= 1.0 and r[3] in ("lncRNA", "mRNA") for r in rows), rows
         probs[bool(flag)] = [float(r[2]) for r in rows]
     assert probs[False] == probs[True]  # the transformer alone, with or without the cascade
+    # the run folder itself, a likely slip, is refused with the folder to pass instead
+    capsys.readouterr()
+    assert cli.main(["predict", str(fasta), "--model", str(run), "-o", str(tmp_path / "x.tsv"), "-q"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{run / 'classifier'} is one: pass that")
