@@ -50,27 +50,12 @@ def _kernels(step) -> dict[str, float]:
             "efficient": float("fmha" in names or "efficient" in names or "mem_eff" in names)}
 
 
-def _time(step, warmup: int = 3, steps: int = 10) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    t = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        t.append(start.elapsed_time(end))
-    return sorted(t)[len(t) // 2]
-
-
 def _record(metrics: dict, key: str, make_step) -> None:
     """Time ``make_step()``'s step and list its kernels under ``key``; an error is recorded as such."""
     torch._dynamo.reset()
     try:
         step = make_step()
-        metrics[f"{key}_ms"] = round(_time(step), 3)
+        metrics[f"{key}_ms"] = round(lvp.timed_steps(step, warmup=3, steps=10, cuda=True)[0], 3)
         for k, v in _kernels(step).items():
             metrics[f"{key}_{k}"] = v
     except Exception as exc:  # a forced backend that cannot run these shapes

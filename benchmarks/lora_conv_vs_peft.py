@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lightning_lora as ll  # noqa: E402
+from benchmarks.lora_vs_peft import timed_steps  # noqa: E402  (median ms of a step, CUDA events on a GPU)
 from lightning_lora.results import write_result  # noqa: E402
 
 
@@ -104,19 +104,6 @@ def step_fn(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, devic
     return step
 
 
-def timed(step: Callable[[], None], steps: int, device: str) -> float:
-    times = []
-    for _ in range(steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -142,7 +129,7 @@ def main() -> None:
         per_round: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.rounds):
             for v in variants:
-                per_round[v].append(timed(steps[v], args.steps, dev))
+                per_round[v].append(timed_steps(steps[v], 0, args.steps, dev == "cuda")[0])
         for v in variants:
             metrics[f"{name}_{v}_ms"] = round(statistics.median(per_round[v]), 3)
             metrics[f"{name}_{v}_ms_min"] = round(min(per_round[v]), 3)

@@ -208,13 +208,11 @@ class StackParams:
             metrics[f"cascade_{low}_{high}_mcc"] = classification_metrics(y, np.where(hard, cv, p_b))["mcc"]
             metrics[f"cascade_{low}_{high}_hard_share"] = float(hard.mean())
         gain = mcc_stack - mcc_base
-        chosen = bands[-1]
         if gain <= 0:  # the transformer adds nothing on these records: an empty band, the baseline alone
             chosen = (0.5, 0.5)
-        for low, high in bands if gain > 0 else ():  # narrowest band first
-            if metrics[f"cascade_{low}_{high}_mcc"] - mcc_base >= keep * gain:
-                chosen = (low, high)
-                break
+        else:  # the narrowest band (bands run narrowest first) that keeps ``keep`` of the gain
+            chosen = next(((low, high) for low, high in bands
+                           if metrics[f"cascade_{low}_{high}_mcc"] - mcc_base >= keep * gain), bands[-1])
         params = cls(low=chosen[0], high=chosen[1], w_baseline=float(stack.coef_[0, 0]),
                      w_transformer=float(stack.coef_[0, 1]), bias=float(stack.intercept_[0]))
         return params, metrics

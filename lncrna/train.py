@@ -547,15 +547,16 @@ def fit_cascade(model: NucleotideClassifier, val: Any, classifier_dir: str | Pat
     p_t = model.predict_proba(seqs)
     try:
         stack, metrics = StackParams.fit(y, p_b, p_t)
-        note = f"{where} ({len(y)} records)"
-        if stack.low >= stack.high:
-            note += ("; the transformer gained no MCC over the feature baseline there, so the band is empty "
-                     "and the baseline decides every record")
-            warnings.warn(f"stack.json: {note}", stacklevel=2)
     except ValueError as e:
         warnings.warn(f"stack.json: {e}; the cascade sends every record to the transformer and keeps its "
                       "probability", stacklevel=2)
         stack, metrics = StackParams(low=0.0, high=1.0, w_baseline=0.0, w_transformer=1.0, bias=0.0), {}
         note = f"not fitted ({e}): the transformer alone"
+    else:
+        note = f"{where} ({len(y)} records)"
+        if stack.low >= stack.high:
+            note += ("; the transformer gained no MCC over the feature baseline there, so the band is empty "
+                     "and the baseline decides every record")
+            warnings.warn(f"stack.json: {note}", stacklevel=2)
     stack.save(Path(classifier_dir) / "stack.json", fitted_on=note)
     return metrics

@@ -4,9 +4,8 @@ merge / unmerge of ``W' = (m/ν) ⊙ (W0 + ΔW)``.
 
 A layer using :class:`DoRAMerge` provides ``use_dora``, ``dora_detach_norm``, ``lora_magnitude``
 (one entry per output feature, in any shape) and ``_scaled_ba()`` (ΔW in
-:attr:`~lightning_lora.core.layer.AdapterLayer.base_weight`'s shape), and a ``delta_weight`` that
-returns ``W' − W0`` under DoRA; it gets ν (``_dora_norm``), ``m/ν`` (``_dora_mag_scale``), merge
-and unmerge.
+:attr:`~lightning_lora.core.layer.AdapterLayer.base_weight`'s shape); it gets ν (``_dora_norm``),
+``m/ν`` (``_dora_mag_scale``), ``delta_weight`` (``W' − W0`` under DoRA), merge and unmerge.
 """
 
 from __future__ import annotations
@@ -32,6 +31,10 @@ class DoRAMerge(AdapterLayer):
     _merged_norm: torch.Tensor | None = None
     _merged_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def _scaled_ba(self) -> torch.Tensor:
+        """``ΔW = s·B A`` in ``base_weight``'s shape, fp32 (each layer's own)."""
+        raise NotImplementedError
+
     @staticmethod
     def _row_norm(w: torch.Tensor) -> torch.Tensor:
         """Norm of each output feature's weights (dim 0 of ``base_weight``: a row, a kernel), shape (out,)."""
@@ -54,6 +57,21 @@ class DoRAMerge(AdapterLayer):
         mag = self.lora_magnitude.reshape(-1)
         # fp64 magnitude or norm: m/ν in fp64 (a .float() rounded fp64 gradients of m to fp32)
         return safe_mag_scale(mag.to(accumulate_dtype(mag, norm)), norm).to(dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW = s·B A`` (``_scaled_ba``) in ``base_weight``'s shape, fp32 (fp64 for an fp64 base or
+        adapter); with DoRA ``W' − W0``, a row (output feature) with ν = 0 at scale 1 as in the forward."""
+        dw = self._scaled_ba()
+        if not self.use_dora:
+            return dw
+        w0 = self.base_weight
+        w0 = w0.to(accumulate_dtype(w0, dw))  # fp64 for an fp64 base (see accumulate_dtype)
+        v = w0 + dw
+        shape = (-1, *(1,) * (v.dim() - 1))
+        norm = self._row_norm(v).reshape(shape)
+        zero = norm == 0
+        w_new = self.lora_magnitude.reshape(-1).to(v.dtype).reshape(shape) * v / torch.where(zero, 1.0, norm)
+        return torch.where(zero, v, w_new) - w0
 
     @torch.no_grad()
     def merge(self) -> None:

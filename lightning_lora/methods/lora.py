@@ -1246,8 +1246,6 @@ class LoRALinear(DoRAMerge):
             self.lora_magnitude = nn.Parameter(norm.to(dtype))
         else:
             self.register_parameter("lora_magnitude", None)
-        self._merged_norm: torch.Tensor | None = None  # DoRA's ν at merge time (core.dora.DoRAMerge)
-        self._merged_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cast_key: tuple[Any, ...] | None = None
         #: the dtype the casts were last made in (what the optimizer step hook refreshes them in)
         self._cast_dtype: torch.dtype | None = None
@@ -1288,20 +1286,6 @@ class LoRALinear(DoRAMerge):
         acc = accumulate_dtype(A, B)
         with no_autocast(A.device):
             return self.scaling * (B.to(acc) @ A.to(acc))
-
-    def delta_weight(self) -> torch.Tensor:
-        """``s·B A`` in fp32, shape (out, in). For DoRA: ``W' − W0``."""
-        dw = self._scaled_ba()
-        if not self.use_dora:
-            return dw
-        w0 = self.base_weight
-        w0 = w0.to(accumulate_dtype(w0, dw))  # fp64 for an fp64 base (see accumulate_dtype)
-        v = w0 + dw
-        norm = v.norm(dim=1, keepdim=True)
-        # a zero row (ν = 0: a pruned unit at init) has scale 1, as in the forward: W' = W0 + sBA there
-        zero = norm == 0
-        w_new = self.lora_magnitude.to(v.dtype).unsqueeze(1) * v / torch.where(zero, 1.0, norm)
-        return torch.where(zero, v, w_new) - w0
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x

@@ -69,8 +69,9 @@ _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class _ModuleLoRA(DoRAMerge):
-    """What the embedding and convolution layers share: the plain LoRA update :meth:`_scaled_ba` in
-    :attr:`base_weight`'s layout, and DoRA on top of it.
+    """What the embedding and convolution layers share: DoRA's set-up (its merge, unmerge and
+    ``delta_weight`` come from :class:`~lightning_lora.core.dora.DoRAMerge`, over each layer's
+    :meth:`_scaled_ba` in :attr:`base_weight`'s layout).
 
     DoRA (``use_dora``, METHODS.md §1, as PEFT's DoRA embedding and convolution layers): ``W' = m ⊙
     (W0 + ΔW) / ν`` with ``ν = ‖W0 + ΔW‖`` per output feature (an embedding dimension; an output
@@ -92,19 +93,6 @@ class _ModuleLoRA(DoRAMerge):
             w0 = self.base_weight
             norm = self._row_norm(w0.to(torch.promote_types(accumulate_dtype(w0), dtype)))
         self.lora_magnitude = nn.Parameter(norm.to(dtype).reshape(magnitude_shape))
-
-    def _scaled_ba(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def delta_weight(self) -> torch.Tensor:
-        """``s·ΔW`` in :attr:`base_weight`'s layout, fp32 (fp64 for fp64 tensors); with DoRA ``W' − W0``."""
-        dw = self._scaled_ba()
-        if not self.use_dora:
-            return dw
-        w0 = self.base_weight
-        v = w0.to(accumulate_dtype(w0, dw)) + dw
-        scale = self._dora_mag_scale(v.dtype).reshape(-1, *(1,) * (v.dim() - 1))
-        return scale * v - w0.to(v.dtype)
 
 
 class LoRAEmbedding(_ModuleLoRA):
@@ -235,9 +223,4 @@ def make_module_layer(base: nn.Module, config: LoRAConfig) -> AdapterLayer:
     return LoRAConv(base, config)
 
 
-def is_module_target(base: nn.Module) -> bool:
-    """Whether ``base`` is one of the module types this file adapts."""
-    return isinstance(base, MODULE_TYPES)
-
-
-__all__ = ["LoRAConv", "LoRAEmbedding", "MODULE_TYPES", "is_module_target", "make_module_layer"]
+__all__ = ["LoRAConv", "LoRAEmbedding", "MODULE_TYPES", "make_module_layer"]

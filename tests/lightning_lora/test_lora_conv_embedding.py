@@ -354,30 +354,36 @@ def test_two_named_adapters_add_up_and_merge_together():
     torch.testing.assert_close(model(ids), y, atol=1e-5, rtol=1e-5)
 
 
-def test_adapter_callback_trains_only_the_conv_and_embedding_adapters(tmp_path):
+def _trainer_and_module(net: nn.Module, callback, max_steps: int):
+    """A CPU Trainer with ``callback`` and a LightningModule holding ``net`` as ``net`` (loss: cross
+    entropy against the batch's labels, or the output's mean square for an unlabelled batch)."""
     import lightning.pytorch as pl
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = _net()
+            self.net = net
 
         def training_step(self, batch, _):
-            ids, y = batch
-            return nn.functional.cross_entropy(self.net(ids), y)
+            out = self.net(batch[0])
+            return nn.functional.cross_entropy(out, batch[1]) if len(batch) > 1 else out.float().pow(2).mean()
 
         def configure_optimizers(self):
             return torch.optim.AdamW(ll.trainable_parameters(self), lr=0.05)
 
+    trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", callbacks=[callback])
+    return trainer, Module()
+
+
+def test_adapter_callback_trains_only_the_conv_and_embedding_adapters(tmp_path):
     ids = torch.randint(0, 20, (16, 12), generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(1))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, y), batch_size=8)
-    module = Module()
-    before = {n: p.detach().clone() for n, p in module.net.named_parameters()}
     callback = ll.AdapterCallback("lora", r=2, alpha=4, target="net", target_modules=TARGETS,
                                   export_dir=tmp_path / "adapter")
-    trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", callbacks=[callback])
+    trainer, module = _trainer_and_module(_net(), callback, max_steps=4)
+    before = {n: p.detach().clone() for n, p in module.net.named_parameters()}
     trainer.fit(module, loader)
     layers = ll.adapter_layers(module.net)
     assert set(layers) == set(TARGETS)
@@ -503,24 +509,9 @@ def test_untied_targets_do_not_warn():
 
 
 def test_adapter_callback_refuses_merge_on_fit_end_of_a_tied_weight_before_training():
-    import lightning.pytorch as pl
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = TiedLM()
-
-        def training_step(self, batch, _):
-            return self.net(batch[0]).float().pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(ll.trainable_parameters(self), lr=0.01)
-
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_ids()), batch_size=3)
-    module = Module()
     callback = ll.AdapterCallback("lora", r=2, target="net", target_modules=["wte"], merge_on_fit_end=True)
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", callbacks=[callback])
+    trainer, module = _trainer_and_module(TiedLM(), callback, max_steps=2)
     with pytest.raises(ValueError, match=r"cannot merge the adapter of 'wte': its base weight is tied to 'lm_head'"):
         trainer.fit(module, loader)
     assert trainer.global_step == 0
