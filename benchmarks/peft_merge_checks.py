@@ -1,0 +1,104 @@
+"""Where PEFT's merged model is not its unmerged one, and ours is: the figures docs/architecture.md and
+lightning_lora/methods/lora_modules.py quote (CPU, seconds).
+
+- a 3x3 ``nn.Conv2d`` adapted by LoRA (r = 2, random factors) with zero padding, reflect padding and
+  dilation 2: max |merged − unmerged| output for PEFT (whose ``lora_A`` ignores dilation and padding
+  mode; its dilated forward fails, recorded as ``peft_dilated_forward_fails`` = 1) and for ours;
+- a small model whose output head is tied to its embedding (GPT-2's layout), LoRA on the embedding:
+  PEFT's merge changes the output (``peft_tied_merge_max_diff``, with the number of warnings it gave),
+  ours refuses to merge (``ours_tied_merge_refused`` = 1).
+
+    python benchmarks/peft_merge_checks.py [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import peft  # noqa: E402
+
+import lightning_lora as ll  # noqa: E402
+from lightning_lora.results import write_result  # noqa: E402
+
+CONVS = {"zeros": dict(padding=1), "reflect": dict(padding=1, padding_mode="reflect"), "dilated": dict(padding=2, dilation=2)}
+
+
+@torch.no_grad()
+def _randomize(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(20, 8)
+        self.body = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 20, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.body(self.wte(ids))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/peft_merge_checks.json"))
+    args = ap.parse_args()
+    metrics: dict[str, float] = {}
+    x = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(1))
+    for name, kw in CONVS.items():
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Conv2d(4, 5, 3, **kw))
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["0"]))
+        _randomize(pm, 2)
+        try:
+            y = pm(x)
+            metrics[f"peft_{name}_merge_max_diff"] = (pm.merge_and_unload()(x) - y).abs().max().item()
+        except RuntimeError:  # the dilated kernel's output shape differs from lora_A's
+            metrics[f"peft_{name}_forward_fails"] = 1
+        ours = copy.deepcopy(base)
+        ll.inject_adapter(ours, "lora", r=2, target_modules=["0"])
+        _randomize(ours, 2)
+        y = ours(x)
+        ll.merge_adapter(ours)
+        metrics[f"ours_{name}_merge_max_diff"] = (ours(x) - y).abs().max().item()
+    ids = torch.randint(0, 20, (3, 12), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    base = TiedLM()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["wte"]))
+    _randomize(pm, 4)
+    y = pm(ids)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = pm.merge_and_unload()
+    metrics["peft_tied_merge_max_diff"] = (merged(ids) - y).abs().max().item()
+    metrics["peft_tied_merge_warnings"] = len(caught)
+    ours = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the injection's own tie warning
+        ll.inject_adapter(ours, "lora", r=2, target_modules=["wte"])
+    try:
+        ll.merge_adapter(ours)
+        metrics["ours_tied_merge_refused"] = 0
+    except ValueError:
+        metrics["ours_tied_merge_refused"] = 1
+    metrics["peft_version_major_minor"] = float(".".join(peft.__version__.split(".")[:2]))
+    print(metrics)
+    print(write_result(Path(args.out).stem, metrics, directory=Path(args.out).parent))
+
+
+if __name__ == "__main__":
+    main()
