@@ -60,7 +60,9 @@ class DoRAMerge(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         """``ΔW = s·B A`` (``_scaled_ba``) in ``base_weight``'s shape, fp32 (fp64 for an fp64 base or
-        adapter); with DoRA ``W' − W0``, a row (output feature) with ν = 0 at scale 1 as in the forward."""
+        adapter); with DoRA ``W' − W0``, a row (output feature) with ν = 0 at scale 1 as in the forward,
+        and ν a constant in backward with ``dora_detach_norm``, as in the forward (its gradients are the
+        layer's where a caller computes with :attr:`~lightning_lora.core.layer.AdapterLayer.weight`)."""
         dw = self._scaled_ba()
         if not self.use_dora:
             return dw
@@ -69,6 +71,8 @@ class DoRAMerge(AdapterLayer):
         v = w0 + dw
         shape = (-1, *(1,) * (v.dim() - 1))
         norm = self._row_norm(v).reshape(shape)
+        if self.dora_detach_norm:
+            norm = norm.detach()
         zero = norm == 0
         w_new = self.lora_magnitude.reshape(-1).to(v.dtype).reshape(shape) * v / torch.where(zero, 1.0, norm)
         return torch.where(zero, v, w_new) - w0

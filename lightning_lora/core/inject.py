@@ -100,6 +100,9 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             )
         if hit:
             names.append(name)
+    # an adapted nn.MultiheadAttention adapts its own out_proj (which it never calls: it reads the weight)
+    attention = {n for n in names if isinstance(model.get_submodule(n), nn.MultiheadAttention)}
+    names = [n for n in names if not (n.endswith(".out_proj") and n.rpartition(".")[0] in attention)]
     if not names:
         sample = [n for n, m in model.named_modules() if _is_linear_like(m)][:8]
         raise ValueError(

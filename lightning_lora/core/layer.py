@@ -61,11 +61,14 @@ def layer_shape(base: nn.Module) -> tuple[int, int, bool]:
     one (:func:`linear_shape`); an ``nn.Embedding`` (``num_embeddings``, ``embedding_dim``, True: its
     table is stored ``(in, out)``, so :attr:`AdapterLayer.base_weight` is its transpose, as for
     ``Conv1D``); an ``nn.Conv1d/2d/3d`` (``in_channels``, ``out_channels``, False: its weight keeps
-    its own ``(out, in / groups, *kernel)`` layout, and so does every ``delta_weight`` of it)."""
+    its own ``(out, in / groups, *kernel)`` layout, and so does every ``delta_weight`` of it); an
+    ``nn.MultiheadAttention`` (``embed_dim``, ``3·embed_dim``, False: its packed input projection)."""
     if isinstance(base, nn.Embedding):
         return base.num_embeddings, base.embedding_dim, True
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return base.in_channels, base.out_channels, False
+    if isinstance(base, nn.MultiheadAttention):  # its packed input projection, (3E, E)
+        return base.embed_dim, 3 * base.embed_dim, False
     return linear_shape(base)
 
 
@@ -113,6 +116,41 @@ class AdapterLayer(nn.Module):
         convolution's kernel as it is, ``(out, in / groups, *kernel)``)."""
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer computes with, in the base layer's own layout and dtype: the base
+        weight itself while merged or disabled, else ``base + delta_weight()``, differentiable in the
+        adapter's parameters (computed in fp32, rounded to the base dtype).
+
+        For callers that read a layer's weight instead of calling it: ``nn.MultiheadAttention`` passes
+        ``out_proj.weight`` to its attention function, and the inference fast paths of
+        ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` hand every weight to one fused
+        kernel. Without this they failed on an adapted layer, and serving the base weight (as PEFT
+        does) silently drops the adapter in eval mode. Adapter dropout does not apply to a weight:
+        it acts only where the layer is called. A method whose update depends on the input (SMoRA's
+        gates, per-batch routing) has no such weight and raises."""
+        w = self.base_layer.weight
+        if self.disabled or self.merged:
+            return w
+        try:
+            with no_autocast(w.device):
+                dw = self.delta_weight()
+        except (RuntimeError, NotImplementedError) as e:
+            raise RuntimeError(
+                f"{type(self).__name__} has no single weight ({e}), and a caller read `.weight` instead of "
+                "calling the layer: nn.MultiheadAttention does so for out_proj (do not target it with this "
+                "method); the inference fast path of nn.TransformerEncoderLayer does so for every layer "
+                "(switch it off: torch.backends.mha.set_fastpath_enabled(False))") from e
+        if self.fan_in_fan_out:
+            dw = dw.t()
+        return (w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (every method here leaves the bias to the base: trained in place
+        with ``bias="lora_only"`` / ``"all"``), or None; read with :attr:`weight` by the same callers."""
+        return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base_out = self.base_layer(x, *args, **kwargs)

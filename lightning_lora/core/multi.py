@@ -386,6 +386,10 @@ def add_adapter(
         raise RuntimeError("cannot add an adapter while adapters are merged; unmerge_adapter(model) first")
     if getattr(model, _METHOD_ATTR, None) is None:
         return _add_adapter(model, name, method, config, **kwargs)
+    attention = [n for n, layer in adapter_layers(model).items() if isinstance(layer.base_layer, nn.MultiheadAttention)]
+    if attention:
+        raise TypeError(f"cannot add adapter {name!r}: the injected adapter adapts nn.MultiheadAttention "
+                        f"{attention[0]!r}, which named adapters do not support")
     _convert_single(model)
     try:
         return _add_adapter(model, name, method, config, **kwargs)
@@ -423,6 +427,9 @@ def _add_adapter(
         supported = method_obj.supported_types
         for t in targets:  # check every target before touching the model
             base = model.get_submodule(t)
+            if isinstance(base, nn.MultiheadAttention):  # the combination below adds outputs; its are tuples
+                raise TypeError(f"adapter {name!r}: named adapters cannot adapt nn.MultiheadAttention {t!r}; "
+                                "exclude it, or inject one adapter with inject_adapter")
             linear_ok = _is_conv1d(base) and nn.Linear in supported  # Conv1D is a transposed Linear
             if supported and not isinstance(base, supported) and not linear_ok:
                 raise TypeError(f"method {cfg.method!r} cannot adapt module {t!r} of type {type(base).__name__}")

@@ -39,6 +39,23 @@ mismatch) and on a base with ``padding_mode="reflect"`` its unmerged output is n
 form (the update ``ΔW`` both share), so its directories for such bases load in PEFT and merge there
 to the same model.
 
+Multi-head attention, ``nn.MultiheadAttention`` with embedding size E (query, key and value of one
+size: its packed ``in_proj_weight`` of shape (3E, E)), as PEFT's layer for it::
+
+    W_in' = W_in + s · B_in A_in       A_in: (r, E),  B_in: (3E, r)
+    W_out' = W_out + s · B_out A_out   A_out: (r, E), B_out: (E, r)
+
+Both projections are adapted: ``nn.MultiheadAttention`` holds the packed input projection as a bare
+parameter and never calls its ``out_proj`` (it passes ``out_proj.weight`` to its attention
+function), so the layer runs the base module with the two adapted weights swapped in
+(``torch.func.functional_call``); gradients reach A and B through them, and merging is exact.
+Adapter dropout does not apply (the update is a weight, not a term on the input; PEFT ignores it
+too), nor does DoRA (refused, as in PEFT). A module with separate query / key / value weights
+(``kdim`` or ``vdim`` set) is refused. Targeting an attention's ``out_proj`` alone also works, through
+:attr:`~lightning_lora.core.layer.AdapterLayer.weight`. Saved under PEFT's names (``lora_A.weight``,
+``lora_B.weight``, ``base_layer.out_proj.lora_A.weight``, ``base_layer.out_proj.lora_B.weight``), so a
+directory loads in PEFT and back with the same outputs.
+
 Options of :class:`~lightning_lora.methods.lora.LoRAConfig` that concern linear layers only
 (``fused``, ``fuse_siblings``, ``replay_inputs``, ``merged_training``) do not apply here: these
 layers always run the plain formula above. DoRA (``use_dora``) works on both, as PEFT's
@@ -48,11 +65,13 @@ layers always run the plain formula above. DoRA (``use_dora``) works on both, as
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+import warnings
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from ..core.config import adapter_torch_dtype
 from ..core.dora import DoRAMerge
@@ -63,7 +82,7 @@ if TYPE_CHECKING:
 
 #: the base module types these layers adapt (``LoRA.supported_types`` adds them to ``nn.Linear``)
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, *CONV_TYPES)
+MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, *CONV_TYPES, nn.MultiheadAttention)
 #: the functional convolution of each kernel rank
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -180,10 +199,7 @@ class LoRAConv(_ModuleLoRA):
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, *kernel, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, *(1,) * len(kernel), dtype=dtype,
                                                device=device))
-        if config.init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        else:
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        _kaiming_or_gaussian(self.lora_A, config.init, self.r)
         self._init_dora(config, dtype, (1, self.out_features, *(1,) * len(kernel)))
 
     def _scaled_ba(self) -> torch.Tensor:
@@ -216,11 +232,157 @@ class LoRAConv(_ModuleLoRA):
                 f"dora={self.use_dora}, merged={self.merged}")
 
 
+def _kaiming_or_gaussian(a: torch.Tensor, init: str, r: int) -> None:
+    """A linear layer's A init: Kaiming-uniform, or N(0, 1/r²) with ``init="gaussian"`` (as PEFT)."""
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    else:
+        nn.init.normal_(a, std=1.0 / r)
+
+
+class _AdaptedProjection:
+    """What ``LoRAMultiheadAttention.out_proj`` gives: the output projection's adapted ``weight`` and
+    its ``bias``, for callers that read them (the inference fast paths of ``nn.TransformerEncoderLayer``
+    and ``nn.TransformerEncoder``); the module itself is ``layer.base_layer.out_proj``."""
+
+    def __init__(self, layer: LoRAMultiheadAttention) -> None:
+        self._layer = layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._layer.out_proj_weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._layer.base_layer.out_proj.bias
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._layer.base_layer.out_proj, name)
+
+
+class LoRAMultiheadAttention(AdapterLayer):
+    """LoRA on an ``nn.MultiheadAttention`` (module docstring): its packed input projection and its
+    output projection. Parameters: ``lora_A`` (r, E), ``lora_B`` (3E, r), ``lora_out_A`` (r, E),
+    ``lora_out_B`` (E, r); :meth:`delta_weight` is the input projection's (3E, E), the output
+    projection's is :meth:`out_proj_delta_weight` (E, E). The attributes the base's callers read
+    (``in_proj_weight``, ``out_proj``, ``batch_first``, ``num_heads``, ...) are served adapted, so
+    ``nn.TransformerEncoderLayer``'s inference fast path runs the adapted attention."""
+
+    adapter_param_names = ("lora_A", "lora_B", "lora_out_A", "lora_out_B")
+    file_key_map: ClassVar[dict[str, str]] = {
+        "lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
+        "lora_out_A": "base_layer.out_proj.lora_A.weight", "lora_out_B": "base_layer.out_proj.lora_B.weight"}
+
+    def __init__(self, base_layer: nn.MultiheadAttention, config: LoRAConfig) -> None:
+        if not base_layer._qkv_same_embed_dim:
+            raise ValueError("nn.MultiheadAttention with kdim/vdim set keeps separate query/key/value weights; "
+                             "LoRA adapts the packed in_proj_weight only (as PEFT)")
+        if config.use_dora:
+            raise ValueError("DoRA is not implemented for nn.MultiheadAttention (PEFT has none either); "
+                             "set use_dora=False or exclude the attention module")
+        if config.dropout > 0:
+            warnings.warn(f"dropout={config.dropout} does not apply to nn.MultiheadAttention's LoRA: its update "
+                          "acts as a weight (as in PEFT)", stacklevel=4)
+        super().__init__(base_layer)
+        self.r = config.r
+        self.scaling = config.scaling
+        dtype = adapter_torch_dtype(config.adapter_dtype)
+        device = base_layer.in_proj_weight.device
+        e = base_layer.embed_dim
+        self.lora_A = nn.Parameter(torch.empty(self.r, e, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(3 * e, self.r, dtype=dtype, device=device))
+        self.lora_out_A = nn.Parameter(torch.empty(self.r, e, dtype=dtype, device=device))
+        self.lora_out_B = nn.Parameter(torch.zeros(e, self.r, dtype=dtype, device=device))
+        _kaiming_or_gaussian(self.lora_A, config.init, self.r)
+        _kaiming_or_gaussian(self.lora_out_A, config.init, self.r)
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The packed input projection, (3E, E)."""
+        return self.base_layer.in_proj_weight
+
+    @staticmethod
+    def _scaled(b: torch.Tensor, a: torch.Tensor, scaling: float) -> torch.Tensor:
+        acc = accumulate_dtype(a, b)
+        with no_autocast(a.device):
+            return scaling * (b.to(acc) @ a.to(acc))
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s · B_in A_in``, the input projection's update, shape (3E, E), fp32."""
+        return self._scaled(self.lora_B, self.lora_A, self.scaling)
+
+    def out_proj_delta_weight(self) -> torch.Tensor:
+        """``s · B_out A_out``, the output projection's update, shape (E, E), fp32."""
+        return self._scaled(self.lora_out_B, self.lora_out_A, self.scaling)
+
+    def _adapted(self, w: torch.Tensor, dw_fn) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return w
+        dw = dw_fn()
+        return (w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype)
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        """The input projection this layer computes with, (3E, E) in the base dtype."""
+        return self._adapted(self.base_layer.in_proj_weight, self.delta_weight)
+
+    @property
+    def out_proj_weight(self) -> torch.Tensor:
+        """The output projection's weight this layer computes with, (E, E) in the base dtype."""
+        return self._adapted(self.base_layer.out_proj.weight, self.out_proj_delta_weight)
+
+    @property
+    def out_proj(self) -> _AdaptedProjection:
+        return _AdaptedProjection(self)
+
+    def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base's ``forward(query, key, value, ...)`` with both adapted weights swapped in: returns
+        ``(attn_output, attn_weights)`` as the base does."""
+        if self.disabled or self.merged:
+            return self.base_layer(query, *args, **kwargs)
+        swapped = {"in_proj_weight": self.in_proj_weight, "out_proj.weight": self.out_proj_weight}
+        return functional_call(self.base_layer, swapped, (query, *args), kwargs)
+
+    def merge_masks(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, int | None]:
+        """The base's ``merge_masks`` (``nn.TransformerEncoderLayer``'s fast path calls it)."""
+        return self.base_layer.merge_masks(*args, **kwargs)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold both updates into the base's ``in_proj_weight`` and ``out_proj.weight``."""
+        super().merge()
+        w = self.base_layer.out_proj.weight
+        w.copy_((w.to(accumulate_dtype(w)) + self.out_proj_delta_weight()).to(w.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        super().unmerge()
+        w = self.base_layer.out_proj.weight
+        w.copy_((w.to(accumulate_dtype(w)) - self.out_proj_delta_weight()).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.in_features}, r={self.r}, merged={self.merged}"
+
+
+def _base_attribute(name: str) -> property:
+    return property(lambda self: getattr(self.base_layer, name),
+                    doc=f"The base ``nn.MultiheadAttention``'s ``{name}``.")
+
+
+# what nn.TransformerEncoderLayer / nn.TransformerEncoder read of their self_attn besides the weights
+for _name in ("embed_dim", "num_heads", "head_dim", "batch_first", "_qkv_same_embed_dim", "in_proj_bias",
+              "kdim", "vdim", "bias_k", "bias_v", "add_zero_attn"):
+    setattr(LoRAMultiheadAttention, _name, _base_attribute(_name))
+
+
 def make_module_layer(base: nn.Module, config: LoRAConfig) -> AdapterLayer:
-    """The LoRA layer for an embedding or convolution ``base`` (``LoRA.make_layer`` for those)."""
+    """The LoRA layer for an embedding, convolution or multi-head attention ``base`` (``LoRA.make_layer``
+    for those)."""
     if isinstance(base, nn.Embedding):
         return LoRAEmbedding(base, config)
+    if isinstance(base, nn.MultiheadAttention):
+        return LoRAMultiheadAttention(base, config)
     return LoRAConv(base, config)
 
 
-__all__ = ["LoRAConv", "LoRAEmbedding", "MODULE_TYPES", "make_module_layer"]
+__all__ = ["LoRAConv", "LoRAEmbedding", "LoRAMultiheadAttention", "MODULE_TYPES", "make_module_layer"]
