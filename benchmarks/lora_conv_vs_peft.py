@@ -1,11 +1,17 @@
-"""LoRA on convolutions and embeddings: our training step against PEFT's, side by side in one process.
+"""LoRA on convolutions, embeddings and torch's attention: our training step against PEFT's, side by
+side in one process.
 
-Two models, random weights, every target adapted at rank 8 (alpha 16) by both libraries:
+Three models, random weights, every target adapted at rank 8 (alpha 16) by both libraries:
 
 - ``cnn``: a small VGG-style image classifier, six 3x3 ``nn.Conv2d`` (64 to 256 channels, the last
   two dilated) on 32 x 32 images, batch 64; targets: every convolution;
 - ``emb``: a token model whose ``nn.Embedding`` (32,000 x 512) feeds a ``nn.Conv1d`` stack,
-  batch 32 x 256 tokens; targets: the embedding and the convolutions.
+  batch 32 x 256 tokens; targets: the embedding and the convolutions;
+- ``attn``: an ``nn.TransformerEncoder`` of six ``nn.TransformerEncoderLayer`` (E = 512, 8 heads,
+  feed-forward 2,048, batch first, no dropout), batch 32 x 128; targets: every ``self_attn``
+  (``nn.MultiheadAttention``: its packed input and output projections) and both feed-forward layers.
+  PEFT's attention layer adds the output projection's update twice (huggingface/peft PR #3774): the
+  same work as the right function, so the times compare.
 
 The step is forward, backward and AdamW over the adapter parameters. The variants are timed in
 turn, ``--rounds`` times (ours, PEFT, ours, PEFT, ...), and each figure is the median over rounds
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,11 +77,24 @@ class TokenConv(nn.Module):
         return self.head(x.mean(2))
 
 
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(512, 8, 2048, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
+        self.head = nn.Linear(512, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
 MODELS = {
     "cnn": dict(make=CNN, inputs=lambda g, d: torch.randn(64, 3, 32, 32, generator=g).to(d),
                 targets=[f"convs.{i}" for i in range(6)], peft_targets=[f"convs.{i}" for i in range(4)]),
     "emb": dict(make=TokenConv, inputs=lambda g, d: torch.randint(0, 32000, (32, 256), generator=g).to(d),
                 targets=["emb", *[f"convs.{i}" for i in range(4)]], peft_targets=None),
+    "attn": dict(make=Encoder, inputs=lambda g, d: torch.randn(32, 128, 512, generator=g).to(d),
+                 targets=["self_attn", "linear1", "linear2"], peft_targets=None),
 }
 
 
@@ -87,7 +107,9 @@ def build(spec: dict, variant: str, device: str) -> tuple[nn.Module, list[nn.Par
         return model, ll.trainable_parameters(model)
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: its MultiheadAttention support is experimental
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     return model, [p for p in model.parameters() if p.requires_grad]
 
 

@@ -6,7 +6,13 @@ lightning_lora/methods/lora_modules.py quote (CPU, seconds).
   mode; its dilated forward fails, recorded as ``peft_dilated_forward_fails`` = 1) and for ours;
 - a small model whose output head is tied to its embedding (GPT-2's layout), LoRA on the embedding:
   PEFT's merge changes the output (``peft_tied_merge_max_diff``, with the number of warnings it gave),
-  ours refuses to merge (``ours_tied_merge_refused`` = 1).
+  ours refuses to merge (``ours_tied_merge_refused`` = 1);
+- an ``nn.TransformerEncoderLayer`` (E = 16, no dropout) with LoRA on ``linear1`` / ``linear2``: max
+  |eval-mode output under no_grad − train-mode output| (the same function without dropout; eval runs
+  torch's fused fast path, which reads the weights), beside the adapter's effect |train − base|
+  (``encoder_adapter_effect``): PEFT's eval output is the base model's;
+- the same layer with LoRA on ``self_attn`` (``nn.MultiheadAttention``, PEFT's experimental layer and
+  ours): max |output − the base with ``W + s·B A`` written into both projections by hand|, train mode.
 
     python benchmarks/peft_merge_checks.py [--out FILE]
 """
@@ -53,6 +59,58 @@ class TiedLM(nn.Module):
         return self.lm_head(torch.tanh(self.body(self.wte(ids))))
 
 
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc(x)
+
+
+def _peft_and_ours(targets: list[str]) -> tuple[nn.Module, nn.Module]:
+    """PEFT's and our LoRA (r = 4, alpha 8) on a fresh :class:`Encoder`, the same random factors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: MultiheadAttention support is experimental
+        pm = peft.get_peft_model(Encoder(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    _randomize(pm, 5)
+    ours = Encoder()
+    ll.inject_adapter(ours, "lora", r=4, alpha=8, target_modules=targets)
+    lookup = dict(pm.named_parameters())
+    with torch.no_grad():  # copy PEFT's factors by its file names: the two name them alike
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                key = name.replace("lora_out_A", "base_layer.out_proj.lora_A").replace("lora_out_B", "base_layer.out_proj.lora_B")
+                p.copy_(lookup[f"base_model.model.{key}.default.weight"])
+    return pm, ours
+
+
+def _encoder_checks(metrics: dict[str, float]) -> None:
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(6))
+    base = Encoder().eval()
+    for label, model in zip(("peft", "ours"), _peft_and_ours(["linear1", "linear2"])):
+        model.train()
+        y_train = model(x).detach()
+        model.eval()
+        with torch.no_grad():
+            metrics[f"{label}_encoder_eval_vs_train_max_diff"] = (model(x) - y_train).abs().max().item()
+        if label == "ours":
+            metrics["encoder_adapter_effect"] = (y_train - base(x)).abs().max().item()
+    pm, ours = _peft_and_ours(["self_attn"])
+    ref = Encoder().train()
+    attn = pm.base_model.model.enc.self_attn
+    with torch.no_grad():
+        ref.enc.self_attn.in_proj_weight += 2.0 * attn.lora_B["default"].weight @ attn.lora_A["default"].weight
+        out = attn.base_layer.out_proj
+        ref.enc.self_attn.out_proj.weight += 2.0 * out.lora_B["default"].weight @ out.lora_A["default"].weight
+    y_ref = ref(x)
+    for label, model in (("peft", pm), ("ours", ours)):
+        model.train()
+        metrics[f"{label}_attention_vs_hand_merged_max_diff"] = (model(x) - y_ref).abs().max().item()
+    metrics["attention_adapter_effect"] = (y_ref - Encoder().train()(x)).abs().max().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/peft_merge_checks.json"))
@@ -95,6 +153,7 @@ def main() -> None:
         metrics["ours_tied_merge_refused"] = 0
     except ValueError:
         metrics["ours_tied_merge_refused"] = 1
+    _encoder_checks(metrics)
     metrics["peft_version_major_minor"] = float(".".join(peft.__version__.split(".")[:2]))
     print(metrics)
     print(write_result(Path(args.out).stem, metrics, directory=Path(args.out).parent))

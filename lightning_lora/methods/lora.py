@@ -1563,7 +1563,7 @@ class LoRA(Method):
     """LoRA / rsLoRA / DoRA. Saves in Hugging Face PEFT's format (``peft_type = "LORA"``)."""
 
     Config = LoRAConfig
-    #: linear layers (and transformers' Conv1D), embeddings and ungrouped convolutions
+    #: linear layers (and transformers' Conv1D), embeddings, ungrouped convolutions and multi-head attention
     #: (:mod:`lightning_lora.methods.lora_modules`); methods built on LoRA set their own
     supported_types = (nn.Linear, *MODULE_TYPES)
     peft_type: ClassVar[str] = "LORA"

@@ -364,3 +364,33 @@ def test_compiled_adapted_encoder_layer_equals_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
     compiled[..., 0].sum().backward()
     assert model.enc.self_attn.lora_out_B.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_fast_path_and_autocast_training():
+    """On CUDA: a bf16 encoder's fused eval path (attention, feed-forward) runs the adapted weights,
+    and bf16 autocast training of an fp32 one gives finite, non-zero gradients to all four factors."""
+    model = Encoder().cuda().to(torch.bfloat16)
+    ll.inject_adapter(model, "lora", ll.LoRAConfig(r=4, target_modules=["self_attn", "linear1", "linear2"]))
+    _perturb(model)
+    x = _x().cuda()
+    model.train()
+    y_train = model(x.to(torch.bfloat16)).detach().float()
+    model.eval()
+    with torch.no_grad():
+        y_eval = model(x.to(torch.bfloat16)).float()
+    base = Encoder().cuda().to(torch.bfloat16).eval()
+    with torch.no_grad():
+        effect = (y_train - base(x.to(torch.bfloat16)).float()).abs().max()
+    assert effect > 0.2
+    assert (y_eval - y_train).abs().max() < 0.1 * effect
+    fp32 = Encoder().cuda()
+    ll.inject_adapter(fp32, "lora", ll.LoRAConfig(r=4, target_modules=["self_attn"]))
+    _perturb(fp32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fp32(x)
+    out.float()[..., 0].sum().backward()
+    for name in ("lora_A", "lora_B", "lora_out_A", "lora_out_B"):
+        grad = getattr(fp32.enc.self_attn, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
