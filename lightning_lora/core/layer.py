@@ -129,7 +129,10 @@ class AdapterLayer(nn.Module):
         kernel. Without this they failed on an adapted layer, and serving the base weight (as PEFT
         does) silently drops the adapter in eval mode. Adapter dropout does not apply to a weight:
         it acts only where the layer is called. A method whose update depends on the input (SMoRA's
-        gates, per-batch routing) has no such weight and raises."""
+        gates, per-batch routing) has no such weight: the layer then has no ``weight`` attribute
+        (``hasattr`` is False; ``torch.jit.trace`` asks every attribute), and
+        ``nn.TransformerEncoderLayer`` needs its fast path off
+        (``torch.backends.mha.set_fastpath_enabled(False)``)."""
         w = self.base_layer.weight
         if self.disabled or self.merged:
             return w
@@ -137,11 +140,8 @@ class AdapterLayer(nn.Module):
             with no_autocast(w.device):
                 dw = self.delta_weight()
         except (RuntimeError, NotImplementedError) as e:
-            raise RuntimeError(
-                f"{type(self).__name__} has no single weight ({e}), and a caller read `.weight` instead of "
-                "calling the layer: nn.MultiheadAttention does so for out_proj (do not target it with this "
-                "method); the inference fast path of nn.TransformerEncoderLayer does so for every layer "
-                "(switch it off: torch.backends.mha.set_fastpath_enabled(False))") from e
+            # an AttributeError: nn.Module.__getattr__ then reports the attribute missing
+            raise AttributeError(f"{type(self).__name__} has no single weight: {e}") from e
         if self.fan_in_fan_out:
             dw = dw.t()
         return (w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype)
