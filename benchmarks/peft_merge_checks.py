@@ -11,6 +11,10 @@ lightning_lora/methods/lora_modules.py quote (CPU, seconds).
   |eval-mode output under no_grad − train-mode output| (the same function without dropout; eval runs
   torch's fused fast path, which reads the weights), beside the adapter's effect |train − base|
   (``encoder_adapter_effect``): PEFT's eval output is the base model's;
+- a tiny LLaMA whose head is tied to ``embed_tokens``, LoRA on the embedding with
+  ``ensure_weight_tying=True`` (both libraries give the head the embedding's update): max |merged −
+  unmerged| output (PEFT's merge writes the update into the shared table from the embedding and again
+  from the head);
 - the same layer with LoRA on ``self_attn`` (``nn.MultiheadAttention``, PEFT's experimental layer and
   ours): max |output − the base with ``W + s·B A`` written into both projections by hand|, train mode.
 
@@ -111,6 +115,33 @@ def _encoder_checks(metrics: dict[str, float]) -> None:
     metrics["attention_adapter_effect"] = (y_ref - Encoder().train()(x)).abs().max().item()
 
 
+def _tied_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def _tying_checks(metrics: dict[str, float]) -> None:
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(_tied_llama(), peft.LoraConfig(r=4, target_modules=["embed_tokens"],
+                                                               ensure_weight_tying=True))
+    _randomize(pm, 9)
+    y = pm(ids).logits
+    metrics["peft_ensure_tying_merge_max_diff"] = (pm.merge_and_unload()(ids).logits - y).abs().max().item()
+    ours = _tied_llama()
+    ll.inject_adapter(ours, "lora", r=4, target_modules=["embed_tokens"], ensure_weight_tying=True)
+    _randomize(ours, 9)
+    y = ours(ids).logits
+    metrics["ensure_tying_adapter_effect"] = (y - _tied_llama()(ids).logits).abs().max().item()
+    ll.merge_adapter(ours)
+    metrics["ours_ensure_tying_merge_max_diff"] = (ours(ids).logits - y).abs().max().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/peft_merge_checks.json"))
@@ -154,6 +185,7 @@ def main() -> None:
     except ValueError:
         metrics["ours_tied_merge_refused"] = 1
     _encoder_checks(metrics)
+    _tying_checks(metrics)
     metrics["peft_version_major_minor"] = float(".".join(peft.__version__.split(".")[:2]))
     print(metrics)
     print(write_result(Path(args.out).stem, metrics, directory=Path(args.out).parent))

@@ -232,6 +232,11 @@ class Method:
     def make_layer(self, base: nn.Module, name: str) -> "AdapterLayer":
         raise NotImplementedError
 
+    def tied_layers(self, model: nn.Module, layers: dict[str, "AdapterLayer"]) -> dict[str, "AdapterLayer"]:
+        """Layers for modules that share a target's weight and must follow its adapter (qualified name
+        -> layer; LoRA's ``ensure_weight_tying``); ``inject_adapter`` puts them in place with the rest."""
+        return {}
+
     def on_inject(self, model: nn.Module, layers: dict[str, "AdapterLayer"]) -> None:
         """Called by ``inject_adapter`` once every target is wrapped (qualified name -> layer)."""
 

@@ -161,6 +161,10 @@ def inject_adapter(
             layer = method_obj.make_layer(originals[name], name)
             _set_submodule(model, name, layer)
             layers[name] = layer
+        for name, layer in method_obj.tied_layers(model, layers).items():
+            originals[name] = model.get_submodule(name)
+            _set_submodule(model, name, layer)
+            layers[name] = layer
     except BaseException:
         # a layer that cannot be built (shape constraint, ...) leaves the model as it was
         for name in layers:
@@ -297,10 +301,17 @@ def tied_modules(model: nn.Module, layers: dict[str, AdapterLayer]) -> dict[str,
     for name, layer in layers.items():
         weight = getattr(layer.base_layer, "weight", None)
         if isinstance(weight, torch.Tensor):
-            others = [o for o in owners.get(id(weight), []) if o != name and not o.startswith(name + ".")]
+            others = [o for o in owners.get(id(weight), []) if o != name and not o.startswith(name + ".")
+                      and not _share_update(layer, layers.get(o.removesuffix(".base_layer")))]
             if others:
                 tied[name] = others
     return tied
+
+
+def _share_update(layer: AdapterLayer, other: AdapterLayer | None) -> bool:
+    """Whether ``layer`` and ``other`` apply one update to their shared weight (LoRA's tied head and
+    its embedding: ``ensure_weight_tying``), so merging it once is right for both."""
+    return other is not None and (getattr(other, "tied_source", None) is layer or getattr(layer, "tied_source", None) is other)
 
 
 def unmerge_adapter(model: nn.Module) -> None:

@@ -200,6 +200,11 @@ class AdapterLayer(nn.Module):
                 out[name] = t
         return out
 
+    def file_extras(self) -> dict[str, torch.Tensor]:
+        """Tensors a saved adapter file holds for this layer beside :meth:`adapter_state_dict`'s, by local
+        file key: copies another format expects (PEFT's tied head factors), never read back."""
+        return {}
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
 

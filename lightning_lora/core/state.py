@@ -86,7 +86,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], base_model
     if method is None:
         raise ValueError("model has no adapter to save; inject_adapter() first")
     tensors = {_to_file_key(model, k): v for k, v in adapter_state_dict(model).items()}
+    tensors.update(_file_extras(model))
     return write_adapter(directory, method, adapter_layers(model), tensors, base_model_name_or_path)
+
+
+def _file_extras(model: nn.Module) -> dict[str, torch.Tensor]:
+    """File key -> tensor of every layer's :meth:`~lightning_lora.core.layer.AdapterLayer.file_extras`."""
+    return {PREFIX + f"{name}.{k}": t for name, layer in adapter_layers(model).items() for k, t in layer.file_extras().items()}
 
 
 def write_adapter(
@@ -264,7 +270,8 @@ def _copy_adapter_tensors(model: nn.Module, weights: Path, strict: bool) -> None
         missing = sorted(set(file_to_model) - file_keys)
         # a base weight PEFT saved is loaded, not required: every other file lacks it
         file_to_model.update({k: v for k, v in _peft_embedding_base_keys(model).items() if k in file_keys})
-        unexpected = sorted(file_keys - set(file_to_model))
+        # copies another format keeps (PEFT's tied head factors): expected where the file has them, not read
+        unexpected = sorted(file_keys - set(file_to_model) - set(_file_extras(model)))
         if strict and (missing or unexpected):
             raise AdapterFormatError(
                 f"{weights}: adapter does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "

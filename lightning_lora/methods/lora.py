@@ -61,7 +61,7 @@ from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Met
 from ..core.dora import DoRAMerge
 from ..core.layer import AdapterLayer, accumulate_dtype, autocast_available, no_autocast
 from ..core.rounding import merged_weight, merged_weights
-from .lora_modules import MODULE_TYPES, make_module_layer
+from .lora_modules import MODULE_TYPES, LoRAEmbedding, TiedLoRALinear, make_module_layer
 
 
 @dataclass
@@ -103,6 +103,12 @@ class LoRAConfig(AdapterConfig):
             Plain LoRA only (no dropout, no DoRA); fp16 activations fall back to the fused path
             (with a warning). Off by default: it trades the bf16 forward's rounding (unbiased, one
             bf16 ulp of ``W'`` at most per element) for speed; measured in docs/benchmarks.md.
+        ensure_weight_tying: where an adapted ``nn.Embedding``'s table is also another module's weight
+            (a language model's tied output head: GPT-2, SmolLM2), adapt that module with the same
+            factors (:class:`~lightning_lora.methods.lora_modules.TiedLoRALinear`), so the head
+            computes with ``E + ΔE`` as the lookup does and merging (once, into the shared table) is
+            exact. Off: the head keeps the frozen table and merging is refused. PEFT's option of the
+            same name (peft 0.21.2 with transformers 5 does not tie the head: docs/architecture.md).
     """
 
     r: int = 8
@@ -117,9 +123,13 @@ class LoRAConfig(AdapterConfig):
     adapter_dtype: str = "float32"
     replay_inputs: str = "products"
     merged_training: bool = False
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.ensure_weight_tying and self.use_dora:
+            raise ValueError("ensure_weight_tying does not support DoRA: the embedding's magnitude is per embedding "
+                             "dimension, a tied head's would be per output row")
         if self.merged_training:
             if self.dropout > 0:
                 raise ValueError("merged_training needs dropout = 0: with dropout the adapter reads another "
@@ -1573,6 +1583,32 @@ class LoRA(Method):
             return make_module_layer(base, self.config)  # type: ignore[arg-type]
         return LoRALinear(base, self.config)  # type: ignore[arg-type]
 
+    def tied_layers(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> dict[str, AdapterLayer]:
+        """With ``ensure_weight_tying``: a :class:`TiedLoRALinear` for every ``nn.Linear`` whose weight is an
+        adapted embedding's table (qualified name -> layer); ValueError for a tie it cannot follow."""
+        if not getattr(self.config, "ensure_weight_tying", False):
+            return {}
+        from ..core.inject import tied_modules
+
+        out: dict[str, AdapterLayer] = {}
+        ties = {name: [o.removesuffix(".base_layer") for o in others] for name, others in tied_modules(model, layers).items()}
+        for name, others in ties.items():  # every such target first: the message names the fix
+            if not isinstance(layers[name], LoRAEmbedding):
+                raise ValueError(f"ensure_weight_tying: {name!r} ({type(layers[name].base_layer).__name__}) shares its "
+                                 f"weight with {others[0]!r}; target the embedding only, whose adapter its tied modules share")
+        for name, others in ties.items():
+            layer = layers[name]
+            for other in others:
+                module = model.get_submodule(other)
+                if not isinstance(module, nn.Linear) or isinstance(module, AdapterLayer):
+                    raise ValueError(f"ensure_weight_tying: {other!r} ({type(module).__name__}) shares the table of "
+                                     f"{name!r}; only an untargeted nn.Linear head can share its adapter")
+                out[other] = TiedLoRALinear(module, layer, self.config.dropout)  # type: ignore[attr-defined]
+        if not out:
+            warnings.warn("ensure_weight_tying=True, but no adapted nn.Embedding is tied to another module",
+                          stacklevel=4)
+        return out
+
     def on_inject(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
         """Group plain LoRA layers by parent module and ``in_features`` (sibling candidates)."""
         c: LoRAConfig = self.config  # type: ignore[assignment]
@@ -1600,7 +1636,9 @@ class LoRA(Method):
             "use_rslora": c.use_rslora,
             "use_dora": c.use_dora,
             "init_lora_weights": True if c.init == "kaiming" else "gaussian",
-            "target_modules": sorted(layers),
+            # a tied head follows the embedding's adapter (ensure_weight_tying), as in PEFT
+            "target_modules": sorted(n for n, layer in layers.items() if not isinstance(layer, TiedLoRALinear)),
+            "ensure_weight_tying": c.ensure_weight_tying,
             "modules_to_save": list(c.modules_to_save) or None,
             "bias": c.bias,
             # transformers' Conv1D (an nn.Embedding's table is also stored (in, out), but PEFT's
@@ -1640,4 +1678,5 @@ class LoRA(Method):
             exclude_modules=list(exclude),
             modules_to_save=list(cfg.get("modules_to_save") or []),
             bias=cfg.get("bias", "none"),
+            ensure_weight_tying=bool(cfg.get("ensure_weight_tying", False)),
         )

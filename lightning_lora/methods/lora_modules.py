@@ -232,6 +232,62 @@ class LoRAConv(_ModuleLoRA):
                 f"dora={self.use_dora}, merged={self.merged}")
 
 
+class TiedLoRALinear(AdapterLayer):
+    """An ``nn.Linear`` whose weight is an adapted embedding's table (a language model's tied output
+    head), running that embedding's adapter (LoRA's ``ensure_weight_tying``): with the table E (n, d),
+    ``ΔE = s·(B A)ᵀ`` of the :class:`LoRAEmbedding`, the head computes ``x (E + ΔE)ᵀ``::
+
+        y = base(x) + s · (dropout(x) B) A       B: (d, r), A: (r, n), the embedding's own
+
+    It has no parameters of its own and saves nothing; ``merged`` is the embedding's: the embedding's
+    merge writes ``ΔE`` into the shared table, which both then compute with, and this layer's own
+    ``merge`` / ``unmerge`` do nothing. ``embed_scale`` belongs to the lookup, not to the head."""
+
+    def __init__(self, base_layer: nn.Linear, source: LoRAEmbedding, dropout: float = 0.0) -> None:
+        if tuple(base_layer.weight.shape) != (source.in_features, source.out_features):
+            raise ValueError(f"a tied head of weight shape {tuple(base_layer.weight.shape)} does not match the "
+                             f"embedding table ({source.in_features}, {source.out_features})")
+        # not a submodule: the embedding's parameters belong to it (saved, counted, optimized once)
+        object.__setattr__(self, "tied_source", source)
+        super().__init__(base_layer)
+        self.dropout_p = dropout
+
+    @property  # type: ignore[override]
+    def merged(self) -> bool:
+        return self.tied_source.merged
+
+    @merged.setter
+    def merged(self, value: bool) -> None:  # AdapterLayer.__init__ sets False; the embedding's flag rules
+        pass
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔE = s·(B A)ᵀ``, shape (n, d) (the head's weight layout), fp32."""
+        return self.tied_source._scaled_ba().t()
+
+    def file_extras(self) -> dict[str, torch.Tensor]:
+        """PEFT's tied head factors (its ``lora_A = Bᵀ``, ``lora_B = Aᵀ`` of the embedding), which a PEFT
+        directory holds and PEFT expects; loading here reads the embedding's own."""
+        src = self.tied_source
+        return {"lora_A.weight": src.lora_embedding_B.t(), "lora_B.weight": src.lora_embedding_A.t()}
+
+    def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """``base_out + s · (dropout(x) B) A``; ``x`` (..., d), ``base_out`` (..., n)."""
+        src = self.tied_source
+        dtype = base_out.dtype
+        h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+        return base_out + src.scaling * ((h.to(dtype) @ src.lora_embedding_B.to(dtype)) @ src.lora_embedding_A.to(dtype))
+
+    def merge(self) -> None:
+        """Nothing: the embedding's merge writes ``ΔE`` into the table this head shares (so any order
+        of the model's layers merges the update once)."""
+
+    def unmerge(self) -> None:
+        """Nothing: the embedding's unmerge takes ``ΔE`` out of the shared table."""
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to an embedding's adapter"
+
+
 def _kaiming_or_gaussian(a: torch.Tensor, init: str, r: int) -> None:
     """A linear layer's A init: Kaiming-uniform, or N(0, 1/r²) with ``init="gaussian"`` (as PEFT)."""
     if init == "kaiming":
@@ -385,4 +441,4 @@ def make_module_layer(base: nn.Module, config: LoRAConfig) -> AdapterLayer:
     return LoRAConv(base, config)
 
 
-__all__ = ["LoRAConv", "LoRAEmbedding", "LoRAMultiheadAttention", "MODULE_TYPES", "make_module_layer"]
+__all__ = ["LoRAConv", "LoRAEmbedding", "LoRAMultiheadAttention", "MODULE_TYPES", "TiedLoRALinear", "make_module_layer"]
