@@ -319,6 +319,38 @@ def test_adapter_callback_trains_attention_and_exports(tmp_path):
         torch.testing.assert_close(loaded(x), module.net(x), atol=1e-6, rtol=0)
 
 
+#: what a method needs beyond the rank to be injected here
+METHOD_KWARGS = {"allora": {"eta": 1.0}}
+
+
+@pytest.mark.parametrize("method", [m for m in ll.available_methods() if ll.get_method(m).mergeable])
+def test_every_mergeable_method_serves_its_weight_to_the_encoder(method):
+    """Every method with a fixed update works where torch reads weights: the encoder layer's fused eval
+    path gives the layer-by-layer result, and out_proj's adapter (reached only through its weight)
+    gets gradients."""
+    model = Encoder()
+    ll.inject_adapter(model, method, target_modules=["linear1", "out_proj"], r=4, **METHOD_KWARGS.get(method, {}))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    x = _x()
+    model.train()
+    model(x)[..., 0].sum().backward()
+    out_grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and ".out_proj." in n]
+    assert out_grads and sum(0 if g is None else g.abs().sum() for g in out_grads) > 0
+    model.eval()
+    with torch.no_grad():
+        fused = model(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            layer_by_layer = model(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    torch.testing.assert_close(fused, layer_by_layer, atol=1e-5, rtol=0)
+
+
 # ---- refusals --------------------------------------------------------------------------------
 def test_attention_refusals():
     with pytest.raises(ValueError, match="DoRA is not implemented for nn.MultiheadAttention"):
