@@ -28,7 +28,8 @@ from tests.conftest import VOCAB, build_tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-TOUR = ("Adapters on any model", "Several adapters on one model, merging", "With Lightning: one callback")
+TOUR = ("Adapters on any model", "Several adapters on one model, merging", "With Lightning: one callback",
+        "torch's own modules and tied heads")
 FENCE = re.compile(r"^\s*```")
 
 
@@ -266,3 +267,47 @@ def test_python_blocks_parser() -> None:
     text = ("# A\n```bash\n# not a heading\n```\n## B\n```python\nx = 1\n```\n```\ny\n```\n"
             "### C\n```py\n# comment\nz = 2\n```\n")
     assert python_blocks(text) == {"B": ["x = 1\n"], "C": ["# comment\nz = 2\n"]}
+
+
+def test_torch_modules_and_tied_heads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoder's attention and feed-forward layers are adapted and its fused eval path runs them;
+    the tied LM's head shares the embedding's adapter, and merging keeps the outputs."""
+    from transformers import LlamaForCausalLM
+
+    from lightning_lora.methods.lora_modules import LoRAMultiheadAttention, TiedLoRALinear
+    from tests.conftest import tiny_llama_config
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    config = tiny_llama_config()
+    config.tie_word_embeddings = True
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "smollm2")
+    ns: dict[str, Any] = {"smollm2_path": str(tmp_path / "smollm2")}
+    exec(compile(readme_block(TOUR[3]), "README.md: " + TOUR[3], "exec"), ns)
+    encoder, lm = ns["encoder"], ns["lm"]
+    import lightning_lora as ll
+
+    layers = ll.adapter_layers(encoder)
+    assert len(layers) == 18 and sum(isinstance(m, LoRAMultiheadAttention) for m in layers.values()) == 6
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in list(encoder.parameters()) + list(lm.parameters()):
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    encoder.eval()
+    x = torch.randn(2, 5, 512, generator=g)
+    with torch.no_grad():
+        fused = encoder(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            layer_by_layer = encoder(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    torch.testing.assert_close(fused, layer_by_layer, atol=1e-4, rtol=0)
+    assert isinstance(lm.lm_head, TiedLoRALinear) and lm.lm_head.tied_source is lm.model.embed_tokens
+    ids = torch.randint(0, VOCAB, (2, 6), generator=g)
+    lm.eval()
+    with torch.no_grad():
+        before = lm(ids).logits
+        ll.merge_adapter(lm)
+        torch.testing.assert_close(lm(ids).logits, before, atol=1e-4, rtol=0)
