@@ -396,8 +396,18 @@ class LoRAMultiheadAttention(AdapterLayer):
         ``(attn_output, attn_weights)`` as the base does."""
         if self.disabled or self.merged:
             return self.base_layer(query, *args, **kwargs)
-        swapped = {"in_proj_weight": self.in_proj_weight, "out_proj.weight": self.out_proj_weight}
-        return functional_call(self.base_layer, swapped, (query, *args), kwargs)
+        base = self.base_layer
+        w_in, w_out = self.in_proj_weight, self.out_proj_weight
+        if not torch.jit.is_tracing():
+            return functional_call(base, {"in_proj_weight": w_in, "out_proj.weight": w_out}, (query, *args), kwargs)
+        # torch.func.functional_call refuses to run under torch.jit.trace: swap the two entries by hand
+        params, out_params = base._parameters, base.out_proj._parameters
+        saved = params["in_proj_weight"], out_params["weight"]
+        params["in_proj_weight"], out_params["weight"] = w_in, w_out
+        try:
+            return base(query, *args, **kwargs)
+        finally:
+            params["in_proj_weight"], out_params["weight"] = saved
 
     def merge_masks(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, int | None]:
         """The base's ``merge_masks`` (``nn.TransformerEncoderLayer``'s fast path calls it)."""

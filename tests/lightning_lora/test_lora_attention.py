@@ -319,6 +319,32 @@ def test_adapter_callback_trains_attention_and_exports(tmp_path):
         torch.testing.assert_close(loaded(x), module.net(x), atol=1e-6, rtol=0)
 
 
+def test_trace_and_onnx_export_of_an_adapted_encoder_equal_eager(tmp_path):
+    """torch.jit.trace (torch.func.functional_call refuses to run under it: the layer swaps the two
+    weights by hand there) on new shapes, and the TorchScript ONNX export on new values. ``check_trace=False``: the
+    unadapted nn.TransformerEncoderLayer fails trace's own re-run check too (its fast path under
+    no_grad)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = Encoder()
+    ll.inject_adapter(model, "lora", ll.LoRAConfig(r=4, target_modules=["self_attn", "linear1"]))
+    _perturb(model)
+    model.eval()
+    traced = torch.jit.trace(model, (_x(),), check_trace=False)
+    assert isinstance(model.enc.self_attn.base_layer.in_proj_weight, nn.Parameter)  # swapped back
+    x = _x(9, (2, 7, 16))
+    with torch.no_grad():
+        eager = model(x)
+        torch.testing.assert_close(traced(x), eager, atol=1e-5, rtol=0)
+    # static shapes: torch's own attention does not export with dynamic axes this way (adapted or not)
+    path = tmp_path / "encoder.onnx"
+    torch.onnx.export(model, (_x(),), str(path), dynamo=False, input_names=["x"])
+    session = onnxruntime.InferenceSession(str(path))
+    x = _x(10)
+    with torch.no_grad():
+        eager = model(x)
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), eager, atol=1e-5, rtol=0)
+
+
 #: what a method needs beyond the rank to be injected here
 METHOD_KWARGS = {"allora": {"eta": 1.0}}
 
