@@ -25,8 +25,15 @@ Convolution, kernel ``W`` of shape (C_out, C_in, *k)::
 A convolves with the base's own geometry (stride, padding, dilation, padding mode: the base's
 ``_conv_forward``) and B is a 1×1 convolution, so the sum of the two is one convolution with
 ``ΔW``: merging is exact. A is Kaiming-uniform (or N(0, 1/r²) with ``init="gaussian"``) and B = 0,
-as for a linear layer. Grouped convolutions (``groups > 1``, depthwise ones included) are refused:
-a rank-r update of a block-diagonal kernel is not itself block-diagonal, so it could not be merged.
+as for a linear layer.
+
+A grouped convolution (``groups = g > 1``, depthwise ones included) holds one kernel block per group,
+(C_out/g, C_in/g, *k) each. Its update is one rank-r/g LoRA per group, so that ``ΔW`` has the base
+kernel's grouped shape and merging stays exact: A (r, C_in/g, *k) and B (C_out, r/g, 1, ...) run as
+grouped convolutions with the base's g (``ΔW`` of group G is ``s · B_G A_G``); r must be a multiple
+of g. PEFT (0.21.2) has another form for grouped bases, which it cannot merge (an ungrouped A
+over every input channel, a grouped B): its directories for such bases do not load here (a shape
+mismatch, named), and adapters of grouped bases are saved in this library's own format.
 
 Both layers save under PEFT's names and shapes (``lora_embedding_A`` / ``lora_embedding_B``;
 ``lora_A.weight`` / ``lora_B.weight`` holding the convolution kernels; DoRA's
@@ -177,47 +184,50 @@ class LoRAEmbedding(_ModuleLoRA):
 
 class LoRAConv(_ModuleLoRA):
     """LoRA on an ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (module docstring). Parameters:
-    ``lora_A`` (r, in_channels, *kernel_size), ``lora_B`` (out_channels, r, 1, ...); with DoRA
-    ``lora_magnitude`` (1, out_channels, 1, ...)."""
+    ``lora_A`` (r, in_channels / groups, *kernel_size), ``lora_B`` (out_channels, r / groups, 1, ...);
+    with DoRA ``lora_magnitude`` (1, out_channels, 1, ...)."""
 
     adapter_param_names = ("lora_A", "lora_B", "lora_magnitude")
     file_key_map: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
                                               "lora_magnitude": "lora_magnitude_vector"}
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
-        if base_layer.groups != 1:
-            raise ValueError(f"{type(base_layer).__name__} with groups={base_layer.groups}: LoRA adapts "
-                             "ungrouped convolutions only (a low-rank update of a grouped kernel is not grouped, "
-                             "so it could not be merged)")
+        groups = base_layer.groups
+        if config.r % groups:
+            raise ValueError(f"{type(base_layer).__name__} with groups={groups}: LoRA gives each group rank r/groups, "
+                             f"so r must be a multiple of {groups} (got r={config.r})")
         super().__init__(base_layer)
         self.r = config.r
+        self.groups = groups
         self.scaling = config.scaling
         self.dropout_p = config.dropout
         dtype = adapter_torch_dtype(config.adapter_dtype)
         device = base_layer.weight.device
         kernel = tuple(base_layer.kernel_size)
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, *kernel, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, *(1,) * len(kernel), dtype=dtype,
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features // groups, *kernel, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r // groups, *(1,) * len(kernel), dtype=dtype,
                                                device=device))
         _kaiming_or_gaussian(self.lora_A, config.init, self.r)
         self._init_dora(config, dtype, (1, self.out_features, *(1,) * len(kernel)))
 
     def _scaled_ba(self) -> torch.Tensor:
-        """``ΔW[o, i, ...] = s · Σ_j B[o, j] A[j, i, ...]``, the kernel's shape (out, in, *k), fp32
-        (fp64 for fp64 adapters)."""
-        A, B = self.lora_A, self.lora_B
+        """``ΔW[o, i, ...] = s · Σ_j B[o, j] A[j, i, ...]`` within each group (j over the group's r/g),
+        the kernel's shape (out, in / groups, *k), fp32 (fp64 for fp64 adapters)."""
+        A, B, g = self.lora_A, self.lora_B, self.groups
         acc = accumulate_dtype(A, B)
         with no_autocast(A.device):
-            return self.scaling * torch.einsum("or,r...->o...", B.flatten(1).to(acc), A.to(acc))
+            b = B.to(acc).reshape(g, self.out_features // g, self.r // g)
+            a = A.to(acc).reshape(g, self.r // g, -1)
+            return self.scaling * torch.bmm(b, a).reshape(self.base_layer.weight.shape)
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """``base_out + s · conv₁ₓ₁(conv(dropout(x), A), B)`` (DoRA: module docstring); ``x`` (N, C_in,
         *spatial) or unbatched, ``base_out`` (N, C_out, *spatial')."""
         dtype = base_out.dtype
         h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
-        # the base's own conv call: its stride, padding, dilation and padding mode (groups is 1)
+        # the base's own conv call: its stride, padding, dilation, padding mode and groups
         h = self.base_layer._conv_forward(h.to(dtype), self.lora_A.to(dtype), None)
-        out = self.scaling * _CONV_FNS[len(self.base_layer.kernel_size)](h, self.lora_B.to(dtype))  # B: 1x1
+        out = self.scaling * _CONV_FNS[len(self.base_layer.kernel_size)](h, self.lora_B.to(dtype), groups=self.groups)
         if not self.use_dora:
             return base_out + out
         # the channel dim of the output: 1, or 0 for an unbatched input
@@ -229,7 +239,7 @@ class LoRAConv(_ModuleLoRA):
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_features}, out_channels={self.out_features}, r={self.r}, "
-                f"dora={self.use_dora}, merged={self.merged}")
+                f"groups={self.groups}, dora={self.use_dora}, merged={self.merged}")
 
 
 class TiedLoRALinear(AdapterLayer):

@@ -9,7 +9,9 @@ adapters, the Lightning callback, and the clear refusals."""
 from __future__ import annotations
 
 import copy
+import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -406,10 +408,75 @@ def test_trace_of_an_adapted_conv_model_equals_eager():
     torch.testing.assert_close(traced(_ids(seed=4)), model(_ids(seed=4)), atol=1e-6, rtol=0)
 
 
+# ---- grouped convolutions --------------------------------------------------------------------
+GROUPED = {
+    "grouped_dilated_reflect": (lambda: nn.Conv2d(8, 12, 3, padding=2, dilation=2, groups=4, padding_mode="reflect"), 8),
+    "depthwise_1d": (lambda: nn.Conv1d(6, 6, 5, padding=2, groups=6), 6),
+    "grouped_3d_stride": (lambda: nn.Conv3d(4, 6, (1, 3, 3), stride=2, groups=2), 4),
+}
+
+
+def _grouped(kind: str, **kw) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    make, r = GROUPED[kind]
+    torch.manual_seed(0)
+    base = nn.Sequential(make())
+    model = copy.deepcopy(base)
+    ll.inject_adapter(model, "lora", r=r, alpha=r, target_modules=["0"], **kw)
+    conv = base[0]
+    x = torch.randn(2, conv.in_channels, *(9,) * (conv.weight.dim() - 2), generator=torch.Generator().manual_seed(3))
+    return base, model, x
+
+
+@pytest.mark.parametrize("kind", list(GROUPED))
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_grouped_convolution_update_is_one_lora_per_group_and_merges_exactly(kind, use_dora):
+    base, model, x = _grouped(kind, use_dora=use_dora)
+    layer = model[0]
+    torch.testing.assert_close(model(x), base(x), atol=0, rtol=0)
+    assert layer.lora_A.shape[1] == base[0].weight.shape[1]  # C_in / groups
+    _perturb(model)
+    g, r, out = layer.groups, layer.r, layer.out_features
+    blocks = [layer.scaling * layer.lora_B[G * out // g:(G + 1) * out // g].flatten(1)
+              @ layer.lora_A[G * r // g:(G + 1) * r // g].flatten(1) for G in range(g)]
+    by_group = torch.cat(blocks).reshape(base[0].weight.shape)
+    torch.testing.assert_close(layer._scaled_ba(), by_group, atol=1e-6, rtol=0)
+    expected = copy.deepcopy(base)
+    with torch.no_grad():
+        expected[0].weight += layer.delta_weight()
+    out_unmerged = model(x)
+    torch.testing.assert_close(out_unmerged, expected(x), atol=1e-5, rtol=0)
+    out_unmerged.pow(2).mean().backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    ll.merge_adapter(model)
+    torch.testing.assert_close(model(x), out_unmerged, atol=1e-5, rtol=0)
+    ll.unmerge_adapter(model)
+    torch.testing.assert_close(layer.base_layer.weight, base[0].weight, atol=1e-6, rtol=0)
+
+
+def test_grouped_convolution_saves_in_this_librarys_format_and_refuses_peft_form(tmp_path):
+    base, model, x = _grouped("grouped_dilated_reflect")
+    _perturb(model)
+    ll.save_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert "peft_type" not in config and config["lightning_lora"]["method"] == "lora"
+    loaded = copy.deepcopy(base)
+    ll.load_adapter(loaded, tmp_path / "ours")
+    torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    # PEFT's form for a grouped base (A over every input channel) is another function: a named mismatch
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(8, 12, 3, groups=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(copy.deepcopy(plain), peft.LoraConfig(r=4, target_modules=["0"])).save_pretrained(tmp_path / "peft")
+    with pytest.raises(ll.AdapterFormatError, match=r"lora_A.weight has shape \(4, 8, 3, 3\), the model expects \(4, 2, 3, 3\)"):
+        ll.load_adapter(plain, tmp_path / "peft")
+    assert not ll.adapter_layers(plain)
+
+
 # ---- refusals --------------------------------------------------------------------------------
 @pytest.mark.parametrize("module,match", [
-    (nn.Conv2d(4, 4, 3, groups=2), r"Conv2d with groups=2: LoRA adapts ungrouped convolutions only"),
-    (nn.Conv1d(4, 4, 3, groups=4), r"Conv1d with groups=4"),
+    (nn.Conv2d(4, 4, 3, groups=4), r"Conv2d with groups=4: LoRA gives each group rank r/groups, so r must be "
+                                   r"a multiple of 4 \(got r=2\)"),
     (nn.Embedding(10, 4, max_norm=1.0), r"max_norm=1.0 renormalises its table in place"),
 ])
 def test_unsupported_bases_are_refused_and_the_model_is_left_as_it_was(module, match):
