@@ -473,6 +473,24 @@ def test_grouped_convolution_saves_in_this_librarys_format_and_refuses_peft_form
     assert not ll.adapter_layers(plain)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", list(GROUPED))
+def test_cuda_bf16_grouped_convolution_trains_and_merges(kind):
+    base, model, x = _grouped(kind)
+    model.cuda()
+    _perturb(model)
+    x = x.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        expected = model(x)
+        ll.merge_adapter(model)
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
+
+
 # ---- refusals --------------------------------------------------------------------------------
 @pytest.mark.parametrize("module,match", [
     (nn.Conv2d(4, 4, 3, groups=4), r"Conv2d with groups=4: LoRA gives each group rank r/groups, so r must be "

@@ -228,3 +228,21 @@ def test_refusals_leave_the_model_as_it_was():
         ll.inject_adapter(nn.Sequential(nn.Embedding(5, 4)), "lora", r=2, target_modules=["0"], ensure_weight_tying=True)
     with pytest.raises(ValueError, match="named adapters do not support ensure_weight_tying"):
         ll.add_adapter(TiedLM(), "a", "lora", ll.LoRAConfig(r=2, target_modules=["wte"], ensure_weight_tying=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_autocast_training_and_merge():
+    model = _tied().cuda()
+    _perturb(model, std=0.1)
+    ids = IDS.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(ids)
+    out.float().pow(2).mean().backward()
+    for p in (model.wte.lora_embedding_A, model.wte.lora_embedding_B):
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids)
+        ll.merge_adapter(model)
+        torch.testing.assert_close(model(ids), expected, atol=1e-4, rtol=0)
