@@ -61,11 +61,12 @@ def layer_shape(base: nn.Module) -> tuple[int, int, bool]:
     one (:func:`linear_shape`); an ``nn.Embedding`` (``num_embeddings``, ``embedding_dim``, True: its
     table is stored ``(in, out)``, so :attr:`AdapterLayer.base_weight` is its transpose, as for
     ``Conv1D``); an ``nn.Conv1d/2d/3d`` (``in_channels``, ``out_channels``, False: its weight keeps
-    its own ``(out, in / groups, *kernel)`` layout, and so does every ``delta_weight`` of it); an
+    its own ``(out, in / groups, *kernel)`` layout, and so does every ``delta_weight`` of it; a
+    transposed one keeps its ``(in, out / groups, *kernel)``); an
     ``nn.MultiheadAttention`` (``embed_dim``, ``3·embed_dim``, False: its packed input projection)."""
     if isinstance(base, nn.Embedding):
         return base.num_embeddings, base.embedding_dim, True
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return base.in_channels, base.out_channels, False
     if isinstance(base, nn.MultiheadAttention):  # its packed input projection, (3E, E)
         return base.embed_dim, 3 * base.embed_dim, False

@@ -61,7 +61,7 @@ from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Met
 from ..core.dora import DoRAMerge
 from ..core.layer import AdapterLayer, accumulate_dtype, autocast_available, no_autocast
 from ..core.rounding import merged_weight, merged_weights
-from .lora_modules import MODULE_TYPES, LoRAConv, LoRAEmbedding, TiedLoRALinear, make_module_layer
+from .lora_modules import MODULE_TYPES, LoRAConv, LoRAConvTranspose, LoRAEmbedding, TiedLoRALinear, make_module_layer
 
 
 @dataclass
@@ -1573,7 +1573,7 @@ class LoRA(Method):
     """LoRA / rsLoRA / DoRA. Saves in Hugging Face PEFT's format (``peft_type = "LORA"``)."""
 
     Config = LoRAConfig
-    #: linear layers (and transformers' Conv1D), embeddings, convolutions and multi-head attention
+    #: linear layers (and transformers' Conv1D), embeddings, (transposed) convolutions and multi-head attention
     #: (:mod:`lightning_lora.methods.lora_modules`); methods built on LoRA set their own
     supported_types = (nn.Linear, *MODULE_TYPES)
     peft_type: ClassVar[str] = "LORA"
@@ -1627,9 +1627,11 @@ class LoRA(Method):
     def to_peft_config(self, layers: dict[str, AdapterLayer]) -> dict[str, Any] | None:
         """PEFT ``LoraConfig`` fields for the injected layers (exact names, so PEFT adapts the same set);
         None where PEFT would build other layers from them (a grouped convolution: PEFT's form for it
-        is another function), so the adapter is saved in this library's own format."""
+        is another function) or has none (a transposed convolution), so the adapter is saved in this
+        library's own format."""
         c: LoRAConfig = self.config  # type: ignore[assignment]
-        if any(isinstance(layer, LoRAConv) and layer.groups > 1 for layer in layers.values()):
+        if any((isinstance(layer, LoRAConv) and layer.groups > 1) or isinstance(layer, LoRAConvTranspose)
+               for layer in layers.values()):
             return None
         return {
             "peft_type": "LORA",

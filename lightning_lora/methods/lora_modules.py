@@ -46,6 +46,18 @@ mismatch) and on a base with ``padding_mode="reflect"`` its unmerged output is n
 form (the update ``ΔW`` both share), so its directories for such bases load in PEFT and merge there
 to the same model.
 
+Transposed convolution (``nn.ConvTranspose1d/2d/3d``), kernel ``W`` of shape (C_in, C_out/g, *k),
+the input channel first (PEFT has no LoRA for it)::
+
+    y = convT(x, W) + s · convT(conv₁ₓ₁(dropout(x), A), B)     A: (r, C_in/g, 1, ...),  B: (r, C_out/g, *k)
+    ΔW[i, o, ...] = s · Σ_j A[j, i] · B[j, o, ...]   (j within i's group)
+
+The kernel sits in B, which runs with the base's geometry (stride, padding, output padding for the
+requested ``output_size``, dilation, groups), so the sum is one transposed convolution with ``ΔW``
+and merging is exact; ΔW, seen as (C_in) x (C_out·k) per group, has rank r/g. A is Kaiming-uniform
+(or N(0, 1/r²)) and B = 0, so the output is the base's at init; r is a multiple of ``groups``. DoRA is
+refused (its norm would run over a kernel's input-channel rows). Saved in this library's format.
+
 Multi-head attention, ``nn.MultiheadAttention`` with embedding size E (query, key and value of one
 size: its packed ``in_proj_weight`` of shape (3E, E)), as PEFT's layer for it::
 
@@ -89,9 +101,11 @@ if TYPE_CHECKING:
 
 #: the base module types these layers adapt (``LoRA.supported_types`` adds them to ``nn.Linear``)
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, *CONV_TYPES, nn.MultiheadAttention)
+CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, *CONV_TYPES, *CONV_TRANSPOSE_TYPES, nn.MultiheadAttention)
 #: the functional convolution of each kernel rank
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE_FNS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class _ModuleLoRA(DoRAMerge):
@@ -240,6 +254,65 @@ class LoRAConv(_ModuleLoRA):
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_features}, out_channels={self.out_features}, r={self.r}, "
                 f"groups={self.groups}, dora={self.use_dora}, merged={self.merged}")
+
+
+class LoRAConvTranspose(AdapterLayer):
+    """LoRA on an ``nn.ConvTranspose1d`` / ``2d`` / ``3d`` (module docstring). Parameters: ``lora_A``
+    (r, in_channels / groups, 1, ...), ``lora_B`` (r, out_channels / groups, *kernel_size)."""
+
+    adapter_param_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
+        groups = base_layer.groups
+        if config.use_dora:
+            raise ValueError(f"DoRA is not implemented for {type(base_layer).__name__} (PEFT has no LoRA for it either); "
+                             "set use_dora=False or exclude the module")
+        if config.r % groups:
+            raise ValueError(f"{type(base_layer).__name__} with groups={groups}: LoRA gives each group rank "
+                             f"r/groups, so r must be a multiple of {groups} (got r={config.r})")
+        super().__init__(base_layer)
+        self.r = config.r
+        self.groups = groups
+        self.scaling = config.scaling
+        self.dropout_p = config.dropout
+        dtype = adapter_torch_dtype(config.adapter_dtype)
+        device = base_layer.weight.device
+        kernel = tuple(base_layer.kernel_size)
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features // groups, *(1,) * len(kernel), dtype=dtype,
+                                               device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.r, self.out_features // groups, *kernel, dtype=dtype, device=device))
+        _kaiming_or_gaussian(self.lora_A, config.init, self.r)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW[i, o, ...] = s · Σ_j A[j, i] B[j, o, ...]`` within each group, the kernel's shape
+        (in, out / groups, *k), fp32 (fp64 for fp64 adapters)."""
+        A, B, g = self.lora_A, self.lora_B, self.groups
+        acc = accumulate_dtype(A, B)
+        with no_autocast(A.device):
+            a = A.to(acc).reshape(g, self.r // g, self.in_features // g)
+            b = B.to(acc).reshape(g, self.r // g, -1)
+            return self.scaling * torch.bmm(a.transpose(1, 2), b).reshape(self.base_layer.weight.shape)
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        """``convT(x, W) + s · convT(A x, B)`` with the base's geometry; ``x`` (N, C_in, *spatial) or
+        unbatched, ``output_size`` as the base takes it."""
+        base = self.base_layer
+        base_out = base(x, output_size)
+        if self.disabled or self.merged:
+            return base_out
+        dtype = base_out.dtype
+        dims = len(base.kernel_size)
+        h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+        h = _CONV_FNS[dims](h.to(dtype), self.lora_A.to(dtype), groups=self.groups)  # A: 1x1
+        output_padding = base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size, dims,
+                                              base.dilation)
+        out = _CONV_TRANSPOSE_FNS[dims](h, self.lora_B.to(dtype), None, base.stride, base.padding, output_padding,
+                                        self.groups, base.dilation)
+        return base_out + self.scaling * out
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_features}, out_channels={self.out_features}, r={self.r}, "
+                f"groups={self.groups}, merged={self.merged}")
 
 
 class TiedLoRALinear(AdapterLayer):
@@ -452,13 +525,15 @@ for _name in ("embed_dim", "num_heads", "head_dim", "batch_first", "_qkv_same_em
 
 
 def make_module_layer(base: nn.Module, config: LoRAConfig) -> AdapterLayer:
-    """The LoRA layer for an embedding, convolution or multi-head attention ``base`` (``LoRA.make_layer``
-    for those)."""
+    """The LoRA layer for an embedding, (transposed) convolution or multi-head attention ``base``
+    (``LoRA.make_layer`` for those)."""
     if isinstance(base, nn.Embedding):
         return LoRAEmbedding(base, config)
     if isinstance(base, nn.MultiheadAttention):
         return LoRAMultiheadAttention(base, config)
+    if isinstance(base, CONV_TRANSPOSE_TYPES):
+        return LoRAConvTranspose(base, config)
     return LoRAConv(base, config)
 
 
-__all__ = ["LoRAConv", "LoRAEmbedding", "LoRAMultiheadAttention", "MODULE_TYPES", "TiedLoRALinear", "make_module_layer"]
+__all__ = ["LoRAConv", "LoRAConvTranspose", "LoRAEmbedding", "LoRAMultiheadAttention", "MODULE_TYPES", "TiedLoRALinear", "make_module_layer"]

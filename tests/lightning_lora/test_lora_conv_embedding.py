@@ -496,6 +496,67 @@ def test_cuda_bf16_grouped_convolution_trains_and_merges(kind):
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+# ---- transposed convolutions ------------------------------------------------------------------
+TRANSPOSED = {
+    "2d_stride_output_padding": (lambda: nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1), 4, None, 2),
+    "1d_grouped_dilated": (lambda: nn.ConvTranspose1d(6, 8, 4, stride=2, padding=1, groups=2, dilation=2), 4, None, 2),
+    "3d_depthwise": (lambda: nn.ConvTranspose3d(4, 4, (1, 3, 3), stride=(1, 2, 2), groups=4, bias=False), 4, None, 2),
+    "2d_output_size": (lambda: nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1), 4, [10, 10], 0),
+    "1d_unbatched": (lambda: nn.ConvTranspose1d(6, 5, 3, stride=3), 2, None, 0),
+}
+
+
+def _transposed(kind: str, **kw):
+    make, r, output_size, batch = TRANSPOSED[kind]
+    torch.manual_seed(0)
+    base = nn.ModuleDict({"up": make()})
+    model = copy.deepcopy(base)
+    layers = ll.inject_adapter(model, "lora", r=r, alpha=r, target_modules=["up"], **kw)
+    conv = base["up"]
+    shape = (conv.in_channels, *(5,) * (conv.weight.dim() - 2))
+    x = torch.randn(*((batch,) if batch else ()), *shape, generator=torch.Generator().manual_seed(3))
+    if output_size is not None:
+        x = x.unsqueeze(0).expand(2, *shape).contiguous()
+        return base, model, layers["up"], x, lambda m: m["up"](x, output_size)
+    return base, model, layers["up"], x, lambda m: m["up"](x)
+
+
+@pytest.mark.parametrize("kind", list(TRANSPOSED))
+def test_transposed_convolution_lora_is_exact_and_mergeable(kind, tmp_path):
+    base, model, layer, x, run = _transposed(kind)
+    torch.testing.assert_close(run(model), run(base), atol=0, rtol=0)
+    _perturb(model)
+    g, r = layer.groups, layer.r
+    n_in, n_out = layer.in_features // g, layer.out_features // g
+    blocks = [layer.scaling * layer.lora_A[G * r // g:(G + 1) * r // g].flatten(1).t()
+              @ layer.lora_B[G * r // g:(G + 1) * r // g].flatten(1) for G in range(g)]
+    torch.testing.assert_close(layer.delta_weight(), torch.cat(blocks).reshape(base["up"].weight.shape), atol=1e-6, rtol=0)
+    assert all(torch.linalg.matrix_rank(b) <= r // g for b in blocks) and blocks[0].shape == (n_in, n_out * math.prod(base["up"].kernel_size))
+    expected = copy.deepcopy(base)
+    with torch.no_grad():
+        expected["up"].weight += layer.delta_weight()
+    out = run(model)
+    torch.testing.assert_close(out, run(expected), atol=1e-5, rtol=0)
+    out.pow(2).mean().backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    ll.save_adapter(model, tmp_path)
+    assert "peft_type" not in json.loads((tmp_path / "adapter_config.json").read_text())  # PEFT has no such layer
+    loaded = copy.deepcopy(base)
+    ll.load_adapter(loaded, tmp_path)
+    torch.testing.assert_close(run(loaded), out, atol=0, rtol=0)
+    ll.merge_adapter(model)
+    torch.testing.assert_close(run(model), out, atol=1e-5, rtol=0)
+    ll.unmerge_adapter(model)
+    torch.testing.assert_close(layer.base_layer.weight, base["up"].weight, atol=1e-6, rtol=0)
+
+
+def test_transposed_convolution_refusals():
+    with pytest.raises(ValueError, match="DoRA is not implemented for ConvTranspose2d"):
+        ll.inject_adapter(nn.Sequential(nn.ConvTranspose2d(4, 4, 3)), "lora", r=2, target_modules=["0"], use_dora=True)
+    with pytest.raises(ValueError, match=r"ConvTranspose1d with groups=4: .* r must be a multiple of 4 \(got r=2\)"):
+        ll.inject_adapter(nn.Sequential(nn.ConvTranspose1d(4, 4, 3, groups=4)), "lora", r=2, target_modules=["0"])
+
+
 # ---- refusals --------------------------------------------------------------------------------
 @pytest.mark.parametrize("module,match", [
     (nn.Conv2d(4, 4, 3, groups=4), r"Conv2d with groups=4: LoRA gives each group rank r/groups, so r must be "
@@ -516,9 +577,11 @@ def test_methods_built_for_linear_layers_name_the_supported_types(method):
         ll.inject_adapter(nn.Sequential(nn.Conv2d(4, 4, 3)), method, r=2, target_modules=["0"])
 
 
-def test_transposed_convolution_is_not_a_target():
-    with pytest.raises(TypeError, match=r"type ConvTranspose2d; supported: \['Linear', 'Embedding', 'Conv1d', 'Conv2d', 'Conv3d', 'MultiheadAttention'\]"):
-        ll.inject_adapter(nn.Sequential(nn.ConvTranspose2d(4, 4, 3)), "lora", r=2, target_modules=["0"])
+def test_an_unsupported_module_lists_loras_targets():
+    with pytest.raises(TypeError, match=r"type LayerNorm; supported: \['Linear', 'Embedding', 'Conv1d', 'Conv2d', "
+                                        r"'Conv3d', 'ConvTranspose1d', 'ConvTranspose2d', 'ConvTranspose3d', "
+                                        r"'MultiheadAttention'\]"):
+        ll.inject_adapter(nn.Sequential(nn.LayerNorm(4)), "lora", r=2, target_modules=["0"])
 
 
 def test_compiled_matches_eager_in_one_graph():
