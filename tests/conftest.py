@@ -7,6 +7,8 @@ adapter dropout is tested on its own.
 
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from pathlib import Path
 
@@ -200,3 +202,14 @@ def train_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.Cap
         return rc, out, err
 
     return run
+
+
+@contextlib.contextmanager
+def mha_fastpath_off():
+    """torch's fused inference path of nn.MultiheadAttention / nn.TransformerEncoderLayer switched off
+    inside the block (the layer-by-layer reference for it)."""
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)

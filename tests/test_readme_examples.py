@@ -275,7 +275,7 @@ def test_torch_modules_and_tied_heads(tmp_path: Path, monkeypatch: pytest.Monkey
     from transformers import LlamaForCausalLM
 
     from lightning_lora.methods.lora_modules import LoRAMultiheadAttention, TiedLoRALinear
-    from tests.conftest import tiny_llama_config
+    from tests.conftest import mha_fastpath_off, tiny_llama_config
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
@@ -298,11 +298,8 @@ def test_torch_modules_and_tied_heads(tmp_path: Path, monkeypatch: pytest.Monkey
     x = torch.randn(2, 5, 512, generator=g)
     with torch.no_grad():
         fused = encoder(x)
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
+        with mha_fastpath_off():
             layer_by_layer = encoder(x)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(True)
     torch.testing.assert_close(fused, layer_by_layer, atol=1e-4, rtol=0)
     assert isinstance(lm.lm_head, TiedLoRALinear) and lm.lm_head.tied_source is lm.model.embed_tokens
     ids = torch.randint(0, VOCAB, (2, 6), generator=g)

@@ -196,6 +196,22 @@ class LoRAEmbedding(_ModuleLoRA):
                 f"dora={self.use_dora}, merged={self.merged}")
 
 
+def _check_rank_per_group(base: nn.Module, r: int) -> None:
+    """A grouped (transposed) convolution gives each group rank r / groups: r must divide evenly."""
+    if r % base.groups:
+        raise ValueError(f"{type(base).__name__} with groups={base.groups}: LoRA gives each group rank r/groups, "
+                         f"so r must be a multiple of {base.groups} (got r={r})")
+
+
+def _conv_adapter_setup(layer: AdapterLayer, config: LoRAConfig) -> tuple[torch.dtype, torch.device, tuple[int, ...], int]:
+    """Set a (transposed) convolution layer's ``r``, ``groups``, ``scaling`` and ``dropout_p``; returns the
+    adapter dtype, the base's device, its kernel size and groups, for building A and B."""
+    base = layer.base_layer
+    layer.r, layer.groups = config.r, base.groups
+    layer.scaling, layer.dropout_p = config.scaling, config.dropout
+    return adapter_torch_dtype(config.adapter_dtype), base.weight.device, tuple(base.kernel_size), base.groups
+
+
 class LoRAConv(_ModuleLoRA):
     """LoRA on an ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (module docstring). Parameters:
     ``lora_A`` (r, in_channels / groups, *kernel_size), ``lora_B`` (out_channels, r / groups, 1, ...);
@@ -206,18 +222,9 @@ class LoRAConv(_ModuleLoRA):
                                               "lora_magnitude": "lora_magnitude_vector"}
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
-        groups = base_layer.groups
-        if config.r % groups:
-            raise ValueError(f"{type(base_layer).__name__} with groups={groups}: LoRA gives each group rank r/groups, "
-                             f"so r must be a multiple of {groups} (got r={config.r})")
+        _check_rank_per_group(base_layer, config.r)
         super().__init__(base_layer)
-        self.r = config.r
-        self.groups = groups
-        self.scaling = config.scaling
-        self.dropout_p = config.dropout
-        dtype = adapter_torch_dtype(config.adapter_dtype)
-        device = base_layer.weight.device
-        kernel = tuple(base_layer.kernel_size)
+        dtype, device, kernel, groups = _conv_adapter_setup(self, config)
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features // groups, *kernel, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r // groups, *(1,) * len(kernel), dtype=dtype,
                                                device=device))
@@ -263,21 +270,12 @@ class LoRAConvTranspose(AdapterLayer):
     adapter_param_names = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
-        groups = base_layer.groups
         if config.use_dora:
             raise ValueError(f"DoRA is not implemented for {type(base_layer).__name__} (PEFT has no LoRA for it either); "
                              "set use_dora=False or exclude the module")
-        if config.r % groups:
-            raise ValueError(f"{type(base_layer).__name__} with groups={groups}: LoRA gives each group rank "
-                             f"r/groups, so r must be a multiple of {groups} (got r={config.r})")
+        _check_rank_per_group(base_layer, config.r)
         super().__init__(base_layer)
-        self.r = config.r
-        self.groups = groups
-        self.scaling = config.scaling
-        self.dropout_p = config.dropout
-        dtype = adapter_torch_dtype(config.adapter_dtype)
-        device = base_layer.weight.device
-        kernel = tuple(base_layer.kernel_size)
+        dtype, device, kernel, groups = _conv_adapter_setup(self, config)
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features // groups, *(1,) * len(kernel), dtype=dtype,
                                                device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.r, self.out_features // groups, *kernel, dtype=dtype, device=device))

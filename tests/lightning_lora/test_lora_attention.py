@@ -21,6 +21,7 @@ from torch import nn
 
 import lightning_lora as ll
 from lightning_lora.methods.lora_modules import LoRAMultiheadAttention
+from tests.conftest import mha_fastpath_off
 
 
 class Encoder(nn.Module):
@@ -89,12 +90,8 @@ def test_encoder_layer_computes_the_adapted_weights_in_train_and_eval_mode(targe
         with torch.no_grad():  # eval + no_grad: nn.TransformerEncoderLayer's fused fast path
             torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(model(x).detach(), expected, atol=1e-5, rtol=0)
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
+    with mha_fastpath_off(), torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
 
 
 def test_encoder_stack_fast_path_with_a_padding_mask_runs_the_adapter():
@@ -369,11 +366,8 @@ def test_every_mergeable_method_serves_its_weight_to_the_encoder(method):
     model.eval()
     with torch.no_grad():
         fused = model(x)
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
+        with mha_fastpath_off():
             layer_by_layer = model(x)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(True)
     torch.testing.assert_close(fused, layer_by_layer, atol=1e-5, rtol=0)
 
 
@@ -404,12 +398,8 @@ def test_input_dependent_method_has_no_weight_and_runs_with_the_fast_path_off():
     model.eval()
     with torch.no_grad(), pytest.raises(AttributeError, match="weight"):
         model(_x())
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            assert torch.isfinite(model(_x())).all()
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
+    with mha_fastpath_off(), torch.no_grad():
+        assert torch.isfinite(model(_x())).all()
 
 
 @pytest.mark.slow
