@@ -195,8 +195,9 @@ def _mark_trainable(model: nn.Module, cfg: AdapterConfig) -> None:
             p = getattr(layer, pname, None)
             if isinstance(p, nn.Parameter):
                 p.requires_grad_(True)
-        if cfg.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-            layer.base_layer.bias.requires_grad_(True)
+        if cfg.bias == "lora_only":
+            for bias in layer.base_biases():
+                bias.requires_grad_(True)
     if cfg.bias == "all":
         for name, p in model.named_parameters():
             if name.endswith("bias"):

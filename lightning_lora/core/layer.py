@@ -201,6 +201,11 @@ class AdapterLayer(nn.Module):
                 out[name] = t
         return out
 
+    def base_biases(self) -> list[nn.Parameter]:
+        """The base's bias parameters, which ``bias="lora_only"`` trains: its ``bias``, where it has one."""
+        bias = getattr(self.base_layer, "bias", None)
+        return [bias] if isinstance(bias, nn.Parameter) else []
+
     def file_extras(self) -> dict[str, torch.Tensor]:
         """Tensors a saved adapter file holds for this layer beside :meth:`adapter_state_dict`'s, by local
         file key: copies another format expects (PEFT's tied head factors), never read back."""

@@ -490,6 +490,13 @@ class LoRAMultiheadAttention(AdapterLayer):
         finally:
             params["in_proj_weight"], out_params["weight"] = saved
 
+    def base_biases(self) -> list[nn.Parameter]:
+        """``in_proj_bias`` and ``out_proj.bias`` (where the base has them): what ``bias="lora_only"``
+        trains. (PEFT 0.21.2 trains ``out_proj.bias`` only, under another name: its files for an
+        attention adapter with trained biases do not load here, nor ours there.)"""
+        base = self.base_layer
+        return [b for b in (base.in_proj_bias, base.out_proj.bias) if isinstance(b, nn.Parameter)]
+
     def merge_masks(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, int | None]:
         """The base's ``merge_masks`` (``nn.TransformerEncoderLayer``'s fast path calls it)."""
         return self.base_layer.merge_masks(*args, **kwargs)

@@ -371,6 +371,21 @@ def test_every_mergeable_method_serves_its_weight_to_the_encoder(method):
     torch.testing.assert_close(fused, layer_by_layer, atol=1e-5, rtol=0)
 
 
+def test_lora_only_bias_trains_both_attention_biases(tmp_path):
+    model = Encoder()
+    ll.inject_adapter(model, "lora", ll.LoRAConfig(r=2, target_modules=["self_attn"], bias="lora_only"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"enc.self_attn.base_layer.in_proj_bias", "enc.self_attn.base_layer.out_proj.bias"} <= trainable
+    assert not any("linear" in n or "norm" in n for n in trainable)
+    _perturb(model)
+    with torch.no_grad():
+        model.enc.self_attn.base_layer.in_proj_bias.add_(0.5)
+    ll.save_adapter(model, tmp_path)
+    loaded = Encoder()
+    ll.load_adapter(loaded, tmp_path)
+    torch.testing.assert_close(loaded(_x()), model(_x()), atol=0, rtol=0)
+
+
 # ---- refusals --------------------------------------------------------------------------------
 def test_attention_refusals():
     with pytest.raises(ValueError, match="DoRA is not implemented for nn.MultiheadAttention"):
