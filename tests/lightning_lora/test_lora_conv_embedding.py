@@ -550,6 +550,33 @@ def test_transposed_convolution_lora_is_exact_and_mergeable(kind, tmp_path):
     torch.testing.assert_close(layer.base_layer.weight, base["up"].weight, atol=1e-6, rtol=0)
 
 
+def test_named_adapters_on_grouped_and_transposed_convolutions_merge_their_sum():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"up": nn.ConvTranspose2d(8, 6, 3, stride=2, groups=2), "conv": nn.Conv2d(6, 6, 3, groups=3)})
+    base = copy.deepcopy(model)
+
+    def run(m: nn.Module) -> torch.Tensor:
+        return m["conv"](m["up"](x))
+
+    x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(1))
+    for name in ("a", "b"):
+        ll.add_adapter(model, name, "lora", ll.LoRAConfig(r=6, target_modules=["up", "conv"]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # both adapters' factors (the inactive one's are frozen)
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    ll.set_adapter(model, ["a", "b"])
+    both = run(model)
+    with torch.no_grad():  # each adapter's update added to the base by hand
+        for name in ("a", "b"):
+            for target, delta in adapter_delta_weights(model, name).items():
+                base[target].weight += delta
+    torch.testing.assert_close(both, run(base), atol=1e-5, rtol=0)
+    ll.merge_adapter(model)
+    torch.testing.assert_close(run(model), both, atol=1e-5, rtol=0)
+
+
 def test_transposed_convolution_refusals():
     with pytest.raises(ValueError, match="DoRA is not implemented for ConvTranspose2d"):
         ll.inject_adapter(nn.Sequential(nn.ConvTranspose2d(4, 4, 3)), "lora", r=2, target_modules=["0"], use_dora=True)
