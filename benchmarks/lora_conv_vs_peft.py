@@ -1,12 +1,17 @@
 """LoRA on convolutions, embeddings and torch's attention: our training step against PEFT's, side by
 side in one process.
 
-Three models, random weights, every target adapted at rank 8 (alpha 16) by both libraries:
+Four models, random weights, every target adapted at rank 8 (alpha 16; ``grouped``: 32, alpha 64) by
+both libraries:
 
 - ``cnn``: a small VGG-style image classifier, six 3x3 ``nn.Conv2d`` (64 to 256 channels, the last
   two dilated) on 32 x 32 images, batch 64; targets: every convolution;
 - ``emb``: a token model whose ``nn.Embedding`` (32,000 x 512) feeds a ``nn.Conv1d`` stack,
   batch 32 x 256 tokens; targets: the embedding and the convolutions;
+- ``grouped``: a ResNeXt-style stack of four 3x3 ``nn.Conv2d`` with 256 channels in 32 groups,
+  32 x 32 images, batch 32, rank 32 (a multiple of the groups); PEFT's form for grouped bases (an
+  ungrouped A, a grouped B) is another function than ours (one LoRA per group), and it cannot merge:
+  the times compare the two ways of adapting the same layers;
 - ``attn``: an ``nn.TransformerEncoder`` of six ``nn.TransformerEncoderLayer`` (E = 512, 8 heads,
   feed-forward 2,048, batch first, no dropout), batch 32 x 128; targets: every ``self_attn``
   (``nn.MultiheadAttention``: its packed input and output projections) and both feed-forward layers.
@@ -77,6 +82,20 @@ class TokenConv(nn.Module):
         return self.head(x.mean(2))
 
 
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 256, 3, padding=1)
+        self.convs = nn.ModuleList([nn.Conv2d(256, 256, 3, padding=1, groups=32) for _ in range(4)])
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        for conv in self.convs:
+            x = torch.relu(conv(x)) + x
+        return self.head(x.mean((2, 3)))
+
+
 class Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -93,6 +112,8 @@ MODELS = {
                 targets=[f"convs.{i}" for i in range(6)], peft_targets=[f"convs.{i}" for i in range(4)]),
     "emb": dict(make=TokenConv, inputs=lambda g, d: torch.randint(0, 32000, (32, 256), generator=g).to(d),
                 targets=["emb", *[f"convs.{i}" for i in range(4)]], peft_targets=None),
+    "grouped": dict(make=Grouped, inputs=lambda g, d: torch.randn(32, 3, 32, 32, generator=g).to(d),
+                    targets=[f"convs.{i}" for i in range(4)], peft_targets=None, r=32),
     "attn": dict(make=Encoder, inputs=lambda g, d: torch.randn(32, 128, 512, generator=g).to(d),
                  targets=["self_attn", "linear1", "linear2"], peft_targets=None),
 }
@@ -102,14 +123,15 @@ def build(spec: dict, variant: str, device: str) -> tuple[nn.Module, list[nn.Par
     torch.manual_seed(0)
     model = spec["make"]().to(device)
     targets = spec["targets"] if variant == "ours_all" else (spec["peft_targets"] or spec["targets"])
+    r = spec.get("r", 8)
     if variant.startswith("ours"):
-        ll.inject_adapter(model, "lora", r=8, alpha=16, target_modules=targets)
+        ll.inject_adapter(model, "lora", r=r, alpha=2 * r, target_modules=targets)
         return model, ll.trainable_parameters(model)
     from peft import LoraConfig, get_peft_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT: its MultiheadAttention support is experimental
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
