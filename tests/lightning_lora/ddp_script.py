@@ -44,9 +44,14 @@ class Net(nn.Module):
         self.register_buffer("marker", torch.full((3,), float(os.environ.get("LOCAL_RANK", "0"))))
         self.fc2 = nn.Linear(16, 16)
         self.head = nn.Linear(16, 3)
+        # torch's attention (adapted with --attention): reads its out_proj's weight, never calls it
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+        h = torch.tanh(self.fc1(x))
+        tokens = torch.stack([h, h.flip(-1)], 1)  # (N, 2, 16)
+        h = h + self.attn(tokens, tokens, tokens, need_weights=False)[0].mean(1)
+        return self.head(torch.tanh(self.fc2(h)))
 
 
 class TinyModule(pl.LightningModule):
@@ -115,7 +120,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g))
     module = TinyModule()
-    cb = ll.AdapterCallback("lora", r=4, alpha=8, target_modules=["fc1", "fc2"], target="net")
+    targets = ["fc1", "fc2", "attn"] if "--attention" in sys.argv else ["fc1", "fc2"]
+    cb = ll.AdapterCallback("lora", r=4, alpha=8, target_modules=targets, target="net")
     if pre_inject:  # with spawn strategies the launching process's module must carry the layers
         ll.inject_adapter(module.net, "lora", cb.config)
     trainer = pl.Trainer(

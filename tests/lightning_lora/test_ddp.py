@@ -30,11 +30,13 @@ def _load(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _check_ranks(out: Path) -> dict:
+def _check_ranks(out: Path, attention: bool = False) -> dict:
     r0, r1 = _load(out / "rank0.pt"), _load(out / "rank1.pt")
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["steps"] == r1["steps"] == 4
     keys = {f"{m}.{p}" for m in ("fc1", "fc2") for p in ("lora_A", "lora_B")}
+    if attention:  # nn.MultiheadAttention: its four factors, trained through the weights it reads
+        keys |= {f"attn.{p}" for p in ("lora_A", "lora_B", "lora_out_A", "lora_out_B")}
     assert set(r0["final"]) == set(r1["final"]) == keys
     for k in keys:
         assert torch.equal(r0["init"][k], r1["init"][k]), f"{k}: ranks started from different adapters"
@@ -42,7 +44,7 @@ def _check_ranks(out: Path) -> dict:
         # each rank saw different batches: equality after 4 steps needs synchronised gradients
         assert torch.equal(r0["final"][k], r1["final"][k]), f"{k}: ranks diverged"
     assert not r0["base_moved"] and not r1["base_moved"]
-    assert r0["optimizer_params"] == r1["optimizer_params"] == 4
+    assert r0["optimizer_params"] == r1["optimizer_params"] == len(keys)
     # AdapterCallback's DDP defaults reached the wrapper (the net has no buffers; the ranks' equal
     # adapters above hold with gradients as bucket views)
     assert r0["ddp_flags"] == r1["ddp_flags"] == {"forward_buffer_sync": False, "gradient_as_bucket_view": True}
@@ -59,6 +61,11 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert set(ckpt["state_dict"]) == {f"net.{k}" for k in r0["final"]} | {"net.marker"}
     main = _load(tmp_path / "main.pt")
     assert all(torch.equal(main[k], r0["final"][k]) for k in r0["final"])
+
+
+def test_ddp_trains_an_adapted_attention_in_step_on_both_ranks(tmp_path):
+    _run(tmp_path, "ddp", "--attention")
+    _check_ranks(tmp_path, attention=True)
 
 
 def test_ddp_older_torch_path_broadcasts_the_buffers_once(tmp_path):
