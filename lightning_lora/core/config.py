@@ -232,9 +232,11 @@ class Method:
     def make_layer(self, base: nn.Module, name: str) -> "AdapterLayer":
         raise NotImplementedError
 
-    def tied_layers(self, model: nn.Module, layers: dict[str, "AdapterLayer"]) -> dict[str, "AdapterLayer"]:
-        """Layers for modules that share a target's weight and must follow its adapter (qualified name
-        -> layer; LoRA's ``ensure_weight_tying``); ``inject_adapter`` puts them in place with the rest."""
+    def extra_layers(self, model: nn.Module, layers: dict[str, "AdapterLayer"]) -> dict[str, "AdapterLayer"]:
+        """Layers for modules that are not targets by name or type (qualified name -> layer): LoRA's for
+        a head tied to an adapted embedding (``ensure_weight_tying``) and for the modules holding
+        targeted bare parameters (``target_parameters``); ``inject_adapter`` puts them in place with
+        the rest, and a ValueError there leaves the model as it was."""
         return {}
 
     def on_inject(self, model: nn.Module, layers: dict[str, "AdapterLayer"]) -> None:

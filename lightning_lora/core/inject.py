@@ -103,7 +103,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     # an adapted nn.MultiheadAttention adapts its own out_proj (which it never calls: it reads the weight)
     attention = {n for n in names if isinstance(model.get_submodule(n), nn.MultiheadAttention)}
     names = [n for n in names if not (n.endswith(".out_proj") and n.rpartition(".")[0] in attention)]
-    if not names:
+    if not names and not getattr(config, "target_parameters", None):  # (LoRA on bare parameters alone)
         sample = [n for n, m in model.named_modules() if _is_linear_like(m)][:8]
         raise ValueError(
             f"target_modules={targets!r} target_types={list(type_keys)!r} matched no module; "
@@ -161,7 +161,7 @@ def inject_adapter(
             layer = method_obj.make_layer(originals[name], name)
             _set_submodule(model, name, layer)
             layers[name] = layer
-        for name, layer in method_obj.tied_layers(model, layers).items():
+        for name, layer in method_obj.extra_layers(model, layers).items():
             originals[name] = model.get_submodule(name)
             _set_submodule(model, name, layer)
             layers[name] = layer

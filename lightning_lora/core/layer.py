@@ -97,7 +97,13 @@ class AdapterLayer(nn.Module):
         # a new nn.Module starts in train mode; follow the wrapped layer so injecting into an
         # eval-mode model does not switch adapter dropout on
         self.train(base_layer.training)
-        self.in_features, self.out_features, self.fan_in_fan_out = layer_shape(base_layer)
+        self.in_features, self.out_features, self.fan_in_fan_out = self._layer_shape(base_layer)
+
+    @classmethod
+    def _layer_shape(cls, base_layer: nn.Module) -> tuple[int, int, bool]:
+        """``(in_features, out_features, fan_in_fan_out)`` of the base (:func:`layer_shape`; a layer over
+        a module of no such shape, LoRA on bare parameters, gives its own)."""
+        return layer_shape(base_layer)
 
     # ---- what subclasses provide -------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:

@@ -412,9 +412,10 @@ def _add_adapter(
     cfg = method_obj.config
     if cfg.bias != "none":
         raise ValueError(f"named adapters support bias='none' only (biases are shared), got {cfg.bias!r}")
-    if getattr(cfg, "ensure_weight_tying", False):
-        raise ValueError(f"adapter {name!r}: named adapters do not support ensure_weight_tying; inject one adapter "
-                         "with inject_adapter")
+    for option in ("ensure_weight_tying", "target_parameters"):
+        if getattr(cfg, option, None):
+            raise ValueError(f"adapter {name!r}: named adapters do not support {option}; inject one adapter "
+                             "with inject_adapter")
     with _plain_view(model) as wrapped:
         targets = find_targets(model, cfg)
         matches = [n for n, _ in model.named_modules() if n and cfg.modules_to_save and _name_matches(n, cfg.modules_to_save)]

@@ -61,7 +61,8 @@ from ..core.config import adapter_torch_dtype, AdapterConfig, finite_number, Met
 from ..core.dora import DoRAMerge
 from ..core.layer import AdapterLayer, accumulate_dtype, autocast_available, no_autocast
 from ..core.rounding import merged_weight, merged_weights
-from .lora_modules import MODULE_TYPES, LoRAConv, LoRAConvTranspose, LoRAEmbedding, TiedLoRALinear, make_module_layer
+from .lora_modules import (MODULE_TYPES, LoRAConv, LoRAConvTranspose, LoRAEmbedding, LoRAParameters, TiedLoRALinear,
+                           make_module_layer)
 
 
 @dataclass
@@ -109,6 +110,11 @@ class LoRAConfig(AdapterConfig):
             computes with ``E + ΔE`` as the lookup does and merging (once, into the shared table) is
             exact. Off: the head keeps the frozen table and merging is refused. PEFT's option of the
             same name (peft 0.21.2 with transformers 5 does not tie the head: docs/architecture.md).
+        target_parameters: bare parameters to adapt, as ``"<module>.<parameter>"`` names matched as
+            module names are (the full name, or any ending after a dot): the fused expert weights of
+            transformers 5's mixture-of-experts layers, ``["experts.gate_up_proj", "experts.down_proj"]``
+            (:class:`~lightning_lora.methods.lora_modules.LoRAParameters`; PEFT's option of the same
+            name and format). Alone, pass ``target_modules=[]`` (``None`` means every linear layer).
     """
 
     r: int = 8
@@ -124,9 +130,16 @@ class LoRAConfig(AdapterConfig):
     replay_inputs: str = "products"
     merged_training: bool = False
     ensure_weight_tying: bool = False
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
+            if not all(isinstance(t, str) and "." in t for t in self.target_parameters):
+                raise ValueError(f"target_parameters must be '<module>.<parameter>' names, got {self.target_parameters!r}")
         if self.ensure_weight_tying and self.use_dora:
             raise ValueError("ensure_weight_tying does not support DoRA: the embedding's magnitude is per embedding "
                              "dimension, a tied head's would be per output row")
@@ -1513,6 +1526,7 @@ _PEFT_LORA_HARMLESS = frozenset({
     "fan_in_fan_out", "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "use_dora", "megatron_config", "megatron_core",
     "eva_config", "lora_ga_config", "use_qalora", "qalora_group_size", "runtime_config", "ensure_weight_tying",
+    "target_parameters",
 })
 #: ``init_lora_weights`` values (prefixes) with which PEFT rewrites the base weight when it builds
 #: the layers, on load too (PiSSA and CorDA keep the residual ``W - s B0 A0``, OLoRA likewise, LoftQ
@@ -1524,7 +1538,6 @@ _PEFT_LORA_REASONS = {
     "lora_bias": "lora_B has a bias",
     "layer_replication": "PEFT duplicates base layers",
     "trainable_token_indices": "trainable embedding rows",
-    "target_parameters": "LoRA on bare parameters",
     "use_bdlora": "block-diagonal LoRA factors",
     "arrow_config": "Arrow routing between adapters",
     "kasa_config": "KaSA truncates the base weight and adds a singular-value diagonal",
@@ -1583,7 +1596,41 @@ class LoRA(Method):
             return make_module_layer(base, self.config)  # type: ignore[arg-type]
         return LoRALinear(base, self.config)  # type: ignore[arg-type]
 
-    def tied_layers(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> dict[str, AdapterLayer]:
+    def extra_layers(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> dict[str, AdapterLayer]:
+        """The heads tied to adapted embeddings (:meth:`_tied_layers`) and the modules holding targeted
+        bare parameters (:meth:`_parameter_layers`)."""
+        return {**self._tied_layers(model, layers), **self._parameter_layers(model, layers)}
+
+    def _parameter_layers(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> dict[str, AdapterLayer]:
+        """With ``target_parameters``: a :class:`LoRAParameters` for every module holding a matching
+        parameter (its own, not a submodule's); ValueError where none matches or the module is a target."""
+        keys = getattr(self.config, "target_parameters", None)
+        if not keys:
+            return {}
+        from ..core.inject import _name_matches
+
+        found: dict[str, list[str]] = {}
+        for name, module in model.named_modules():
+            if any(name.startswith(t + ".") for t in layers):  # inside an adapter layer built just now
+                continue
+            owner = module.base_layer if isinstance(module, AdapterLayer) else module
+            hits = [p for p, _ in owner.named_parameters(recurse=False) if _name_matches(f"{name}.{p}", keys)]
+            if not hits:
+                continue
+            if isinstance(module, AdapterLayer):
+                raise ValueError(f"target_parameters: {name}.{hits[0]} belongs to {name!r}, which target_modules adapts "
+                                 "already; adapt one or the other (target_modules=[] for parameters only)")
+            if not name:
+                raise ValueError(f"target_parameters: {hits[0]!r} belongs to the top-level module; target a submodule's")
+            found[name] = hits
+        if not found:
+            sample = [n for n, p in model.named_parameters() if p.dim() >= 2][:8]
+            raise ValueError(f"target_parameters={keys!r} matched no parameter; 2-D and 3-D parameters in this model "
+                             f"include: {sample}")
+        return {name: LoRAParameters(model.get_submodule(name), names, self.config)  # type: ignore[arg-type]
+                for name, names in found.items()}
+
+    def _tied_layers(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> dict[str, AdapterLayer]:
         """With ``ensure_weight_tying``: a :class:`TiedLoRALinear` for every ``nn.Linear`` whose weight is an
         adapted embedding's table (qualified name -> layer); ValueError for a tie it cannot follow."""
         if not getattr(self.config, "ensure_weight_tying", False):
@@ -1643,8 +1690,11 @@ class LoRA(Method):
             "use_dora": c.use_dora,
             "init_lora_weights": True if c.init == "kaiming" else "gaussian",
             # a tied head follows the embedding's adapter (ensure_weight_tying), as in PEFT
-            "target_modules": sorted(n for n, layer in layers.items() if not isinstance(layer, TiedLoRALinear)),
+            "target_modules": sorted(n for n, layer in layers.items() if not isinstance(layer, (TiedLoRALinear, LoRAParameters))),
             "ensure_weight_tying": c.ensure_weight_tying,
+            # full names, as PEFT matches them (its wrappers nest in each module's parameter order, as ours name them)
+            "target_parameters": sorted(f"{n}.{p}" for n, layer in layers.items() if isinstance(layer, LoRAParameters)
+                                        for p in layer.names) or None,
             "modules_to_save": list(c.modules_to_save) or None,
             "bias": c.bias,
             # transformers' Conv1D (an nn.Embedding's table is also stored (in, out), but PEFT's
@@ -1685,4 +1735,5 @@ class LoRA(Method):
             modules_to_save=list(cfg.get("modules_to_save") or []),
             bias=cfg.get("bias", "none"),
             ensure_weight_tying=bool(cfg.get("ensure_weight_tying", False)),
+            target_parameters=list(cfg["target_parameters"]) if cfg.get("target_parameters") else None,
         )

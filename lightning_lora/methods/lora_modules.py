@@ -94,7 +94,7 @@ from torch.func import functional_call
 
 from ..core.config import adapter_torch_dtype
 from ..core.dora import DoRAMerge
-from ..core.layer import AdapterLayer, accumulate_dtype, no_autocast
+from ..core.layer import AdapterLayer, _refuse_merge_while_disabled, accumulate_dtype, no_autocast
 
 if TYPE_CHECKING:
     from .lora import LoRAConfig
@@ -311,6 +311,129 @@ class LoRAConvTranspose(AdapterLayer):
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_features}, out_channels={self.out_features}, r={self.r}, "
                 f"groups={self.groups}, merged={self.merged}")
+
+
+class LoRAParameters(AdapterLayer):
+    """LoRA on bare parameters of one module (``LoRAConfig.target_parameters``, PEFT's option of that
+    name): the fused expert weights of transformers 5's mixture-of-experts layers (Mixtral's
+    ``experts.gate_up_proj``, (E, 2·I, H)), which no ``nn.Linear`` holds. For each targeted parameter
+    ``name``, in PEFT's layout and arithmetic (its ``ParamWrapper``): a 2-D parameter (out, in) gets
+    ``A`` (r, in), ``B`` (out, r), ``ΔW = s·B A``; a 3-D one (E, d1, d2) one rank-r update per expert,
+    ``A`` (r·E, in) and ``B`` (out, r·E) with (in, out) = (d2, d1), or (d1, d2) where the module has
+    ``is_transposed = True``; ``A`` is Kaiming-uniform and ``B`` = 0.
+
+    The module runs with every ``W + ΔW`` swapped in (``torch.func.functional_call``; by hand under
+    ``torch.jit.trace``), so gradients reach A and B through them and merging is exact. Parameters are
+    named ``lora_A__<name>`` / ``lora_B__<name>``; the file names are PEFT's, whose wrappers nest one
+    per parameter (the module's first targeted parameter innermost: ``base_layer.lora_A.weight``).
+    Dropout and DoRA are refused, as in PEFT."""
+
+    def __init__(self, base_layer: nn.Module, names: list[str], config: LoRAConfig) -> None:
+        if config.dropout:
+            raise ValueError(f"target_parameters: dropout={config.dropout} cannot act on a parameter's update "
+                             "(there is no input to drop); set dropout=0")
+        if config.use_dora:
+            raise ValueError("target_parameters: DoRA is not implemented for bare parameters (PEFT has none)")
+        super().__init__(base_layer)
+        self.r = config.r
+        self.scaling = config.scaling
+        self.names = list(names)
+        dtype = adapter_torch_dtype(config.adapter_dtype)
+        self.layouts: dict[str, tuple[int, int, int, bool]] = {}
+        keys: dict[str, str] = {}
+        for depth, name in enumerate(reversed(self.names)):  # the last name's wrapper is PEFT's outermost
+            param = getattr(base_layer, name)
+            if param.dim() == 2:
+                experts, (n_out, n_in), swapped = 1, param.shape, True
+            elif param.dim() == 3:
+                experts, n_in, n_out = param.shape
+                swapped = not getattr(base_layer, "is_transposed", False)
+                if swapped:
+                    n_in, n_out = n_out, n_in
+            else:
+                raise ValueError(f"target_parameters: {type(base_layer).__name__}.{name} has {param.dim()} dimensions; "
+                                 "LoRA adapts 2-D and 3-D (one matrix per expert) parameters")
+            self.layouts[name] = (experts, n_in, n_out, swapped)
+            a = nn.Parameter(torch.empty(self.r * experts, n_in, dtype=dtype, device=param.device))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.register_parameter(f"lora_A__{name}", a)
+            self.register_parameter(f"lora_B__{name}", nn.Parameter(torch.zeros(n_out, self.r * experts, dtype=dtype,
+                                                                                 device=param.device)))
+            keys[f"lora_A__{name}"] = "base_layer." * depth + "lora_A.weight"
+            keys[f"lora_B__{name}"] = "base_layer." * depth + "lora_B.weight"
+        self.adapter_param_names = tuple(keys)
+        self.file_key_map = keys
+
+    @classmethod
+    def _layer_shape(cls, base_layer: nn.Module) -> tuple[int, int, bool]:
+        return 0, 0, False  # no single (in, out): one per parameter, in ``layouts``
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> ``ΔW`` in the parameter's shape, fp32 (PEFT's ``get_delta_weight``)."""
+        out: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            experts, _, n_out, swapped = self.layouts[name]
+            A, B = self.get_parameter(f"lora_A__{name}"), self.get_parameter(f"lora_B__{name}")
+            acc = accumulate_dtype(A, B)
+            with no_autocast(A.device):
+                a, b = A.to(acc), B.to(acc)
+                if experts == 1:
+                    out[name] = self.scaling * (b @ a)
+                else:
+                    a = a.reshape(experts, self.r, -1)  # (E, r, in)
+                    b = b.reshape(n_out, self.r, experts)  # (out, r, E): the expert index runs fastest in B
+                    out[name] = self.scaling * torch.einsum("ore,eri->eoi" if swapped else "ore,eri->eio", b, a)
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        """The one targeted parameter's ``ΔW`` (:meth:`delta_weights` for several)."""
+        if len(self.names) != 1:
+            raise NotImplementedError(f"{len(self.names)} parameters have one update each: use delta_weights()")
+        return self.delta_weights()[self.names[0]]
+
+    def _adapted(self) -> dict[str, torch.Tensor]:
+        base = self.base_layer
+        out = {}
+        for name, dw in self.delta_weights().items():
+            w = getattr(base, name)
+            out[name] = (w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype)
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's own forward, with every targeted parameter ``W + ΔW``."""
+        base = self.base_layer
+        if self.disabled or self.merged:
+            return base(*args, **kwargs)
+        adapted = self._adapted()
+        if not torch.jit.is_tracing():
+            return functional_call(base, adapted, args, kwargs)
+        saved = {name: base._parameters[name] for name in adapted}  # functional_call refuses under trace
+        base._parameters.update(adapted)
+        try:
+            return base(*args, **kwargs)
+        finally:
+            base._parameters.update(saved)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("adapter is already merged; call unmerge() first")
+        _refuse_merge_while_disabled(self)
+        for name, w in self._adapted().items():
+            getattr(self.base_layer, name).copy_(w)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("adapter is not merged")
+        for name, dw in self.delta_weights().items():
+            w = getattr(self.base_layer, name)
+            w.copy_((w.to(accumulate_dtype(w, dw)) - dw).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"parameters={self.names}, r={self.r}, merged={self.merged}"
 
 
 class TiedLoRALinear(AdapterLayer):
@@ -541,4 +664,4 @@ def make_module_layer(base: nn.Module, config: LoRAConfig) -> AdapterLayer:
     return LoRAConv(base, config)
 
 
-__all__ = ["LoRAConv", "LoRAConvTranspose", "LoRAEmbedding", "LoRAMultiheadAttention", "MODULE_TYPES", "TiedLoRALinear", "make_module_layer"]
+__all__ = ["LoRAConv", "LoRAConvTranspose", "LoRAEmbedding", "LoRAMultiheadAttention", "LoRAParameters", "MODULE_TYPES", "TiedLoRALinear", "make_module_layer"]
