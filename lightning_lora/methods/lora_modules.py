@@ -368,10 +368,11 @@ class LoRAParameters(AdapterLayer):
     def _layer_shape(cls, base_layer: nn.Module) -> tuple[int, int, bool]:
         return 0, 0, False  # no single (in, out): one per parameter, in ``layouts``
 
-    def delta_weights(self) -> dict[str, torch.Tensor]:
-        """Parameter name -> ``ΔW`` in the parameter's shape, fp32 (PEFT's ``get_delta_weight``)."""
+    def delta_weights(self, only: str | None = None) -> dict[str, torch.Tensor]:
+        """Parameter name -> ``ΔW`` in the parameter's shape, fp32 (PEFT's ``get_delta_weight``); with
+        ``only``, that parameter's alone."""
         out: dict[str, torch.Tensor] = {}
-        for name in self.names:
+        for name in [only] if only is not None else self.names:
             experts, _, n_out, swapped = self.layouts[name]
             A, B = self.get_parameter(f"lora_A__{name}"), self.get_parameter(f"lora_B__{name}")
             acc = accumulate_dtype(A, B)
@@ -391,12 +392,29 @@ class LoRAParameters(AdapterLayer):
             raise NotImplementedError(f"{len(self.names)} parameters have one update each: use delta_weights()")
         return self.delta_weights()[self.names[0]]
 
+    def _expert_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lhs, rhs)`` in ``dtype`` with ``ΔW = s · lhs @ rhs`` per expert for a 3-D parameter (PEFT's
+        ``get_delta_factors``): (E, out, r) and (E, r, in), or transposed for the (E, in, out) layout."""
+        experts, _, n_out, swapped = self.layouts[name]
+        a = self.get_parameter(f"lora_A__{name}").to(dtype).reshape(experts, self.r, -1)  # (E, r, in)
+        b = self.get_parameter(f"lora_B__{name}").to(dtype).reshape(n_out, self.r, experts).permute(2, 0, 1)  # (E, out, r)
+        return (b, a) if swapped else (a.transpose(1, 2), b.transpose(1, 2))
+
     def _adapted(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> ``W + ΔW`` in the parameter's dtype. A 3-D fp32 / fp64 parameter takes one
+        ``baddbmm`` (no separate ``ΔW`` the size of the expert stack); a bf16 / fp16 one adds ``ΔW``
+        formed in fp32, as merging does."""
         base = self.base_layer
-        out = {}
-        for name, dw in self.delta_weights().items():
+        out: dict[str, torch.Tensor] = {}
+        for name in self.names:
             w = getattr(base, name)
-            out[name] = (w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype)
+            experts = self.layouts[name][0]
+            if experts > 1 and w.dtype in (torch.float32, torch.float64):
+                with no_autocast(w.device):
+                    out[name] = torch.baddbmm(w, *self._expert_factors(name, w.dtype), alpha=self.scaling)
+            else:
+                dw = self.delta_weights(only=name)[name]
+                out[name] = (w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype)
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -419,8 +437,9 @@ class LoRAParameters(AdapterLayer):
         if self.merged:
             raise RuntimeError("adapter is already merged; call unmerge() first")
         _refuse_merge_while_disabled(self)
-        for name, w in self._adapted().items():
-            getattr(self.base_layer, name).copy_(w)
+        for name, dw in self.delta_weights().items():
+            w = getattr(self.base_layer, name)
+            w.copy_((w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()

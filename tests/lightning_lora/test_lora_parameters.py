@@ -165,3 +165,40 @@ def test_refusals_leave_the_model_as_it_was():
         ll.LoRAConfig(target_parameters=["gate_up_proj"])
     with pytest.raises(ValueError, match="named adapters do not support target_parameters"):
         ll.add_adapter(_mixtral(), "a", "lora", ll.LoRAConfig(target_modules=[], target_parameters=EXPERTS))
+
+
+class TransposedExperts(nn.Module):
+    """Experts stored (E, in, out), flagged ``is_transposed`` as transformers does for such layers."""
+
+    is_transposed = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(3, 6, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (3, N, 6): one batch per expert
+        return torch.bmm(x, self.weight)
+
+
+def test_transposed_expert_layout_matches_peft():
+    import peft
+
+    x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(3))
+    ours = nn.ModuleDict({"experts": TransposedExperts()})
+    layers = ll.inject_adapter(ours, "lora", r=2, target_modules=[], target_parameters=["experts.weight"])
+    _perturb(ours)
+    layer = layers["experts"]
+    assert layer.get_parameter("lora_A__weight").shape == (6, 6) and layer.get_parameter("lora_B__weight").shape == (5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(nn.ModuleDict({"experts": TransposedExperts()}),
+                                     peft.LoraConfig(r=2, lora_alpha=8, target_modules=[], target_parameters=["experts.weight"]))
+    with torch.no_grad():
+        wrapper = theirs.base_model.model["experts"]
+        wrapper.lora_A["default"].weight.copy_(layer.get_parameter("lora_A__weight"))
+        wrapper.lora_B["default"].weight.copy_(layer.get_parameter("lora_B__weight"))
+    torch.testing.assert_close(ours["experts"](x), theirs.base_model.model["experts"](x), atol=1e-5, rtol=0)
+    a = layer.get_parameter("lora_A__weight").reshape(3, 2, 6)
+    b = layer.get_parameter("lora_B__weight").reshape(5, 2, 3)
+    torch.testing.assert_close(layer.delta_weight()[1], layer.scaling * a[1].t() @ b[:, :, 1].t(), atol=1e-6, rtol=0)
