@@ -1,7 +1,7 @@
 """LoRA on convolutions, embeddings and torch's attention: our training step against PEFT's, side by
 side in one process.
 
-Four models, random weights, every target adapted at rank 8 (alpha 16; ``grouped``: 32, alpha 64) by
+Five models, random weights, every target adapted at rank 8 (alpha 16; ``grouped``: 32, alpha 64) by
 both libraries:
 
 - ``cnn``: a small VGG-style image classifier, six 3x3 ``nn.Conv2d`` (64 to 256 channels, the last
@@ -12,6 +12,9 @@ both libraries:
   32 x 32 images, batch 32, rank 32 (a multiple of the groups); PEFT's form for grouped bases (an
   ungrouped A, a grouped B) is another function than ours (one LoRA per group), and it cannot merge:
   the times compare the two ways of adapting the same layers;
+- ``moe``: a Mixtral (transformers 5; four layers, hidden 512, eight experts of 1,024, top 2, vocabulary
+  1,000), batch 8 x 256 tokens; targets: the fused expert parameters ``experts.gate_up_proj`` and
+  ``experts.down_proj`` (``target_parameters``, PEFT's option of that name; one rank-8 update per expert);
 - ``attn``: an ``nn.TransformerEncoder`` of six ``nn.TransformerEncoderLayer`` (E = 512, 8 heads,
   feed-forward 2,048, batch first, no dropout), batch 32 x 128; targets: every ``self_attn``
   (``nn.MultiheadAttention``: its packed input and output projections) and both feed-forward layers.
@@ -96,6 +99,19 @@ class Grouped(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class MoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        config = MixtralConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                               num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2)
+        self.lm = MixtralForCausalLM(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids).logits
+
+
 class Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -114,6 +130,8 @@ MODELS = {
                 targets=["emb", *[f"convs.{i}" for i in range(4)]], peft_targets=None),
     "grouped": dict(make=Grouped, inputs=lambda g, d: torch.randn(32, 3, 32, 32, generator=g).to(d),
                     targets=[f"convs.{i}" for i in range(4)], peft_targets=None, r=32),
+    "moe": dict(make=MoE, inputs=lambda g, d: torch.randint(0, 1000, (8, 256), generator=g).to(d),
+                targets=[], params=["experts.gate_up_proj", "experts.down_proj"], peft_targets=None),
     "attn": dict(make=Encoder, inputs=lambda g, d: torch.randn(32, 128, 512, generator=g).to(d),
                  targets=["self_attn", "linear1", "linear2"], peft_targets=None),
 }
@@ -124,14 +142,15 @@ def build(spec: dict, variant: str, device: str) -> tuple[nn.Module, list[nn.Par
     model = spec["make"]().to(device)
     targets = spec["targets"] if variant == "ours_all" else (spec["peft_targets"] or spec["targets"])
     r = spec.get("r", 8)
+    params = {"target_parameters": spec["params"]} if spec.get("params") else {}
     if variant.startswith("ours"):
-        ll.inject_adapter(model, "lora", r=r, alpha=2 * r, target_modules=targets)
+        ll.inject_adapter(model, "lora", r=r, alpha=2 * r, target_modules=targets, **params)
         return model, ll.trainable_parameters(model)
     from peft import LoraConfig, get_peft_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT: its MultiheadAttention support is experimental
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, **params))
     return model, [p for p in model.parameters() if p.requires_grad]
 
 

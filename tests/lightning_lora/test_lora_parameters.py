@@ -202,3 +202,23 @@ def test_transposed_expert_layout_matches_peft():
     a = layer.get_parameter("lora_A__weight").reshape(3, 2, 6)
     b = layer.get_parameter("lora_B__weight").reshape(5, 2, 3)
     torch.testing.assert_close(layer.delta_weight()[1], layer.scaling * a[1].t() @ b[:, :, 1].t(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_autocast_training_and_merge():
+    model = _mixtral().cuda()
+    ll.inject_adapter(model, "lora", r=2, target_modules=[], target_parameters=EXPERTS)
+    _perturb(model)
+    ids = IDS.cuda()
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids).logits.float().pow(2).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+        ll.merge_adapter(model)
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=0)
