@@ -46,6 +46,13 @@ def accumulate_dtype(*ts: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def with_update(w: torch.Tensor, dw: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """``w + sign · dw`` summed in :func:`accumulate_dtype` (fp32 for bf16 / fp16 weights), rounded to
+    ``w``'s dtype: a merge, an unmerge, or the weight an unmerged layer computes with."""
+    acc = w.to(accumulate_dtype(w, dw))
+    return (acc + dw if sign > 0 else acc - dw).to(w.dtype)
+
+
 def linear_shape(base: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, fan_in_fan_out)`` of an ``nn.Linear`` or transformers ``Conv1D``."""
     if isinstance(base, nn.Linear):
@@ -151,7 +158,7 @@ class AdapterLayer(nn.Module):
             raise AttributeError(f"{type(self).__name__} has no single weight: {e}") from e
         if self.fan_in_fan_out:
             dw = dw.t()
-        return (w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype)
+        return with_update(w, dw)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -174,7 +181,7 @@ class AdapterLayer(nn.Module):
         w = self.base_weight
         with no_autocast(w.device):
             dw = self.delta_weight()
-            w.copy_((w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype))
+            w.copy_(with_update(w, dw))
         self.merged = True
 
     @torch.no_grad()
@@ -185,7 +192,7 @@ class AdapterLayer(nn.Module):
         w = self.base_weight
         with no_autocast(w.device):
             dw = self.delta_weight()
-            w.copy_((w.to(accumulate_dtype(w, dw)) - dw).to(w.dtype))
+            w.copy_(with_update(w, dw, -1.0))
         self.merged = False
 
     def enable_adapter(self) -> None:

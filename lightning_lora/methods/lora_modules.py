@@ -94,7 +94,7 @@ from torch.func import functional_call
 
 from ..core.config import adapter_torch_dtype
 from ..core.dora import DoRAMerge
-from ..core.layer import AdapterLayer, _refuse_merge_while_disabled, accumulate_dtype, no_autocast
+from ..core.layer import AdapterLayer, _refuse_merge_while_disabled, accumulate_dtype, no_autocast, with_update
 
 if TYPE_CHECKING:
     from .lora import LoRAConfig
@@ -414,7 +414,7 @@ class LoRAParameters(AdapterLayer):
                     out[name] = torch.baddbmm(w, *self._expert_factors(name, w.dtype), alpha=self.scaling)
             else:
                 dw = self.delta_weights(only=name)[name]
-                out[name] = (w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype)
+                out[name] = with_update(w, dw)
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -439,7 +439,7 @@ class LoRAParameters(AdapterLayer):
         _refuse_merge_while_disabled(self)
         for name, dw in self.delta_weights().items():
             w = getattr(self.base_layer, name)
-            w.copy_((w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype))
+            w.copy_(with_update(w, dw))
         self.merged = True
 
     @torch.no_grad()
@@ -448,7 +448,7 @@ class LoRAParameters(AdapterLayer):
             raise RuntimeError("adapter is not merged")
         for name, dw in self.delta_weights().items():
             w = getattr(self.base_layer, name)
-            w.copy_((w.to(accumulate_dtype(w, dw)) - dw).to(w.dtype))
+            w.copy_(with_update(w, dw, -1.0))
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -597,8 +597,7 @@ class LoRAMultiheadAttention(AdapterLayer):
     def _adapted(self, w: torch.Tensor, dw_fn) -> torch.Tensor:
         if self.disabled or self.merged:
             return w
-        dw = dw_fn()
-        return (w.to(accumulate_dtype(w, dw)) + dw).to(w.dtype)
+        return with_update(w, dw_fn())
 
     @property
     def in_proj_weight(self) -> torch.Tensor:
@@ -648,13 +647,13 @@ class LoRAMultiheadAttention(AdapterLayer):
         """Fold both updates into the base's ``in_proj_weight`` and ``out_proj.weight``."""
         super().merge()
         w = self.base_layer.out_proj.weight
-        w.copy_((w.to(accumulate_dtype(w)) + self.out_proj_delta_weight()).to(w.dtype))
+        w.copy_(with_update(w, self.out_proj_delta_weight()))
 
     @torch.no_grad()
     def unmerge(self) -> None:
         super().unmerge()
         w = self.base_layer.out_proj.weight
-        w.copy_((w.to(accumulate_dtype(w)) - self.out_proj_delta_weight()).to(w.dtype))
+        w.copy_(with_update(w, self.out_proj_delta_weight(), -1.0))
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.in_features}, r={self.r}, merged={self.merged}"
