@@ -104,13 +104,13 @@ class LoRAConfig(AdapterConfig):
             Plain LoRA only (no dropout, no DoRA); fp16 activations fall back to the fused path
             (with a warning). Off by default: it trades the bf16 forward's rounding (unbiased, one
             bf16 ulp of ``W'`` at most per element) for speed; measured in docs/benchmarks.md.
-        ensure_weight_tying: where an adapted ``nn.Embedding``'s table is also another module's weight
+        ensure_weight_tying: (the ``lora`` method only) where an adapted ``nn.Embedding``'s table is also another module's weight
             (a language model's tied output head: GPT-2, SmolLM2), adapt that module with the same
             factors (:class:`~lightning_lora.methods.lora_modules.TiedLoRALinear`), so the head
             computes with ``E + ΔE`` as the lookup does and merging (once, into the shared table) is
             exact. Off: the head keeps the frozen table and merging is refused. PEFT's option of the
             same name (peft 0.21.2 with transformers 5 does not tie the head: docs/architecture.md).
-        target_parameters: bare parameters to adapt, as ``"<module>.<parameter>"`` names matched as
+        target_parameters: (the ``lora`` method only) bare parameters to adapt, as ``"<module>.<parameter>"`` names matched as
             module names are (the full name, or any ending after a dot): the fused expert weights of
             transformers 5's mixture-of-experts layers, ``["experts.gate_up_proj", "experts.down_proj"]``
             (:class:`~lightning_lora.methods.lora_modules.LoRAParameters`; PEFT's option of the same
@@ -134,6 +134,10 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if type(self) is not LoRAConfig and (self.ensure_weight_tying or self.target_parameters):
+            # the methods built on LoRA's config (FFA-LoRA, Flexora, GradNormLoRP) adapt linear layers only
+            raise ValueError(f"ensure_weight_tying and target_parameters are options of the 'lora' method, not of "
+                             f"{self.method!r}")
         if isinstance(self.target_parameters, str):
             self.target_parameters = [self.target_parameters]
         if self.target_parameters is not None:

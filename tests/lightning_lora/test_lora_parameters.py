@@ -163,6 +163,11 @@ def test_refusals_leave_the_model_as_it_was():
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     with pytest.raises(ValueError, match="'<module>.<parameter>' names"):
         ll.LoRAConfig(target_parameters=["gate_up_proj"])
+    for method in ("ffa_lora", "flexora", "gradnorm_lorp"):  # built on LoRA's config, for linear layers only
+        with pytest.raises(ValueError, match=f"options of the 'lora' method, not of '{method}'"):
+            ll.make_config(method, target_modules=[], target_parameters=EXPERTS)
+        with pytest.raises(ValueError, match=f"not of '{method}'"):
+            ll.make_config(method, ensure_weight_tying=True)
     with pytest.raises(ValueError, match="named adapters do not support target_parameters"):
         ll.add_adapter(_mixtral(), "a", "lora", ll.LoRAConfig(target_modules=[], target_parameters=EXPERTS))
 
