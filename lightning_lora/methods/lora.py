@@ -1627,6 +1627,11 @@ class LoRA(Method):
             if not name:
                 raise ValueError(f"target_parameters: {hits[0]!r} belongs to the top-level module; target a submodule's")
             found[name] = hits
+        for name, module in model.named_modules():  # a parametrized tensor is no parameter of its module
+            hit = next((p for p in getattr(module, "parametrizations", {}) if _name_matches(f"{name}.{p}", keys)), None)
+            if hit is not None:
+                raise ValueError(f"target_parameters: {name}.{hit} is computed by a torch.nn.utils.parametrize "
+                                 "parametrization; LoRA adapts plain parameters (remove the parametrization first)")
         if not found:
             sample = [n for n, p in model.named_parameters() if p.dim() >= 2][:8]
             raise ValueError(f"target_parameters={keys!r} matched no parameter; 2-D and 3-D parameters in this model "

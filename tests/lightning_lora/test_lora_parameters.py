@@ -163,6 +163,16 @@ def test_refusals_leave_the_model_as_it_was():
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     with pytest.raises(ValueError, match="'<module>.<parameter>' names"):
         ll.LoRAConfig(target_parameters=["gate_up_proj"])
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return (w + w.t()) / 2
+
+    sym = nn.ModuleDict({"lin": nn.Linear(4, 4)})
+    parametrize.register_parametrization(sym["lin"], "weight", Symmetric())
+    with pytest.raises(ValueError, match="lin.weight is computed by a torch.nn.utils.parametrize parametrization"):
+        ll.inject_adapter(sym, "lora", r=2, target_modules=[], target_parameters=["lin.weight"])
     for method in ("ffa_lora", "flexora", "gradnorm_lorp"):  # built on LoRA's config, for linear layers only
         with pytest.raises(ValueError, match=f"options of the 'lora' method, not of '{method}'"):
             ll.make_config(method, target_modules=[], target_parameters=EXPERTS)
