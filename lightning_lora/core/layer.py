@@ -9,6 +9,7 @@ nothing; unmerging subtracts it again.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any
 
 import torch
@@ -172,16 +173,19 @@ class AdapterLayer(nn.Module):
             return base_out
         return self.adapter_forward(x, base_out)
 
+    def weight_updates(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(base tensor, its update)`` pairs that :meth:`merge` adds and :meth:`unmerge` subtracts:
+        ``(base_weight, delta_weight())`` here; a layer over several tensors (an attention's two
+        projections, several bare parameters) lists each."""
+        return [(self.base_weight, self.delta_weight())]
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight (computed in fp32, stored in the base dtype)."""
         if self.merged:
             raise RuntimeError("adapter is already merged; call unmerge() first")
         _refuse_merge_while_disabled(self)
-        w = self.base_weight
-        with no_autocast(w.device):
-            dw = self.delta_weight()
-            w.copy_(with_update(w, dw))
+        self._apply_updates(1.0)
         self.merged = True
 
     @torch.no_grad()
@@ -189,11 +193,16 @@ class AdapterLayer(nn.Module):
         """Subtract the update merged by :meth:`merge`."""
         if not self.merged:
             raise RuntimeError("adapter is not merged")
-        w = self.base_weight
-        with no_autocast(w.device):
-            dw = self.delta_weight()
-            w.copy_(with_update(w, dw, -1.0))
+        self._apply_updates(-1.0)
         self.merged = False
+
+    def _apply_updates(self, sign: float) -> None:
+        """``w ± dw`` into every base tensor of :meth:`weight_updates`, autocast off on the base's device
+        (updates formed in bf16 there would make merges inexact)."""
+        first = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers()), None)
+        with no_autocast(first.device) if first is not None else contextlib.nullcontext():
+            for w, dw in self.weight_updates():
+                w.copy_(with_update(w, dw, sign))
 
     def enable_adapter(self) -> None:
         self.disabled = False

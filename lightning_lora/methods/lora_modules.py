@@ -94,7 +94,7 @@ from torch.func import functional_call
 
 from ..core.config import adapter_torch_dtype
 from ..core.dora import DoRAMerge
-from ..core.layer import AdapterLayer, _refuse_merge_while_disabled, accumulate_dtype, no_autocast, with_update
+from ..core.layer import AdapterLayer, accumulate_dtype, no_autocast, with_update
 
 if TYPE_CHECKING:
     from .lora import LoRAConfig
@@ -432,24 +432,9 @@ class LoRAParameters(AdapterLayer):
         finally:
             base._parameters.update(saved)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            raise RuntimeError("adapter is already merged; call unmerge() first")
-        _refuse_merge_while_disabled(self)
-        for name, dw in self.delta_weights().items():
-            w = getattr(self.base_layer, name)
-            w.copy_(with_update(w, dw))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise RuntimeError("adapter is not merged")
-        for name, dw in self.delta_weights().items():
-            w = getattr(self.base_layer, name)
-            w.copy_(with_update(w, dw, -1.0))
-        self.merged = False
+    def weight_updates(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each targeted parameter with its ``ΔW`` (what merging adds)."""
+        return [(getattr(self.base_layer, name), dw) for name, dw in self.delta_weights().items()]
 
     def extra_repr(self) -> str:
         return f"parameters={self.names}, r={self.r}, merged={self.merged}"
@@ -642,18 +627,10 @@ class LoRAMultiheadAttention(AdapterLayer):
         """The base's ``merge_masks`` (``nn.TransformerEncoderLayer``'s fast path calls it)."""
         return self.base_layer.merge_masks(*args, **kwargs)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold both updates into the base's ``in_proj_weight`` and ``out_proj.weight``."""
-        super().merge()
-        w = self.base_layer.out_proj.weight
-        w.copy_(with_update(w, self.out_proj_delta_weight()))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        super().unmerge()
-        w = self.base_layer.out_proj.weight
-        w.copy_(with_update(w, self.out_proj_delta_weight(), -1.0))
+    def weight_updates(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Both projections with their updates: merging writes into ``in_proj_weight`` and ``out_proj.weight``."""
+        base = self.base_layer
+        return [(base.in_proj_weight, self.delta_weight()), (base.out_proj.weight, self.out_proj_delta_weight())]
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.in_features}, r={self.r}, merged={self.merged}"
