@@ -44,7 +44,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_slow = pytest.mark.skip(reason="slow test: pass --runslow to run it")
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device: CI has none; these run on the GPU machine (gpu_sessions.md)")
     run_slow = config.getoption("--runslow")
     has_cuda = torch.cuda.is_available()
     for item in items:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import onnxruntime
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -321,7 +322,6 @@ def test_trace_and_onnx_export_of_an_adapted_encoder_equal_eager(tmp_path):
     weights by hand there) on new shapes, and the TorchScript ONNX export on new values. ``check_trace=False``: the
     unadapted nn.TransformerEncoderLayer fails trace's own re-run check too (its fast path under
     no_grad)."""
-    onnxruntime = pytest.importorskip("onnxruntime")
     model = Encoder()
     ll.inject_adapter(model, "lora", ll.LoRAConfig(r=4, target_modules=["self_attn", "linear1"]))
     _perturb(model)
@@ -417,7 +417,6 @@ def test_input_dependent_method_has_no_weight_and_runs_with_the_fast_path_off():
         assert torch.isfinite(model(_x())).all()
 
 
-@pytest.mark.slow
 def test_compiled_adapted_encoder_layer_equals_eager():
     model = Encoder()
     ll.inject_adapter(model, "lora", ll.LoRAConfig(r=4, target_modules=["self_attn", "linear1"]))
@@ -431,7 +430,6 @@ def test_compiled_adapted_encoder_layer_equals_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_fast_path_and_autocast_training():
     """On CUDA: a bf16 encoder's fused eval path (attention, feed-forward) runs the adapted weights,
     and bf16 autocast training of an fp32 one gives finite, non-zero gradients to all four factors."""

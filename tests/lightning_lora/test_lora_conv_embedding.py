@@ -474,7 +474,6 @@ def test_grouped_convolution_saves_in_this_librarys_format_and_refuses_peft_form
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", list(GROUPED))
 def test_cuda_bf16_grouped_convolution_trains_and_merges(kind):
     base, model, x = _grouped(kind)

@@ -220,7 +220,6 @@ def test_transposed_expert_layout_matches_peft():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_autocast_training_and_merge():
     model = _mixtral().cuda()
     ll.inject_adapter(model, "lora", r=2, target_modules=[], target_parameters=EXPERTS)

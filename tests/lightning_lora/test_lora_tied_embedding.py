@@ -231,7 +231,6 @@ def test_refusals_leave_the_model_as_it_was():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_autocast_training_and_merge():
     model = _tied().cuda()
     _perturb(model, std=0.1)
