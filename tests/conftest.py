@@ -204,6 +204,16 @@ def train_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.Cap
     return run
 
 
+def randomize_adapter(model: nn.Module, std: float = 0.3, match: str = "lora", seed: int = 7) -> None:
+    """Overwrite every trainable parameter whose name holds ``match`` with N(0, std²) values (seeded), so
+    zero-initialised factors give a non-zero update."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and match in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 @contextlib.contextmanager
 def mha_fastpath_off():
     """torch's fused inference path of nn.MultiheadAttention / nn.TransformerEncoderLayer switched off

@@ -22,7 +22,7 @@ from torch import nn
 
 import lightning_lora as ll
 from lightning_lora.methods.lora_modules import LoRAMultiheadAttention
-from tests.conftest import mha_fastpath_off
+from tests.conftest import mha_fastpath_off, randomize_adapter as _perturb
 
 
 class Encoder(nn.Module):
@@ -39,15 +39,6 @@ class Encoder(nn.Module):
 
 def _x(seed: int = 1, shape: tuple[int, ...] = (3, 5, 16)) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _perturb(model: nn.Module, std: float = 0.3) -> None:
-    """Give every zero-initialised factor values, so the update is not zero."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and "lora" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _reference(model: nn.Module, base: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ from torch import nn
 
 import lightning_lora as ll
 from lightning_lora.methods.lora_modules import LoRAParameters
+from tests.conftest import randomize_adapter
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
@@ -32,11 +33,7 @@ IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
 def _perturb(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    randomize_adapter(model, match="lora_B")
 
 
 def _peft(tmp_path, targets=EXPERTS):

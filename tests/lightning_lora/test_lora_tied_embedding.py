@@ -17,7 +17,7 @@ from torch import nn
 
 import lightning_lora as ll
 from lightning_lora.methods.lora_modules import LoRAEmbedding, TiedLoRALinear
-from tests.conftest import build_tiny_gpt2, tiny_llama_config
+from tests.conftest import build_tiny_gpt2, randomize_adapter as _perturb, tiny_llama_config
 
 
 class TiedLM(nn.Module):
@@ -39,14 +39,6 @@ class TiedLM(nn.Module):
 
 
 IDS = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(1))
-
-
-def _perturb(model: nn.Module, std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and "lora" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _tied(head_first: bool = False, **kw) -> TiedLM:
