@@ -422,15 +422,7 @@ class LoRAParameters(AdapterLayer):
         base = self.base_layer
         if self.disabled or self.merged:
             return base(*args, **kwargs)
-        adapted = self._adapted()
-        if not torch.jit.is_tracing():
-            return functional_call(base, adapted, args, kwargs)
-        saved = {name: base._parameters[name] for name in adapted}  # functional_call refuses under trace
-        base._parameters.update(adapted)
-        try:
-            return base(*args, **kwargs)
-        finally:
-            base._parameters.update(saved)
+        return _call_with(base, self._adapted(), args, kwargs)
 
     def weight_updates(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each targeted parameter with its ``ΔW`` (what merging adds)."""
@@ -494,6 +486,23 @@ class TiedLoRALinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to an embedding's adapter"
+
+
+def _call_with(module: nn.Module, tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict[str, Any]) -> Any:
+    """``module(*args, **kwargs)`` with the parameters named in ``tensors`` (dotted, relative to
+    ``module``) replaced by those tensors for the call, differentiably: ``torch.func.functional_call``,
+    or, under ``torch.jit.trace`` (which that refuses), the entries swapped by hand and put back."""
+    if not torch.jit.is_tracing():
+        return functional_call(module, tensors, args, kwargs)
+    owners = {name: module.get_submodule(name.rpartition(".")[0])._parameters for name in tensors}
+    saved = {name: owners[name][name.rpartition(".")[2]] for name in tensors}
+    try:
+        for name, t in tensors.items():
+            owners[name][name.rpartition(".")[2]] = t
+        return module(*args, **kwargs)
+    finally:
+        for name, t in saved.items():
+            owners[name][name.rpartition(".")[2]] = t
 
 
 def _kaiming_or_gaussian(a: torch.Tensor, init: str, r: int) -> None:
@@ -603,18 +612,8 @@ class LoRAMultiheadAttention(AdapterLayer):
         ``(attn_output, attn_weights)`` as the base does."""
         if self.disabled or self.merged:
             return self.base_layer(query, *args, **kwargs)
-        base = self.base_layer
-        w_in, w_out = self.in_proj_weight, self.out_proj_weight
-        if not torch.jit.is_tracing():
-            return functional_call(base, {"in_proj_weight": w_in, "out_proj.weight": w_out}, (query, *args), kwargs)
-        # torch.func.functional_call refuses to run under torch.jit.trace: swap the two entries by hand
-        params, out_params = base._parameters, base.out_proj._parameters
-        saved = params["in_proj_weight"], out_params["weight"]
-        params["in_proj_weight"], out_params["weight"] = w_in, w_out
-        try:
-            return base(query, *args, **kwargs)
-        finally:
-            params["in_proj_weight"], out_params["weight"] = saved
+        swapped = {"in_proj_weight": self.in_proj_weight, "out_proj.weight": self.out_proj_weight}
+        return _call_with(self.base_layer, swapped, (query, *args), kwargs)
 
     def base_biases(self) -> list[nn.Parameter]:
         """``in_proj_bias`` and ``out_proj.bias`` (where the base has them): what ``bias="lora_only"``
