@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -94,6 +94,9 @@ class AdapterLayer(nn.Module):
     adapter_param_names: tuple[str, ...] = ()
     #: names of non-parameter state that must be saved with the adapter
     adapter_buffer_names: tuple[str, ...] = ()
+    #: whether :mod:`lightning_lora.core.multi` may hold this layer beside other named adapters: it adds
+    #: the active layers' output differences, which is exact only where the update adds to the output
+    named_adapters: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

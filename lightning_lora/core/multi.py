@@ -386,16 +386,22 @@ def add_adapter(
         raise RuntimeError("cannot add an adapter while adapters are merged; unmerge_adapter(model) first")
     if getattr(model, _METHOD_ATTR, None) is None:
         return _add_adapter(model, name, method, config, **kwargs)
-    attention = [n for n, layer in adapter_layers(model).items() if isinstance(layer.base_layer, nn.MultiheadAttention)]
-    if attention:
-        raise TypeError(f"cannot add adapter {name!r}: the injected adapter adapts nn.MultiheadAttention "
-                        f"{attention[0]!r}, which named adapters do not support")
+    alone = [(n, layer) for n, layer in adapter_layers(model).items() if not layer.named_adapters]
+    if alone:
+        raise TypeError(f"cannot add adapter {name!r}: the injected adapter's layer {alone[0][0]!r} "
+                        f"({_kind(alone[0][1].base_layer)}) is one that named adapters do not support")
     _convert_single(model)
     try:
         return _add_adapter(model, name, method, config, **kwargs)
     except BaseException:
         _revert_to_single(model)
         raise
+
+
+def _kind(module: nn.Module) -> str:
+    """``nn.MultiheadAttention`` for torch's own modules, the class name otherwise (for messages)."""
+    cls = type(module)
+    return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__name__
 
 
 def _add_adapter(
@@ -431,9 +437,6 @@ def _add_adapter(
         supported = method_obj.supported_types
         for t in targets:  # check every target before touching the model
             base = model.get_submodule(t)
-            if isinstance(base, nn.MultiheadAttention):  # the combination below adds outputs; its are tuples
-                raise TypeError(f"adapter {name!r}: named adapters cannot adapt nn.MultiheadAttention {t!r}; "
-                                "exclude it, or inject one adapter with inject_adapter")
             linear_ok = _is_conv1d(base) and nn.Linear in supported  # Conv1D is a transposed Linear
             if supported and not isinstance(base, supported) and not linear_ok:
                 raise TypeError(f"method {cfg.method!r} cannot adapt module {t!r} of type {type(base).__name__}")
@@ -446,7 +449,11 @@ def _add_adapter(
                 layer = MultiAdapterLayer(layer)
                 _set_submodule(model, t, layer)
                 created[t] = layer
-            layer.add(name, method_obj.make_layer(layer.base_layer, t))
+            new = method_obj.make_layer(layer.base_layer, t)
+            if not new.named_adapters:
+                raise TypeError(f"adapter {name!r}: named adapters cannot adapt {_kind(layer.base_layer)} {t!r}; "
+                                "exclude it, or inject one adapter with inject_adapter")
+            layer.add(name, new)
         for h in heads:
             wrapper = model.get_submodule(h)
             if not isinstance(wrapper, ModulesToSaveWrapper):

@@ -328,6 +328,8 @@ class LoRAParameters(AdapterLayer):
     per parameter (the module's first targeted parameter innermost: ``base_layer.lora_A.weight``).
     Dropout and DoRA are refused, as in PEFT."""
 
+    named_adapters = False  # an expert stack's output is not additive in its update
+
     def __init__(self, base_layer: nn.Module, names: list[str], config: LoRAConfig) -> None:
         if config.dropout:
             raise ValueError(f"target_parameters: dropout={config.dropout} cannot act on a parameter's update "
@@ -443,6 +445,8 @@ class TiedLoRALinear(AdapterLayer):
     merge writes ``ΔE`` into the shared table, which both then compute with, and this layer's own
     ``merge`` / ``unmerge`` do nothing. ``embed_scale`` belongs to the lookup, not to the head."""
 
+    named_adapters = False  # it follows its embedding's one adapter
+
     def __init__(self, base_layer: nn.Linear, source: LoRAEmbedding, dropout: float = 0.0) -> None:
         if tuple(base_layer.weight.shape) != (source.in_features, source.out_features):
             raise ValueError(f"a tied head of weight shape {tuple(base_layer.weight.shape)} does not match the "
@@ -545,6 +549,8 @@ class LoRAMultiheadAttention(AdapterLayer):
     file_key_map: ClassVar[dict[str, str]] = {
         "lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
         "lora_out_A": "base_layer.out_proj.lora_A.weight", "lora_out_B": "base_layer.out_proj.lora_B.weight"}
+
+    named_adapters = False  # its output (a tuple) is not additive in the update
 
     def __init__(self, base_layer: nn.MultiheadAttention, config: LoRAConfig) -> None:
         if not base_layer._qkv_same_embed_dim:

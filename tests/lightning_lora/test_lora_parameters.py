@@ -177,6 +177,13 @@ def test_refusals_leave_the_model_as_it_was():
             ll.make_config(method, ensure_weight_tying=True)
     with pytest.raises(ValueError, match="named adapters do not support target_parameters"):
         ll.add_adapter(_mixtral(), "a", "lora", ll.LoRAConfig(target_modules=[], target_parameters=EXPERTS))
+    injected = _mixtral()  # a second, named adapter beside an injected one: refused before anything changes
+    ll.inject_adapter(injected, "lora", r=2, target_modules=[], target_parameters=["experts.down_proj"])
+    with pytest.raises(TypeError, match="layer 'model.layers.0.mlp.experts' \\(MixtralExperts\\) is one that named "
+                                        "adapters do not support"):
+        ll.add_adapter(injected, "b", "lora", ll.LoRAConfig(r=2, target_modules=["q_proj"]))
+    assert isinstance(injected.model.layers[0].mlp.experts, LoRAParameters)
+    assert type(injected.model.layers[0].self_attn.q_proj) is nn.Linear
 
 
 class TransposedExperts(nn.Module):

@@ -220,6 +220,10 @@ def test_refusals_leave_the_model_as_it_was():
         ll.inject_adapter(nn.Sequential(nn.Embedding(5, 4)), "lora", r=2, target_modules=["0"], ensure_weight_tying=True)
     with pytest.raises(ValueError, match="named adapters do not support ensure_weight_tying"):
         ll.add_adapter(TiedLM(), "a", "lora", ll.LoRAConfig(r=2, target_modules=["wte"], ensure_weight_tying=True))
+    tied = _tied()
+    with pytest.raises(TypeError, match="layer 'lm_head' \\(nn.Linear\\) is one that named adapters do not support"):
+        ll.add_adapter(tied, "b", "lora", ll.LoRAConfig(r=2, target_modules=["body"]))
+    assert isinstance(tied.lm_head, TiedLoRALinear) and type(tied.body) is nn.Linear
 
 
 @pytest.mark.gpu
