@@ -1608,7 +1608,7 @@ class LoRA(Method):
     def _parameter_layers(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> dict[str, AdapterLayer]:
         """With ``target_parameters``: a :class:`LoRAParameters` for every module holding a matching
         parameter (its own, not a submodule's); ValueError where none matches or the module is a target."""
-        keys = getattr(self.config, "target_parameters", None)
+        keys = self.config.target_parameters  # type: ignore[attr-defined]
         if not keys:
             return {}
         from ..core.inject import _name_matches
@@ -1642,7 +1642,7 @@ class LoRA(Method):
     def _tied_layers(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> dict[str, AdapterLayer]:
         """With ``ensure_weight_tying``: a :class:`TiedLoRALinear` for every ``nn.Linear`` whose weight is an
         adapted embedding's table (qualified name -> layer); ValueError for a tie it cannot follow."""
-        if not getattr(self.config, "ensure_weight_tying", False):
+        if not self.config.ensure_weight_tying:  # type: ignore[attr-defined]
             return {}
         from ..core.inject import tied_modules
 
